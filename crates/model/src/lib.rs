@@ -1,0 +1,20 @@
+//! Pure domain types of portico and its standalone configuration: no tokio, no sockets, no kube.
+//!
+//! # Layout
+//! - [`service`]: the desired state every consumer reads (services, VIPs, ports, backends,
+//!   policies), validated and with defaults filled in.
+//! - [`config`]: reads the standalone YAML file into a [`service::Config`], reporting *every*
+//!   error with its path, line and column, and what would be valid.
+//! - [`state`]: the spine's snapshots (desired state, health and ownership observations) and the
+//!   status report served on `/status`.
+//! - [`yaml`]: a YAML tree that keeps each node's line and column, read with `saphyr-parser`.
+//! - [`duration`]: human durations (`"250ms"`, `"2s"`).
+
+pub mod config;
+pub mod duration;
+pub mod service;
+pub mod state;
+pub mod yaml;
+
+pub use service::*;
+pub use state::*;

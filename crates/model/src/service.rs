@@ -1,0 +1,404 @@
+//! Domain types of the desired state: services, VIPs, ports, backends and their policies.
+//!
+//! These are the validated, defaults-filled shapes that every consumer reads. A source (the
+//! standalone YAML file today, Kubernetes later) produces them; nothing else constructs them
+//! outside tests. Durations serialise as human strings (`"1s"`, `"250ms"`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::human;
+
+/// The name of a node in the cluster (Kubernetes Node name or the standalone `node.name`).
+pub type NodeId = String;
+
+/// The whole desired state of one portico instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// This node's identity and interfaces.
+    pub node: Node,
+    /// Gossip membership and VIP failover settings.
+    pub cluster: Cluster,
+    /// The admin HTTP server.
+    pub admin: Admin,
+    /// The authoritative DNS server, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+    /// Services to balance.
+    pub services: Vec<Service>,
+}
+
+/// This node's identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique node name (defaults to the host name).
+    pub name: NodeId,
+    /// Interfaces on which VIPs may be announced.
+    pub interfaces: Vec<Interface>,
+}
+
+/// A network interface that can carry VIPs, with the node's own subnets on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interface {
+    /// Kernel interface name, e.g. `eth0`.
+    pub name: String,
+    /// The node's addresses with prefix on this interface (`10.0.0.11/24`). A VIP is
+    /// announced on the interface whose subnet contains it.
+    pub addresses: Vec<ipnet::IpNet>,
+}
+
+impl Interface {
+    /// Whether this interface has an address of the same family as `ip`.
+    pub fn serves_family(&self, ip: IpAddr) -> bool {
+        self.addresses.iter().any(|n| n.addr().is_ipv4() == ip.is_ipv4())
+    }
+}
+
+/// How quickly failures are detected; trades gossip traffic for failover time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureProfile {
+    /// Failover well under 300 ms; a few small packets per second per peer.
+    #[default]
+    Default,
+    /// Failover under 50 ms; about a hundred small packets per second per peer.
+    Fast,
+}
+
+/// Gossip membership and VIP failover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// UDP address the gossip socket binds.
+    pub bind: SocketAddr,
+    /// Address peers use to reach this node (defaults to `bind`).
+    pub advertise: SocketAddr,
+    /// The other members.
+    pub peers: Vec<Peer>,
+    /// Keys that authenticate and encrypt gossip. The first one sends; all are accepted.
+    #[serde(skip_serializing)]
+    pub keys: Vec<ClusterKey>,
+    /// Failure-detection profile.
+    pub profile: FailureProfile,
+    /// Whether a returning preferred node takes its VIPs back.
+    pub preemptive: bool,
+    /// How long a node must be stably alive before it may take a VIP back.
+    #[serde(with = "human")]
+    pub hold_down: Duration,
+    /// Gratuitous ARP / unsolicited NA burst on takeover.
+    pub announce: AnnounceTiming,
+}
+
+/// One gossip peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Peer {
+    /// The peer's node name.
+    pub name: NodeId,
+    /// Its gossip address.
+    pub address: SocketAddr,
+}
+
+/// A shared cluster key with its id byte (rotation: accept old and new, send new).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterKey {
+    /// Key id carried in every packet.
+    pub id: u8,
+    /// 32 secret bytes.
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterKey {{ id: {}, secret: <redacted> }}", self.id)
+    }
+}
+
+/// Gratuitous ARP / NA timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceTiming {
+    /// Packets sent on takeover (the first immediately).
+    pub count: u32,
+    /// Gap between them.
+    #[serde(with = "human")]
+    pub interval: Duration,
+    /// Periodic refresh for routers that ignore gratuitous ARP (0 = off).
+    #[serde(with = "human")]
+    pub refresh: Duration,
+}
+
+/// The admin HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Admin {
+    /// Listen address (`127.0.0.1:9440`).
+    pub listen: SocketAddr,
+}
+
+/// Authoritative DNS settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dns {
+    /// UDP and TCP listen address.
+    pub listen: SocketAddr,
+    /// Zones served; services are published in the first unless they name one.
+    pub zones: Vec<Zone>,
+}
+
+/// One authoritative zone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Zone {
+    /// Apex, fully qualified, lower case, with trailing dot (`lb.example.`).
+    pub name: String,
+    /// Default TTL of service records.
+    #[serde(with = "human")]
+    pub ttl: Duration,
+    /// Name servers (NS records at the apex).
+    pub ns: Vec<String>,
+    /// SOA RNAME (mailbox as a domain name).
+    pub admin_email: String,
+    /// SOA serial.
+    pub serial: u32,
+    /// Negative-caching TTL (SOA minimum).
+    #[serde(with = "human")]
+    pub negative_ttl: Duration,
+}
+
+/// A load-balanced service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    /// Unique name (a DNS label).
+    pub name: String,
+    /// External addresses (IPv4 and/or IPv6).
+    pub vips: Vec<IpAddr>,
+    /// Listening ports.
+    pub ports: Vec<Port>,
+    /// Backends.
+    pub backends: Vec<Backend>,
+    /// Backend choice.
+    pub balance: Balance,
+    /// Active health check; none means backends are always considered up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Connection limits.
+    pub circuit_breaker: CircuitBreaker,
+    /// Passive outlier detection.
+    pub outlier: Outlier,
+    /// Connection timeouts and retries.
+    pub connection: Connection,
+    /// PROXY protocol towards backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Which nodes may announce the VIPs.
+    pub placement: Placement,
+    /// DNS publication.
+    pub dns: ServiceDns,
+}
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// One service port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Port {
+    /// Port name (for SRV records and metrics).
+    pub name: String,
+    /// Port on the VIPs.
+    pub port: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Port on the backends (defaults to `port`).
+    pub target_port: u16,
+}
+
+/// One backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Backend {
+    /// Name shown in status and metrics (defaults to `address`).
+    pub name: String,
+    /// Backend address.
+    pub address: IpAddr,
+    /// Port override for single-port services; otherwise each port's `target_port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Relative weight (1-1000); 0 drains the backend.
+    pub weight: u32,
+    /// The node this backend runs on (for local-only placement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeId>,
+}
+
+impl Backend {
+    /// The backend socket for a service port.
+    pub fn target(&self, port: &Port) -> SocketAddr {
+        SocketAddr::new(self.address, self.port.unwrap_or(port.target_port))
+    }
+}
+
+/// Backend selection algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round-robin.
+    #[default]
+    RoundRobin,
+    /// Fewest active connections (weighted).
+    LeastConnections,
+    /// Two random choices, fewer connections wins.
+    PowerOfTwo,
+    /// Maglev consistent hashing on the client address.
+    Maglev,
+}
+
+/// Active health check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// What to check.
+    pub kind: CheckKind,
+    /// Port to check (defaults to the backend's first target port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Time between checks.
+    #[serde(with = "human")]
+    pub interval: Duration,
+    /// Per-check timeout.
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that bring an up backend down.
+    pub fall: u32,
+}
+
+/// Kind of active check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum CheckKind {
+    /// TCP connect succeeds.
+    Tcp,
+    /// HTTP GET returns the expected status.
+    Http {
+        /// Request path.
+        path: String,
+        /// Expected status code.
+        expect_status: u16,
+        /// Host header (defaults to the backend address).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+    },
+    /// MySQL/MariaDB server greeting with protocol version 10.
+    Mysql,
+}
+
+/// Connection limits (circuit breaking).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CircuitBreaker {
+    /// Concurrent connections per backend (0 = unlimited).
+    pub max_connections: u32,
+    /// Concurrent connections for the whole service (0 = unlimited).
+    pub max_service_connections: u32,
+    /// Connections waiting for a slot; beyond this they are refused at once.
+    pub max_pending: u32,
+    /// How long a connection may wait for a slot.
+    #[serde(with = "human")]
+    pub queue_timeout: Duration,
+}
+
+/// Passive outlier detection (Envoy's meaning).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outlier {
+    /// Consecutive connect failures or resets that eject a backend (0 = off).
+    pub consecutive_failures: u32,
+    /// Ejection time is `base_ejection_time × ejection count`…
+    #[serde(with = "human")]
+    pub base_ejection_time: Duration,
+    /// …capped at this.
+    #[serde(with = "human")]
+    pub max_ejection_time: Duration,
+    /// At most this share of backends is ejected at once.
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy backends, balance over all (panic mode).
+    pub panic_threshold_percent: u32,
+}
+
+/// Connection handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connection {
+    /// Backend connect timeout.
+    #[serde(with = "human")]
+    pub connect_timeout: Duration,
+    /// Other backends tried when a connect fails.
+    pub retries: u32,
+    /// Idle timeout of a relayed connection or UDP session.
+    #[serde(with = "human")]
+    pub idle_timeout: Duration,
+    /// How long a removed backend keeps its connections.
+    #[serde(with = "human")]
+    pub drain_timeout: Duration,
+}
+
+/// PROXY protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// Text header.
+    V1,
+    /// Binary header.
+    V2,
+}
+
+/// Which nodes may announce a service's VIPs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Placement {
+    /// Nodes allowed to announce (empty = all).
+    pub nodes: Vec<NodeId>,
+    /// Nodes preferred as owners, in order.
+    pub preferred: Vec<NodeId>,
+    /// Only nodes with a healthy local backend are eligible.
+    pub local_only: bool,
+}
+
+/// What DNS answers for the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsMode {
+    /// The VIPs that have an owner and a healthy backend.
+    #[default]
+    Vips,
+    /// The addresses of the healthy nodes (backends) that serve it.
+    Nodes,
+}
+
+/// DNS publication of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceDns {
+    /// Publish at all.
+    pub enabled: bool,
+    /// Host name inside the zone (defaults to the service name).
+    pub hostname: String,
+    /// Zone (defaults to the first zone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// TTL (defaults to the zone's).
+    #[serde(skip_serializing_if = "Option::is_none", with = "human::option")]
+    #[serde(default)]
+    pub ttl: Option<Duration>,
+    /// VIPs or nodes.
+    pub mode: DnsMode,
+    /// When nothing is healthy: answer nothing (true) or every address (false).
+    pub fail_closed: bool,
+}

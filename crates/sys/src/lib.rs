@@ -1,0 +1,1 @@
+//! The one crate allowed `unsafe`: raw packet sockets, socket options and sysctls.
