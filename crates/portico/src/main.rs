@@ -1,6 +1,8 @@
 //! The `portico` binary: bare-metal external-IP load balancer.
 
+mod k8s;
 mod lab;
+mod run;
 
 use clap::{Parser, Subcommand};
 

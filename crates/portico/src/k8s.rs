@@ -1,0 +1,1 @@
+//! Kubernetes subcommands (`controller`, `agent`, `crds`): owned by the Kubernetes work.
