@@ -1,1 +1,137 @@
-//! placeholder
+//! Admin HTTP server (`/metrics`, `/healthz`, `/readyz`, `/status`) and its small client.
+//!
+//! The server takes an already-bound listener and a shutdown token (mini-redis style): the
+//! binary binds `admin.listen`, tests bind `127.0.0.1:0`. It never reaches into a source: it
+//! reads a [`StatusReport`] from a provider the binary assembles from the spine's snapshots.
+
+pub mod client;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use model::StatusReport;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Produces the current status report on demand.
+pub type StatusProvider = Arc<dyn Fn() -> StatusReport + Send + Sync>;
+
+/// What the admin server serves.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Every component's metrics.
+    pub registry: Arc<Registry>,
+    /// The `/status` report.
+    pub status: StatusProvider,
+    /// True once the first configuration is applied.
+    pub ready: watch::Receiver<bool>,
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(state)
+}
+
+/// Serves the admin routes on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n"))
+            .into_response(),
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no configuration applied yet\n",
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(s): State<AdminState>) -> Response {
+    axum::Json((s.status)()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    async fn start(ready: bool) -> (std::net::SocketAddr, watch::Sender<bool>, CancellationToken) {
+        let mut registry = Registry::default();
+        let c: Counter = Counter::default();
+        c.inc();
+        registry.register("test_events", "events seen by the test", c);
+        let (tx, rx) = watch::channel(ready);
+        let state = AdminState {
+            registry: Arc::new(registry),
+            status: Arc::new(|| StatusReport {
+                node: "n1".into(),
+                generation: 7,
+                ..Default::default()
+            }),
+            ready: rx,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        tokio::spawn(serve(listener, state, token.clone()));
+        (addr, tx, token)
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_over_a_real_socket() {
+        let (addr, ready, token) = start(false).await;
+        let r = client::get(addr, "/healthz").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+        assert_eq!(client::get(addr, "/readyz").await.unwrap().status, 503);
+        ready.send(true).unwrap();
+        assert_eq!(client::get(addr, "/readyz").await.unwrap().status, 200);
+        let m = client::get(addr, "/metrics").await.unwrap();
+        assert!(m.body.contains("test_events_total 1"), "{}", m.body);
+        let s = client::status(addr).await.unwrap();
+        assert_eq!((s.node.as_str(), s.generation), ("n1", 7));
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404() {
+        let (addr, _ready, token) = start(true).await;
+        assert_eq!(client::get(addr, "/nope").await.unwrap().status, 404);
+        token.cancel();
+    }
+}
