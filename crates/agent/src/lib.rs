@@ -1,5 +1,7 @@
 //! Node agent: gossip membership, VIP ownership, L2 announcement.
 
+pub mod owner;
+
 use std::sync::Arc;
 
 use model::{Desired, HealthView, MemberStatus, OwnershipView};
