@@ -1,14 +1,64 @@
-//! The L4 data path: listeners, relay, backend choice, health checks, outlier ejection, circuit breaking.
+//! The L4 data path: listeners, relay, backend choice, health checks, outlier ejection, circuit
+//! breaking.
+//!
+//! # Layout
+//! Pure cores, tested without a runtime:
+//! - [`maglev`]: the Maglev lookup table and the stable hash;
+//! - [`balance`]: eligibility, panic mode, round-robin / least-connections / P2C / Maglev choice,
+//!   and the [`balance::Reason`] words;
+//! - [`health`]: rise/fall (HAProxy's meaning);
+//! - [`outlier`]: consecutive-failure ejection (Envoy's meaning) and the breaker state;
+//! - [`proxy_protocol`]: PROXY v1/v2 codec.
+//!
+//! Thin tokio drivers: [`listen`] (the injectable [`listen::Binder`]), [`relay`] (splice),
+//! [`check`] (probes and their schedule), `service` (admission, queue, connect retries) and `udp`
+//! (sessions). [`LoadBalancer`] ties them to the desired state.
+//!
+//! # Reload
+//! Each [`Desired`] generation is applied in place: listeners whose `VIP:port/protocol` stays are
+//! kept (never rebound), new ones are opened, removed ones stop accepting; established
+//! connections continue. Backends that stay keep their state; removed ones drain until the
+//! service's `drain_timeout`.
+//!
+//! # Metrics
+//! [`LoadBalancer::new`] registers the metrics under the prefix `portico_lb` itself (see
+//! [`metrics`]): pass the root registry.
 
-use std::sync::Arc;
+pub mod balance;
+pub mod check;
+pub mod health;
+pub mod listen;
+pub mod maglev;
+pub mod metrics;
+pub mod outlier;
+pub mod proxy_protocol;
+pub mod relay;
+mod service;
+mod udp;
 
-use model::{Desired, HealthView, ServiceStatus};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use model::{
+    BackendStatus, Desired, Health, HealthView, PortStatus, Protocol, Service, ServiceStatus,
+    VipStatus,
+};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::listen::{Binder, FreebindBinder};
+use crate::metrics::Metrics;
+use crate::service::{BackendRt, ServiceRt};
 
 /// Errors of the load balancer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A listener could not be opened.
     #[error("cannot listen on {addr}")]
@@ -21,30 +71,439 @@ pub enum Error {
     },
 }
 
+/// Tunables that are not part of the service config.
+#[derive(Clone)]
+pub struct Options {
+    /// Opens the VIP listeners (default: [`FreebindBinder`]).
+    pub binder: Arc<dyn Binder>,
+    /// Relay with `splice(2)` (default) or a buffered copy.
+    pub splice: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            binder: Arc::new(FreebindBinder),
+            splice: true,
+        }
+    }
+}
+
+type ListenerKey = (SocketAddr, Protocol);
+
+struct ListenerHandle {
+    service: String,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    metrics: Metrics,
+    opts: Options,
+    services: ArcSwap<BTreeMap<String, Arc<ServiceRt>>>,
+    listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
+    health_changed: Notify,
+    /// Parent of every connection's cancel token: fired when shutdown drain ends.
+    conns_root: CancellationToken,
+    /// Parent of listener and check tasks: fired at shutdown start.
+    tasks_root: CancellationToken,
+    tracker: TaskTracker,
+}
+
 /// The balancer: follows desired state, runs health checks, relays connections.
-#[derive(Clone, Default)]
-pub struct LoadBalancer {}
+#[derive(Clone)]
+pub struct LoadBalancer {
+    inner: Arc<Inner>,
+}
 
 impl LoadBalancer {
-    /// Creates a balancer whose metrics live in `registry`.
-    pub fn new(_registry: &mut Registry) -> Self {
-        Self {}
+    /// Creates a balancer whose metrics live in `registry` (under `portico_lb`), listening with
+    /// the freebind binder and relaying with splice.
+    pub fn new(registry: &mut Registry) -> Self {
+        Self::with_options(registry, Options::default())
+    }
+
+    /// Creates a balancer with explicit [`Options`] (tests inject a loopback binder).
+    pub fn with_options(registry: &mut Registry, opts: Options) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                metrics: Metrics::register(registry),
+                opts,
+                services: ArcSwap::from_pointee(BTreeMap::new()),
+                listeners: Mutex::new(HashMap::new()),
+                health_changed: Notify::new(),
+                conns_root: CancellationToken::new(),
+                tasks_root: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
     }
 
     /// Runs until `shutdown`: applies each desired generation (listeners, backends), publishes
-    /// backend health to `health`, and drains connections on shutdown.
+    /// backend health to `health`, and drains connections on shutdown (up to the longest
+    /// `drain_timeout`, then closes the rest).
     pub async fn run(
         &self,
-        _desired: watch::Receiver<Arc<Desired>>,
-        _health: watch::Sender<Arc<HealthView>>,
+        mut desired: watch::Receiver<Arc<Desired>>,
+        health: watch::Sender<Arc<HealthView>>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        shutdown.cancelled().await;
+        let first = desired.borrow_and_update().clone();
+        self.apply(&first);
+        self.publish_health(&health);
+        let mut source_open = true;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = desired.changed(), if source_open => match r {
+                    Ok(()) => {
+                        let d = desired.borrow_and_update().clone();
+                        self.apply(&d);
+                        self.publish_health(&health);
+                    }
+                    Err(_) => source_open = false,
+                },
+                () = self.inner.health_changed.notified() => self.publish_health(&health),
+                _ = tick.tick() => self.housekeeping(),
+            }
+        }
+        self.shut_down().await;
         Ok(())
     }
 
+    /// Stops accepting, lets connections finish up to the longest drain timeout, closes the rest.
+    async fn shut_down(&self) {
+        let inner = &self.inner;
+        inner.tasks_root.cancel();
+        inner.listeners.lock().expect("listeners lock").clear();
+        let drain = inner
+            .services
+            .load()
+            .values()
+            .map(|s| s.spec.load().connection.drain_timeout)
+            .max()
+            .unwrap_or_default();
+        inner.tracker.close();
+        if tokio::time::timeout(drain, inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                reason = "drainTimeout",
+                "closing connections still open at shutdown"
+            );
+        }
+        inner.conns_root.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), inner.tracker.wait()).await;
+    }
+
+    /// Applies one generation: services, backends, health checks, listeners.
+    pub fn apply(&self, desired: &Desired) {
+        let inner = &self.inner;
+        let old = inner.services.load_full();
+        let mut next: BTreeMap<String, Arc<ServiceRt>> = BTreeMap::new();
+        for spec in &desired.config.services {
+            let (rt, first) = match old.get(&spec.name) {
+                Some(rt) => (rt.clone(), false),
+                None => (
+                    Arc::new(ServiceRt::new(
+                        spec,
+                        &inner.metrics,
+                        &inner.conns_root,
+                        inner.opts.splice,
+                    )),
+                    true,
+                ),
+            };
+            let applied = rt.apply(spec, first);
+            let restart: Vec<Arc<BackendRt>> = if applied.checks_changed {
+                rt.set.load().backends.to_vec()
+            } else {
+                applied.added
+            };
+            for be in restart {
+                self.start_checks(&rt, &be, spec);
+            }
+            for be in applied.removed {
+                self.drain_backend(&rt, be, spec.connection.drain_timeout);
+            }
+            next.insert(spec.name.clone(), rt);
+        }
+        for (name, rt) in old.iter() {
+            if !next.contains_key(name) {
+                let timeout = rt.spec.load().connection.drain_timeout;
+                for be in rt.set.load().backends.iter() {
+                    be.draining.store(true, Ordering::Relaxed);
+                    rt.draining.lock().expect("draining lock").push(be.clone());
+                    self.drain_backend(rt, be.clone(), timeout);
+                }
+                tracing::info!(service = %name, "service removed; draining");
+            }
+        }
+        inner.services.store(Arc::new(next.clone()));
+        self.reconcile_listeners(&next);
+        tracing::info!(
+            generation = desired.generation,
+            services = next.len(),
+            "load balancer applied"
+        );
+    }
+
+    fn drain_backend(&self, rt: &Arc<ServiceRt>, be: Arc<BackendRt>, timeout: Duration) {
+        be.checks.lock().expect("checks lock").cancel();
+        tracing::info!(service = %rt.name, backend = %be.name, ?timeout, "backend draining");
+        let rt = rt.clone();
+        let stop = self.inner.tasks_root.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if be.active.load(Ordering::Acquire) == 0 || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+            be.drain.cancel();
+            rt.drained(&be);
+        });
+    }
+
+    fn start_checks(&self, rt: &Arc<ServiceRt>, be: &Arc<BackendRt>, spec: &Service) {
+        let token = self.inner.tasks_root.child_token();
+        let old = std::mem::replace(&mut *be.checks.lock().expect("checks lock"), token.clone());
+        old.cancel();
+        let Some(hc) = spec.health_check.clone() else {
+            return;
+        };
+        let Some(port) = spec.ports.first() else {
+            return;
+        };
+        let target = hc
+            .port
+            .map_or_else(|| be.target(port), |p| SocketAddr::new(be.address, p));
+        let (rt, be) = (rt.clone(), be.clone());
+        let lb = self.clone();
+        tokio::spawn(async move {
+            let mut delay = check::first_delay(hc.interval, &mut rand::rng());
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                let started = Instant::now();
+                let result = tokio::select! {
+                    () = token.cancelled() => return,
+                    r = check::probe(&hc.kind, target, hc.timeout) => r,
+                };
+                be.metrics
+                    .check_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let passed = result.is_ok();
+                let transition = be.rise_fall.lock().expect("rise_fall lock").observe(passed);
+                if let Some(t) = transition {
+                    be.set_health(t.to);
+                    match &result {
+                        Err(e) => {
+                            tracing::warn!(service = %rt.name, backend = %be.name, from = ?t.from, to = ?t.to, reason = e.reason(), error = %e, "backend health changed")
+                        }
+                        Ok(()) => {
+                            tracing::info!(service = %rt.name, backend = %be.name, from = ?t.from, to = ?t.to, "backend health changed")
+                        }
+                    }
+                    lb.inner.health_changed.notify_one();
+                }
+                delay = check::next_delay(hc.interval, &mut rand::rng());
+            }
+        });
+    }
+
+    fn reconcile_listeners(&self, services: &BTreeMap<String, Arc<ServiceRt>>) {
+        let inner = &self.inner;
+        let mut want: HashMap<ListenerKey, Arc<ServiceRt>> = HashMap::new();
+        for rt in services.values() {
+            let spec = rt.spec.load();
+            for vip in &spec.vips {
+                for p in &spec.ports {
+                    want.insert((SocketAddr::new(*vip, p.port), p.protocol), rt.clone());
+                }
+            }
+        }
+        let mut listeners = inner.listeners.lock().expect("listeners lock");
+        listeners.retain(|key, h| {
+            let keep = want.get(key).is_some_and(|rt| rt.name == h.service);
+            if !keep {
+                h.cancel.cancel();
+            }
+            keep
+        });
+        for (key, rt) in want {
+            if listeners.contains_key(&key) {
+                continue;
+            }
+            let cancel = inner.tasks_root.child_token();
+            let (addr, proto) = key;
+            let opened = match proto {
+                Protocol::Tcp => inner.opts.binder.tcp(addr).map(|l| {
+                    let lb = self.clone();
+                    tokio::spawn(lb.accept_loop(rt.clone(), l, addr, cancel.clone()));
+                }),
+                Protocol::Udp => inner.opts.binder.udp(addr).map(|s| {
+                    inner
+                        .tracker
+                        .spawn(udp::serve(rt.clone(), s, addr, cancel.clone()));
+                }),
+            };
+            match opened {
+                Ok(()) => {
+                    tracing::info!(service = %rt.name, %addr, protocol = %proto, "listening");
+                    listeners.insert(
+                        key,
+                        ListenerHandle {
+                            service: rt.name.clone(),
+                            cancel,
+                        },
+                    );
+                }
+                Err(source) => {
+                    let e = Error::Listen { addr, source };
+                    tracing::error!(service = %rt.name, error = %e, cause = %e.source_text(), "listener not opened; retried on next reload");
+                }
+            }
+        }
+    }
+
+    async fn accept_loop(
+        self,
+        rt: Arc<ServiceRt>,
+        listener: tokio::net::TcpListener,
+        vip: SocketAddr,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((client, peer)) => {
+                    let rt = rt.clone();
+                    self.inner
+                        .tracker
+                        .spawn(async move { rt.serve_tcp(client, peer, vip).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(service = %rt.name, %vip, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn housekeeping(&self) {
+        for rt in self.inner.services.load().values() {
+            let spec = rt.spec.load();
+            for (be, _) in rt.status_backends() {
+                be.metrics
+                    .set_breaker(be.breaker(spec.circuit_breaker.max_connections));
+            }
+            rt.panic_gauge
+                .set(i64::from(rt.panic.load(Ordering::Relaxed)));
+        }
+    }
+
+    fn publish_health(&self, tx: &watch::Sender<Arc<HealthView>>) {
+        let mut view = HealthView::new();
+        for rt in self.inner.services.load().values() {
+            rt.health_view(&mut view);
+        }
+        tx.send_if_modified(|cur| {
+            if **cur == view {
+                false
+            } else {
+                *cur = Arc::new(view);
+                true
+            }
+        });
+    }
+
+    /// The current health of every backend (what `run` publishes).
+    pub fn health(&self) -> HealthView {
+        let mut view = HealthView::new();
+        for rt in self.inner.services.load().values() {
+            rt.health_view(&mut view);
+        }
+        view
+    }
+
     /// Live status of one service's backends (health, breaker, counters), if it is running.
-    pub fn service_status(&self, _service: &str) -> Option<ServiceStatus> {
-        None
+    /// VIP owners are left `None` with an empty reason: the caller merges ownership.
+    pub fn service_status(&self, service: &str) -> Option<ServiceStatus> {
+        let services = self.inner.services.load();
+        let rt = services.get(service)?;
+        let spec = rt.spec.load();
+        let max = spec.circuit_breaker.max_connections;
+        let backends = rt
+            .status_backends()
+            .into_iter()
+            .map(|(b, draining)| BackendStatus {
+                name: b.name.clone(),
+                address: b.address,
+                weight: b.weight.load(Ordering::Relaxed),
+                health: b.health(),
+                breaker: b.breaker(max),
+                ejected: b.is_ejected_now(),
+                draining,
+                active_connections: u64::from(b.active.load(Ordering::Relaxed)),
+                total_connections: b.total.load(Ordering::Relaxed),
+                connect_failures: b.failures.load(Ordering::Relaxed),
+            })
+            .collect();
+        Some(ServiceStatus {
+            name: rt.name.clone(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| PortStatus {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: p.protocol,
+                })
+                .collect(),
+            vips: spec
+                .vips
+                .iter()
+                .map(|v| VipStatus {
+                    address: *v,
+                    owner: None,
+                    reason: String::new(),
+                    conflicts: 0,
+                })
+                .collect(),
+            backends,
+            panic_mode: rt.panic.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Whether a backend's health is currently `health` (test helper for polling).
+    pub fn backend_health(&self, service: &str, backend: &str) -> Option<Health> {
+        let services = self.inner.services.load();
+        let rt = services.get(service)?;
+        let set = rt.set.load();
+        set.backends
+            .iter()
+            .find(|b| b.name == backend)
+            .map(|b| b.health())
+    }
+}
+
+impl Error {
+    fn source_text(&self) -> String {
+        match self {
+            Error::Listen { source, .. } => source.to_string(),
+        }
     }
 }

@@ -1,0 +1,310 @@
+//! The TCP relay: bytes between a client and a backend, zero-copy with `splice(2)`.
+//!
+//! Each direction owns a pipe; data moves socket → pipe → socket inside the kernel, driven by
+//! tokio readiness (`try_io` clears readiness on `EAGAIN`, so no busy loop). A direction that
+//! reads EOF shuts down the write side of the other socket and ends; the other direction keeps
+//! going (half-close in both directions). The relay ends when both directions ended, on an error
+//! (the client gets a reset if the backend reset), when no byte moved for `idle_timeout`, or when
+//! cancelled (drain deadline, shutdown). If the kernel refuses `splice` (`EINVAL`, `ENOSYS`) the
+//! direction falls back to a buffered copy. Pipes are pooled: a pipe is reused only when empty.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: usize = 1 << 16;
+const POOL_MAX: usize = 1024;
+
+static PIPES: Mutex<Vec<(OwnedFd, OwnedFd)>> = Mutex::new(Vec::new());
+
+/// A pipe for one direction; returned to the pool on drop when empty.
+struct Pipe {
+    fds: Option<(OwnedFd, OwnedFd)>,
+    pending: usize,
+}
+
+impl Pipe {
+    fn get() -> io::Result<Self> {
+        let pooled = PIPES.lock().ok().and_then(|mut p| p.pop());
+        let fds = match pooled {
+            Some(p) => p,
+            None => rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?,
+        };
+        Ok(Self {
+            fds: Some(fds),
+            pending: 0,
+        })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if self.pending == 0
+            && let Some(fds) = self.fds.take()
+            && let Ok(mut pool) = PIPES.lock()
+            && pool.len() < POOL_MAX
+        {
+            pool.push(fds);
+        }
+    }
+}
+
+/// Which socket failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client socket.
+    Client,
+    /// The backend socket.
+    Backend,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions reached EOF.
+    Closed,
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// Cancelled (drain deadline or shutdown).
+    Cancelled,
+    /// A socket failed.
+    Error(Side, io::Error),
+}
+
+impl End {
+    /// The reason word for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Idle => "idleTimeout",
+            End::Cancelled => "cancelled",
+            End::Error(Side::Client, _) => "clientError",
+            End::Error(Side::Backend, _) => "backendError",
+        }
+    }
+}
+
+/// Bytes moved in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Client → backend.
+    pub to_backend: u64,
+    /// Backend → client.
+    pub to_client: u64,
+}
+
+/// Byte counters the relay feeds as it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Counters<'a> {
+    /// Client → backend.
+    pub to_backend: &'a Counter,
+    /// Backend → client.
+    pub to_client: &'a Counter,
+}
+
+/// Relays until both sides closed, an error, `idle` without traffic, or `cancel`.
+pub async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    cancel: &CancellationToken,
+    counters: Counters<'_>,
+    use_splice: bool,
+) -> (End, Stats) {
+    let progress = AtomicU64::new(0);
+    let up = one_way(
+        client,
+        backend,
+        Side::Client,
+        &progress,
+        counters.to_backend,
+        use_splice,
+    );
+    let down = one_way(
+        backend,
+        client,
+        Side::Backend,
+        &progress,
+        counters.to_client,
+        use_splice,
+    );
+    let both = async { tokio::try_join!(up, down) };
+    let end = tokio::select! {
+        r = both => match r {
+            Ok((a, b)) => return (End::Closed, Stats { to_backend: a, to_client: b }),
+            Err(e) => End::Error(e.0, e.1),
+        },
+        () = idle_watch(&progress, idle) => End::Idle,
+        () = cancel.cancelled() => End::Cancelled,
+    };
+    (end, Stats::default())
+}
+
+async fn idle_watch(progress: &AtomicU64, idle: Duration) {
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    let tick = (idle / 4).max(Duration::from_millis(10));
+    let mut seen = progress.load(Ordering::Relaxed);
+    let mut last_change = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now_seen = progress.load(Ordering::Relaxed);
+        let now = Instant::now();
+        if now_seen != seen {
+            seen = now_seen;
+            last_change = now;
+        } else if now.duration_since(last_change) >= idle {
+            return;
+        }
+    }
+}
+
+type DirResult = Result<u64, (Side, io::Error)>;
+
+/// The side a read error comes from is `src_side`; a write error comes from the other side.
+fn other(s: Side) -> Side {
+    match s {
+        Side::Client => Side::Backend,
+        Side::Backend => Side::Client,
+    }
+}
+
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    src_side: Side,
+    progress: &AtomicU64,
+    bytes: &Counter,
+    use_splice: bool,
+) -> DirResult {
+    let mut total = 0u64;
+    if use_splice {
+        match splice_way(src, dst, src_side, progress, bytes, &mut total).await {
+            Err(Fallback) => {}
+            Ok(r) => return r,
+        }
+    }
+    copy_way(src, dst, src_side, progress, bytes, total).await
+}
+
+/// The kernel does not splice these sockets: copy instead.
+struct Fallback;
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::INVAL.raw_os_error() || code == rustix::io::Errno::NOSYS.raw_os_error())
+}
+
+async fn splice_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    src_side: Side,
+    progress: &AtomicU64,
+    bytes: &Counter,
+    total: &mut u64,
+) -> Result<DirResult, Fallback> {
+    let mut pipe = match Pipe::get() {
+        Ok(p) => p,
+        Err(_) => return Err(Fallback),
+    };
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut first = true;
+    loop {
+        // socket → pipe
+        let n = loop {
+            let (_, w) = pipe.fds.as_ref().expect("pipe present until drop");
+            match src.try_io(Interest::READABLE, || {
+                Ok(rustix::pipe::splice(src, None, w, None, CHUNK, flags)?)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = src.readable().await {
+                        return Ok(Err((src_side, e)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if first && unsupported(&e) => return Err(Fallback),
+                Err(e) => return Ok(Err((src_side, e))),
+            }
+        };
+        first = false;
+        if n == 0 {
+            let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
+            return Ok(Ok(*total));
+        }
+        pipe.pending += n;
+        // pipe → socket
+        while pipe.pending > 0 {
+            let (r, _) = pipe.fds.as_ref().expect("pipe present until drop");
+            let len = pipe.pending;
+            match dst.try_io(Interest::WRITABLE, || {
+                Ok(rustix::pipe::splice(r, None, dst, None, len, flags)?)
+            }) {
+                Ok(m) => {
+                    pipe.pending -= m;
+                    *total += m as u64;
+                    bytes.inc_by(m as u64);
+                    progress.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = dst.writable().await {
+                        return Ok(Err((other(src_side), e)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Ok(Err((other(src_side), e))),
+            }
+        }
+    }
+}
+
+async fn copy_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    src_side: Side,
+    progress: &AtomicU64,
+    bytes: &Counter,
+    mut total: u64,
+) -> DirResult {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = loop {
+            match src.try_read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    src.readable().await.map_err(|e| (src_side, e))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((src_side, e)),
+            }
+        };
+        if n == 0 {
+            let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
+            return Ok(total);
+        }
+        let mut off = 0;
+        while off < n {
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => {
+                    off += m;
+                    total += m as u64;
+                    bytes.inc_by(m as u64);
+                    progress.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable().await.map_err(|e| (other(src_side), e))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((other(src_side), e)),
+            }
+        }
+    }
+}
