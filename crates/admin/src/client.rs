@@ -11,7 +11,9 @@ use tokio::net::TcpStream;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Could not connect or the connection broke.
-    #[error("cannot reach the admin API at {addr} (is portico running, and is admin.listen {addr}?)")]
+    #[error(
+        "cannot reach the admin API at {addr} (is portico running, and is admin.listen {addr}?)"
+    )]
     Connect {
         /// Where.
         addr: SocketAddr,
@@ -86,7 +88,8 @@ fn parse_response(raw: &[u8]) -> Option<Response> {
         let mut out = Vec::new();
         loop {
             let eol = body.windows(2).position(|w| w == b"\r\n")?;
-            let size = usize::from_str_radix(std::str::from_utf8(&body[..eol]).ok()?.trim(), 16).ok()?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&body[..eol]).ok()?.trim(), 16).ok()?;
             if size == 0 {
                 break;
             }
@@ -123,7 +126,10 @@ mod tests {
     fn parses_content_length_and_chunked_bodies() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA").unwrap();
         assert_eq!((r.status, r.body.as_str()), (200, "ok"));
-        let r = parse_response(b"HTTP/1.1 503 X\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 503 X\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!((r.status, r.body.as_str()), (503, "abcde"));
         assert!(parse_response(b"garbage").is_none());
     }

@@ -48,7 +48,11 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.0.len();
-        write!(f, "{n} error{} in the configuration", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{n} error{} in the configuration",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.0 {
             write!(f, "\n  {e}")?;
         }
@@ -117,7 +121,10 @@ pub fn parse(src: &str, env: &Environment) -> Result<Config, ConfigErrors> {
             message: format!("YAML syntax error: {}", e.message),
         }])
     })?;
-    let mut cx = Cx { errors: Vec::new(), env };
+    let mut cx = Cx {
+        errors: Vec::new(),
+        env,
+    };
     let cfg = decode_config(&mut cx, &root);
     if cx.errors.is_empty() {
         validate(&mut cx, &cfg);
@@ -160,7 +167,11 @@ impl Cx<'_> {
             Value::Map(entries) => entries,
             Value::Null => &[],
             _ => {
-                self.err(path, node.pos, format!("expected a mapping, found {}", node.kind()));
+                self.err(
+                    path,
+                    node.pos,
+                    format!("expected a mapping, found {}", node.kind()),
+                );
                 return None;
             }
         };
@@ -187,7 +198,11 @@ impl Cx<'_> {
                 .collect(),
             Value::Null => Vec::new(),
             _ => {
-                self.err(path, node.pos, format!("expected a list, found {}", node.kind()));
+                self.err(
+                    path,
+                    node.pos,
+                    format!("expected a list, found {}", node.kind()),
+                );
                 Vec::new()
             }
         }
@@ -254,7 +269,11 @@ impl<'a> Map<'a> {
         let mut seen = BTreeSet::new();
         for (k, _) in self.entries {
             let Some(name) = k.as_str() else {
-                cx.err(&self.path, k.pos, format!("keys must be strings, found {}", k.kind()));
+                cx.err(
+                    &self.path,
+                    k.pos,
+                    format!("keys must be strings, found {}", k.kind()),
+                );
                 continue;
             };
             let path = self.child(name);
@@ -270,7 +289,10 @@ impl<'a> Map<'a> {
                 cx.err(
                     &path,
                     k.pos,
-                    format!("unknown field `{name}`{hint}; valid fields here: {}", known.join(", ")),
+                    format!(
+                        "unknown field `{name}`{hint}; valid fields here: {}",
+                        known.join(", ")
+                    ),
                 );
             }
         }
@@ -304,7 +326,11 @@ fn scalar<'n>(cx: &mut Cx, node: &'n Node, path: &str, what: &str) -> Option<&'n
     match node.as_str() {
         Some(s) => Some(s),
         None => {
-            cx.err(path, node.pos, format!("expected {what}, found {}", node.kind()));
+            cx.err(
+                path,
+                node.pos,
+                format!("expected {what}, found {}", node.kind()),
+            );
             None
         }
     }
@@ -324,7 +350,11 @@ fn uint(lo: u64, hi: u64) -> impl FnOnce(&mut Cx, &Node, &str) -> Option<u64> {
                 None
             }
             Err(_) => {
-                cx.err(path, node.pos, format!("`{s}` is not a whole number in range {lo}-{hi}"));
+                cx.err(
+                    path,
+                    node.pos,
+                    format!("`{s}` is not a whole number in range {lo}-{hi}"),
+                );
                 None
             }
         }
@@ -336,7 +366,11 @@ fn boolean(cx: &mut Cx, node: &Node, path: &str) -> Option<bool> {
         "true" | "True" | "TRUE" => Some(true),
         "false" | "False" | "FALSE" => Some(false),
         s => {
-            cx.err(path, node.pos, format!("`{s}` is not a boolean; write true or false"));
+            cx.err(
+                path,
+                node.pos,
+                format!("`{s}` is not a boolean; write true or false"),
+            );
             None
         }
     }
@@ -347,7 +381,11 @@ fn ip(cx: &mut Cx, node: &Node, path: &str) -> Option<IpAddr> {
     match IpAddr::from_str(s) {
         Ok(ip) => Some(ip),
         Err(_) => {
-            cx.err(path, node.pos, format!("`{s}` is not an IP address; write e.g. 10.0.0.10 or fd00::10"));
+            cx.err(
+                path,
+                node.pos,
+                format!("`{s}` is not an IP address; write e.g. 10.0.0.10 or fd00::10"),
+            );
             None
         }
     }
@@ -358,7 +396,11 @@ fn socket(cx: &mut Cx, node: &Node, path: &str) -> Option<SocketAddr> {
     match SocketAddr::from_str(s) {
         Ok(a) => Some(a),
         Err(_) => {
-            cx.err(path, node.pos, format!("`{s}` is not an address:port; write e.g. 127.0.0.1:9440 or [::1]:9440"));
+            cx.err(
+                path,
+                node.pos,
+                format!("`{s}` is not an address:port; write e.g. 127.0.0.1:9440 or [::1]:9440"),
+            );
             None
         }
     }
@@ -369,7 +411,13 @@ fn net(cx: &mut Cx, node: &Node, path: &str) -> Option<ipnet::IpNet> {
     match ipnet::IpNet::from_str(s) {
         Ok(n) => Some(n),
         Err(_) => {
-            cx.err(path, node.pos, format!("`{s}` is not an address with prefix; write e.g. 10.0.0.11/24 or fd00::11/64"));
+            cx.err(
+                path,
+                node.pos,
+                format!(
+                    "`{s}` is not an address with prefix; write e.g. 10.0.0.11/24 or fd00::11/64"
+                ),
+            );
             None
         }
     }
@@ -384,7 +432,11 @@ fn dur(lo: Duration, hi: Duration) -> impl FnOnce(&mut Cx, &Node, &str) -> Optio
                 cx.err(
                     path,
                     node.pos,
-                    format!("{s} is out of range {}-{}", duration::format(lo), duration::format(hi)),
+                    format!(
+                        "{s} is out of range {}-{}",
+                        duration::format(lo),
+                        duration::format(hi)
+                    ),
                 );
                 None
             }
@@ -396,15 +448,23 @@ fn dur(lo: Duration, hi: Duration) -> impl FnOnce(&mut Cx, &Node, &str) -> Optio
     }
 }
 
-fn one_of<T: Copy>(choices: &'static [(&'static str, T)]) -> impl FnOnce(&mut Cx, &Node, &str) -> Option<T> {
+fn one_of<T: Copy>(
+    choices: &'static [(&'static str, T)],
+) -> impl FnOnce(&mut Cx, &Node, &str) -> Option<T> {
     move |cx, node, path| {
         let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
         let s = scalar(cx, node, path, &format!("one of {}", names.join(", ")))?;
         match choices.iter().find(|(n, _)| *n == s) {
             Some((_, v)) => Some(*v),
             None => {
-                let hint = closest(s, &names).map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
-                cx.err(path, node.pos, format!("`{s}` is not valid{hint}; use one of {}", names.join(", ")));
+                let hint = closest(s, &names)
+                    .map(|c| format!(" (did you mean `{c}`?)"))
+                    .unwrap_or_default();
+                cx.err(
+                    path,
+                    node.pos,
+                    format!("`{s}` is not valid{hint}; use one of {}", names.join(", ")),
+                );
                 None
             }
         }
@@ -429,7 +489,8 @@ fn label(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
 fn is_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -438,13 +499,22 @@ fn is_label(s: &str) -> bool {
 fn domain(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
     let s = scalar(cx, node, path, "a domain name")?;
     let fqdn = format!("{}.", s.trim_end_matches('.').to_ascii_lowercase());
-    let ok = fqdn.len() <= 254 && fqdn.trim_end_matches('.').split('.').all(|l| {
-        is_label(l) || (l.len() <= 63 && !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-    });
+    let ok = fqdn.len() <= 254
+        && fqdn.trim_end_matches('.').split('.').all(|l| {
+            is_label(l)
+                || (l.len() <= 63
+                    && !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        });
     if ok {
         Some(fqdn)
     } else {
-        cx.err(path, node.pos, format!("`{s}` is not a valid domain name; write e.g. lb.example.com"));
+        cx.err(
+            path,
+            node.pos,
+            format!("`{s}` is not a valid domain name; write e.g. lb.example.com"),
+        );
         None
     }
 }
@@ -506,7 +576,9 @@ use crate::service::Node as Node_;
 
 fn decode_node(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -> Option<Node_> {
     let mut m = cx.map(n, p)?;
-    let name = m.opt(cx, "name", label).unwrap_or_else(|| cx.env.hostname.clone());
+    let name = m
+        .opt(cx, "name", label)
+        .unwrap_or_else(|| cx.env.hostname.clone());
     let interfaces = m
         .opt(cx, "interfaces", |cx, n, p| {
             Some(cx.list(n, p, |cx, n, p| {
@@ -517,7 +589,10 @@ fn decode_node(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) 
                     .opt(cx, "addresses", |cx, n, p| Some(cx.list(n, p, net)))
                     .unwrap_or_default();
                 m.finish(cx);
-                Some(Interface { name: name?, addresses })
+                Some(Interface {
+                    name: name?,
+                    addresses,
+                })
             }))
         })
         .unwrap_or_default();
@@ -543,7 +618,12 @@ fn default_cluster(peers: Vec<Peer>, keys: Vec<ClusterKey>) -> Cluster {
     }
 }
 
-fn decode_cluster(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -> Option<Cluster> {
+fn decode_cluster(
+    cx: &mut Cx,
+    n: &Node,
+    p: &str,
+    pos: &mut BTreeMap<String, Pos>,
+) -> Option<Cluster> {
     let mut m = cx.map(n, p)?;
     let mut c = default_cluster(Vec::new(), Vec::new());
     if let Some(b) = m.opt(cx, "bind", socket) {
@@ -561,7 +641,10 @@ fn decode_cluster(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
                 let name = m.req(cx, "name", label);
                 let address = m.req(cx, "address", socket);
                 m.finish(cx);
-                Some(Peer { name: name?, address: address? })
+                Some(Peer {
+                    name: name?,
+                    address: address?,
+                })
             }))
         })
         .unwrap_or_default();
@@ -576,14 +659,21 @@ fn decode_cluster(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
     if let Some(v) = m.opt(
         cx,
         "profile",
-        one_of(&[("default", FailureProfile::Default), ("fast", FailureProfile::Fast)]),
+        one_of(&[
+            ("default", FailureProfile::Default),
+            ("fast", FailureProfile::Fast),
+        ]),
     ) {
         c.profile = v;
     }
     if let Some(v) = m.opt(cx, "preemptive", boolean) {
         c.preemptive = v;
     }
-    if let Some(v) = m.opt(cx, "hold_down", dur(Duration::ZERO, Duration::from_secs(3600))) {
+    if let Some(v) = m.opt(
+        cx,
+        "hold_down",
+        dur(Duration::ZERO, Duration::from_secs(3600)),
+    ) {
         c.hold_down = v;
     }
     if let Some(a) = m.opt(cx, "announce", |cx, n, p| {
@@ -592,10 +682,18 @@ fn decode_cluster(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
         if let Some(v) = m.opt(cx, "count", uint(1, 100)) {
             a.count = v as u32;
         }
-        if let Some(v) = m.opt(cx, "interval", dur(Duration::from_millis(1), Duration::from_secs(10))) {
+        if let Some(v) = m.opt(
+            cx,
+            "interval",
+            dur(Duration::from_millis(1), Duration::from_secs(10)),
+        ) {
             a.interval = v;
         }
-        if let Some(v) = m.opt(cx, "refresh", dur(Duration::ZERO, Duration::from_secs(3600))) {
+        if let Some(v) = m.opt(
+            cx,
+            "refresh",
+            dur(Duration::ZERO, Duration::from_secs(3600)),
+        ) {
             a.refresh = v;
         }
         m.finish(cx);
@@ -610,8 +708,20 @@ fn decode_cluster(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
 fn decode_key(cx: &mut Cx, n: &Node, p: &str) -> Option<ClusterKey> {
     let mut m = cx.map(n, p)?;
     let id = m.req(cx, "id", uint(0, 255));
-    let inline = m.opt(cx, "secret", |cx, n, p| Some((scalar(cx, n, p, "a secret")?.to_string(), n.pos, p.to_string())));
-    let file = m.opt(cx, "secret_file", |cx, n, p| Some((scalar(cx, n, p, "a file path")?.to_string(), n.pos, p.to_string())));
+    let inline = m.opt(cx, "secret", |cx, n, p| {
+        Some((
+            scalar(cx, n, p, "a secret")?.to_string(),
+            n.pos,
+            p.to_string(),
+        ))
+    });
+    let file = m.opt(cx, "secret_file", |cx, n, p| {
+        Some((
+            scalar(cx, n, p, "a file path")?.to_string(),
+            n.pos,
+            p.to_string(),
+        ))
+    });
     m.finish(cx);
     let (text, spos, spath) = match (inline, file) {
         (Some(s), None) => s,
@@ -636,7 +746,10 @@ fn decode_key(cx: &mut Cx, n: &Node, p: &str) -> Option<ClusterKey> {
         }
     };
     match decode_secret(&text) {
-        Some(secret) => Some(ClusterKey { id: id? as u8, secret }),
+        Some(secret) => Some(ClusterKey {
+            id: id? as u8,
+            secret,
+        }),
         None => {
             cx.err(
                 &spath,
@@ -652,7 +765,9 @@ fn decode_key(cx: &mut Cx, n: &Node, p: &str) -> Option<ClusterKey> {
 pub fn decode_secret(s: &str) -> Option<[u8; 32]> {
     let s = s.trim();
     let bytes: Vec<u8> = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        (0..32).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect::<Option<_>>()?
+        (0..32)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+            .collect::<Option<_>>()?
     } else {
         base64_decode(s)?
     };
@@ -706,11 +821,17 @@ fn decode_dns(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -
             let ns = m.opt(cx, "ns", |cx, n, p| Some(cx.list(n, p, domain)));
             let admin_email = m.opt(cx, "admin_email", domain);
             let serial = m.opt(cx, "serial", uint(0, u64::from(u32::MAX)));
-            let negative_ttl = m.opt(cx, "negative_ttl", dur(Duration::ZERO, Duration::from_secs(86400)));
+            let negative_ttl = m.opt(
+                cx,
+                "negative_ttl",
+                dur(Duration::ZERO, Duration::from_secs(86400)),
+            );
             m.finish(cx);
             let name = name?;
             Some(Zone {
-                ns: ns.filter(|v| !v.is_empty()).unwrap_or_else(|| vec![format!("ns1.{name}")]),
+                ns: ns
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| vec![format!("ns1.{name}")]),
                 admin_email: admin_email.unwrap_or_else(|| format!("hostmaster.{name}")),
                 ttl: ttl.unwrap_or(Duration::from_secs(5)),
                 serial: serial.unwrap_or(1) as u32,
@@ -728,7 +849,12 @@ fn decode_dns(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -
 
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 
-fn decode_service(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -> Option<Service> {
+fn decode_service(
+    cx: &mut Cx,
+    n: &Node,
+    p: &str,
+    pos: &mut BTreeMap<String, Pos>,
+) -> Option<Service> {
     let mut m = cx.map(n, p)?;
     let name = m.req(cx, "name", label);
     let vips = m
@@ -745,7 +871,9 @@ fn decode_service(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
                 pos.insert(p.to_string(), n.pos);
                 let mut m = cx.map(n, p)?;
                 let port = m.req(cx, "port", uint(1, 65535)).map(|v| v as u16);
-                let protocol = m.opt(cx, "protocol", one_of(PROTOCOLS)).unwrap_or(Protocol::Tcp);
+                let protocol = m
+                    .opt(cx, "protocol", one_of(PROTOCOLS))
+                    .unwrap_or(Protocol::Tcp);
                 let name = m.opt(cx, "name", label);
                 let target_port = m.opt(cx, "target_port", uint(1, 65535)).map(|v| v as u16);
                 m.finish(cx);
@@ -800,9 +928,15 @@ fn decode_service(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
         None => Some(default_health_check()),
         Some(n) => decode_health_check(cx, n, &format!("{p}.health_check")).unwrap_or(None),
     };
-    let circuit_breaker = m.opt(cx, "circuit_breaker", decode_breaker).unwrap_or_else(default_breaker);
-    let outlier = m.opt(cx, "outlier", decode_outlier).unwrap_or_else(default_outlier);
-    let connection = m.opt(cx, "connection", decode_connection).unwrap_or_else(default_connection);
+    let circuit_breaker = m
+        .opt(cx, "circuit_breaker", decode_breaker)
+        .unwrap_or_else(default_breaker);
+    let outlier = m
+        .opt(cx, "outlier", decode_outlier)
+        .unwrap_or_else(default_outlier);
+    let connection = m
+        .opt(cx, "connection", decode_connection)
+        .unwrap_or_else(default_connection);
     let proxy_protocol = m.opt(
         cx,
         "proxy_protocol",
@@ -828,7 +962,11 @@ fn decode_service(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos
         let hostname = m.opt(cx, "hostname", label);
         let zone = m.opt(cx, "zone", domain);
         let ttl = m.opt(cx, "ttl", dur(Duration::ZERO, Duration::from_secs(86400)));
-        let mode = m.opt(cx, "mode", one_of(&[("vips", DnsMode::Vips), ("nodes", DnsMode::Nodes)]));
+        let mode = m.opt(
+            cx,
+            "mode",
+            one_of(&[("vips", DnsMode::Vips), ("nodes", DnsMode::Nodes)]),
+        );
         let fail_closed = m.opt(cx, "fail_closed", boolean);
         m.finish(cx);
         Some((enabled, hostname, zone, ttl, mode, fail_closed))
@@ -876,12 +1014,25 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
     let kind = m.opt(
         cx,
         "type",
-        one_of(&[("tcp", "tcp"), ("http", "http"), ("mysql", "mysql"), ("none", "none")]),
+        one_of(&[
+            ("tcp", "tcp"),
+            ("http", "http"),
+            ("mysql", "mysql"),
+            ("none", "none"),
+        ]),
     );
     let mut hc = default_health_check();
     let port = m.opt(cx, "port", uint(1, 65535)).map(|v| v as u16);
-    let interval = m.opt(cx, "interval", dur(Duration::from_millis(10), Duration::from_secs(3600)));
-    let timeout = m.opt(cx, "timeout", dur(Duration::from_millis(1), Duration::from_secs(600)));
+    let interval = m.opt(
+        cx,
+        "interval",
+        dur(Duration::from_millis(10), Duration::from_secs(3600)),
+    );
+    let timeout = m.opt(
+        cx,
+        "timeout",
+        dur(Duration::from_millis(1), Duration::from_secs(600)),
+    );
     let rise = m.opt(cx, "rise", uint(1, 100));
     let fall = m.opt(cx, "fall", uint(1, 100));
     let path = m.opt(cx, "path", |cx, n, p| {
@@ -889,7 +1040,11 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
         if s.starts_with('/') && !s.contains(char::is_whitespace) {
             Some(s)
         } else {
-            cx.err(p, n.pos, format!("`{s}` is not a request path; it must start with / and have no spaces"));
+            cx.err(
+                p,
+                n.pos,
+                format!("`{s}` is not a request path; it must start with / and have no spaces"),
+            );
             None
         }
     });
@@ -898,7 +1053,11 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
     m.finish(cx);
     let kind = kind.unwrap_or("tcp");
     if kind != "http" && (path.is_some() || expect_status.is_some() || host.is_some()) {
-        cx.err(p, n.pos, format!("path, expect_status and host apply to type: http only, not type: {kind}"));
+        cx.err(
+            p,
+            n.pos,
+            format!("path, expect_status and host apply to type: http only, not type: {kind}"),
+        );
     }
     hc.kind = match kind {
         "none" => return Some(None),
@@ -950,7 +1109,11 @@ fn decode_breaker(cx: &mut Cx, n: &Node, p: &str) -> Option<CircuitBreaker> {
     if let Some(v) = m.opt(cx, "max_pending", uint(0, 10_000_000)) {
         b.max_pending = v as u32;
     }
-    if let Some(v) = m.opt(cx, "queue_timeout", dur(Duration::ZERO, Duration::from_secs(600))) {
+    if let Some(v) = m.opt(
+        cx,
+        "queue_timeout",
+        dur(Duration::ZERO, Duration::from_secs(600)),
+    ) {
         b.queue_timeout = v;
     }
     m.finish(cx);
@@ -973,10 +1136,18 @@ fn decode_outlier(cx: &mut Cx, n: &Node, p: &str) -> Option<Outlier> {
     if let Some(v) = m.opt(cx, "consecutive_failures", uint(0, 1000)) {
         o.consecutive_failures = v as u32;
     }
-    if let Some(v) = m.opt(cx, "base_ejection_time", dur(Duration::from_millis(1), Duration::from_secs(86400))) {
+    if let Some(v) = m.opt(
+        cx,
+        "base_ejection_time",
+        dur(Duration::from_millis(1), Duration::from_secs(86400)),
+    ) {
         o.base_ejection_time = v;
     }
-    if let Some(v) = m.opt(cx, "max_ejection_time", dur(Duration::from_millis(1), Duration::from_secs(86400))) {
+    if let Some(v) = m.opt(
+        cx,
+        "max_ejection_time",
+        dur(Duration::from_millis(1), Duration::from_secs(86400)),
+    ) {
         o.max_ejection_time = v;
     }
     if let Some(v) = m.opt(cx, "max_ejection_percent", uint(0, 100)) {
@@ -1012,16 +1183,28 @@ fn default_connection() -> Connection {
 fn decode_connection(cx: &mut Cx, n: &Node, p: &str) -> Option<Connection> {
     let mut m = cx.map(n, p)?;
     let mut c = default_connection();
-    if let Some(v) = m.opt(cx, "connect_timeout", dur(Duration::from_millis(1), Duration::from_secs(600))) {
+    if let Some(v) = m.opt(
+        cx,
+        "connect_timeout",
+        dur(Duration::from_millis(1), Duration::from_secs(600)),
+    ) {
         c.connect_timeout = v;
     }
     if let Some(v) = m.opt(cx, "retries", uint(0, 100)) {
         c.retries = v as u32;
     }
-    if let Some(v) = m.opt(cx, "idle_timeout", dur(Duration::from_millis(1), Duration::from_secs(7 * 86400))) {
+    if let Some(v) = m.opt(
+        cx,
+        "idle_timeout",
+        dur(Duration::from_millis(1), Duration::from_secs(7 * 86400)),
+    ) {
         c.idle_timeout = v;
     }
-    if let Some(v) = m.opt(cx, "drain_timeout", dur(Duration::ZERO, Duration::from_secs(86400))) {
+    if let Some(v) = m.opt(
+        cx,
+        "drain_timeout",
+        dur(Duration::ZERO, Duration::from_secs(86400)),
+    ) {
         c.drain_timeout = v;
     }
     m.finish(cx);
@@ -1041,7 +1224,14 @@ fn validate(cx: &mut Cx, d: &Decoded) {
     for (i, peer) in cfg.cluster.peers.iter().enumerate() {
         let p = format!("cluster.peers[{i}]");
         if !members.insert(&peer.name) {
-            cx.err(&format!("{p}.name"), at(&p), format!("node `{}` appears twice (node.name and peers must all differ)", peer.name));
+            cx.err(
+                &format!("{p}.name"),
+                at(&p),
+                format!(
+                    "node `{}` appears twice (node.name and peers must all differ)",
+                    peer.name
+                ),
+            );
         }
     }
     if !cfg.cluster.peers.is_empty() {
@@ -1071,21 +1261,37 @@ fn validate(cx: &mut Cx, d: &Decoded) {
     for (i, k) in cfg.cluster.keys.iter().enumerate() {
         let p = format!("cluster.keys[{i}]");
         if !key_ids.insert(k.id) {
-            cx.err(&format!("{p}.id"), at(&p), format!("key id {} is used twice; each key needs its own id", k.id));
+            cx.err(
+                &format!("{p}.id"),
+                at(&p),
+                format!("key id {} is used twice; each key needs its own id", k.id),
+            );
         }
     }
 
     // Zones.
-    let zones: Vec<&str> = cfg.dns.iter().flat_map(|d| d.zones.iter().map(|z| z.name.as_str())).collect();
+    let zones: Vec<&str> = cfg
+        .dns
+        .iter()
+        .flat_map(|d| d.zones.iter().map(|z| z.name.as_str()))
+        .collect();
     if let Some(dns) = &cfg.dns {
         if dns.zones.is_empty() {
-            cx.err("dns.zones", Pos { line: 1, column: 1 }, "the DNS server needs at least one zone");
+            cx.err(
+                "dns.zones",
+                Pos { line: 1, column: 1 },
+                "the DNS server needs at least one zone",
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, z) in dns.zones.iter().enumerate() {
             if !seen.insert(&z.name) {
                 let p = format!("dns.zones[{i}]");
-                cx.err(&format!("{p}.name"), at(&p), format!("zone `{}` is listed twice", z.name));
+                cx.err(
+                    &format!("{p}.name"),
+                    at(&p),
+                    format!("zone `{}` is listed twice", z.name),
+                );
             }
         }
     }
@@ -1101,16 +1307,35 @@ fn validate(cx: &mut Cx, d: &Decoded) {
     for (si, s) in cfg.services.iter().enumerate() {
         let sp = format!("services[{si}]");
         if let Some(prev) = names.insert(s.name.as_str(), si) {
-            cx.err(&format!("{sp}.name"), at(&sp), format!("service `{}` is already defined at services[{prev}]; names must be unique", s.name));
+            cx.err(
+                &format!("{sp}.name"),
+                at(&sp),
+                format!(
+                    "service `{}` is already defined at services[{prev}]; names must be unique",
+                    s.name
+                ),
+            );
         }
         if s.vips.is_empty() {
-            cx.err(&format!("{sp}.vips"), at(&sp), "a service needs at least one VIP");
+            cx.err(
+                &format!("{sp}.vips"),
+                at(&sp),
+                "a service needs at least one VIP",
+            );
         }
         if s.ports.is_empty() {
-            cx.err(&format!("{sp}.ports"), at(&sp), "a service needs at least one port");
+            cx.err(
+                &format!("{sp}.ports"),
+                at(&sp),
+                "a service needs at least one port",
+            );
         }
         if s.backends.is_empty() {
-            cx.err(&format!("{sp}.backends"), at(&sp), "a service needs at least one backend");
+            cx.err(
+                &format!("{sp}.backends"),
+                at(&sp),
+                "a service needs at least one backend",
+            );
         }
         let mut seen_vips = BTreeSet::new();
         for (vi, vip) in s.vips.iter().enumerate() {
@@ -1119,11 +1344,22 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 cx.err(&vp, at(&vp), format!("{vip} is listed twice"));
             }
             if vip.is_unspecified() || vip.is_multicast() {
-                cx.err(&vp, at(&vp), format!("{vip} cannot be a VIP; use a unicast address"));
+                cx.err(
+                    &vp,
+                    at(&vp),
+                    format!("{vip} cannot be a VIP; use a unicast address"),
+                );
             }
-            if !cfg.node.interfaces.is_empty() && !cfg.node.interfaces.iter().any(|i| i.serves_family(*vip)) {
+            if !cfg.node.interfaces.is_empty()
+                && !cfg.node.interfaces.iter().any(|i| i.serves_family(*vip))
+            {
                 let fam = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
-                let names: Vec<&str> = cfg.node.interfaces.iter().map(|i| i.name.as_str()).collect();
+                let names: Vec<&str> = cfg
+                    .node
+                    .interfaces
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect();
                 cx.err(
                     &vp,
                     at(&vp),
@@ -1146,7 +1382,11 @@ fn validate(cx: &mut Cx, d: &Decoded) {
         for (pi, port) in s.ports.iter().enumerate() {
             let pp = format!("{sp}.ports[{pi}]");
             if !port_names.insert(&port.name) {
-                cx.err(&format!("{pp}.name"), at(&pp), format!("port name `{}` is used twice in this service", port.name));
+                cx.err(
+                    &format!("{pp}.name"),
+                    at(&pp),
+                    format!("port name `{}` is used twice in this service", port.name),
+                );
             }
         }
         let mut backend_names = BTreeSet::new();
@@ -1170,24 +1410,45 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 );
             }
             if b.address.is_unspecified() || b.address.is_multicast() {
-                cx.err(&format!("{bp}.address"), at(&bp), format!("{} cannot be a backend address", b.address));
+                cx.err(
+                    &format!("{bp}.address"),
+                    at(&bp),
+                    format!("{} cannot be a backend address", b.address),
+                );
             }
             if let Some(node) = &b.node
                 && !members.contains(node.as_str())
             {
-                cx.err(&format!("{bp}.node"), at(&bp), format!("unknown node `{node}`; known nodes: {}", members.iter().copied().collect::<Vec<_>>().join(", ")));
+                cx.err(
+                    &format!("{bp}.node"),
+                    at(&bp),
+                    format!(
+                        "unknown node `{node}`; known nodes: {}",
+                        members.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                );
             }
         }
         if s.backends.iter().all(|b| b.weight == 0) && !s.backends.is_empty() {
-            cx.err(&format!("{sp}.backends"), at(&sp), "every backend has weight 0, so nothing can be served; give at least one a weight");
+            cx.err(
+                &format!("{sp}.backends"),
+                at(&sp),
+                "every backend has weight 0, so nothing can be served; give at least one a weight",
+            );
         }
-        for (what, list) in [("nodes", &s.placement.nodes), ("preferred", &s.placement.preferred)] {
+        for (what, list) in [
+            ("nodes", &s.placement.nodes),
+            ("preferred", &s.placement.preferred),
+        ] {
             for n in list {
                 if !members.contains(n.as_str()) {
                     cx.err(
                         &format!("{sp}.placement.{what}"),
                         at(&sp),
-                        format!("unknown node `{n}`; known nodes: {}", members.iter().copied().collect::<Vec<_>>().join(", ")),
+                        format!(
+                            "unknown node `{n}`; known nodes: {}",
+                            members.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
                     );
                 }
             }
@@ -1202,15 +1463,27 @@ fn validate(cx: &mut Cx, d: &Decoded) {
         if let Some(z) = &s.dns.zone
             && !zones.contains(&z.as_str())
         {
-            let known = if zones.is_empty() { "none; add a dns section".to_string() } else { zones.join(", ") };
-            cx.err(&format!("{sp}.dns.zone"), at(&sp), format!("unknown zone `{z}`; zones: {known}"));
+            let known = if zones.is_empty() {
+                "none; add a dns section".to_string()
+            } else {
+                zones.join(", ")
+            };
+            cx.err(
+                &format!("{sp}.dns.zone"),
+                at(&sp),
+                format!("unknown zone `{z}`; zones: {known}"),
+            );
         }
         if let Some(hc) = &s.health_check
             && matches!(hc.kind, CheckKind::Mysql)
             && s.ports.iter().any(|p| p.protocol == Protocol::Udp)
             && hc.port.is_none()
         {
-            cx.err(&format!("{sp}.health_check.port"), at(&sp), "a MySQL check needs a TCP port; set health_check.port");
+            cx.err(
+                &format!("{sp}.health_check.port"),
+                at(&sp),
+                "a MySQL check needs a TCP port; set health_check.port",
+            );
         }
     }
 }
@@ -1225,7 +1498,12 @@ mod tests {
     fn env() -> Environment {
         Environment {
             hostname: "testhost".into(),
-            read_file: |p| Err(std::io::Error::new(std::io::ErrorKind::NotFound, p.to_string())),
+            read_file: |p| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    p.to_string(),
+                ))
+            },
         }
     }
 
@@ -1250,5 +1528,160 @@ mod tests {
         assert_eq!(cfg.node.name, "testhost");
         assert_eq!(cfg.admin.listen, "127.0.0.1:9440".parse().unwrap());
         assert!(cfg.services.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod bad_input {
+    //! Each class of bad input and the exact message it produces.
+    use super::*;
+
+    const SVC: &str = "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n";
+
+    fn errors(src: &str) -> Vec<String> {
+        match parse(src, &Environment::default()) {
+            Ok(_) => panic!("accepted:\n{src}"),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn each_class_of_bad_input_has_its_exact_message() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports:\n      - port: 70000\n    backends: [{address: 10.0.1.1}]\n",
+                "services[0].ports[0].port: 70000 is out of range 1-65535 (line 5, column 15)",
+            ),
+            (
+                "admin:\n  listen: 127.0.0.1:9440\n  lisen: x\n",
+                "admin.lisen: unknown field `lisen` (did you mean `listen`?); valid fields here: listen (line 3, column 3)",
+            ),
+            (
+                "services:\n  - name: Web_1\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
+                "services[0].name: `Web_1` is not a valid name; use 1-63 lower-case letters, digits and `-`, not at either end (line 2, column 11)",
+            ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.300]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
+                "services[0].vips[0]: `10.0.0.300` is not an IP address; write e.g. 10.0.0.10 or fd00::10 (line 3, column 12)",
+            ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80, protocol: sctp}]\n    backends: [{address: 10.0.1.1}]\n",
+                "services[0].ports[0].protocol: `sctp` is not valid (did you mean `tcp`?); use one of tcp, udp (line 4, column 34)",
+            ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    health_check: {interval: 2 s}\n",
+                "services[0].health_check.interval: unknown unit ` s` in `2 s`; use ns, us, ms, s, m or h (line 6, column 30)",
+            ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    balance: maglevv\n",
+                "services[0].balance: `maglevv` is not valid (did you mean `maglev`?); use one of round-robin, least-connections, power-of-two, maglev (line 6, column 14)",
+            ),
+            (
+                "services:\n  - name: web\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
+                "services[0].vips: missing required field (line 2, column 5)",
+            ),
+            (
+                "services: {name: web}\n",
+                "services: expected a list, found a mapping (line 1, column 11)",
+            ),
+            ("admin: [1, 2\n", "YAML syntax error"),
+        ];
+        for (src, want) in cases {
+            let got = errors(src);
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "for input:\n{src}\nwant: {want}\ngot:  {got:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let src = "admin:\n  listen: nope\nservices:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 0}, {port: 99999}]\n    backends: [{address: 10.0.1.1, weight: 5000}]\n    typo: 1\n";
+        let got = errors(src);
+        assert_eq!(got.len(), 5, "{got:#?}");
+        assert!(got[0].starts_with("admin.listen: `nope` is not an address:port"));
+        assert!(got[1].starts_with("services[0].ports[0].port: 0 is out of range 1-65535"));
+        assert!(got[2].starts_with("services[0].ports[1].port: 99999 is out of range 1-65535"));
+        assert!(got[3].starts_with("services[0].backends[0].weight: 5000 is out of range 0-1000"));
+        assert!(got[4].starts_with("services[0].typo: unknown field `typo`"));
+    }
+
+    #[test]
+    fn cross_field_mistakes_are_caught() {
+        let two = format!(
+            "{SVC}  - name: api\n    vips: [10.0.0.1]\n    ports: [{{port: 80}}]\n    backends: [{{address: 10.0.1.2}}]\n"
+        );
+        let got = errors(&two);
+        assert!(
+            got.iter().any(|e| e.starts_with(
+                "services[1].ports[0]: 10.0.0.1:80 80/tcp is already used by services[0].ports[0]"
+            )),
+            "{got:#?}"
+        );
+
+        let looped = SVC.replace(
+            "backends: [{address: 10.0.1.1}]",
+            "backends: [{address: 10.0.0.1}]",
+        );
+        let got = errors(&looped);
+        assert!(
+            got.iter().any(|e| e.starts_with(
+                "services[0].backends[0].address: 10.0.0.1 is a VIP of service `web`"
+            )),
+            "{got:#?}"
+        );
+
+        let v6 = format!(
+            "node:\n  name: a\n  interfaces: [{{name: eth0, addresses: [10.0.0.11/24]}}]\n{}",
+            SVC.replace("vips: [10.0.0.1]", "vips: [10.0.0.1, fd00::1]")
+        );
+        let got = errors(&v6);
+        assert!(got.iter().any(|e| e.starts_with("services[0].vips[1]: fd00::1 is IPv6 but no interface in node.interfaces (eth0) has an IPv6 address")), "{got:#?}");
+
+        let dup = format!(
+            "{SVC}  - name: web\n    vips: [10.0.0.2]\n    ports: [{{port: 80}}]\n    backends: [{{address: 10.0.1.2}}]\n"
+        );
+        let got = errors(&dup);
+        assert!(
+            got.iter().any(|e| e
+                .starts_with("services[1].name: service `web` is already defined at services[0]")),
+            "{got:#?}"
+        );
+
+        let peers = "node: {name: a, interfaces: [{name: eth0, addresses: [10.0.0.11/24]}]}\ncluster:\n  bind: 10.0.0.11:7946\n  peers: [{name: b, address: 10.0.0.12:7946}]\n";
+        let got = errors(peers);
+        assert!(
+            got.iter()
+                .any(|e| e.starts_with("cluster.keys: gossip with peers needs a shared key")),
+            "{got:#?}"
+        );
+
+        let unknown_node = SVC.replace(
+            "backends: [{address: 10.0.1.1}]",
+            "backends: [{address: 10.0.1.1}]\n    placement: {preferred: [zzz]}",
+        );
+        let got = errors(&unknown_node);
+        assert!(
+            got.iter()
+                .any(|e| e.starts_with("services[0].placement.preferred: unknown node `zzz`")),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let got = errors("admin:\n  listen: 127.0.0.1:1\n  listen: 127.0.0.1:2\n");
+        assert_eq!(
+            got,
+            vec!["admin.listen: duplicate key; each field may appear once (line 3, column 3)"]
+        );
+    }
+
+    #[test]
+    fn secrets_accept_base64_and_hex_only_of_32_bytes() {
+        assert!(decode_secret("q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=").is_some());
+        assert!(decode_secret(&"ab".repeat(32)).is_some());
+        assert!(decode_secret("c2hvcnQ=").is_none());
     }
 }

@@ -18,7 +18,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("`{s}` has no unit; write e.g. {s}s or {s}ms"))?;
         if num_len == 0 {
-            return Err(format!("`{s}` is not a duration; write e.g. 500ms, 2s or 1m"));
+            return Err(format!(
+                "`{s}` is not a duration; write e.g. 500ms, 2s or 1m"
+            ));
         }
         let (num, tail) = rest.split_at(num_len);
         let unit_len = tail
@@ -53,8 +55,14 @@ pub fn format(d: Duration) -> String {
     if ns == 0 {
         return "0s".into();
     }
-    for (unit, size) in [("h", 3_600_000_000_000u128), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)] {
-        if ns % size == 0 {
+    for (unit, size) in [
+        ("h", 3_600_000_000_000u128),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+    ] {
+        if ns.is_multiple_of(size) {
             return format!("{}{unit}", ns / size);
         }
     }
@@ -120,7 +128,12 @@ mod tests {
 
     #[test]
     fn format_round_trips() {
-        for d in [Duration::from_millis(1500), Duration::from_secs(60), Duration::from_micros(7), Duration::ZERO] {
+        for d in [
+            Duration::from_millis(1500),
+            Duration::from_secs(60),
+            Duration::from_micros(7),
+            Duration::ZERO,
+        ] {
             assert_eq!(parse(&format(d)).unwrap(), d);
         }
     }

@@ -1,30 +1,209 @@
 //! The `portico` binary: bare-metal external-IP load balancer.
 
+mod demo;
 mod k8s;
 mod lab;
+mod metrics;
 mod run;
+mod source;
+mod table;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use model::Desired;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::source::ConfigPath;
 
 /// portico gives Kubernetes externalIPs and bare-metal hosts what they lack: IP management,
-/// failover in well under a second, load balancing with health checks, and round-robin DNS.
+/// VIP failover in well under a second, L4 load balancing with health checks and circuit
+/// breakers, and health-aware round-robin DNS — in one binary.
+///
+/// Start with `portico run` (an embedded demo on 127.0.0.10:8080), then
+/// `portico status` in another terminal.
 #[derive(Parser, Debug)]
-#[command(name = "portico", version, about, long_about = None)]
+#[command(name = "portico", version, about, long_about)]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `portico=debug,lb=trace`).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    log: String,
+
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run standalone from a YAML file: balance, fail VIPs over, serve DNS and the admin API.
+    ///
+    /// Without --config, runs an embedded demo: a service on 127.0.0.10:8080 balancing two demo
+    /// backends that portico starts on 127.0.0.1:8081 and :8082, DNS on 127.0.0.1:5353
+    /// (`dig @127.0.0.1 -p 5353 demo.portico.local`) and the admin API on 127.0.0.1:9440.
+    /// The file is reloaded on SIGHUP and whenever it changes; an invalid file is rejected and
+    /// the running configuration kept. SIGTERM hands VIPs over, drains, and exits 0.
+    Run {
+        /// The YAML configuration (see docs/config.md and examples/portico.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration: print the effective config (defaults filled in) or every error.
+    Check {
+        /// The YAML configuration to check.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show a running instance: services, VIPs and their owners, backends with health and breaker state.
+    Status {
+        /// Admin API address of the running instance.
+        #[arg(long, default_value = "127.0.0.1:9440")]
+        admin: String,
+        /// Print the raw JSON report instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
     /// Build a network-namespace lab and measure VIP failover against keepalived (root only).
     Lab(lab::LabArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Lab(args) => lab::run(args).await,
+    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
+        format!("--log / RUST_LOG `{filter}` is not a valid filter; try `info` or `portico=debug`")
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => run(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Check { config } => {
+            let env = source::environment();
+            match source::load(&ConfigPath::File(config.clone()), &env) {
+                Ok(cfg) => {
+                    print!("{}", model::config::to_yaml(&cfg));
+                    eprintln!("{}: valid", config.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Status { admin, json } => {
+            let addr = run::parse_admin_url(&admin).map_err(anyhow::Error::msg)?;
+            let report = admin::client::status(addr).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", table::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("portico {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(args) => lab::run(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let env = source::environment();
+    let path = match config {
+        Some(p) => ConfigPath::File(p),
+        None => ConfigPath::Embedded,
+    };
+    let cfg = source::load(&path, &env)?;
+    let shutdown = CancellationToken::new();
+    if matches!(path, ConfigPath::Embedded) {
+        tracing::info!(
+            "no --config given: running the embedded demo (try: curl http://127.0.0.10:8080/)"
+        );
+        demo::start(shutdown.clone()).await;
+    }
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired {
+        generation: 1,
+        config: Arc::new(cfg),
+    }));
+    let (err_tx, err_rx) = watch::channel(None);
+    tokio::spawn(source::watch(
+        path,
+        env,
+        desired_tx,
+        err_tx,
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    tokio::spawn(signals(shutdown.clone()));
+    run::serve(desired_rx, err_rx, shutdown).await
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop portico with SIGKILL");
+        return;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{which} received");
+    shutdown.cancel();
 }

@@ -1,10 +1,34 @@
 //! The spine: wires a source of desired state to the balancer, agent, DNS and admin server.
+//!
+//! ```text
+//!  source (file | Kubernetes) ──Desired──┬──> LoadBalancer ──HealthView──┬──> Agent ──OwnershipView──┐
+//!                                        ├──> Agent                      ├──> DNS <──────────────────┤
+//!                                        ├──> DNS                        └──> admin /status <────────┘
+//!                                        └──> admin /status
+//! ```
+//! Every arrow is a `tokio::sync::watch` channel of an immutable `Arc` snapshot; consumers never
+//! reach back into a source. Shutdown is make-before-break: the agent hands its VIPs over
+//! first, then the data path stops accepting and drains.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use model::Desired;
+use admin::AdminState;
+use anyhow::Context;
+use model::{
+    BackendStatus, BreakerState, Desired, HealthView, OwnershipView, PortStatus, ServiceStatus,
+    StatusReport, VipStatus,
+};
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::metrics::ConfigMetrics;
+
+/// How long the data path may drain after the agent has handed over, before exiting anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves everything from `desired` until `shutdown`. Listen addresses come from the first
 /// desired config; `reload_error` carries the last rejected reload for `/status`.
@@ -13,7 +37,231 @@ pub async fn serve(
     reload_error: watch::Receiver<Option<String>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let _ = (desired, reload_error);
+    let first = desired.borrow().clone();
+    let cfg = &first.config;
+
+    let mut registry = Registry::default();
+    let config_metrics = ConfigMetrics::register(&mut registry);
+    let lb = lb::LoadBalancer::new(&mut registry);
+    let agent = agent::Agent::new(&mut registry);
+    let dns = dns::DnsServer::new(&mut registry);
+
+    // Bind everything up front so that a bad address fails start-up with a clear error.
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", cfg.admin.listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let gossip = if cfg.cluster.peers.is_empty() {
+        None
+    } else {
+        let s = tokio::net::UdpSocket::bind(cfg.cluster.bind)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot bind the gossip socket cluster.bind {}",
+                    cfg.cluster.bind
+                )
+            })?;
+        Some(s)
+    };
+    let dns_sockets = match &cfg.dns {
+        Some(d) => Some(
+            bind_dns(d.listen)
+                .await
+                .with_context(|| format!("cannot listen on dns.listen {}", d.listen))?,
+        ),
+        None => None,
+    };
+
+    let (health_tx, health_rx) = watch::channel(Arc::new(HealthView::new()));
+    let (own_tx, own_rx) = watch::channel(Arc::new(OwnershipView::new()));
+    let (ready_tx, ready_rx) = watch::channel(false);
+
+    // Shutdown order: agent first (hand VIPs over), then data path, DNS and admin.
+    let agent_stop = CancellationToken::new();
+    let rest_stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    tasks.spawn(config_metrics.follow(desired.clone(), reload_error.clone(), rest_stop.clone()));
+    let lb_task = {
+        let (lb, d, stop) = (lb.clone(), desired.clone(), rest_stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = lb.run(d, health_tx, stop).await {
+                error!("load balancer stopped: {:#}", anyhow::Error::from(e));
+            }
+        })
+    };
+    let agent_task = {
+        let (agent, d, h, stop) = (
+            agent.clone(),
+            desired.clone(),
+            health_rx.clone(),
+            agent_stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = agent.run(gossip, d, h, own_tx, stop).await {
+                error!("agent stopped: {:#}", anyhow::Error::from(e));
+            }
+        })
+    };
+    if let Some((udp, tcp)) = dns_sockets {
+        let (dns, d, h, o, stop) = (
+            dns.clone(),
+            desired.clone(),
+            health_rx.clone(),
+            own_rx.clone(),
+            rest_stop.clone(),
+        );
+        tasks.spawn(async move {
+            if let Err(e) = dns.run(udp, tcp, d, h, o, stop).await {
+                error!("DNS server stopped: {:#}", anyhow::Error::from(e));
+            }
+        });
+    }
+    let state = AdminState {
+        registry: Arc::new(registry),
+        status: status_provider(
+            desired.clone(),
+            reload_error,
+            health_rx,
+            own_rx,
+            lb.clone(),
+            agent.clone(),
+            ready_rx.clone(),
+        ),
+        ready: ready_rx,
+    };
+    {
+        let stop = rest_stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = admin::serve(admin_listener, state, stop).await {
+                error!("admin server stopped: {e}");
+            }
+        });
+    }
+    info!(admin = %admin_addr, node = %cfg.node.name, services = cfg.services.len(), "admin listening on {admin_addr}");
+    ready_tx.send_replace(true);
+
     shutdown.cancelled().await;
+    info!("shutting down: handing VIPs over first");
+    agent_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), agent_task)
+        .await
+        .is_err()
+    {
+        error!("agent did not hand over within 5s; stopping anyway");
+    }
+    info!("draining connections (up to {}s)", DRAIN_TIMEOUT.as_secs());
+    rest_stop.cancel();
+    if tokio::time::timeout(DRAIN_TIMEOUT, lb_task).await.is_err() {
+        error!(
+            "connections still open after {}s; exiting",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    info!("stopped");
     Ok(())
+}
+
+/// Assembles `/status` from the spine's snapshots and the components' live counters.
+fn status_provider(
+    desired: watch::Receiver<Arc<Desired>>,
+    reload_error: watch::Receiver<Option<String>>,
+    health: watch::Receiver<Arc<HealthView>>,
+    ownership: watch::Receiver<Arc<OwnershipView>>,
+    lb: lb::LoadBalancer,
+    agent: agent::Agent,
+    ready: watch::Receiver<bool>,
+) -> admin::StatusProvider {
+    Arc::new(move || {
+        let d = desired.borrow().clone();
+        let health = health.borrow().clone();
+        let own = ownership.borrow().clone();
+        let services = d
+            .config
+            .services
+            .iter()
+            .map(|s| {
+                let mut st = lb.service_status(&s.name).unwrap_or_else(|| ServiceStatus {
+                    name: s.name.clone(),
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|p| PortStatus {
+                            name: p.name.clone(),
+                            port: p.port,
+                            protocol: p.protocol,
+                        })
+                        .collect(),
+                    vips: Vec::new(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| BackendStatus {
+                            name: b.name.clone(),
+                            address: b.address,
+                            weight: b.weight,
+                            health: health
+                                .get(&model::BackendKey::new(&s.name, &b.name))
+                                .copied()
+                                .unwrap_or_default(),
+                            breaker: BreakerState::Closed,
+                            ejected: false,
+                            draining: false,
+                            active_connections: 0,
+                            total_connections: 0,
+                            connect_failures: 0,
+                        })
+                        .collect(),
+                    panic_mode: false,
+                });
+                st.vips = s
+                    .vips
+                    .iter()
+                    .map(|v| {
+                        let o = own.get(v);
+                        VipStatus {
+                            address: *v,
+                            owner: o.and_then(|o| o.owner.clone()),
+                            reason: o.map_or_else(|| "pending".to_string(), |o| o.reason.clone()),
+                            conflicts: agent.conflicts(*v),
+                        }
+                    })
+                    .collect();
+                st
+            })
+            .collect();
+        StatusReport {
+            node: d.config.node.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            generation: d.generation,
+            last_reload_error: reload_error.borrow().clone(),
+            ready: *ready.borrow(),
+            members: agent.members(),
+            services,
+        }
+    })
+}
+
+/// Parses `--admin` for `portico status`: `127.0.0.1:9440`, `http://127.0.0.1:9440`, or a port.
+pub fn parse_admin_url(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim().trim_start_matches("http://").trim_end_matches('/');
+    if let Ok(port) = t.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    t.parse().map_err(|_| {
+        format!("`{s}` is not an admin address; write e.g. 127.0.0.1:9440 or http://127.0.0.1:9440")
+    })
+}
+
+async fn bind_dns(
+    addr: SocketAddr,
+) -> std::io::Result<(Vec<tokio::net::UdpSocket>, tokio::net::TcpListener)> {
+    let udp = tokio::net::UdpSocket::bind(addr).await?;
+    let tcp = tokio::net::TcpListener::bind(udp.local_addr()?).await?;
+    Ok((vec![udp], tcp))
 }

@@ -1,0 +1,181 @@
+//! Renders a status report as readable tables for `portico status`.
+
+use std::fmt::Write;
+
+use model::{Health, StatusReport};
+
+/// Formats rows as columns separated by two spaces, padded to the widest cell.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        let _ = writeln!(out, "  {}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// The whole report.
+pub fn render(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node {}  portico {}  config generation {}  {}",
+        r.node,
+        r.version,
+        r.generation,
+        if r.ready { "ready" } else { "NOT READY" }
+    );
+    if let Some(e) = &r.last_reload_error {
+        let _ = writeln!(
+            out,
+            "last reload REJECTED (running config kept):\n  {}",
+            e.replace('\n', "\n  ")
+        );
+    }
+    if !r.members.is_empty() {
+        let _ = writeln!(out, "\nMEMBERS");
+        let mut rows = vec![vec!["NAME".into(), "ADDRESS".into(), "STATE".into()]];
+        rows.extend(
+            r.members
+                .iter()
+                .map(|m| vec![m.name.clone(), m.address.to_string(), m.state.clone()]),
+        );
+        out.push_str(&columns(&rows));
+    }
+    if r.services.is_empty() {
+        let _ = writeln!(out, "\nno services configured");
+    }
+    for s in &r.services {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nSERVICE {}  ports {}{}",
+            s.name,
+            ports.join(","),
+            if s.panic_mode {
+                "  PANIC MODE (too few healthy: balancing over all)"
+            } else {
+                ""
+            }
+        );
+        let mut rows = vec![vec![
+            "VIP".into(),
+            "OWNER".into(),
+            "REASON".into(),
+            "CONFLICTS".into(),
+        ]];
+        rows.extend(s.vips.iter().map(|v| {
+            vec![
+                v.address.to_string(),
+                v.owner.clone().unwrap_or_else(|| "-".into()),
+                v.reason.clone(),
+                v.conflicts.to_string(),
+            ]
+        }));
+        out.push_str(&columns(&rows));
+        let mut rows = vec![
+            [
+                "BACKEND", "ADDRESS", "WEIGHT", "HEALTH", "BREAKER", "ACTIVE", "TOTAL", "FAILED",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        rows.extend(s.backends.iter().map(|b| {
+            let mut health = match b.health {
+                Health::Up => "up",
+                Health::Down => "DOWN",
+                Health::Unknown => "unknown",
+            }
+            .to_string();
+            if b.ejected {
+                health.push_str(",ejected");
+            }
+            if b.draining {
+                health.push_str(",draining");
+            }
+            vec![
+                b.name.clone(),
+                b.address.to_string(),
+                b.weight.to_string(),
+                health,
+                serde_json::to_value(b.breaker)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                b.active_connections.to_string(),
+                b.total_connections.to_string(),
+                b.connect_failures.to_string(),
+            ]
+        }));
+        out.push_str(&columns(&rows));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::*;
+
+    #[test]
+    fn renders_services_vips_and_backends() {
+        let r = StatusReport {
+            node: "n1".into(),
+            version: "0.1.0".into(),
+            generation: 2,
+            ready: true,
+            last_reload_error: Some("1 error in the configuration\n  x: bad".into()),
+            members: vec![],
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                ports: vec![PortStatus {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                }],
+                vips: vec![VipStatus {
+                    address: "10.0.0.1".parse().unwrap(),
+                    owner: Some("n2".into()),
+                    reason: "notOwner".into(),
+                    conflicts: 0,
+                }],
+                backends: vec![BackendStatus {
+                    name: "b1".into(),
+                    address: "10.0.1.1".parse().unwrap(),
+                    weight: 1,
+                    health: Health::Down,
+                    breaker: BreakerState::HalfOpen,
+                    ejected: true,
+                    draining: false,
+                    active_connections: 3,
+                    total_connections: 9,
+                    connect_failures: 1,
+                }],
+                panic_mode: false,
+            }],
+        };
+        let t = render(&r);
+        assert!(t.contains("SERVICE web  ports 80/tcp"), "{t}");
+        assert!(t.contains("10.0.0.1  n2"), "{t}");
+        assert!(t.contains("DOWN,ejected  half-open"), "{t}");
+        assert!(t.contains("REJECTED"), "{t}");
+    }
+}

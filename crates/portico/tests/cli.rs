@@ -1,0 +1,280 @@
+//! End-to-end tests of the `portico` binary: `check` on examples and bad configs, and a running
+//! instance answering its admin API, `portico status`, reloads and SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portico");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn portico(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run portico")
+}
+
+#[test]
+fn check_accepts_every_example() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = portico(&["check", "--config", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let effective = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                effective.contains("services:"),
+                "effective config printed: {effective}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no examples found");
+}
+
+#[test]
+fn check_rejects_every_bad_config_with_its_message() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo().join("tests/bad-configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let want = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} must start with `# expect: <message>`", path.display()));
+        let out = portico(&["check", "--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", path.display());
+        assert!(
+            stderr.starts_with("error: invalid config file"),
+            "{}: {stderr}",
+            path.display()
+        );
+        assert!(
+            stderr.contains(want),
+            "{}:\nwant: {want}\ngot:  {stderr}",
+            path.display()
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} bad configs");
+}
+
+#[test]
+fn a_missing_file_and_a_bad_flag_are_clear_errors() {
+    let out = portico(&["check", "--config", "/nonexistent/portico.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("error: cannot read config file /nonexistent/portico.yaml"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("caused by: No such file"), "{stderr}");
+    let out = portico(&["status", "--admin", "not-an-address"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an admin address"));
+    let out = portico(&["run", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = portico(&["version"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("portico {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A running `portico run`, killed on drop.
+struct Running {
+    child: Child,
+    admin: String,
+    logs: mpsc::Receiver<String>,
+}
+
+impl Running {
+    // The child is waited for in `Drop` (or right before the panic below).
+    #[allow(clippy::zombie_processes)]
+    fn start(config: &Path) -> Running {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn portico run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                if let Some(rest) = line.split("admin listening on ").nth(1) {
+                    let admin = rest.split_whitespace().next().unwrap().to_string();
+                    return Running {
+                        child,
+                        admin,
+                        logs: rx,
+                    };
+                }
+                seen.push(line);
+            }
+        }
+        let _ = child.kill();
+        panic!(
+            "portico did not start its admin server; logs:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = portico(&["status", "--admin", &self.admin, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn wait_for(
+        &self,
+        what: &str,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        for _ in 0..100 {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}; last status {}",
+            self.status()
+        );
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(admin_port: &str, backend_weight: u32) -> String {
+    format!(
+        "node: {{name: test-node}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\nservices:\n  - name: web\n    vips: [127.0.0.77]\n    ports: [{{name: http, port: 18080}}]\n    backends:\n      - {{name: b1, address: 127.0.0.1, port: 1, weight: {backend_weight}}}\n    health_check: {{type: tcp, interval: 100ms, timeout: 50ms}}\n"
+    )
+}
+
+#[test]
+fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("portico-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("portico.yaml");
+    std::fs::write(&cfg, config("0", 1)).unwrap();
+    let running = Running::start(&cfg);
+
+    // Admin endpoints over the real socket.
+    let s = running.wait_for("ready", |s| s["ready"] == true);
+    assert_eq!(s["node"], "test-node");
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["services"][0]["name"], "web");
+    assert_eq!(s["services"][0]["vips"][0]["address"], "127.0.0.77");
+    assert_eq!(s["services"][0]["backends"][0]["name"], "b1");
+
+    // The human table.
+    let out = portico(&["status", "--admin", &running.admin]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("node test-node"), "{table}");
+    assert!(table.contains("SERVICE web  ports 18080/tcp"), "{table}");
+    assert!(table.contains("127.0.0.77"), "{table}");
+    assert!(table.contains("b1"), "{table}");
+
+    // A valid change is applied (file change detection) …
+    let admin_port = running.admin.rsplit(':').next().unwrap().to_string();
+    std::fs::write(&cfg, config(&admin_port, 7)).unwrap();
+    let s = running.wait_for("generation 2", |s| s["generation"] == 2);
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
+    assert!(s["last_reload_error"].is_null());
+
+    // … an invalid one is rejected, the running config kept and the error shown …
+    std::fs::write(
+        &cfg,
+        config(&admin_port, 7).replace("port: 18080", "port: 99999"),
+    )
+    .unwrap();
+    let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
+    assert_eq!(s["generation"], 2);
+    let err = s["last_reload_error"].as_str().unwrap();
+    assert!(
+        err.contains("services[0].ports[0].port: 99999 is out of range 1-65535"),
+        "{err}"
+    );
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
+
+    // … and SIGHUP re-reads a fixed file.
+    std::fs::write(&cfg, config(&admin_port, 3)).unwrap();
+    running.signal(rustix::process::Signal::HUP);
+    let s = running.wait_for("generation 3", |s| s["generation"] == 3);
+    assert!(s["last_reload_error"].is_null());
+
+    // Metrics carry the generation.
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", running.admin)])
+        .output();
+    if let Ok(out) = out {
+        let m = String::from_utf8_lossy(&out.stdout);
+        assert!(m.contains("portico_config_generation 3"), "{m}");
+    }
+
+    // SIGTERM: graceful, exit 0.
+    let mut running = running;
+    running.signal(rustix::process::Signal::TERM);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(st) = running.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "portico did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let logs: Vec<String> = running.logs.try_iter().collect();
+    assert!(
+        logs.iter().any(|l| l.contains("SIGTERM received")),
+        "{logs:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
