@@ -24,6 +24,12 @@ const CHUNK: usize = 1 << 16;
 const POOL_MAX: usize = 1024;
 
 static PIPES: Mutex<Vec<(OwnedFd, OwnedFd)>> = Mutex::new(Vec::new());
+static SPLICED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process moved with `splice(2)` so far (diagnostics; proves the zero-copy path ran).
+pub fn spliced_bytes() -> u64 {
+    SPLICED.load(Ordering::Relaxed)
+}
 
 /// A pipe for one direction; returned to the pool on drop when empty.
 struct Pipe {
@@ -251,6 +257,7 @@ async fn splice_way(
                 Ok(m) => {
                     pipe.pending -= m;
                     *total += m as u64;
+                    SPLICED.fetch_add(m as u64, Ordering::Relaxed);
                     bytes.inc_by(m as u64);
                     progress.fetch_add(m as u64, Ordering::Relaxed);
                 }

@@ -1,0 +1,163 @@
+//! Relay correctness through the balancer on loopback: byte-exact large transfers (splice and
+//! copy), half-close in both directions, idle timeout, PROXY protocol headers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn checksum(data: &[u8]) -> u64 {
+    lb::maglev::stable_hash(0, data)
+}
+
+fn service(backends: &str, extra: &str) -> String {
+    format!(
+        "  - name: web\n    vips: [127.0.0.10]\n    ports:\n      - {{name: http, port: 8080}}\n    backends:\n{backends}{extra}"
+    )
+}
+
+async fn large_transfer(splice: bool) {
+    let a = Backend::start("a").await;
+    let h = Harness::start_with(&service(&be("a", a.addr), ""), splice).await;
+    let mut s = TcpStream::connect(h.addr("127.0.0.10:8080")).await.unwrap();
+    assert_eq!(read_line(&mut s).await.unwrap(), "a");
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let sent = checksum(&data);
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        // Half-close: the backend sees EOF, finishes echoing, and closes.
+        w.shutdown().await.unwrap();
+        data.len()
+    });
+    let mut back = Vec::with_capacity(16 << 20);
+    tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+        .await
+        .expect("echo completes")
+        .unwrap();
+    assert_eq!(writer.await.unwrap(), back.len());
+    assert_eq!(checksum(&back), sent, "echo differs");
+    if splice {
+        assert!(
+            lb::relay::spliced_bytes() >= 2 * (16 << 20),
+            "splice path did not run"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfer_with_client_half_close_is_byte_exact_through_splice() {
+    large_transfer(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfer_is_byte_exact_in_copy_mode() {
+    large_transfer(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_half_close_keeps_the_client_direction_open() {
+    // The backend says hello and shuts its write side at once, then reads the client to EOF.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = l.local_addr().unwrap();
+    let got = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        all
+    });
+    let h = Harness::start(&service(&be("a", baddr), "")).await;
+    let mut s = TcpStream::connect(h.addr("127.0.0.10:8080")).await.unwrap();
+    let mut first = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, b"hello");
+    // Our read side is at EOF; writing still reaches the backend.
+    s.write_all(b"late data after EOF").await.unwrap();
+    s.shutdown().await.unwrap();
+    let all = tokio::time::timeout(WAIT, got).await.unwrap().unwrap();
+    assert_eq!(all, b"late data after EOF");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_idle_timeout() {
+    let a = Backend::start("a").await;
+    let h = Harness::start(&service(
+        &be("a", a.addr),
+        "    connection: {idle_timeout: 300ms}\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(h.addr("127.0.0.10:8080")).await.unwrap();
+    assert_eq!(read_line(&mut s).await.unwrap(), "a");
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("closed by idle timeout");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    h.stop().await;
+}
+
+async fn proxy_header(version: &str) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = l.local_addr().unwrap();
+    let got = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        buf
+    });
+    let h = Harness::start(&service(
+        &be("a", baddr),
+        &format!("    proxy_protocol: {version}\n"),
+    ))
+    .await;
+    let mut s = TcpStream::connect(h.addr("127.0.0.10:8080")).await.unwrap();
+    let me = s.local_addr().unwrap();
+    s.write_all(b"payload").await.unwrap();
+    s.shutdown().await.unwrap();
+    let buf = tokio::time::timeout(WAIT, got).await.unwrap().unwrap();
+    let (header, n) = lb::proxy_protocol::decode(&buf).unwrap();
+    assert_eq!(header.addrs, Some((me, "127.0.0.10:8080".parse().unwrap())));
+    assert_eq!(&buf[n..], b"payload");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v1_tells_the_backend_the_client_address() {
+    proxy_header("v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v2_tells_the_backend_the_client_address() {
+    proxy_header("v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_vip_relays_to_ipv6_backend() {
+    let a = Backend::start_at("a6", "[::1]:0".parse().unwrap(), false).await;
+    let yaml = format!(
+        "  - name: web6\n    vips: ['fd00::10']\n    ports:\n      - {{name: http, port: 8080}}\n    backends:\n{}",
+        be("a6", a.addr)
+    );
+    let h = Harness::start(&yaml).await;
+    let addr = h.addr("[fd00::10]:8080");
+    assert!(addr.is_ipv6());
+    assert_eq!(roundtrip(addr, b"ping6").await.unwrap(), "a6");
+    h.stop().await;
+}
