@@ -181,3 +181,33 @@ pub struct BackendStatus {
     /// Failed connects.
     pub connect_failures: u64,
 }
+
+/// Which addresses the DNS server publishes for a service right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsAnswerState {
+    /// Only the healthy addresses (at least one is healthy).
+    #[default]
+    Healthy,
+    /// Nothing is healthy: every address is answered (the default).
+    FailOpen,
+    /// Nothing is healthy: no address is answered (`fail_closed: true`).
+    FailClosed,
+}
+
+/// One published DNS name of a service, as the DNS server answers it right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsNameStatus {
+    /// Service name.
+    pub service: String,
+    /// Fully qualified name (`mysql.lb.example.com.`).
+    pub name: String,
+    /// VIPs or nodes.
+    pub mode: crate::service::DnsMode,
+    /// Healthy, fail-open or fail-closed.
+    pub state: DnsAnswerState,
+    /// The addresses in A/AAAA answers now (before rotation).
+    pub addresses: Vec<IpAddr>,
+    /// TTL of those answers, in seconds.
+    pub ttl: u32,
+}
