@@ -139,9 +139,29 @@ pub async fn serve(
             }
         });
     }
-    info!(admin = %admin_addr, node = %cfg.node.name, services = cfg.services.len(), "admin listening on {admin_addr}");
-    ready_tx.send_replace(true);
-
+    info!(node = %cfg.node.name, services = cfg.services.len(), "admin listening on {admin_addr}");
+    // Ready once the data path runs every service of the first generation.
+    {
+        let (lb, d, stop) = (lb.clone(), desired.clone(), rest_stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let cfg = d.borrow().config.clone();
+                if cfg
+                    .services
+                    .iter()
+                    .all(|s| lb.service_status(&s.name).is_some())
+                {
+                    info!("first configuration applied: ready");
+                    ready_tx.send_replace(true);
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+    }
     shutdown.cancelled().await;
     info!("shutting down: handing VIPs over first");
     agent_stop.cancel();

@@ -1,7 +1,7 @@
 //! End-to-end tests of the `portico` binary: `check` on examples and bad configs, and a running
 //! instance answering its admin API, `portico status`, reloads and SIGTERM.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -184,10 +184,51 @@ impl Drop for Running {
     }
 }
 
-fn config(admin_port: &str, backend_weight: u32) -> String {
+fn config(admin_port: &str, vip_port: u32, backend_port: u16, backend_weight: u32) -> String {
     format!(
-        "node: {{name: test-node}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\nservices:\n  - name: web\n    vips: [127.0.0.77]\n    ports: [{{name: http, port: 18080}}]\n    backends:\n      - {{name: b1, address: 127.0.0.1, port: 1, weight: {backend_weight}}}\n    health_check: {{type: tcp, interval: 100ms, timeout: 50ms}}\n"
+        "node: {{name: test-node}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\nservices:\n  - name: web\n    vips: [127.0.0.77]\n    ports: [{{name: echo, port: {vip_port}}}]\n    backends:\n      - {{name: b1, address: 127.0.0.1, port: {backend_port}, weight: {backend_weight}}}\n    health_check: {{type: tcp, interval: 100ms, timeout: 50ms}}\n"
     )
+}
+
+/// A line echo server on 127.0.0.1 (the backend), answering until the test ends.
+fn echo_backend() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                for line in BufReader::new(conn).lines().map_while(Result::ok) {
+                    if writeln!(w, "echo {line}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends a line on `conn` and reads the echo.
+fn ask(conn: &mut BufReader<std::net::TcpStream>, line: &str) -> String {
+    writeln!(conn.get_mut(), "{line}").unwrap();
+    let mut answer = String::new();
+    conn.read_line(&mut answer).unwrap();
+    answer.trim_end().to_string()
+}
+
+fn connect(port: u16) -> BufReader<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect(("127.0.0.77", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    BufReader::new(s)
 }
 
 #[test]
@@ -195,7 +236,8 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("portico-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("portico.yaml");
-    std::fs::write(&cfg, config("0", 1)).unwrap();
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 1)).unwrap();
     let running = Running::start(&cfg);
 
     // Admin endpoints over the real socket.
@@ -215,23 +257,26 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(table.contains("node test-node"), "{table}");
-    assert!(table.contains("SERVICE web  ports 18080/tcp"), "{table}");
+    assert!(
+        table.contains(&format!("SERVICE web  ports {vip_port}/tcp")),
+        "{table}"
+    );
     assert!(table.contains("127.0.0.77"), "{table}");
     assert!(table.contains("b1"), "{table}");
 
+    // Traffic flows through the VIP, and an established connection survives every reload.
+    let mut conn = connect(vip_port);
+    assert_eq!(ask(&mut conn, "hello"), "echo hello");
+
     // A valid change is applied (file change detection) …
     let admin_port = running.admin.rsplit(':').next().unwrap().to_string();
-    std::fs::write(&cfg, config(&admin_port, 7)).unwrap();
+    std::fs::write(&cfg, config(&admin_port, vip_port.into(), backend, 7)).unwrap();
     let s = running.wait_for("generation 2", |s| s["generation"] == 2);
     assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
     assert!(s["last_reload_error"].is_null());
 
     // … an invalid one is rejected, the running config kept and the error shown …
-    std::fs::write(
-        &cfg,
-        config(&admin_port, 7).replace("port: 18080", "port: 99999"),
-    )
-    .unwrap();
+    std::fs::write(&cfg, config(&admin_port, 99999, backend, 7)).unwrap();
     let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
     assert_eq!(s["generation"], 2);
     let err = s["last_reload_error"].as_str().unwrap();
@@ -242,10 +287,13 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
 
     // … and SIGHUP re-reads a fixed file.
-    std::fs::write(&cfg, config(&admin_port, 3)).unwrap();
+    std::fs::write(&cfg, config(&admin_port, vip_port.into(), backend, 3)).unwrap();
     running.signal(rustix::process::Signal::HUP);
     let s = running.wait_for("generation 3", |s| s["generation"] == 3);
     assert!(s["last_reload_error"].is_null());
+    assert_eq!(ask(&mut conn, "still there"), "echo still there");
+    assert_eq!(ask(&mut connect(vip_port), "new"), "echo new");
+    drop(conn);
 
     // Metrics carry the generation.
     let out = Command::new("curl")
