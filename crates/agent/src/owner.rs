@@ -15,9 +15,11 @@
 //!    an interface of the VIP's family, and, for `local_only` services, a healthy local backend.
 //! 3. **Incumbent**: the candidate that claims the VIP (heartbeats carry claims); if several do
 //!    (a healed partition), the home if it claims, else the best-ranked claimant.
-//! 4. If the home is a candidate it owns the VIP, unless an incumbent exists and either the
-//!    cluster is non-preemptive or the home has been alive for less than `hold_down`.
-//!    If the home is not a candidate, the incumbent keeps the VIP.
+//! 4. If the home is a candidate it owns the VIP, unless another incumbent exists: then the
+//!    incumbent keeps it, except that in preemptive mode the home, once alive for `hold_down`,
+//!    takes it back by claiming it (a claiming home is everybody's incumbent, so the others
+//!    follow on its next heartbeat: make-before-break). If the home is not a candidate, the
+//!    incumbent keeps the VIP.
 //! 5. VIPs still without owner go, in address order, to their best-ranked candidate not
 //!    already holding one of the service's VIPs (else the best-ranked candidate).
 //!
@@ -146,8 +148,8 @@ fn specs(services: &[Service]) -> Vec<Spec<'_>> {
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     for s in sorted {
-        let sel: Option<BTreeSet<&str>> =
-            (!s.placement.nodes.is_empty()).then(|| s.placement.nodes.iter().map(String::as_str).collect());
+        let sel: Option<BTreeSet<&str>> = (!s.placement.nodes.is_empty())
+            .then(|| s.placement.nodes.iter().map(String::as_str).collect());
         for vip in &s.vips {
             let e = by_vip.entry(*vip).or_insert_with(|| Spec {
                 vip: *vip,
@@ -187,7 +189,11 @@ impl Spec<'_> {
     fn rank<'n>(&self, nodes: impl Iterator<Item = &'n str>) -> Vec<&'n str> {
         let mut v: Vec<&str> = nodes.collect();
         v.sort_by_key(|n| {
-            let pref = self.preferred.iter().position(|p| p == n).unwrap_or(usize::MAX);
+            let pref = self
+                .preferred
+                .iter()
+                .position(|p| p == n)
+                .unwrap_or(usize::MAX);
             (pref, std::cmp::Reverse(score(n, self.vip)), *n)
         });
         v
@@ -215,7 +221,12 @@ fn homes<'a>(specs: &[Spec<'_>], nodes: &'a BTreeSet<NodeId>) -> BTreeMap<IpAddr
             .copied()
             .filter(|n| s.preferred.iter().any(|p| p == n));
         let pick = preferred
-            .or_else(|| ranked.iter().copied().find(|n| load[n] < cap && !taken.contains(n)))
+            .or_else(|| {
+                ranked
+                    .iter()
+                    .copied()
+                    .find(|n| load[n] < cap && !taken.contains(n))
+            })
             .or_else(|| ranked.iter().copied().find(|n| load[n] < cap))
             .or_else(|| ranked.iter().copied().min_by_key(|n| load[n]));
         if let Some(n) = pick {
@@ -254,7 +265,11 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
             (Some(h), None) => Some(h),
             (Some(h), Some(i)) if i == h => Some(h),
             (Some(h), Some(i)) => {
-                if inp.preemptive && inp.alive[h].alive_for >= inp.hold_down {
+                // Only the home itself decides to take a VIP back (by claiming it: a claiming
+                // home is the incumbent for everybody), so the incumbent never lets go before
+                // the home has taken over: make-before-break, even if views of `alive_for`
+                // differ between nodes.
+                if inp.preemptive && h == inp.me && inp.alive[h].alive_for >= inp.hold_down {
                     Some(h)
                 } else {
                     Some(i)
@@ -342,8 +357,19 @@ mod tests {
         nodes
             .iter()
             .map(|n| {
-                let alive_for = if long { Duration::from_secs(3600) } else { Duration::ZERO };
-                (n.clone(), MemberView { alive_for, facts: facts(), claims: BTreeSet::new() })
+                let alive_for = if long {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::ZERO
+                };
+                (
+                    n.clone(),
+                    MemberView {
+                        alive_for,
+                        facts: facts(),
+                        claims: BTreeSet::new(),
+                    },
+                )
             })
             .collect()
     }
@@ -365,7 +391,12 @@ mod tests {
 
     fn thousand() -> Vec<Service> {
         (0..1000u32)
-            .map(|i| svc(&format!("s{i}"), &[&format!("10.1.{}.{}", i / 250, i % 250 + 1)]))
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &[&format!("10.1.{}.{}", i / 250, i % 250 + 1)],
+                )
+            })
             .collect()
     }
 
@@ -375,15 +406,31 @@ mod tests {
         services: &'a [Service],
         alive: &'a BTreeMap<NodeId, MemberView>,
     ) -> Inputs<'a> {
-        Inputs { me, nodes, services, alive, preemptive: true, hold_down: Duration::from_secs(5) }
+        Inputs {
+            me,
+            nodes,
+            services,
+            alive,
+            preemptive: true,
+            hold_down: Duration::from_secs(5),
+        }
     }
 
     #[test]
     fn score_is_a_fixed_function() {
         // Part of the protocol: every version must compute the same ranking.
-        assert_eq!(score("node-a", "10.0.0.100".parse().unwrap()), score("node-a", "10.0.0.100".parse().unwrap()));
-        assert_ne!(score("node-a", "10.0.0.100".parse().unwrap()), score("node-b", "10.0.0.100".parse().unwrap()));
-        assert_eq!(format!("{:016x}", score("node-a", "10.0.0.100".parse().unwrap())), "fa5a325cef98249d");
+        assert_eq!(
+            score("node-a", "10.0.0.100".parse().unwrap()),
+            score("node-a", "10.0.0.100".parse().unwrap())
+        );
+        assert_ne!(
+            score("node-a", "10.0.0.100".parse().unwrap()),
+            score("node-b", "10.0.0.100".parse().unwrap())
+        );
+        assert_eq!(
+            format!("{:016x}", score("node-a", "10.0.0.100".parse().unwrap())),
+            "fa5a325cef98249d"
+        );
     }
 
     #[test]
@@ -398,7 +445,10 @@ mod tests {
         }
         assert_eq!(load.len(), 5);
         for (n, l) in &load {
-            assert!((180..=220).contains(l), "{n} has {l} VIPs, mean is 200: {load:?}");
+            assert!(
+                (180..=220).contains(l),
+                "{n} has {l} VIPs, mean is 200: {load:?}"
+            );
         }
     }
 
@@ -432,7 +482,11 @@ mod tests {
                 assert_eq!(a.owner, b.owner, "{vip} moved although its owner stayed");
             }
         }
-        assert_eq!(moved_to.len(), 4, "orphans spread over all survivors: {moved_to:?}");
+        assert_eq!(
+            moved_to.len(),
+            4,
+            "orphans spread over all survivors: {moved_to:?}"
+        );
         // And with the same claims, the stability holds even before anyone re-claims.
         for m in alive.values_mut() {
             m.claims.clear();
@@ -451,7 +505,10 @@ mod tests {
         let services = vec![svc("web", &["10.0.0.100"])];
         let mut alive = all_alive(&nodes, true);
         let d0 = decide(&inputs("node-1", &nodes, &services, &alive));
-        let home = d0[&"10.0.0.100".parse::<IpAddr>().unwrap()].owner.clone().unwrap();
+        let home = d0[&"10.0.0.100".parse::<IpAddr>().unwrap()]
+            .owner
+            .clone()
+            .unwrap();
         // home dies; someone else takes over and claims
         let saved = alive.remove(&home).unwrap();
         let d1 = decide(&inputs("node-1", &nodes, &services, &alive));
@@ -459,19 +516,34 @@ mod tests {
         assert_ne!(stand_in, home);
         claim(&mut alive, &d1);
         // home returns: not before hold-down …
-        alive.insert(home.clone(), MemberView { alive_for: Duration::from_secs(1), ..saved.clone() });
+        alive.insert(
+            home.clone(),
+            MemberView {
+                alive_for: Duration::from_secs(1),
+                ..saved.clone()
+            },
+        );
         let d2 = decide(&inputs(&home, &nodes, &services, &alive));
-        assert_eq!(d2.values().next().unwrap().owner.as_deref(), Some(stand_in.as_str()));
+        assert_eq!(
+            d2.values().next().unwrap().owner.as_deref(),
+            Some(stand_in.as_str())
+        );
         assert_eq!(d2.values().next().unwrap().reason, Reason::NotOwner);
         // … but after it
         alive.get_mut(&home).unwrap().alive_for = Duration::from_secs(5);
         let d3 = decide(&inputs(&home, &nodes, &services, &alive));
-        assert_eq!(d3.values().next().unwrap().owner.as_deref(), Some(home.as_str()));
+        assert_eq!(
+            d3.values().next().unwrap().owner.as_deref(),
+            Some(home.as_str())
+        );
         assert_eq!(d3.values().next().unwrap().reason, Reason::Owner);
         // non-preemptive: never
         let mut np = inputs(&home, &nodes, &services, &alive);
         np.preemptive = false;
-        assert_eq!(decide(&np).values().next().unwrap().owner.as_deref(), Some(stand_in.as_str()));
+        assert_eq!(
+            decide(&np).values().next().unwrap().owner.as_deref(),
+            Some(stand_in.as_str())
+        );
     }
 
     #[test]
@@ -479,15 +551,32 @@ mod tests {
         let nodes = names(2);
         let services = vec![svc("web", &["10.0.0.100"])];
         let mut alive = all_alive(&nodes, true);
-        let home = decide(&inputs("node-1", &nodes, &services, &alive)).values().next().unwrap().owner.clone().unwrap();
+        let home = decide(&inputs("node-1", &nodes, &services, &alive))
+            .values()
+            .next()
+            .unwrap()
+            .owner
+            .clone()
+            .unwrap();
         let other = nodes.iter().find(|n| **n != home).unwrap().clone();
         alive.remove(&home);
         let d = decide(&inputs(&other, &nodes, &services, &alive));
         claim(&mut alive, &d);
         for flap in 0..10u64 {
-            alive.insert(home.clone(), MemberView { alive_for: Duration::from_millis(400 * flap), facts: facts(), claims: BTreeSet::new() });
+            alive.insert(
+                home.clone(),
+                MemberView {
+                    alive_for: Duration::from_millis(400 * flap),
+                    facts: facts(),
+                    claims: BTreeSet::new(),
+                },
+            );
             let d = decide(&inputs(&other, &nodes, &services, &alive));
-            assert_eq!(d.values().next().unwrap().owner.as_deref(), Some(other.as_str()), "flap {flap}");
+            assert_eq!(
+                d.values().next().unwrap().owner.as_deref(),
+                Some(other.as_str()),
+                "flap {flap}"
+            );
             alive.remove(&home);
         }
     }
@@ -495,7 +584,10 @@ mod tests {
     #[test]
     fn a_services_vips_land_on_distinct_nodes() {
         let nodes = names(4);
-        let services = vec![svc("web", &["10.0.0.101", "10.0.0.102", "10.0.0.103", "10.0.0.104"])];
+        let services = vec![svc(
+            "web",
+            &["10.0.0.101", "10.0.0.102", "10.0.0.103", "10.0.0.104"],
+        )];
         let mut alive = all_alive(&nodes, true);
         let d = decide(&inputs("node-1", &nodes, &services, &alive));
         let distinct: BTreeSet<_> = d.values().map(|x| x.owner.clone().unwrap()).collect();
@@ -509,7 +601,10 @@ mod tests {
         // two VIPs over three alive nodes: distinct
         let two = vec![svc("db", &["10.0.0.1", "10.0.0.2"])];
         let d = decide(&inputs("node-1", &nodes, &two, &alive));
-        assert_ne!(d[&"10.0.0.1".parse::<IpAddr>().unwrap()].owner, d[&"10.0.0.2".parse::<IpAddr>().unwrap()].owner);
+        assert_ne!(
+            d[&"10.0.0.1".parse::<IpAddr>().unwrap()].owner,
+            d[&"10.0.0.2".parse::<IpAddr>().unwrap()].owner
+        );
     }
 
     #[test]
@@ -537,21 +632,46 @@ mod tests {
         let mut alive = all_alive(&nodes, true);
         // nobody serves db locally yet
         let d = decide(&inputs("node-1", &nodes, &services, &alive));
-        assert!(d.values().all(|x| x.owner.is_none() && x.reason == Reason::NoEligibleNode));
-        alive.get_mut("node-2").unwrap().facts.serving.insert("db".into());
+        assert!(
+            d.values()
+                .all(|x| x.owner.is_none() && x.reason == Reason::NoEligibleNode)
+        );
+        alive
+            .get_mut("node-2")
+            .unwrap()
+            .facts
+            .serving
+            .insert("db".into());
         let d = decide(&inputs("node-1", &nodes, &services, &alive));
         assert!(d.values().all(|x| x.owner.as_deref() == Some("node-2")));
-        assert!(d.values().all(|x| x.reason == Reason::NoHealthyLocalBackend));
+        assert!(
+            d.values()
+                .all(|x| x.reason == Reason::NoHealthyLocalBackend)
+        );
         let d = decide(&inputs("node-3", &nodes, &services, &alive));
         assert!(d.values().all(|x| x.reason == Reason::NotSelected));
         // node-2 loses its IPv6 interface: the v6 VIP has no eligible node
         alive.get_mut("node-2").unwrap().facts.v6 = false;
         let d = decide(&inputs("node-2", &nodes, &services, &alive));
-        assert_eq!(d[&"10.0.0.100".parse::<IpAddr>().unwrap()].reason, Reason::Owner);
-        assert_eq!(d[&"fd00::100".parse::<IpAddr>().unwrap()].reason, Reason::NoEligibleNode);
-        alive.get_mut("node-1").unwrap().facts.serving.insert("db".into());
+        assert_eq!(
+            d[&"10.0.0.100".parse::<IpAddr>().unwrap()].reason,
+            Reason::Owner
+        );
+        assert_eq!(
+            d[&"fd00::100".parse::<IpAddr>().unwrap()].reason,
+            Reason::NoEligibleNode
+        );
+        alive
+            .get_mut("node-1")
+            .unwrap()
+            .facts
+            .serving
+            .insert("db".into());
         let d = decide(&inputs("node-2", &nodes, &services, &alive));
-        assert_eq!(d[&"fd00::100".parse::<IpAddr>().unwrap()].reason, Reason::NoInterface);
+        assert_eq!(
+            d[&"fd00::100".parse::<IpAddr>().unwrap()].reason,
+            Reason::NoInterface
+        );
     }
 
     #[test]
@@ -561,9 +681,14 @@ mod tests {
         let mut alive = all_alive(&nodes, true);
         let base = decide(&inputs("node-1", &nodes, &services, &alive));
         // side A = {1,2}, side B = {3,4}: each side decides alone and claims
-        let side = |keep: &[&str], alive: &BTreeMap<NodeId, MemberView>| -> BTreeMap<NodeId, MemberView> {
-            alive.iter().filter(|(n, _)| keep.contains(&n.as_str())).map(|(n, m)| (n.clone(), m.clone())).collect()
-        };
+        let side =
+            |keep: &[&str], alive: &BTreeMap<NodeId, MemberView>| -> BTreeMap<NodeId, MemberView> {
+                alive
+                    .iter()
+                    .filter(|(n, _)| keep.contains(&n.as_str()))
+                    .map(|(n, m)| (n.clone(), m.clone()))
+                    .collect()
+            };
         claim(&mut alive, &base);
         let mut a = side(&["node-1", "node-2"], &alive);
         let mut b = side(&["node-3", "node-4"], &alive);
@@ -576,13 +701,19 @@ mod tests {
         for m in healed.values_mut() {
             m.alive_for = Duration::ZERO;
         }
-        let views: Vec<_> = nodes.iter().map(|n| owners(&decide(&inputs(n, &nodes, &services, &healed)))).collect();
+        let views: Vec<_> = nodes
+            .iter()
+            .map(|n| owners(&decide(&inputs(n, &nodes, &services, &healed))))
+            .collect();
         assert!(views.windows(2).all(|w| w[0] == w[1]), "every node agrees");
         assert!(views[0].values().all(Option::is_some));
         for n in &nodes {
             let d = decide(&inputs(n, &nodes, &services, &healed));
             let mine = d.values().filter(|x| x.reason == Reason::Owner).count();
-            let owned = views[0].values().filter(|o| o.as_deref() == Some(n.as_str())).count();
+            let owned = views[0]
+                .values()
+                .filter(|o| o.as_deref() == Some(n.as_str()))
+                .count();
             assert_eq!(mine, owned);
         }
     }

@@ -1,1 +1,355 @@
-//! The one crate allowed `unsafe`: raw packet sockets, socket options and sysctls.
+//! The one crate allowed `unsafe`: raw packet sockets, socket options, netlink and sysctls.
+//!
+//! * [`PacketSocket`]: an `AF_PACKET` raw socket bound to one interface and one EtherType,
+//!   driven by tokio (`AsyncFd`), with an optional classic-BPF filter. The only `unsafe` is
+//!   building the `sockaddr_ll` to bind it and `setns(2)` for the lab.
+//! * [`addr_add`] / [`addr_del`]: `RTM_NEWADDR` / `RTM_DELADDR` over `NETLINK_ROUTE`, built
+//!   by hand (no `unsafe`: the kernel is the default destination of an unconnected socket).
+//! * [`sysctl_read`] / [`sysctl_write`], [`if_index`], [`if_mac`]: plain `/proc` and `/sys`
+//!   files.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
+use tokio::io::unix::AsyncFd;
+
+/// Errors of the system helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An interface name that does not exist.
+    #[error("interface {name}: {source}")]
+    Interface {
+        /// The name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A sysctl that could not be read or written.
+    #[error("sysctl {path}: {source}")]
+    Sysctl {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A socket or netlink operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// EtherType of ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+/// The kernel index of interface `name`.
+pub fn if_index(name: &str) -> Result<u32, Error> {
+    let path = format!("/sys/class/net/{name}/ifindex");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Interface {
+        name: name.into(),
+        source,
+    })?;
+    text.trim().parse().map_err(|_| Error::Interface {
+        name: name.into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, format!("bad ifindex in {path}")),
+    })
+}
+
+/// The MAC address of interface `name`.
+pub fn if_mac(name: &str) -> Result<[u8; 6], Error> {
+    let path = format!("/sys/class/net/{name}/address");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Interface {
+        name: name.into(),
+        source,
+    })?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    bytes.try_into().map_err(|_| Error::Interface {
+        name: name.into(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a MAC address in {path}"),
+        ),
+    })
+}
+
+/// Reads a sysctl (`net/ipv4/conf/eth0/arp_ignore` → `/proc/sys/net/ipv4/conf/eth0/arp_ignore`).
+pub fn sysctl_read(key: &str) -> Result<String, Error> {
+    let path = format!("/proc/sys/{key}");
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Writes a sysctl.
+pub fn sysctl_write(key: &str, value: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/{key}");
+    std::fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
+}
+
+/// Moves the calling thread into the network namespace at `path` (`/run/netns/NAME`).
+/// Sockets created afterwards on this thread live in that namespace.
+pub fn setns_net(path: &str) -> Result<(), Error> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        what: "open netns",
+        source,
+    })?;
+    #[allow(unsafe_code)]
+    // SAFETY: `file` is an open descriptor for the duration of the call; CLONE_NEWNET only
+    // changes this thread's network namespace, which touches no Rust-visible memory.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(Error::Io {
+            what: "setns",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// An `AF_PACKET` raw socket on one interface and EtherType, read and written whole frames.
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: AsyncFd<Socket>,
+}
+
+/// A classic BPF program accepting only ICMPv6 neighbour solicitations without extension
+/// headers (`ip6[6] == 58 && ip6[40] == 135`) on an Ethernet frame.
+pub fn bpf_neighbor_solicitation() -> Vec<SockFilter> {
+    const LDB_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    vec![
+        SockFilter::new(LDB_ABS, 0, 0, 14 + 6),
+        SockFilter::new(JEQ_K, 0, 3, 58),
+        SockFilter::new(LDB_ABS, 0, 0, 14 + 40),
+        SockFilter::new(JEQ_K, 0, 1, 135),
+        SockFilter::new(RET_K, 0, 0, 0xffff),
+        SockFilter::new(RET_K, 0, 0, 0),
+    ]
+}
+
+impl PacketSocket {
+    /// Opens a raw socket on interface index `ifindex` for EtherType `ethertype`.
+    /// Must be called inside a tokio runtime.
+    pub fn open(
+        ifindex: u32,
+        ethertype: u16,
+        filter: Option<&[SockFilter]>,
+    ) -> Result<Self, Error> {
+        let io = |what| move |source| Error::Io { what, source };
+        let proto = i32::from(ethertype.to_be());
+        let sock = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(proto)))
+            .map_err(io("AF_PACKET socket (needs CAP_NET_RAW)"))?;
+        if let Some(f) = filter {
+            sock.attach_filter(f).map_err(io("attach BPF filter"))?;
+        }
+        let ll = libc::sockaddr_ll {
+            sll_family: libc::AF_PACKET as u16,
+            sll_protocol: ethertype.to_be(),
+            sll_ifindex: ifindex as i32,
+            sll_hatype: 0,
+            sll_pkttype: 0,
+            sll_halen: 0,
+            sll_addr: [0; 8],
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: `try_init` hands us storage of `sockaddr_storage` size, which is larger than
+        // and aligned for `sockaddr_ll`; we write one whole `sockaddr_ll` and report its size.
+        let (_, addr) = unsafe {
+            SockAddr::try_init(|storage, len| {
+                std::ptr::write(storage.cast::<libc::sockaddr_ll>(), ll);
+                *len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                Ok(())
+            })
+        }
+        .map_err(io("sockaddr_ll"))?;
+        sock.bind(&addr).map_err(io("bind AF_PACKET socket"))?;
+        sock.set_nonblocking(true).map_err(io("set non-blocking"))?;
+        #[allow(unsafe_code)]
+        // SAFETY: `sock` is an open socket owned by the `AsyncFd` from here on; `Socket`'s
+        // `as_raw_fd` always returns that same descriptor until it is dropped with the `AsyncFd`.
+        let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| Error::Io {
+            what: "register with tokio",
+            source: io::Error::from(e),
+        })?;
+        Ok(Self { fd })
+    }
+
+    /// Receives one frame (Ethernet header included).
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            // socket2's recv wants MaybeUninit; a `&mut [u8]` read through std's Read is the same.
+            match guard.try_io(|s| io::Read::read(&mut s.get_ref(), buf)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends one whole frame out of the bound interface.
+    pub async fn send(&self, frame: &[u8]) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|s| s.get_ref().send(frame)) {
+                Ok(r) => return r.map(|_| ()),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_F_NODAD: u8 = 0x02;
+const RT_SCOPE_HOST: u8 = 254;
+
+/// Builds an `RTM_NEWADDR`/`RTM_DELADDR` request (native endian, as netlink is).
+///
+/// ```text
+/// nlmsghdr  len u32 | type u16 | flags u16 | seq u32 | pid u32
+/// ifaddrmsg family u8 | prefixlen u8 | flags u8 | scope u8 | index u32
+/// rtattr    len u16 | type u16 (IFA_LOCAL)   | address (4 or 16)
+/// rtattr    len u16 | type u16 (IFA_ADDRESS) | address
+/// ```
+pub fn addr_message(add: bool, ifindex: u32, ip: IpAddr, prefix: u8, seq: u32) -> Vec<u8> {
+    let (family, octets): (u8, Vec<u8>) = match ip {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let mut m = Vec::with_capacity(64);
+    let flags = NLM_F_REQUEST | NLM_F_ACK | if add { NLM_F_CREATE | NLM_F_EXCL } else { 0 };
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&(if add { RTM_NEWADDR } else { RTM_DELADDR }).to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[
+        family,
+        prefix,
+        if ip.is_ipv6() { IFA_F_NODAD } else { 0 },
+        RT_SCOPE_HOST,
+    ]);
+    m.extend_from_slice(&ifindex.to_ne_bytes());
+    for kind in [IFA_LOCAL, IFA_ADDRESS] {
+        let len = 4 + octets.len();
+        m.extend_from_slice(&(len as u16).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&octets);
+        m.resize(m.len().next_multiple_of(4), 0);
+    }
+    let len = m.len() as u32;
+    m[..4].copy_from_slice(&len.to_ne_bytes());
+    m
+}
+
+fn netlink_request(msg: &[u8]) -> io::Result<()> {
+    let sock = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW,
+        Some(Protocol::from(libc::NETLINK_ROUTE)),
+    )?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    sock.send(msg)?;
+    let mut buf = [0u8; 4096];
+    for _ in 0..8 {
+        let n = io::Read::read(&mut &sock, &mut buf)?;
+        if n < 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "short netlink reply",
+            ));
+        }
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        if kind == NLMSG_ERROR {
+            let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            return if code == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(-code))
+            };
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "no netlink acknowledgement",
+    ))
+}
+
+/// Adds `ip/prefix` to interface `ifindex` (host scope; IPv6 without DAD). Already present is
+/// success.
+pub fn addr_add(ifindex: u32, ip: IpAddr, prefix: u8) -> Result<(), Error> {
+    match netlink_request(&addr_message(true, ifindex, ip, prefix, 1)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(Error::Io {
+            what: "netlink RTM_NEWADDR",
+            source,
+        }),
+    }
+}
+
+/// Removes `ip/prefix` from interface `ifindex`. Already absent is success.
+pub fn addr_del(ifindex: u32, ip: IpAddr, prefix: u8) -> Result<(), Error> {
+    match netlink_request(&addr_message(false, ifindex, ip, prefix, 2)) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL) | Some(libc::ENOENT)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(Error::Io {
+            what: "netlink RTM_DELADDR",
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtm_newaddr_layout() {
+        let m = addr_message(true, 1, "10.0.0.100".parse().unwrap(), 32, 7);
+        assert_eq!(m.len(), 16 + 8 + 8 + 8);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), RTM_NEWADDR);
+        assert_eq!(&m[16..20], &[libc::AF_INET as u8, 32, 0, RT_SCOPE_HOST]);
+        assert_eq!(&m[28..32], &[10, 0, 0, 100]);
+        let m6 = addr_message(false, 1, "fd00::100".parse().unwrap(), 128, 7);
+        assert_eq!(m6.len(), 16 + 8 + 20 + 20);
+        assert_eq!(m6[18], IFA_F_NODAD);
+    }
+
+    #[test]
+    fn loopback_is_index_one() {
+        if let Ok(i) = if_index("lo") {
+            assert_eq!(i, 1);
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Layer-2 announcement of owned VIPs on one interface, and local delivery through `lo`.
+//!
+//! * **Local delivery.** An owned VIP is added as a host-scope /32 (/128, no DAD) on `lo`, so
+//!   the kernel accepts traffic for it and listeners (bound with `IP_FREEBIND` or to the
+//!   wildcard) get it; the announcing interface keeps only the node's own addresses, so
+//!   node-IP detection is not confused. On that interface the agent sets
+//!   `arp_ignore=1` (answer ARP only for addresses configured on the interface itself: the
+//!   kernel stays silent about VIPs on `lo`) and `arp_announce=2` (never use a VIP as the
+//!   source of the kernel's own ARP requests), then reads them back; it fails with a clear
+//!   error if it cannot. For IPv6, Linux only answers solicitations for addresses of the
+//!   receiving interface, so nothing needs setting.
+//! * **Answering.** Two `AF_PACKET` sockets per interface: one for ARP, one for IPv6 filtered
+//!   in the kernel (BPF) to neighbour solicitations. Requests for an *announced* VIP get a
+//!   reply from our MAC.
+//! * **Takeover**: local delivery first, then a burst of `count` gratuitous ARPs / unsolicited
+//!   NAs `interval` apart (the first at once); every `refresh` all announced VIPs are announced
+//!   again for routers that ignore gratuitous ARP.
+//! * **Draining** (graceful stop): stop answering and announcing but keep local delivery, so
+//!   connections still arriving are served while the new owner's announcement spreads.
+//! * **Release**: stop answering, then remove the address from `lo`.
+//! * **Conflicts**: an ARP reply or gratuitous ARP (or an NA) from another MAC for a VIP we
+//!   announce is noted; if we still announce it after a grace period (a legitimate new owner
+//!   would have made us release by then), it is counted and we announce again, at most once
+//!   per grace period.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, info, warn};
+
+use crate::frames::{self, Mac};
+
+/// Errors of the announcer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A system call failed.
+    #[error(transparent)]
+    Sys(#[from] sys::Error),
+    /// A sysctl the agent needs has the wrong value and could not be set.
+    #[error(
+        "sysctl {key} must be {want} for VIPs on lo to be announced only by the agent, and it is {got}; run as root (CAP_NET_ADMIN) or set it yourself"
+    )]
+    Sysctl {
+        /// The key.
+        key: String,
+        /// The value needed.
+        want: String,
+        /// The value read back.
+        got: String,
+    },
+}
+
+/// What to do with a VIP on this interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Deliver locally, answer, announce.
+    Announce,
+    /// Deliver locally only (graceful stop).
+    Drain,
+}
+
+/// Announcement timing.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Packets on takeover.
+    pub count: u32,
+    /// Gap between them.
+    pub interval: Duration,
+    /// Periodic refresh (zero = off).
+    pub refresh: Duration,
+    /// Grace before a foreign answer counts as a conflict.
+    pub conflict_grace: Duration,
+}
+
+/// Sets and checks the sysctls an announcing interface needs.
+pub fn prepare_sysctls(iface: &str) -> Result<(), Error> {
+    for (name, want) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        let key = format!("net/ipv4/conf/{iface}/{name}");
+        let got = sys::sysctl_read(&key)?;
+        if got != want {
+            if let Err(e) = sys::sysctl_write(&key, want) {
+                warn!(%e, "cannot set {key}");
+            }
+            let got = sys::sysctl_read(&key)?;
+            if got != want {
+                return Err(Error::Sysctl {
+                    key,
+                    want: want.into(),
+                    got,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// Removes `vips` from `lo` (stale addresses left by a crashed predecessor).
+pub fn clear_local(vips: impl IntoIterator<Item = IpAddr>) {
+    let Ok(lo) = sys::if_index("lo") else { return };
+    for v in vips {
+        if let Err(e) = sys::addr_del(lo, v, prefix(v)) {
+            debug!(%v, %e, "clearing stale VIP from lo");
+        }
+    }
+}
+
+/// The announcer of one interface. Runs until `want` is closed, then releases everything.
+pub struct Announcer {
+    iface: String,
+    mac: Mac,
+    lo: u32,
+    arp: sys::PacketSocket,
+    nd: sys::PacketSocket,
+    timing: Timing,
+    conflicts: Arc<Mutex<BTreeMap<IpAddr, u64>>>,
+}
+
+impl std::fmt::Debug for Announcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Announcer({})", self.iface)
+    }
+}
+
+struct Burst {
+    left: u32,
+    next: Instant,
+}
+
+impl Announcer {
+    /// Opens the sockets of `iface` (sysctls must already be prepared).
+    pub fn open(
+        iface: &str,
+        timing: Timing,
+        conflicts: Arc<Mutex<BTreeMap<IpAddr, u64>>>,
+    ) -> Result<Self, Error> {
+        let index = sys::if_index(iface)?;
+        let filter = sys::bpf_neighbor_solicitation();
+        Ok(Self {
+            iface: iface.to_string(),
+            mac: sys::if_mac(iface)?,
+            lo: sys::if_index("lo")?,
+            arp: sys::PacketSocket::open(index, sys::ETH_P_ARP, None)?,
+            nd: sys::PacketSocket::open(index, sys::ETH_P_IPV6, Some(&filter))?,
+            timing,
+            conflicts,
+        })
+    }
+
+    async fn announce(&self, vip: IpAddr) {
+        let r = match vip {
+            IpAddr::V4(v) => self.arp.send(&frames::garp(self.mac, v)).await,
+            IpAddr::V6(v) => self.nd.send(&frames::unsolicited_na(self.mac, v)).await,
+        };
+        if let Err(e) = r {
+            debug!(%vip, iface = %self.iface, %e, "announcement not sent");
+        }
+    }
+
+    /// Runs until `want` closes; returns after removing every VIP it added.
+    pub async fn run(self, mut want: watch::Receiver<BTreeMap<IpAddr, Mode>>) {
+        let mut have: BTreeMap<IpAddr, Mode> = BTreeMap::new();
+        let mut bursts: BTreeMap<IpAddr, Burst> = BTreeMap::new();
+        let mut suspects: BTreeMap<IpAddr, Instant> = BTreeMap::new();
+        let mut last_conflict: BTreeMap<IpAddr, Instant> = BTreeMap::new();
+        let refresh = (!self.timing.refresh.is_zero()).then_some(self.timing.refresh);
+        let mut next_refresh = Instant::now() + refresh.unwrap_or(Duration::from_secs(3600));
+        let mut abuf = vec![0u8; 2048];
+        let mut nbuf = vec![0u8; 2048];
+        loop {
+            let next_burst = bursts.values().map(|b| b.next).min();
+            let next_suspect = suspects
+                .values()
+                .min()
+                .map(|t| *t + self.timing.conflict_grace);
+            let wake = [next_burst, next_suspect, Some(next_refresh)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(next_refresh);
+            tokio::select! {
+                changed = want.changed() => {
+                    let next = if changed.is_ok() { want.borrow_and_update().clone() } else { BTreeMap::new() };
+                    // release first (stop answering), then remove local delivery
+                    for (vip, _) in have.iter().filter(|(v, _)| !next.contains_key(*v)) {
+                        bursts.remove(vip);
+                        if let Err(e) = sys::addr_del(self.lo, *vip, prefix(*vip)) {
+                            warn!(%vip, %e, "cannot remove VIP from lo");
+                        }
+                        info!(%vip, iface = %self.iface, "released");
+                    }
+                    for (vip, mode) in &next {
+                        let before = have.get(vip).copied();
+                        if before.is_none() && let Err(e) = sys::addr_add(self.lo, *vip, prefix(*vip)) {
+                            warn!(%vip, %e, "cannot add VIP to lo");
+                        }
+                        match (before, mode) {
+                            (Some(Mode::Announce), Mode::Announce) => {}
+                            (_, Mode::Announce) => {
+                                info!(%vip, iface = %self.iface, "taking over");
+                                self.announce(*vip).await;
+                                if self.timing.count > 1 {
+                                    bursts.insert(*vip, Burst { left: self.timing.count - 1, next: Instant::now() + self.timing.interval });
+                                }
+                            }
+                            (_, Mode::Drain) => {
+                                bursts.remove(vip);
+                            }
+                        }
+                    }
+                    have = next;
+                    suspects.retain(|v, _| have.get(v) == Some(&Mode::Announce));
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                r = self.arp.recv(&mut abuf) => {
+                    let Ok(n) = r else { continue };
+                    let Ok(a) = frames::parse_arp(&abuf[..n]) else { continue };
+                    if a.sha == self.mac {
+                        continue;
+                    }
+                    if a.op == 1
+                        && a.spa != a.tpa
+                        && have.get(&IpAddr::V4(a.tpa)) == Some(&Mode::Announce)
+                        && let Err(e) = self.arp.send(&frames::arp_reply(self.mac, &a)).await
+                    {
+                        debug!(%e, "ARP reply not sent");
+                    }
+                    let claimed = IpAddr::V4(a.spa);
+                    if (a.op == 2 || a.spa == a.tpa) && have.get(&claimed) == Some(&Mode::Announce) {
+                        suspects.entry(claimed).or_insert_with(Instant::now);
+                    }
+                }
+                r = self.nd.recv(&mut nbuf) => {
+                    let Ok(n) = r else { continue };
+                    let Ok(nd) = frames::parse_nd(&nbuf[..n]) else { continue };
+                    if nd.src_mac == self.mac {
+                        continue;
+                    }
+                    let target = IpAddr::V6(nd.target);
+                    if have.get(&target) != Some(&Mode::Announce) {
+                        continue;
+                    }
+                    if nd.kind == 135 {
+                        if let Err(e) = self.nd.send(&frames::na_reply(self.mac, &nd)).await {
+                            debug!(%e, "NA not sent");
+                        }
+                    } else {
+                        suspects.entry(target).or_insert_with(Instant::now);
+                    }
+                }
+                () = sleep_until(wake) => {
+                    let now = Instant::now();
+                    let due: Vec<IpAddr> = bursts.iter().filter(|(_, b)| b.next <= now).map(|(v, _)| *v).collect();
+                    for vip in due {
+                        self.announce(vip).await;
+                        if let Some(b) = bursts.get_mut(&vip) {
+                            b.left -= 1;
+                            b.next = now + self.timing.interval;
+                            if b.left == 0 {
+                                bursts.remove(&vip);
+                            }
+                        }
+                    }
+                    let ripe: Vec<IpAddr> = suspects.iter().filter(|(_, t)| **t + self.timing.conflict_grace <= now).map(|(v, _)| *v).collect();
+                    for vip in ripe {
+                        suspects.remove(&vip);
+                        if have.get(&vip) != Some(&Mode::Announce) {
+                            continue;
+                        }
+                        if last_conflict.get(&vip).is_some_and(|t| now.saturating_duration_since(*t) < self.timing.conflict_grace) {
+                            continue;
+                        }
+                        last_conflict.insert(vip, now);
+                        *self.conflicts.lock().unwrap_or_else(|e| e.into_inner()).entry(vip).or_default() += 1;
+                        warn!(%vip, iface = %self.iface, "another MAC answers for a VIP this node owns; announcing again");
+                        self.announce(vip).await;
+                    }
+                    if let Some(r) = refresh && now >= next_refresh {
+                        next_refresh = now + r;
+                        let all: Vec<IpAddr> = have.iter().filter(|(_, m)| **m == Mode::Announce).map(|(v, _)| *v).collect();
+                        for vip in all {
+                            self.announce(vip).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
