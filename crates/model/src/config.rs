@@ -1523,6 +1523,31 @@ mod tests {
     }
 
     #[test]
+    fn the_effective_config_reads_back_as_the_same_config() {
+        // `portico check` prints the effective config; it must be valid input meaning the same.
+        // Cluster keys are never printed, so they are put back before reading it again.
+        let mut sources = vec![
+            EMBEDDED_DEFAULT.to_string(),
+            include_str!("../../../examples/portico.yaml").to_string(),
+        ];
+        sources.push(
+            "services:\n  - name: x\n    vips: [10.0.0.1]\n    ports: [{port: 1}]\n    backends: [{address: 10.0.1.1}]\n    health_check: {type: none}\n".into(),
+        );
+        for src in sources {
+            let cfg = parse(&src, &env()).unwrap_or_else(|e| panic!("{e}"));
+            let mut printed = to_yaml(&cfg);
+            if !cfg.cluster.keys.is_empty() {
+                printed = printed.replace(
+                    "\ncluster:\n",
+                    "\ncluster:\n  keys: [{id: 1, secret: q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=}]\n",
+                );
+            }
+            let again = parse(&printed, &env()).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+            assert_eq!(cfg, again, "{printed}");
+        }
+    }
+
+    #[test]
     fn an_empty_file_is_a_valid_empty_config_with_defaults() {
         let cfg = parse("", &env()).unwrap();
         assert_eq!(cfg.node.name, "testhost");

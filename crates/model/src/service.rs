@@ -52,7 +52,9 @@ pub struct Interface {
 impl Interface {
     /// Whether this interface has an address of the same family as `ip`.
     pub fn serves_family(&self, ip: IpAddr) -> bool {
-        self.addresses.iter().any(|n| n.addr().is_ipv4() == ip.is_ipv4())
+        self.addresses
+            .iter()
+            .any(|n| n.addr().is_ipv4() == ip.is_ipv4())
     }
 }
 
@@ -175,8 +177,8 @@ pub struct Service {
     pub backends: Vec<Backend>,
     /// Backend choice.
     pub balance: Balance,
-    /// Active health check; none means backends are always considered up.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Active health check; none (`type: none`) means backends are always considered up.
+    #[serde(with = "check_or_none")]
     pub health_check: Option<HealthCheck>,
     /// Connection limits.
     pub circuit_breaker: CircuitBreaker,
@@ -267,7 +269,8 @@ pub enum Balance {
 /// Active health check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthCheck {
-    /// What to check.
+    /// What to check (serialised flat, as the config file writes it: `type: http, path: /`).
+    #[serde(flatten)]
     pub kind: CheckKind,
     /// Port to check (defaults to the backend's first target port).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -401,4 +404,37 @@ pub struct ServiceDns {
     pub mode: DnsMode,
     /// When nothing is healthy: answer nothing (true) or every address (false).
     pub fail_closed: bool,
+}
+
+/// Serialises `None` as `{type: none}`, so the effective config reads back the same.
+mod check_or_none {
+    use super::HealthCheck;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "lowercase")]
+    enum NoneTag {
+        None,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        None(NoneTag),
+        Some(HealthCheck),
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<HealthCheck>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(hc) => hc.serialize(s),
+            None => NoneTag::None.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HealthCheck>, D::Error> {
+        Ok(match Either::deserialize(d)? {
+            Either::None(_) => None,
+            Either::Some(hc) => Some(hc),
+        })
+    }
 }

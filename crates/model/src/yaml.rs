@@ -128,20 +128,38 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
                         quoted,
                     }
                 };
-                builder.push(Node { value, pos: pos(&span) }, anchor)?;
+                builder.push(
+                    Node {
+                        value,
+                        pos: pos(&span),
+                    },
+                    anchor,
+                )?;
             }
-            Event::SequenceStart(anchor, _) => {
-                builder.open(Node { value: Value::Seq(Vec::new()), pos: pos(&span) }, anchor)?
-            }
-            Event::MappingStart(anchor, _) => {
-                builder.open(Node { value: Value::Map(Vec::new()), pos: pos(&span) }, anchor)?
-            }
+            Event::SequenceStart(anchor, _) => builder.open(
+                Node {
+                    value: Value::Seq(Vec::new()),
+                    pos: pos(&span),
+                },
+                anchor,
+            )?,
+            Event::MappingStart(anchor, _) => builder.open(
+                Node {
+                    value: Value::Map(Vec::new()),
+                    pos: pos(&span),
+                },
+                anchor,
+            )?,
             Event::SequenceEnd | Event::MappingEnd => builder.close()?,
             Event::Alias(id) => {
-                let node = builder.anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
-                    message: "alias to an unknown anchor".into(),
-                    pos: pos(&span),
-                })?;
+                let node = builder
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| SyntaxError {
+                        message: "alias to an unknown anchor".into(),
+                        pos: pos(&span),
+                    })?;
                 builder.nodes += count(&node);
                 if builder.nodes > MAX_NODES {
                     return Err(SyntaxError {
@@ -189,12 +207,19 @@ impl Builder {
                 pos: node.pos,
             });
         }
-        self.stack.push(Frame { node, anchor, pending_key: None });
+        self.stack.push(Frame {
+            node,
+            anchor,
+            pending_key: None,
+        });
         Ok(())
     }
 
     fn close(&mut self) -> Result<(), SyntaxError> {
-        let frame = self.stack.pop().expect("parser balances start and end events");
+        let frame = self
+            .stack
+            .pop()
+            .expect("parser balances start and end events");
         self.push(frame.node, frame.anchor)
     }
 
@@ -232,10 +257,20 @@ mod tests {
     fn keeps_positions_of_nested_values() {
         let n = parse("a:\n  b: [1, 2]\n  c: x\n").unwrap();
         let Value::Map(top) = &n.value else { panic!() };
-        let Value::Map(inner) = &top[0].1.value else { panic!() };
+        let Value::Map(inner) = &top[0].1.value else {
+            panic!()
+        };
         assert_eq!(inner[1].1.pos, Pos { line: 3, column: 6 });
-        let Value::Seq(items) = &inner[0].1.value else { panic!() };
-        assert_eq!(items[1].pos, Pos { line: 2, column: 10 });
+        let Value::Seq(items) = &inner[0].1.value else {
+            panic!()
+        };
+        assert_eq!(
+            items[1].pos,
+            Pos {
+                line: 2,
+                column: 10
+            }
+        );
     }
 
     #[test]
