@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# DNS throughput and latency: portico's DNS server against Knot DNS, same zone, same query file,
+# same run, alternating rounds on 127.0.0.1 only.
+#
+#   bench/dns.sh [-d SECONDS] [-r ROUNDS] [-q OUTSTANDING]
+#
+# Each round runs dnsperf (one client thread, default 100 outstanding queries) for SECONDS
+# against Knot, then against portico (the order alternates every round), and reads its
+# "Queries per second" and "Average Latency". p99 comes from a second, shorter dnsperf run per
+# server and round with -v (one line per query with its latency), piped into awk, which sorts
+# the latencies and prints the 99th percentile; that run also reports its own qps, which is
+# lower than the throughput run's because dnsperf prints every query.
+#
+# Needs: dnsperf, knotd (Debian: dnsperf, knot), cargo. PORTICO_DNS_BIN overrides the server
+# binary (default: the dns crate's dns-bench example, built in release mode); it is started as
+# `$PORTICO_DNS_BIN --config FILE`.
+set -euo pipefail
+
+DURATION=10
+ROUNDS=3
+OUTSTANDING=100
+while getopts "d:r:q:" opt; do
+  case $opt in
+    d) DURATION=$OPTARG ;;
+    r) ROUNDS=$OPTARG ;;
+    q) OUTSTANDING=$OPTARG ;;
+    *) echo "usage: $0 [-d SECONDS] [-r ROUNDS] [-q OUTSTANDING]" >&2; exit 2 ;;
+  esac
+done
+# Bounded load: at most 60 s per run and 10 rounds.
+(( DURATION > 0 && DURATION <= 60 )) || { echo "duration must be 1-60 s" >&2; exit 2; }
+(( ROUNDS > 0 && ROUNDS <= 10 )) || { echo "rounds must be 1-10" >&2; exit 2; }
+LAT_DURATION=$(( DURATION < 5 ? DURATION : 5 ))
+
+for tool in dnsperf knotd; do
+  command -v "$tool" >/dev/null || { echo "$tool not installed (apt-get install dnsperf knot)" >&2; exit 1; }
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TMP=$(mktemp -d /tmp/portico-dns-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_udp() { # port
+  for _ in $(seq 1 100); do
+    if dig +short +time=1 +tries=1 -p "$1" @127.0.0.1 bench.test SOA >/dev/null 2>&1 &&
+       [ -n "$(dig +short +time=1 +tries=1 -p "$1" @127.0.0.1 bench.test SOA)" ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "server on port $1 did not answer" >&2; return 1
+}
+
+# --- the zone, once for each server --------------------------------------------------------
+KNOT_PORT=$(free_port)
+PORTICO_PORT=$(free_port)
+mkdir -p "$TMP/knot/run" "$TMP/knot/db"
+cat > "$TMP/knot/bench.test.zone" <<'EOF'
+$ORIGIN bench.test.
+$TTL 5
+@               SOA   ns1.example.net. hostmaster.bench.test. 1 3600 600 604800 5
+@               NS    ns1.example.net.
+www             A     192.0.2.1
+www             A     192.0.2.2
+www             AAAA  2001:db8::1
+_http._tcp.www  SRV   0 0 80 www.bench.test.
+EOF
+cat > "$TMP/knot/knot.conf" <<EOF
+server:
+    rundir: "$TMP/knot/run"
+    listen: 127.0.0.1@$KNOT_PORT
+database:
+    storage: "$TMP/knot/db"
+log:
+  - target: stderr
+    any: warning
+zone:
+  - domain: bench.test
+    storage: "$TMP/knot"
+    file: bench.test.zone
+EOF
+cat > "$TMP/portico.yaml" <<EOF
+dns:
+  listen: 127.0.0.1:$PORTICO_PORT
+  zones:
+    - name: bench.test
+      ttl: 5s
+      ns: [ns1.example.net]
+      admin_email: hostmaster.bench.test
+      serial: 1
+      negative_ttl: 5s
+services:
+  - name: www
+    vips: [192.0.2.1, 192.0.2.2, "2001:db8::1"]
+    ports: [{name: http, port: 80}]
+    backends: [{address: 192.0.2.100}]
+EOF
+cat > "$TMP/queries" <<'EOF'
+www.bench.test A
+www.bench.test AAAA
+_http._tcp.www.bench.test SRV
+nx.bench.test A
+bench.test SOA
+EOF
+
+# --- servers ----------------------------------------------------------------------------------
+if [ -z "${PORTICO_DNS_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --quiet --release -p dns --example dns-bench)
+  PORTICO_DNS_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/dns-bench"
+fi
+knotd -c "$TMP/knot/knot.conf" >"$TMP/knot.log" 2>&1 &
+PIDS+=($!)
+"$PORTICO_DNS_BIN" --config "$TMP/portico.yaml" >"$TMP/portico.log" 2>&1 &
+PIDS+=($!)
+wait_udp "$KNOT_PORT"
+wait_udp "$PORTICO_PORT"
+
+# Both answer the same question the same way (apart from order and flags).
+for q in "www.bench.test A" "nx.bench.test A" "_http._tcp.www.bench.test SRV"; do
+  k=$(dig +short -p "$KNOT_PORT" @127.0.0.1 $q | sort)
+  p=$(dig +short -p "$PORTICO_PORT" @127.0.0.1 $q | sort)
+  [ "$k" = "$p" ] || { echo "answers differ for $q: knot [$k] portico [$p]" >&2; exit 1; }
+done
+
+# --- runs -------------------------------------------------------------------------------------
+throughput() { # port -> "qps avg_ms lost"
+  dnsperf -s 127.0.0.1 -p "$1" -d "$TMP/queries" -l "$DURATION" -q "$OUTSTANDING" 2>&1 |
+    awk '/Queries per second/ {q=$4} /Average Latency/ {a=$4*1000} /Queries lost/ {l=$3}
+         END {printf "%.0f %.3f %s\n", q, a, l}'
+}
+p99() { # port -> "p99_ms"
+  dnsperf -v -s 127.0.0.1 -p "$1" -d "$TMP/queries" -l "$LAT_DURATION" -q "$OUTSTANDING" 2>/dev/null |
+    awk '$1 == ">" {print $NF}' | sort -g |
+    awk '{v[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; printf "%.3f\n", v[i]*1000}'
+}
+
+printf "%-6s %-8s %10s %9s %9s %7s\n" round server qps avg_ms p99_ms lost
+declare -A SUM_QPS SUM_P99
+SUM_QPS[knot]=0; SUM_QPS[portico]=0; SUM_P99[knot]=0; SUM_P99[portico]=0
+for r in $(seq 1 "$ROUNDS"); do
+  if (( r % 2 )); then order="knot portico"; else order="portico knot"; fi
+  for s in $order; do
+    port=$KNOT_PORT; [ "$s" = portico ] && port=$PORTICO_PORT
+    read -r qps avg lost < <(throughput "$port")
+    lat=$(p99 "$port")
+    printf "%-6s %-8s %10s %9s %9s %7s\n" "$r" "$s" "$qps" "$avg" "$lat" "$lost"
+    SUM_QPS[$s]=$(( SUM_QPS[$s] + qps ))
+    SUM_P99[$s]=$(awk -v a="${SUM_P99[$s]}" -v b="$lat" 'BEGIN {print a + b}')
+  done
+done
+kq=$(( SUM_QPS[knot] / ROUNDS )); pq=$(( SUM_QPS[portico] / ROUNDS ))
+kl=$(awk -v s="${SUM_P99[knot]}" -v n="$ROUNDS" 'BEGIN {printf "%.3f", s / n}')
+pl=$(awk -v s="${SUM_P99[portico]}" -v n="$ROUNDS" 'BEGIN {printf "%.3f", s / n}')
+echo
+printf "mean   knot     %10s qps  p99 %s ms\n" "$kq" "$kl"
+printf "mean   portico  %10s qps  p99 %s ms\n" "$pq" "$pl"
+awk -v p="$pq" -v k="$kq" -v pl="$pl" -v kl="$kl" \
+  'BEGIN {printf "ratio  portico/knot  qps %.2fx  p99 %.2fx\n", p / k, pl / kl}'
