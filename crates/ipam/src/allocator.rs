@@ -1,0 +1,806 @@
+//! The pure allocator: pools, requests, sharing keys, and re-derivation after a restart.
+//!
+//! Nothing here talks to Kubernetes. The controller feeds the allocator the pools
+//! ([`Allocator::set_pools`]), then, once its caches are synced, every Service's recorded
+//! addresses ([`Allocator::restore`]) and only then requests ([`Allocator::assign`]). The
+//! rules that keep addresses stable:
+//!
+//! - an address held by a Service is never moved implicitly: pool edits and deletions leave
+//!   holdings alone (they become *orphans*, reported, never reassigned), and `assign` keeps what
+//!   a Service holds as long as the request still allows it;
+//! - an address is held by one Service, or by several that carry the same sharing key and whose
+//!   ports and protocols do not clash;
+//! - a refused request changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use model::Protocol;
+
+use crate::crd::IPPool;
+use crate::selector::{self, Labels, Selector};
+
+/// Most addresses one Service may ask for per family (`portico.dev/address-count`).
+pub const MAX_ADDRESS_COUNT: usize = 16;
+
+/// Identifies a Service: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// Builds a key.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// The family of an address.
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// One port of a Service, as far as sharing is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortSpec {
+    /// TCP or UDP (SCTP is not balanced by portico).
+    pub protocol: Protocol,
+    /// The port on the address.
+    pub port: u16,
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
+/// An inclusive range of addresses of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AddrRange {
+    /// First address.
+    pub start: IpAddr,
+    /// Last address (same family, not before `start`).
+    pub end: IpAddr,
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(family: Family, v: u128) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
+    }
+}
+
+impl AddrRange {
+    /// The range's family.
+    pub fn family(&self) -> Family {
+        Family::of(self.start)
+    }
+
+    /// Whether `ip` lies in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Family::of(ip) == self.family() && self.start <= ip && ip <= self.end
+    }
+
+    /// Number of addresses (saturating).
+    pub fn len(&self) -> u128 {
+        (to_u128(self.end) - to_u128(self.start)).saturating_add(1)
+    }
+
+    /// Whether the range is empty (never, once parsed).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn overlaps(&self, o: &AddrRange) -> bool {
+        self.family() == o.family() && self.start <= o.end && o.start <= self.end
+    }
+
+    /// Parses `192.0.2.0/24`, `2001:db8::/120` or `192.0.2.10-192.0.2.20`.
+    pub fn parse(s: &str) -> Result<Self, PoolError> {
+        let bad = |why: &str| PoolError::Address(s.to_string(), why.to_string());
+        let s = s.trim();
+        if let Some((a, b)) = s.split_once('-') {
+            let a: IpAddr = a
+                .trim()
+                .parse()
+                .map_err(|_| bad("the start is not an IP address"))?;
+            let b: IpAddr = b
+                .trim()
+                .parse()
+                .map_err(|_| bad("the end is not an IP address"))?;
+            if Family::of(a) != Family::of(b) {
+                return Err(bad("the start and end are of different families"));
+            }
+            if a > b {
+                return Err(bad("the start is after the end"));
+            }
+            Ok(Self { start: a, end: b })
+        } else {
+            let net: ipnet::IpNet = s.parse().map_err(|_| {
+                bad("expected a CIDR (192.0.2.0/24) or a range (192.0.2.10-192.0.2.20)")
+            })?;
+            if net.trunc() != net {
+                return Err(bad("host bits are set; write the network address"));
+            }
+            Ok(Self {
+                start: net.network(),
+                end: net.broadcast(),
+            })
+        }
+    }
+}
+
+fn is_buggy(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(a) if matches!(a.octets()[3], 0 | 255))
+}
+
+/// A validated pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    /// The `IPPool` name.
+    pub name: String,
+    /// Its addresses.
+    pub ranges: Vec<AddrRange>,
+    /// Whether Services that do not ask for it may use it.
+    pub auto_assign: bool,
+    /// Skip `.0` and `.255`.
+    pub avoid_buggy_ips: bool,
+    /// Lower first; `None` last.
+    pub priority: Option<i32>,
+    /// Namespaces by name (empty: any).
+    pub namespaces: Vec<String>,
+    /// Namespaces by label (empty: any).
+    pub namespace_selectors: Vec<Selector>,
+    /// Services by label (empty: any).
+    pub service_selectors: Vec<Selector>,
+}
+
+/// Why a pool spec is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// The pool lists no address.
+    #[error("the pool lists no addresses")]
+    NoAddresses,
+    /// One entry of `addresses` is malformed.
+    #[error("address `{0}` is invalid: {1}")]
+    Address(String, String),
+    /// Two entries of the same pool overlap.
+    #[error("addresses `{0}` and `{1}` overlap")]
+    SelfOverlap(String, String),
+    /// A selector is malformed.
+    #[error(transparent)]
+    Selector(#[from] selector::Error),
+}
+
+/// Validates an `IPPool` (the controller re-checks what the CRD's CEL rules should have caught).
+pub fn parse_pool(p: &IPPool) -> Result<Pool, PoolError> {
+    use kube::ResourceExt;
+    let spec = &p.spec;
+    if spec.addresses.is_empty() {
+        return Err(PoolError::NoAddresses);
+    }
+    let mut ranges = Vec::new();
+    for (i, a) in spec.addresses.iter().enumerate() {
+        let r = AddrRange::parse(a)?;
+        if let Some(j) = ranges.iter().position(|o: &AddrRange| o.overlaps(&r)) {
+            return Err(PoolError::SelfOverlap(
+                spec.addresses[j].clone(),
+                spec.addresses[i].clone(),
+            ));
+        }
+        ranges.push(r);
+    }
+    let alloc = spec.service_allocation.clone().unwrap_or_default();
+    Ok(Pool {
+        name: p.name_any(),
+        ranges,
+        auto_assign: spec.auto_assign,
+        avoid_buggy_ips: spec.avoid_buggy_ips,
+        priority: alloc.priority,
+        namespaces: alloc.namespaces,
+        namespace_selectors: alloc
+            .namespace_selectors
+            .iter()
+            .map(Selector::parse)
+            .collect::<Result<_, _>>()?,
+        service_selectors: alloc
+            .service_selectors
+            .iter()
+            .map(Selector::parse)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+impl Pool {
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.ranges.iter().any(|r| r.contains(ip))
+    }
+
+    fn serves(&self, r: &Request) -> bool {
+        (self.namespaces.is_empty() || self.namespaces.contains(&r.service.namespace))
+            && selector::any_matches(&self.namespace_selectors, &r.namespace_labels)
+            && selector::any_matches(&self.service_selectors, &r.labels)
+    }
+
+    fn usable(&self, ip: IpAddr) -> bool {
+        !(self.avoid_buggy_ips && is_buggy(ip))
+    }
+
+    fn size(&self, family: Family) -> u128 {
+        self.ranges
+            .iter()
+            .filter(|r| r.family() == family)
+            .map(|r| {
+                let buggy = if self.avoid_buggy_ips && family == Family::V4 {
+                    let (a, b) = (to_u128(r.start), to_u128(r.end));
+                    // How many v in 0..=n end in the octet `o`.
+                    let upto = |n: u128, o: u128| if n < o { 0 } else { (n - o) / 256 + 1 };
+                    let below = |o| if a == 0 { 0 } else { upto(a - 1, o) };
+                    (upto(b, 0) - below(0)) + (upto(b, 255) - below(255))
+                } else {
+                    0
+                };
+                r.len() - buggy
+            })
+            .sum()
+    }
+}
+
+/// What a Service asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The Service.
+    pub service: ServiceKey,
+    /// The Service's labels (for `serviceSelectors`).
+    pub labels: Labels,
+    /// Its namespace's labels (for `namespaceSelectors`).
+    pub namespace_labels: Labels,
+    /// Wanted families in order (`spec.ipFamilies`).
+    pub families: Vec<Family>,
+    /// Every family is required (`SingleStack`, `RequireDualStack`); otherwise
+    /// (`PreferDualStack`) families without room are skipped as long as one succeeds.
+    pub require_all_families: bool,
+    /// Explicitly requested addresses (when not empty, exactly these).
+    pub addresses: Vec<IpAddr>,
+    /// The pool named by annotation.
+    pub pool: Option<String>,
+    /// The sharing key, if the Service agrees to share.
+    pub sharing_key: Option<String>,
+    /// Its ports.
+    pub ports: Vec<PortSpec>,
+    /// Addresses per family (at least 1).
+    pub count: usize,
+}
+
+/// Why a request is refused. [`Refusal::reason`] is the Event reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No eligible pool has a free address.
+    #[error("{0}")]
+    PoolExhausted(String),
+    /// A requested address is held by a Service that does not share it.
+    #[error("{0}")]
+    IpInUse(String),
+    /// The request itself is wrong (address outside every pool, unknown pool, bad count).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Sharing was asked for but the ports clash.
+    #[error("{0}")]
+    SharingRefused(String),
+}
+
+impl Refusal {
+    /// The Event and condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::PoolExhausted(_) => "PoolExhausted",
+            Refusal::IpInUse(_) => "IPInUse",
+            Refusal::InvalidRequest(_) => "InvalidRequest",
+            Refusal::SharingRefused(_) => "SharingRefused",
+        }
+    }
+}
+
+/// The Services holding one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    sharing_key: Option<String>,
+    users: BTreeMap<ServiceKey, Vec<PortSpec>>,
+}
+
+/// One pool's state, as reported in its status.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolReport {
+    /// Pool name.
+    pub name: String,
+    /// Held IPv4 addresses inside the pool.
+    pub assigned_v4: u128,
+    /// Free IPv4 addresses.
+    pub available_v4: u128,
+    /// Held IPv6 addresses inside the pool.
+    pub assigned_v6: u128,
+    /// Free IPv6 addresses.
+    pub available_v6: u128,
+    /// Why the pool spec is rejected.
+    pub invalid: Option<String>,
+    /// Earlier pools (by name) it shares addresses with; such a pool hands out nothing new.
+    pub overlapping: Vec<String>,
+}
+
+/// The allocator's whole state. Cheap to clone; every `assign` works on a copy and commits
+/// only on success, so a refusal changes nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Allocator {
+    /// Pools by name, valid or not.
+    pools: BTreeMap<String, Result<Pool, PoolError>>,
+    /// Pools that overlap an earlier one: name → the earlier ones.
+    overlapping: BTreeMap<String, Vec<String>>,
+    holders: BTreeMap<IpAddr, Holder>,
+    by_service: BTreeMap<ServiceKey, Vec<IpAddr>>,
+}
+
+impl Allocator {
+    /// An allocator without pools or holdings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the pools. Holdings are never touched: an address no pool contains any more
+    /// stays with its Service (see [`Allocator::orphans`]).
+    pub fn set_pools(
+        &mut self,
+        pools: impl IntoIterator<Item = (String, Result<Pool, PoolError>)>,
+    ) {
+        self.pools = pools.into_iter().collect();
+        self.overlapping.clear();
+        let valid: Vec<&Pool> = self
+            .pools
+            .values()
+            .filter_map(|p| p.as_ref().ok())
+            .collect();
+        for (i, p) in valid.iter().enumerate() {
+            let earlier: Vec<String> = valid[..i]
+                .iter()
+                .filter(|o| {
+                    p.ranges
+                        .iter()
+                        .any(|r| o.ranges.iter().any(|q| r.overlaps(q)))
+                })
+                .map(|o| o.name.clone())
+                .collect();
+            if !earlier.is_empty() {
+                self.overlapping.insert(p.name.clone(), earlier);
+            }
+        }
+    }
+
+    /// The addresses a Service holds, in the order it got them.
+    pub fn held(&self, service: &ServiceKey) -> &[IpAddr] {
+        self.by_service.get(service).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Every Service's holdings.
+    pub fn holdings(&self) -> &BTreeMap<ServiceKey, Vec<IpAddr>> {
+        &self.by_service
+    }
+
+    /// Held addresses that no valid pool contains (a pool was edited or deleted).
+    pub fn orphans(&self) -> Vec<IpAddr> {
+        self.holders
+            .keys()
+            .filter(|ip| !self.valid_pools().any(|p| p.contains(**ip)))
+            .copied()
+            .collect()
+    }
+
+    /// Releases everything a Service holds.
+    pub fn release(&mut self, service: &ServiceKey) {
+        for ip in self.by_service.remove(service).unwrap_or_default() {
+            if let Some(h) = self.holders.get_mut(&ip) {
+                h.users.remove(service);
+                if h.users.is_empty() {
+                    self.holders.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Claims addresses a Service already had before a restart, regardless of pools (they are
+    /// never moved) and of ports (what was granted stays granted). Fails, claiming nothing, when
+    /// one is held by another Service without the same sharing key.
+    pub fn restore(&mut self, req: &Request, current: &[IpAddr]) -> Result<(), Refusal> {
+        let mut next = self.clone();
+        next.release(&req.service);
+        for ip in current {
+            next.claim_with(*ip, req, false)?;
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Gives a Service what it asks for, keeping whatever it holds that still fits. On a refusal
+    /// nothing changes (the Service keeps its previous addresses).
+    pub fn assign(&mut self, req: &Request) -> Result<Vec<IpAddr>, Refusal> {
+        if req.count == 0 || req.count > MAX_ADDRESS_COUNT {
+            return Err(Refusal::InvalidRequest(format!(
+                "address count {} is out of range 1-{MAX_ADDRESS_COUNT}",
+                req.count
+            )));
+        }
+        if req.families.is_empty() {
+            return Err(Refusal::InvalidRequest(
+                "the Service lists no IP family".into(),
+            ));
+        }
+        if let Some(pool) = &req.pool {
+            match self.pools.get(pool) {
+                None => {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "pool {pool} does not exist"
+                    )));
+                }
+                Some(Err(e)) => {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "pool {pool} is invalid: {e}"
+                    )));
+                }
+                Some(Ok(p)) if !p.serves(req) => {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "pool {pool} does not serve Service {}",
+                        req.service
+                    )));
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+        if let Some(ips) = self.keep(req) {
+            return Ok(ips);
+        }
+        let held: Vec<IpAddr> = self.held(&req.service).to_vec();
+        let mut next = self.clone();
+        next.release(&req.service);
+        let mut plan = Vec::new();
+        if !req.addresses.is_empty() {
+            let mut seen = BTreeSet::new();
+            for ip in &req.addresses {
+                if !seen.insert(*ip) {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "address {ip} is requested twice"
+                    )));
+                }
+                if !req.families.contains(&Family::of(*ip)) {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "address {ip} is {} but the Service's families are {}",
+                        Family::of(*ip),
+                        families(&req.families)
+                    )));
+                }
+                // An address the Service already holds stays, even if its pool went away.
+                if !held.contains(ip) && !next.eligible(req).any(|p| p.contains(*ip)) {
+                    return Err(Refusal::InvalidRequest(match &req.pool {
+                        Some(pool) => format!("address {ip} is not in pool {pool}"),
+                        None => {
+                            format!("address {ip} is outside every pool that serves this Service")
+                        }
+                    }));
+                }
+                next.claim(*ip, req)?;
+                plan.push(*ip);
+            }
+        } else {
+            let mut got_any = false;
+            let mut first_miss = None;
+            for family in &req.families {
+                let mut n = 0;
+                for ip in held.iter().filter(|ip| Family::of(**ip) == *family) {
+                    if n == req.count {
+                        break;
+                    }
+                    next.claim(*ip, req)?;
+                    plan.push(*ip);
+                    n += 1;
+                }
+                while n < req.count {
+                    match next.pick(req, *family, &plan) {
+                        Ok(ip) => {
+                            next.claim(ip, req)?;
+                            plan.push(ip);
+                            n += 1;
+                        }
+                        Err(e) => {
+                            // With PreferDualStack a family is optional only when nothing of it is held.
+                            if req.require_all_families || n > 0 {
+                                return Err(e);
+                            }
+                            first_miss.get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                got_any |= n > 0;
+            }
+            if !got_any {
+                return Err(
+                    first_miss.unwrap_or_else(|| Refusal::PoolExhausted("no address".into()))
+                );
+            }
+        }
+        *self = next;
+        Ok(plan)
+    }
+
+    /// The fast path of [`Allocator::assign`]: when what a Service holds already answers its
+    /// request and stays compatible with its co-holders, refresh its record in place (no copy).
+    fn keep(&mut self, req: &Request) -> Option<Vec<IpAddr>> {
+        let held = self.by_service.get(&req.service)?;
+        let plan: Vec<IpAddr> = if req.addresses.is_empty() {
+            if held
+                .iter()
+                .any(|ip| !req.families.contains(&Family::of(*ip)))
+            {
+                return None;
+            }
+            let mut plan = Vec::new();
+            for f in &req.families {
+                let of_f: Vec<IpAddr> = held
+                    .iter()
+                    .filter(|ip| Family::of(**ip) == *f)
+                    .copied()
+                    .collect();
+                if of_f.len() != req.count {
+                    return None;
+                }
+                plan.extend(of_f);
+            }
+            plan
+        } else {
+            let mut a = held.clone();
+            let mut b = req.addresses.clone();
+            a.sort();
+            b.sort();
+            if a != b {
+                return None;
+            }
+            req.addresses.clone()
+        };
+        for ip in &plan {
+            let h = self.holders.get(ip)?;
+            let shared = h.users.keys().any(|k| *k != req.service);
+            if shared
+                && (h.sharing_key.is_none()
+                    || h.sharing_key != req.sharing_key
+                    || clash(h, req).is_some())
+            {
+                return None;
+            }
+        }
+        for ip in &plan {
+            if let Some(h) = self.holders.get_mut(ip) {
+                h.sharing_key = req.sharing_key.clone();
+                h.users.insert(req.service.clone(), req.ports.clone());
+            }
+        }
+        self.by_service.insert(req.service.clone(), plan.clone());
+        Some(plan)
+    }
+
+    fn valid_pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.values().filter_map(|p| p.as_ref().ok())
+    }
+
+    /// Pools a request may take new addresses from, best first.
+    fn eligible<'a>(&'a self, req: &'a Request) -> impl Iterator<Item = &'a Pool> + 'a {
+        let mut v: Vec<&Pool> = self
+            .valid_pools()
+            .filter(|p| !self.overlapping.contains_key(&p.name))
+            .filter(|p| match &req.pool {
+                Some(name) => &p.name == name,
+                None => p.auto_assign || !req.addresses.is_empty(),
+            })
+            .filter(|p| p.serves(req))
+            .collect();
+        v.sort_by_key(|p| (p.priority.is_none(), p.priority, p.name.clone()));
+        v.into_iter()
+    }
+
+    /// Adds `req.service` as a user of `ip`, if compatible.
+    fn claim(&mut self, ip: IpAddr, req: &Request) -> Result<(), Refusal> {
+        self.claim_with(ip, req, true)
+    }
+
+    fn claim_with(&mut self, ip: IpAddr, req: &Request, check_ports: bool) -> Result<(), Refusal> {
+        if let Some(h) = self.holders.get(&ip) {
+            let others: Vec<&ServiceKey> = h.users.keys().filter(|k| **k != req.service).collect();
+            if !others.is_empty() {
+                let shared = h.sharing_key.is_some() && h.sharing_key == req.sharing_key;
+                if !shared {
+                    return Err(Refusal::IpInUse(format!(
+                        "address {ip} is held by Service {}{}",
+                        others[0],
+                        match (&h.sharing_key, &req.sharing_key) {
+                            (Some(a), Some(b)) => format!(" with sharing key {a}, not {b}"),
+                            (Some(a), None) =>
+                                format!(" with sharing key {a}; this Service has none"),
+                            _ => " without a sharing key".to_string(),
+                        }
+                    )));
+                }
+                if let Some(msg) = clash(h, req).filter(|_| check_ports) {
+                    return Err(Refusal::SharingRefused(format!("address {ip}: {msg}")));
+                }
+            }
+        }
+        let h = self.holders.entry(ip).or_insert_with(|| Holder {
+            sharing_key: req.sharing_key.clone(),
+            users: BTreeMap::new(),
+        });
+        h.users.insert(req.service.clone(), req.ports.clone());
+        let mine = self.by_service.entry(req.service.clone()).or_default();
+        if !mine.contains(&ip) {
+            mine.push(ip);
+        }
+        Ok(())
+    }
+
+    /// Chooses a new address of `family`: first one already shared under the request's key,
+    /// then the first free one of the best pool.
+    fn pick(&self, req: &Request, family: Family, plan: &[IpAddr]) -> Result<IpAddr, Refusal> {
+        let pools: Vec<&Pool> = self.eligible(req).collect();
+        if pools.is_empty() {
+            return Err(Refusal::PoolExhausted(format!(
+                "no pool serves Service {}{}",
+                req.service,
+                req.pool
+                    .as_ref()
+                    .map(|p| format!(" from pool {p}"))
+                    .unwrap_or_default()
+            )));
+        }
+        if let Some(key) = &req.sharing_key {
+            let mut clashes = Vec::new();
+            for (ip, h) in &self.holders {
+                if h.sharing_key.as_ref() == Some(key)
+                    && Family::of(*ip) == family
+                    && !plan.contains(ip)
+                    && pools.iter().any(|p| p.contains(*ip))
+                {
+                    match clash(h, req) {
+                        None => return Ok(*ip),
+                        Some(msg) => clashes.push(format!("{ip}: {msg}")),
+                    }
+                }
+            }
+            if !clashes.is_empty() {
+                return Err(Refusal::SharingRefused(format!(
+                    "sharing key {key}: {}",
+                    clashes.join("; ")
+                )));
+            }
+        }
+        for p in &pools {
+            for r in p.ranges.iter().filter(|r| r.family() == family) {
+                let (mut v, end) = (to_u128(r.start), to_u128(r.end));
+                loop {
+                    let ip = from_u128(family, v);
+                    if p.usable(ip) && !self.holders.contains_key(&ip) && !plan.contains(&ip) {
+                        return Ok(ip);
+                    }
+                    if v == end {
+                        break;
+                    }
+                    v += 1;
+                }
+            }
+        }
+        Err(Refusal::PoolExhausted(format!(
+            "no free {family} address in pool{} {}",
+            if pools.len() == 1 { "" } else { "s" },
+            pools
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    /// Usage of every pool, for its status.
+    pub fn report(&self) -> Vec<PoolReport> {
+        self.pools
+            .iter()
+            .map(|(name, p)| match p {
+                Err(e) => PoolReport {
+                    name: name.clone(),
+                    invalid: Some(e.to_string()),
+                    ..PoolReport::default()
+                },
+                Ok(p) => {
+                    let count = |f: Family| {
+                        self.holders
+                            .keys()
+                            .filter(|ip| {
+                                Family::of(**ip) == f && p.contains(**ip) && p.usable(**ip)
+                            })
+                            .count() as u128
+                    };
+                    let (a4, a6) = (count(Family::V4), count(Family::V6));
+                    let overlapping = self.overlapping.get(name).cloned().unwrap_or_default();
+                    let (s4, s6) = if overlapping.is_empty() {
+                        (p.size(Family::V4), p.size(Family::V6))
+                    } else {
+                        (a4, a6)
+                    };
+                    PoolReport {
+                        name: name.clone(),
+                        assigned_v4: a4,
+                        available_v4: s4.saturating_sub(a4),
+                        assigned_v6: a6,
+                        available_v6: s6.saturating_sub(a6),
+                        invalid: None,
+                        overlapping,
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+fn clash(h: &Holder, req: &Request) -> Option<String> {
+    for (other, ports) in h.users.iter().filter(|(k, _)| **k != req.service) {
+        if let Some(p) = req.ports.iter().find(|p| ports.contains(p)) {
+            return Some(format!("port {p} is already used by Service {other}"));
+        }
+    }
+    None
+}
+
+fn families(f: &[Family]) -> String {
+    f.iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests;

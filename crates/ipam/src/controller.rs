@@ -1,0 +1,383 @@
+//! The IPAM controller's kube driver: watches, executes [`reconcile::Action`]s, follows leadership.
+//!
+//! All decisions live in [`reconcile::State`]; this file only turns watch events into calls on
+//! it and its actions into API calls. A 409 Conflict on a guarded write re-reads the Service
+//! and decides again; a watch that fails (410 Gone included) re-lists with back-off, and the
+//! re-list replaces the cache wholesale. A replica that stops leading drops its state; the next
+//! leader re-derives everything from the Services, so nothing moves.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::allocator::ServiceKey;
+use crate::crd::IPPool;
+use crate::intent::Scope;
+use crate::lease::Leadership;
+use crate::reconcile::{self, Action, State};
+use crate::selector::Labels;
+
+/// The field manager and event reporter name.
+pub const MANAGER: &str = "portico-controller";
+
+/// Errors of the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A write the API server refused for a reason other than a conflict.
+    #[error("{what}: {source}")]
+    Write {
+        /// What was written.
+        what: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// One decoded input of the driver.
+// Short-lived values moved once through a channel or a match: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    /// A Service watch event.
+    Service(Event<Service>),
+    /// An IPPool watch event.
+    Pool(Event<IPPool>),
+    /// A Namespace watch event.
+    Namespace(Event<Namespace>),
+    /// Time to retry writes that failed.
+    Tick,
+}
+
+/// Buffers `Init`…`InitDone` of each watch so a (re-)list replaces the cache in one go.
+#[derive(Default)]
+struct Buffers {
+    services: Option<Vec<Service>>,
+    pools: Option<Vec<IPPool>>,
+    namespaces: Option<BTreeMap<String, Labels>>,
+}
+
+/// Executes the state's decisions against the API server.
+pub struct Driver {
+    client: Client,
+    recorder: Recorder,
+    state: State,
+    buffers: Buffers,
+    /// Services whose write failed for another reason than a conflict; retried on [`Input::Tick`].
+    failed: BTreeSet<ServiceKey>,
+}
+
+impl Driver {
+    /// A driver with empty caches.
+    pub fn new(client: Client, scope: Scope, instance: Option<String>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance,
+            },
+        );
+        Self {
+            client,
+            recorder,
+            state: State::new(scope),
+            buffers: Buffers::default(),
+            failed: BTreeSet::new(),
+        }
+    }
+
+    /// The pure state (for tests).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Feeds one input and performs the resulting writes.
+    pub async fn handle(&mut self, input: Input) {
+        let now = Timestamp::now();
+        let actions = match input {
+            Input::Service(ev) => match ev {
+                Event::Init => {
+                    self.buffers.services = Some(Vec::new());
+                    Vec::new()
+                }
+                Event::InitApply(s) => {
+                    self.buffers.services.get_or_insert_with(Vec::new).push(s);
+                    Vec::new()
+                }
+                Event::InitDone => {
+                    let all = self.buffers.services.take().unwrap_or_default();
+                    self.state.services_listed(all, now)
+                }
+                Event::Apply(s) => self.state.service_applied(s, now),
+                Event::Delete(s) => self.state.service_deleted(&s, now),
+            },
+            Input::Pool(ev) => match ev {
+                Event::Init => {
+                    self.buffers.pools = Some(Vec::new());
+                    Vec::new()
+                }
+                Event::InitApply(p) => {
+                    self.buffers.pools.get_or_insert_with(Vec::new).push(p);
+                    Vec::new()
+                }
+                Event::InitDone => {
+                    let all = self.buffers.pools.take().unwrap_or_default();
+                    self.state.pools_listed(all, now)
+                }
+                Event::Apply(p) => self.state.pool_applied(p, now),
+                Event::Delete(p) => self.state.pool_deleted(&p, now),
+            },
+            Input::Namespace(ev) => match ev {
+                Event::Init => {
+                    self.buffers.namespaces = Some(BTreeMap::new());
+                    Vec::new()
+                }
+                Event::InitApply(n) => {
+                    let labels = n.labels().clone();
+                    self.buffers
+                        .namespaces
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(n.name_any(), labels);
+                    Vec::new()
+                }
+                Event::InitDone => {
+                    let all = self.buffers.namespaces.take().unwrap_or_default();
+                    self.state.namespaces_listed(all, now)
+                }
+                Event::Apply(n) => {
+                    let labels = n.labels().clone();
+                    self.state.namespace_applied(n.name_any(), labels, now)
+                }
+                // Services of a deleted namespace are deleted too and release their addresses.
+                Event::Delete(_) => Vec::new(),
+            },
+            Input::Tick => {
+                let keys = std::mem::take(&mut self.failed);
+                let mut out = Vec::new();
+                for k in keys {
+                    if let Some(s) = self.state.service(&k).cloned() {
+                        out.extend(self.state.service_applied(s, now));
+                    }
+                }
+                out
+            }
+        };
+        self.execute(actions).await;
+    }
+
+    /// Performs writes; a conflict re-reads the Service and decides again.
+    async fn execute(&mut self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        let mut conflicts = 0;
+        while let Some(action) = queue.pop_front() {
+            match self.write(&action).await {
+                Ok(()) => {}
+                Err(WriteError::Conflict(key)) if conflicts < 5 => {
+                    conflicts += 1;
+                    let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+                    match api.get_opt(&key.name).await {
+                        Ok(Some(fresh)) => {
+                            // Writes queued for the stale object are decided again from the fresh one.
+                            queue.retain(|a| action_key(a).as_ref() != Some(&key));
+                            let again = self.state.conflict(fresh, Timestamp::now());
+                            // Newer pool reports replace queued ones; the retry goes first.
+                            queue.retain(|a| !again.iter().any(|b| same_pool(a, b)));
+                            for a in again.into_iter().rev() {
+                                queue.push_front(a);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(service = %key, error = %e, "cannot re-read Service after a conflict");
+                            self.failed.insert(key);
+                        }
+                    }
+                }
+                Err(WriteError::Conflict(key)) => {
+                    self.failed.insert(key);
+                }
+                Err(WriteError::Other(key, e)) => {
+                    tracing::warn!(error = %e, "write failed; retrying later");
+                    if let Some(k) = key {
+                        self.failed.insert(k);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, action: &Action) -> Result<(), WriteError> {
+        let pp = PatchParams::default();
+        match action {
+            Action::PatchServiceStatus { key, patch } => {
+                let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+                let r = api
+                    .patch_status(&key.name, &pp, &Patch::Strategic(patch))
+                    .await;
+                self.after_service_write(key, "status", r)
+            }
+            Action::PatchService { key, patch } => {
+                let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+                let r = api.patch(&key.name, &pp, &Patch::Merge(patch)).await;
+                self.after_service_write(key, "spec.externalIPs", r)
+            }
+            Action::Event {
+                reference,
+                warning,
+                reason,
+                note,
+            } => {
+                let ev = KubeEvent {
+                    type_: if *warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: (*reason).into(),
+                    note: Some(note.clone()),
+                    action: "Allocate".into(),
+                    secondary: None,
+                };
+                self.recorder
+                    .publish(&ev, reference)
+                    .await
+                    .map_err(|e| write_error(None, format!("event {reason}"), e))
+            }
+            Action::PatchPoolStatus { name, patch } => {
+                let api: Api<IPPool> = Api::all(self.client.clone());
+                api.patch_status(name, &pp, &Patch::Merge(patch))
+                    .await
+                    .map(|fresh| self.state.observe_pool(fresh))
+                    .map_err(|e| write_error(None, format!("IPPool {name} status"), e))
+            }
+        }
+    }
+
+    fn after_service_write(
+        &mut self,
+        key: &ServiceKey,
+        what: &str,
+        r: Result<Service, kube::Error>,
+    ) -> Result<(), WriteError> {
+        match r {
+            // Keep the cache current so the next guarded write carries the new version.
+            Ok(fresh) => {
+                self.state.observe(fresh);
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() => Err(WriteError::Conflict(key.clone())),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+            Err(e) => Err(write_error(
+                Some(key.clone()),
+                format!("Service {key} {what}"),
+                e,
+            )),
+        }
+    }
+}
+
+fn write_error(key: Option<ServiceKey>, what: String, source: kube::Error) -> WriteError {
+    WriteError::Other(key, Box::new(Error::Write { what, source }))
+}
+
+fn same_pool(a: &Action, b: &Action) -> bool {
+    matches!((a, b), (Action::PatchPoolStatus { name: x, .. }, Action::PatchPoolStatus { name: y, .. }) if x == y)
+}
+
+enum WriteError {
+    Conflict(ServiceKey),
+    Other(Option<ServiceKey>, Box<Error>),
+}
+
+fn action_key(a: &Action) -> Option<ServiceKey> {
+    match a {
+        Action::PatchServiceStatus { key, .. } | Action::PatchService { key, .. } => {
+            Some(key.clone())
+        }
+        Action::Event { reference, .. } => Some(ServiceKey::new(
+            reference.namespace.clone().unwrap_or_default(),
+            reference.name.clone().unwrap_or_default(),
+        )),
+        Action::PatchPoolStatus { .. } => None,
+    }
+}
+
+/// The merged watch streams, decoded into [`Input`]s (errors are logged; the watchers back off
+/// and re-list by themselves).
+pub fn inputs(client: &Client) -> impl Stream<Item = Input> + Send + use<> {
+    let cfg = watcher::Config::default();
+    let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
+        .default_backoff()
+        .filter_map(|r| async move { log(r).map(Input::Service) });
+    let pools = watcher::watcher(Api::<IPPool>::all(client.clone()), cfg.clone())
+        .default_backoff()
+        .filter_map(|r| async move { log(r).map(Input::Pool) });
+    let namespaces = watcher::watcher(Api::<Namespace>::all(client.clone()), cfg)
+        .default_backoff()
+        .filter_map(|r| async move { log(r).map(Input::Namespace) });
+    let ticks = futures::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Some((Input::Tick, ()))
+    });
+    futures::stream::select_all([
+        services.boxed(),
+        pools.boxed(),
+        namespaces.boxed(),
+        ticks.boxed(),
+    ])
+}
+
+fn log<T>(r: Result<T, watcher::Error>) -> Option<T> {
+    r.map_err(|e| tracing::warn!(error = %e, "watch failed; re-listing with back-off"))
+        .ok()
+}
+
+/// Runs the controller: while leading, watch and allocate; when leadership is lost, stop and
+/// forget everything (the next term re-derives it).
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    instance: Option<String>,
+    leadership: &dyn Leadership,
+    shutdown: CancellationToken,
+) {
+    let mut leading = leadership.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = leading.wait_for(|l| *l) => if r.is_err() { return },
+        }
+        tracing::info!("leading: starting the IPAM controller");
+        let mut driver = Driver::new(client.clone(), scope.clone(), instance.clone());
+        let mut events = std::pin::pin!(inputs(&client));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = leading.wait_for(|l| !*l) => {
+                    if r.is_err() { return }
+                    tracing::info!("no longer leading: stopping the IPAM controller");
+                    break;
+                }
+                ev = events.next() => match ev {
+                    Some(input) => driver.handle(input).await,
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Re-exported for the binary's status output.
+pub use reconcile::CONDITION;

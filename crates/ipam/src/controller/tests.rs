@@ -1,0 +1,243 @@
+//! The driver against a scripted fake API server.
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use kube::runtime::watcher::{self, Event};
+use serde_json::json;
+
+use super::*;
+use crate::fixtures::{self, ServiceExt as _, list, mock_client, status_error, timeout_after_1s};
+use crate::intent::LB_CLASS;
+
+const STATUS: &str = "/api/v1/namespaces/default/services/web/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+const POOL_STATUS: &str = "/apis/portico.dev/v1alpha1/ippools/p/status";
+
+fn web() -> Service {
+    fixtures::service("default", "web").load_balancer(LB_CLASS)
+}
+
+/// Feeds the pool and namespace lists (no API calls: nothing is synced yet).
+async fn prime(d: &mut Driver) {
+    for input in [
+        Input::Pool(Event::Init),
+        Input::Pool(Event::InitApply(fixtures::pool("p", &["192.0.2.0/30"]))),
+        Input::Pool(Event::InitDone),
+        Input::Namespace(Event::Init),
+        Input::Namespace(Event::InitDone),
+    ] {
+        d.handle(input).await;
+    }
+}
+
+#[tokio::test]
+async fn a_synced_controller_patches_status_publishes_an_event_and_reports_the_pool() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        let patch = api
+            .expect(
+                "PATCH",
+                STATUS,
+                200,
+                serde_json::to_value(web().version("2")).unwrap(),
+            )
+            .await;
+        assert_eq!(
+            patch.body["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "192.0.2.0"
+        );
+        assert_eq!(patch.body["metadata"]["resourceVersion"], "1");
+        let ev = api.expect("POST", EVENTS, 201, json!({})).await;
+        assert_eq!(ev.body["reason"], "IPAllocated");
+        assert_eq!(ev.body["type"], "Normal");
+        assert_eq!(ev.body["regarding"]["name"], "web");
+        let pool = api
+            .expect(
+                "PATCH",
+                POOL_STATUS,
+                200,
+                serde_json::to_value(fixtures::pool("p", &[])).unwrap(),
+            )
+            .await;
+        assert_eq!(pool.body["status"]["assignedIPv4"], 1);
+    });
+    let mut d = Driver::new(client, Scope::default(), Some("pod-a".into()));
+    prime(&mut d).await;
+    for input in [
+        Input::Service(Event::Init),
+        Input::Service(Event::InitApply(web())),
+        Input::Service(Event::InitDone),
+    ] {
+        d.handle(input).await;
+    }
+    timeout_after_1s(server).await;
+}
+
+#[tokio::test]
+async fn a_conflict_re_reads_the_service_and_retries_with_its_version() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        api.expect("PATCH", STATUS, 409, status_error(409, "Conflict"))
+            .await;
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/services/web",
+            200,
+            serde_json::to_value(web().version("5")).unwrap(),
+        )
+        .await;
+        let retry = api
+            .expect(
+                "PATCH",
+                STATUS,
+                200,
+                serde_json::to_value(web().version("6")).unwrap(),
+            )
+            .await;
+        assert_eq!(retry.body["metadata"]["resourceVersion"], "5");
+        let ev = api.expect("POST", EVENTS, 201, json!({})).await;
+        assert_eq!(
+            ev.body["reason"], "IPAllocated",
+            "one event, not one per attempt"
+        );
+        api.expect(
+            "PATCH",
+            POOL_STATUS,
+            200,
+            serde_json::to_value(fixtures::pool("p", &[])).unwrap(),
+        )
+        .await;
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitApply(web()))).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    timeout_after_1s(server).await;
+}
+
+fn watch_body(events: &[serde_json::Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events {
+        out.extend(serde_json::to_vec(e).unwrap());
+        out.push(b'\n');
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_service_watch_lists_then_watches_and_re_lists_after_410_gone() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        let l = api
+            .expect(
+                "GET",
+                "/api/v1/services?",
+                200,
+                list("Service", &[web()], "10"),
+            )
+            .await;
+        assert!(!l.uri.contains("watch=true"), "{}", l.uri);
+        // The watch: one ERROR 410 (the version is too old).
+        let (req, send) = api.0.next_request().await.unwrap();
+        assert!(
+            req.uri().to_string().contains("watch=true"),
+            "{}",
+            req.uri()
+        );
+        assert!(
+            req.uri().to_string().contains("resourceVersion=10"),
+            "{}",
+            req.uri()
+        );
+        let body = watch_body(&[json!({"type": "ERROR", "object": status_error(410, "Expired")})]);
+        send.send_response(
+            http::Response::builder()
+                .status(200)
+                .body(kube::client::Body::from(body))
+                .unwrap(),
+        );
+        // And the watcher starts over with a fresh list.
+        api.expect(
+            "GET",
+            "/api/v1/services?",
+            200,
+            list("Service", &[web()], "20"),
+        )
+        .await;
+    });
+    let api: Api<Service> = Api::all(client);
+    let mut w = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+    let mut seen = Vec::new();
+    while seen.len() < 7 {
+        match w.next().await.unwrap() {
+            Ok(ev) => seen.push(match ev {
+                Event::Init => "Init".to_string(),
+                Event::InitApply(s) => format!("InitApply({})", s.name_any()),
+                Event::InitDone => "InitDone".into(),
+                Event::Apply(s) => format!("Apply({})", s.name_any()),
+                Event::Delete(s) => format!("Delete({})", s.name_any()),
+            }),
+            Err(watcher::Error::WatchError(s)) => seen.push(format!("Error({})", s.code)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "Init",
+            "InitApply(web)",
+            "InitDone",
+            "Error(410)",
+            "Init",
+            "InitApply(web)",
+            "InitDone"
+        ]
+    );
+    timeout_after_1s(server).await;
+}
+
+#[tokio::test]
+async fn a_re_list_that_misses_a_service_releases_its_address() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        api.expect(
+            "PATCH",
+            STATUS,
+            200,
+            serde_json::to_value(web().version("2")).unwrap(),
+        )
+        .await;
+        api.expect("POST", EVENTS, 201, json!({})).await;
+        api.expect(
+            "PATCH",
+            POOL_STATUS,
+            200,
+            serde_json::to_value(fixtures::pool("p", &[])).unwrap(),
+        )
+        .await;
+        // After the re-list without web: only the pool's usage changes.
+        let pool = api
+            .expect(
+                "PATCH",
+                POOL_STATUS,
+                200,
+                serde_json::to_value(fixtures::pool("p", &[])).unwrap(),
+            )
+            .await;
+        assert_eq!(pool.body["status"]["assignedIPv4"], 0);
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    for input in [
+        Input::Service(Event::Init),
+        Input::Service(Event::InitApply(web())),
+        Input::Service(Event::InitDone),
+        Input::Service(Event::Init),
+        Input::Service(Event::InitDone),
+    ] {
+        d.handle(input).await;
+    }
+    assert!(d.state().allocator().holdings().is_empty());
+    timeout_after_1s(server).await;
+}

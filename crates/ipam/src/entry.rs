@@ -1,0 +1,107 @@
+//! Entry points for the binary: build a client, then run the controller or start the agent's source.
+
+use std::sync::Arc;
+
+use kube::Client;
+use kube::api::Api;
+use model::{Config, Desired};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::intent::Scope;
+use crate::lease::{Leadership, LeaseElector, Timing};
+use crate::rbac;
+use crate::source::{self, Settings};
+
+/// Errors of the entry points.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No kubeconfig or in-cluster configuration, or the client could not be built.
+    #[error("cannot build a Kubernetes client (in-cluster service account or kubeconfig): {0}")]
+    Client(#[source] kube::Error),
+    /// The agent's source could not start.
+    #[error(transparent)]
+    Source(#[from] source::Error),
+}
+
+/// Options of `portico controller`.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Which Services to serve.
+    pub scope: Scope,
+    /// Namespace of the Lease (the controller's own namespace).
+    pub namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+}
+
+/// Options of `portico agent`.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Which Services to serve.
+    pub scope: Scope,
+    /// This node's name.
+    pub node: String,
+    /// The agent's namespace (where the gossip Secret lives).
+    pub namespace: String,
+    /// The gossip Secret's name.
+    pub gossip_secret: String,
+    /// Gossip UDP port.
+    pub gossip_port: u16,
+    /// Node-local settings (interfaces, admin, DNS, cluster timing).
+    pub base: Config,
+}
+
+struct Subscribed(watch::Receiver<bool>);
+
+impl Leadership for Subscribed {
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.0.clone()
+    }
+}
+
+/// Runs the IPAM controller with Lease leader election until `shutdown`.
+pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = Client::try_default().await.map_err(Error::Client)?;
+    let elector = LeaseElector::new(
+        Api::namespaced(client.clone(), &opts.namespace),
+        rbac::LEASE_NAME,
+        opts.identity.clone(),
+        Timing::default(),
+    );
+    let leading = Subscribed(elector.subscribe());
+    let election = tokio::spawn(elector.run(shutdown.clone()));
+    crate::controller::run(client, opts.scope, Some(opts.identity), &leading, shutdown).await;
+    let _ = election.await;
+    Ok(())
+}
+
+/// Starts the agent's source; the receiver holds `base` (no services, generation 0) until
+/// everything is listed, then every config built from the cluster.
+pub async fn agent_source(
+    opts: AgentOptions,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<Arc<Desired>>, Error> {
+    let client = Client::try_default().await.map_err(Error::Client)?;
+    let mut base = opts.base.clone();
+    base.node.name = opts.node.clone();
+    base.services.clear();
+    let initial = Arc::new(Desired {
+        generation: 0,
+        config: Arc::new(base.clone()),
+    });
+    let settings = Settings {
+        node: opts.node,
+        scope: opts.scope,
+        base,
+        gossip_port: opts.gossip_port,
+    };
+    Ok(source::spawn(
+        client,
+        settings,
+        &opts.namespace,
+        &opts.gossip_secret,
+        initial,
+        shutdown,
+    )?)
+}

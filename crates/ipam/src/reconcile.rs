@@ -1,0 +1,649 @@
+//! The controller's pure core: caches, the allocator, and the writes each change calls for.
+//!
+//! [`State`] is fed watch events (already decoded) and returns [`Action`]s; the driver in
+//! [`crate::controller`] executes them. Nothing is allocated until Services, IPPools and
+//! Namespaces are all listed ([`State::is_synced`]); then every Service's recorded addresses are
+//! restored first (sorted by creation time, then name) and only then are new requests served, so
+//! a restart or a leader change reassigns nothing.
+//!
+//! Writes happen only when the object differs from what it should be, so the controller's own
+//! writes coming back through the watch cause no further writes, and every Event marks a change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::allocator::{Allocator, Refusal, ServiceKey, parse_pool};
+use crate::crd::{IPPool, IPPoolStatus};
+use crate::intent::{self, ALLOCATED, Intent, Mode, Scope};
+use crate::selector::Labels;
+
+/// The condition type on Services.
+pub const CONDITION: &str = "portico.dev/AddressAllocated";
+
+/// The Event reason of a successful allocation.
+pub const IP_ALLOCATED: &str = "IPAllocated";
+
+/// A write the driver performs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Strategic merge patch of a Service's `status` subresource. When the patch carries
+    /// `metadata.resourceVersion`, a conflict (409) means the cache was stale: re-read, re-decide.
+    PatchServiceStatus {
+        /// The Service.
+        key: ServiceKey,
+        /// The patch body.
+        patch: Value,
+    },
+    /// Merge patch of a Service (`spec.externalIPs` and the [`ALLOCATED`] annotation), guarded
+    /// by `metadata.resourceVersion`.
+    PatchService {
+        /// The Service.
+        key: ServiceKey,
+        /// The patch body.
+        patch: Value,
+    },
+    /// An Event on a Service.
+    Event {
+        /// The Service.
+        reference: ObjectReference,
+        /// Warning or Normal.
+        warning: bool,
+        /// `IPAllocated`, `PoolExhausted`, `IPInUse`, `InvalidRequest` or `SharingRefused`.
+        reason: &'static str,
+        /// Human-readable detail.
+        note: String,
+    },
+    /// Merge patch of an IPPool's `status` subresource.
+    PatchPoolStatus {
+        /// The pool.
+        name: String,
+        /// The patch body.
+        patch: Value,
+    },
+}
+
+/// Which caches have been listed completely at least once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Synced {
+    services: bool,
+    pools: bool,
+    namespaces: bool,
+}
+
+/// The controller's state.
+#[derive(Debug, Clone)]
+pub struct State {
+    scope: Scope,
+    alloc: Allocator,
+    services: BTreeMap<ServiceKey, Service>,
+    pools: BTreeMap<String, IPPool>,
+    namespaces: BTreeMap<String, Labels>,
+    /// The mode each holding was granted in.
+    modes: BTreeMap<ServiceKey, Mode>,
+    /// Services whose last request was refused; retried when something is released.
+    waiting: BTreeSet<ServiceKey>,
+    synced: Synced,
+    started: bool,
+}
+
+impl State {
+    /// An empty state that allocates nothing until synced.
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            alloc: Allocator::new(),
+            services: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            modes: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            synced: Synced::default(),
+            started: false,
+        }
+    }
+
+    /// Whether every cache has been listed.
+    pub fn is_synced(&self) -> bool {
+        self.synced.services && self.synced.pools && self.synced.namespaces
+    }
+
+    /// The allocator (read-only, for tests and status).
+    pub fn allocator(&self) -> &Allocator {
+        &self.alloc
+    }
+
+    /// A cached Service.
+    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    // === events ===
+
+    /// A complete list of Services (initial list or re-list after 410 Gone).
+    pub fn services_listed(&mut self, all: Vec<Service>, now: Timestamp) -> Vec<Action> {
+        let new: BTreeMap<ServiceKey, Service> =
+            all.into_iter().map(|s| (intent::key(&s), s)).collect();
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .cloned()
+            .collect();
+        self.services = new;
+        self.synced.services = true;
+        if !self.started {
+            return self.start(now);
+        }
+        let mut out = Vec::new();
+        for k in gone {
+            self.forget(&k);
+        }
+        let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
+        for k in keys {
+            out.extend(self.reconcile(&k, now));
+        }
+        out.extend(self.pool_statuses(now));
+        out
+    }
+
+    /// A Service was added or changed.
+    pub fn service_applied(&mut self, svc: Service, now: Timestamp) -> Vec<Action> {
+        let key = intent::key(&svc);
+        self.services.insert(key.clone(), svc);
+        if !self.started {
+            return Vec::new();
+        }
+        let had = self.alloc.held(&key).len();
+        let mut out = self.reconcile(&key, now);
+        if self.alloc.held(&key).len() < had {
+            out.extend(self.retry_waiting(now));
+        }
+        out.extend(self.pool_statuses(now));
+        out
+    }
+
+    /// A Service was deleted: its addresses are free again.
+    pub fn service_deleted(&mut self, svc: &Service, now: Timestamp) -> Vec<Action> {
+        let key = intent::key(svc);
+        self.services.remove(&key);
+        if !self.started {
+            return Vec::new();
+        }
+        self.forget(&key);
+        let mut out = self.retry_waiting(now);
+        out.extend(self.pool_statuses(now));
+        out
+    }
+
+    /// A complete list of pools.
+    pub fn pools_listed(&mut self, all: Vec<IPPool>, now: Timestamp) -> Vec<Action> {
+        self.pools = all.into_iter().map(|p| (p.name_any(), p)).collect();
+        self.synced.pools = true;
+        self.pools_changed(now)
+    }
+
+    /// A pool was added or changed.
+    pub fn pool_applied(&mut self, pool: IPPool, now: Timestamp) -> Vec<Action> {
+        self.pools.insert(pool.name_any(), pool);
+        self.pools_changed(now)
+    }
+
+    /// A pool was deleted (its addresses stay with their Services).
+    pub fn pool_deleted(&mut self, pool: &IPPool, now: Timestamp) -> Vec<Action> {
+        self.pools.remove(&pool.name_any());
+        self.pools_changed(now)
+    }
+
+    /// A complete list of namespaces and their labels.
+    pub fn namespaces_listed(
+        &mut self,
+        all: BTreeMap<String, Labels>,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        self.namespaces = all;
+        self.synced.namespaces = true;
+        if !self.started {
+            return self.start(now);
+        }
+        self.reconcile_all(now)
+    }
+
+    /// A namespace's labels changed.
+    pub fn namespace_applied(
+        &mut self,
+        name: String,
+        labels: Labels,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        if self.namespaces.get(&name) == Some(&labels) {
+            return Vec::new();
+        }
+        self.namespaces.insert(name.clone(), labels);
+        if !self.started {
+            return Vec::new();
+        }
+        let keys: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| k.namespace == name)
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for k in keys {
+            out.extend(self.reconcile(&k, now));
+        }
+        out.extend(self.pool_statuses(now));
+        out
+    }
+
+    /// The object a write returned: refresh the cache without deciding anything (the watch
+    /// delivers it again later, and then it matches).
+    pub fn observe(&mut self, svc: Service) {
+        self.services.insert(intent::key(&svc), svc);
+    }
+
+    /// The pool a status write returned: refresh the cache so the same report is not written again.
+    pub fn observe_pool(&mut self, pool: IPPool) {
+        if let Some(p) = self.pools.get_mut(&pool.name_any()) {
+            p.status = pool.status;
+        }
+    }
+
+    /// A write was refused with 409 Conflict: the driver re-read the Service; decide again.
+    pub fn conflict(&mut self, fresh: Service, now: Timestamp) -> Vec<Action> {
+        self.service_applied(fresh, now)
+    }
+
+    // === decisions ===
+
+    fn pools_changed(&mut self, now: Timestamp) -> Vec<Action> {
+        self.alloc
+            .set_pools(self.pools.values().map(|p| (p.name_any(), parse_pool(p))));
+        if !self.started {
+            return self.start(now);
+        }
+        self.reconcile_all(now)
+    }
+
+    fn reconcile_all(&mut self, now: Timestamp) -> Vec<Action> {
+        let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
+        let mut out = Vec::new();
+        for k in keys {
+            out.extend(self.reconcile(&k, now));
+        }
+        out.extend(self.pool_statuses(now));
+        out
+    }
+
+    /// Restores every recorded allocation, then serves requests. Runs once, when synced.
+    fn start(&mut self, now: Timestamp) -> Vec<Action> {
+        if !self.is_synced() || self.started {
+            return Vec::new();
+        }
+        self.started = true;
+        self.alloc
+            .set_pools(self.pools.values().map(|p| (p.name_any(), parse_pool(p))));
+        let mut order: Vec<&Service> = self.services.values().collect();
+        order.sort_by_key(|s| (s.creation_timestamp().map(|t| t.0), intent::key(s)));
+        let mut out = Vec::new();
+        let mut restores = Vec::new();
+        for svc in order {
+            let Some(mode) = intent::mode(svc, &self.scope) else {
+                continue;
+            };
+            let recorded = intent::recorded(svc, mode);
+            if recorded.is_empty() {
+                continue;
+            }
+            let ns = self
+                .namespaces
+                .get(&svc.namespace().unwrap_or_default())
+                .cloned()
+                .unwrap_or_default();
+            restores.push((
+                svc.clone(),
+                mode,
+                intent::restore_request(svc, &ns),
+                recorded,
+            ));
+        }
+        for (svc, mode, req, recorded) in restores {
+            match self.alloc.restore(&req, &recorded) {
+                Ok(()) => {
+                    self.modes.insert(req.service.clone(), mode);
+                }
+                Err(refusal) => out.extend(self.refused(&svc, &refusal, now)),
+            }
+        }
+        out.extend(self.reconcile_all(now));
+        out
+    }
+
+    /// Releases what a gone Service held (no write: the object is gone).
+    fn forget(&mut self, key: &ServiceKey) {
+        self.alloc.release(key);
+        self.modes.remove(key);
+        self.waiting.remove(key);
+    }
+
+    fn retry_waiting(&mut self, now: Timestamp) -> Vec<Action> {
+        let keys: Vec<ServiceKey> = self.waiting.iter().cloned().collect();
+        keys.iter().flat_map(|k| self.reconcile(k, now)).collect()
+    }
+
+    /// Decides the writes for one Service.
+    fn reconcile(&mut self, key: &ServiceKey, now: Timestamp) -> Vec<Action> {
+        let Some(svc) = self.services.get(key).cloned() else {
+            self.forget(key);
+            return Vec::new();
+        };
+        let ns = self
+            .namespaces
+            .get(&key.namespace)
+            .cloned()
+            .unwrap_or_default();
+        match intent::intent(&svc, &self.scope, &ns) {
+            Intent::NotOurs => self.release(&svc),
+            Intent::Invalid(_, msg) => {
+                self.waiting.insert(key.clone());
+                self.refused(&svc, &Refusal::InvalidRequest(msg), now)
+            }
+            Intent::Want(mode, req) => {
+                let mut out = Vec::new();
+                if self.modes.get(key).is_some_and(|m| *m != mode) {
+                    out.extend(self.release(&svc));
+                }
+                match self.alloc.assign(&req) {
+                    Ok(ips) => {
+                        self.waiting.remove(key);
+                        self.modes.insert(key.clone(), mode);
+                        out.extend(self.granted(&svc, mode, &ips, now));
+                    }
+                    Err(refusal) => {
+                        self.waiting.insert(key.clone());
+                        out.extend(self.refused(&svc, &refusal, now));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Writes for a granted request.
+    fn granted(&self, svc: &Service, mode: Mode, ips: &[IpAddr], now: Timestamp) -> Vec<Action> {
+        let key = intent::key(svc);
+        let mut out = Vec::new();
+        let recorded = intent::recorded(svc, mode);
+        let changed = recorded != ips;
+        let orphans: Vec<IpAddr> = self
+            .alloc
+            .orphans()
+            .into_iter()
+            .filter(|ip| ips.contains(ip))
+            .collect();
+        let list = join(ips);
+        let (reason, message) = if orphans.is_empty() {
+            (IP_ALLOCATED, list.clone())
+        } else {
+            (
+                "AddressOutsidePools",
+                format!(
+                    "{list}; {} no longer in any pool, kept until released",
+                    join(&orphans)
+                ),
+            )
+        };
+        let cond = condition(svc, true, reason, &message, now);
+        match mode {
+            Mode::LoadBalancer => {
+                if changed || cond.is_some() {
+                    let mut status = json!({});
+                    if changed {
+                        status["loadBalancer"] = json!({"ingress": ingress(ips)});
+                    }
+                    if let Some(c) = cond {
+                        status["conditions"] = json!([c]);
+                    }
+                    let mut patch = json!({ "status": status });
+                    if changed {
+                        patch["metadata"] = json!({"resourceVersion": svc.resource_version()});
+                    }
+                    out.push(Action::PatchServiceStatus {
+                        key: key.clone(),
+                        patch,
+                    });
+                }
+            }
+            Mode::ExternalIp => {
+                let annotated = intent::recorded_annotation(svc);
+                if changed || annotated != ips {
+                    out.push(Action::PatchService {
+                        key: key.clone(),
+                        patch: json!({
+                            "metadata": {
+                                "resourceVersion": svc.resource_version(),
+                                "annotations": { ALLOCATED: list },
+                            },
+                            "spec": { "externalIPs": external_ips(svc, &annotated, ips) },
+                        }),
+                    });
+                }
+                if let Some(c) = cond {
+                    out.push(Action::PatchServiceStatus {
+                        key: key.clone(),
+                        patch: json!({"status": {"conditions": [c]}}),
+                    });
+                }
+            }
+        }
+        if changed {
+            out.push(Action::Event {
+                reference: svc.object_ref(&()),
+                warning: false,
+                reason: IP_ALLOCATED,
+                note: format!("assigned {list}"),
+            });
+        }
+        out
+    }
+
+    /// Writes for a refused request: a condition and an Event, once per distinct refusal.
+    fn refused(&self, svc: &Service, refusal: &Refusal, now: Timestamp) -> Vec<Action> {
+        let message = refusal.to_string();
+        let Some(c) = condition(svc, false, refusal.reason(), &message, now) else {
+            return Vec::new();
+        };
+        vec![
+            Action::PatchServiceStatus {
+                key: intent::key(svc),
+                patch: json!({"status": {"conditions": [c]}}),
+            },
+            Action::Event {
+                reference: svc.object_ref(&()),
+                warning: true,
+                reason: refusal.reason(),
+                note: message,
+            },
+        ]
+    }
+
+    /// A Service portico no longer serves: free its addresses and take back what it wrote.
+    fn release(&mut self, svc: &Service) -> Vec<Action> {
+        let key = intent::key(svc);
+        let held = self.alloc.held(&key).to_vec();
+        let mode = self.modes.remove(&key);
+        self.alloc.release(&key);
+        self.waiting.remove(&key);
+        let mut out = Vec::new();
+        match mode {
+            Some(Mode::LoadBalancer) => {
+                let recorded = intent::recorded(svc, Mode::LoadBalancer);
+                if !recorded.is_empty() && recorded.iter().all(|ip| held.contains(ip)) {
+                    out.push(Action::PatchServiceStatus {
+                        key: key.clone(),
+                        patch: json!({
+                            "metadata": {"resourceVersion": svc.resource_version()},
+                            "status": {"loadBalancer": {"ingress": null}},
+                        }),
+                    });
+                }
+            }
+            Some(Mode::ExternalIp) => {
+                let annotated = intent::recorded_annotation(svc);
+                out.push(Action::PatchService {
+                    key: key.clone(),
+                    patch: json!({
+                        "metadata": {"resourceVersion": svc.resource_version(), "annotations": { ALLOCATED: null }},
+                        "spec": { "externalIPs": external_ips(svc, &annotated, &[]) },
+                    }),
+                });
+            }
+            None => {}
+        }
+        if has_condition(svc) {
+            out.push(Action::PatchServiceStatus {
+                key,
+                patch: json!({"status": {"conditions": [{"type": CONDITION, "$patch": "delete"}]}}),
+            });
+        }
+        out
+    }
+
+    /// Patches for pools whose status differs from the allocator's report.
+    fn pool_statuses(&self, now: Timestamp) -> Vec<Action> {
+        let mut out = Vec::new();
+        for r in self.alloc.report() {
+            let Some(pool) = self.pools.get(&r.name) else {
+                continue;
+            };
+            let old = pool.status.clone().unwrap_or_default();
+            let sat = |v: u128| i64::try_from(v).unwrap_or(i64::MAX);
+            let keep = |t: &str, status: &str| {
+                old.conditions
+                    .iter()
+                    .find(|c| c.type_ == t && c.status == status)
+                    .map(|c| c.last_transition_time.clone())
+                    .unwrap_or(Time(now))
+            };
+            let mk = |t: &str, ok: bool, reason: &str, message: String| {
+                let status = if ok { "True" } else { "False" };
+                Condition {
+                    type_: t.into(),
+                    status: status.into(),
+                    reason: reason.into(),
+                    message,
+                    observed_generation: pool.metadata.generation,
+                    last_transition_time: keep(t, status),
+                }
+            };
+            let valid = match &r.invalid {
+                None => mk("Valid", true, "Valid", String::new()),
+                Some(e) => mk("Valid", false, "InvalidSpec", e.clone()),
+            };
+            let overlapping = if r.overlapping.is_empty() {
+                mk("Overlapping", false, "NoOverlap", String::new())
+            } else {
+                mk(
+                    "Overlapping",
+                    true,
+                    "Overlapping",
+                    format!(
+                        "shares addresses with {}; this pool hands out no new address until that is fixed",
+                        r.overlapping.join(", ")
+                    ),
+                )
+            };
+            let new = IPPoolStatus {
+                assigned_ipv4: sat(r.assigned_v4),
+                available_ipv4: sat(r.available_v4),
+                assigned_ipv6: sat(r.assigned_v6),
+                available_ipv6: sat(r.available_v6),
+                conditions: vec![valid, overlapping],
+            };
+            if new != old {
+                out.push(Action::PatchPoolStatus {
+                    name: r.name.clone(),
+                    patch: json!({ "status": new }),
+                });
+            }
+        }
+        out
+    }
+}
+
+fn join(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(|ip| ip.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ingress(ips: &[IpAddr]) -> Value {
+    ips.iter()
+        .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+        .collect()
+}
+
+/// `spec.externalIPs` with the addresses portico wrote before replaced by `ips`.
+fn external_ips(svc: &Service, ours_before: &[IpAddr], ips: &[IpAddr]) -> Value {
+    let mut list: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_ips.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| {
+            !s.parse::<IpAddr>()
+                .is_ok_and(|ip| ours_before.contains(&ip) || ips.contains(&ip))
+        })
+        .collect();
+    list.extend(ips.iter().map(|ip| ip.to_string()));
+    json!(list)
+}
+
+fn has_condition(svc: &Service) -> bool {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == CONDITION))
+}
+
+/// The condition to write, or `None` when the Service already says exactly this.
+fn condition(
+    svc: &Service,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> Option<Value> {
+    let status = if ok { "True" } else { "False" };
+    let old = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION));
+    if old.is_some_and(|c| c.status == status && c.reason == reason && c.message == message) {
+        return None;
+    }
+    let since = old
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Some(json!({
+        "type": CONDITION,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": svc.metadata.generation,
+    }))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,614 @@
+//! The agent's source: Services, EndpointSlices, Nodes, IPPools, L2Announcements and the gossip
+//! Secret, turned into the same [`model::Desired`] the standalone config produces.
+//!
+//! [`build`] is pure: a [`Snapshot`] of the caches in, a [`model::Config`] out. [`run`] keeps the
+//! caches from watches and publishes a new [`Desired`] whenever the config changes. When the API
+//! server is unreachable the caches, and so the published state, stay as they were: nothing is
+//! withdrawn because the API is gone. Watches resume with back-off and re-list.
+//!
+//! Naming: a Service `web` in namespace `shop` becomes the model service `shop-web`, published
+//! in DNS as `web.shop` (inside the zone) unless `portico.dev/hostname` says otherwise.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use model::{Backend, ClusterKey, Config, Desired, Peer, Placement, Port, Protocol};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::allocator::{AddrRange, parse_pool};
+use crate::crd::{IPPool, L2Announcement};
+use crate::intent::{self, HOSTNAME, Mode, Scope};
+use crate::selector::{Selector, any_matches};
+
+/// The label EndpointSlices carry with their Service's name.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Secret data keys holding gossip keys: `key` (id 1) or `key-<id>`; the highest id sends.
+pub const GOSSIP_SECRET_KEY: &str = "key";
+
+/// Errors of the source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The service template could not be built from the model's defaults (a bug).
+    #[error("cannot build the service template from the model defaults: {0}")]
+    Template(String),
+}
+
+/// Settings of one agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (downward API `spec.nodeName`).
+    pub node: String,
+    /// Which Services portico serves.
+    pub scope: Scope,
+    /// The node-local base config: interfaces, admin, DNS, cluster timing. Its services are ignored.
+    pub base: Config,
+    /// Gossip UDP port on every node.
+    pub gossip_port: u16,
+}
+
+/// Everything the agent watches.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Services by (namespace, name).
+    pub services: BTreeMap<(String, String), Service>,
+    /// EndpointSlices by (namespace, name).
+    pub slices: BTreeMap<(String, String), EndpointSlice>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, IPPool>,
+    /// L2 announcements by name.
+    pub l2: BTreeMap<String, L2Announcement>,
+    /// The gossip Secret.
+    pub secret: Option<Secret>,
+}
+
+/// The model service every Kubernetes Service starts from: the standalone defaults.
+pub fn template() -> Result<model::Service, Error> {
+    let src = "node:\n  interfaces:\n    - name: t\n      addresses: [192.0.2.1/24]\n\
+               services:\n  - name: t\n    vips: [192.0.2.10]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.0.1}]\n";
+    let cfg = model::config::parse(src, &model::config::Environment::default())
+        .map_err(|e| Error::Template(e.to_string()))?;
+    cfg.services
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Template("no service".into()))
+}
+
+/// Builds the desired config from a snapshot (pure).
+pub fn build(snap: &Snapshot, settings: &Settings, template: &model::Service) -> Config {
+    let mut cfg = settings.base.clone();
+    cfg.node.name = settings.node.clone();
+    cfg.cluster.peers = peers(snap, settings);
+    if let Some(me) = internal_ip(snap.nodes.get(&settings.node)) {
+        cfg.cluster.advertise = SocketAddr::new(me, settings.gossip_port);
+    }
+    cfg.cluster.bind.set_port(settings.gossip_port);
+    let keys = gossip_keys(snap.secret.as_ref());
+    if !keys.is_empty() {
+        cfg.cluster.keys = keys;
+    }
+    let pools: Vec<(String, Vec<AddrRange>, BTreeMap<String, String>)> = snap
+        .pools
+        .values()
+        .filter_map(|p| {
+            parse_pool(p)
+                .ok()
+                .map(|pool| (p.name_any(), pool.ranges, p.labels().clone()))
+        })
+        .collect();
+    cfg.services = snap
+        .services
+        .values()
+        .filter_map(|svc| service(snap, settings, template, &pools, svc))
+        .collect();
+    cfg
+}
+
+fn internal_ip(node: Option<&Node>) -> Option<IpAddr> {
+    node?
+        .status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse().ok())
+}
+
+fn peers(snap: &Snapshot, settings: &Settings) -> Vec<Peer> {
+    snap.nodes
+        .values()
+        .filter(|n| n.name_any() != settings.node)
+        .filter_map(|n| {
+            Some(Peer {
+                name: n.name_any(),
+                address: SocketAddr::new(internal_ip(Some(n))?, settings.gossip_port),
+            })
+        })
+        .collect()
+}
+
+/// Gossip keys from the Secret: `key` is id 1, `key-<id>` id `<id>`; the highest id first (it sends).
+pub fn gossip_keys(secret: Option<&Secret>) -> Vec<ClusterKey> {
+    let mut keys: Vec<ClusterKey> = secret
+        .and_then(|s| s.data.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let id = if k == GOSSIP_SECRET_KEY {
+                1
+            } else {
+                k.strip_prefix("key-")?.parse::<u8>().ok()?
+            };
+            let text = std::str::from_utf8(&v.0).ok()?;
+            let secret = model::config::decode_secret(text.trim())?;
+            Some(ClusterKey { id, secret })
+        })
+        .collect();
+    keys.sort_by_key(|k| std::cmp::Reverse(k.id));
+    keys
+}
+
+/// The model service for one Kubernetes Service, if portico announces it.
+fn service(
+    snap: &Snapshot,
+    settings: &Settings,
+    template: &model::Service,
+    pools: &[(String, Vec<AddrRange>, BTreeMap<String, String>)],
+    svc: &Service,
+) -> Option<model::Service> {
+    let mode = intent::mode(svc, &settings.scope)?;
+    let vips: Vec<IpAddr> = match mode {
+        Mode::LoadBalancer => intent::recorded(svc, mode),
+        Mode::ExternalIp => intent::recorded(svc, mode),
+    };
+    if vips.is_empty() {
+        return None;
+    }
+    let spec = svc.spec.as_ref()?;
+    let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+    let placement_nodes = announcing_nodes(snap, pools, svc, &vips)?;
+    let endpoints = endpoints(snap, &ns, &name);
+    let ports: Vec<Port> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                _ => return None,
+            };
+            let port = u16::try_from(p.port).ok()?;
+            let target = endpoints
+                .ports
+                .get(&p.name.clone().unwrap_or_default())
+                .copied()
+                .or_else(|| match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                        u16::try_from(*n).ok()
+                    }
+                    None => Some(port),
+                    _ => None,
+                })?;
+            Some(Port {
+                name: p
+                    .name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| format!("{protocol}-{port}")),
+                port,
+                protocol,
+                target_port: target,
+            })
+        })
+        .collect();
+    let hostname = svc
+        .annotations()
+        .get(HOSTNAME)
+        .cloned()
+        .unwrap_or_else(|| format!("{name}.{ns}"));
+    let mut out = template.clone();
+    out.name = format!("{ns}-{name}");
+    out.vips = vips;
+    out.ports = ports;
+    out.backends = endpoints.backends;
+    out.placement = Placement {
+        nodes: placement_nodes,
+        preferred: Vec::new(),
+        local_only: spec.external_traffic_policy.as_deref() == Some("Local"),
+    };
+    out.dns.hostname = hostname;
+    Some(out)
+}
+
+/// Nodes that may announce this Service: those selected by the L2Announcements that select the
+/// Service and its pool. Without any L2Announcement every node may (empty list = all). `None`
+/// when announcements exist but none selects the Service.
+fn announcing_nodes(
+    snap: &Snapshot,
+    pools: &[(String, Vec<AddrRange>, BTreeMap<String, String>)],
+    svc: &Service,
+    vips: &[IpAddr],
+) -> Option<Vec<String>> {
+    if snap.l2.is_empty() {
+        return Some(Vec::new());
+    }
+    let my_pools: Vec<&(String, Vec<AddrRange>, BTreeMap<String, String>)> = pools
+        .iter()
+        .filter(|(_, ranges, _)| vips.iter().any(|ip| ranges.iter().any(|r| r.contains(*ip))))
+        .collect();
+    let parse = |v: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector]| -> Option<Vec<Selector>> {
+        v.iter().map(|s| Selector::parse(s).ok()).collect()
+    };
+    let mut nodes = BTreeSet::new();
+    let mut selected = false;
+    for a in snap.l2.values() {
+        let spec = &a.spec;
+        let (Some(pool_sel), Some(svc_sel), Some(node_sel)) = (
+            parse(&spec.ip_pool_selectors),
+            parse(&spec.service_selectors),
+            parse(&spec.node_selectors),
+        ) else {
+            continue;
+        };
+        let pool_ok = (spec.ip_pools.is_empty() && pool_sel.is_empty())
+            || my_pools.iter().any(|(n, _, labels)| {
+                spec.ip_pools.contains(n)
+                    || (!pool_sel.is_empty() && any_matches(&pool_sel, labels))
+            });
+        if !pool_ok || !any_matches(&svc_sel, svc.labels()) {
+            continue;
+        }
+        selected = true;
+        for n in snap.nodes.values() {
+            if any_matches(&node_sel, n.labels()) {
+                nodes.insert(n.name_any());
+            }
+        }
+    }
+    selected.then(|| nodes.into_iter().collect())
+}
+
+/// Backends and the resolved target ports (by port name) of a Service.
+struct Endpoints {
+    backends: Vec<Backend>,
+    ports: BTreeMap<String, u16>,
+}
+
+/// Reads a Service's EndpointSlices the way kube-proxy does: ready endpoints serve; when none is
+/// ready, serving-and-terminating ones do (so connections drain instead of failing).
+fn endpoints(snap: &Snapshot, ns: &str, name: &str) -> Endpoints {
+    let slices: Vec<&EndpointSlice> = snap
+        .slices
+        .iter()
+        .filter(|((sns, _), s)| {
+            sns == ns && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
+        })
+        .map(|(_, s)| s)
+        .collect();
+    let mut ports = BTreeMap::new();
+    let mut ready = BTreeMap::new();
+    let mut terminating = BTreeMap::new();
+    for s in &slices {
+        if s.address_type == "FQDN" {
+            continue;
+        }
+        for p in s.ports.iter().flatten() {
+            if let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) {
+                ports
+                    .entry(p.name.clone().unwrap_or_default())
+                    .or_insert(port);
+            }
+        }
+        for e in &s.endpoints {
+            let c = e.conditions.clone().unwrap_or_default();
+            // As kube-proxy: a nil `ready` means ready; `serving` defaults to `ready`.
+            let is_ready = c.ready.unwrap_or(true);
+            let is_serving = c.serving.unwrap_or(is_ready);
+            let is_terminating = c.terminating.unwrap_or(false);
+            for a in &e.addresses {
+                let Ok(address) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                let b = Backend {
+                    name: e
+                        .target_ref
+                        .as_ref()
+                        .and_then(|r| r.name.clone())
+                        .unwrap_or_else(|| address.to_string()),
+                    address,
+                    port: None,
+                    weight: 1,
+                    node: e.node_name.clone(),
+                };
+                if is_ready && !is_terminating {
+                    ready.entry(address).or_insert(b);
+                } else if is_serving && is_terminating {
+                    terminating.entry(address).or_insert(b);
+                }
+            }
+        }
+    }
+    let chosen = if ready.is_empty() { terminating } else { ready };
+    let mut backends: Vec<Backend> = chosen.into_values().collect();
+    // Names must be unique within a service; pods with several addresses get the address appended.
+    let mut seen = BTreeSet::new();
+    for b in &mut backends {
+        if !seen.insert(b.name.clone()) {
+            b.name = format!("{}-{}", b.name, b.address);
+        }
+    }
+    Endpoints { backends, ports }
+}
+
+/// Keeps a snapshot from watch events and publishes [`Desired`] when the config changes.
+pub struct Source {
+    settings: Settings,
+    template: model::Service,
+    snap: Snapshot,
+    /// Per kind: listed at least once; and the buffer of an ongoing (re-)list.
+    listed: BTreeSet<&'static str>,
+    buffers: Buffers,
+    generation: u64,
+    last: Option<Arc<Config>>,
+}
+
+#[derive(Default)]
+struct Buffers {
+    services: Option<Vec<Service>>,
+    slices: Option<Vec<EndpointSlice>>,
+    nodes: Option<Vec<Node>>,
+    pools: Option<Vec<IPPool>>,
+    l2: Option<Vec<L2Announcement>>,
+    secret: Option<Vec<Secret>>,
+}
+
+/// One decoded watch event of any kind the agent watches.
+// Short-lived values moved once through a channel or a match: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    /// Services.
+    Service(Event<Service>),
+    /// EndpointSlices.
+    Slice(Event<EndpointSlice>),
+    /// Nodes.
+    Node(Event<Node>),
+    /// IPPools.
+    Pool(Event<IPPool>),
+    /// L2Announcements.
+    L2(Event<L2Announcement>),
+    /// The gossip Secret.
+    Secret(Event<Secret>),
+}
+
+/// The kinds that must be listed before the first config is published.
+const KINDS: [&str; 6] = [
+    "services",
+    "endpointslices",
+    "nodes",
+    "ippools",
+    "l2announcements",
+    "secret",
+];
+
+fn apply_event<K: kube::Resource + Clone>(
+    ev: Event<K>,
+    buffer: &mut Option<Vec<K>>,
+    cache: &mut BTreeMap<(String, String), K>,
+) -> bool {
+    let key = |o: &K| {
+        (
+            o.meta().namespace.clone().unwrap_or_default(),
+            o.meta().name.clone().unwrap_or_default(),
+        )
+    };
+    match ev {
+        Event::Init => {
+            *buffer = Some(Vec::new());
+            false
+        }
+        Event::InitApply(o) => {
+            buffer.get_or_insert_with(Vec::new).push(o);
+            false
+        }
+        Event::InitDone => {
+            *cache = buffer
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| (key(&o), o))
+                .collect();
+            true
+        }
+        Event::Apply(o) => {
+            cache.insert(key(&o), o);
+            true
+        }
+        Event::Delete(o) => {
+            cache.remove(&key(&o));
+            true
+        }
+    }
+}
+
+fn by_name<K: Clone>(m: &BTreeMap<(String, String), K>) -> BTreeMap<String, K> {
+    m.iter().map(|((_, n), v)| (n.clone(), v.clone())).collect()
+}
+
+impl Source {
+    /// A source with empty caches.
+    pub fn new(settings: Settings) -> Result<Self, Error> {
+        Ok(Self {
+            settings,
+            template: template()?,
+            snap: Snapshot::default(),
+            listed: BTreeSet::new(),
+            buffers: Buffers::default(),
+            generation: 0,
+            last: None,
+        })
+    }
+
+    /// Feeds one event; returns a new desired state when the config changed.
+    pub fn handle(&mut self, input: Input) -> Option<Desired> {
+        let s = &mut self.snap;
+        let b = &mut self.buffers;
+        let (kind, done) = match input {
+            Input::Service(ev) => (
+                "services",
+                apply_event(ev, &mut b.services, &mut s.services),
+            ),
+            Input::Slice(ev) => (
+                "endpointslices",
+                apply_event(ev, &mut b.slices, &mut s.slices),
+            ),
+            Input::Node(ev) => {
+                let mut m = s
+                    .nodes
+                    .iter()
+                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.nodes, &mut m);
+                s.nodes = by_name(&m);
+                ("nodes", d)
+            }
+            Input::Pool(ev) => {
+                let mut m = s
+                    .pools
+                    .iter()
+                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.pools, &mut m);
+                s.pools = by_name(&m);
+                ("ippools", d)
+            }
+            Input::L2(ev) => {
+                let mut m =
+                    s.l2.iter()
+                        .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
+                        .collect();
+                let d = apply_event(ev, &mut b.l2, &mut m);
+                s.l2 = by_name(&m);
+                ("l2announcements", d)
+            }
+            Input::Secret(ev) => {
+                let mut m: BTreeMap<(String, String), Secret> = s
+                    .secret
+                    .iter()
+                    .map(|v| ((String::new(), v.name_any()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.secret, &mut m);
+                s.secret = m.into_values().next();
+                ("secret", d)
+            }
+        };
+        if done {
+            self.listed.insert(kind);
+        }
+        if !done || KINDS.iter().any(|k| !self.listed.contains(k)) {
+            return None;
+        }
+        let cfg = build(&self.snap, &self.settings, &self.template);
+        if self.last.as_deref() == Some(&cfg) {
+            return None;
+        }
+        let cfg = Arc::new(cfg);
+        self.last = Some(cfg.clone());
+        self.generation += 1;
+        Some(Desired {
+            generation: self.generation,
+            config: cfg,
+        })
+    }
+}
+
+/// The merged watches of the agent.
+pub fn inputs(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+) -> impl Stream<Item = Input> + Send + use<> {
+    fn w<K>(api: Api<K>, cfg: watcher::Config) -> impl Stream<Item = Event<K>> + Send
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        watcher::watcher(api, cfg).default_backoff().filter_map(|r| async move {
+            r.map_err(|e| tracing::warn!(error = %e, "watch failed; keeping the last known state, retrying with back-off"))
+                .ok()
+        })
+    }
+    let cfg = watcher::Config::default();
+    let c = client.clone();
+    futures::stream::select_all([
+        w(Api::<Service>::all(c.clone()), cfg.clone())
+            .map(Input::Service)
+            .boxed(),
+        w(Api::<EndpointSlice>::all(c.clone()), cfg.clone())
+            .map(Input::Slice)
+            .boxed(),
+        w(Api::<Node>::all(c.clone()), cfg.clone())
+            .map(Input::Node)
+            .boxed(),
+        w(Api::<IPPool>::all(c.clone()), cfg.clone())
+            .map(Input::Pool)
+            .boxed(),
+        w(Api::<L2Announcement>::all(c.clone()), cfg.clone())
+            .map(Input::L2)
+            .boxed(),
+        w(
+            Api::<Secret>::namespaced(c, namespace),
+            cfg.fields(&format!("metadata.name={secret}")),
+        )
+        .map(Input::Secret)
+        .boxed(),
+    ])
+}
+
+/// Runs the source until `shutdown`, publishing into the returned receiver. The first value is
+/// published once everything is listed; until then the receiver holds `initial`.
+pub fn spawn(
+    client: Client,
+    settings: Settings,
+    namespace: &str,
+    secret: &str,
+    initial: Arc<Desired>,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<Arc<Desired>>, Error> {
+    let mut source = Source::new(settings)?;
+    let (tx, rx) = watch::channel(initial);
+    let mut events = inputs(&client, namespace, secret);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                ev = events.next() => match ev {
+                    Some(ev) => {
+                        if let Some(d) = source.handle(ev) {
+                            tracing::info!(generation = d.generation, services = d.config.services.len(), "desired state from Kubernetes");
+                            tx.send_replace(Arc::new(d));
+                        }
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                },
+            }
+        }
+    });
+    Ok(rx)
+}
+
+#[cfg(test)]
+mod tests;

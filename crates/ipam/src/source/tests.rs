@@ -1,0 +1,282 @@
+//! Tests of the agent's source.
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus, ObjectReference};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+
+use super::*;
+use crate::crd::L2AnnouncementSpec;
+use crate::fixtures::{self, ServiceExt as _, labels};
+use crate::intent::LB_CLASS;
+
+fn settings() -> Settings {
+    Settings {
+        node: "n1".into(),
+        scope: Scope::default(),
+        base: model::config::parse("", &model::config::Environment::default()).unwrap(),
+        gossip_port: 7946,
+    }
+}
+
+fn node(name: &str, ip: &str, l: &[(&str, &str)]) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels(l)),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                address: ip.into(),
+                type_: "InternalIP".into(),
+            }]),
+            ..NodeStatus::default()
+        }),
+    }
+}
+
+fn ep(
+    ip: &str,
+    node: &str,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.into()],
+        conditions: Some(EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        }),
+        node_name: Some(node.into()),
+        target_ref: Some(ObjectReference {
+            name: Some(format!("pod-{ip}")),
+            ..ObjectReference::default()
+        }),
+        ..Endpoint::default()
+    }
+}
+
+fn slice(name: &str, svc: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
+    EndpointSlice {
+        address_type: "IPv4".into(),
+        endpoints,
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            labels: Some(labels(&[(SERVICE_NAME_LABEL, svc)])),
+            ..ObjectMeta::default()
+        },
+        ports: Some(vec![EndpointPort {
+            name: Some(String::new()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            app_protocol: None,
+        }]),
+    }
+}
+
+fn web() -> Service {
+    fixtures::service("shop", "web")
+        .load_balancer(LB_CLASS)
+        .ingress(&["192.0.2.10"])
+}
+
+fn snapshot() -> Snapshot {
+    let mut s = Snapshot::default();
+    s.services.insert(("shop".into(), "web".into()), web());
+    s.slices.insert(
+        ("shop".into(), "web-abc".into()),
+        slice(
+            "web-abc",
+            "web",
+            vec![
+                ep("10.1.0.1", "n1", Some(true), Some(true), Some(false)),
+                ep("10.1.0.2", "n2", Some(false), Some(false), Some(false)),
+                ep("10.1.0.3", "n2", Some(false), Some(true), Some(true)),
+            ],
+        ),
+    );
+    s.nodes
+        .insert("n1".into(), node("n1", "10.0.0.1", &[("zone", "a")]));
+    s.nodes
+        .insert("n2".into(), node("n2", "10.0.0.2", &[("zone", "b")]));
+    s
+}
+
+#[test]
+fn a_load_balancer_service_becomes_a_model_service_with_ready_backends() {
+    let cfg = build(&snapshot(), &settings(), &template().unwrap());
+    assert_eq!(cfg.services.len(), 1);
+    let s = &cfg.services[0];
+    assert_eq!(s.name, "shop-web");
+    assert_eq!(s.dns.hostname, "web.shop");
+    assert_eq!(s.vips, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
+    assert_eq!(s.ports[0].port, 80);
+    assert_eq!(
+        s.ports[0].target_port, 8080,
+        "resolved from the EndpointSlice"
+    );
+    let names: Vec<&str> = s.backends.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["pod-10.1.0.1"],
+        "not-ready and terminating endpoints are left out"
+    );
+    assert_eq!(s.backends[0].node.as_deref(), Some("n1"));
+    assert!(!s.placement.local_only);
+}
+
+#[test]
+fn when_nothing_is_ready_serving_terminating_endpoints_still_serve() {
+    let mut snap = snapshot();
+    snap.slices.insert(
+        ("shop".into(), "web-abc".into()),
+        slice(
+            "web-abc",
+            "web",
+            vec![
+                ep("10.1.0.2", "n2", Some(false), Some(false), Some(false)),
+                ep("10.1.0.3", "n2", Some(false), Some(true), Some(true)),
+            ],
+        ),
+    );
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    let names: Vec<&str> = cfg.services[0]
+        .backends
+        .iter()
+        .map(|b| b.name.as_str())
+        .collect();
+    assert_eq!(names, ["pod-10.1.0.3"]);
+}
+
+#[test]
+fn external_traffic_policy_local_makes_placement_local_only() {
+    let mut snap = snapshot();
+    let mut svc = web();
+    svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+    snap.services.insert(("shop".into(), "web".into()), svc);
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert!(cfg.services[0].placement.local_only);
+}
+
+#[test]
+fn gossip_members_are_the_other_nodes_and_keys_come_from_the_secret() {
+    let mut snap = snapshot();
+    let k = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE="; // base64 of 32 ASCII digits
+    snap.secret = Some(Secret {
+        metadata: ObjectMeta {
+            name: Some("portico-gossip".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some([("key".to_string(), ByteString(k.as_bytes().to_vec()))].into()),
+        ..Secret::default()
+    });
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert_eq!(cfg.cluster.peers.len(), 1);
+    assert_eq!(cfg.cluster.peers[0].name, "n2");
+    assert_eq!(
+        cfg.cluster.peers[0].address,
+        "10.0.0.2:7946".parse().unwrap()
+    );
+    assert_eq!(cfg.cluster.advertise, "10.0.0.1:7946".parse().unwrap());
+    assert_eq!(cfg.cluster.keys.len(), 1);
+    assert_eq!(cfg.cluster.keys[0].id, 1);
+}
+
+#[test]
+fn l2_announcements_limit_the_announcing_nodes_and_unselected_services_are_left_out() {
+    let mut snap = snapshot();
+    snap.l2.insert(
+        "zone-a".into(),
+        L2Announcement::new(
+            "zone-a",
+            L2AnnouncementSpec {
+                node_selectors: vec![LabelSelector {
+                    match_labels: Some(labels(&[("zone", "a")])),
+                    match_expressions: None,
+                }],
+                ..L2AnnouncementSpec::default()
+            },
+        ),
+    );
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert_eq!(cfg.services[0].placement.nodes, vec!["n1".to_string()]);
+    snap.l2.get_mut("zone-a").unwrap().spec.service_selectors = vec![LabelSelector {
+        match_labels: Some(labels(&[("app", "other")])),
+        match_expressions: None,
+    }];
+    assert!(
+        build(&snap, &settings(), &template().unwrap())
+            .services
+            .is_empty()
+    );
+}
+
+fn list_all(src: &mut Source, snap: &Snapshot) -> Option<Desired> {
+    let mut last = None;
+    let mut feed = |i: Input| {
+        if let Some(d) = src.handle(i) {
+            last = Some(d);
+        }
+    };
+    feed(Input::Service(Event::Init));
+    for s in snap.services.values() {
+        feed(Input::Service(Event::InitApply(s.clone())));
+    }
+    feed(Input::Service(Event::InitDone));
+    feed(Input::Slice(Event::Init));
+    for s in snap.slices.values() {
+        feed(Input::Slice(Event::InitApply(s.clone())));
+    }
+    feed(Input::Slice(Event::InitDone));
+    feed(Input::Node(Event::Init));
+    for n in snap.nodes.values() {
+        feed(Input::Node(Event::InitApply(n.clone())));
+    }
+    feed(Input::Node(Event::InitDone));
+    feed(Input::Pool(Event::InitDone));
+    feed(Input::L2(Event::InitDone));
+    feed(Input::Secret(Event::InitDone));
+    last
+}
+
+#[test]
+fn nothing_is_published_until_every_kind_is_listed_and_then_only_on_change() {
+    let mut src = Source::new(settings()).unwrap();
+    assert!(src.handle(Input::Service(Event::InitDone)).is_none());
+    let d = list_all(&mut src, &snapshot()).expect("published once everything is listed");
+    assert_eq!(d.generation, 1);
+    assert_eq!(d.config.services.len(), 1);
+    // The same object again changes nothing.
+    assert!(src.handle(Input::Service(Event::Apply(web()))).is_none());
+    // A new ready endpoint changes the backends.
+    let mut s = snapshot().slices.into_values().next().unwrap();
+    s.endpoints.push(ep("10.1.0.9", "n2", None, None, None));
+    let d = src.handle(Input::Slice(Event::Apply(s))).unwrap();
+    assert_eq!(d.generation, 2);
+    assert_eq!(d.config.services[0].backends.len(), 2);
+}
+
+#[tokio::test]
+async fn when_the_api_is_unreachable_the_last_known_state_stays_and_a_re_list_resumes() {
+    let mut src = Source::new(settings()).unwrap();
+    let first = list_all(&mut src, &snapshot()).unwrap();
+    // Watch errors are dropped by `inputs` (logged, backed off); the source sees nothing and
+    // its state stays. A re-list after the outage with the same objects publishes nothing new…
+    assert!(list_all(&mut src, &snapshot()).is_none());
+    // …and a half-done re-list (Init without InitDone) keeps everything.
+    assert!(src.handle(Input::Service(Event::Init)).is_none());
+    assert_eq!(
+        build(&src.snap, &src.settings, &src.template),
+        *first.config
+    );
+    // The re-list completes with a change.
+    let mut snap = snapshot();
+    snap.services.clear();
+    let d = list_all(&mut src, &snap).unwrap();
+    assert!(d.config.services.is_empty());
+}
