@@ -57,6 +57,8 @@ pub struct IPPoolSpec {
     #[x_kube(validation = kube::core::Rule::new(
         "self.all(a, isCIDR(a) || (a.split('-').size() == 2 && isIP(a.split('-')[0].trim()) && isIP(a.split('-')[1].trim())))"
     ).message("every address must be a CIDR (192.0.2.0/24) or a range of two addresses (192.0.2.10-192.0.2.20)"))]
+    // Bounds keep the CEL rule's estimated cost within the API server's budget.
+    #[schemars(length(max = 128), inner(length(max = 100)))]
     pub addresses: Vec<String>,
     /// Whether Services that do not name this pool or an address may get addresses from it.
     #[serde(default = "yes")]

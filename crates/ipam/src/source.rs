@@ -140,7 +140,8 @@ fn peers(snap: &Snapshot, settings: &Settings) -> Vec<Peer> {
         .collect()
 }
 
-/// Gossip keys from the Secret: `key` is id 1, `key-<id>` id `<id>`; the highest id first (it sends).
+/// Gossip keys from the Secret: `key` is id 1, `key-<id>` id `<id>`; the highest id first (it
+/// sends). Malformed keys and the all-zero example key of `deploy/gossip-secret.yaml` are refused.
 pub fn gossip_keys(secret: Option<&Secret>) -> Vec<ClusterKey> {
     let mut keys: Vec<ClusterKey> = secret
         .and_then(|s| s.data.as_ref())
@@ -154,6 +155,10 @@ pub fn gossip_keys(secret: Option<&Secret>) -> Vec<ClusterKey> {
             };
             let text = std::str::from_utf8(&v.0).ok()?;
             let secret = model::config::decode_secret(text.trim())?;
+            if secret == [0; 32] {
+                tracing::warn!(key = %k, "refusing the example all-zero gossip key: replace it (see deploy/gossip-secret.yaml)");
+                return None;
+            }
             Some(ClusterKey { id, secret })
         })
         .collect();

@@ -185,6 +185,11 @@ fn gossip_members_are_the_other_nodes_and_keys_come_from_the_secret() {
     assert_eq!(cfg.cluster.advertise, "10.0.0.1:7946".parse().unwrap());
     assert_eq!(cfg.cluster.keys.len(), 1);
     assert_eq!(cfg.cluster.keys[0].id, 1);
+    // The example key shipped in deploy/ is refused.
+    let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    snap.secret.as_mut().unwrap().data =
+        Some([("key".to_string(), ByteString(zero.as_bytes().to_vec()))].into());
+    assert!(gossip_keys(snap.secret.as_ref()).is_empty());
 }
 
 #[test]
@@ -279,4 +284,181 @@ async fn when_the_api_is_unreachable_the_last_known_state_stays_and_a_re_list_re
     snap.services.clear();
     let d = list_all(&mut src, &snap).unwrap();
     assert!(d.config.services.is_empty());
+}
+
+// === against a fake API server ===
+
+mod fake_api {
+    use std::sync::{Arc, Mutex};
+
+    use http::Response;
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    use crate::fixtures::{ApiServerHandle, list, status_error};
+
+    /// A routing fake: lists from a table, watches held open, an outage switch.
+    #[derive(Default)]
+    pub struct World {
+        pub down: bool,
+        pub version: u64,
+        pub services: Vec<Value>,
+        pub requests: Vec<String>,
+    }
+
+    type Held = tower_test::mock::SendResponse<Response<Body>>;
+
+    pub fn reply(status: u16, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    /// Serves requests until the client goes away. `outage` fails every held watch.
+    pub fn serve(
+        mut handle: ApiServerHandle,
+        world: Arc<Mutex<World>>,
+        outage: Arc<tokio::sync::Notify>,
+    ) {
+        tokio::spawn(async move {
+            let mut held: Vec<Held> = Vec::new();
+            loop {
+                let next = tokio::select! {
+                    r = handle.next_request() => r,
+                    () = outage.notified() => {
+                        for h in held.drain(..) {
+                            h.send_error("connection reset (fake outage)");
+                        }
+                        continue;
+                    }
+                };
+                let Some((req, send)) = next else { break };
+                let (method, uri) = (req.method().to_string(), req.uri().to_string());
+                assert!(
+                    crate::rbac::allows(crate::rbac::AGENT, &method, &uri),
+                    "RBAC does not allow {method} {uri}"
+                );
+                let mut w = world.lock().unwrap();
+                w.requests.push(format!("{method} {uri}"));
+                if w.down {
+                    send.send_response(reply(503, &status_error(503, "ServiceUnavailable")));
+                    continue;
+                }
+                let version = w.version.to_string();
+                if uri.contains("watch=true") {
+                    if uri.contains(&format!("resourceVersion={version}&"))
+                        || uri.ends_with(&format!("resourceVersion={version}"))
+                    {
+                        held.push(send);
+                    } else {
+                        let mut body = serde_json::to_vec(
+                            &json!({"type": "ERROR", "object": status_error(410, "Expired")}),
+                        )
+                        .unwrap();
+                        body.push(b'\n');
+                        send.send_response(
+                            Response::builder()
+                                .status(200)
+                                .body(Body::from(body))
+                                .unwrap(),
+                        );
+                    }
+                    continue;
+                }
+                let empty: Vec<Value> = Vec::new();
+                let items = if uri.starts_with("/api/v1/services") {
+                    &w.services
+                } else {
+                    &empty
+                };
+                send.send_response(reply(200, &list("Any", items, &version)));
+            }
+        });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() {
+    use std::sync::{Arc, Mutex};
+
+    let (client, handle) = {
+        let (svc, handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        (kube::Client::new(svc, "default"), handle)
+    };
+    let world = Arc::new(Mutex::new(fake_api::World {
+        version: 1,
+        services: vec![serde_json::to_value(web()).unwrap()],
+        ..fake_api::World::default()
+    }));
+    let outage = Arc::new(tokio::sync::Notify::new());
+    fake_api::serve(handle, world.clone(), outage.clone());
+
+    let initial = Arc::new(Desired {
+        generation: 0,
+        config: Arc::new(settings().base),
+    });
+    let shutdown = CancellationToken::new();
+    let mut rx = spawn(
+        client,
+        settings(),
+        "portico-system",
+        "portico-gossip",
+        initial,
+        shutdown.clone(),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|d| d.generation == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rx.borrow().config.services[0].name, "shop-web");
+
+    // The API goes away: watches break, re-lists fail with 503 for a whole minute.
+    world.lock().unwrap().down = true;
+    outage.notify_one();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        rx.borrow().generation,
+        1,
+        "nothing is withdrawn while the API is gone"
+    );
+    assert_eq!(rx.borrow().config.services.len(), 1);
+    let failed = world.lock().unwrap().requests.len();
+
+    // It comes back with a change: the watchers resume (with back-off) and re-list.
+    {
+        let mut w = world.lock().unwrap();
+        w.down = false;
+        w.version = 2;
+        let mut svc = web();
+        svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+        w.services = vec![serde_json::to_value(svc).unwrap()];
+    }
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        rx.wait_for(|d| {
+            d.config
+                .services
+                .first()
+                .is_some_and(|s| s.placement.local_only)
+        }),
+    )
+    .await
+    .expect("resumed after the outage")
+    .unwrap();
+    let w = world.lock().unwrap();
+    assert!(w.requests.len() > failed);
+    assert!(
+        w.requests
+            .iter()
+            .filter(|r| r.contains("/api/v1/services?") && !r.contains("watch=true"))
+            .count()
+            >= 2,
+        "re-listed"
+    );
+    shutdown.cancel();
 }
