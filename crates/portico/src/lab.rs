@@ -1,10 +1,1051 @@
-//! `portico lab`: a network-namespace lab that shows VIP failover (owned by the agent work).
+//! `portico lab`: a network-namespace lab that measures VIP failover, portico against keepalived.
+//!
+//! Topology (all names start with a per-run prefix such as `pl4711`; addresses exist only
+//! inside these namespaces):
+//! ```text
+//!   pl4711-c (client 10.99.0.2, MAC 02:00:00:00:00:fe) ──┐
+//!   pl4711-n1 (node-1 10.99.0.11, 02:00:00:00:00:01) ────┤ br0 in pl4711-br
+//!   pl4711-n2 (node-2 10.99.0.12, 02:00:00:00:00:02) ────┤
+//!   …                                                    ┘
+//!   VIP 10.99.0.100, port 80
+//! ```
+//! Each node runs one backend that answers every connection with its node name, and either
+//! `portico run` (VIP:80 → its local backend at 127.0.0.1:808N) or keepalived (VRRPv3, VIP on
+//! eth0, the backend on 0.0.0.0:80). A thread inside the client namespace opens a connection
+//! to the VIP every 10 ms (50 ms connect timeout) and watches the client's ARP cache.
+//!
+//! Each round waits for a stable owner, injects a fault on it, and measures: *outage* (start of
+//! the first failed probe to the start of the first successful probe after the last failure;
+//! 0 when nothing failed), *failed* probes, *takeover* (fault to the first answer from another
+//! node) and *arp* (fault to the client's ARP entry pointing at the new owner's MAC). Then it
+//! repairs the fault and checks, with ARP requests from the client, that exactly one MAC
+//! answers for the VIP. Every namespace is deleted at the end, on error and on Ctrl-C/SIGTERM.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 /// Arguments of `portico lab`.
 #[derive(clap::Args, Debug)]
-pub struct LabArgs {}
+pub struct LabArgs {
+    #[command(subcommand)]
+    helper: Option<Helper>,
+    /// Node namespaces (2-9).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Rounds per scenario.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Scenarios: hard (owner link down + agent SIGKILL), graceful (SIGTERM), partition
+    /// (owner link down, then healed), backends (owner's backend killed).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "hard,graceful,partition,backends"
+    )]
+    scenarios: Vec<String>,
+    /// Systems: portico-default, portico-fast, keepalived-1s, keepalived-fastest (advert_int 0.01).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "portico-default,portico-fast,keepalived-1s,keepalived-fastest"
+    )]
+    systems: Vec<String>,
+    /// portico: non-preemptive mode (a returning node does not take its VIP back).
+    #[arg(long)]
+    non_preemptive: bool,
+    /// portico: hold-down before a returning node takes its VIP back.
+    #[arg(long, default_value = "1s")]
+    hold_down: String,
+    /// Write every round as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the per-node logs (printed path) instead of deleting them.
+    #[arg(long)]
+    keep_logs: bool,
+}
 
-/// Runs the lab.
-pub async fn run(_args: LabArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the lab is not built yet")
+#[derive(clap::Subcommand, Debug)]
+enum Helper {
+    /// Answer every TCP connection on LISTEN with NAME and a newline (a lab backend).
+    #[command(hide = true)]
+    Backend {
+        /// Node name to answer.
+        #[arg(long)]
+        name: String,
+        /// Listen address.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Exit 0 if a TCP connection to ADDR succeeds within 500 ms (keepalived's check script).
+    #[command(hide = true)]
+    Check {
+        /// Address to connect to.
+        addr: SocketAddr,
+    },
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(50);
+
+fn node_mac(i: usize) -> [u8; 6] {
+    [2, 0, 0, 0, 0, i as u8]
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs the lab (or one of its hidden helpers).
+pub async fn run(args: LabArgs) -> anyhow::Result<()> {
+    match args.helper {
+        Some(Helper::Backend { name, listen }) => return backend(name, listen).await,
+        Some(Helper::Check { addr }) => {
+            let ok = matches!(
+                tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(addr)
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        None => {}
+    }
+    if !is_root() {
+        bail!(
+            "portico lab needs root (network namespaces, veth pairs, raw sockets); run it with sudo"
+        );
+    }
+    if !(2..=9).contains(&args.nodes) {
+        bail!("--nodes must be 2-9");
+    }
+    for s in &args.scenarios {
+        if !["hard", "graceful", "partition", "backends"].contains(&s.as_str()) {
+            bail!("unknown scenario {s}; use hard, graceful, partition, backends");
+        }
+    }
+    for s in &args.systems {
+        if System::parse(s).is_none() {
+            bail!(
+                "unknown system {s}; use portico-default, portico-fast, keepalived-1s, keepalived-fastest"
+            );
+        }
+    }
+    let lab = Lab::create(args.nodes, args.keep_logs)?;
+    println!(
+        "lab {} ready: {} nodes, logs in {}",
+        lab.prefix,
+        args.nodes,
+        lab.dir.display()
+    );
+    let result = tokio::select! {
+        r = run_all(&lab, &args) => r,
+        () = signalled() => Err(anyhow::anyhow!("interrupted; cleaning up")),
+    };
+    drop(lab);
+    let rounds = result?;
+    print_table(&rounds, &args);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rounds)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+async fn signalled() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+async fn backend(name: String, listen: SocketAddr) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("backend cannot listen on {listen}"))?;
+    loop {
+        let (mut s, _) = l.accept().await?;
+        let msg = format!("{name}\n");
+        tokio::spawn(async move {
+            let _ = s.write_all(msg.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Portico { fast: bool },
+    Keepalived { fastest: bool },
+}
+
+impl System {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "portico-default" => System::Portico { fast: false },
+            "portico-fast" => System::Portico { fast: true },
+            "keepalived-1s" => System::Keepalived { fastest: false },
+            "keepalived-fastest" => System::Keepalived { fastest: true },
+            _ => return None,
+        })
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn sh_in(ns: &str, cmd: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .context("running ip netns exec")?;
+    if !out.status.success() {
+        bail!(
+            "{} in {ns}: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The namespaces of one run; deleting them (on drop) removes every link and address too.
+struct Lab {
+    prefix: String,
+    nodes: usize,
+    dir: PathBuf,
+    keep_logs: bool,
+    made: Mutex<Vec<String>>,
+    procs: Mutex<Vec<tokio::process::Child>>,
+}
+
+impl Lab {
+    fn ns_br(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+    fn ns_node(&self, i: usize) -> String {
+        format!("{}-n{i}", self.prefix)
+    }
+    fn ns_client(&self) -> String {
+        format!("{}-c", self.prefix)
+    }
+
+    fn add_ns(&self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
+        self.made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn create(nodes: usize, keep_logs: bool) -> anyhow::Result<Self> {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_micros())
+            .unwrap_or(0);
+        let prefix = format!("pl{}{}", std::process::id() % 10000, nonce % 100);
+        let dir = std::env::temp_dir().join(format!("portico-lab-{prefix}"));
+        std::fs::create_dir_all(&dir)?;
+        let lab = Lab {
+            prefix,
+            nodes,
+            dir,
+            keep_logs,
+            made: Mutex::new(Vec::new()),
+            procs: Mutex::new(Vec::new()),
+        };
+        let br = lab.ns_br();
+        lab.add_ns(&br)?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        let mut ends: Vec<(String, String, [u8; 6], String)> = (1..=nodes)
+            .map(|i| {
+                (
+                    lab.ns_node(i),
+                    format!("v{i}"),
+                    node_mac(i),
+                    format!("10.99.0.{}/24", 10 + i),
+                )
+            })
+            .collect();
+        ends.push((
+            lab.ns_client(),
+            "vc".into(),
+            CLIENT_MAC,
+            format!("{CLIENT_IP}/24"),
+        ));
+        for (ns, port, mac, addr) in &ends {
+            lab.add_ns(ns)?;
+            ip(&[
+                "-n", &br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "address", &mac_str(mac)])?;
+            ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &br, "link", "set", port, "master", "br0", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn spawn(&self, ns: &str, log: &str, args: &[&str]) -> anyhow::Result<u32> {
+        let exe = std::env::current_exe()?;
+        self.spawn_exe(ns, log, exe.to_str().unwrap_or("portico"), args)
+    }
+
+    fn spawn_exe(&self, ns: &str, log: &str, exe: &str, args: &[&str]) -> anyhow::Result<u32> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(log))?;
+        let child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", ns, exe])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {exe} in {ns}"))?;
+        let pid = child.id().unwrap_or(0);
+        self.procs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+        Ok(pid)
+    }
+
+    fn stop_all(&self) {
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        for c in procs.iter_mut() {
+            let _ = c.start_kill();
+        }
+        procs.clear();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_all();
+        // keepalived forks a VRRP child that our handles do not cover
+        for i in 1..=self.nodes {
+            if let Ok(p) = std::fs::read_to_string(self.dir.join(format!("vrrp-{i}.pid")))
+                && let Ok(pid) = p.trim().parse::<u32>()
+            {
+                let _ = sys::kill(pid, sys::SIGKILL);
+            }
+        }
+        for ns in self
+            .made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .rev()
+        {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
+        if !self.keep_logs {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` with its own tokio runtime.
+fn in_netns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = R>>> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<R>> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        sys::setns_net(&path)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(f()))
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    start: Instant,
+    node: Option<String>,
+}
+
+#[derive(Default)]
+struct Observed {
+    probes: Vec<Probe>,
+    arp: Vec<(Instant, Option<[u8; 6]>)>,
+}
+
+/// The client's view: probes every 10 ms and ARP-cache changes, until `stop`.
+fn start_prober(
+    ns: &str,
+    obs: Arc<Mutex<Observed>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    in_netns(ns, move || {
+        Box::pin(async move {
+            let target = SocketAddr::from((VIP, 80));
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut last_mac: Option<[u8; 6]> = None;
+            // bounded: at most two hours of probing
+            for _ in 0..(2 * 3600 * 100) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                tick.tick().await;
+                let start = Instant::now();
+                let o = obs.clone();
+                tokio::spawn(async move {
+                    let node = probe(target).await;
+                    o.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .probes
+                        .push(Probe { start, node });
+                });
+                let mac = read_arp(VIP);
+                if mac != last_mac {
+                    last_mac = mac;
+                    obs.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .arp
+                        .push((start, mac));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        })
+    })
+}
+
+async fn probe(target: SocketAddr) -> Option<String> {
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
+        .await
+        .ok()?
+        .ok()?;
+    let mut buf = Vec::with_capacity(32);
+    tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let name = String::from_utf8_lossy(&buf).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+/// The client's ARP entry for `ip` (complete entries only), from this thread's namespace.
+fn read_arp(ip: Ipv4Addr) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/arp").ok()?;
+    let want = ip.to_string();
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 4 && f[0] == want && f[2] == "0x2" {
+            let b: Vec<u8> = f[3]
+                .split(':')
+                .filter_map(|h| u8::from_str_radix(h, 16).ok())
+                .collect();
+            b.try_into().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Sends ARP requests for the VIP from the client and returns every MAC that answered.
+fn arp_owners(lab: &Lab) -> anyhow::Result<BTreeSet<[u8; 6]>> {
+    let h = in_netns(&lab.ns_client(), || {
+        Box::pin(async {
+            let idx = sys::if_index("eth0")?;
+            let s = sys::PacketSocket::open(idx, sys::ETH_P_ARP, None)?;
+            let req = agent::frames::arp(
+                agent::frames::BROADCAST,
+                CLIENT_MAC,
+                &agent::frames::Arp {
+                    op: 1,
+                    sha: CLIENT_MAC,
+                    spa: CLIENT_IP,
+                    tha: [0; 6],
+                    tpa: VIP,
+                },
+            );
+            let mut macs = BTreeSet::new();
+            let mut buf = [0u8; 2048];
+            for _ in 0..3 {
+                s.send(&req).await?;
+                let until = Instant::now() + Duration::from_millis(150);
+                for _ in 0..1000 {
+                    match tokio::time::timeout_at(until, s.recv(&mut buf)).await {
+                        Ok(Ok(n)) => {
+                            if let Ok(a) = agent::frames::parse_arp(&buf[..n])
+                                && a.op == 2
+                                && a.spa == VIP
+                                && a.tha == CLIENT_MAC
+                            {
+                                macs.insert(a.sha);
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(macs)
+        })
+    });
+    h.join()
+        .map_err(|_| anyhow::anyhow!("ARP check thread panicked"))??
+}
+
+/// One measured round.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Round {
+    system: String,
+    scenario: String,
+    round: usize,
+    old_owner: String,
+    new_owner: Option<String>,
+    outage_ms: f64,
+    failed: usize,
+    takeover_ms: Option<f64>,
+    arp_ms: Option<f64>,
+    /// MACs answering ARP for the VIP after the fault was repaired (must be exactly one).
+    arp_owners_after: usize,
+    /// Owner after repair and settling.
+    owner_after: Option<String>,
+    /// Failed probes while the repaired node came back (preemption should be make-before-break).
+    return_failed: usize,
+}
+
+struct Running {
+    system: System,
+    pids: BTreeMap<usize, u32>,
+    backend_pids: BTreeMap<usize, u32>,
+}
+
+fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
+    let peers: Vec<String> = (1..=lab.nodes)
+        .filter(|j| *j != i)
+        .map(|j| format!("    - {{name: node-{j}, address: 10.99.0.{}:7946}}", 10 + j))
+        .collect();
+    let backends: Vec<String> = (1..=lab.nodes)
+        .map(|j| {
+            format!(
+                "      - {{name: node-{j}, address: 127.0.0.1, port: {}, node: node-{j}}}",
+                8080 + j
+            )
+        })
+        .collect();
+    format!(
+        "node:\n  name: node-{i}\n  interfaces: [{{name: eth0, addresses: [10.99.0.{ip}/24]}}]\n\
+         cluster:\n  bind: 10.99.0.{ip}:7946\n  peers:\n{peers}\n  keys: [{{id: 1, secret: \"{key}\"}}]\n  \
+         profile: {profile}\n  preemptive: {pre}\n  hold_down: {hold}\n  announce: {{count: 3, interval: 50ms, refresh: 10s}}\n\
+         admin:\n  listen: 127.0.0.1:9440\n\
+         services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
+         health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
+         connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{panic_threshold_percent: 0}}\n    \
+         placement: {{local_only: true, preferred: [node-1]}}\n",
+        ip = 10 + i,
+        peers = peers.join("\n"),
+        backends = backends.join("\n"),
+        key = "5f".repeat(32),
+        profile = if fast { "fast" } else { "default" },
+        pre = !args.non_preemptive,
+        hold = args.hold_down,
+    )
+}
+
+fn keepalived_config(i: usize, fastest: bool) -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    Ok(format!(
+        "global_defs {{\n  router_id node-{i}\n  vrrp_version 3\n  script_user root\n  enable_script_security\n}}\n\
+         vrrp_script chk {{\n  script \"{exe} lab check 127.0.0.1:80\"\n  interval 1\n  fall 1\n  rise 1\n}}\n\
+         vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int {adv}\n  \
+         virtual_ipaddress {{\n    {VIP}/32 dev eth0\n  }}\n  track_script {{\n    chk\n  }}\n}}\n",
+        exe = exe.display(),
+        prio = 200 - i,
+        adv = if fastest { "0.01" } else { "1" },
+    ))
+}
+
+impl Running {
+    fn start_node(&mut self, lab: &Lab, i: usize, args: &LabArgs) -> anyhow::Result<()> {
+        let ns = lab.ns_node(i);
+        match self.system {
+            System::Portico { fast } => {
+                let path = lab.dir.join(format!("node-{i}.yaml"));
+                std::fs::write(&path, portico_config(lab, i, fast, args))?;
+                let pid = lab.spawn(
+                    &ns,
+                    &format!("node-{i}.log"),
+                    &["run", "--config", path.to_str().unwrap_or_default()],
+                )?;
+                self.pids.insert(i, pid);
+            }
+            System::Keepalived { fastest } => {
+                let path = lab.dir.join(format!("keepalived-{i}.conf"));
+                std::fs::write(&path, keepalived_config(i, fastest)?)?;
+                let _ = std::fs::remove_file(lab.dir.join(format!("vrrp-{i}.pid")));
+                let pid = lab.spawn_exe(
+                    &ns,
+                    &format!("keepalived-{i}.log"),
+                    "keepalived",
+                    &[
+                        "-n",
+                        "-l",
+                        "-D",
+                        "-P",
+                        "-f",
+                        path.to_str().unwrap_or_default(),
+                        "-p",
+                        lab.dir
+                            .join(format!("keepalived-{i}.pid"))
+                            .to_str()
+                            .unwrap_or_default(),
+                        "-r",
+                        lab.dir
+                            .join(format!("vrrp-{i}.pid"))
+                            .to_str()
+                            .unwrap_or_default(),
+                    ],
+                )?;
+                self.pids.insert(i, pid);
+            }
+        }
+        Ok(())
+    }
+
+    fn start_backend(&mut self, lab: &Lab, i: usize) -> anyhow::Result<()> {
+        let listen = match self.system {
+            System::Portico { .. } => format!("127.0.0.1:{}", 8080 + i),
+            System::Keepalived { .. } => "0.0.0.0:80".to_string(),
+        };
+        let pid = lab.spawn(
+            &lab.ns_node(i),
+            &format!("backend-{i}.log"),
+            &[
+                "lab",
+                "backend",
+                "--name",
+                &format!("node-{i}"),
+                "--listen",
+                &listen,
+            ],
+        )?;
+        self.backend_pids.insert(i, pid);
+        Ok(())
+    }
+
+    fn kill_node(&mut self, lab: &Lab, i: usize, sig: i32) {
+        if let Some(pid) = self.pids.remove(&i) {
+            let _ = sys::kill(pid, sig);
+        }
+        if let System::Keepalived { .. } = self.system
+            && sig == sys::SIGKILL
+            && let Ok(p) = std::fs::read_to_string(lab.dir.join(format!("vrrp-{i}.pid")))
+            && let Ok(pid) = p.trim().parse::<u32>()
+        {
+            let _ = sys::kill(pid, sys::SIGKILL);
+        }
+    }
+}
+
+async fn wait_gone(pid: u32, max: Duration) {
+    let until = Instant::now() + max;
+    while Instant::now() < until && Path::new(&format!("/proc/{pid}")).exists() {
+        // a zombie still has /proc/PID until reaped; its state is Z
+        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// Waits until the last `window` of probes all succeeded from one node; returns it.
+async fn wait_stable(
+    obs: &Arc<Mutex<Observed>>,
+    window: Duration,
+    max: Duration,
+) -> anyhow::Result<String> {
+    let until = Instant::now() + max;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
+        let recent: Vec<&Probe> = o
+            .probes
+            .iter()
+            .filter(|p| {
+                now.saturating_duration_since(p.start) <= window + CONNECT_TIMEOUT * 4
+                    && now.saturating_duration_since(p.start) > CONNECT_TIMEOUT * 4
+            })
+            .collect();
+        if recent.len() as u32
+            >= (window.as_millis() as u32 / PROBE_EVERY.as_millis() as u32) * 2 / 3
+        {
+            let nodes: BTreeSet<Option<&String>> = recent.iter().map(|p| p.node.as_ref()).collect();
+            if nodes.len() == 1
+                && let Some(Some(n)) = nodes.into_iter().next()
+            {
+                return Ok(n.clone());
+            }
+        }
+    }
+    let o = obs.lock().unwrap_or_else(|e| e.into_inner());
+    let answered = o.probes.iter().filter(|p| p.node.is_some()).count();
+    let last: Vec<Option<String>> = o
+        .probes
+        .iter()
+        .rev()
+        .take(5)
+        .map(|p| p.node.clone())
+        .collect();
+    bail!(
+        "no stable owner within {max:?} ({} probes, {answered} answered, last {last:?})",
+        o.probes.len()
+    )
+}
+
+async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
+    let obs = Arc::new(Mutex::new(Observed::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = start_prober(&lab.ns_client(), obs.clone(), stop.clone());
+    let mut all = Vec::new();
+    let r = async {
+        for sys_name in &args.systems {
+            let system = System::parse(sys_name).unwrap_or(System::Portico { fast: false });
+            let mut run = Running { system, pids: BTreeMap::new(), backend_pids: BTreeMap::new() };
+            for i in 1..=lab.nodes {
+                run.start_backend(lab, i)?;
+                run.start_node(lab, i, args)?;
+            }
+            let first = wait_stable(&obs, Duration::from_millis(1000), Duration::from_secs(30)).await.with_context(|| format!("{sys_name}: VIP never answered"))?;
+            println!("{sys_name}: VIP answered by {first}");
+            if let System::Portico { .. } = system {
+                traffic(lab).await;
+            }
+            for scenario in &args.scenarios {
+                for round in 1..=args.rounds {
+                    let r = round_once(lab, args, &mut run, &obs, sys_name, scenario, round).await?;
+                    println!(
+                        "{sys_name:>18} {scenario:>9} #{round}: outage {:>7.1} ms, failed {:>3}, takeover {:>7} ms, arp {:>7} ms, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}",
+                        r.outage_ms,
+                        r.failed,
+                        r.takeover_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        r.arp_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        r.old_owner,
+                        r.new_owner.clone().unwrap_or("-".into()),
+                        r.arp_owners_after,
+                        r.owner_after.clone().unwrap_or("-".into()),
+                        r.return_failed,
+                    );
+                    all.push(r);
+                }
+            }
+            for (_, pid) in std::mem::take(&mut run.pids) {
+                let _ = sys::kill(pid, sys::SIGTERM);
+                wait_gone(pid, Duration::from_secs(5)).await;
+            }
+            lab.stop_all();
+            for i in 1..=lab.nodes {
+                if let Ok(p) = std::fs::read_to_string(lab.dir.join(format!("vrrp-{i}.pid")))
+                    && let Ok(pid) = p.trim().parse::<u32>()
+                {
+                    let _ = sys::kill(pid, sys::SIGKILL);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || prober.join()).await;
+    r.map(|()| all)
+}
+
+/// Prints the steady-state gossip traffic of node-1 (from its /metrics).
+async fn traffic(lab: &Lab) {
+    let fetch = |ns: String| {
+        in_netns(&ns, || {
+            Box::pin(async {
+                let mut s = tokio::net::TcpStream::connect("127.0.0.1:9440").await?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .await?;
+                let mut body = String::new();
+                tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body)).await??;
+                let mut packets = 0.0;
+                let mut bytes = 0.0;
+                for l in body.lines().filter(|l| !l.starts_with('#')) {
+                    let v: f64 = l
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.0);
+                    if l.starts_with("portico_agent_gossip_sent_packets") {
+                        packets += v;
+                    } else if l.starts_with("portico_agent_gossip_sent_bytes") {
+                        bytes += v;
+                    }
+                }
+                Ok::<_, anyhow::Error>((packets, bytes))
+            })
+        })
+    };
+    let ns = lab.ns_node(1);
+    let a = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        move || fetch(ns).join()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = tokio::task::spawn_blocking(move || fetch(ns).join()).await;
+    match (a, b) {
+        (Ok(Ok(Ok(Ok((p0, b0))))), Ok(Ok(Ok(Ok((p1, b1)))))) => println!(
+            "  gossip sent by node-1 ({} peers): {:.0} packets/s, {:.0} bytes/s (UDP payload, heartbeats + SWIM)",
+            lab.nodes - 1,
+            (p1 - p0) / 2.0,
+            (b1 - b0) / 2.0
+        ),
+        _ => println!("  gossip traffic: /metrics of node-1 not readable"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn round_once(
+    lab: &Lab,
+    args: &LabArgs,
+    run: &mut Running,
+    obs: &Arc<Mutex<Observed>>,
+    sys_name: &str,
+    scenario: &str,
+    round: usize,
+) -> anyhow::Result<Round> {
+    let old = wait_stable(obs, Duration::from_millis(1500), Duration::from_secs(30)).await?;
+    let i: usize = old
+        .trim_start_matches("node-")
+        .parse()
+        .context("owner name")?;
+    let old_mac = node_mac(i);
+    let ns = lab.ns_node(i);
+    let t0 = Instant::now();
+    match scenario {
+        "hard" => {
+            sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?;
+            run.kill_node(lab, i, sys::SIGKILL);
+        }
+        "graceful" => run.kill_node(lab, i, sys::SIGTERM),
+        "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?,
+        "backends" => {
+            if let Some(pid) = run.backend_pids.remove(&i) {
+                let _ = sys::kill(pid, sys::SIGKILL);
+            }
+        }
+        _ => bail!("unknown scenario"),
+    }
+    // recovered: probes answered by another node for 500 ms (bounded by 15 s)
+    let mut recovered_at = None;
+    let until = t0 + Duration::from_secs(15);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
+        let first_new = o
+            .probes
+            .iter()
+            .filter(|p| p.start >= t0 && p.node.as_ref().is_some_and(|n| *n != old))
+            .map(|p| p.start)
+            .min();
+        if let Some(t) = first_new
+            && Instant::now().saturating_duration_since(t)
+                > Duration::from_millis(500) + CONNECT_TIMEOUT * 4
+        {
+            recovered_at = Some(t);
+            break;
+        }
+    }
+    let settle = Instant::now();
+    let (outage, failed, takeover, arp, new_owner) = {
+        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut window: Vec<&Probe> = o
+            .probes
+            .iter()
+            .filter(|p| p.start + PROBE_EVERY >= t0 && p.start <= settle - CONNECT_TIMEOUT * 4)
+            .collect();
+        window.sort_by_key(|p| p.start);
+        let fails: Vec<Instant> = window
+            .iter()
+            .filter(|p| p.node.is_none())
+            .map(|p| p.start)
+            .collect();
+        let outage = match (fails.first(), fails.last()) {
+            (Some(first), Some(last)) => {
+                let back = window
+                    .iter()
+                    .find(|p| p.start > *last && p.node.is_some())
+                    .map(|p| p.start)
+                    .unwrap_or(settle);
+                back.saturating_duration_since(*first)
+            }
+            _ => Duration::ZERO,
+        };
+        let new_owner = window.iter().rev().find_map(|p| p.node.clone());
+        let arp = o
+            .arp
+            .iter()
+            .find(|(t, m)| *t >= t0 && m.is_some_and(|m| m != old_mac))
+            .map(|(t, _)| t.saturating_duration_since(t0));
+        (
+            outage,
+            fails.len(),
+            recovered_at.map(|t| t.saturating_duration_since(t0)),
+            arp,
+            new_owner,
+        )
+    };
+    // repair
+    let before_repair = Instant::now();
+    match scenario {
+        "hard" => {
+            sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
+            run.start_node(lab, i, args)?;
+        }
+        "graceful" => {
+            if let Some(pid) = run.pids.get(&i).copied() {
+                wait_gone(pid, Duration::from_secs(10)).await;
+            }
+            run.pids.remove(&i);
+            run.start_node(lab, i, args)?;
+        }
+        "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?,
+        "backends" => run.start_backend(lab, i)?,
+        _ => {}
+    }
+    // let the cluster settle (hold-down, keepalived preemption), then check the rules
+    let hold = model::duration::parse(&args.hold_down).unwrap_or(Duration::from_secs(1));
+    tokio::time::sleep(hold + Duration::from_secs(2)).await;
+    let owner_after = wait_stable(obs, Duration::from_millis(1000), Duration::from_secs(20))
+        .await
+        .ok();
+    let return_failed = {
+        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
+        o.probes
+            .iter()
+            .filter(|p| p.start >= before_repair && p.node.is_none())
+            .count()
+    };
+    let owners = arp_owners(lab)?;
+    Ok(Round {
+        system: sys_name.to_string(),
+        scenario: scenario.to_string(),
+        round,
+        old_owner: old,
+        new_owner,
+        outage_ms: ms(outage),
+        failed,
+        takeover_ms: takeover.map(ms),
+        arp_ms: arp.map(ms),
+        arp_owners_after: owners.len(),
+        owner_after,
+        return_failed,
+    })
+}
+
+fn print_table(rounds: &[Round], args: &LabArgs) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nVIP failover, {} nodes, probes every 10 ms with a 50 ms connect timeout, {} rounds each",
+        args.nodes, args.rounds
+    );
+    let _ = writeln!(
+        out,
+        "| system | scenario | outage min / median / max (ms) | failed probes (total) | takeover median (ms) | client ARP updated median (ms) | one ARP owner after repair |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in rounds {
+        let k = (r.system.clone(), r.scenario.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let med = |mut v: Vec<f64>| -> Option<f64> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(v[v.len() / 2])
+    };
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or("-".into());
+    for (s, sc) in keys {
+        let rs: Vec<&Round> = rounds
+            .iter()
+            .filter(|r| r.system == s && r.scenario == sc)
+            .collect();
+        let o: Vec<f64> = rs.iter().map(|r| r.outage_ms).collect();
+        let min = o.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = o.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(
+            out,
+            "| {s} | {sc} | {:.0} / {} / {max:.0} | {} | {} | {} | {}/{} |",
+            min,
+            f(med(o.clone())),
+            rs.iter().map(|r| r.failed).sum::<usize>(),
+            f(med(rs.iter().filter_map(|r| r.takeover_ms).collect())),
+            f(med(rs.iter().filter_map(|r| r.arp_ms).collect())),
+            rs.iter().filter(|r| r.arp_owners_after == 1).count(),
+            rs.len(),
+        );
+    }
 }

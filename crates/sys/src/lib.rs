@@ -47,22 +47,29 @@ pub enum Error {
     },
 }
 
+/// Signals the lab sends.
+pub use libc::{SIGKILL, SIGTERM};
+
 /// EtherType of ARP.
 pub const ETH_P_ARP: u16 = 0x0806;
 /// EtherType of IPv6.
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
-/// The kernel index of interface `name`.
+/// The kernel index of interface `name` in the calling thread's network namespace
+/// (`if_nametoindex(3)`, which asks the kernel through a socket, unlike `/sys` which shows the
+/// namespace it was mounted in).
 pub fn if_index(name: &str) -> Result<u32, Error> {
-    let path = format!("/sys/class/net/{name}/ifindex");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Interface {
+    let c = std::ffi::CString::new(name).map_err(|_| Error::Interface {
         name: name.into(),
-        source,
+        source: io::Error::from(io::ErrorKind::InvalidInput),
     })?;
-    text.trim().parse().map_err(|_| Error::Interface {
-        name: name.into(),
-        source: io::Error::new(io::ErrorKind::InvalidData, format!("bad ifindex in {path}")),
-    })
+    #[allow(unsafe_code)]
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(Error::Interface { name: name.into(), source: io::Error::last_os_error() });
+    }
+    Ok(index)
 }
 
 /// The MAC address of interface `name`.
@@ -116,6 +123,18 @@ pub fn setns_net(path: &str) -> Result<(), Error> {
             what: "setns",
             source: io::Error::last_os_error(),
         });
+    }
+    Ok(())
+}
+
+/// Sends signal `sig` (`libc::SIGTERM`, `libc::SIGKILL`, ...) to process `pid`.
+pub fn kill(pid: u32, sig: i32) -> Result<(), Error> {
+    let pid = i32::try_from(pid).map_err(|_| Error::Io { what: "kill", source: io::Error::from(io::ErrorKind::InvalidInput) })?;
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc != 0 {
+        return Err(Error::Io { what: "kill", source: io::Error::last_os_error() });
     }
     Ok(())
 }
