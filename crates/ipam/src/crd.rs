@@ -183,25 +183,27 @@ pub struct ServiceAnnouncementSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAnnouncementStatus {
-    /// One entry per address.
+    /// One entry per address; each agent applies its own part (server-side apply).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
     pub addresses: Vec<AddressAnnouncement>,
 }
 
-/// Who announces one address.
+/// Who announces one address, and every node's reason.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AddressAnnouncement {
     /// The address.
     pub address: String,
-    /// The announcing node, if any node is eligible.
+    /// The announcing node (written by that node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// The ownership reason word (`owner`, `noEligibleNode`, …).
-    pub reason: String,
-    /// Why each other node does not announce it, by node name.
+    /// The owner's reason word (`owner`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Each node's reason word for this address (`owner`, `notOwner`, `noLocalEndpoint`, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub others: BTreeMap<String, String>,
+    pub nodes: BTreeMap<String, String>,
 }
 
 /// Every CRD, in the order `portico crds` prints them.

@@ -76,12 +76,12 @@ pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) ->
     Ok(())
 }
 
-/// Starts the agent's source; the receiver holds `base` (no services, generation 0) until
+/// Starts the agent's source; `desired` holds `base` (no services, generation 0) until
 /// everything is listed, then every config built from the cluster.
 pub async fn agent_source(
     opts: AgentOptions,
     shutdown: CancellationToken,
-) -> Result<watch::Receiver<Arc<Desired>>, Error> {
+) -> Result<source::Receivers, Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;
     let mut base = opts.base.clone();
     base.node.name = opts.node.clone();
@@ -104,4 +104,25 @@ pub async fn agent_source(
         initial,
         shutdown,
     )?)
+}
+
+/// Writes this node's per-address announcement status ([`crate::announce`]) until `shutdown`;
+/// `ownership` is the agent's published [`model::OwnershipView`].
+pub async fn announcer(
+    node: String,
+    receivers: &source::Receivers,
+    ownership: watch::Receiver<model::OwnershipView>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let client = Client::try_default().await.map_err(Error::Client)?;
+    crate::announce::run(
+        client,
+        node,
+        receivers.desired.clone(),
+        receivers.origins.clone(),
+        ownership,
+        shutdown,
+    )
+    .await;
+    Ok(())
 }

@@ -6,6 +6,7 @@
 //! EndpointSlices into a [`model::Desired`]).
 
 pub mod allocator;
+pub mod announce;
 pub mod controller;
 pub mod crd;
 pub mod entry;

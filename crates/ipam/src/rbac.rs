@@ -67,9 +67,23 @@ pub const CONTROLLER: &[Rule] = &[
     ),
 ];
 
-/// What the agent does: only reads. It cannot write Service specs (or anything else).
+/// What the agent does: reads, and applies its view of who announces what into
+/// `ServiceAnnouncement`s. It cannot write Services.
 pub const AGENT: &[Rule] = &[
     rule("", "services", &["list", "watch"], true),
+    // Server-side apply is a PATCH; the API server also checks `create` when it creates the object.
+    rule(
+        "portico.dev",
+        "serviceannouncements",
+        &["create", "patch"],
+        true,
+    ),
+    rule(
+        "portico.dev",
+        "serviceannouncements/status",
+        &["patch"],
+        true,
+    ),
     rule(
         "discovery.k8s.io",
         "endpointslices",
@@ -252,16 +266,28 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_cannot_write_anything() {
+    fn the_agent_writes_nothing_but_its_announcements() {
         for r in AGENT {
-            for v in r.verbs {
-                assert!(
-                    ["get", "list", "watch"].contains(v),
-                    "agent may {v} {}",
-                    r.resource
-                );
+            if !r.resource.starts_with("serviceannouncements") {
+                for v in r.verbs {
+                    assert!(
+                        ["get", "list", "watch"].contains(v),
+                        "agent may {v} {}",
+                        r.resource
+                    );
+                }
             }
         }
+        assert!(!allows(
+            AGENT,
+            "PATCH",
+            "/api/v1/namespaces/default/services/web"
+        ));
+        assert!(!allows(
+            AGENT,
+            "PATCH",
+            "/api/v1/namespaces/default/services/web/status"
+        ));
     }
 
     #[test]
@@ -293,11 +319,6 @@ mod tests {
             CONTROLLER,
             "PUT",
             "/apis/coordination.k8s.io/v1/namespaces/default/leases/x"
-        ));
-        assert!(!allows(
-            AGENT,
-            "PATCH",
-            "/api/v1/namespaces/default/services/web"
         ));
     }
 }

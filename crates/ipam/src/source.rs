@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::allocator::{AddrRange, parse_pool};
+use crate::announce::{Origin, Origins};
 use crate::crd::{IPPool, L2Announcement};
 use crate::intent::{self, HOSTNAME, Mode, Scope};
 use crate::selector::{Selector, any_matches};
@@ -468,6 +469,14 @@ impl Source {
         })
     }
 
+    /// Which Kubernetes Service each service of the last published config came from.
+    pub fn origins(&self) -> Origins {
+        self.last
+            .as_deref()
+            .map(|c| origins(&self.snap, c))
+            .unwrap_or_default()
+    }
+
     /// Feeds one event; returns a new desired state when the config changed.
     pub fn handle(&mut self, input: Input) -> Option<Desired> {
         let s = &mut self.snap;
@@ -592,9 +601,10 @@ pub fn spawn(
     secret: &str,
     initial: Arc<Desired>,
     shutdown: CancellationToken,
-) -> Result<watch::Receiver<Arc<Desired>>, Error> {
+) -> Result<Receivers, Error> {
     let mut source = Source::new(settings)?;
-    let (tx, rx) = watch::channel(initial);
+    let (tx, desired) = watch::channel(initial);
+    let (origins_tx, origins) = watch::channel(Arc::new(Origins::new()));
     let mut events = inputs(&client, namespace, secret);
     tokio::spawn(async move {
         loop {
@@ -604,6 +614,7 @@ pub fn spawn(
                     Some(ev) => {
                         if let Some(d) = source.handle(ev) {
                             tracing::info!(generation = d.generation, services = d.config.services.len(), "desired state from Kubernetes");
+                            origins_tx.send_replace(Arc::new(source.origins()));
                             tx.send_replace(Arc::new(d));
                         }
                     }
@@ -612,7 +623,38 @@ pub fn spawn(
             }
         }
     });
-    Ok(rx)
+    Ok(Receivers { desired, origins })
+}
+
+/// What [`spawn`] publishes.
+#[derive(Debug)]
+pub struct Receivers {
+    /// The desired state, for `run::serve`.
+    pub desired: watch::Receiver<Arc<Desired>>,
+    /// Which Kubernetes Service each model service came from, for [`crate::announce`].
+    pub origins: watch::Receiver<Arc<Origins>>,
+}
+
+/// Which Kubernetes Service each model service of `config` came from (pure).
+pub fn origins(snap: &Snapshot, config: &Config) -> Origins {
+    let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    snap.services
+        .values()
+        .filter_map(|svc| {
+            let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+            let model_name = format!("{ns}-{name}");
+            names.contains(model_name.as_str()).then(|| {
+                (
+                    model_name,
+                    Origin {
+                        namespace: ns,
+                        name,
+                        uid: svc.uid().unwrap_or_default(),
+                    },
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

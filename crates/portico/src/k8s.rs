@@ -1,1 +1,144 @@
-//! Kubernetes subcommands (`controller`, `agent`, `crds`): owned by the Kubernetes work.
+//! Kubernetes subcommands: `portico controller`, `portico agent`, `portico crds`.
+//!
+//! The logic lives in the `ipam` crate; this file only reads flags and the environment
+//! (the Deployment and DaemonSet in `deploy/` set `POD_NAME`, `POD_NAMESPACE`, `NODE_NAME`).
+//!
+//! Wiring in `main.rs` (`Command` variants): `Controller(k8s::ControllerArgs)`,
+//! `Agent(k8s::AgentArgs)`, `Crds(k8s::CrdsArgs)`, dispatched to [`controller`], [`agent`], [`crds`].
+
+// Until main.rs dispatches to these subcommands nothing here is called; remove this then.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use ipam::intent::{LB_CLASS, Scope};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Flags shared by the controller and the agent: which Services portico serves.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScopeArgs {
+    /// The `spec.loadBalancerClass` portico serves.
+    #[arg(long, env = "PORTICO_LB_CLASS", default_value = LB_CLASS)]
+    pub lb_class: String,
+    /// Also serve LoadBalancer Services without a class (portico as the cluster's default).
+    #[arg(long, env = "PORTICO_SERVE_CLASSLESS")]
+    pub serve_classless: bool,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> Scope {
+        Scope {
+            lb_class: self.lb_class.clone(),
+            classless: self.serve_classless,
+        }
+    }
+}
+
+/// `portico controller`: the IPAM controller (one active replica through a Lease).
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = ipam::rbac::NAMESPACE)]
+    namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+/// `portico agent`: one per node, announcing and balancing what the cluster says.
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// This node's name (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// The agent's namespace, where the gossip Secret lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = ipam::rbac::NAMESPACE)]
+    namespace: String,
+    /// Name of the Secret holding the gossip key(s) (`key`, or `key-<id>` during rotation).
+    #[arg(long, default_value = ipam::rbac::GOSSIP_SECRET)]
+    gossip_secret: String,
+    /// Gossip UDP port on every node.
+    #[arg(long, default_value_t = 7946)]
+    gossip_port: u16,
+    /// Node-local settings in the standalone format (interfaces, admin, dns, cluster timing);
+    /// services in it are ignored: they come from the cluster.
+    #[arg(long, env = "PORTICO_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// `portico crds`: prints the CRDs as YAML.
+#[derive(clap::Args, Debug)]
+pub struct CrdsArgs {}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "portico".into())
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// Runs the IPAM controller.
+pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let opts = ipam::entry::ControllerOptions {
+        scope: args.scope.scope(),
+        namespace: args.namespace,
+        identity: args.identity.unwrap_or_else(hostname),
+    };
+    ipam::entry::controller(opts, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// Runs the agent: the Kubernetes source feeding the balancer, agent, DNS and admin server.
+pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let env = model::config::Environment {
+        hostname: args.node.clone(),
+        ..model::config::Environment::default()
+    };
+    let base = match &args.config {
+        Some(path) => model::config::load(&path.to_string_lossy(), &env)?,
+        None => model::config::parse("", &env).context("the built-in defaults")?,
+    };
+    let shutdown = shutdown_on_signal();
+    let opts = ipam::entry::AgentOptions {
+        scope: args.scope.scope(),
+        node: args.node,
+        namespace: args.namespace,
+        gossip_secret: args.gossip_secret,
+        gossip_port: args.gossip_port,
+        base,
+    };
+    let receivers = ipam::entry::agent_source(opts, shutdown.clone()).await?;
+    // Per-address status for kubectl (`ServiceAnnouncement`) needs the agent's ownership view:
+    // once run::serve exposes its `watch::Receiver<model::OwnershipView>`, spawn
+    // `ipam::entry::announcer(node, &receivers, ownership, shutdown.clone())` here.
+    // Kubernetes objects are validated one by one as they are read; there is no whole-file reload to reject.
+    let (_reload_tx, reload_error) = watch::channel(None);
+    crate::run::serve(receivers.desired.clone(), reload_error, shutdown).await
+}
+
+/// Prints the CRDs.
+pub fn crds(_args: CrdsArgs) -> anyhow::Result<()> {
+    print!("{}", ipam::crd::yaml());
+    Ok(())
+}

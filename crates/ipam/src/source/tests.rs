@@ -402,7 +402,7 @@ async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() 
         config: Arc::new(settings().base),
     });
     let shutdown = CancellationToken::new();
-    let mut rx = spawn(
+    let receivers = spawn(
         client,
         settings(),
         "portico-system",
@@ -411,11 +411,13 @@ async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() 
         shutdown.clone(),
     )
     .unwrap();
+    let mut rx = receivers.desired.clone();
     tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|d| d.generation == 1))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(rx.borrow().config.services[0].name, "shop-web");
+    assert_eq!(receivers.origins.borrow()["shop-web"].uid, "uid-shop-web");
 
     // The API goes away: watches break, re-lists fail with 503 for a whole minute.
     world.lock().unwrap().down = true;
