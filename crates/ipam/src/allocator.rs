@@ -346,8 +346,34 @@ impl Refusal {
 /// The Services holding one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Holder {
-    sharing_key: Option<String>,
-    users: BTreeMap<ServiceKey, Vec<PortSpec>>,
+    users: BTreeMap<ServiceKey, User>,
+}
+
+/// One Service's use of an address, as its spec says now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct User {
+    key: Option<String>,
+    ports: Vec<PortSpec>,
+}
+
+impl User {
+    fn of(req: &Request) -> Self {
+        Self {
+            key: req.sharing_key.clone(),
+            ports: req.ports.clone(),
+        }
+    }
+}
+
+impl Holder {
+    /// The first other user that does not agree to share with `req` (a sharing key that
+    /// every user carries is the agreement).
+    fn disagrees<'a>(&'a self, req: &Request) -> Option<(&'a ServiceKey, &'a User)> {
+        self.users
+            .iter()
+            .filter(|(k, _)| **k != req.service)
+            .find(|(_, u)| req.sharing_key.is_none() || u.key != req.sharing_key)
+    }
 }
 
 /// One pool's state, as reported in its status.
@@ -447,22 +473,46 @@ impl Allocator {
         }
     }
 
-    /// Claims addresses a Service already had before a restart, regardless of pools (they are
-    /// never moved) and of ports (what was granted stays granted). Fails, claiming nothing, when
-    /// one is held by another Service without the same sharing key.
-    pub fn restore(&mut self, req: &Request, current: &[IpAddr]) -> Result<(), Refusal> {
-        let mut next = self.clone();
-        next.release(&req.service);
+    /// Claims addresses a Service already had before a restart, exactly as recorded: regardless
+    /// of pools (they are never moved), ports and sharing keys (what was granted stays granted).
+    /// A recorded conflict is not resolved here by moving anyone: the next [`Allocator::assign`]
+    /// of the Service reports it (`IPInUse`, `SharingRefused`) and keeps the address.
+    pub fn restore(&mut self, req: &Request, current: &[IpAddr]) {
+        self.release(&req.service);
         for ip in current {
-            next.claim_with(*ip, req, false)?;
+            let h = self.holders.entry(*ip).or_insert_with(|| Holder {
+                users: BTreeMap::new(),
+            });
+            h.users.insert(req.service.clone(), User::of(req));
+            let mine = self.by_service.entry(req.service.clone()).or_default();
+            if !mine.contains(ip) {
+                mine.push(*ip);
+            }
         }
-        *self = next;
-        Ok(())
     }
 
     /// Gives a Service what it asks for, keeping whatever it holds that still fits. On a refusal
-    /// nothing changes (the Service keeps its previous addresses).
+    /// no holding changes (the Service keeps its previous addresses); only the record of its
+    /// ports, and of its sharing key where it holds an address alone, follows its current spec,
+    /// as a restart would record it.
     pub fn assign(&mut self, req: &Request) -> Result<Vec<IpAddr>, Refusal> {
+        let r = self.try_assign(req);
+        if r.is_err() {
+            for ip in self
+                .by_service
+                .get(&req.service)
+                .cloned()
+                .unwrap_or_default()
+            {
+                if let Some(h) = self.holders.get_mut(&ip) {
+                    h.users.insert(req.service.clone(), User::of(req));
+                }
+            }
+        }
+        r
+    }
+
+    fn try_assign(&mut self, req: &Request) -> Result<Vec<IpAddr>, Refusal> {
         if req.count == 0 || req.count > MAX_ADDRESS_COUNT {
             return Err(Refusal::InvalidRequest(format!(
                 "address count {} is out of range 1-{MAX_ADDRESS_COUNT}",
@@ -607,19 +657,13 @@ impl Allocator {
         };
         for ip in &plan {
             let h = self.holders.get(ip)?;
-            let shared = h.users.keys().any(|k| *k != req.service);
-            if shared
-                && (h.sharing_key.is_none()
-                    || h.sharing_key != req.sharing_key
-                    || clash(h, req).is_some())
-            {
+            if h.disagrees(req).is_some() || clash(h, req).is_some() {
                 return None;
             }
         }
         for ip in &plan {
             if let Some(h) = self.holders.get_mut(ip) {
-                h.sharing_key = req.sharing_key.clone();
-                h.users.insert(req.service.clone(), req.ports.clone());
+                h.users.insert(req.service.clone(), User::of(req));
             }
         }
         self.by_service.insert(req.service.clone(), plan.clone());
@@ -647,36 +691,25 @@ impl Allocator {
 
     /// Adds `req.service` as a user of `ip`, if compatible.
     fn claim(&mut self, ip: IpAddr, req: &Request) -> Result<(), Refusal> {
-        self.claim_with(ip, req, true)
-    }
-
-    fn claim_with(&mut self, ip: IpAddr, req: &Request, check_ports: bool) -> Result<(), Refusal> {
         if let Some(h) = self.holders.get(&ip) {
-            let others: Vec<&ServiceKey> = h.users.keys().filter(|k| **k != req.service).collect();
-            if !others.is_empty() {
-                let shared = h.sharing_key.is_some() && h.sharing_key == req.sharing_key;
-                if !shared {
-                    return Err(Refusal::IpInUse(format!(
-                        "address {ip} is held by Service {}{}",
-                        others[0],
-                        match (&h.sharing_key, &req.sharing_key) {
-                            (Some(a), Some(b)) => format!(" with sharing key {a}, not {b}"),
-                            (Some(a), None) =>
-                                format!(" with sharing key {a}; this Service has none"),
-                            _ => " without a sharing key".to_string(),
-                        }
-                    )));
-                }
-                if let Some(msg) = clash(h, req).filter(|_| check_ports) {
-                    return Err(Refusal::SharingRefused(format!("address {ip}: {msg}")));
-                }
+            if let Some((other, user)) = h.disagrees(req) {
+                return Err(Refusal::IpInUse(format!(
+                    "address {ip} is held by Service {other}{}",
+                    match (&user.key, &req.sharing_key) {
+                        (Some(a), Some(b)) => format!(" with sharing key {a}, not {b}"),
+                        (Some(a), None) => format!(" with sharing key {a}; this Service has none"),
+                        _ => " without a sharing key".to_string(),
+                    }
+                )));
+            }
+            if let Some(msg) = clash(h, req) {
+                return Err(Refusal::SharingRefused(format!("address {ip}: {msg}")));
             }
         }
         let h = self.holders.entry(ip).or_insert_with(|| Holder {
-            sharing_key: req.sharing_key.clone(),
             users: BTreeMap::new(),
         });
-        h.users.insert(req.service.clone(), req.ports.clone());
+        h.users.insert(req.service.clone(), User::of(req));
         let mine = self.by_service.entry(req.service.clone()).or_default();
         if !mine.contains(&ip) {
             mine.push(ip);
@@ -701,7 +734,8 @@ impl Allocator {
         if let Some(key) = &req.sharing_key {
             let mut clashes = Vec::new();
             for (ip, h) in &self.holders {
-                if h.sharing_key.as_ref() == Some(key)
+                if h.users.values().all(|u| u.key.as_ref() == Some(key))
+                    && h.disagrees(req).is_none()
                     && Family::of(*ip) == family
                     && !plan.contains(ip)
                     && pools.iter().any(|p| p.contains(*ip))
@@ -787,8 +821,8 @@ impl Allocator {
 }
 
 fn clash(h: &Holder, req: &Request) -> Option<String> {
-    for (other, ports) in h.users.iter().filter(|(k, _)| **k != req.service) {
-        if let Some(p) = req.ports.iter().find(|p| ports.contains(p)) {
+    for (other, user) in h.users.iter().filter(|(k, _)| **k != req.service) {
+        if let Some(p) = req.ports.iter().find(|p| user.ports.contains(p)) {
             return Some(format!("port {p} is already used by Service {other}"));
         }
     }

@@ -159,11 +159,9 @@ impl State {
         if !self.started {
             return Vec::new();
         }
-        let had = self.alloc.held(&key).len();
         let mut out = self.reconcile(&key, now);
-        if self.alloc.held(&key).len() < had {
-            out.extend(self.retry_waiting(now));
-        }
+        // Any change may unblock a waiting Service (an address or a port freed): retry the others.
+        out.extend(self.retry_waiting(Some(&key), now));
         out.extend(self.pool_statuses(now));
         out
     }
@@ -176,7 +174,7 @@ impl State {
             return Vec::new();
         }
         self.forget(&key);
-        let mut out = self.retry_waiting(now);
+        let mut out = self.retry_waiting(None, now);
         out.extend(self.pool_statuses(now));
         out
     }
@@ -291,7 +289,6 @@ impl State {
             .set_pools(self.pools.values().map(|p| (p.name_any(), parse_pool(p))));
         let mut order: Vec<&Service> = self.services.values().collect();
         order.sort_by_key(|s| (s.creation_timestamp().map(|t| t.0), intent::key(s)));
-        let mut out = Vec::new();
         let mut restores = Vec::new();
         for svc in order {
             let Some(mode) = intent::mode(svc, &self.scope) else {
@@ -306,23 +303,13 @@ impl State {
                 .get(&svc.namespace().unwrap_or_default())
                 .cloned()
                 .unwrap_or_default();
-            restores.push((
-                svc.clone(),
-                mode,
-                intent::restore_request(svc, &ns),
-                recorded,
-            ));
+            restores.push((mode, intent::restore_request(svc, &ns), recorded));
         }
-        for (svc, mode, req, recorded) in restores {
-            match self.alloc.restore(&req, &recorded) {
-                Ok(()) => {
-                    self.modes.insert(req.service.clone(), mode);
-                }
-                Err(refusal) => out.extend(self.refused(&svc, &refusal, now)),
-            }
+        for (mode, req, recorded) in restores {
+            self.alloc.restore(&req, &recorded);
+            self.modes.insert(req.service.clone(), mode);
         }
-        out.extend(self.reconcile_all(now));
-        out
+        self.reconcile_all(now)
     }
 
     /// Releases what a gone Service held (no write: the object is gone).
@@ -332,8 +319,13 @@ impl State {
         self.waiting.remove(key);
     }
 
-    fn retry_waiting(&mut self, now: Timestamp) -> Vec<Action> {
-        let keys: Vec<ServiceKey> = self.waiting.iter().cloned().collect();
+    fn retry_waiting(&mut self, except: Option<&ServiceKey>, now: Timestamp) -> Vec<Action> {
+        let keys: Vec<ServiceKey> = self
+            .waiting
+            .iter()
+            .filter(|k| Some(*k) != except)
+            .cloned()
+            .collect();
         keys.iter().flat_map(|k| self.reconcile(k, now)).collect()
     }
 

@@ -302,3 +302,174 @@ fn external_ip_auto_writes_spec_external_ips_and_removing_it_takes_them_back() {
     );
     assert!(s.allocator().holdings().is_empty());
 }
+
+// === the controller over a simulated API server, under any order of events ===
+
+mod simulated {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Applies the writes to the objects as the API server would, and echoes them back through
+    /// the watch, until nothing more is written.
+    fn settle(
+        state: &mut State,
+        objects: &mut BTreeMap<ServiceKey, Service>,
+        mut actions: Vec<Action>,
+    ) {
+        for _ in 0..4 {
+            let mut echoes = Vec::new();
+            for a in &actions {
+                if let Action::PatchServiceStatus { key, patch } = a {
+                    let Some(svc) = objects.get(key).cloned() else {
+                        continue;
+                    };
+                    let mut svc = apply(svc, std::slice::from_ref(a));
+                    if patch["status"]["loadBalancer"]["ingress"].is_null()
+                        && patch["status"]["loadBalancer"].is_object()
+                    {
+                        svc.status.as_mut().unwrap().load_balancer = None;
+                    }
+                    let rv: u64 = svc.resource_version().unwrap().parse().unwrap();
+                    let svc = svc.version(&(rv + 1).to_string());
+                    objects.insert(key.clone(), svc.clone());
+                    echoes.push(svc);
+                }
+            }
+            actions = echoes
+                .into_iter()
+                .flat_map(|s| state.service_applied(s, now()))
+                .collect();
+            if actions
+                .iter()
+                .all(|a| matches!(a, Action::PatchPoolStatus { .. } | Action::Event { .. }))
+            {
+                return;
+            }
+        }
+        panic!("the controller keeps writing: {actions:?}");
+    }
+
+    fn service(i: u8, want: Option<u8>, key: bool, port: i32) -> Service {
+        let mut s = lb(&format!("s{i}")).tcp_ports(&[port]);
+        if let Some(w) = want {
+            s = s.annotate(IPS, &format!("192.0.2.{w}"));
+        }
+        if key {
+            s = s.annotate(SHARING_KEY, "k");
+        }
+        s
+    }
+
+    fn pools(v: u8) -> Vec<IPPool> {
+        match v {
+            0 => vec![fixtures::pool("p", &["192.0.2.0/30"])],
+            1 => vec![fixtures::pool("p", &["192.0.2.0/31"])],
+            2 => vec![
+                fixtures::pool("p", &["192.0.2.2/31"]),
+                fixtures::pool("q", &["192.0.2.0/30"]),
+            ],
+            _ => vec![],
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Apply {
+            i: u8,
+            want: Option<u8>,
+            key: bool,
+            port: i32,
+        },
+        Delete(u8),
+        Pools(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..6, proptest::option::of(0u8..4), any::<bool>(), prop_oneof![Just(80), Just(443)])
+                .prop_map(|(i, want, key, port)| Op::Apply { i, want, key, port }),
+            2 => (0u8..6).prop_map(Op::Delete),
+            1 => (0u8..4).prop_map(Op::Pools),
+        ]
+    }
+
+    fn ingress(s: &Service) -> Vec<String> {
+        intent::recorded(s, Mode::LoadBalancer)
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn no_two_services_that_may_not_share_ever_show_one_address_and_a_restart_changes_nothing(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut state = State::new(Scope::default());
+            let mut objects: BTreeMap<ServiceKey, Service> = BTreeMap::new();
+            let mut pool_version = 0;
+            let out = state.pools_listed(pools(0), now());
+            settle(&mut state, &mut objects, out);
+            let out = state.namespaces_listed(BTreeMap::new(), now());
+            settle(&mut state, &mut objects, out);
+            let out = state.services_listed(vec![], now());
+            settle(&mut state, &mut objects, out);
+            for op in ops {
+                let out = match op {
+                    Op::Apply { i, want, key, port } => {
+                        let k = ServiceKey::new("default", format!("s{i}"));
+                        let mut svc = service(i, want, key, port);
+                        // Keep what the API server holds (status, version): this is an edit.
+                        if let Some(old) = objects.get(&k) {
+                            svc.status = old.status.clone();
+                            svc.metadata.resource_version = old.metadata.resource_version.clone();
+                        }
+                        objects.insert(k, svc.clone());
+                        state.service_applied(svc, now())
+                    }
+                    Op::Delete(i) => {
+                        let k = ServiceKey::new("default", format!("s{i}"));
+                        match objects.remove(&k) {
+                            Some(svc) => state.service_deleted(&svc, now()),
+                            None => vec![],
+                        }
+                    }
+                    Op::Pools(v) => {
+                        pool_version = v;
+                        state.pools_listed(pools(v), now())
+                    }
+                };
+                let before: BTreeMap<ServiceKey, Vec<String>> = objects.iter().map(|(k, s)| (k.clone(), ingress(s))).collect();
+                settle(&mut state, &mut objects, out);
+                // The controller never hands out an address that is in use by a Service that may not
+                // share it (users can still break sharing later by editing keys or ports; then
+                // nobody is moved and the conflict is reported).
+                for (k, s) in &objects {
+                    let old = before.get(k).cloned().unwrap_or_default();
+                    for ip in ingress(s).into_iter().filter(|ip| !old.contains(ip)) {
+                        for (k2, o) in objects.iter().filter(|(k2, _)| *k2 != k) {
+                            if ingress(o).contains(&ip) {
+                                let key = |s: &Service| s.annotations().get(SHARING_KEY).cloned();
+                                let port = |s: &Service| s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+                                prop_assert!(key(s).is_some() && key(s) == key(o), "{ip} given to {k} while {k2} holds it");
+                                prop_assert!(port(s) != port(o), "{ip}: port clash between {k} and {k2}");
+                            }
+                        }
+                    }
+                }
+            }
+            // A restart (or a new leader) re-derives the same allocations from the objects alone.
+            let mut fresh = State::new(Scope::default());
+            fresh.pools_listed(pools(pool_version), now());
+            fresh.namespaces_listed(BTreeMap::new(), now());
+            let out = fresh.services_listed(objects.values().cloned().collect(), now());
+            prop_assert_eq!(fresh.allocator().holdings(), state.allocator().holdings());
+            let moved: Vec<&Action> = out
+                .iter()
+                .filter(|a| matches!(a, Action::PatchServiceStatus { patch, .. } if !patch["status"]["loadBalancer"].is_null()))
+                .collect();
+            prop_assert!(moved.is_empty(), "a restart rewrote addresses: {:?}", moved);
+        }
+    }
+}
