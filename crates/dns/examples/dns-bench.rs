@@ -52,7 +52,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let sigterm = async {
                 match term.as_mut() {
                     Some(t) => {
@@ -67,7 +68,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             stop.cancel();
         });
-        server.run(udp, tcp, desired, health, ownership, shutdown).await?;
+        server
+            .run(udp, tcp, desired, health, ownership, shutdown)
+            .await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     })
 }

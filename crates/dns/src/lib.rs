@@ -107,8 +107,18 @@ impl DnsServer {
         let stop = shutdown.child_token();
         server::rebuild(&self.shared, &mut desired, &mut health, &mut ownership);
         let mut workers = tokio::task::JoinSet::new();
-        for sock in udp {
-            workers.spawn(server::udp_worker(self.shared.clone(), sock, stop.clone()));
+        // Dropping this future (instead of cancelling `shutdown`) stops the workers too.
+        let _guard = stop.clone().drop_guard();
+        for (i, sock) in udp.into_iter().enumerate() {
+            let sock = sock.into_std()?;
+            let (shared, stop) = (self.shared.clone(), stop.clone());
+            let (done, finished) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || {
+                    let _ = done.send(server::udp_thread(&shared, sock, &stop, server::UDP_BATCH));
+                })?;
+            workers.spawn(async move { finished.await.unwrap_or(Ok(())) });
         }
         workers.spawn(server::tcp_acceptor(self.shared.clone(), tcp, stop.clone()));
         let rebuild = server::rebuild_loop(&self.shared, desired, health, ownership, &stop);

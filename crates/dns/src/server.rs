@@ -1,6 +1,11 @@
-//! The thin tokio driver: sockets in, [`crate::respond::respond`] in the middle, sockets out;
-//! and the loop that rebuilds the [`Snapshot`] whenever desired state, health or ownership
-//! changes.
+//! The thin driver: sockets in, [`crate::respond::respond`] in the middle, sockets out; and the
+//! loop that rebuilds the [`Snapshot`] whenever desired state, health or ownership changes.
+//!
+//! UDP is served by one dedicated OS thread per socket doing blocking receives and batched
+//! `sendmmsg` sends: measured against tokio tasks on the same sockets it costs about half the
+//! CPU per query, because an idle socket parks the thread in `recvfrom` instead of going
+//! through epoll, and a burst of answers leaves in one system call. TCP (rare, and with
+//! per-connection timeouts) runs on tokio.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,8 +34,10 @@ pub enum ServerError {
 
 /// Largest request read from UDP; anything longer arrives cut and is answered FORMERR.
 const UDP_RECV: usize = 4096;
-/// Queries a UDP worker handles before it yields to the runtime and checks for shutdown.
-const UDP_BATCH: u32 = 64;
+/// Queries a UDP thread takes off its socket per wake-up and answers with one `sendmmsg`.
+pub(crate) const UDP_BATCH: usize = 32;
+/// How often an idle UDP thread wakes to notice shutdown and flush metrics.
+const UDP_IDLE_WAKE: Duration = Duration::from_millis(100);
 /// Idle time after which a TCP connection is closed (RFC 7766 §6.2.3: seconds, not minutes).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Concurrent TCP connections; further ones are closed at once.
@@ -44,52 +51,105 @@ pub(crate) struct Shared {
     pub limits: Limits,
 }
 
-/// Serves one UDP socket until `stop`.
-pub(crate) async fn udp_worker(
-    shared: Arc<Shared>,
-    sock: UdpSocket,
-    stop: CancellationToken,
+/// Serves one UDP socket on a dedicated thread with blocking receives until `stop`: after each
+/// blocking receive it drains up to `batch - 1` more queued queries without waiting, answers
+/// them all, and sends the answers with one `sendmmsg` call.
+pub(crate) fn udp_thread(
+    shared: &Shared,
+    sock: std::net::UdpSocket,
+    stop: &CancellationToken,
+    batch: usize,
 ) -> Result<(), ServerError> {
-    let mut buf = vec![0u8; UDP_RECV];
-    let mut out = Vec::with_capacity(usize::from(u16::MAX));
+    use rustix::io::Errno;
+    use rustix::net::{MMsgHdr, RecvFlags, SendAncillaryBuffer, SendFlags, SocketAddrAny};
+    use std::io::IoSlice;
+
+    let batch = batch.clamp(1, 64);
+    sock.set_nonblocking(false)?;
+    // Wake up now and then to notice shutdown and flush metrics.
+    sock.set_read_timeout(Some(UDP_IDLE_WAKE))?;
+    let mut bufs = vec![[0u8; UDP_RECV]; batch];
+    let mut outs: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1500)).collect();
+    let mut peers: Vec<Option<SocketAddrAny>> = vec![None; batch];
+    let mut lens = vec![0usize; batch];
     let mut counts = LocalCounts::default();
-    let mut batch = 0u32;
     loop {
-        match sock.try_recv_from(&mut buf) {
-            Ok((n, peer)) => {
-                let outcome = respond(
-                    &shared.snapshot.load(),
-                    &buf[..n],
+        if counts.pending >= 1024 {
+            shared.metrics.flush(&mut counts);
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+        }
+        let mut n = 0;
+        let mut flags = RecvFlags::empty();
+        while n < batch {
+            match rustix::net::recvfrom(&sock, &mut bufs[n][..], flags) {
+                Ok((len, _, Some(peer))) => {
+                    lens[n] = len;
+                    peers[n] = Some(peer);
+                    n += 1;
+                    flags = RecvFlags::DONTWAIT;
+                }
+                Ok((_, _, None)) => {}
+                Err(Errno::AGAIN | Errno::INTR) => break,
+                Err(_) => {
+                    counts.io_error();
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            shared.metrics.flush(&mut counts);
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            continue;
+        }
+        {
+            let snap = shared.snapshot.load();
+            for i in 0..n {
+                let o = respond(
+                    &snap,
+                    &bufs[i][..lens[i]],
                     Transport::Udp,
                     shared.limits,
-                    &mut out,
+                    &mut outs[i],
                 );
-                counts.record(Transport::Udp, outcome);
-                if outcome.is_some() && sock.send_to(&out, peer).await.is_err() {
+                counts.record(Transport::Udp, o);
+                if o.is_none() {
+                    peers[i] = None;
+                }
+            }
+        }
+        if batch == 1 {
+            if let Some(peer) = &peers[0]
+                && rustix::net::sendto(&sock, &outs[0], SendFlags::empty(), peer).is_err()
+            {
+                counts.io_error();
+            }
+            continue;
+        }
+        let iovs: Vec<[IoSlice<'_>; 1]> = outs[..n].iter().map(|o| [IoSlice::new(o)]).collect();
+        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+            (0..n).map(|_| SendAncillaryBuffer::default()).collect();
+        let mut msgs: Vec<MMsgHdr<'_>> = Vec::with_capacity(n);
+        for ((peer, iov), control) in peers[..n].iter().zip(&iovs).zip(controls.iter_mut()) {
+            if let Some(peer) = peer {
+                msgs.push(MMsgHdr::new_with_addr(peer, iov, control));
+            }
+        }
+        let mut sent = 0;
+        while sent < msgs.len() {
+            match rustix::net::sendmmsg(&sock, &mut msgs[sent..], SendFlags::empty()) {
+                Ok(0) => break,
+                Ok(k) => sent += k,
+                Err(Errno::INTR) => {}
+                // One bad destination fails the call: skip that message and go on.
+                Err(_) => {
                     counts.io_error();
-                }
-                batch += 1;
-                if batch >= UDP_BATCH {
-                    batch = 0;
-                    shared.metrics.flush(&mut counts);
-                    if stop.is_cancelled() {
-                        return Ok(());
-                    }
-                    tokio::task::yield_now().await;
+                    sent += 1;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if counts.pending > 0 {
-                    shared.metrics.flush(&mut counts);
-                }
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => return Ok(()),
-                    r = sock.readable() => r?,
-                }
-            }
-            // ICMP errors surface here (ECONNREFUSED from an earlier reply); count and go on.
-            Err(_) => counts.io_error(),
         }
     }
 }

@@ -54,7 +54,11 @@ fn corpus() -> Vec<Case> {
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
             .collect();
         cases.push(Case {
-            name: path.file_stem().expect("stem").to_string_lossy().into_owned(),
+            name: path
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned(),
             bytes,
             expect: expect.unwrap_or_else(|| panic!("{}: no `# expect:` line", path.display())),
         });
@@ -65,13 +69,15 @@ fn corpus() -> Vec<Case> {
 }
 
 fn snapshot() -> Snapshot {
-    let cfg = model::config::parse(&common::yaml(), &model::config::Environment::default()).expect("config");
+    let cfg = model::config::parse(&common::yaml(), &model::config::Environment::default())
+        .expect("config");
     Snapshot::build(1, &cfg, &HealthView::new(), &OwnershipView::new())
 }
 
 /// The full RCODE of a response (header bits plus the OPT's extended bits).
 fn full_rcode(resp: &[u8]) -> u16 {
-    let m = Message::decode(resp).unwrap_or_else(|e| panic!("response does not decode: {e}: {resp:02x?}"));
+    let m = Message::decode(resp)
+        .unwrap_or_else(|e| panic!("response does not decode: {e}: {resp:02x?}"));
     let ext = m.edns().map_or(0, |(_, ext)| u16::from(ext));
     (ext << 4) | u16::from(m.header.flags.rcode)
 }
@@ -110,7 +116,11 @@ impl Rng {
 
 /// Valid queries mutated: byte flips, cuts, inserted pointers and count bumps.
 fn mutations(n: usize) -> Vec<Vec<u8>> {
-    let seeds: Vec<Vec<u8>> = corpus().into_iter().map(|c| c.bytes).filter(|b| b.len() >= 12).collect();
+    let seeds: Vec<Vec<u8>> = corpus()
+        .into_iter()
+        .map(|c| c.bytes)
+        .filter(|b| b.len() >= 12)
+        .collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     (0..n)
         .map(|_| {
@@ -215,7 +225,9 @@ async fn corpus_over_udp_and_tcp() {
         frame.extend_from_slice(&c.bytes);
         tcp.write_all(&frame).await.expect("write");
         let mut len = [0u8; 2];
-        let read = timeout(Duration::from_secs(2), tcp.read_exact(&mut len)).await.expect("TCP reply or close");
+        let read = timeout(Duration::from_secs(2), tcp.read_exact(&mut len))
+            .await
+            .expect("TCP reply or close");
         match (c.expect, read) {
             (None, Err(_)) => {}
             (Some(rc), Ok(_)) => {
@@ -245,11 +257,21 @@ async fn corpus_over_udp_and_tcp() {
     tcp.write_all(&[0, 0]).await.expect("write");
     let mut len = [0u8; 2];
     // Zero bytes is shorter than a header: dropped, and the connection closes.
-    assert!(timeout(Duration::from_secs(2), tcp.read_exact(&mut len)).await.expect("closed").is_err());
+    assert!(
+        timeout(Duration::from_secs(2), tcp.read_exact(&mut len))
+            .await
+            .expect("closed")
+            .is_err()
+    );
     let mut tcp = TcpStream::connect(h.addr).await.expect("connect");
     tcp.write_all(&[0x10, 0x00, 1, 2, 3]).await.expect("write");
     tcp.shutdown().await.expect("shutdown");
-    assert!(timeout(Duration::from_secs(2), tcp.read_exact(&mut len)).await.expect("closed").is_err());
+    assert!(
+        timeout(Duration::from_secs(2), tcp.read_exact(&mut len))
+            .await
+            .expect("closed")
+            .is_err()
+    );
     still_answers(&h, &sock).await;
     h.stop().await;
 }

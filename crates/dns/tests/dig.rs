@@ -19,32 +19,70 @@ async fn every_record_type() {
     let mut a = h.short(&["web.lb.example.com", "A"]).await;
     a.sort();
     assert_eq!(a, ["192.0.2.1", "192.0.2.2"]);
-    assert_eq!(h.short(&["web.lb.example.com", "AAAA"]).await, ["2001:db8::1"]);
-    assert_eq!(h.short(&["_http._tcp.web.lb.example.com", "SRV"]).await, ["0 0 80 web.lb.example.com."]);
-    assert_eq!(h.short(&["_dns._udp.web.lb.example.com", "SRV"]).await, ["0 0 53 web.lb.example.com."]);
-    assert_eq!(h.short(&["_mysql._tcp.db.lb.example.com", "SRV"]).await, ["0 0 3307 db.lb.example.com."]);
+    assert_eq!(
+        h.short(&["web.lb.example.com", "AAAA"]).await,
+        ["2001:db8::1"]
+    );
+    assert_eq!(
+        h.short(&["_http._tcp.web.lb.example.com", "SRV"]).await,
+        ["0 0 80 web.lb.example.com."]
+    );
+    assert_eq!(
+        h.short(&["_dns._udp.web.lb.example.com", "SRV"]).await,
+        ["0 0 53 web.lb.example.com."]
+    );
+    assert_eq!(
+        h.short(&["_mysql._tcp.db.lb.example.com", "SRV"]).await,
+        ["0 0 3307 db.lb.example.com."]
+    );
     assert_eq!(
         h.short(&["lb.example.com", "SOA"]).await,
         ["ns1.lb.example.com. hostmaster.lb.example.com. 7 3600 600 604800 30"]
     );
-    assert_eq!(h.short(&["other.test", "NS"]).await, ["ns1.other.test.", "ns2.example.net."]);
+    assert_eq!(
+        h.short(&["other.test", "NS"]).await,
+        ["ns1.other.test.", "ns2.example.net."]
+    );
     assert_eq!(h.short(&["www.other.test", "A"]).await, ["192.0.2.20"]);
     // Node mode: the backends' addresses.
     let mut db = h.short(&["db.lb.example.com", "A"]).await;
     db.sort();
     assert_eq!(db, ["10.0.2.1", "10.0.2.2"]);
     // ANY: one synthesized HINFO (RFC 8482).
-    assert_eq!(h.short(&["web.lb.example.com", "ANY"]).await, ["\"RFC8482\" \"\""]);
+    assert_eq!(
+        h.short(&["web.lb.example.com", "ANY"]).await,
+        ["\"RFC8482\" \"\""]
+    );
     // TTLs: zone default 5 s, service override 30 s, second zone 60 s.
-    let ttl = |out: String| out.split_whitespace().nth(1).and_then(|t| t.parse::<u32>().ok());
-    assert_eq!(ttl(h.dig(&["+noall", "+answer", "web.lb.example.com", "A"]).await), Some(5));
-    assert_eq!(ttl(h.dig(&["+noall", "+answer", "db.lb.example.com", "A"]).await), Some(30));
-    assert_eq!(ttl(h.dig(&["+noall", "+answer", "www.other.test", "A"]).await), Some(60));
+    let ttl = |out: String| {
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|t| t.parse::<u32>().ok())
+    };
+    assert_eq!(
+        ttl(h
+            .dig(&["+noall", "+answer", "web.lb.example.com", "A"])
+            .await),
+        Some(5)
+    );
+    assert_eq!(
+        ttl(h
+            .dig(&["+noall", "+answer", "db.lb.example.com", "A"])
+            .await),
+        Some(30)
+    );
+    assert_eq!(
+        ttl(h.dig(&["+noall", "+answer", "www.other.test", "A"]).await),
+        Some(60)
+    );
     // Authoritative, recursion desired is ignored and not offered.
     let full = h.dig(&["web.lb.example.com", "A"]).await;
     assert_eq!(status(&full), "NOERROR");
     let f = flags(&full);
-    assert!(f.contains(&"aa") && f.contains(&"rd") && !f.contains(&"ra"), "{f:?}");
+    assert!(
+        f.contains(&"aa") && f.contains(&"rd") && !f.contains(&"ra"),
+        "{f:?}"
+    );
     h.stop().await;
 }
 
@@ -81,7 +119,10 @@ async fn until(h: &Harness, args: &[&str], done: impl Fn(&[String]) -> bool) -> 
         if done(&a) {
             return start.elapsed();
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "still {a:?} after 5 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still {a:?} after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -154,16 +195,27 @@ async fn nxdomain_nodata_refused() {
     assert_eq!((count(&out, "ANSWER"), count(&out, "AUTHORITY")), (0, 1));
     assert_eq!(soa_ttl(&out), Some(5));
     // NODATA: existing name, other type; and an empty non-terminal.
-    for q in [["web.lb.example.com", "TXT"], ["_tcp.web.lb.example.com", "A"], ["web.lb.example.com", "MX"]] {
+    for q in [
+        ["web.lb.example.com", "TXT"],
+        ["_tcp.web.lb.example.com", "A"],
+        ["web.lb.example.com", "MX"],
+    ] {
         let out = h.dig(&q).await;
         assert_eq!(status(&out), "NOERROR", "{q:?}");
-        assert_eq!((count(&out, "ANSWER"), count(&out, "AUTHORITY")), (0, 1), "{q:?}");
+        assert_eq!(
+            (count(&out, "ANSWER"), count(&out, "AUTHORITY")),
+            (0, 1),
+            "{q:?}"
+        );
         assert!(flags(&out).contains(&"aa"));
     }
     // Second zone: its own SOA, TTL min(60, 5).
     let out = h.dig(&["nope.other.test", "A"]).await;
     assert_eq!(status(&out), "NXDOMAIN");
-    assert!(out.contains("other.test.\t\t5\tIN\tSOA\tns1.other.test."), "{out}");
+    assert!(
+        out.contains("other.test.\t\t5\tIN\tSOA\tns1.other.test."),
+        "{out}"
+    );
     // Outside the zones: REFUSED, not authoritative.
     let out = h.dig(&["example.org", "A"]).await;
     assert_eq!(status(&out), "REFUSED");
@@ -191,7 +243,10 @@ async fn tcp_truncation_and_edns_sizes() {
     assert_eq!(status(&out), "NXDOMAIN");
 
     // 40 A records (687 bytes with OPT) do not fit 512: TC, nothing in the answer.
-    for args in [&["+bufsize=512", "+ignore"][..], &["+noedns", "+ignore"][..]] {
+    for args in [
+        &["+bufsize=512", "+ignore"][..],
+        &["+noedns", "+ignore"][..],
+    ] {
         let mut q = args.to_vec();
         q.extend(["big.lb.example.com", "A"]);
         let out = h.dig(&q).await;
@@ -202,19 +257,44 @@ async fn tcp_truncation_and_edns_sizes() {
     let out = h.dig(&["+bufsize=512", "big.lb.example.com", "A"]).await;
     assert!(out.contains("Truncated, retrying in TCP mode"), "{out}");
     assert_eq!(count(&out, "ANSWER"), 40);
-    assert_eq!(h.short(&["+tcp", "big.lb.example.com", "A"]).await.len(), 40);
+    assert_eq!(
+        h.short(&["+tcp", "big.lb.example.com", "A"]).await.len(),
+        40
+    );
     // EDNS0 sizes: 1232 fits 40 A and 40 AAAA (1167 bytes); 1024 fits A but not AAAA.
-    for (size, qtype, fits) in [("1232", "A", true), ("1232", "AAAA", true), ("1024", "A", true), ("1024", "AAAA", false), ("4096", "AAAA", true)] {
-        let out = h.dig(&[&format!("+bufsize={size}"), "+ignore", "big.lb.example.com", qtype]).await;
-        assert_eq!(!flags(&out).contains(&"tc"), fits, "bufsize {size} {qtype}: {out}");
+    for (size, qtype, fits) in [
+        ("1232", "A", true),
+        ("1232", "AAAA", true),
+        ("1024", "A", true),
+        ("1024", "AAAA", false),
+        ("4096", "AAAA", true),
+    ] {
+        let out = h
+            .dig(&[
+                &format!("+bufsize={size}"),
+                "+ignore",
+                "big.lb.example.com",
+                qtype,
+            ])
+            .await;
+        assert_eq!(
+            !flags(&out).contains(&"tc"),
+            fits,
+            "bufsize {size} {qtype}: {out}"
+        );
         assert_eq!(count(&out, "ANSWER"), if fits { 40 } else { 0 });
         // The OPT record is echoed with this server's own payload size.
-        assert!(out.contains("; EDNS: version: 0, flags:; udp: 1232"), "{out}");
+        assert!(
+            out.contains("; EDNS: version: 0, flags:; udp: 1232"),
+            "{out}"
+        );
     }
     let out = h.dig(&["+noedns", "web.lb.example.com"]).await;
     assert!(!out.contains("OPT PSEUDOSECTION"), "{out}");
     // EDNS version 1: BADVERS.
-    let out = h.dig(&["+edns=1", "+noednsnegotiation", "web.lb.example.com"]).await;
+    let out = h
+        .dig(&["+edns=1", "+noednsnegotiation", "web.lb.example.com"])
+        .await;
     assert_eq!(status(&out), "BADVERS", "{out}");
     h.stop().await;
 }

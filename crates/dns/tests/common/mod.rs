@@ -77,7 +77,8 @@ pub struct Harness {
 impl Harness {
     /// Starts the server with the fixture config.
     pub async fn start() -> Self {
-        let cfg = model::config::parse(&yaml(), &model::config::Environment::default()).expect("fixture config");
+        let cfg = model::config::parse(&yaml(), &model::config::Environment::default())
+            .expect("fixture config");
         let (udp, tcp) = dns::bind("127.0.0.1:0".parse().expect("addr"), 2).expect("bind");
         let addr = tcp.local_addr().expect("addr");
         let mut registry = prometheus_client::registry::Registry::default();
@@ -122,7 +123,12 @@ impl Harness {
                 vip.parse().expect("ip"),
                 VipOwnership {
                     owner: owner.map(str::to_string),
-                    reason: if owner.is_some() { "owner" } else { "noEligibleNode" }.into(),
+                    reason: if owner.is_some() {
+                        "owner"
+                    } else {
+                        "noEligibleNode"
+                    }
+                    .into(),
                 },
             );
             *o = Arc::new(v);
@@ -159,7 +165,10 @@ impl Harness {
 
 /// Whether `dig` can run; prints the skip notice when it cannot.
 pub fn dig_available() -> bool {
-    let ok = std::process::Command::new("dig").arg("-v").output().is_ok_and(|o| o.status.success());
+    let ok = std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         println!("skipped: dig not installed");
     }
@@ -168,7 +177,10 @@ pub fn dig_available() -> bool {
 
 /// The `status:` word of a full dig answer.
 pub fn status(out: &str) -> &str {
-    out.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("none")
+    out.split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("none")
 }
 
 /// The header flags of a full dig answer (`qr aa rd`).
