@@ -105,6 +105,9 @@ pub struct StatusReport {
     pub members: Vec<MemberStatus>,
     /// Services.
     pub services: Vec<ServiceStatus>,
+    /// DNS names published now, with their state (healthy, fail-open, fail-closed).
+    #[serde(default)]
+    pub dns: Vec<DnsNameStatus>,
 }
 
 /// One cluster member.

@@ -66,8 +66,7 @@ pub async fn serve(
     };
     let dns_sockets = match &cfg.dns {
         Some(d) => Some(
-            bind_dns(d.listen)
-                .await
+            dns::bind(d.listen, 2)
                 .with_context(|| format!("cannot listen on dns.listen {}", d.listen))?,
         ),
         None => None,
@@ -125,8 +124,11 @@ pub async fn serve(
             reload_error,
             health_rx,
             own_rx,
-            lb.clone(),
-            agent.clone(),
+            Components {
+                lb: lb.clone(),
+                agent: agent.clone(),
+                dns: dns.clone(),
+            },
             ready_rx.clone(),
         ),
         ready: ready_rx,
@@ -187,14 +189,20 @@ pub async fn serve(
     Ok(())
 }
 
+/// The running components whose live state `/status` shows.
+struct Components {
+    lb: lb::LoadBalancer,
+    agent: agent::Agent,
+    dns: dns::DnsServer,
+}
+
 /// Assembles `/status` from the spine's snapshots and the components' live counters.
 fn status_provider(
     desired: watch::Receiver<Arc<Desired>>,
     reload_error: watch::Receiver<Option<String>>,
     health: watch::Receiver<Arc<HealthView>>,
     ownership: watch::Receiver<Arc<OwnershipView>>,
-    lb: lb::LoadBalancer,
-    agent: agent::Agent,
+    Components { lb, agent, dns }: Components,
     ready: watch::Receiver<bool>,
 ) -> admin::StatusProvider {
     Arc::new(move || {
@@ -263,6 +271,7 @@ fn status_provider(
             ready: *ready.borrow(),
             members: agent.members(),
             services,
+            dns: dns.status(),
         }
     })
 }
@@ -276,12 +285,4 @@ pub fn parse_admin_url(s: &str) -> Result<SocketAddr, String> {
     t.parse().map_err(|_| {
         format!("`{s}` is not an admin address; write e.g. 127.0.0.1:9440 or http://127.0.0.1:9440")
     })
-}
-
-async fn bind_dns(
-    addr: SocketAddr,
-) -> std::io::Result<(Vec<tokio::net::UdpSocket>, tokio::net::TcpListener)> {
-    let udp = tokio::net::UdpSocket::bind(addr).await?;
-    let tcp = tokio::net::TcpListener::bind(udp.local_addr()?).await?;
-    Ok((vec![udp], tcp))
 }

@@ -116,10 +116,7 @@ pub fn render(r: &StatusReport) -> String {
                 b.address.to_string(),
                 b.weight.to_string(),
                 health,
-                serde_json::to_value(b.breaker)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
+                word(&b.breaker),
                 b.active_connections.to_string(),
                 b.total_connections.to_string(),
                 b.connect_failures.to_string(),
@@ -127,7 +124,38 @@ pub fn render(r: &StatusReport) -> String {
         }));
         out.push_str(&columns(&rows));
     }
+    if !r.dns.is_empty() {
+        let _ = writeln!(out, "\nDNS");
+        let mut rows = vec![
+            ["NAME", "MODE", "STATE", "TTL", "ADDRESSES"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        rows.extend(r.dns.iter().map(|d| {
+            let addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
+            vec![
+                d.name.clone(),
+                word(&d.mode),
+                word(&d.state),
+                format!("{}s", d.ttl),
+                if addrs.is_empty() {
+                    "-".into()
+                } else {
+                    addrs.join(",")
+                },
+            ]
+        }));
+        out.push_str(&columns(&rows));
+    }
     out
+}
+
+/// The serde word of an enum value (`fail-open`, `half-open`), as JSON shows it.
+fn word<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -144,6 +172,14 @@ mod tests {
             ready: true,
             last_reload_error: Some("1 error in the configuration\n  x: bad".into()),
             members: vec![],
+            dns: vec![DnsNameStatus {
+                service: "web".into(),
+                name: "web.lb.example.".into(),
+                mode: DnsMode::Vips,
+                state: DnsAnswerState::FailOpen,
+                addresses: vec!["10.0.0.1".parse().unwrap()],
+                ttl: 5,
+            }],
             services: vec![ServiceStatus {
                 name: "web".into(),
                 ports: vec![PortStatus {
@@ -177,5 +213,9 @@ mod tests {
         assert!(t.contains("10.0.0.1  n2"), "{t}");
         assert!(t.contains("DOWN,ejected  half-open"), "{t}");
         assert!(t.contains("REJECTED"), "{t}");
+        assert!(
+            t.contains("web.lb.example.  vips  fail-open  5s   10.0.0.1"),
+            "{t}"
+        );
     }
 }
