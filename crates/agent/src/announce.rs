@@ -17,7 +17,9 @@
 //!   again for routers that ignore gratuitous ARP.
 //! * **Draining** (graceful stop): stop answering and announcing but keep local delivery, so
 //!   connections still arriving are served while the new owner's announcement spreads.
-//! * **Release**: stop answering, then remove the address from `lo`.
+//! * **Release** (ownership moved): stop answering at once, remove the address from `lo` a
+//!   second later, so connections sent before the new owner's announcement reached every
+//!   client are still accepted (make-before-break on preemption and rebalancing).
 //! * **Conflicts**: an ARP reply or gratuitous ARP (or an NA) from another MAC for a VIP we
 //!   announce is noted; if we still announce it after a grace period (a legitimate new owner
 //!   would have made us release by then), it is counted and we announce again, at most once
@@ -63,6 +65,17 @@ pub enum Mode {
     Drain,
 }
 
+/// What an interface's announcer should do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Want {
+    /// VIPs and their mode.
+    pub vips: BTreeMap<IpAddr, Mode>,
+    /// Bumped when every announced VIP should be announced again (a peer came back: after a
+    /// healed partition the clients may still point at the node that stood in), after
+    /// `Timing::reannounce_delay` so that the stand-in has released by then.
+    pub reannounce: u64,
+}
+
 /// Announcement timing.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -74,6 +87,11 @@ pub struct Timing {
     pub refresh: Duration,
     /// Grace before a foreign answer counts as a conflict.
     pub conflict_grace: Duration,
+    /// How long a released VIP stays on `lo` (connections sent before the new owner's
+    /// announcement reached the clients still arrive here).
+    pub release_grace: Duration,
+    /// Delay of a re-announcement burst.
+    pub reannounce_delay: Duration,
 }
 
 /// Sets and checks the sysctls an announcing interface needs.
@@ -165,10 +183,12 @@ impl Announcer {
     }
 
     /// Runs until `want` closes; returns after removing every VIP it added.
-    pub async fn run(self, mut want: watch::Receiver<BTreeMap<IpAddr, Mode>>) {
+    pub async fn run(self, mut want: watch::Receiver<Want>) {
         let mut have: BTreeMap<IpAddr, Mode> = BTreeMap::new();
+        let mut reannounced = 0u64;
         let mut bursts: BTreeMap<IpAddr, Burst> = BTreeMap::new();
         let mut suspects: BTreeMap<IpAddr, Instant> = BTreeMap::new();
+        let mut unlink: BTreeMap<IpAddr, Instant> = BTreeMap::new();
         let mut last_conflict: BTreeMap<IpAddr, Instant> = BTreeMap::new();
         let refresh = (!self.timing.refresh.is_zero()).then_some(self.timing.refresh);
         let mut next_refresh = Instant::now() + refresh.unwrap_or(Duration::from_secs(3600));
@@ -180,25 +200,31 @@ impl Announcer {
                 .values()
                 .min()
                 .map(|t| *t + self.timing.conflict_grace);
-            let wake = [next_burst, next_suspect, Some(next_refresh)]
+            let next_unlink = unlink.values().min().copied();
+            let wake = [next_burst, next_suspect, next_unlink, Some(next_refresh)]
                 .into_iter()
                 .flatten()
                 .min()
                 .unwrap_or(next_refresh);
             tokio::select! {
                 changed = want.changed() => {
-                    let next = if changed.is_ok() { want.borrow_and_update().clone() } else { BTreeMap::new() };
-                    // release first (stop answering), then remove local delivery
+                    let w = if changed.is_ok() { want.borrow_and_update().clone() } else { Want::default() };
+                    let next = w.vips;
+                    // release: stop answering now, remove local delivery after the grace
+                    // period (at once when closing: the agent has drained already)
                     for (vip, _) in have.iter().filter(|(v, _)| !next.contains_key(*v)) {
                         bursts.remove(vip);
-                        if let Err(e) = sys::addr_del(self.lo, *vip, prefix(*vip)) {
-                            warn!(%vip, %e, "cannot remove VIP from lo");
+                        if changed.is_ok() {
+                            unlink.insert(*vip, Instant::now() + self.timing.release_grace);
+                        } else {
+                            unlink.insert(*vip, Instant::now());
                         }
                         info!(%vip, iface = %self.iface, "released");
                     }
                     for (vip, mode) in &next {
                         let before = have.get(vip).copied();
-                        if before.is_none() && let Err(e) = sys::addr_add(self.lo, *vip, prefix(*vip)) {
+                        let linked = unlink.remove(vip).is_some();
+                        if before.is_none() && !linked && let Err(e) = sys::addr_add(self.lo, *vip, prefix(*vip)) {
                             warn!(%vip, %e, "cannot add VIP to lo");
                         }
                         match (before, mode) {
@@ -216,8 +242,20 @@ impl Announcer {
                         }
                     }
                     have = next;
+                    if w.reannounce != reannounced {
+                        reannounced = w.reannounce;
+                        let at = Instant::now() + self.timing.reannounce_delay;
+                        for (vip, _) in have.iter().filter(|(_, m)| **m == Mode::Announce) {
+                            bursts.insert(*vip, Burst { left: self.timing.count.max(1), next: at });
+                        }
+                    }
                     suspects.retain(|v, _| have.get(v) == Some(&Mode::Announce));
                     if changed.is_err() {
+                        for (vip, _) in std::mem::take(&mut unlink) {
+                            if let Err(e) = sys::addr_del(self.lo, vip, prefix(vip)) {
+                                warn!(%vip, %e, "cannot remove VIP from lo");
+                            }
+                        }
                         return;
                     }
                 }
@@ -268,6 +306,13 @@ impl Announcer {
                             if b.left == 0 {
                                 bursts.remove(&vip);
                             }
+                        }
+                    }
+                    let gone: Vec<IpAddr> = unlink.iter().filter(|(_, t)| **t <= now).map(|(v, _)| *v).collect();
+                    for vip in gone {
+                        unlink.remove(&vip);
+                        if let Err(e) = sys::addr_del(self.lo, vip, prefix(vip)) {
+                            warn!(%vip, %e, "cannot remove VIP from lo");
                         }
                     }
                     let ripe: Vec<IpAddr> = suspects.iter().filter(|(_, t)| **t + self.timing.conflict_grace <= now).map(|(v, _)| *v).collect();

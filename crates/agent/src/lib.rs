@@ -305,10 +305,7 @@ pub fn interface_for(cfg: &Config, vip: IpAddr) -> Option<&str> {
 }
 
 /// One interface's announcer: what it should announce, and its task.
-type L2Task = (
-    watch::Sender<BTreeMap<IpAddr, Mode>>,
-    tokio::task::JoinHandle<()>,
-);
+type L2Task = (watch::Sender<announce::Want>, tokio::task::JoinHandle<()>);
 
 struct Driver {
     agent: Agent,
@@ -325,6 +322,7 @@ struct Driver {
     start: Instant,
     settled: bool,
     leaving: bool,
+    reannounce: u64,
     owned: BTreeSet<IpAddr>,
     facts: Facts,
     l2: BTreeMap<String, L2Task>,
@@ -381,6 +379,7 @@ impl Driver {
             start: Instant::now(),
             settled: false,
             leaving: false,
+            reannounce: 0,
             owned: BTreeSet::new(),
             facts,
             l2: BTreeMap::new(),
@@ -406,6 +405,8 @@ impl Driver {
             interval: a.interval,
             refresh: a.refresh,
             conflict_grace: (self.det.dead_after() * 3).max(Duration::from_millis(500)),
+            release_grace: Duration::from_secs(1),
+            reannounce_delay: self.det.dead_after() + self.det.interval,
         };
         for i in &self.cfg.node.interfaces {
             let err = |source| Error::Announce {
@@ -418,7 +419,7 @@ impl Driver {
             let ann =
                 announce::Announcer::open(&i.name, timing, self.agent.inner.conflicts.clone())
                     .map_err(err)?;
-            let (tx, rx) = watch::channel(BTreeMap::new());
+            let (tx, rx) = watch::channel(announce::Want::default());
             let task = tokio::spawn(ann.run(rx));
             self.l2.insert(i.name.clone(), (tx, task));
         }
@@ -612,16 +613,24 @@ impl Driver {
     }
 
     fn push_l2(&self, mode: Mode) {
-        let mut per_if: BTreeMap<&str, BTreeMap<IpAddr, Mode>> = self
+        let mut per_if: BTreeMap<&str, announce::Want> = self
             .l2
             .keys()
-            .map(|k| (k.as_str(), BTreeMap::new()))
+            .map(|k| {
+                (
+                    k.as_str(),
+                    announce::Want {
+                        vips: BTreeMap::new(),
+                        reannounce: self.reannounce,
+                    },
+                )
+            })
             .collect();
         for v in &self.owned {
             if let Some(i) = interface_for(&self.cfg, *v)
                 && let Some(m) = per_if.get_mut(i)
             {
-                m.insert(*v, mode);
+                m.vips.insert(*v, mode);
             }
         }
         for (i, m) in per_if {
@@ -687,13 +696,26 @@ impl Driver {
                 false
             }
             Kind::Heartbeat => match Heartbeat::decode(&opened.body) {
-                Ok(hb) => match self.table.heard(&opened.sender, opened.epoch, hb, now) {
-                    Ok(changed) => changed,
-                    Err(e) => {
-                        debug!(%e, "heartbeat ignored");
-                        false
+                Ok(hb) => {
+                    let was = self.table.alive(&opened.sender, now);
+                    match self.table.heard(&opened.sender, opened.epoch, hb, now) {
+                        Ok(changed) => {
+                            if !was
+                                && self.table.alive(&opened.sender, now)
+                                && !self.owned.is_empty()
+                            {
+                                // a peer (re)appeared: clients may point at a stand-in
+                                self.reannounce += 1;
+                                self.push_l2(Mode::Announce);
+                            }
+                            changed
+                        }
+                        Err(e) => {
+                            debug!(%e, "heartbeat ignored");
+                            false
+                        }
                     }
-                },
+                }
                 Err(e) => {
                     debug!(%e, "heartbeat malformed");
                     false

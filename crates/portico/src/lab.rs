@@ -560,6 +560,10 @@ struct Round {
     owner_after: Option<String>,
     /// Failed probes while the repaired node came back (preemption should be make-before-break).
     return_failed: usize,
+    /// Start of each failed probe, ms after the fault (negative: started just before it).
+    failed_at_ms: Vec<f64>,
+    /// Start of each failed probe after the repair, ms after the repair.
+    return_failed_at_ms: Vec<f64>,
 }
 
 struct Running {
@@ -573,7 +577,9 @@ fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
         .filter(|j| *j != i)
         .map(|j| format!("    - {{name: node-{j}, address: 10.99.0.{}:7946}}", 10 + j))
         .collect();
-    let backends: Vec<String> = (1..=lab.nodes)
+    // Each node lists only its own backend: the owner function reads placement from the
+    // shared part of the config, and other nodes' local health from their heartbeats.
+    let backends: Vec<String> = (i..=i)
         .map(|j| {
             format!(
                 "      - {{name: node-{j}, address: 127.0.0.1, port: {}, node: node-{j}}}",
@@ -588,7 +594,7 @@ fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
          admin:\n  listen: 127.0.0.1:9440\n\
          services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
          health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
-         connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{panic_threshold_percent: 0}}\n    \
+         connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
          placement: {{local_only: true, preferred: [node-1]}}\n",
         ip = 10 + i,
         peers = peers.join("\n"),
@@ -681,8 +687,9 @@ impl Running {
         Ok(())
     }
 
-    fn kill_node(&mut self, lab: &Lab, i: usize, sig: i32) {
-        if let Some(pid) = self.pids.remove(&i) {
+    fn kill_node(&mut self, lab: &Lab, i: usize, sig: i32) -> Option<u32> {
+        let pid = self.pids.remove(&i);
+        if let Some(pid) = pid {
             let _ = sys::kill(pid, sig);
         }
         if let System::Keepalived { .. } = self.system
@@ -692,6 +699,7 @@ impl Running {
         {
             let _ = sys::kill(pid, sys::SIGKILL);
         }
+        pid
     }
 }
 
@@ -880,12 +888,13 @@ async fn round_once(
     let old_mac = node_mac(i);
     let ns = lab.ns_node(i);
     let t0 = Instant::now();
+    let mut stopped = None;
     match scenario {
         "hard" => {
             sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?;
-            run.kill_node(lab, i, sys::SIGKILL);
+            stopped = run.kill_node(lab, i, sys::SIGKILL);
         }
-        "graceful" => run.kill_node(lab, i, sys::SIGTERM),
+        "graceful" => stopped = run.kill_node(lab, i, sys::SIGTERM),
         "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?,
         "backends" => {
             if let Some(pid) = run.backend_pids.remove(&i) {
@@ -915,7 +924,7 @@ async fn round_once(
         }
     }
     let settle = Instant::now();
-    let (outage, failed, takeover, arp, new_owner) = {
+    let (outage, failed, takeover, arp, new_owner, failed_at) = {
         let o = obs.lock().unwrap_or_else(|e| e.into_inner());
         let mut window: Vec<&Probe> = o
             .probes
@@ -951,20 +960,32 @@ async fn round_once(
             recovered_at.map(|t| t.saturating_duration_since(t0)),
             arp,
             new_owner,
+            fails
+                .iter()
+                .map(|f| {
+                    if *f >= t0 {
+                        ms(f.saturating_duration_since(t0))
+                    } else {
+                        -ms(t0.saturating_duration_since(*f))
+                    }
+                })
+                .collect::<Vec<f64>>(),
         )
     };
     // repair
     let before_repair = Instant::now();
     match scenario {
         "hard" => {
+            if let Some(pid) = stopped {
+                wait_gone(pid, Duration::from_secs(5)).await;
+            }
             sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
             run.start_node(lab, i, args)?;
         }
         "graceful" => {
-            if let Some(pid) = run.pids.get(&i).copied() {
-                wait_gone(pid, Duration::from_secs(10)).await;
+            if let Some(pid) = stopped {
+                wait_gone(pid, Duration::from_secs(40)).await;
             }
-            run.pids.remove(&i);
             run.start_node(lab, i, args)?;
         }
         "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?,
@@ -977,13 +998,15 @@ async fn round_once(
     let owner_after = wait_stable(obs, Duration::from_millis(1000), Duration::from_secs(20))
         .await
         .ok();
-    let return_failed = {
+    let return_failed_at_ms: Vec<f64> = {
         let o = obs.lock().unwrap_or_else(|e| e.into_inner());
         o.probes
             .iter()
             .filter(|p| p.start >= before_repair && p.node.is_none())
-            .count()
+            .map(|p| ms(p.start.saturating_duration_since(before_repair)))
+            .collect()
     };
+    let return_failed = return_failed_at_ms.len();
     let owners = arp_owners(lab)?;
     Ok(Round {
         system: sys_name.to_string(),
@@ -998,6 +1021,8 @@ async fn round_once(
         arp_owners_after: owners.len(),
         owner_after,
         return_failed,
+        failed_at_ms: failed_at,
+        return_failed_at_ms,
     })
 }
 

@@ -67,7 +67,10 @@ pub fn if_index(name: &str) -> Result<u32, Error> {
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if index == 0 {
-        return Err(Error::Interface { name: name.into(), source: io::Error::last_os_error() });
+        return Err(Error::Interface {
+            name: name.into(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(index)
 }
@@ -129,12 +132,18 @@ pub fn setns_net(path: &str) -> Result<(), Error> {
 
 /// Sends signal `sig` (`libc::SIGTERM`, `libc::SIGKILL`, ...) to process `pid`.
 pub fn kill(pid: u32, sig: i32) -> Result<(), Error> {
-    let pid = i32::try_from(pid).map_err(|_| Error::Io { what: "kill", source: io::Error::from(io::ErrorKind::InvalidInput) })?;
+    let pid = i32::try_from(pid).map_err(|_| Error::Io {
+        what: "kill",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
     #[allow(unsafe_code)]
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::kill(pid, sig) };
     if rc != 0 {
-        return Err(Error::Io { what: "kill", source: io::Error::last_os_error() });
+        return Err(Error::Io {
+            what: "kill",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

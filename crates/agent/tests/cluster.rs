@@ -1,0 +1,250 @@
+//! Three agents gossiping over loopback UDP (dry run: no raw sockets, no addresses), so this
+//! runs without root: they agree on one owner, fail over on a crash and on a graceful leave,
+//! and drop packets sealed with another key.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::Agent;
+use agent::seal::{Kind, Sealer};
+use model::{ClusterKey, Desired, HealthView, OwnershipView};
+use prometheus_client::registry::Registry;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+struct Node {
+    agent: Agent,
+    own: watch::Receiver<Arc<OwnershipView>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn config(i: usize, ports: &[u16], profile: &str) -> model::Config {
+    let peers: Vec<String> = (0..ports.len())
+        .filter(|j| *j != i)
+        .map(|j| format!("    - {{name: node-{j}, address: 127.0.0.1:{}}}", ports[j]))
+        .collect();
+    let yaml = format!(
+        "node:\n  name: node-{i}\n  interfaces: [{{name: test0, addresses: [10.0.0.{}/24]}}]\n\
+         cluster:\n  bind: 127.0.0.1:{}\n  peers:\n{}\n  keys: [{{id: 1, secret: \"{KEY}\"}}]\n  profile: {profile}\n  hold_down: 1s\n\
+         services:\n  - name: web\n    vips: [10.0.0.100, 10.0.0.101]\n    ports: [{{port: 80}}]\n    backends: [{{address: 192.168.0.1}}]\n",
+        i + 1,
+        ports[i],
+        peers.join("\n")
+    );
+    model::config::parse(&yaml, &Default::default()).expect("test config is valid")
+}
+
+async fn start(i: usize, socket: UdpSocket, ports: &[u16], profile: &str) -> Node {
+    let agent = Agent::new(&mut Registry::default()).dry_run();
+    let cfg = Arc::new(config(i, ports, profile));
+    let (_dtx, drx) = watch::channel(Arc::new(Desired {
+        generation: 1,
+        config: cfg,
+    }));
+    let (_htx, hrx) = watch::channel(Arc::new(HealthView::new()));
+    let (otx, orx) = watch::channel(Arc::new(OwnershipView::new()));
+    let stop = CancellationToken::new();
+    let task = {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _keep = (_dtx, _htx);
+            agent
+                .run(Some(socket), drx, hrx, otx, stop)
+                .await
+                .expect("agent runs");
+        })
+    };
+    Node {
+        agent,
+        own: orx,
+        stop,
+        task,
+    }
+}
+
+async fn cluster(n: usize, profile: &str) -> Vec<Node> {
+    let mut socks = Vec::new();
+    for _ in 0..n {
+        socks.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    let ports: Vec<u16> = socks
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, s) in socks.into_iter().enumerate() {
+        nodes.push(start(i, s, &ports, profile).await);
+    }
+    nodes
+}
+
+/// Owners as every listed node sees them, once they all agree and each VIP has exactly one
+/// node reporting `owner`.
+async fn agreed(nodes: &[&Node], within: Duration) -> BTreeMap<IpAddr, String> {
+    let until = Instant::now() + within;
+    let mut last = Vec::new();
+    while Instant::now() < until {
+        let views: Vec<Arc<OwnershipView>> = nodes.iter().map(|n| n.own.borrow().clone()).collect();
+        let owners: Vec<BTreeMap<IpAddr, Option<String>>> = views
+            .iter()
+            .map(|v| v.iter().map(|(k, o)| (*k, o.owner.clone())).collect())
+            .collect();
+        let all_same = owners.windows(2).all(|w| w[0] == w[1]) && !owners[0].is_empty();
+        let one_each = views[0].keys().all(|vip| {
+            views
+                .iter()
+                .filter(|v| v.get(vip).is_some_and(|o| o.reason == "owner"))
+                .count()
+                == 1
+        });
+        if all_same && one_each && owners[0].values().all(Option::is_some) {
+            return owners[0]
+                .iter()
+                .map(|(k, v)| (*k, v.clone().unwrap_or_default()))
+                .collect();
+        }
+        last = owners;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no agreement within {within:?}: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_agree_fail_over_and_hand_over() {
+    let nodes = cluster(3, "default").await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let first = agreed(&all, Duration::from_secs(10)).await;
+    // anti-affinity: the service's two VIPs sit on two nodes
+    let distinct: std::collections::BTreeSet<&String> = first.values().collect();
+    assert_eq!(distinct.len(), 2, "{first:?}");
+    let victim: usize = first
+        .values()
+        .next()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    assert_eq!(nodes[victim].agent.members().len(), 3);
+
+    // crash (no leave): the others take over after the heartbeat timeout
+    let t = Instant::now();
+    nodes[victim].task.abort();
+    let rest: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n)
+        .collect();
+    let after = agreed(&rest, Duration::from_secs(5)).await;
+    assert!(
+        after.values().all(|o| *o != format!("node-{victim}")),
+        "{after:?}"
+    );
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "crash failover took {took:?}"
+    );
+    for (vip, o) in &first {
+        if *o != format!("node-{victim}") {
+            assert_eq!(&after[vip], o, "a VIP of a live node moved");
+        }
+    }
+
+    // graceful leave of the next owner: the last node owns everything
+    let next: usize = after
+        .values()
+        .next()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    nodes[next].stop.cancel();
+    let last: Vec<&Node> = rest
+        .iter()
+        .copied()
+        .filter(|n| !std::ptr::eq(*n, &nodes[next]))
+        .collect();
+    let fin = agreed(&last, Duration::from_secs(5)).await;
+    assert_eq!(
+        fin.values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        1
+    );
+    let leaver = &nodes[next];
+    let until = Instant::now() + Duration::from_secs(5);
+    while !leaver.task.is_finished() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        leaver.task.is_finished(),
+        "the leaving agent returns once its VIPs are taken over"
+    );
+    let status = leaver.agent.members();
+    assert_eq!(status[0].state, "leaving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_with_a_wrong_key_or_replayed_are_dropped_and_counted() {
+    let nodes = cluster(2, "fast").await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    agreed(&all, Duration::from_secs(10)).await;
+    let target = {
+        let c = config(0, &[0, 0], "fast");
+        let _ = c;
+        // node-0's port is in node-1's peer list
+        let v = nodes[1].agent.members();
+        v.iter().find(|m| m.name == "node-0").unwrap().address
+    };
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut wrong = Sealer::new(
+        &[ClusterKey {
+            id: 1,
+            secret: [9; 32],
+        }],
+        "node-1",
+        u64::MAX,
+    );
+    let before = nodes[0].agent.stats().dropped;
+    for _ in 0..5 {
+        let p = wrong
+            .seal(Kind::Heartbeat, &[4, 0, 10, 0, 0, 0, 0])
+            .unwrap();
+        stranger.send_to(&p, target).await.unwrap();
+    }
+    // a valid packet sent twice: the copy is a replay
+    let mut right = Sealer::new(
+        &[ClusterKey {
+            id: 1,
+            secret: [1; 32],
+        }],
+        "stranger",
+        1,
+    );
+    let p = right.seal(Kind::Swim, b"x").unwrap();
+    stranger.send_to(&p, target).await.unwrap();
+    stranger.send_to(&p, target).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while nodes[0].agent.stats().dropped < before + 6 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        nodes[0].agent.stats().dropped >= before + 6,
+        "{:?}",
+        nodes[0].agent.stats()
+    );
+    // and the impostor did not change anyone's view
+    let after = agreed(&all, Duration::from_secs(2)).await;
+    assert!(after.values().all(|o| o == "node-0" || o == "node-1"));
+    for n in &nodes {
+        n.stop.cancel();
+    }
+}
