@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::allocator::ServiceKey;
 use crate::crd::IPPool;
 use crate::intent::Scope;
-use crate::lease::Leadership;
+
 use crate::reconcile::{self, Action, State};
 use crate::selector::Labels;
+use tokio::sync::watch;
 
 /// The field manager and event reporter name.
 pub const MANAGER: &str = "portico-controller";
@@ -341,20 +342,22 @@ fn log<T>(r: Result<T, watcher::Error>) -> Option<T> {
         .ok()
 }
 
-/// Runs the controller: while leading, watch and allocate; when leadership is lost, stop and
-/// forget everything (the next term re-derives it).
+/// Runs the controller: while `leading` (from a [`crate::lease::Leadership`]), watch and allocate; when
+/// leadership is lost, stop and forget everything (the next term re-derives it).
 pub async fn run(
     client: Client,
     scope: Scope,
     instance: Option<String>,
-    leadership: &dyn Leadership,
+    mut leading: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    let mut leading = leadership.subscribe();
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = leading.wait_for(|l| *l) => if r.is_err() { return },
+        let became_leader = tokio::select! {
+            () = shutdown.cancelled() => false,
+            r = async { leading.wait_for(|l| *l).await.is_ok() } => r,
+        };
+        if !became_leader {
+            return;
         }
         tracing::info!("leading: starting the IPAM controller");
         let mut driver = Driver::new(client.clone(), scope.clone(), instance.clone());
@@ -362,8 +365,8 @@ pub async fn run(
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = leading.wait_for(|l| !*l) => {
-                    if r.is_err() { return }
+                still = async { leading.wait_for(|l| !*l).await.is_ok() } => {
+                    if !still { return }
                     tracing::info!("no longer leading: stopping the IPAM controller");
                     break;
                 }

@@ -52,14 +52,6 @@ pub struct AgentOptions {
     pub base: Config,
 }
 
-struct Subscribed(watch::Receiver<bool>);
-
-impl Leadership for Subscribed {
-    fn subscribe(&self) -> watch::Receiver<bool> {
-        self.0.clone()
-    }
-}
-
 /// Runs the IPAM controller with Lease leader election until `shutdown`.
 pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;
@@ -69,9 +61,9 @@ pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) ->
         opts.identity.clone(),
         Timing::default(),
     );
-    let leading = Subscribed(elector.subscribe());
+    let leading = elector.subscribe();
     let election = tokio::spawn(elector.run(shutdown.clone()));
-    crate::controller::run(client, opts.scope, Some(opts.identity), &leading, shutdown).await;
+    crate::controller::run(client, opts.scope, Some(opts.identity), leading, shutdown).await;
     let _ = election.await;
     Ok(())
 }

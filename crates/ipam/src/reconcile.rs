@@ -559,6 +559,27 @@ impl State {
                 conditions: vec![valid, overlapping],
             };
             if new != old {
+                // A pool that turned invalid or overlapping also gets an Event, once.
+                for c in new.conditions.iter().filter(|c| {
+                    (c.type_ == "Valid" && c.status == "False")
+                        || (c.type_ == "Overlapping" && c.status == "True")
+                }) {
+                    let same = old.conditions.iter().any(|o| {
+                        o.type_ == c.type_ && o.status == c.status && o.message == c.message
+                    });
+                    if !same {
+                        out.push(Action::Event {
+                            reference: pool.object_ref(&()),
+                            warning: true,
+                            reason: if c.type_ == "Valid" {
+                                "InvalidPool"
+                            } else {
+                                "Overlapping"
+                            },
+                            note: c.message.clone(),
+                        });
+                    }
+                }
                 out.push(Action::PatchPoolStatus {
                     name: r.name.clone(),
                     patch: json!({ "status": new }),

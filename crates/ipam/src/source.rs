@@ -1,7 +1,7 @@
 //! The agent's source: Services, EndpointSlices, Nodes, IPPools, L2Announcements and the gossip
 //! Secret, turned into the same [`model::Desired`] the standalone config produces.
 //!
-//! [`build`] is pure: a [`Snapshot`] of the caches in, a [`model::Config`] out. [`run`] keeps the
+//! [`build`] is pure: a [`Snapshot`] of the caches in, a [`model::Config`] out. [`spawn`] keeps the
 //! caches from watches and publishes a new [`Desired`] whenever the config changes. When the API
 //! server is unreachable the caches, and so the published state, stay as they were: nothing is
 //! withdrawn because the API is gone. Watches resume with back-off and re-list.

@@ -241,3 +241,54 @@ async fn a_re_list_that_misses_a_service_releases_its_address() {
     assert!(d.state().allocator().holdings().is_empty());
     timeout_after_1s(server).await;
 }
+
+#[tokio::test]
+async fn a_replica_that_does_not_lead_makes_no_call_and_starts_watching_once_it_leads() {
+    use crate::lease::ManualLeadership;
+
+    let (client, mut api) = mock_client();
+    use crate::lease::Leadership as _;
+    let leadership = ManualLeadership::new(false);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        client,
+        Scope::default(),
+        None,
+        leadership.subscribe(),
+        shutdown.clone(),
+    ));
+
+    let quiet =
+        tokio::time::timeout(std::time::Duration::from_millis(200), api.0.next_request()).await;
+    assert!(quiet.is_err(), "a follower called the API");
+
+    leadership.set(true);
+    let mut lists = Vec::new();
+    for _ in 0..3 {
+        let (req, _send) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), api.0.next_request())
+                .await
+                .expect("the leader lists")
+                .unwrap();
+        let uri = req.uri().to_string();
+        assert!(
+            crate::rbac::allows(crate::rbac::CONTROLLER, req.method().as_str(), &uri),
+            "{uri}"
+        );
+        lists.push(uri.split('?').next().unwrap().to_string());
+    }
+    lists.sort();
+    assert_eq!(
+        lists,
+        [
+            "/api/v1/namespaces",
+            "/api/v1/services",
+            "/apis/portico.dev/v1alpha1/ippools"
+        ]
+    );
+    shutdown.cancel();
+    timeout_after_1s(tokio::spawn(async move {
+        task.await.unwrap();
+    }))
+    .await;
+}

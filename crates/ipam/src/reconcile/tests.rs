@@ -231,6 +231,37 @@ fn an_overlapping_pool_gets_a_condition_and_its_usage_is_reported() {
 }
 
 #[test]
+fn a_malformed_pool_is_reported_invalid_with_an_event_and_serves_nothing() {
+    let (s, out) = synced(
+        vec![
+            fixtures::pool("bad", &["192.0.2.0/33"]),
+            fixtures::pool("good", &["198.51.100.0/30"]),
+        ],
+        vec![lb("web")],
+    );
+    let bad = out
+        .iter()
+        .find_map(|a| match a {
+            Action::PatchPoolStatus { name, patch } if name == "bad" => Some(patch),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(bad["status"]["conditions"][0]["status"], "False");
+    assert_eq!(bad["status"]["conditions"][0]["reason"], "InvalidSpec");
+    assert!(
+        bad["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("192.0.2.0/33")
+    );
+    assert_eq!(events(&out), vec![IP_ALLOCATED, "InvalidPool"]);
+    assert_eq!(
+        s.allocator().held(&ServiceKey::new("default", "web")),
+        ["198.51.100.0".parse::<IpAddr>().unwrap()]
+    );
+}
+
+#[test]
 fn deleting_a_pool_keeps_the_address_and_says_why() {
     let (mut s, out) = synced(
         vec![fixtures::pool("p", &["192.0.2.0/30"])],
