@@ -1,0 +1,129 @@
+//! The failover rules checked in the network-namespace lab (`portico lab`), as root.
+//!
+//! Without root these print `skipped: needs root (...)` and return. Time bounds are generous;
+//! the tight figures come from running `portico lab` itself.
+
+use std::process::Command;
+use std::time::Duration;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// One lab at a time: they are independent but share two CPUs.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lab(extra: &[&str]) -> Vec<serde_json::Value> {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = std::env::temp_dir().join(format!(
+        "portico-lab-test-{}-{}.json",
+        std::process::id(),
+        extra.join("").len()
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args([
+            "lab",
+            "--nodes",
+            "3",
+            "--rounds",
+            "1",
+            "--systems",
+            "portico-default",
+            "--json",
+        ])
+        .arg(&out)
+        .args(extra)
+        .spawn()
+        .expect("portico lab starts");
+    // bounded: the lab itself bounds every wait; this is the backstop
+    let mut status = None;
+    for _ in 0..(15 * 60 * 10) {
+        if let Some(s) = child.try_wait().expect("wait") {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("portico lab did not finish within 15 minutes");
+    };
+    assert!(status.success(), "portico lab failed: {status}");
+    let text = std::fs::read_to_string(&out).expect("lab wrote its JSON");
+    let _ = std::fs::remove_file(&out);
+    serde_json::from_str(&text).expect("lab JSON parses")
+}
+
+fn s<'a>(r: &'a serde_json::Value, k: &str) -> &'a str {
+    r[k].as_str().unwrap_or_default()
+}
+
+#[test]
+fn failover_rules_in_the_netns_lab() {
+    if !is_root() {
+        println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
+        return;
+    }
+    let rounds = lab(&["--scenarios", "hard,graceful,partition,backends"]);
+    assert_eq!(rounds.len(), 4, "{rounds:#?}");
+    for r in &rounds {
+        let scenario = s(r, "scenario");
+        // another node takes over and the client reaches the VIP through it
+        assert!(
+            r["new_owner"].is_string() && s(r, "new_owner") != s(r, "old_owner"),
+            "{scenario}: no takeover: {r}"
+        );
+        assert!(
+            r["takeover_ms"].as_f64().is_some_and(|t| t < 5000.0),
+            "{scenario}: slow takeover: {r}"
+        );
+        // the client's ARP cache follows the new owner
+        assert!(
+            r["arp_ms"].as_f64().is_some_and(|t| t < 5000.0),
+            "{scenario}: client ARP never moved: {r}"
+        );
+        // after the repair exactly one MAC answers ARP for the VIP (partition healed included)
+        assert_eq!(r["arp_owners_after"], 1, "{scenario}: {r}");
+        // preemptive (default): the preferred node-1 takes its VIP back after hold-down
+        assert_eq!(
+            s(r, "owner_after"),
+            s(r, "old_owner"),
+            "{scenario}: preemptive return: {r}"
+        );
+    }
+    let graceful = rounds
+        .iter()
+        .find(|r| s(r, "scenario") == "graceful")
+        .expect("graceful round");
+    assert_eq!(
+        graceful["failed"], 0,
+        "a graceful stop must not lose a probe: {graceful}"
+    );
+}
+
+#[test]
+fn non_preemptive_keeps_the_stand_in() {
+    if !is_root() {
+        println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
+        return;
+    }
+    let rounds = lab(&["--scenarios", "hard", "--non-preemptive"]);
+    let r = &rounds[0];
+    assert!(
+        r["new_owner"].is_string() && s(r, "new_owner") != s(r, "old_owner"),
+        "{r}"
+    );
+    assert_eq!(
+        s(r, "owner_after"),
+        s(r, "new_owner"),
+        "the returning node must not take the VIP back: {r}"
+    );
+    assert_eq!(r["arp_owners_after"], 1, "{r}");
+}
