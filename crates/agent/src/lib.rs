@@ -404,7 +404,8 @@ impl Driver {
             count: a.count,
             interval: a.interval,
             refresh: a.refresh,
-            conflict_grace: (self.det.dead_after() * 3).max(Duration::from_millis(500)),
+            conflict_grace: (self.det.dead_after() + self.det.interval * 2)
+                .max(Duration::from_millis(100)),
             release_grace: Duration::from_secs(1),
             reannounce_delay: self.det.dead_after() + self.det.interval,
         };

@@ -46,7 +46,8 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Scenarios: hard (owner link down + agent SIGKILL), graceful (SIGTERM), partition
-    /// (owner link down, then healed), backends (owner's backend killed).
+    /// (owner link down, then healed), backends (owner's backend killed), conflict (a forged
+    /// gratuitous ARP claims the VIP for another MAC; portico only).
     #[arg(
         long,
         value_delimiter = ',',
@@ -137,8 +138,8 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         bail!("--nodes must be 2-9");
     }
     for s in &args.scenarios {
-        if !["hard", "graceful", "partition", "backends"].contains(&s.as_str()) {
-            bail!("unknown scenario {s}; use hard, graceful, partition, backends");
+        if !["hard", "graceful", "partition", "backends", "conflict"].contains(&s.as_str()) {
+            bail!("unknown scenario {s}; use hard, graceful, partition, backends, conflict");
         }
     }
     for s in &args.systems {
@@ -564,6 +565,9 @@ struct Round {
     failed_at_ms: Vec<f64>,
     /// Start of each failed probe after the repair, ms after the repair.
     return_failed_at_ms: Vec<f64>,
+    /// Conflicts the owner reports in /status (conflict scenario).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conflicts_counted: Option<u64>,
 }
 
 struct Running {
@@ -880,6 +884,9 @@ async fn round_once(
     scenario: &str,
     round: usize,
 ) -> anyhow::Result<Round> {
+    if scenario == "conflict" {
+        return conflict_round(lab, obs, sys_name, round).await;
+    }
     let old = wait_stable(obs, Duration::from_millis(1500), Duration::from_secs(30)).await?;
     let i: usize = old
         .trim_start_matches("node-")
@@ -1023,6 +1030,7 @@ async fn round_once(
         return_failed,
         failed_at_ms: failed_at,
         return_failed_at_ms,
+        conflicts_counted: None,
     })
 }
 
@@ -1073,4 +1081,119 @@ fn print_table(rounds: &[Round], args: &LabArgs) {
             rs.len(),
         );
     }
+}
+
+const FAKE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xee];
+
+/// A forged gratuitous ARP from the bridge claims the VIP for a MAC nobody has: the owner must
+/// count the conflict and announce again, and the client must end up at the owner.
+async fn conflict_round(
+    lab: &Lab,
+    obs: &Arc<Mutex<Observed>>,
+    sys_name: &str,
+    round: usize,
+) -> anyhow::Result<Round> {
+    let old = wait_stable(obs, Duration::from_millis(1500), Duration::from_secs(30)).await?;
+    let i: usize = old
+        .trim_start_matches("node-")
+        .parse()
+        .context("owner name")?;
+    let t0 = Instant::now();
+    let h = in_netns(&lab.ns_br(), || {
+        Box::pin(async {
+            let s = sys::PacketSocket::open(sys::if_index("br0")?, sys::ETH_P_ARP, None)?;
+            s.send(&agent::frames::garp(FAKE_MAC, VIP)).await?;
+            Ok::<_, anyhow::Error>(())
+        })
+    });
+    tokio::task::spawn_blocking(move || h.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("forging thread panicked"))???;
+    // bounded wait for the client's ARP to be back at the owner (or never to have moved)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (failed, outage, arp_back) = {
+        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
+        let fails: Vec<Instant> = o
+            .probes
+            .iter()
+            .filter(|p| p.start >= t0 && p.node.is_none())
+            .map(|p| p.start)
+            .collect();
+        let outage = match (fails.iter().min(), fails.iter().max()) {
+            (Some(a), Some(b)) => b.saturating_duration_since(*a) + PROBE_EVERY,
+            _ => Duration::ZERO,
+        };
+        let poisoned = o
+            .arp
+            .iter()
+            .find(|(t, m)| *t >= t0 && *m == Some(FAKE_MAC))
+            .map(|(t, _)| *t);
+        let back = poisoned.and_then(|p| {
+            o.arp
+                .iter()
+                .find(|(t, m)| *t > p && *m == Some(node_mac(i)))
+                .map(|(t, _)| t.saturating_duration_since(t0))
+        });
+        (fails.len(), outage, back)
+    };
+    let conflicts = status_conflicts(lab, i).await;
+    let owner_after = wait_stable(obs, Duration::from_millis(500), Duration::from_secs(10))
+        .await
+        .ok();
+    let owners = arp_owners(lab)?;
+    Ok(Round {
+        system: sys_name.to_string(),
+        scenario: "conflict".into(),
+        round,
+        old_owner: old.clone(),
+        new_owner: Some(old),
+        outage_ms: ms(outage),
+        failed,
+        takeover_ms: None,
+        arp_ms: arp_back.map(ms),
+        arp_owners_after: owners.len(),
+        owner_after,
+        return_failed: 0,
+        failed_at_ms: Vec::new(),
+        return_failed_at_ms: Vec::new(),
+        conflicts_counted: conflicts,
+    })
+}
+
+/// Sum of the `conflicts` fields in node `i`'s /status.
+async fn status_conflicts(lab: &Lab, i: usize) -> Option<u64> {
+    let h = in_netns(&lab.ns_node(i), || {
+        Box::pin(async {
+            let mut s = tokio::net::TcpStream::connect("127.0.0.1:9440").await?;
+            s.write_all(b"GET /status HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await?;
+            let mut body = String::new();
+            tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body)).await??;
+            Ok::<_, anyhow::Error>(body)
+        })
+    });
+    let body = tokio::task::spawn_blocking(move || h.join())
+        .await
+        .ok()?
+        .ok()?
+        .ok()?
+        .ok()?;
+    let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
+    fn sum(v: &serde_json::Value) -> u64 {
+        match v {
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| {
+                    if k == "conflicts" {
+                        v.as_u64().unwrap_or(0)
+                    } else {
+                        sum(v)
+                    }
+                })
+                .sum(),
+            serde_json::Value::Array(a) => a.iter().map(sum).sum(),
+            _ => 0,
+        }
+    }
+    Some(sum(&json))
 }
