@@ -117,7 +117,7 @@ impl ServiceExt for Service {
                 ips.iter()
                     .map(|ip| k8s_openapi::api::core::v1::LoadBalancerIngress {
                         ip: Some(ip.to_string()),
-                        ip_mode: Some("VIP".into()),
+                        ip_mode: Some(crate::reconcile::IP_MODE.into()),
                         ..Default::default()
                     })
                     .collect(),

@@ -26,6 +26,11 @@ use crate::selector::Labels;
 /// The condition type on Services.
 pub const CONDITION: &str = "portico.dev/AddressAllocated";
 
+/// `status.loadBalancer.ingress[].ipMode`: `Proxy`, because the agents terminate and balance
+/// the traffic themselves (health checks, breakers); with `VIP` kube-proxy would capture packets
+/// to the address on every node and bypass them.
+pub const IP_MODE: &str = "Proxy";
+
 /// The Event reason of a successful allocation.
 pub const IP_ALLOCATED: &str = "IPAllocated";
 
@@ -599,7 +604,7 @@ fn join(ips: &[IpAddr]) -> String {
 
 fn ingress(ips: &[IpAddr]) -> Value {
     ips.iter()
-        .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+        .map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE}))
         .collect()
 }
 

@@ -31,6 +31,9 @@ use crate::crd::{IPPool, L2Announcement};
 use crate::intent::{self, HOSTNAME, Mode, Scope};
 use crate::selector::{Selector, any_matches};
 
+/// Nodes with this label take no external load-balancer traffic (the Kubernetes convention).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
 /// The label EndpointSlices carry with their Service's name.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -185,7 +188,7 @@ fn service(
     }
     let spec = svc.spec.as_ref()?;
     let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-    let placement_nodes = announcing_nodes(snap, pools, svc, &vips)?;
+    let placement_nodes = without_excluded(snap, announcing_nodes(snap, pools, svc, &vips)?);
     let endpoints = endpoints(snap, &ns, &name);
     let ports: Vec<Port> = spec
         .ports
@@ -286,6 +289,25 @@ fn announcing_nodes(
         }
     }
     selected.then(|| nodes.into_iter().collect())
+}
+
+/// Nodes labelled `node.kubernetes.io/exclude-from-external-load-balancers` never announce.
+/// An empty list means every node, so exclusions turn it into the list of the others.
+fn without_excluded(snap: &Snapshot, nodes: Vec<String>) -> Vec<String> {
+    let excluded = |n: &str| {
+        snap.nodes
+            .get(n)
+            .is_some_and(|n| n.labels().contains_key(EXCLUDE_LABEL))
+    };
+    if !snap.nodes.keys().any(|n| excluded(n)) {
+        return nodes;
+    }
+    let all: Vec<String> = if nodes.is_empty() {
+        snap.nodes.keys().cloned().collect()
+    } else {
+        nodes
+    };
+    all.into_iter().filter(|n| !excluded(n)).collect()
 }
 
 /// Backends and the resolved target ports (by port name) of a Service.

@@ -86,7 +86,7 @@ fn a_load_balancer_service_gets_an_address_in_its_status_with_an_event() {
     let p = status_patches(&out)[0];
     assert_eq!(
         p["status"]["loadBalancer"]["ingress"],
-        json!([{"ip": "192.0.2.0", "ipMode": "VIP"}])
+        json!([{"ip": "192.0.2.0", "ipMode": "Proxy"}])
     );
     assert_eq!(
         p["metadata"]["resourceVersion"], "1",

@@ -164,6 +164,15 @@ fn external_traffic_policy_local_makes_placement_local_only() {
 }
 
 #[test]
+fn nodes_excluded_from_external_load_balancers_never_announce() {
+    let mut snap = snapshot();
+    snap.nodes
+        .insert("n2".into(), node("n2", "10.0.0.2", &[(EXCLUDE_LABEL, "")]));
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert_eq!(cfg.services[0].placement.nodes, vec!["n1".to_string()]);
+}
+
+#[test]
 fn gossip_members_are_the_other_nodes_and_keys_come_from_the_secret() {
     let mut snap = snapshot();
     let k = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE="; // base64 of 32 ASCII digits
