@@ -193,6 +193,36 @@ pub fn na_reply(mac: Mac, ns: &Nd) -> [u8; 86] {
     }
 }
 
+/// A neighbour solicitation from (`mac`, `src`) for `target`, to its solicited-node multicast
+/// group, with a source link-layer address option (what a host sends to resolve the VIP).
+pub fn ns(mac: Mac, src: Ipv6Addr, target: Ipv6Addr) -> [u8; 86] {
+    let t = target.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    let mut f = na(
+        [0x33, 0x33, 0xff, t[13], t[14], t[15]],
+        mac,
+        group,
+        target,
+        false,
+    );
+    f[22..38].copy_from_slice(&src.octets());
+    f[54] = 135;
+    f[56..62].copy_from_slice(&[0; 6]);
+    f[78] = 1;
+    let c = checksum(&src, &group, &f[54..86]);
+    f[56..58].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 /// Parses an Ethernet frame carrying an ICMPv6 NS or NA (no extension headers, hop limit 255,
 /// valid checksum).
 pub fn parse_nd(f: &[u8]) -> Result<Nd, Error> {
@@ -328,5 +358,9 @@ pub(crate) mod tests {
         let mut bad = na.to_vec();
         bad[70] ^= 1;
         assert_eq!(parse_nd(&bad), Err(Error::NotNd));
+        assert_eq!(
+            hex(&super::ns(ASKER, "fd00::fe".parse().unwrap(), vip)),
+            hex(&unhex(NS))
+        );
     }
 }

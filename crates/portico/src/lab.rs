@@ -96,6 +96,8 @@ enum Helper {
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
+const CLIENT_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
 const PROBE_EVERY: Duration = Duration::from_millis(10);
@@ -328,6 +330,13 @@ impl Lab {
             ])?;
             ip(&["-n", ns, "link", "set", "eth0", "address", &mac_str(mac)])?;
             ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+            let host = addr
+                .split('/')
+                .next()
+                .and_then(|a| a.rsplit('.').next())
+                .unwrap_or("1");
+            let v6 = format!("fd00:99::{host}/64");
+            ip(&["-n", ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &br, "link", "set", port, "master", "br0", "up"])?;
         }
@@ -592,11 +601,15 @@ fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
         })
         .collect();
     format!(
-        "node:\n  name: node-{i}\n  interfaces: [{{name: eth0, addresses: [10.99.0.{ip}/24]}}]\n\
+        "node:\n  name: node-{i}\n  interfaces: [{{name: eth0, addresses: [10.99.0.{ip}/24, \"fd00:99::{ip}/64\"]}}]\n\
          cluster:\n  bind: 10.99.0.{ip}:7946\n  peers:\n{peers}\n  keys: [{{id: 1, secret: \"{key}\"}}]\n  \
          profile: {profile}\n  preemptive: {pre}\n  hold_down: {hold}\n  announce: {{count: 3, interval: 50ms, refresh: 10s}}\n\
          admin:\n  listen: 127.0.0.1:9440\n\
          services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
+         health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
+         connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
+         placement: {{local_only: true, preferred: [node-1]}}\n  \
+         - name: web6\n    vips: [\"{VIP6}\"]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
          health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
          connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
          placement: {{local_only: true, preferred: [node-1]}}\n",
@@ -786,6 +799,13 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
             println!("{sys_name}: VIP answered by {first}");
             if let System::Portico { .. } = system {
                 traffic(lab).await;
+                let r = ipv6_round(lab, sys_name).await?;
+                println!(
+                    "  IPv6 VIP {VIP6}: {} MAC(s) answered neighbour solicitations, TCP answered by {}",
+                    r.arp_owners_after,
+                    r.owner_after.clone().unwrap_or("nobody".into())
+                );
+                all.push(r);
             }
             for scenario in &args.scenarios {
                 for round in 1..=args.rounds {
@@ -1047,7 +1067,7 @@ fn print_table(rounds: &[Round], args: &LabArgs) {
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     let mut keys: Vec<(String, String)> = Vec::new();
-    for r in rounds {
+    for r in rounds.iter().filter(|r| r.scenario != "ipv6") {
         let k = (r.system.clone(), r.scenario.clone());
         if !keys.contains(&k) {
             keys.push(k);
@@ -1196,4 +1216,57 @@ async fn status_conflicts(lab: &Lab, i: usize) -> Option<u64> {
         }
     }
     Some(sum(&json))
+}
+
+/// Checks the IPv6 VIP: every MAC answering a neighbour solicitation from the client, and which
+/// node answers TCP on it.
+async fn ipv6_round(lab: &Lab, sys_name: &str) -> anyhow::Result<Round> {
+    let h = in_netns(&lab.ns_client(), || {
+        Box::pin(async {
+            let s = sys::PacketSocket::open(sys::if_index("eth0")?, sys::ETH_P_IPV6, None)?;
+            let mut macs = BTreeSet::new();
+            let mut buf = [0u8; 2048];
+            for _ in 0..3 {
+                s.send(&agent::frames::ns(CLIENT_MAC, CLIENT_IP6, VIP6))
+                    .await?;
+                let until = Instant::now() + Duration::from_millis(150);
+                for _ in 0..1000 {
+                    match tokio::time::timeout_at(until, s.recv(&mut buf)).await {
+                        Ok(Ok(n)) => {
+                            if let Ok(nd) = agent::frames::parse_nd(&buf[..n])
+                                && nd.kind == 136
+                                && nd.target == VIP6
+                                && let Some(m) = nd.lla
+                            {
+                                macs.insert(m);
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let tcp = probe(SocketAddr::from((VIP6, 80))).await;
+            Ok::<_, anyhow::Error>((macs, tcp))
+        })
+    });
+    let (macs, tcp) = tokio::task::spawn_blocking(move || h.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("IPv6 check thread panicked"))???;
+    Ok(Round {
+        system: sys_name.to_string(),
+        scenario: "ipv6".into(),
+        round: 1,
+        old_owner: String::new(),
+        new_owner: None,
+        outage_ms: 0.0,
+        failed: 0,
+        takeover_ms: None,
+        arp_ms: None,
+        arp_owners_after: macs.len(),
+        owner_after: tcp,
+        return_failed: 0,
+        failed_at_ms: Vec::new(),
+        return_failed_at_ms: Vec::new(),
+        conflicts_counted: None,
+    })
 }

@@ -71,7 +71,35 @@ fn failover_rules_in_the_netns_lab() {
         println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
         return;
     }
-    let rounds = lab(&["--scenarios", "hard,graceful,partition,backends"]);
+    let mut rounds = lab(&["--scenarios", "hard,graceful,partition,backends,conflict"]);
+    // the IPv6 VIP: exactly one MAC answers neighbour solicitations and TCP reaches a node
+    let v6 = rounds.remove(
+        rounds
+            .iter()
+            .position(|r| s(r, "scenario") == "ipv6")
+            .expect("IPv6 check"),
+    );
+    assert_eq!(v6["arp_owners_after"], 1, "{v6}");
+    assert!(v6["owner_after"].is_string(), "{v6}");
+    // a forged gratuitous ARP for the VIP is counted in /status and the owner wins it back
+    let conflict = rounds.remove(
+        rounds
+            .iter()
+            .position(|r| s(r, "scenario") == "conflict")
+            .expect("conflict round"),
+    );
+    assert!(
+        conflict["conflicts_counted"]
+            .as_u64()
+            .is_some_and(|c| c >= 1),
+        "{conflict}"
+    );
+    assert_eq!(
+        s(&conflict, "owner_after"),
+        s(&conflict, "old_owner"),
+        "{conflict}"
+    );
+    assert_eq!(conflict["arp_owners_after"], 1, "{conflict}");
     assert_eq!(rounds.len(), 4, "{rounds:#?}");
     for r in &rounds {
         let scenario = s(r, "scenario");
@@ -115,7 +143,10 @@ fn non_preemptive_keeps_the_stand_in() {
         return;
     }
     let rounds = lab(&["--scenarios", "hard", "--non-preemptive"]);
-    let r = &rounds[0];
+    let r = rounds
+        .iter()
+        .find(|r| s(r, "scenario") == "hard")
+        .expect("hard round");
     assert!(
         r["new_owner"].is_string() && s(r, "new_owner") != s(r, "old_owner"),
         "{r}"
