@@ -405,9 +405,34 @@ pub struct Allocator {
     overlapping: BTreeMap<String, Vec<String>>,
     holders: BTreeMap<IpAddr, Holder>,
     by_service: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    /// Bumped whenever a holding or a holder's record changes (see [`Allocator::generation`]).
+    generation: u64,
 }
 
 impl Allocator {
+    /// Changes whenever what is held, or what a holder says about ports and sharing, changes:
+    /// only then can a refused request have become possible.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether some valid pool contains `ip`.
+    pub fn in_a_pool(&self, ip: IpAddr) -> bool {
+        self.valid_pools().any(|p| p.contains(ip))
+    }
+
+    /// Records `req`'s user entry on `ip`'s holder, bumping the generation when it changes.
+    fn record(&mut self, ip: IpAddr, req: &Request) {
+        let user = User::of(req);
+        let h = self.holders.entry(ip).or_insert_with(|| Holder {
+            users: BTreeMap::new(),
+        });
+        if h.users.get(&req.service) != Some(&user) {
+            h.users.insert(req.service.clone(), user);
+            self.generation += 1;
+        }
+    }
+
     /// An allocator without pools or holdings.
     pub fn new() -> Self {
         Self::default()
@@ -463,6 +488,9 @@ impl Allocator {
 
     /// Releases everything a Service holds.
     pub fn release(&mut self, service: &ServiceKey) {
+        if self.by_service.contains_key(service) {
+            self.generation += 1;
+        }
         for ip in self.by_service.remove(service).unwrap_or_default() {
             if let Some(h) = self.holders.get_mut(&ip) {
                 h.users.remove(service);
@@ -480,10 +508,7 @@ impl Allocator {
     pub fn restore(&mut self, req: &Request, current: &[IpAddr]) {
         self.release(&req.service);
         for ip in current {
-            let h = self.holders.entry(*ip).or_insert_with(|| Holder {
-                users: BTreeMap::new(),
-            });
-            h.users.insert(req.service.clone(), User::of(req));
+            self.record(*ip, req);
             let mine = self.by_service.entry(req.service.clone()).or_default();
             if !mine.contains(ip) {
                 mine.push(*ip);
@@ -504,9 +529,7 @@ impl Allocator {
                 .cloned()
                 .unwrap_or_default()
             {
-                if let Some(h) = self.holders.get_mut(&ip) {
-                    h.users.insert(req.service.clone(), User::of(req));
-                }
+                self.record(ip, req);
             }
         }
         r
@@ -662,11 +685,16 @@ impl Allocator {
             }
         }
         for ip in &plan {
-            if let Some(h) = self.holders.get_mut(ip) {
-                h.users.insert(req.service.clone(), User::of(req));
-            }
+            self.record(*ip, req);
         }
-        self.by_service.insert(req.service.clone(), plan.clone());
+        if self
+            .by_service
+            .insert(req.service.clone(), plan.clone())
+            .as_ref()
+            != Some(&plan)
+        {
+            self.generation += 1;
+        }
         Some(plan)
     }
 
@@ -706,10 +734,7 @@ impl Allocator {
                 return Err(Refusal::SharingRefused(format!("address {ip}: {msg}")));
             }
         }
-        let h = self.holders.entry(ip).or_insert_with(|| Holder {
-            users: BTreeMap::new(),
-        });
-        h.users.insert(req.service.clone(), User::of(req));
+        self.record(ip, req);
         let mine = self.by_service.entry(req.service.clone()).or_default();
         if !mine.contains(&ip) {
             mine.push(ip);

@@ -164,9 +164,13 @@ impl State {
         if !self.started {
             return Vec::new();
         }
+        let generation = self.alloc.generation();
         let mut out = self.reconcile(&key, now);
-        // Any change may unblock a waiting Service (an address or a port freed): retry the others.
-        out.extend(self.retry_waiting(Some(&key), now));
+        // A change of what is held (an address, a port, a sharing key freed) may unblock a
+        // waiting Service: retry the others then.
+        if self.alloc.generation() != generation {
+            out.extend(self.retry_waiting(Some(&key), now));
+        }
         out.extend(self.pool_statuses(now));
         out
     }
@@ -280,6 +284,7 @@ impl State {
         for k in keys {
             out.extend(self.reconcile(&k, now));
         }
+        out.extend(self.retry_waiting(None, now));
         out.extend(self.pool_statuses(now));
         out
     }
@@ -324,14 +329,28 @@ impl State {
         self.waiting.remove(key);
     }
 
+    /// Retries waiting Services (in key order) until a pass changes nothing held, so the result
+    /// does not depend on the order in which things were freed (a restart reaches the same).
     fn retry_waiting(&mut self, except: Option<&ServiceKey>, now: Timestamp) -> Vec<Action> {
-        let keys: Vec<ServiceKey> = self
-            .waiting
-            .iter()
-            .filter(|k| Some(*k) != except)
-            .cloned()
-            .collect();
-        keys.iter().flat_map(|k| self.reconcile(k, now)).collect()
+        let mut out = Vec::new();
+        for pass in 0..=self.waiting.len() {
+            let generation = self.alloc.generation();
+            // The Service just decided is skipped once; after a change it is retried too.
+            let skip = if pass == 0 { except } else { None };
+            let keys: Vec<ServiceKey> = self
+                .waiting
+                .iter()
+                .filter(|k| Some(*k) != skip)
+                .cloned()
+                .collect();
+            for k in &keys {
+                out.extend(self.reconcile(k, now));
+            }
+            if self.alloc.generation() == generation {
+                break;
+            }
+        }
+        out
     }
 
     /// Decides the writes for one Service.
@@ -378,11 +397,10 @@ impl State {
         let mut out = Vec::new();
         let recorded = intent::recorded(svc, mode);
         let changed = recorded != ips;
-        let orphans: Vec<IpAddr> = self
-            .alloc
-            .orphans()
-            .into_iter()
-            .filter(|ip| ips.contains(ip))
+        let orphans: Vec<IpAddr> = ips
+            .iter()
+            .filter(|ip| !self.alloc.in_a_pool(**ip))
+            .copied()
             .collect();
         let list = join(ips);
         let (reason, message) = if orphans.is_empty() {
