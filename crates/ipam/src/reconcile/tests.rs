@@ -349,27 +349,41 @@ mod simulated {
         mut actions: Vec<Action>,
     ) {
         for _ in 0..4 {
-            let mut echoes = Vec::new();
+            let mut touched = BTreeSet::new();
             for a in &actions {
-                if let Action::PatchServiceStatus { key, patch } = a {
-                    let Some(svc) = objects.get(key).cloned() else {
-                        continue;
-                    };
-                    let mut svc = apply(svc, std::slice::from_ref(a));
+                let (key, patch) = match a {
+                    Action::PatchServiceStatus { key, patch }
+                    | Action::PatchService { key, patch } => (key, patch),
+                    _ => continue,
+                };
+                let Some(mut svc) = objects.get(key).cloned() else {
+                    continue;
+                };
+                if matches!(a, Action::PatchServiceStatus { .. }) {
+                    svc = apply(svc, std::slice::from_ref(a));
                     if patch["status"]["loadBalancer"]["ingress"].is_null()
                         && patch["status"]["loadBalancer"].is_object()
                     {
                         svc.status.as_mut().unwrap().load_balancer = None;
                     }
-                    let rv: u64 = svc.resource_version().unwrap().parse().unwrap();
-                    let svc = svc.version(&(rv + 1).to_string());
-                    objects.insert(key.clone(), svc.clone());
-                    echoes.push(svc);
+                } else {
+                    match patch["metadata"]["annotations"][ALLOCATED].as_str() {
+                        Some(v) => svc = svc.annotate(ALLOCATED, v),
+                        None => {
+                            svc.annotations_mut().remove(ALLOCATED);
+                        }
+                    }
+                    let ext: Vec<String> =
+                        serde_json::from_value(patch["spec"]["externalIPs"].clone()).unwrap();
+                    svc.spec.as_mut().unwrap().external_ips = Some(ext);
                 }
+                let rv: u64 = svc.resource_version().unwrap().parse().unwrap();
+                objects.insert(key.clone(), svc.version(&(rv + 1).to_string()));
+                touched.insert(key.clone());
             }
-            actions = echoes
-                .into_iter()
-                .flat_map(|s| state.service_applied(s, now()))
+            actions = touched
+                .iter()
+                .flat_map(|k| state.service_applied(objects[k].clone(), now()))
                 .collect();
             if actions
                 .iter()
@@ -381,11 +395,21 @@ mod simulated {
         panic!("the controller keeps writing: {actions:?}");
     }
 
+    /// Even-numbered Services are LoadBalancers, odd ones ClusterIP with `external-ip`.
     fn service(i: u8, want: Option<u8>, key: bool, port: i32) -> Service {
-        let mut s = lb(&format!("s{i}")).tcp_ports(&[port]);
-        if let Some(w) = want {
-            s = s.annotate(IPS, &format!("192.0.2.{w}"));
-        }
+        let base = fixtures::service("default", &format!("s{i}")).tcp_ports(&[port]);
+        let mut s = if i.is_multiple_of(2) {
+            let s = base.load_balancer(LB_CLASS);
+            match want {
+                Some(w) => s.annotate(IPS, &format!("192.0.2.{w}")),
+                None => s,
+            }
+        } else {
+            base.annotate(
+                EXTERNAL_IP,
+                &want.map_or("auto".to_string(), |w| format!("192.0.2.{w}")),
+            )
+        };
         if key {
             s = s.annotate(SHARING_KEY, "k");
         }
@@ -426,7 +450,8 @@ mod simulated {
     }
 
     fn ingress(s: &Service) -> Vec<String> {
-        intent::recorded(s, Mode::LoadBalancer)
+        let mode = intent::mode(s, &Scope::default()).unwrap_or(Mode::LoadBalancer);
+        intent::recorded(s, mode)
             .iter()
             .map(|ip| ip.to_string())
             .collect()
@@ -455,6 +480,11 @@ mod simulated {
                         if let Some(old) = objects.get(&k) {
                             svc.status = old.status.clone();
                             svc.metadata.resource_version = old.metadata.resource_version.clone();
+                            // Fields the controller manages survive the user's edit.
+                            svc.spec.as_mut().unwrap().external_ips = old.spec.as_ref().unwrap().external_ips.clone();
+                            if let Some(a) = old.annotations().get(ALLOCATED) {
+                                svc = svc.annotate(ALLOCATED, a);
+                            }
                         }
                         objects.insert(k, svc.clone());
                         state.service_applied(svc, now())
