@@ -7,8 +7,8 @@
 //! denied*, both prove the server is serving — and sends `COM_QUIT` before closing. This is
 //! HAProxy's `mysql-check user` flow: finishing the handshake keeps the server from counting the
 //! check as an aborted connection (which, repeated `max_connect_errors` times, blocks the host).
-//! An error packet (`0xff`) in place of the greeting, such as 1040 *Too many connections*, means
-//! down. Reference: MariaDB "Connection" protocol docs, section "Initial handshake packet".
+//! An error packet (`0xff`) in place of the greeting, or 1040 *Too many connections* (1203, 1129)
+//! in answer to the login, means down. Reference: MariaDB "Connection" protocol docs, section "Initial handshake packet".
 //!
 //! The scheduler runs one task per backend: the first check after a random delay within one
 //! interval, then every `interval` ± 10 % (jitter so checks of many backends never align), each
@@ -226,16 +226,32 @@ async fn mysql(s: &mut TcpStream) -> Result<(), ProbeError> {
     let (_, greeting) = read_packet(s).await?;
     parse_greeting(&greeting)?;
     s.write_all(&login_packet()).await?;
-    // OK (0x00), ERR (0xff, e.g. access denied) or auth switch (0xfe): the server is serving.
     let (_, answer) = read_packet(s).await?;
-    if answer.is_empty() {
-        return Err(ProbeError::MysqlMalformed);
-    }
-    if answer[0] == 0x00 {
+    let verdict = login_answer(&answer);
+    if answer.first() == Some(&0x00) {
         let _ = s.write_all(&COM_QUIT).await;
     }
     let _ = s.shutdown().await;
-    Ok(())
+    verdict
+}
+
+/// The server's answer to the login: OK (0x00), an auth switch (0xfe) or an authentication
+/// error (0xff, e.g. 1045 access denied) prove it serves; an error saying it takes no more
+/// connections (1040 too many connections, 1203 user limit, 1129 host blocked) means down —
+/// MariaDB checks `max_connections` only after authentication, so 1040 arrives here.
+pub fn login_answer(answer: &[u8]) -> Result<(), ProbeError> {
+    match answer.first() {
+        Some(0x00 | 0xfe) => Ok(()),
+        Some(0xff) => match parse_error(answer) {
+            e @ ProbeError::MysqlError {
+                code: 1040 | 1203 | 1129,
+                ..
+            } => Err(e),
+            ProbeError::MysqlError { .. } => Ok(()),
+            other => Err(other),
+        },
+        _ => Err(ProbeError::MysqlMalformed),
+    }
 }
 
 /// A random first delay within one interval.
@@ -294,6 +310,17 @@ mod tests {
             parse_greeting(b"\x0a5.7\x00\x01\x02"),
             Err(ProbeError::MysqlMalformed)
         ));
+    }
+
+    #[test]
+    fn login_answers_classify_refusal_as_down_and_auth_errors_as_up() {
+        assert!(login_answer(b"\x00\x00\x00\x02\x00\x00\x00").is_ok());
+        assert!(login_answer(b"\xff\x15\x04#28000Access denied for user 'portico'").is_ok());
+        assert!(matches!(
+            login_answer(b"\xff\x10\x04#08004Too many connections"),
+            Err(ProbeError::MysqlError { code: 1040, .. })
+        ));
+        assert!(login_answer(b"").is_err());
     }
 
     #[test]

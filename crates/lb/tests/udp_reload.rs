@@ -18,7 +18,9 @@ async fn udp_backend(name: &'static str) -> SocketAddr {
     tokio::spawn(async move {
         let mut buf = [0u8; 2048];
         for _ in 0..10_000 {
-            let Ok((n, from)) = s.recv_from(&mut buf).await else { return };
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                return;
+            };
             let mut out = format!("{name}:").into_bytes();
             out.extend_from_slice(&buf[..n]);
             let _ = s.send_to(&out, from).await;
@@ -30,7 +32,10 @@ async fn udp_backend(name: &'static str) -> SocketAddr {
 async fn ask(c: &UdpSocket, lb: SocketAddr, msg: &str) -> String {
     c.send_to(msg.as_bytes(), lb).await.unwrap();
     let mut buf = [0u8; 2048];
-    let (n, from) = tokio::time::timeout(WAIT, c.recv_from(&mut buf)).await.expect("reply").unwrap();
+    let (n, from) = tokio::time::timeout(WAIT, c.recv_from(&mut buf))
+        .await
+        .expect("reply")
+        .unwrap();
     assert_eq!(from, lb, "reply must come from the VIP socket");
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
@@ -62,7 +67,13 @@ async fn udp_sessions_map_replies_to_their_clients_from_the_vip() {
         assert_eq!(r, format!("{n2}:two-{i}"));
     }
     let st = h.lb.service_status("dns").unwrap();
-    assert_eq!(st.backends.iter().map(|b| b.active_connections).sum::<u64>(), 2);
+    assert_eq!(
+        st.backends
+            .iter()
+            .map(|b| b.active_connections)
+            .sum::<u64>(),
+        2
+    );
     // Idle sessions end and give their slots back.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -70,7 +81,10 @@ async fn udp_sessions_map_replies_to_their_clients_from_the_vip() {
         if st.backends.iter().all(|b| b.active_connections == 0) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "sessions never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions never expired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     h.stop().await;
@@ -94,9 +108,16 @@ async fn reload_keeps_listeners_and_connections_and_drains_removed_backends() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     assert_eq!(read_line(&mut s).await.unwrap(), "a");
 
-    h.reload(&web(&be("b", b.addr), "    connection: {drain_timeout: 1s}\n"));
+    h.reload(&web(
+        &be("b", b.addr),
+        "    connection: {drain_timeout: 1s}\n",
+    ));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(h.binder.binds(), binds, "reload must not rebind a kept listener");
+    assert_eq!(
+        h.binder.binds(),
+        binds,
+        "reload must not rebind a kept listener"
+    );
     assert_eq!(h.addr("127.0.0.15:8080"), addr);
     // The established connection to the removed backend still works…
     s.write_all(b"still here").await.unwrap();
@@ -104,17 +125,35 @@ async fn reload_keeps_listeners_and_connections_and_drains_removed_backends() {
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"still here");
     let st = h.lb.service_status("web").unwrap();
-    assert!(st.backends.iter().any(|x| x.name == "a" && x.draining), "{st:?}");
+    assert!(
+        st.backends.iter().any(|x| x.name == "a" && x.draining),
+        "{st:?}"
+    );
     // …new ones go to the remaining backend…
     for i in 0..5 {
-        assert_eq!(roundtrip(addr, format!("n{i}").as_bytes()).await.unwrap(), "b");
+        assert_eq!(
+            roundtrip(addr, format!("n{i}").as_bytes()).await.unwrap(),
+            "b"
+        );
     }
     // …and the draining connection is closed at drain_timeout.
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("closed at drain deadline");
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("closed at drain deadline");
     assert!(matches!(n, Ok(0) | Err(_)));
     let deadline = tokio::time::Instant::now() + WAIT;
-    while h.lb.service_status("web").unwrap().backends.iter().any(|x| x.name == "a") {
-        assert!(tokio::time::Instant::now() < deadline, "drained backend never left status");
+    while h
+        .lb
+        .service_status("web")
+        .unwrap()
+        .backends
+        .iter()
+        .any(|x| x.name == "a")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drained backend never left status"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -127,8 +166,15 @@ async fn reload_keeps_listeners_and_connections_and_drains_removed_backends() {
     );
     h.reload(&two_ports);
     let deadline = tokio::time::Instant::now() + WAIT;
-    while h.binder.local("127.0.0.15:8081".parse().unwrap(), Protocol::Tcp).is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "new port never opened");
+    while h
+        .binder
+        .local("127.0.0.15:8081".parse().unwrap(), Protocol::Tcp)
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new port never opened"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let alt = h.addr("127.0.0.15:8081");
@@ -137,7 +183,10 @@ async fn reload_keeps_listeners_and_connections_and_drains_removed_backends() {
     h.reload(&web(&be("b", b.addr), ""));
     let deadline = tokio::time::Instant::now() + WAIT;
     while TcpStream::connect(alt).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "removed port still accepts");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "removed port still accepts"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     h.stop().await;
@@ -149,7 +198,9 @@ async fn metrics_and_status_report_connections_and_bytes() {
     let h = Harness::start(&web(&be("a", a.addr), "")).await;
     let addr = h.addr("127.0.0.15:8080");
     for i in 0..3 {
-        roundtrip(addr, format!("hello {i}").as_bytes()).await.unwrap();
+        roundtrip(addr, format!("hello {i}").as_bytes())
+            .await
+            .unwrap();
     }
     // The relay counts when it finishes; wait for the last connection to close.
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -1,0 +1,227 @@
+//! The MySQL health check against a real MariaDB server that this test starts itself (Debian
+//! `mariadb-server`): serving, up but refusing (`max_connections` reached → error 1040), stopped.
+//! Prints `skipped: <reason>` and returns when the binaries are missing.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use lb::check::{ProbeError, probe};
+use model::{CheckKind, Health};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Kills the server and removes its data directory on drop.
+struct MariaDb {
+    child: Option<Child>,
+    dir: PathBuf,
+    addr: SocketAddr,
+    mariadbd: PathBuf,
+}
+
+impl MariaDb {
+    async fn start(max_connections: u32) -> Result<Self, String> {
+        let mariadbd =
+            which("mariadbd").ok_or("mariadbd not installed (apt-get install mariadb-server)")?;
+        let install = which("mariadb-install-db").ok_or("mariadb-install-db not installed")?;
+        let dir = std::env::temp_dir().join(format!("portico-lb-mysql-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut me = Self {
+            child: None,
+            dir: dir.clone(),
+            addr: free_port(),
+            mariadbd,
+        };
+        let out = Command::new(install)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .args([
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--user=root",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| format!("mariadb-install-db: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mariadb-install-db failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        me.launch(max_connections)?;
+        Ok(me)
+    }
+
+    fn launch(&mut self, max_connections: u32) -> Result<(), String> {
+        let d = &self.dir;
+        let child = Command::new(&self.mariadbd)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", d.join("sock").display()))
+            .arg(format!("--pid-file={}", d.join("pid").display()))
+            .arg(format!("--log-error={}", d.join("err.log").display()))
+            .arg(format!("--port={}", self.addr.port()))
+            .arg(format!("--max-connections={max_connections}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=8M",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("mariadbd: {e}"))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Runs SQL as root over the unix socket.
+    async fn sql(&self, q: &str) -> bool {
+        let Some(client) = which("mariadb") else {
+            return false;
+        };
+        Command::new(client)
+            .args(["--no-defaults", "-uroot", "-e", q])
+            .arg(format!("--socket={}", self.dir.join("sock").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+
+    /// A client holding one connection (user portico over TCP) for a minute.
+    fn hold_connection(&self) -> Option<Child> {
+        let client = which("mariadb")?;
+        Command::new(client)
+            .args([
+                "--no-defaults",
+                "-h127.0.0.1",
+                "-uportico",
+                "-e",
+                "SELECT SLEEP(60)",
+            ])
+            .arg(format!("-P{}", self.addr.port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .ok()
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
+            // Reap synchronously so the data directory can go.
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
+    let mut db = match MariaDb::start(10).await {
+        Ok(db) => db,
+        Err(reason) => {
+            println!("skipped: {reason}");
+            return;
+        }
+    };
+    let addr = db.addr;
+    let t = Duration::from_secs(2);
+    until("mariadbd to serve", || async {
+        probe(&CheckKind::Mysql, addr, t).await.is_ok()
+    })
+    .await;
+
+    // Through the balancer: the backend comes up with a MySQL check.
+    let yaml = format!(
+        "  - name: db\n    vips: [127.0.0.16]\n    ports:\n      - {{name: sql, port: 3306}}\n    backends:\n{}    \
+         health_check: {{type: mysql, interval: 500ms, timeout: 500ms, rise: 1, fall: 1}}\n",
+        be("m", addr)
+    );
+    let h = Harness::start(&yaml).await;
+    h.wait_health("db", "m", Health::Up).await;
+
+    // Up but refusing: with the check's user able to log in, MariaDB answers the login with
+    // 1040 once max_connections (10, MariaDB's minimum) is held by other clients. (Without the user the server
+    // answers 1045 access denied first, which still proves it serves.)
+    if !db.sql("CREATE USER portico@'%'").await {
+        println!("skipped: refusing-server case needs the mariadb client");
+    } else {
+        let holders: Vec<Child> = (0..10).filter_map(|_| db.hold_connection()).collect();
+        assert_eq!(holders.len(), 10);
+        until("error 1040 too many connections", || async {
+            matches!(
+                probe(&CheckKind::Mysql, addr, t).await,
+                Err(ProbeError::MysqlError { code: 1040, .. })
+            )
+        })
+        .await;
+        h.wait_health("db", "m", Health::Down).await;
+        drop(holders);
+        until("connections released", || async {
+            probe(&CheckKind::Mysql, addr, t).await.is_ok()
+        })
+        .await;
+        h.wait_health("db", "m", Health::Up).await;
+    }
+
+    // Stopped: connect refused.
+    db.stop().await;
+    until("mariadbd to stop", || async {
+        matches!(
+            probe(&CheckKind::Mysql, addr, t).await,
+            Err(ProbeError::Io(_))
+        )
+    })
+    .await;
+    h.wait_health("db", "m", Health::Down).await;
+    h.stop().await;
+}
