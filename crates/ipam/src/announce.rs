@@ -213,3 +213,74 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fake_api_tests {
+    use model::{Desired, VipOwnership};
+
+    use super::*;
+    use crate::fixtures::{mock_client_for, timeout_after_1s};
+
+    #[tokio::test]
+    async fn each_agent_applies_its_view_with_its_own_field_manager() {
+        let (client, mut api) = mock_client_for(crate::rbac::AGENT);
+        let path = "/apis/portico.dev/v1alpha1/namespaces/shop/serviceannouncements/web";
+        let server = tokio::spawn(async move {
+            let obj = api.expect("PATCH", path, 200, json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"service": "web"}})).await;
+            assert!(
+                obj.uri.contains("fieldManager=portico-agent%2Fn1"),
+                "{}",
+                obj.uri
+            );
+            assert!(obj.uri.contains("force=true"), "{}", obj.uri);
+            assert_eq!(
+                obj.body["metadata"]["ownerReferences"][0]["kind"],
+                "Service"
+            );
+            let status = api
+                .expect("PATCH", &format!("{path}/status"), 200, json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"service": "web"}}))
+                .await;
+            assert_eq!(status.body["status"]["addresses"][0]["node"], "n1");
+        });
+        let mut config = model::config::parse("", &model::config::Environment::default()).unwrap();
+        let mut svc = crate::source::template().unwrap();
+        svc.name = "shop-web".into();
+        svc.vips = vec!["192.0.2.10".parse().unwrap()];
+        config.services = vec![svc];
+        let (_d, desired) = watch::channel(Arc::new(Desired {
+            generation: 1,
+            config: Arc::new(config),
+        }));
+        let origins: Origins = [(
+            "shop-web".to_string(),
+            Origin {
+                namespace: "shop".into(),
+                name: "web".into(),
+                uid: "u1".into(),
+            },
+        )]
+        .into();
+        let (_o, origins) = watch::channel(Arc::new(origins));
+        let ownership: OwnershipView = [(
+            "192.0.2.10".parse().unwrap(),
+            VipOwnership {
+                owner: Some("n1".into()),
+                reason: "owner".into(),
+            },
+        )]
+        .into();
+        let (_w, ownership) = watch::channel(ownership);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            client,
+            "n1".into(),
+            desired,
+            origins,
+            ownership,
+            shutdown.clone(),
+        ));
+        timeout_after_1s(server).await;
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
