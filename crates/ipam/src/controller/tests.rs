@@ -292,3 +292,55 @@ async fn a_replica_that_does_not_lead_makes_no_call_and_starts_watching_once_it_
     }))
     .await;
 }
+
+#[tokio::test]
+async fn a_write_that_fails_while_the_api_is_down_is_retried_on_the_next_tick() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        api.expect(
+            "PATCH",
+            STATUS,
+            503,
+            status_error(503, "ServiceUnavailable"),
+        )
+        .await;
+        // The event and the pool report are attempted too (and fail the same way).
+        api.expect("POST", EVENTS, 503, status_error(503, "ServiceUnavailable"))
+            .await;
+        api.expect(
+            "PATCH",
+            POOL_STATUS,
+            503,
+            status_error(503, "ServiceUnavailable"),
+        )
+        .await;
+        // The API is back: the tick retries the Service from the cache.
+        let retry = api
+            .expect(
+                "PATCH",
+                STATUS,
+                200,
+                serde_json::to_value(web().version("2")).unwrap(),
+            )
+            .await;
+        assert_eq!(
+            retry.body["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "192.0.2.0"
+        );
+        api.expect("POST", EVENTS, 201, json!({})).await;
+        api.expect(
+            "PATCH",
+            POOL_STATUS,
+            200,
+            serde_json::to_value(fixtures::pool("p", &[])).unwrap(),
+        )
+        .await;
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitApply(web()))).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    d.handle(Input::Tick).await;
+    timeout_after_1s(server).await;
+}
