@@ -145,16 +145,10 @@ impl State {
         if !self.started {
             return self.start(now);
         }
-        let mut out = Vec::new();
         for k in gone {
             self.forget(&k);
         }
-        let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
-        for k in keys {
-            out.extend(self.reconcile(&k, now));
-        }
-        out.extend(self.pool_statuses(now));
-        out
+        self.reconcile_all(now)
     }
 
     /// A Service was added or changed.

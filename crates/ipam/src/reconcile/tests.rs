@@ -438,6 +438,8 @@ mod simulated {
         },
         Delete(u8),
         Pools(u8),
+        /// The watch re-lists (after 410 Gone): the whole list at once.
+        Relist,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -446,6 +448,7 @@ mod simulated {
                 .prop_map(|(i, want, key, port)| Op::Apply { i, want, key, port }),
             2 => (0u8..6).prop_map(Op::Delete),
             1 => (0u8..4).prop_map(Op::Pools),
+            1 => Just(Op::Relist),
         ]
     }
 
@@ -500,6 +503,7 @@ mod simulated {
                         pool_version = v;
                         state.pools_listed(pools(v), now())
                     }
+                    Op::Relist => state.services_listed(objects.values().cloned().collect(), now()),
                 };
                 let before: BTreeMap<ServiceKey, Vec<String>> = objects.iter().map(|(k, s)| (k.clone(), ingress(s))).collect();
                 settle(&mut state, &mut objects, out);
