@@ -21,6 +21,8 @@
 //! (foca) still runs on the same socket for membership: joining, gossiping who exists and
 //! graceful leaves, and status. Profiles: `default` 40 ms × 4 misses (dead after 160 ms,
 //! 25 heartbeats/s to each peer), `fast` 10 ms × 3 (dead after 30 ms, 100/s to each peer).
+//! Before acting on an expiry the driver first reads every packet already queued on the
+//! socket, so a stall of the agent itself does not declare live peers dead.
 
 pub mod announce;
 pub mod frames;
@@ -323,6 +325,7 @@ struct Driver {
     settled: bool,
     leaving: bool,
     reannounce: u64,
+    last_contest: Option<Instant>,
     owned: BTreeSet<IpAddr>,
     facts: Facts,
     l2: BTreeMap<String, L2Task>,
@@ -380,6 +383,7 @@ impl Driver {
             settled: false,
             leaving: false,
             reannounce: 0,
+            last_contest: None,
             owned: BTreeSet::new(),
             facts,
             l2: BTreeMap::new(),
@@ -648,6 +652,46 @@ impl Driver {
         }
     }
 
+    /// A peer claims a VIP we own (it stood in during a flap or a partition and has not yet
+    /// seen our claim): it will release on our next heartbeat, but clients may have followed
+    /// its announcement, so announce ours again once it has let go (rate-limited).
+    fn check_contested(&mut self, now: Instant) {
+        if self.owned.is_empty()
+            || self
+                .last_contest
+                .is_some_and(|t| now.saturating_duration_since(t) < self.det.dead_after() * 2)
+        {
+            return;
+        }
+        let contested = self
+            .table
+            .views(now)
+            .values()
+            .any(|m| m.claims.iter().any(|v| self.owned.contains(v)));
+        if contested {
+            debug!("a peer claims a VIP this node owns; announcing again");
+            self.last_contest = Some(now);
+            self.reannounce += 1;
+            self.push_l2(Mode::Announce);
+        }
+    }
+
+    /// Handles every packet already queued on the socket (bounded), without waiting.
+    async fn drain_socket(&mut self, buf: &mut [u8]) -> bool {
+        let mut changed = false;
+        for _ in 0..1024 {
+            let Some(sock) = &self.socket else { break };
+            match sock.try_recv_from(buf) {
+                Ok((n, from)) => {
+                    let data = buf[..n].to_vec();
+                    changed |= self.on_packet(&data, from, Instant::now()).await;
+                }
+                Err(_) => break,
+            }
+        }
+        changed
+    }
+
     async fn on_packet(&mut self, data: &[u8], from: SocketAddr, now: Instant) -> bool {
         let opened = match self.opener.open(data) {
             Ok(o) => o,
@@ -828,6 +872,9 @@ impl Driver {
                     }
                 }
                 () = sleep_until(wake) => {
+                    // Heartbeats the kernel already holds count before any expiry: a stall of
+                    // this task must not make it declare a live peer dead.
+                    self.drain_socket(&mut buf).await;
                     let now = Instant::now();
                     if now >= next_hb {
                         self.heartbeat_all().await;
@@ -862,6 +909,9 @@ impl Driver {
             if recompute && self.decide(Instant::now()) {
                 // claims changed: tell the peers now rather than at the next tick
                 self.heartbeat_all().await;
+            }
+            if recompute {
+                self.check_contested(Instant::now());
             }
         }
         self.leave().await
