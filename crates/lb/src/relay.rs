@@ -1,6 +1,9 @@
 //! The TCP relay: bytes between a client and a backend, zero-copy with `splice(2)`.
 //!
-//! Each direction owns a pipe; data moves socket → pipe → socket inside the kernel, driven by
+//! Each direction starts with a plain copy through a 16 KiB buffer (for small request/response
+//! traffic one `read` + one `write` beats two splices), and switches to zero-copy `splice` for
+//! the rest of its life once a read fills the buffer — HAProxy's `splice-auto` heuristic. A
+//! spliced direction owns a pipe; data moves socket → pipe → socket inside the kernel, driven by
 //! tokio readiness (`try_io` clears readiness on `EAGAIN`, so no busy loop). A direction that
 //! reads EOF shuts down the write side of the other socket and ends; the other direction keeps
 //! going (half-close in both directions). The relay ends when both directions ended, on an error
@@ -21,6 +24,8 @@ use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const CHUNK: usize = 1 << 16;
+/// Copy buffer; a read that fills it marks a bulk transfer (switch to splice).
+const COPY_BUF: usize = 16 << 10;
 const POOL_MAX: usize = 1024;
 
 static PIPES: Mutex<Vec<(OwnedFd, OwnedFd)>> = Mutex::new(Vec::new());
@@ -192,14 +197,27 @@ async fn one_way(
     bytes: &Counter,
     use_splice: bool,
 ) -> DirResult {
-    let mut total = 0u64;
-    if use_splice {
-        match splice_way(src, dst, src_side, progress, bytes, &mut total).await {
-            Err(Fallback) => {}
-            Ok(r) => return r,
-        }
+    let mut buf = vec![0u8; COPY_BUF];
+    if !use_splice {
+        return match copy_way(src, dst, src_side, progress, bytes, 0, &mut buf, false).await {
+            Copied::Done(r) => r,
+            Copied::Bulk(_) => unreachable!("switching is off"),
+        };
     }
-    copy_way(src, dst, src_side, progress, bytes, total).await
+    // Small messages are cheaper to copy (one read + one write) than to splice (two splices and
+    // a pipe); switch to splice for the rest of this direction once a read fills the buffer.
+    let total = match copy_way(src, dst, src_side, progress, bytes, 0, &mut buf, true).await {
+        Copied::Done(r) => return r,
+        Copied::Bulk(total) => total,
+    };
+    let mut total_after = total;
+    match splice_way(src, dst, src_side, progress, bytes, &mut total_after).await {
+        Ok(r) => r,
+        Err(Fallback) => match copy_way(src, dst, src_side, progress, bytes, total_after, &mut buf, false).await {
+            Copied::Done(r) => r,
+            Copied::Bulk(_) => unreachable!("switching is off"),
+        },
+    }
 }
 
 /// The kernel does not splice these sockets: copy instead.
@@ -273,6 +291,15 @@ async fn splice_way(
     }
 }
 
+/// How a copy loop ended.
+enum Copied {
+    /// EOF or error.
+    Done(DirResult),
+    /// A read filled the buffer: bulk transfer, switch to splice (bytes so far).
+    Bulk(u64),
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn copy_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -280,22 +307,25 @@ async fn copy_way(
     progress: &AtomicU64,
     bytes: &Counter,
     mut total: u64,
-) -> DirResult {
-    let mut buf = vec![0u8; CHUNK];
+    buf: &mut [u8],
+    switch_on_full: bool,
+) -> Copied {
     loop {
         let n = loop {
-            match src.try_read(&mut buf) {
+            match src.try_read(buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    src.readable().await.map_err(|e| (src_side, e))?;
+                    if let Err(e) = src.readable().await {
+                        return Copied::Done(Err((src_side, e)));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((src_side, e)),
+                Err(e) => return Copied::Done(Err((src_side, e))),
             }
         };
         if n == 0 {
             let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
-            return Ok(total);
+            return Copied::Done(Ok(total));
         }
         let mut off = 0;
         while off < n {
@@ -307,11 +337,16 @@ async fn copy_way(
                     progress.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable().await.map_err(|e| (other(src_side), e))?;
+                    if let Err(e) = dst.writable().await {
+                        return Copied::Done(Err((other(src_side), e)));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((other(src_side), e)),
+                Err(e) => return Copied::Done(Err((other(src_side), e))),
             }
+        }
+        if switch_on_full && n == buf.len() {
+            return Copied::Bulk(total);
         }
     }
 }

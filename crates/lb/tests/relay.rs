@@ -44,8 +44,9 @@ async fn large_transfer(splice: bool) {
     assert_eq!(checksum(&back), sent, "echo differs");
     if splice {
         assert!(
-            lb::relay::spliced_bytes() >= 2 * (16 << 20),
-            "splice path did not run"
+            lb::relay::spliced_bytes() >= 16 << 20,
+            "splice path did not run: {} bytes spliced",
+            lb::relay::spliced_bytes()
         );
     }
     h.stop().await;
