@@ -16,9 +16,13 @@
 # PRIO=N runs the servers and dnsperf at nice level N (e.g. PRIO=-10 as root) so that other
 # work on a shared machine disturbs the comparison less.
 #
-# Needs: dnsperf, knotd (Debian: dnsperf, knot), cargo. PORTICO_DNS_BIN overrides the server
-# binary (default: the dns crate's dns-bench example, built in release mode); it is started as
-# `$PORTICO_DNS_BIN --config FILE`.
+# The portico side is the real binary when PORTICO_BIN names it (`$PORTICO_BIN run --config
+# FILE`: the whole program, with the load balancer listening on the loopback VIPs and the DNS
+# server answering from the live health and ownership views), otherwise the dns crate's
+# dns-bench example (`--config FILE`: the DNS server alone, everything healthy), built here in
+# release mode. Both read the same config file.
+#
+# Needs: dnsperf, knotd (Debian: dnsperf, knot), dig, python3, cargo.
 set -euo pipefail
 
 DURATION=10
@@ -68,16 +72,19 @@ wait_udp() { # port
 # --- the zone, once for each server --------------------------------------------------------
 KNOT_PORT=$(free_port)
 PORTICO_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+VIP_PORT=$(free_port)
+BACKEND_PORT=$(free_port)
 mkdir -p "$TMP/knot/run" "$TMP/knot/db"
-cat > "$TMP/knot/bench.test.zone" <<'EOF'
-$ORIGIN bench.test.
-$TTL 5
+cat > "$TMP/knot/bench.test.zone" <<EOF
+\$ORIGIN bench.test.
+\$TTL 5
 @               SOA   ns1.example.net. hostmaster.bench.test. 1 3600 600 604800 5
 @               NS    ns1.example.net.
-www             A     192.0.2.1
-www             A     192.0.2.2
-www             AAAA  2001:db8::1
-_http._tcp.www  SRV   0 0 80 www.bench.test.
+www             A     127.0.0.77
+www             A     127.0.0.78
+www             AAAA  ::1
+_http._tcp.www  SRV   0 0 $VIP_PORT www.bench.test.
 EOF
 cat > "$TMP/knot/knot.conf" <<EOF
 server:
@@ -93,7 +100,11 @@ zone:
     storage: "$TMP/knot"
     file: bench.test.zone
 EOF
+# Loopback VIPs, so that the real binary's load balancer can listen on them; no health check,
+# so every backend counts as up without a backend running.
 cat > "$TMP/portico.yaml" <<EOF
+node: {name: bench}
+admin: {listen: "127.0.0.1:$ADMIN_PORT"}
 dns:
   listen: 127.0.0.1:$PORTICO_PORT
   zones:
@@ -105,9 +116,10 @@ dns:
       negative_ttl: 5s
 services:
   - name: www
-    vips: [192.0.2.1, 192.0.2.2, "2001:db8::1"]
-    ports: [{name: http, port: 80}]
-    backends: [{address: 192.0.2.100}]
+    vips: [127.0.0.77, 127.0.0.78, "::1"]
+    ports: [{name: http, port: $VIP_PORT}]
+    backends: [{address: 127.0.0.1, port: $BACKEND_PORT}]
+    health_check: {type: none}
 EOF
 cat > "$TMP/queries" <<'EOF'
 www.bench.test A
@@ -118,13 +130,16 @@ bench.test SOA
 EOF
 
 # --- servers ----------------------------------------------------------------------------------
-if [ -z "${PORTICO_DNS_BIN:-}" ]; then
+if [ -n "${PORTICO_BIN:-}" ]; then
+  PORTICO_CMD=("$PORTICO_BIN" run --config "$TMP/portico.yaml")
+else
   (cd "$ROOT" && cargo build --quiet --release -p dns --example dns-bench)
-  PORTICO_DNS_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/dns-bench"
+  PORTICO_CMD=("${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/dns-bench" --config "$TMP/portico.yaml")
 fi
+echo "portico side: ${PORTICO_CMD[0]}" >&2
 "${RUN[@]}" knotd -c "$TMP/knot/knot.conf" >"$TMP/knot.log" 2>&1 &
 PIDS+=($!)
-"${RUN[@]}" "$PORTICO_DNS_BIN" --config "$TMP/portico.yaml" >"$TMP/portico.log" 2>&1 &
+"${RUN[@]}" "${PORTICO_CMD[@]}" >"$TMP/portico.log" 2>&1 &
 PIDS+=($!)
 wait_udp "$KNOT_PORT"
 wait_udp "$PORTICO_PORT"

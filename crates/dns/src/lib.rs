@@ -53,7 +53,7 @@ pub use snapshot::{Snapshot, service_fqdn};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Socket I/O failed.
-    #[error("dns socket")]
+    #[error("dns socket: {0}")]
     Io(#[from] std::io::Error),
     /// A worker failed.
     #[error(transparent)]
