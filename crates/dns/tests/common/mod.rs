@@ -70,6 +70,8 @@ pub struct Harness {
     pub ownership: watch::Sender<Arc<OwnershipView>>,
     /// The server (for `status()`).
     pub server: dns::DnsServer,
+    /// Its metrics.
+    pub registry: prometheus_client::registry::Registry,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), dns::Error>>,
 }
@@ -99,6 +101,7 @@ impl Harness {
             health,
             ownership,
             server,
+            registry,
             shutdown,
             task,
         }
@@ -154,6 +157,13 @@ impl Harness {
         let mut a = vec!["+short"];
         a.extend_from_slice(args);
         self.dig(&a).await.lines().map(str::to_string).collect()
+    }
+
+    /// The metrics in the text exposition format.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encode");
+        out
     }
 
     /// Stops the server and checks it ended cleanly.
