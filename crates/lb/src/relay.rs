@@ -213,7 +213,18 @@ async fn one_way(
     let mut total_after = total;
     match splice_way(src, dst, src_side, progress, bytes, &mut total_after).await {
         Ok(r) => r,
-        Err(Fallback) => match copy_way(src, dst, src_side, progress, bytes, total_after, &mut buf, false).await {
+        Err(Fallback) => match copy_way(
+            src,
+            dst,
+            src_side,
+            progress,
+            bytes,
+            total_after,
+            &mut buf,
+            false,
+        )
+        .await
+        {
             Copied::Done(r) => r,
             Copied::Bulk(_) => unreachable!("switching is off"),
         },
@@ -291,6 +302,27 @@ async fn splice_way(
     }
 }
 
+/// Reads once. A short read from a stream socket means its receive queue is empty, so the
+/// readiness is cleared right away (as HAProxy does) instead of spending a second `recv` that
+/// would only return `EAGAIN`. tokio clears readiness only if no new readiness event arrived
+/// since it was observed, so data that lands after the read still wakes us.
+fn read_draining(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut short = 0;
+    let r = s.try_io(Interest::READABLE, || {
+        let (n, _) = rustix::net::recv(s, &mut *buf, rustix::net::RecvFlags::empty())?;
+        if n > 0 && n < len {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok(short),
+        r => r,
+    }
+}
+
 /// How a copy loop ended.
 enum Copied {
     /// EOF or error.
@@ -312,7 +344,7 @@ async fn copy_way(
 ) -> Copied {
     loop {
         let n = loop {
-            match src.try_read(buf) {
+            match read_draining(src, buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = src.readable().await {
