@@ -649,7 +649,7 @@ pub fn spawn(
 }
 
 /// What [`spawn`] publishes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Receivers {
     /// The desired state, for `run::serve`.
     pub desired: watch::Receiver<Arc<Desired>>,

@@ -6,15 +6,12 @@
 //! Wiring in `main.rs` (`Command` variants): `Controller(k8s::ControllerArgs)`,
 //! `Agent(k8s::AgentArgs)`, `Crds(k8s::CrdsArgs)`, dispatched to [`controller`], [`agent`], [`crds`].
 
-// Until main.rs dispatches to these subcommands nothing here is called; remove this then.
-#![allow(dead_code)]
-
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use ipam::intent::{LB_CLASS, Scope};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// Flags shared by the controller and the agent: which Services portico serves.
 #[derive(clap::Args, Debug, Clone)]
@@ -82,22 +79,6 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "portico".into())
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        }
-        t.cancel();
-    });
-    token
-}
-
 /// Runs the IPAM controller.
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let opts = ipam::entry::ControllerOptions {
@@ -105,7 +86,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         identity: args.identity.unwrap_or_else(hostname),
     };
-    ipam::entry::controller(opts, shutdown_on_signal()).await?;
+    ipam::entry::controller(opts, crate::shutdown_on_signal()).await?;
     Ok(())
 }
 
@@ -119,7 +100,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         Some(path) => model::config::load(&path.to_string_lossy(), &env)?,
         None => model::config::parse("", &env).context("the built-in defaults")?,
     };
-    let shutdown = shutdown_on_signal();
+    let shutdown = crate::shutdown_on_signal();
     let opts = ipam::entry::AgentOptions {
         scope: args.scope.scope(),
         node: args.node,
@@ -128,13 +109,37 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         gossip_port: args.gossip_port,
         base,
     };
+    let node = opts.node.clone();
     let receivers = ipam::entry::agent_source(opts, shutdown.clone()).await?;
-    // Per-address status for kubectl (`ServiceAnnouncement`) needs the agent's ownership view:
-    // once run::serve exposes its `watch::Receiver<model::OwnershipView>`, spawn
-    // `ipam::entry::announcer(node, &receivers, ownership, shutdown.clone())` here.
+    // Per-address status for kubectl (`ServiceAnnouncement`) follows the agent's ownership view.
+    let (own_tx, mut own_rx) = watch::channel(Arc::new(model::OwnershipView::new()));
+    let (plain_tx, plain_rx) = watch::channel(model::OwnershipView::new());
+    {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = own_rx.changed() => if r.is_err() { return },
+                }
+                plain_tx.send_replace((**own_rx.borrow_and_update()).clone());
+            }
+        });
+    }
+    {
+        let (receivers, stop) = (receivers.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = ipam::entry::announcer(node, &receivers, plain_rx, stop).await {
+                tracing::error!(
+                    "ServiceAnnouncement writer stopped: {:#}",
+                    anyhow::Error::from(e)
+                );
+            }
+        });
+    }
     // Kubernetes objects are validated one by one as they are read; there is no whole-file reload to reject.
     let (_reload_tx, reload_error) = watch::channel(None);
-    crate::run::serve(receivers.desired.clone(), reload_error, shutdown).await
+    crate::run::serve(receivers.desired.clone(), reload_error, own_tx, shutdown).await
 }
 
 /// Prints the CRDs.

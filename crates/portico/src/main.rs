@@ -81,6 +81,12 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Run the Kubernetes IPAM controller (one active replica through a Lease).
+    Controller(k8s::ControllerArgs),
+    /// Run the node agent driven by Kubernetes Services and EndpointSlices (a DaemonSet).
+    Agent(k8s::AgentArgs),
+    /// Print portico's CustomResourceDefinitions as YAML.
+    Crds(k8s::CrdsArgs),
     /// Build a network-namespace lab and measure VIP failover against keepalived (root only).
     Lab(lab::LabArgs),
 }
@@ -156,6 +162,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("portico {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Controller(args) => k8s::controller(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Agent(args) => k8s::agent(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Crds(args) => k8s::crds(args).map(|()| ExitCode::SUCCESS),
         Command::Lab(args) => lab::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
@@ -167,7 +176,7 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         None => ConfigPath::Embedded,
     };
     let cfg = source::load(&path, &env)?;
-    let shutdown = CancellationToken::new();
+    let shutdown = shutdown_on_signal();
     if matches!(path, ConfigPath::Embedded) {
         tracing::info!(
             "no --config given: running the embedded demo (try: curl http://127.0.0.10:8080/)"
@@ -187,8 +196,15 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         Duration::from_secs(1),
         shutdown.clone(),
     ));
-    tokio::spawn(signals(shutdown.clone()));
-    run::serve(desired_rx, err_rx, shutdown).await
+    let (own_tx, _) = watch::channel(Arc::new(model::OwnershipView::new()));
+    run::serve(desired_rx, err_rx, own_tx, shutdown).await
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub(crate) fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    tokio::spawn(signals(token.clone()));
+    token
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

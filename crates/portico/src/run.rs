@@ -32,9 +32,13 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves everything from `desired` until `shutdown`. Listen addresses come from the first
 /// desired config; `reload_error` carries the last rejected reload for `/status`.
+///
+/// The caller owns the ownership channel (`own_tx`), so it can follow the agent's decisions
+/// too (the Kubernetes agent writes them to `ServiceAnnouncement` status).
 pub async fn serve(
     desired: watch::Receiver<Arc<Desired>>,
     reload_error: watch::Receiver<Option<String>>,
+    own_tx: watch::Sender<Arc<OwnershipView>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let first = desired.borrow().clone();
@@ -73,7 +77,7 @@ pub async fn serve(
     };
 
     let (health_tx, health_rx) = watch::channel(Arc::new(HealthView::new()));
-    let (own_tx, own_rx) = watch::channel(Arc::new(OwnershipView::new()));
+    let own_rx = own_tx.subscribe();
     let (ready_tx, ready_rx) = watch::channel(false);
 
     // Shutdown order: agent first (hand VIPs over), then data path, DNS and admin.
