@@ -130,7 +130,7 @@ pub async fn relay(
     counters: Counters<'_>,
     use_splice: bool,
 ) -> (End, Stats) {
-    let progress = AtomicU64::new(0);
+    let progress = Progress::default();
     let up = one_way(
         client,
         backend,
@@ -159,16 +159,16 @@ pub async fn relay(
     (end, Stats::default())
 }
 
-async fn idle_watch(progress: &AtomicU64, idle: Duration) {
+async fn idle_watch(progress: &Progress, idle: Duration) {
     if idle.is_zero() {
         return std::future::pending().await;
     }
     let tick = (idle / 4).max(Duration::from_millis(10));
-    let mut seen = progress.load(Ordering::Relaxed);
+    let mut seen = progress.bytes.load(Ordering::Relaxed);
     let mut last_change = Instant::now();
     loop {
         tokio::time::sleep(tick).await;
-        let now_seen = progress.load(Ordering::Relaxed);
+        let now_seen = progress.bytes.load(Ordering::Relaxed);
         let now = Instant::now();
         if now_seen != seen {
             seen = now_seen;
@@ -176,6 +176,24 @@ async fn idle_watch(progress: &AtomicU64, idle: Duration) {
         } else if now.duration_since(last_change) >= idle {
             return;
         }
+    }
+}
+
+/// State both directions of one relay share.
+#[derive(Default)]
+struct Progress {
+    /// Bytes moved either way (the idle watch looks for change).
+    bytes: AtomicU64,
+    /// One direction has reached EOF.
+    one_done: std::sync::atomic::AtomicBool,
+}
+
+/// Passes an EOF on: shuts down `dst`'s write side — unless the other direction already ended,
+/// in which case both sockets close right away and `close` sends the FIN (one syscall saved per
+/// connection).
+fn half_close(dst: &TcpStream, progress: &Progress) {
+    if !progress.one_done.swap(true, Ordering::AcqRel) {
+        let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
     }
 }
 
@@ -193,7 +211,7 @@ async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
     src_side: Side,
-    progress: &AtomicU64,
+    progress: &Progress,
     bytes: &Counter,
     use_splice: bool,
 ) -> DirResult {
@@ -242,7 +260,7 @@ async fn splice_way(
     src: &TcpStream,
     dst: &TcpStream,
     src_side: Side,
-    progress: &AtomicU64,
+    progress: &Progress,
     bytes: &Counter,
     total: &mut u64,
 ) -> Result<DirResult, Fallback> {
@@ -272,7 +290,7 @@ async fn splice_way(
         };
         first = false;
         if n == 0 {
-            let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
+            half_close(dst, progress);
             return Ok(Ok(*total));
         }
         pipe.pending += n;
@@ -288,7 +306,7 @@ async fn splice_way(
                     *total += m as u64;
                     SPLICED.fetch_add(m as u64, Ordering::Relaxed);
                     bytes.inc_by(m as u64);
-                    progress.fetch_add(m as u64, Ordering::Relaxed);
+                    progress.bytes.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = dst.writable().await {
@@ -336,7 +354,7 @@ async fn copy_way(
     src: &TcpStream,
     dst: &TcpStream,
     src_side: Side,
-    progress: &AtomicU64,
+    progress: &Progress,
     bytes: &Counter,
     mut total: u64,
     buf: &mut [u8],
@@ -356,7 +374,7 @@ async fn copy_way(
             }
         };
         if n == 0 {
-            let _ = rustix::net::shutdown(dst, rustix::net::Shutdown::Write);
+            half_close(dst, progress);
             return Copied::Done(Ok(total));
         }
         let mut off = 0;
@@ -366,7 +384,7 @@ async fn copy_way(
                     off += m;
                     total += m as u64;
                     bytes.inc_by(m as u64);
-                    progress.fetch_add(m as u64, Ordering::Relaxed);
+                    progress.bytes.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = dst.writable().await {
