@@ -278,7 +278,13 @@ impl LoadBalancer {
         let Some(hc) = spec.health_check.clone() else {
             return;
         };
-        let Some(port) = spec.ports.first() else {
+        // Checks speak TCP: probe the first TCP port (a UDP-only service needs `health_check.port`).
+        let Some(port) = spec
+            .ports
+            .iter()
+            .find(|p| p.protocol == model::Protocol::Tcp)
+            .or(spec.ports.first())
+        else {
             return;
         };
         let target = hc

@@ -924,7 +924,9 @@ fn decode_service(
             ]),
         )
         .unwrap_or_default();
+    // Checks speak TCP: a service with only UDP ports gets none unless it names a port.
     let health_check = match m.node("health_check") {
+        None if !ports.is_empty() && ports.iter().all(|p| p.protocol == Protocol::Udp) => None,
         None => Some(default_health_check()),
         Some(n) => decode_health_check(cx, n, &format!("{p}.health_check")).unwrap_or(None),
     };
@@ -1475,14 +1477,14 @@ fn validate(cx: &mut Cx, d: &Decoded) {
             );
         }
         if let Some(hc) = &s.health_check
-            && matches!(hc.kind, CheckKind::Mysql)
-            && s.ports.iter().any(|p| p.protocol == Protocol::Udp)
             && hc.port.is_none()
+            && !s.ports.is_empty()
+            && s.ports.iter().all(|p| p.protocol == Protocol::Udp)
         {
             cx.err(
                 &format!("{sp}.health_check.port"),
                 at(&sp),
-                "a MySQL check needs a TCP port; set health_check.port",
+                "health checks speak TCP and this service has only UDP ports; set health_check.port to a TCP port of the backends, or type: none",
             );
         }
     }
@@ -1691,6 +1693,24 @@ mod bad_input {
             got.iter()
                 .any(|e| e.starts_with("services[0].placement.preferred: unknown node `zzz`")),
             "{got:#?}"
+        );
+
+        let udp_check = SVC.replace(
+            "ports: [{port: 80}]",
+            "ports: [{port: 53, protocol: udp}]\n    health_check: {type: tcp}",
+        );
+        let got = errors(&udp_check);
+        assert!(
+            got.iter().any(|e| e.starts_with(
+                "services[0].health_check.port: health checks speak TCP and this service has only UDP ports"
+            )),
+            "{got:#?}"
+        );
+        let udp_only = SVC.replace("ports: [{port: 80}]", "ports: [{port: 53, protocol: udp}]");
+        let cfg = parse(&udp_only, &Environment::default()).unwrap();
+        assert_eq!(
+            cfg.services[0].health_check, None,
+            "UDP-only services get no TCP probes"
         );
     }
 
