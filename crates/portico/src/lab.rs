@@ -1006,6 +1006,9 @@ async fn round_once(
             if let Some(pid) = stopped {
                 wait_gone(pid, Duration::from_secs(5)).await;
             }
+            // a power loss ends in a reboot: addresses a crashed keepalived left on eth0 are
+            // gone (portico's agent clears stale VIPs from lo itself when it starts)
+            let _ = sh_in(&ns, &["ip", "addr", "del", &format!("{VIP}/32"), "dev", "eth0"]);
             sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
             run.start_node(lab, i, args)?;
         }
