@@ -653,7 +653,10 @@ impl Running {
             System::Keepalived { fastest } => {
                 let path = lab.dir.join(format!("keepalived-{i}.conf"));
                 std::fs::write(&path, keepalived_config(i, fastest)?)?;
+                // a killed keepalived stays a zombie until reaped: its pid files would make
+                // the new one refuse to start ("daemon is already running")
                 let _ = std::fs::remove_file(lab.dir.join(format!("vrrp-{i}.pid")));
+                let _ = std::fs::remove_file(lab.dir.join(format!("keepalived-{i}.pid")));
                 let pid = lab.spawn_exe(
                     &ns,
                     &format!("keepalived-{i}.log"),
