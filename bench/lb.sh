@@ -6,10 +6,11 @@
 #
 #   bench/lb.sh                 # ROUNDS=3 DURATION=5 by default
 #   ROUNDS=5 DURATION=10 bench/lb.sh
-#   LB_BIN=path/to/lb-bench LB_ARGS=--copy bench/lb.sh   # compare the copy relay
+#   LB_BIN=path/to/lb-bench LB_ARGS=--copy bench/lb.sh   # the balancer alone, copy relay
 #
-# portico runs as crates/lb/examples/lb-bench.rs (the load balancer alone from a config file),
-# built with `cargo build --release -p lb --example lb-bench`.
+# portico runs as the real binary (`portico run --config`, built with
+# `cargo build --release -p portico`); LB_BIN=.../examples/lb-bench runs the load balancer alone
+# from the same config (crates/lb/examples/lb-bench.rs).
 # Needs: nginx-light, haproxy, wrk, iperf3, python3. Only 127.0.0.0/8 is used. Every process
 # started here is killed on exit.
 set -euo pipefail
@@ -20,14 +21,15 @@ THREADS=${THREADS:-1}
 CONNS=${CONNS:-50}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-LB_BIN=${LB_BIN:-$TARGET/release/examples/lb-bench}
+PORTICO_BIN=${PORTICO_BIN:-$TARGET/release/portico}
+LB_BIN=${LB_BIN:-}
 LB_ARGS=${LB_ARGS:-}
 
 for b in nginx haproxy wrk iperf3 python3; do
   command -v "$b" >/dev/null || { echo "skipped: $b not installed" >&2; exit 0; }
 done
-if [[ ! -x $LB_BIN ]]; then
-  (cd "$ROOT" && cargo build --release -p lb --example lb-bench)
+if [[ -z $LB_BIN && ! -x $PORTICO_BIN ]]; then
+  (cd "$ROOT" && cargo build --release -p portico)
 fi
 
 WORK=$(mktemp -d /tmp/portico-bench.XXXXXX)
@@ -118,8 +120,12 @@ services:
       - {name: i1, address: 127.0.0.1, port: $IPERF}
     health_check: {type: tcp, interval: 2s, timeout: 1s}
 PT
-# shellcheck disable=SC2086
-"$LB_BIN" "$WORK/portico.yaml" $LB_ARGS >"$WORK/portico.log" 2>&1 &
+if [[ -n $LB_BIN ]]; then
+  # shellcheck disable=SC2086
+  "$LB_BIN" "$WORK/portico.yaml" $LB_ARGS >"$WORK/portico.log" 2>&1 &
+else
+  "$PORTICO_BIN" run --config "$WORK/portico.yaml" >"$WORK/portico.log" 2>&1 &
+fi
 PIDS+=($!)
 
 wait_port() {
