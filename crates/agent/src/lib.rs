@@ -281,17 +281,20 @@ pub fn local_facts(cfg: &Config, health: &HealthView) -> Facts {
         })
         .map(|s| s.name.clone())
         .collect();
+    // A node with no announcing interface is a standalone single node (peers require an
+    // interface): it serves every VIP it is given locally, announcing nothing.
+    let standalone = cfg.node.interfaces.is_empty();
+    let has = |v4: bool| {
+        standalone
+            || cfg
+                .node
+                .interfaces
+                .iter()
+                .any(|i| i.addresses.iter().any(|a| a.addr().is_ipv4() == v4))
+    };
     Facts {
-        v4: cfg
-            .node
-            .interfaces
-            .iter()
-            .any(|i| i.addresses.iter().any(|a| a.addr().is_ipv4())),
-        v6: cfg
-            .node
-            .interfaces
-            .iter()
-            .any(|i| i.addresses.iter().any(|a| a.addr().is_ipv6())),
+        v4: has(true),
+        v6: has(false),
         serving,
     }
 }

@@ -246,6 +246,11 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(s["generation"], 1);
     assert_eq!(s["services"][0]["name"], "web");
     assert_eq!(s["services"][0]["vips"][0]["address"], "127.0.0.77");
+    // A single node without announcing interfaces owns its VIPs itself.
+    let s = running.wait_for("the VIP owned", |s| {
+        s["services"][0]["vips"][0]["owner"] == "test-node"
+    });
+    assert_eq!(s["services"][0]["vips"][0]["reason"], "owner");
     assert_eq!(s["services"][0]["backends"][0]["name"], "b1");
 
     // The human table.
