@@ -1011,7 +1011,10 @@ async fn round_once(
             }
             // a power loss ends in a reboot: addresses a crashed keepalived left on eth0 are
             // gone (portico's agent clears stale VIPs from lo itself when it starts)
-            let _ = sh_in(&ns, &["ip", "addr", "del", &format!("{VIP}/32"), "dev", "eth0"]);
+            let _ = sh_in(
+                &ns,
+                &["ip", "addr", "del", &format!("{VIP}/32"), "dev", "eth0"],
+            );
             sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
             run.start_node(lab, i, args)?;
         }
