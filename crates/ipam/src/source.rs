@@ -103,6 +103,9 @@ pub fn build(snap: &Snapshot, settings: &Settings, template: &model::Service) ->
     if !keys.is_empty() {
         cfg.cluster.keys = keys;
     }
+    if let Some(names) = announcing_interfaces(snap, &settings.node) {
+        cfg.node.interfaces.retain(|i| names.contains(&i.name));
+    }
     let pools: Vec<(String, Vec<AddrRange>, BTreeMap<String, String>)> = snap
         .pools
         .values()
@@ -289,6 +292,34 @@ fn announcing_nodes(
         }
     }
     selected.then(|| nodes.into_iter().collect())
+}
+
+/// The interfaces this node may announce on: the union of `interfaces` of the
+/// L2Announcements that select it. `None` (every configured interface) when none of them
+/// names interfaces. The model has no per-Service interface, so an announcement's interfaces
+/// apply to every VIP this node announces.
+fn announcing_interfaces(snap: &Snapshot, node: &str) -> Option<BTreeSet<String>> {
+    let labels = snap
+        .nodes
+        .get(node)
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    let mut names = BTreeSet::new();
+    for a in snap.l2.values() {
+        let Ok(sel) = a
+            .spec
+            .node_selectors
+            .iter()
+            .map(Selector::parse)
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            continue;
+        };
+        if any_matches(&sel, &labels) {
+            names.extend(a.spec.interfaces.iter().cloned());
+        }
+    }
+    (!names.is_empty()).then_some(names)
 }
 
 /// Nodes labelled `node.kubernetes.io/exclude-from-external-load-balancers` never announce.

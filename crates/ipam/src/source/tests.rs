@@ -473,3 +473,45 @@ async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() 
     );
     shutdown.cancel();
 }
+
+#[test]
+fn l2_announcement_interfaces_limit_where_this_node_announces() {
+    let mut s = settings();
+    s.base = model::config::parse(
+        "node:\n  interfaces:\n    - {name: eth0, addresses: [192.0.2.1/24]}\n    - {name: eth1, addresses: [198.51.100.1/24]}\n",
+        &model::config::Environment::default(),
+    )
+    .unwrap();
+    let mut snap = snapshot();
+    let names = |c: &model::Config| -> Vec<String> {
+        c.node.interfaces.iter().map(|i| i.name.clone()).collect()
+    };
+    assert_eq!(
+        names(&build(&snap, &s, &template().unwrap())),
+        ["eth0", "eth1"]
+    );
+    snap.l2.insert(
+        "lan".into(),
+        L2Announcement::new(
+            "lan",
+            L2AnnouncementSpec {
+                node_selectors: vec![LabelSelector {
+                    match_labels: Some(labels(&[("zone", "a")])),
+                    match_expressions: None,
+                }],
+                interfaces: vec!["eth1".into()],
+                ..L2AnnouncementSpec::default()
+            },
+        ),
+    );
+    assert_eq!(names(&build(&snap, &s, &template().unwrap())), ["eth1"]);
+    // An announcement that does not select this node does not narrow its interfaces.
+    snap.l2.get_mut("lan").unwrap().spec.node_selectors = vec![LabelSelector {
+        match_labels: Some(labels(&[("zone", "elsewhere")])),
+        match_expressions: None,
+    }];
+    assert_eq!(
+        names(&build(&snap, &s, &template().unwrap())),
+        ["eth0", "eth1"]
+    );
+}
