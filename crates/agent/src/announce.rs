@@ -120,11 +120,28 @@ fn prefix(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
 
+/// Puts a VIP on `lo` for local delivery. Loopback VIPs (127.0.0.0/8, ::1) are local already
+/// and are never touched: deleting them later would take the host's own loopback away.
+fn lo_add(lo: u32, vip: IpAddr) -> Result<(), sys::Error> {
+    if vip.is_loopback() {
+        return Ok(());
+    }
+    sys::addr_add(lo, vip, prefix(vip))
+}
+
+/// Takes a VIP off `lo`; loopback addresses are never removed (see [`lo_add`]).
+fn lo_del(lo: u32, vip: IpAddr) -> Result<(), sys::Error> {
+    if vip.is_loopback() {
+        return Ok(());
+    }
+    sys::addr_del(lo, vip, prefix(vip))
+}
+
 /// Removes `vips` from `lo` (stale addresses left by a crashed predecessor).
 pub fn clear_local(vips: impl IntoIterator<Item = IpAddr>) {
     let Ok(lo) = sys::if_index("lo") else { return };
     for v in vips {
-        if let Err(e) = sys::addr_del(lo, v, prefix(v)) {
+        if let Err(e) = lo_del(lo, v) {
             debug!(%v, %e, "clearing stale VIP from lo");
         }
     }
@@ -224,7 +241,7 @@ impl Announcer {
                     for (vip, mode) in &next {
                         let before = have.get(vip).copied();
                         let linked = unlink.remove(vip).is_some();
-                        if before.is_none() && !linked && let Err(e) = sys::addr_add(self.lo, *vip, prefix(*vip)) {
+                        if before.is_none() && !linked && let Err(e) = lo_add(self.lo, *vip) {
                             warn!(%vip, %e, "cannot add VIP to lo");
                         }
                         match (before, mode) {
@@ -252,7 +269,7 @@ impl Announcer {
                     suspects.retain(|v, _| have.get(v) == Some(&Mode::Announce));
                     if changed.is_err() {
                         for (vip, _) in std::mem::take(&mut unlink) {
-                            if let Err(e) = sys::addr_del(self.lo, vip, prefix(vip)) {
+                            if let Err(e) = lo_del(self.lo, vip) {
                                 warn!(%vip, %e, "cannot remove VIP from lo");
                             }
                         }
@@ -311,7 +328,7 @@ impl Announcer {
                     let gone: Vec<IpAddr> = unlink.iter().filter(|(_, t)| **t <= now).map(|(v, _)| *v).collect();
                     for vip in gone {
                         unlink.remove(&vip);
-                        if let Err(e) = sys::addr_del(self.lo, vip, prefix(vip)) {
+                        if let Err(e) = lo_del(self.lo, vip) {
                             warn!(%vip, %e, "cannot remove VIP from lo");
                         }
                     }
@@ -338,6 +355,21 @@ impl Announcer {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod loopback_guard {
+    use super::*;
+
+    #[test]
+    fn loopback_vips_are_never_added_to_or_removed_from_lo() {
+        // An invalid ifindex would make any netlink call fail: Ok proves nothing was sent.
+        for vip in ["127.0.0.1", "127.0.0.77", "::1"] {
+            let vip: IpAddr = vip.parse().unwrap();
+            assert!(lo_add(u32::MAX, vip).is_ok(), "{vip}");
+            assert!(lo_del(u32::MAX, vip).is_ok(), "{vip}");
         }
     }
 }

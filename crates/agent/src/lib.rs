@@ -405,7 +405,11 @@ impl Driver {
             .iter()
             .flat_map(|s| s.vips.iter().copied())
             .collect();
-        announce::clear_local(all);
+        // Only an agent that announces puts VIPs on lo, so only then can a crashed
+        // predecessor have left some there.
+        if !self.cfg.node.interfaces.is_empty() {
+            announce::clear_local(all);
+        }
         let a = &self.cfg.cluster.announce;
         let timing = announce::Timing {
             count: a.count,
