@@ -109,7 +109,7 @@ pub async fn run(
     me: String,
     mut desired: watch::Receiver<Arc<model::Desired>>,
     mut origins: watch::Receiver<Arc<Origins>>,
-    mut ownership: watch::Receiver<OwnershipView>,
+    mut ownership: watch::Receiver<Arc<OwnershipView>>,
     shutdown: CancellationToken,
 ) {
     let pp = PatchParams::apply(&manager(&me)).force();
@@ -269,7 +269,7 @@ mod fake_api_tests {
             },
         )]
         .into();
-        let (_w, ownership) = watch::channel(ownership);
+        let (_w, ownership) = watch::channel(Arc::new(ownership));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
             client,

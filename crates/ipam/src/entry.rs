@@ -103,7 +103,7 @@ pub async fn agent_source(
 pub async fn announcer(
     node: String,
     receivers: &source::Receivers,
-    ownership: watch::Receiver<model::OwnershipView>,
+    ownership: watch::Receiver<Arc<model::OwnershipView>>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;

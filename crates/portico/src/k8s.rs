@@ -112,24 +112,11 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let node = opts.node.clone();
     let receivers = ipam::entry::agent_source(opts, shutdown.clone()).await?;
     // Per-address status for kubectl (`ServiceAnnouncement`) follows the agent's ownership view.
-    let (own_tx, mut own_rx) = watch::channel(Arc::new(model::OwnershipView::new()));
-    let (plain_tx, plain_rx) = watch::channel(model::OwnershipView::new());
-    {
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = own_rx.changed() => if r.is_err() { return },
-                }
-                plain_tx.send_replace((**own_rx.borrow_and_update()).clone());
-            }
-        });
-    }
+    let (own_tx, own_rx) = watch::channel(Arc::new(model::OwnershipView::new()));
     {
         let (receivers, stop) = (receivers.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = ipam::entry::announcer(node, &receivers, plain_rx, stop).await {
+            if let Err(e) = ipam::entry::announcer(node, &receivers, own_rx, stop).await {
                 tracing::error!(
                     "ServiceAnnouncement writer stopped: {:#}",
                     anyhow::Error::from(e)
