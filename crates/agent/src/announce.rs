@@ -12,7 +12,8 @@
 //! * **Answering.** Two `AF_PACKET` sockets per interface: one for ARP, one for IPv6 filtered
 //!   in the kernel (BPF) to neighbour solicitations. Requests for an *announced* VIP get a
 //!   reply from our MAC.
-//! * **Takeover**: local delivery first, then a burst of `count` gratuitous ARPs / unsolicited
+//! * **Takeover**: local delivery first, then (when the previous owner is alive or leaving
+//!   gracefully) forwarding of its in-flight connections ([`crate::handover`]), then a burst of `count` gratuitous ARPs / unsolicited
 //!   NAs `interval` apart (the first at once); every `refresh` all announced VIPs are announced
 //!   again for routers that ignore gratuitous ARP.
 //! * **Draining** (graceful stop): stop answering and announcing but keep local delivery, so
@@ -35,6 +36,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
 use crate::frames::{self, Mac};
+use crate::handover::{Forward, Handover};
 
 /// Errors of the announcer.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,9 @@ pub struct Want {
     /// healed partition the clients may still point at the node that stood in), after
     /// `Timing::reannounce_delay` so that the stand-in has released by then.
     pub reannounce: u64,
+    /// For VIPs being taken over from a node that still serves them: its address on this
+    /// interface, to forward in-flight connections to (see [`crate::handover`]).
+    pub from: BTreeMap<IpAddr, IpAddr>,
 }
 
 /// Announcement timing.
@@ -156,6 +161,7 @@ pub struct Announcer {
     nd: sys::PacketSocket,
     timing: Timing,
     conflicts: Arc<Mutex<BTreeMap<IpAddr, u64>>>,
+    handover: Handover,
 }
 
 impl std::fmt::Debug for Announcer {
@@ -175,6 +181,7 @@ impl Announcer {
         iface: &str,
         timing: Timing,
         conflicts: Arc<Mutex<BTreeMap<IpAddr, u64>>>,
+        handover: Handover,
     ) -> Result<Self, Error> {
         let index = sys::if_index(iface)?;
         let filter = sys::bpf_neighbor_solicitation();
@@ -186,6 +193,7 @@ impl Announcer {
             nd: sys::PacketSocket::open(index, sys::ETH_P_IPV6, Some(&filter))?,
             timing,
             conflicts,
+            handover,
         })
     }
 
@@ -228,9 +236,11 @@ impl Announcer {
                     let w = if changed.is_ok() { want.borrow_and_update().clone() } else { Want::default() };
                     let next = w.vips;
                     // release: stop answering now, remove local delivery after the grace
-                    // period (at once when closing: the agent has drained already)
+                    // period (when closing, VIPs still drained go at once: the agent has
+                    // waited for the takeover already)
                     for (vip, _) in have.iter().filter(|(v, _)| !next.contains_key(*v)) {
                         bursts.remove(vip);
+                        self.handover.close(*vip).await;
                         if changed.is_ok() {
                             unlink.insert(*vip, Instant::now() + self.timing.release_grace);
                         } else {
@@ -238,6 +248,15 @@ impl Announcer {
                         }
                         info!(%vip, iface = %self.iface, "released");
                     }
+                    // the previous owner still serves what it accepted: forward those
+                    // connections' segments to it before the clients move here (one ruleset
+                    // change for every VIP taken over now)
+                    let forwards: Vec<Forward> = next
+                        .iter()
+                        .filter(|(v, m)| **m == Mode::Announce && have.get(*v) != Some(&Mode::Announce))
+                        .filter_map(|(v, _)| w.from.get(v).map(|to| Forward { vip: *v, to: *to, iface: self.iface.clone() }))
+                        .collect();
+                    self.handover.open(forwards, self.timing.release_grace).await;
                     for (vip, mode) in &next {
                         let before = have.get(vip).copied();
                         let linked = unlink.remove(vip).is_some();
@@ -268,6 +287,12 @@ impl Announcer {
                     }
                     suspects.retain(|v, _| have.get(v) == Some(&Mode::Announce));
                     if changed.is_err() {
+                        // released VIPs stay on lo until their grace ends: connections the
+                        // new owner forwards here (see `handover`) are still delivered
+                        let last = unlink.values().max().copied();
+                        if let Some(t) = last.filter(|t| *t > Instant::now()) {
+                            sleep_until(t.min(Instant::now() + self.timing.release_grace)).await;
+                        }
                         for (vip, _) in std::mem::take(&mut unlink) {
                             if let Err(e) = lo_del(self.lo, vip) {
                                 warn!(%vip, %e, "cannot remove VIP from lo");

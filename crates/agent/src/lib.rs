@@ -5,7 +5,8 @@
 //! - [`seal`]: the authenticated, encrypted gossip envelope with replay protection.
 //! - [`wire`]: the direct heartbeat body; [`members`]: liveness from heartbeats.
 //! - [`swim`]: SWIM membership through `foca` (identity, collecting runtime, timer queue).
-//! - [`frames`]: ARP / NDP frames; [`announce`]: the per-interface L2 announcer.
+//! - [`frames`]: ARP / NDP frames; [`announce`]: the per-interface L2 announcer;
+//!   [`handover`]: forwarding of in-flight connections to the previous owner after a takeover.
 //! - [`Agent::run`]: the driver tying them to one UDP socket and the spine's watch channels.
 //!
 //! # Why a direct heartbeat next to SWIM
@@ -26,6 +27,7 @@
 
 pub mod announce;
 pub mod frames;
+pub mod handover;
 pub mod members;
 pub mod owner;
 pub mod seal;
@@ -126,6 +128,8 @@ struct Metrics {
     releases: Counter,
     owned: Gauge,
     alive: Gauge,
+    handover_windows: Counter,
+    handover_off: Gauge,
 }
 
 #[derive(Default)]
@@ -195,6 +199,16 @@ impl Agent {
             "vip_releases",
             "VIPs this node stopped announcing",
             m.releases.clone(),
+        );
+        r.register(
+            "handover_windows",
+            "Takeovers from a live node whose in-flight connections were forwarded to it",
+            m.handover_windows.clone(),
+        );
+        r.register(
+            "handover_forwarding_off",
+            "1 when in-flight connections cannot be forwarded on handover (no usable nft)",
+            m.handover_off.clone(),
         );
         r.register("vips_owned", "VIPs this node announces", m.owned.clone());
         r.register(
@@ -332,6 +346,9 @@ struct Driver {
     owned: BTreeSet<IpAddr>,
     facts: Facts,
     l2: BTreeMap<String, L2Task>,
+    handover: handover::Handover,
+    /// VIPs taken over from a node that still serves them, and its address there.
+    from: BTreeMap<IpAddr, IpAddr>,
 }
 
 impl Driver {
@@ -371,6 +388,9 @@ impl Driver {
             )
         });
         let facts = local_facts(&cfg, &health.borrow());
+        let m = &agent.inner.metrics;
+        let handover = handover::Handover::new()
+            .with_metrics(m.handover_windows.clone(), m.handover_off.clone());
         let mut d = Self {
             sealer: seal::Sealer::new(&c.keys, &me, epoch),
             opener: seal::Opener::new(&c.keys),
@@ -390,6 +410,8 @@ impl Driver {
             owned: BTreeSet::new(),
             facts,
             l2: BTreeMap::new(),
+            handover,
+            from: BTreeMap::new(),
             cfg,
         };
         if !d.agent.dry_run {
@@ -409,6 +431,8 @@ impl Driver {
         // predecessor have left some there.
         if !self.cfg.node.interfaces.is_empty() {
             announce::clear_local(all);
+            let h = self.handover.clone();
+            tokio::spawn(async move { h.sync().await });
         }
         let a = &self.cfg.cluster.announce;
         let timing = announce::Timing {
@@ -428,9 +452,13 @@ impl Driver {
             if i.addresses.iter().any(|a| a.addr().is_ipv4()) {
                 announce::prepare_sysctls(&i.name).map_err(err)?;
             }
-            let ann =
-                announce::Announcer::open(&i.name, timing, self.agent.inner.conflicts.clone())
-                    .map_err(err)?;
+            let ann = announce::Announcer::open(
+                &i.name,
+                timing,
+                self.agent.inner.conflicts.clone(),
+                self.handover.clone(),
+            )
+            .map_err(err)?;
             let (tx, rx) = watch::channel(announce::Want::default());
             let task = tokio::spawn(ann.run(rx));
             self.l2.insert(i.name.clone(), (tx, task));
@@ -613,15 +641,38 @@ impl Driver {
         for v in owned.difference(&self.owned) {
             info!(vip = %v, "owner");
             self.agent.inner.metrics.takeovers.inc();
+            if let Some(to) = self.handover_source(v, now) {
+                self.from.insert(*v, to);
+            }
         }
         for v in self.owned.difference(&owned) {
             info!(vip = %v, "no longer owner");
             self.agent.inner.metrics.releases.inc();
         }
+        self.from.retain(|v, _| owned.contains(v));
         self.owned = owned;
         self.agent.inner.metrics.owned.set(self.owned.len() as i64);
         self.push_l2(Mode::Announce);
         true
+    }
+
+    /// Where in-flight connections of `vip` go while we take it over: the previous owner's
+    /// address, when it is still heard from and that address is on the VIP's interface.
+    fn handover_source(&self, vip: &IpAddr, now: Instant) -> Option<IpAddr> {
+        let (node, addr) = self.table.handing_over(vip, now)?;
+        let to = addr.ip();
+        let iface = interface_for(&self.cfg, *vip)?;
+        let on_link = self
+            .cfg
+            .node
+            .interfaces
+            .iter()
+            .any(|i| i.name == iface && i.addresses.iter().any(|n| n.contains(&to)));
+        if to.is_ipv4() != vip.is_ipv4() || !on_link {
+            debug!(%vip, %node, %to, "previous owner not reachable on the VIP's link: no forwarding");
+            return None;
+        }
+        Some(to)
     }
 
     fn push_l2(&self, mode: Mode) {
@@ -634,6 +685,7 @@ impl Driver {
                     announce::Want {
                         vips: BTreeMap::new(),
                         reannounce: self.reannounce,
+                        from: BTreeMap::new(),
                     },
                 )
             })
@@ -643,6 +695,9 @@ impl Driver {
                 && let Some(m) = per_if.get_mut(i)
             {
                 m.vips.insert(*v, mode);
+                if let Some(to) = self.from.get(v) {
+                    m.from.insert(*v, *to);
+                }
             }
         }
         for (i, m) in per_if {
@@ -979,5 +1034,6 @@ impl Driver {
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        self.handover.clear().await;
     }
 }

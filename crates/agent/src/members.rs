@@ -5,7 +5,7 @@
 //! peer stays gone until it comes back with a newer epoch (a restart).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use model::NodeId;
@@ -44,6 +44,9 @@ pub struct Peer {
 pub struct Table {
     /// Peers by name.
     pub peers: BTreeMap<NodeId, Peer>,
+    /// The peer last heard claiming each VIP (kept after it stops claiming: a leaving peer
+    /// sends empty claims, and the next owner still needs to know whom it takes over from).
+    claimed: BTreeMap<IpAddr, NodeId>,
     interval: Duration,
     misses: u32,
 }
@@ -72,6 +75,7 @@ impl Table {
                     )
                 })
                 .collect(),
+            claimed: BTreeMap::new(),
             interval,
             misses,
         }
@@ -85,6 +89,8 @@ impl Table {
         misses: u32,
     ) {
         let mut next = Table::new(peers, interval, misses);
+        next.claimed = std::mem::take(&mut self.claimed);
+        next.claimed.retain(|_, n| next.peers.contains_key(n));
         for (n, p) in next.peers.iter_mut() {
             if let Some(old) = self.peers.remove(n) {
                 *p = Peer {
@@ -137,6 +143,9 @@ impl Table {
         }
         p.epoch = epoch;
         p.last = Some(now);
+        for v in &hb.claims {
+            self.claimed.insert(*v, name.to_string());
+        }
         p.hb = hb;
         let p = &self.peers[name];
         let after = (
@@ -145,6 +154,16 @@ impl Table {
             p.hb.claims.clone(),
         );
         Ok(before.as_ref() != Some(&after))
+    }
+
+    /// The peer `vip` is being handed over from, if it can still serve connections: the last
+    /// peer heard claiming it, provided it was heard within its dead-after time (alive, or
+    /// leaving gracefully right now). A peer that died silently gets nothing forwarded.
+    pub fn handing_over(&self, vip: &IpAddr, now: Instant) -> Option<(&NodeId, SocketAddr)> {
+        let name = self.claimed.get(vip)?;
+        let p = self.peers.get(name)?;
+        let heard = p.last?;
+        (now.saturating_duration_since(heard) <= self.dead_after(p)).then_some((name, p.address))
     }
 
     /// Whether `name` is alive at `now`.
@@ -222,6 +241,34 @@ mod tests {
             interval: Duration::from_millis(40),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn handover_source_is_the_last_claimer_while_it_is_heard_from() {
+        let t0 = Instant::now();
+        let vip: IpAddr = "10.99.0.100".parse().unwrap();
+        let mut t = table();
+        assert_eq!(t.handing_over(&vip, t0), None, "nobody claimed it");
+        let claiming = Heartbeat {
+            claims: [vip].into(),
+            ..hb()
+        };
+        t.heard("b", 1, claiming, t0).unwrap();
+        // a graceful leave: empty claims, but b is still heard from and keeps serving
+        let leaving = Heartbeat {
+            leaving: true,
+            ..hb()
+        };
+        let t1 = t0 + Duration::from_millis(40);
+        t.heard("b", 1, leaving, t1).unwrap();
+        assert!(!t.alive("b", t1));
+        let (name, addr) = t.handing_over(&vip, t1).expect("leaving peer");
+        assert_eq!(
+            (name.as_str(), addr),
+            ("b", "10.0.0.2:7946".parse().unwrap())
+        );
+        // silent for longer than dead-after: it died, nothing is forwarded to it
+        assert_eq!(t.handing_over(&vip, t1 + Duration::from_millis(161)), None);
     }
 
     #[test]

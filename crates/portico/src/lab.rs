@@ -86,6 +86,9 @@ enum Helper {
         /// Listen address.
         #[arg(long)]
         listen: SocketAddr,
+        /// Also echo every byte back on this address (the in-flight connection check).
+        #[arg(long)]
+        echo: Option<SocketAddr>,
     },
     /// Exit 0 if a TCP connection to ADDR succeeds within 500 ms (keepalived's check script).
     #[command(hide = true)]
@@ -117,7 +120,7 @@ fn mac_str(m: &[u8; 6]) -> String {
 /// Runs the lab (or one of its hidden helpers).
 pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     match args.helper {
-        Some(Helper::Backend { name, listen }) => return backend(name, listen).await,
+        Some(Helper::Backend { name, listen, echo }) => return backend(name, listen, echo).await,
         Some(Helper::Check { addr }) => {
             let ok = matches!(
                 tokio::time::timeout(
@@ -194,10 +197,23 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-async fn backend(name: String, listen: SocketAddr) -> anyhow::Result<()> {
+async fn backend(name: String, listen: SocketAddr, echo: Option<SocketAddr>) -> anyhow::Result<()> {
     let l = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("backend cannot listen on {listen}"))?;
+    if let Some(addr) = echo {
+        let e = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("echo backend cannot listen on {addr}"))?;
+        tokio::spawn(async move {
+            while let Ok((s, _)) = e.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    }
     loop {
         let (mut s, _) = l.accept().await?;
         let msg = format!("{name}\n");
@@ -577,6 +593,10 @@ struct Round {
     /// Conflicts the owner reports in /status (conflict scenario).
     #[serde(skip_serializing_if = "Option::is_none")]
     conflicts_counted: Option<u64>,
+    /// Graceful stop: whether a connection opened before it still works once the client's
+    /// ARP entry points at the new owner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inflight_survived: Option<bool>,
 }
 
 struct Running {
@@ -593,19 +613,14 @@ fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
     // Each node lists only its own backend: the owner function reads placement from the
     // shared part of the config, and other nodes' local health from their heartbeats.
     let backends: Vec<String> = (i..=i)
-        .map(|j| {
-            format!(
-                "      - {{name: node-{j}, address: 127.0.0.1, port: {}, node: node-{j}}}",
-                8080 + j
-            )
-        })
+        .map(|j| format!("      - {{name: node-{j}, address: 127.0.0.1, node: node-{j}}}"))
         .collect();
     format!(
         "node:\n  name: node-{i}\n  interfaces: [{{name: eth0, addresses: [10.99.0.{ip}/24, \"fd00:99::{ip}/64\"]}}]\n\
          cluster:\n  bind: 10.99.0.{ip}:7946\n  peers:\n{peers}\n  keys: [{{id: 1, secret: \"{key}\"}}]\n  \
          profile: {profile}\n  preemptive: {pre}\n  hold_down: {hold}\n  announce: {{count: 3, interval: 50ms, refresh: 10s}}\n\
          admin:\n  listen: 127.0.0.1:9440\n\
-         services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
+         services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}, {{name: echo, port: 81, target_port: 9090}}]\n    backends:\n{backends}\n    \
          health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
          connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
          placement: {{local_only: true, preferred: [node-1]}}\n  \
@@ -687,9 +702,9 @@ impl Running {
     }
 
     fn start_backend(&mut self, lab: &Lab, i: usize) -> anyhow::Result<()> {
-        let listen = match self.system {
-            System::Portico { .. } => format!("127.0.0.1:{}", 8080 + i),
-            System::Keepalived { .. } => "0.0.0.0:80".to_string(),
+        let (listen, echo) = match self.system {
+            System::Portico { .. } => ("127.0.0.1:8080", "127.0.0.1:9090"),
+            System::Keepalived { .. } => ("0.0.0.0:80", "0.0.0.0:81"),
         };
         let pid = lab.spawn(
             &lab.ns_node(i),
@@ -700,7 +715,9 @@ impl Running {
                 "--name",
                 &format!("node-{i}"),
                 "--listen",
-                &listen,
+                listen,
+                "--echo",
+                echo,
             ],
         )?;
         self.backend_pids.insert(i, pid);
@@ -814,7 +831,7 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                 for round in 1..=args.rounds {
                     let r = round_once(lab, args, &mut run, &obs, sys_name, scenario, round).await?;
                     println!(
-                        "{sys_name:>18} {scenario:>9} #{round}: outage {:>7.1} ms, failed {:>3}, takeover {:>7} ms, arp {:>7} ms, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}",
+                        "{sys_name:>18} {scenario:>9} #{round}: outage {:>7.1} ms, failed {:>3}, takeover {:>7} ms, arp {:>7} ms, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}{}",
                         r.outage_ms,
                         r.failed,
                         r.takeover_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
@@ -824,6 +841,11 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                         r.arp_owners_after,
                         r.owner_after.clone().unwrap_or("-".into()),
                         r.return_failed,
+                        match r.inflight_survived {
+                            Some(true) => ", in-flight connection survived",
+                            Some(false) => ", in-flight connection lost",
+                            None => "",
+                        },
                     );
                     all.push(r);
                 }
@@ -917,6 +939,11 @@ async fn round_once(
         .context("owner name")?;
     let old_mac = node_mac(i);
     let ns = lab.ns_node(i);
+    let inflight = if scenario == "graceful" {
+        Some(Inflight::open(lab).await)
+    } else {
+        None
+    };
     let t0 = Instant::now();
     let mut stopped = None;
     match scenario {
@@ -933,6 +960,31 @@ async fn round_once(
         }
         _ => bail!("unknown scenario"),
     }
+    // the connection opened before the stop, used once the client has moved to the new owner
+    let inflight_survived = match inflight {
+        Some(Ok(c)) => {
+            let until = t0 + Duration::from_secs(2);
+            while Instant::now() < until {
+                let moved = obs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .arp
+                    .iter()
+                    .any(|(t, m)| *t >= t0 && m.is_some_and(|m| m != old_mac));
+                if moved {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some(c.use_now().await)
+        }
+        Some(Err(e)) => {
+            println!("  in-flight check not set up: {e:#}");
+            None
+        }
+        None => None,
+    };
     // recovered: probes answered by another node for 500 ms (bounded by 15 s)
     let mut recovered_at = None;
     let until = t0 + Duration::from_secs(15);
@@ -1060,7 +1112,79 @@ async fn round_once(
         failed_at_ms: failed_at,
         return_failed_at_ms,
         conflicts_counted: None,
+        inflight_survived,
     })
+}
+
+/// A connection to the VIP's echo port (81), opened from the client before a graceful stop and
+/// held by a thread in the client namespace until [`Inflight::use_now`].
+struct Inflight {
+    go: tokio::sync::oneshot::Sender<()>,
+    done: std::thread::JoinHandle<anyhow::Result<anyhow::Result<bool>>>,
+}
+
+impl Inflight {
+    /// Connects and checks one echo round trip; returns once the connection is established.
+    async fn open(lab: &Lab) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let done = in_netns(&lab.ns_client(), move || {
+            Box::pin(async move {
+                let setup = async {
+                    let mut s = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio::net::TcpStream::connect((VIP, 81)),
+                    )
+                    .await
+                    .context("connect to the echo port timed out")??;
+                    s.write_all(b"before\n").await?;
+                    let mut buf = [0u8; 7];
+                    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf))
+                        .await
+                        .context("no echo before the stop")??;
+                    anyhow::ensure!(&buf == b"before\n", "wrong echo before the stop");
+                    Ok(s)
+                };
+                let mut s = match setup.await {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready_tx.send(Err(e));
+                        anyhow::bail!(msg);
+                    }
+                };
+                // bounded: the round goes on after at most a few seconds
+                let _ = tokio::time::timeout(Duration::from_secs(10), go_rx).await;
+                if s.write_all(b"after!\n").await.is_err() {
+                    return Ok(false);
+                }
+                let mut buf = [0u8; 7];
+                Ok(matches!(
+                    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+                    Ok(Ok(_)) if &buf == b"after!\n"
+                ))
+            })
+        });
+        match tokio::time::timeout(Duration::from_secs(3), ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Self { go, done }),
+            Ok(Ok(Err(e))) => Err(e),
+            _ => Err(anyhow::anyhow!(
+                "the in-flight connection thread did not report"
+            )),
+        }
+    }
+
+    /// Sends one more round trip on the held connection: did it survive?
+    async fn use_now(self) -> bool {
+        let _ = self.go.send(());
+        matches!(
+            tokio::task::spawn_blocking(move || self.done.join()).await,
+            Ok(Ok(Ok(Ok(true))))
+        )
+    }
 }
 
 fn print_table(rounds: &[Round], args: &LabArgs) {
@@ -1109,6 +1233,29 @@ fn print_table(rounds: &[Round], args: &LabArgs) {
             rs.iter().filter(|r| r.arp_owners_after == 1).count(),
             rs.len(),
         );
+    }
+    let checked: Vec<&Round> = rounds
+        .iter()
+        .filter(|r| r.inflight_survived.is_some())
+        .collect();
+    if !checked.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nA connection open across a graceful stop (used after the client's ARP entry moved):"
+        );
+        let mut systems: Vec<&str> = checked.iter().map(|r| r.system.as_str()).collect();
+        systems.dedup();
+        for s in systems {
+            let rs: Vec<&&Round> = checked.iter().filter(|r| r.system == s).collect();
+            let _ = writeln!(
+                out,
+                "  {s}: survived {}/{}",
+                rs.iter()
+                    .filter(|r| r.inflight_survived == Some(true))
+                    .count(),
+                rs.len()
+            );
+        }
     }
 }
 
@@ -1186,6 +1333,7 @@ async fn conflict_round(
         failed_at_ms: Vec::new(),
         return_failed_at_ms: Vec::new(),
         conflicts_counted: conflicts,
+        inflight_survived: None,
     })
 }
 
@@ -1277,5 +1425,6 @@ async fn ipv6_round(lab: &Lab, sys_name: &str) -> anyhow::Result<Round> {
         failed_at_ms: Vec::new(),
         return_failed_at_ms: Vec::new(),
         conflicts_counted: None,
+        inflight_survived: None,
     })
 }

@@ -134,6 +134,18 @@ fn failover_rules_in_the_netns_lab() {
         graceful["failed"], 0,
         "a graceful stop must not lose a probe: {graceful}"
     );
+    // make-before-break includes connections already open: the new owner forwards their
+    // segments to the old one (handover), so one opened before the stop still works after the
+    // client's ARP entry moved
+    assert_eq!(
+        graceful["inflight_survived"], true,
+        "a connection open across a graceful stop must survive: {graceful}"
+    );
+    // and the node's return (preemptive) costs no probe either: a rolling restart is lossless
+    assert_eq!(
+        graceful["return_failed"], 0,
+        "the returning node must take its VIP back without a failed probe: {graceful}"
+    );
 }
 
 #[test]
