@@ -56,6 +56,7 @@ impl Metrics {
     /// Registers every metric in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
+        let registry = registry.sub_registry_with_prefix("portico");
         registry.register(
             "dns_responses",
             "DNS responses sent, by transport and rcode",

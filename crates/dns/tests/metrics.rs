@@ -61,22 +61,23 @@ async fn responses_are_counted_by_transport_and_rcode() {
     tcp.read_exact(&mut len).await.expect("reply");
     drop(tcp);
 
-    let udp = |rcode: &str| format!("dns_responses_total{{transport=\"udp\",rcode=\"{rcode}\"}}");
+    let udp =
+        |rcode: &str| format!("portico_dns_responses_total{{transport=\"udp\",rcode=\"{rcode}\"}}");
     let start = Instant::now();
     loop {
         let m = h.metrics();
         let done = value(&m, &udp("noerror")) == 2
             && value(&m, &udp("nxdomain")) == 1
             && value(&m, &udp("refused")) == 1
-            && value(&m, "dns_dropped_total{transport=\"udp\"}") == 1
+            && value(&m, "portico_dns_dropped_total{transport=\"udp\"}") == 1
             && value(
                 &m,
-                "dns_responses_total{transport=\"tcp\",rcode=\"noerror\"}",
+                "portico_dns_responses_total{transport=\"tcp\",rcode=\"noerror\"}",
             ) == 1;
         if done {
-            assert!(value(&m, "dns_names") >= 10, "{m}");
-            assert!(value(&m, "dns_snapshot_rebuilds_total") >= 1);
-            assert!(m.contains("dns_services_fail_open 0"), "{m}");
+            assert!(value(&m, "portico_dns_names") >= 10, "{m}");
+            assert!(value(&m, "portico_dns_snapshot_rebuilds_total") >= 1);
+            assert!(m.contains("portico_dns_services_fail_open 0"), "{m}");
             break;
         }
         assert!(

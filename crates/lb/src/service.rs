@@ -515,31 +515,40 @@ impl ServiceRt {
                 Err(r) => return self.refuse(r, peer),
             };
             let target = slot.be.target(&port);
-            match connect(target, conn.connect_timeout).await {
-                Ok(s) => break (slot, s),
-                Err(e) => {
-                    tracing::debug!(service = %self.name, backend = %slot.be.name, error = %e, "connect failed");
-                    self.record_failure(&slot.be);
-                    tried.push(slot.be.clone());
-                    drop(slot);
-                    if tried.len() as u64 > u64::from(conn.retries) {
-                        return self.refuse(Reason::ConnectFailed, peer);
+            let failure = match connect(target, conn.connect_timeout).await {
+                Ok(backend) => {
+                    let header = spec
+                        .proxy_protocol
+                        .map(|pp| crate::proxy_protocol::encode(pp, Protocol::Tcp, peer, vip));
+                    match first_move(
+                        &client,
+                        &backend,
+                        header.as_deref(),
+                        conn.idle_timeout,
+                        &slot.be.drain,
+                    )
+                    .await
+                    {
+                        FirstMove::Go => break (slot, backend),
+                        FirstMove::End => return,
+                        FirstMove::BackendGone(e) => e,
                     }
-                    self.retries.inc();
                 }
+                Err(e) => e,
+            };
+            tracing::debug!(service = %self.name, backend = %slot.be.name, error = %failure, "connect failed");
+            self.record_failure(&slot.be);
+            tried.push(slot.be.clone());
+            drop(slot);
+            if tried.len() as u64 > u64::from(conn.retries) {
+                return self.refuse(Reason::ConnectFailed, peer);
             }
+            self.retries.inc();
         };
         let be = slot.be.clone();
         self.record_success(&be);
         be.total.fetch_add(1, Ordering::Relaxed);
         be.metrics.connections.inc();
-        if let Some(pp) = spec.proxy_protocol {
-            let header = crate::proxy_protocol::encode(pp, Protocol::Tcp, peer, vip);
-            if let Err(e) = write_all(&backend, &header).await {
-                tracing::debug!(service = %self.name, backend = %be.name, error = %e, "PROXY header not sent");
-                return;
-            }
-        }
         let (end, _) = relay::relay(
             &client,
             &backend,
@@ -605,6 +614,59 @@ impl ServiceRt {
         for b in self.set.load().backends.iter() {
             out.insert(model::BackendKey::new(&self.name, &b.name), b.health());
         }
+    }
+}
+
+/// How a fresh backend connection starts.
+enum FirstMove {
+    /// Either side has something to say: relay.
+    Go,
+    /// The backend closed or reset before either side sent a byte: it has seen nothing of this
+    /// client (typically it died with the connection still in its accept queue), so another
+    /// backend can take the client exactly as after a refused connect — nothing to replay.
+    BackendGone(std::io::Error),
+    /// Neither side spoke within the idle timeout, or the backend is being drained away.
+    End,
+}
+
+/// Sends the PROXY header (if any), then waits for the first byte in either direction without
+/// consuming it (`recv(MSG_PEEK)` on both sides; readiness alone is not enough, it can be
+/// reported before any byte). Adds no wait: it returns as soon as either side has a byte.
+async fn first_move(
+    client: &TcpStream,
+    backend: &TcpStream,
+    header: Option<&[u8]>,
+    idle: std::time::Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> FirstMove {
+    if let Some(h) = header
+        && let Err(e) = write_all(backend, h).await
+    {
+        return FirstMove::BackendGone(e);
+    }
+    let mut one = [0u8; 1];
+    let mut from_client = [0u8; 1];
+    let idle = async {
+        if idle.is_zero() {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(idle).await
+        }
+    };
+    tokio::select! {
+        biased;
+        r = backend.peek(&mut one) => match r {
+            Ok(0) => FirstMove::BackendGone(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "backend closed before its first byte",
+            )),
+            Ok(_) => FirstMove::Go,
+            Err(e) => FirstMove::BackendGone(e),
+        },
+        // data or EOF from the client (or an error): the relay handles each
+        _ = client.peek(&mut from_client) => FirstMove::Go,
+        () = idle => FirstMove::End,
+        () = cancel.cancelled() => FirstMove::End,
     }
 }
 

@@ -266,3 +266,44 @@ async fn flapping_http_backend_honours_rise_and_fall() {
     );
     h.stop().await;
 }
+
+/// A backend that dies with connections still in its accept queue resets them. Those
+/// connections have carried no byte either way yet (the backend speaks first, as MySQL does), so
+/// the balancer moves the client to another backend as after a refused connect: the client sees
+/// the other backend's greeting, not a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_with_queued_connections_costs_the_client_nothing() {
+    // never accepts: the kernel completes the handshake and queues the connection
+    let doomed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let daddr = doomed.local_addr().unwrap();
+    let good = Backend::start("good").await;
+    let yaml = format!(
+        "  - name: web\n    vips: [127.0.0.10]\n    ports:\n      - {{name: http, port: 8080}}\n    backends:\n      \
+         - {{name: doomed, address: 127.0.0.1, port: {}, weight: 1000}}\n{}    \
+         health_check: {{type: none}}\n    outlier: {{consecutive_failures: 0}}\n    \
+         connection: {{retries: 2}}\n",
+        daddr.port(),
+        be("good", good.addr)
+    );
+    let h = Harness::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(h.addr("127.0.0.10:8080"))
+        .await
+        .unwrap();
+    // the balancer has connected to `doomed` (weight 1000 of 1001) and waits for a first byte
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(doomed);
+    assert_eq!(
+        tokio::time::timeout(WAIT, read_line(&mut s))
+            .await
+            .expect("answered in time")
+            .expect("no reset"),
+        "good"
+    );
+    let m = h.metrics_text();
+    assert!(
+        m.contains("portico_lb_retries_total{service=\"web\"} 1"),
+        "the client went to `doomed` first and was moved: {m}"
+    );
+    drop(s);
+    h.stop().await;
+}

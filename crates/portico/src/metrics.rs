@@ -67,3 +67,68 @@ impl ConfigMetrics {
         }
     }
 }
+
+#[cfg(test)]
+/// The reference of every metric the binary exports, as Markdown (kept in `docs/metrics.md`;
+/// a test fails when that file is stale).
+pub fn reference_markdown() -> String {
+    let mut registry = Registry::default();
+    ConfigMetrics::register(&mut registry);
+    let _lb = lb::LoadBalancer::new(&mut registry);
+    let _agent = agent::Agent::new(&mut registry);
+    let _dns = dns::DnsServer::new(&mut registry);
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+        return String::new();
+    }
+    let mut help = std::collections::BTreeMap::new();
+    let mut kind = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("#"), Some("HELP"), Some(name), rest) => {
+                help.insert(name.to_string(), rest.unwrap_or_default().to_string());
+            }
+            (Some("#"), Some("TYPE"), Some(name), Some(t)) => {
+                kind.insert(name.to_string(), t.to_string());
+            }
+            _ => {}
+        }
+    }
+    let mut out = String::from(
+        "# Metrics\n\n\
+         Everything `portico run` and `portico agent` export on the admin server's `/metrics`\n\
+         (OpenMetrics text). Counters carry the `_total` suffix on the wire. Generated from the\n\
+         code: `PORTICO_BLESS=1 cargo test -p portico metrics` rewrites this file, and the test\n\
+         fails when it is stale.\n\n\
+         | metric | type | meaning |\n|---|---|---|\n",
+    );
+    for (name, h) in &help {
+        let t = kind.get(name).map(String::as_str).unwrap_or("");
+        out.push_str(&format!("| `{name}` | {t} | {} |\n", h.replace('|', "\\|")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_reference_is_current() {
+        let want = super::reference_markdown();
+        assert!(want.contains("portico_lb_"), "{want}");
+        assert!(want.contains("portico_dns_"), "{want}");
+        assert!(
+            want.contains("portico_agent_handover_forwarding_off"),
+            "{want}"
+        );
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md");
+        if std::env::var_os("PORTICO_BLESS").is_some() {
+            std::fs::write(&path, &want).expect("write docs/metrics.md");
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/metrics.md is stale: run `PORTICO_BLESS=1 cargo test -p portico metrics`"
+        );
+    }
+}
