@@ -236,16 +236,12 @@ impl Announcer {
                     let w = if changed.is_ok() { want.borrow_and_update().clone() } else { Want::default() };
                     let next = w.vips;
                     // release: stop answering now, remove local delivery after the grace
-                    // period (when closing, VIPs still drained go at once: the agent has
-                    // waited for the takeover already)
+                    // period (also when closing: the new owner forwards the connections we
+                    // still hold for that long, see `handover`)
                     for (vip, _) in have.iter().filter(|(v, _)| !next.contains_key(*v)) {
                         bursts.remove(vip);
                         self.handover.close(*vip).await;
-                        if changed.is_ok() {
-                            unlink.insert(*vip, Instant::now() + self.timing.release_grace);
-                        } else {
-                            unlink.insert(*vip, Instant::now());
-                        }
+                        unlink.insert(*vip, Instant::now() + self.timing.release_grace);
                         info!(%vip, iface = %self.iface, "released");
                     }
                     // the previous owner still serves what it accepted: forward those

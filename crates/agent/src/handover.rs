@@ -13,8 +13,9 @@
 //! # How
 //! For `window` after the takeover (the previous owner's release grace), a netfilter rule on the
 //! new owner sends a copy of every TCP segment for the VIP that arrives on the announcing
-//! interface, carries neither SYN nor RST, and belongs to no connection this node tracks
-//! (`ct state new`), to the previous owner's address on that interface (`dup to`, which resolves
+//! interface, carries no SYN, and belongs to no connection this node tracks (`ct state new`
+//! for a bare ACK or data, which conntrack picks up; `invalid` for a FIN or RST, which it does
+//! not), to the previous owner's address on that interface (`dup to`, which resolves
 //! its MAC like a gateway) and drops the original. New connections (SYN) stay here; segments of
 //! connections accepted here are tracked from their SYN and stay here too. The rule exists only
 //! during the window, so connection tracking runs in the node's namespace only then.
@@ -23,7 +24,9 @@
 //! table ip portico_handover {
 //!   chain prerouting {
 //!     type filter hook prerouting priority -150; policy accept;   # after conntrack (-200)
-//!     iifname "eth0" ip daddr 10.99.0.100 tcp flags & (syn | rst) == 0 ct state new
+//!     iifname "eth0" ip daddr 10.99.0.100 tcp flags & syn == 0 ct state new
+//!         dup to 10.99.0.11 device "eth0" drop
+//!     iifname "eth0" ip daddr 10.99.0.100 tcp flags & (fin | rst) != 0 ct state invalid
 //!         dup to 10.99.0.11 device "eth0" drop
 //!   }
 //! }
@@ -87,10 +90,13 @@ pub fn render(forwards: &[Forward]) -> String {
              type filter hook prerouting priority -150; policy accept;\n"
         ));
         for f in rules {
+            let head = format!("    iifname \"{}\" {daddr} daddr {}", f.iface, f.vip);
+            let tail = format!("counter dup to {} device \"{}\" drop\n", f.to, f.iface);
+            // segments without a connection here: conntrack picks a bare ACK or data segment up
+            // as `new`, and calls a FIN or RST without one `invalid`
+            s.push_str(&format!("{head} tcp flags & syn == 0 ct state new {tail}"));
             s.push_str(&format!(
-                "    iifname \"{}\" {daddr} daddr {} tcp flags & (syn | rst) == 0 ct state new \
-                 counter dup to {} device \"{}\" drop\n",
-                f.iface, f.vip, f.to, f.iface
+                "{head} tcp flags & (fin | rst) != 0 ct state invalid {tail}"
             ));
         }
         s.push_str("  }\n}\n");
@@ -305,11 +311,13 @@ mod tests {
             "table ip portico_handover\ndelete table ip portico_handover\n\
              table ip portico_handover {\n  chain prerouting {\n    \
              type filter hook prerouting priority -150; policy accept;\n    \
-             iifname \"eth0\" ip daddr 10.99.0.100 tcp flags & (syn | rst) == 0 ct state new counter dup to 10.99.0.11 device \"eth0\" drop\n  }\n}\n\
+             iifname \"eth0\" ip daddr 10.99.0.100 tcp flags & syn == 0 ct state new counter dup to 10.99.0.11 device \"eth0\" drop\n    \
+             iifname \"eth0\" ip daddr 10.99.0.100 tcp flags & (fin | rst) != 0 ct state invalid counter dup to 10.99.0.11 device \"eth0\" drop\n  }\n}\n\
              table ip6 portico_handover\ndelete table ip6 portico_handover\n\
              table ip6 portico_handover {\n  chain prerouting {\n    \
              type filter hook prerouting priority -150; policy accept;\n    \
-             iifname \"eth0\" ip6 daddr fd00:99::100 tcp flags & (syn | rst) == 0 ct state new counter dup to fd00:99::11 device \"eth0\" drop\n  }\n}\n"
+             iifname \"eth0\" ip6 daddr fd00:99::100 tcp flags & syn == 0 ct state new counter dup to fd00:99::11 device \"eth0\" drop\n    \
+             iifname \"eth0\" ip6 daddr fd00:99::100 tcp flags & (fin | rst) != 0 ct state invalid counter dup to fd00:99::11 device \"eth0\" drop\n  }\n}\n"
         );
     }
 
