@@ -3,7 +3,9 @@
 //! * **Local delivery.** An owned VIP is added as a host-scope /32 (/128, no DAD) on `lo`, so
 //!   the kernel accepts traffic for it and listeners (bound with `IP_FREEBIND` or to the
 //!   wildcard) get it; the announcing interface keeps only the node's own addresses, so
-//!   node-IP detection is not confused. On that interface the agent sets
+//!   node-IP detection is not confused. Only addresses the announcer added are removed again
+//!   (one the host already had on `lo` stays), and they carry [`sys::ADDR_PROTO`] so that the
+//!   next start removes exactly what a crashed agent left. On that interface the agent sets
 //!   `arp_ignore=1` (answer ARP only for addresses configured on the interface itself: the
 //!   kernel stays silent about VIPs on `lo`) and `arp_announce=2` (never use a VIP as the
 //!   source of the kernel's own ARP requests), then reads them back; it fails with a clear
@@ -125,11 +127,13 @@ fn prefix(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
 
-/// Puts a VIP on `lo` for local delivery. Loopback VIPs (127.0.0.0/8, ::1) are local already
-/// and are never touched: deleting them later would take the host's own loopback away.
-fn lo_add(lo: u32, vip: IpAddr) -> Result<(), sys::Error> {
+/// Puts a VIP on `lo` for local delivery; returns whether this call added it (an address that
+/// was there already, the host's own, is never ours to remove). Loopback VIPs (127.0.0.0/8, ::1)
+/// are local already and are never touched: deleting them later would take the host's own
+/// loopback away.
+fn lo_add(lo: u32, vip: IpAddr) -> Result<bool, sys::Error> {
     if vip.is_loopback() {
-        return Ok(());
+        return Ok(false);
     }
     sys::addr_add(lo, vip, prefix(vip))
 }
@@ -142,13 +146,21 @@ fn lo_del(lo: u32, vip: IpAddr) -> Result<(), sys::Error> {
     sys::addr_del(lo, vip, prefix(vip))
 }
 
-/// Removes `vips` from `lo` (stale addresses left by a crashed predecessor).
-pub fn clear_local(vips: impl IntoIterator<Item = IpAddr>) {
+/// Removes the VIPs a crashed predecessor left on `lo`: exactly the addresses marked with
+/// [`sys::ADDR_PROTO`], never the host's own (kernels before 6.3 do not record the mark, and
+/// then nothing is removed).
+pub fn clear_stale() {
     let Ok(lo) = sys::if_index("lo") else { return };
-    for v in vips {
-        if let Err(e) = lo_del(lo, v) {
-            debug!(%v, %e, "clearing stale VIP from lo");
+    match sys::addrs_with_proto(lo, sys::ADDR_PROTO) {
+        Ok(stale) => {
+            for v in stale {
+                info!(vip = %v, "removing a VIP a previous agent left on lo");
+                if let Err(e) = lo_del(lo, v) {
+                    warn!(%v, %e, "cannot remove stale VIP from lo");
+                }
+            }
         }
+        Err(e) => warn!(%e, "cannot list the addresses on lo"),
     }
 }
 
@@ -215,6 +227,8 @@ impl Announcer {
         let mut suspects: BTreeMap<IpAddr, Instant> = BTreeMap::new();
         let mut unlink: BTreeMap<IpAddr, Instant> = BTreeMap::new();
         let mut last_conflict: BTreeMap<IpAddr, Instant> = BTreeMap::new();
+        // the VIPs this announcer put on lo (only those are removed again)
+        let mut added: std::collections::BTreeSet<IpAddr> = std::collections::BTreeSet::new();
         let refresh = (!self.timing.refresh.is_zero()).then_some(self.timing.refresh);
         let mut next_refresh = Instant::now() + refresh.unwrap_or(Duration::from_secs(3600));
         let mut abuf = vec![0u8; 2048];
@@ -256,8 +270,14 @@ impl Announcer {
                     for (vip, mode) in &next {
                         let before = have.get(vip).copied();
                         let linked = unlink.remove(vip).is_some();
-                        if before.is_none() && !linked && let Err(e) = lo_add(self.lo, *vip) {
-                            warn!(%vip, %e, "cannot add VIP to lo");
+                        if before.is_none() && !linked {
+                            match lo_add(self.lo, *vip) {
+                                Ok(true) => {
+                                    added.insert(*vip);
+                                }
+                                Ok(false) => {}
+                                Err(e) => warn!(%vip, %e, "cannot add VIP to lo"),
+                            }
                         }
                         match (before, mode) {
                             (Some(Mode::Announce), Mode::Announce) => {}
@@ -290,7 +310,7 @@ impl Announcer {
                             sleep_until(t.min(Instant::now() + self.timing.release_grace)).await;
                         }
                         for (vip, _) in std::mem::take(&mut unlink) {
-                            if let Err(e) = lo_del(self.lo, vip) {
+                            if added.remove(&vip) && let Err(e) = lo_del(self.lo, vip) {
                                 warn!(%vip, %e, "cannot remove VIP from lo");
                             }
                         }
@@ -349,7 +369,7 @@ impl Announcer {
                     let gone: Vec<IpAddr> = unlink.iter().filter(|(_, t)| **t <= now).map(|(v, _)| *v).collect();
                     for vip in gone {
                         unlink.remove(&vip);
-                        if let Err(e) = lo_del(self.lo, vip) {
+                        if added.remove(&vip) && let Err(e) = lo_del(self.lo, vip) {
                             warn!(%vip, %e, "cannot remove VIP from lo");
                         }
                     }
@@ -389,7 +409,7 @@ mod loopback_guard {
         // An invalid ifindex would make any netlink call fail: Ok proves nothing was sent.
         for vip in ["127.0.0.1", "127.0.0.77", "::1"] {
             let vip: IpAddr = vip.parse().unwrap();
-            assert!(lo_add(u32::MAX, vip).is_ok(), "{vip}");
+            assert!(matches!(lo_add(u32::MAX, vip), Ok(false)), "{vip}");
             assert!(lo_del(u32::MAX, vip).is_ok(), "{vip}");
         }
     }

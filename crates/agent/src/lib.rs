@@ -421,16 +421,10 @@ impl Driver {
     }
 
     fn start_l2(&mut self) -> Result<(), Error> {
-        let all: BTreeSet<IpAddr> = self
-            .cfg
-            .services
-            .iter()
-            .flat_map(|s| s.vips.iter().copied())
-            .collect();
         // Only an agent that announces puts VIPs on lo, so only then can a crashed
         // predecessor have left some there.
         if !self.cfg.node.interfaces.is_empty() {
-            announce::clear_local(all);
+            announce::clear_stale();
             let h = self.handover.clone();
             tokio::spawn(async move { h.sync().await });
         }

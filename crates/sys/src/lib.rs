@@ -3,8 +3,10 @@
 //! * [`PacketSocket`]: an `AF_PACKET` raw socket bound to one interface and one EtherType,
 //!   driven by tokio (`AsyncFd`), with an optional classic-BPF filter. The only `unsafe` is
 //!   building the `sockaddr_ll` to bind it and `setns(2)` for the lab.
-//! * [`addr_add`] / [`addr_del`]: `RTM_NEWADDR` / `RTM_DELADDR` over `NETLINK_ROUTE`, built
-//!   by hand (no `unsafe`: the kernel is the default destination of an unconnected socket).
+//! * [`addr_add`] / [`addr_del`] / [`addrs_with_proto`]: `RTM_NEWADDR` / `RTM_DELADDR` /
+//!   `RTM_GETADDR` dumps over `NETLINK_ROUTE`, built and parsed by hand (no `unsafe`: the kernel
+//!   is the default destination of an unconnected socket). Added addresses carry portico's
+//!   [`ADDR_PROTO`], so a restart removes exactly what a crashed agent left.
 //! * [`sysctl_read`] / [`sysctl_write`], [`if_index`], [`if_mac`]: plain `/proc` and `/sys`
 //!   files.
 
@@ -252,6 +254,15 @@ const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_F_NODAD: u8 = 0x02;
 const RT_SCOPE_HOST: u8 = 254;
+const IFA_PROTO: u16 = 11;
+const RTM_GETADDR: u16 = 22;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+
+/// The `IFA_PROTO` value (Linux 6.3 and newer record it) that marks addresses portico added, so
+/// that a restart removes exactly the addresses a crashed agent left and never the host's own.
+/// Kernels before 6.3 ignore the attribute and report none: nothing is then removed at start.
+pub const ADDR_PROTO: u8 = 0x70;
 
 /// Builds an `RTM_NEWADDR`/`RTM_DELADDR` request (native endian, as netlink is).
 ///
@@ -260,6 +271,7 @@ const RT_SCOPE_HOST: u8 = 254;
 /// ifaddrmsg family u8 | prefixlen u8 | flags u8 | scope u8 | index u32
 /// rtattr    len u16 | type u16 (IFA_LOCAL)   | address (4 or 16)
 /// rtattr    len u16 | type u16 (IFA_ADDRESS) | address
+/// rtattr    len u16 | type u16 (IFA_PROTO)   | ADDR_PROTO u8 | pad      (RTM_NEWADDR only)
 /// ```
 pub fn addr_message(add: bool, ifindex: u32, ip: IpAddr, prefix: u8, seq: u32) -> Vec<u8> {
     let (family, octets): (u8, Vec<u8>) = match ip {
@@ -285,6 +297,12 @@ pub fn addr_message(add: bool, ifindex: u32, ip: IpAddr, prefix: u8, seq: u32) -
         m.extend_from_slice(&(len as u16).to_ne_bytes());
         m.extend_from_slice(&kind.to_ne_bytes());
         m.extend_from_slice(&octets);
+        m.resize(m.len().next_multiple_of(4), 0);
+    }
+    if add {
+        m.extend_from_slice(&5u16.to_ne_bytes());
+        m.extend_from_slice(&IFA_PROTO.to_ne_bytes());
+        m.push(ADDR_PROTO);
         m.resize(m.len().next_multiple_of(4), 0);
     }
     let len = m.len() as u32;
@@ -325,12 +343,13 @@ fn netlink_request(msg: &[u8]) -> io::Result<()> {
     ))
 }
 
-/// Adds `ip/prefix` to interface `ifindex` (host scope; IPv6 without DAD). Already present is
-/// success.
-pub fn addr_add(ifindex: u32, ip: IpAddr, prefix: u8) -> Result<(), Error> {
+/// Adds `ip/prefix` to interface `ifindex` (host scope; IPv6 without DAD; marked with
+/// [`ADDR_PROTO`]). Returns `false` when the address was there already (then it is not ours to
+/// remove).
+pub fn addr_add(ifindex: u32, ip: IpAddr, prefix: u8) -> Result<bool, Error> {
     match netlink_request(&addr_message(true, ifindex, ip, prefix, 1)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
         Err(source) => Err(Error::Io {
             what: "netlink RTM_NEWADDR",
             source,
@@ -357,15 +376,200 @@ pub fn addr_del(ifindex: u32, ip: IpAddr, prefix: u8) -> Result<(), Error> {
     }
 }
 
+/// One address of an `RTM_GETADDR` dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DumpedAddr {
+    /// Interface index.
+    pub ifindex: u32,
+    /// The address (`IFA_LOCAL` for IPv4, `IFA_ADDRESS` otherwise).
+    pub ip: IpAddr,
+    /// `IFA_PROTO`, when the kernel records it.
+    pub proto: Option<u8>,
+}
+
+/// Parses one read of an `RTM_GETADDR` dump: the addresses in it, and whether `NLMSG_DONE`
+/// ended it. Truncated or malformed messages end the parse (they come from the kernel, but
+/// nothing here may panic on them).
+pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Error> {
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]));
+    let u32_at = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let mut out = Vec::new();
+    while buf.len() >= 16 {
+        let len = u32_at(buf, 0).unwrap_or(0) as usize;
+        let kind = u16_at(buf, 4).unwrap_or(0);
+        if len < 16 || len > buf.len() {
+            break;
+        }
+        let msg = &buf[..len];
+        match kind {
+            NLMSG_DONE => return Ok((out, true)),
+            NLMSG_ERROR => {
+                let code = u32_at(msg, 16).map(|c| c as i32).unwrap_or(0);
+                if code != 0 {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+            }
+            RTM_NEWADDR if msg.len() >= 24 => {
+                let family = msg[16];
+                let ifindex = u32_at(msg, 20).unwrap_or(0);
+                let (mut local, mut address, mut proto) = (None, None, None);
+                let mut attrs = &msg[24..];
+                while attrs.len() >= 4 {
+                    let alen = u16_at(attrs, 0).unwrap_or(0) as usize;
+                    let atype = u16_at(attrs, 2).unwrap_or(0);
+                    if alen < 4 || alen > attrs.len() {
+                        break;
+                    }
+                    let data = &attrs[4..alen];
+                    let ip = match (family as i32, data.len()) {
+                        (libc::AF_INET, 4) => {
+                            Some(IpAddr::from(<[u8; 4]>::try_from(data).unwrap_or_default()))
+                        }
+                        (libc::AF_INET6, 16) => {
+                            Some(IpAddr::from(<[u8; 16]>::try_from(data).unwrap_or_default()))
+                        }
+                        _ => None,
+                    };
+                    match atype {
+                        IFA_LOCAL => local = ip,
+                        IFA_ADDRESS => address = ip,
+                        IFA_PROTO => proto = data.first().copied(),
+                        _ => {}
+                    }
+                    attrs = &attrs[alen.next_multiple_of(4).min(attrs.len())..];
+                }
+                if let Some(ip) = local.or(address) {
+                    out.push(DumpedAddr { ifindex, ip, proto });
+                }
+            }
+            _ => {}
+        }
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    }
+    Ok((out, false))
+}
+
+/// The addresses on interface `ifindex` marked with `proto` (see [`ADDR_PROTO`]).
+pub fn addrs_with_proto(ifindex: u32, proto: u8) -> Result<Vec<IpAddr>, Error> {
+    let err = |source| Error::Io {
+        what: "netlink RTM_GETADDR",
+        source,
+    };
+    let sock = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW,
+        Some(Protocol::from(libc::NETLINK_ROUTE)),
+    )
+    .map_err(err)?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .map_err(err)?;
+    let mut req = Vec::with_capacity(24);
+    req.extend_from_slice(&24u32.to_ne_bytes());
+    req.extend_from_slice(&RTM_GETADDR.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&3u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    sock.send(&req).map_err(err)?;
+    let mut buf = vec![0u8; 65536];
+    let mut found = Vec::new();
+    // bounded: a dump of even thousands of addresses is a few reads
+    for _ in 0..10_000 {
+        let n = io::Read::read(&mut &sock, &mut buf).map_err(err)?;
+        let (addrs, done) = parse_addr_dump(&buf[..n]).map_err(err)?;
+        found.extend(
+            addrs
+                .into_iter()
+                .filter(|a| a.ifindex == ifindex && a.proto == Some(proto))
+                .map(|a| a.ip),
+        );
+        if done {
+            return Ok(found);
+        }
+    }
+    Err(err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "netlink dump did not end",
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// One `RTM_NEWADDR` dump message: ifindex 1, 10.0.0.100/32 with IFA_PROTO 0x70.
+    fn dumped_v4() -> Vec<u8> {
+        let mut m = addr_message(true, 1, "10.0.0.100".parse().unwrap(), 32, 9);
+        m[6..8].copy_from_slice(&2u16.to_ne_bytes()); // NLM_F_MULTI
+        m
+    }
+
+    fn done() -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&20u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        m.extend_from_slice(&2u16.to_ne_bytes());
+        m.extend_from_slice(&[0; 12]);
+        m
+    }
+
+    #[test]
+    fn addr_dump_is_parsed_with_its_proto() {
+        let mut buf = dumped_v4();
+        // an address without IFA_PROTO (the host's own, or a kernel before 6.3)
+        let mut v6 = addr_message(false, 2, "fd00::100".parse().unwrap(), 128, 9);
+        v6[4..6].copy_from_slice(&RTM_NEWADDR.to_ne_bytes());
+        buf.extend_from_slice(&v6);
+        let (addrs, end) = parse_addr_dump(&buf).unwrap();
+        assert!(!end);
+        assert_eq!(
+            addrs,
+            vec![
+                DumpedAddr {
+                    ifindex: 1,
+                    ip: "10.0.0.100".parse().unwrap(),
+                    proto: Some(ADDR_PROTO)
+                },
+                DumpedAddr {
+                    ifindex: 2,
+                    ip: "fd00::100".parse().unwrap(),
+                    proto: None
+                },
+            ]
+        );
+        buf.extend_from_slice(&done());
+        assert!(parse_addr_dump(&buf).unwrap().1);
+    }
+
+    #[test]
+    fn truncated_or_garbled_dumps_never_panic() {
+        let full = [dumped_v4(), done()].concat();
+        for cut in 0..full.len() {
+            let _ = parse_addr_dump(&full[..cut]);
+        }
+        let mut bad = dumped_v4();
+        bad[24..26].copy_from_slice(&0xffffu16.to_ne_bytes()); // attribute longer than message
+        let _ = parse_addr_dump(&bad);
+        bad[0..4].copy_from_slice(&3u32.to_ne_bytes()); // message shorter than a header
+        assert_eq!(parse_addr_dump(&bad).unwrap(), (vec![], false));
+    }
+
     #[test]
     fn rtm_newaddr_layout() {
         let m = addr_message(true, 1, "10.0.0.100".parse().unwrap(), 32, 7);
-        assert_eq!(m.len(), 16 + 8 + 8 + 8);
-        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
+        assert_eq!(m.len(), 16 + 8 + 8 + 8 + 8);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 48);
+        let proto_attr = [
+            &5u16.to_ne_bytes()[..],
+            &IFA_PROTO.to_ne_bytes(),
+            &[ADDR_PROTO, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(&m[40..48], &proto_attr[..]);
         assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), RTM_NEWADDR);
         assert_eq!(&m[16..20], &[libc::AF_INET as u8, 32, 0, RT_SCOPE_HOST]);
         assert_eq!(&m[28..32], &[10, 0, 0, 100]);
