@@ -14,10 +14,10 @@
 //! * **Answering.** Two `AF_PACKET` sockets per interface: one for ARP, one for IPv6 filtered
 //!   in the kernel (BPF) to neighbour solicitations. Requests for an *announced* VIP get a
 //!   reply from our MAC.
-//! * **Takeover**: local delivery first, then (when the previous owner is alive or leaving
-//!   gracefully) forwarding of its in-flight connections ([`crate::handover`]), then a burst of `count` gratuitous ARPs / unsolicited
-//!   NAs `interval` apart (the first at once); every `refresh` all announced VIPs are announced
-//!   again for routers that ignore gratuitous ARP.
+//! * **Takeover**: forwarding of the previous owner's in-flight connections when it is alive or
+//!   leaving gracefully ([`crate::handover`]), local delivery, then a burst of `count`
+//!   gratuitous ARPs / unsolicited NAs `interval` apart (the first at once); every `refresh` all
+//!   announced VIPs are announced again for routers that ignore gratuitous ARP.
 //! * **Draining** (graceful stop): stop answering and announcing but keep local delivery, so
 //!   connections still arriving are served while the new owner's announcement spreads.
 //! * **Release** (ownership moved): stop answering at once, remove the address from `lo` a
@@ -28,7 +28,7 @@
 //!   would have made us release by then), it is counted and we announce again, at most once
 //!   per grace period.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -228,7 +228,7 @@ impl Announcer {
         let mut unlink: BTreeMap<IpAddr, Instant> = BTreeMap::new();
         let mut last_conflict: BTreeMap<IpAddr, Instant> = BTreeMap::new();
         // the VIPs this announcer put on lo (only those are removed again)
-        let mut added: std::collections::BTreeSet<IpAddr> = std::collections::BTreeSet::new();
+        let mut added: BTreeSet<IpAddr> = BTreeSet::new();
         let refresh = (!self.timing.refresh.is_zero()).then_some(self.timing.refresh);
         let mut next_refresh = Instant::now() + refresh.unwrap_or(Duration::from_secs(3600));
         let mut abuf = vec![0u8; 2048];

@@ -505,6 +505,9 @@ impl ServiceRt {
         };
         let conn = &spec.connection;
         let hash = maglev::client_hash(peer.ip());
+        let header = spec
+            .proxy_protocol
+            .map(|pp| crate::proxy_protocol::encode(pp, Protocol::Tcp, peer, vip));
         let mut tried: Vec<Arc<BackendRt>> = Vec::new();
         let (slot, backend) = loop {
             let slot = match self.admit_or_wait(hash, &tried).await {
@@ -517,9 +520,6 @@ impl ServiceRt {
             let target = slot.be.target(&port);
             let failure = match connect(target, conn.connect_timeout).await {
                 Ok(backend) => {
-                    let header = spec
-                        .proxy_protocol
-                        .map(|pp| crate::proxy_protocol::encode(pp, Protocol::Tcp, peer, vip));
                     match first_move(
                         &client,
                         &backend,
