@@ -271,6 +271,8 @@ fn status_provider(
             node: d.config.node.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             generation: d.generation,
+            // read after the generation (`d`): the source clears the error before it
+            // publishes a new generation, so the two never disagree
             last_reload_error: reload_error.borrow().clone(),
             ready: *ready.borrow(),
             members: agent.members(),

@@ -89,7 +89,11 @@ pub fn decide(current: &Desired, read: Result<Config, LoadError>) -> Reload {
     }
 }
 
-/// Watches the file for SIGHUP and content changes (checked every `poll`) until `shutdown`.
+/// How long a changed file must stay the same before it is read as the new configuration.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Watches the file for SIGHUP and content changes (checked every `poll`, applied once the file
+/// has stopped changing for [`SETTLE`]) until `shutdown`.
 pub async fn watch(
     path: ConfigPath,
     env: Environment,
@@ -117,9 +121,24 @@ pub async fn watch(
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
             _ = tick.tick() => false,
         };
-        let now = std::fs::read(file).ok();
+        let mut now = std::fs::read(file).ok();
         if !forced && now == last_seen {
             continue;
+        }
+        if !forced {
+            // a file caught mid-write (truncated, half written) must not be reported as an
+            // invalid configuration: wait until two reads `SETTLE` apart agree (bounded)
+            for _ in 0..10 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(SETTLE) => {}
+                }
+                let again = std::fs::read(file).ok();
+                if again == now {
+                    break;
+                }
+                now = again;
+            }
         }
         last_seen = now;
         let why = if forced { "SIGHUP" } else { "file changed" };
@@ -131,8 +150,10 @@ pub async fn watch(
                     trigger = why,
                     "configuration applied"
                 );
-                desired.send_replace(Arc::new(next));
+                // the error goes first: /status reads the generation before the error, so
+                // whoever sees the new generation also sees the old error cleared
                 reload_error.send_replace(None);
+                desired.send_replace(Arc::new(next));
             }
             Reload::Unchanged => {
                 tracing::info!(trigger = why, "configuration unchanged");
