@@ -8,7 +8,8 @@
 //! knows nothing about them and answers with a reset, so a connection in flight during a
 //! graceful stop, a preemptive return or a rebalance fails although both nodes are up and the
 //! previous owner still delivers the VIP locally (it keeps it on `lo` for the release grace).
-//! keepalived, kube-vip and MetalLB all lose these connections.
+//! keepalived loses these connections (measured in `portico lab`); kube-vip's and MetalLB's L2
+//! modes move the address the same way, without forwarding.
 //!
 //! # How
 //! For `window` after the takeover (the previous owner's release grace), a netfilter rule on the
