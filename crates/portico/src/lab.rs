@@ -134,7 +134,7 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
-    if !is_root() {
+    if !sys::is_root() {
         bail!(
             "portico lab needs root (network namespaces, veth pairs, raw sockets); run it with sudo"
         );
@@ -184,17 +184,6 @@ async fn signalled() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 async fn backend(name: String, listen: SocketAddr, echo: Option<SocketAddr>) -> anyhow::Result<()> {

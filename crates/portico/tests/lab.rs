@@ -6,17 +6,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// One lab at a time: they are independent but share two CPUs.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -67,7 +56,7 @@ fn s<'a>(r: &'a serde_json::Value, k: &str) -> &'a str {
 
 #[test]
 fn failover_rules_in_the_netns_lab() {
-    if !is_root() {
+    if !sys::is_root() {
         println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
         return;
     }
@@ -150,7 +139,7 @@ fn failover_rules_in_the_netns_lab() {
 
 #[test]
 fn non_preemptive_keeps_the_stand_in() {
-    if !is_root() {
+    if !sys::is_root() {
         println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
         return;
     }

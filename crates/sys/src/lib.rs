@@ -57,6 +57,19 @@ pub const ETH_P_ARP: u16 = 0x0806;
 /// EtherType of IPv6.
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
+/// Whether this process runs as root (uid 0, from `/proc/self/status`): the lab and the
+/// root-only tests check it before creating namespaces or raw sockets.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// The kernel index of interface `name` in the calling thread's network namespace
 /// (`if_nametoindex(3)`, which asks the kernel through a socket, unlike `/sys` which shows the
 /// namespace it was mounted in).

@@ -5,17 +5,6 @@
 use std::net::IpAddr;
 use std::process::Command;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Linux records IFA_PROTO since 6.3.
 fn kernel_records_proto() -> bool {
     let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -40,7 +29,7 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn marked_addresses_are_ours_and_the_hosts_are_not() {
-    if !is_root() {
+    if !sys::is_root() {
         println!("skipped: needs root (a network namespace, netlink address changes)");
         return;
     }
