@@ -140,6 +140,20 @@ struct Inner {
     stats: Mutex<Stats>,
 }
 
+/// Opens the gossip socket on `cluster.bind` when peers appear after start (a reload that adds
+/// the first peers; in Kubernetes the peers come from Node objects listed after the first
+/// desired state). Injected by the binary, so that library code never binds by itself.
+pub type GossipBinder = Arc<dyn Fn(SocketAddr) -> std::io::Result<UdpSocket> + Send + Sync>;
+
+/// The binder the binary uses: a plain non-blocking UDP socket on `addr`.
+pub fn udp_binder() -> GossipBinder {
+    Arc::new(|addr| {
+        let s = std::net::UdpSocket::bind(addr)?;
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s)
+    })
+}
+
 /// Gossip counters for reports (the lab prints them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -156,6 +170,7 @@ pub struct Stats {
 pub struct Agent {
     inner: Arc<Inner>,
     dry_run: bool,
+    binder: Option<GossipBinder>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -223,6 +238,12 @@ impl Agent {
     /// no addresses on `lo`): for tests and `portico check`-like dry runs.
     pub fn dry_run(mut self) -> Self {
         self.dry_run = true;
+        self
+    }
+
+    /// Lets the agent open its gossip socket itself when peers appear later than start.
+    pub fn with_binder(mut self, binder: GossipBinder) -> Self {
+        self.binder = Some(binder);
         self
     }
 
@@ -339,7 +360,10 @@ struct Driver {
     table: members::Table,
     swim: Option<swim::Swim>,
     start: Instant,
+    epoch: u64,
     settled: bool,
+    settle_by: Instant,
+    bind_failed_logged: Option<Instant>,
     leaving: bool,
     reannounce: u64,
     last_contest: Option<Instant>,
@@ -361,32 +385,13 @@ impl Driver {
     ) -> Result<Self, Error> {
         let cfg = desired.borrow().config.clone();
         let c = &cfg.cluster;
-        if socket.is_some() && !c.peers.is_empty() && c.keys.is_empty() {
+        if (socket.is_some() || agent.binder.is_some()) && !c.peers.is_empty() && c.keys.is_empty()
+        {
             return Err(Error::NoKey);
         }
         let det = Detection::of(c.profile);
         let epoch = epoch_now();
         let me = cfg.node.name.clone();
-        let peers: Vec<_> = if socket.is_some() {
-            c.peers
-                .iter()
-                .map(|p| (p.name.clone(), p.address))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let swim = socket.as_ref().map(|_| {
-            let id = swim::Id {
-                name: me.clone(),
-                addr: c.advertise,
-                bump: epoch,
-            };
-            swim::Swim::new(
-                id,
-                swim::config(peers.len() + 1, c.profile == FailureProfile::Fast),
-                epoch,
-            )
-        });
         let facts = local_facts(&cfg, &health.borrow());
         let m = &agent.inner.metrics;
         let handover = handover::Handover::new()
@@ -394,16 +399,19 @@ impl Driver {
         let mut d = Self {
             sealer: seal::Sealer::new(&c.keys, &me, epoch),
             opener: seal::Opener::new(&c.keys),
-            table: members::Table::new(peers, det.interval, det.misses),
-            swim,
+            table: members::Table::new(Vec::new(), det.interval, det.misses),
+            swim: None,
             agent,
-            socket,
+            socket: None,
+            epoch,
             desired,
             health,
             ownership,
             det,
             start: Instant::now(),
             settled: false,
+            settle_by: Instant::now(),
+            bind_failed_logged: None,
             leaving: false,
             reannounce: 0,
             last_contest: None,
@@ -414,10 +422,75 @@ impl Driver {
             from: BTreeMap::new(),
             cfg,
         };
+        match socket {
+            Some(s) => d.attach(s),
+            None => d.bind_if_needed(),
+        }
         if !d.agent.dry_run {
             d.start_l2()?;
         }
         Ok(d)
+    }
+
+    /// Starts gossiping on `socket`: SWIM and the heartbeat table for the configured peers.
+    fn attach(&mut self, socket: UdpSocket) {
+        let c = &self.cfg.cluster;
+        let id = swim::Id {
+            name: self.cfg.node.name.clone(),
+            addr: c.advertise,
+            bump: self.epoch,
+        };
+        self.swim = Some(swim::Swim::new(
+            id,
+            swim::config(c.peers.len() + 1, c.profile == FailureProfile::Fast),
+            self.epoch,
+        ));
+        self.socket = Some(socket);
+        self.table.set_peers(
+            c.peers.iter().map(|p| (p.name.clone(), p.address)),
+            self.det.interval,
+            self.det.misses,
+        );
+    }
+
+    /// Opens the gossip socket once the configuration has peers (they may come after start:
+    /// a reload, or Node objects listed later). Until it is open, peers are unknown and this
+    /// node must not claim what they may own, so it stays unsettled (`settling`).
+    fn bind_if_needed(&mut self) {
+        if self.socket.is_some() || self.cfg.cluster.peers.is_empty() {
+            return;
+        }
+        let Some(bind) = self.agent.binder.clone() else {
+            return;
+        };
+        match bind(self.cfg.cluster.bind) {
+            Ok(s) => {
+                info!(bind = %self.cfg.cluster.bind, peers = self.cfg.cluster.peers.len(), "gossip socket open");
+                // Owning nothing yet (a Kubernetes agent before Nodes were listed), listen to
+                // the peers' claims before claiming; a node already serving VIPs keeps them
+                // (incumbency) and tells the new peers at once.
+                if self.owned.is_empty() {
+                    self.settled = false;
+                    self.settle_by = Instant::now() + self.settle_time();
+                }
+                self.attach(s);
+            }
+            Err(e) => {
+                if self
+                    .bind_failed_logged
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    warn!(bind = %self.cfg.cluster.bind, %e, reason = "gossipUnbound", "cannot open the gossip socket; retrying");
+                    self.bind_failed_logged = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// How long a starting node listens before claiming anything: long enough to hear every
+    /// live peer's claims.
+    fn settle_time(&self) -> Duration {
+        (self.det.dead_after() * 3).max(Duration::from_millis(300))
     }
 
     fn start_l2(&mut self) -> Result<(), Error> {
@@ -732,6 +805,22 @@ impl Driver {
         }
     }
 
+    /// A failed receive (ICMP errors reported on the socket, a short memory shortage) is
+    /// counted and skipped; it never ends the agent. A pause keeps a persistent error from
+    /// spinning.
+    async fn receive_error(&self, e: &std::io::Error) {
+        self.agent
+            .inner
+            .metrics
+            .dropped
+            .get_or_create(&ReasonLabel {
+                reason: "receiveError".into(),
+            })
+            .inc();
+        debug!(%e, "gossip receive failed");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
     /// Handles every packet already queued on the socket (bounded), without waiting.
     async fn drain_socket(&mut self, buf: &mut [u8]) -> bool {
         let mut changed = false;
@@ -838,14 +927,17 @@ impl Driver {
                 det.misses,
             );
         }
-        self.sealer = seal::Sealer::new(&cfg.cluster.keys, &cfg.node.name, self.sealer.epoch());
-        self.opener = seal::Opener::new(&cfg.cluster.keys);
+        // new keys, same counters and replay windows (a rebuilt opener would accept one
+        // captured packet per sender again; a rebuilt sealer's packets would be replays)
+        self.sealer.set_keys(&cfg.cluster.keys);
+        self.opener.set_keys(&cfg.cluster.keys);
         if cfg.node.interfaces != self.cfg.node.interfaces {
             warn!("node.interfaces changed: restart the agent to announce on the new interfaces");
         }
         self.det = det;
         self.facts = local_facts(&cfg, &self.health.borrow());
         self.cfg = cfg;
+        self.bind_if_needed();
     }
 
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), Error> {
@@ -868,8 +960,8 @@ impl Driver {
                 self.flush_swim(o).await;
             }
         }
-        let settle_by = now + (self.det.dead_after() * 3).max(Duration::from_millis(300));
-        if self.table.peers.is_empty() {
+        self.settle_by = now + self.settle_time();
+        if self.table.peers.is_empty() && self.cfg.cluster.peers.is_empty() {
             self.settled = true;
         }
         self.heartbeat_all().await;
@@ -887,7 +979,7 @@ impl Driver {
                 wake = wake.min(t);
             }
             if !self.settled {
-                wake = wake.min(settle_by);
+                wake = wake.min(self.settle_by);
             }
             let sock = &self.socket;
             let bufr = &mut buf;
@@ -900,11 +992,13 @@ impl Driver {
             let mut recompute = false;
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                r = recv => {
-                    let (n, from) = r?;
-                    let data = buf[..n].to_vec();
-                    recompute = self.on_packet(&data, from, Instant::now()).await;
-                }
+                r = recv => match r {
+                    Ok((n, from)) => {
+                        let data = buf[..n].to_vec();
+                        recompute = self.on_packet(&data, from, Instant::now()).await;
+                    }
+                    Err(e) => self.receive_error(&e).await,
+                },
                 r = self.desired.changed() => {
                     if r.is_err() {
                         // the source is gone: keep the last config until shutdown
@@ -955,7 +1049,13 @@ impl Driver {
                             }
                         }
                     }
-                    if !self.settled && (now >= settle_by || self.table.peers.keys().all(|p| self.table.alive(p, now))) {
+                    if self.socket.is_none() {
+                        self.bind_if_needed();
+                    }
+                    // with peers configured but no socket (its bind keeps failing) this node
+                    // hears nobody, so it must not claim anything
+                    let hears_peers = self.socket.is_some() || self.cfg.cluster.peers.is_empty();
+                    if !self.settled && hears_peers && (now >= self.settle_by || self.table.peers.keys().all(|p| self.table.alive(p, now))) {
                         self.settled = true;
                         debug!("settled");
                     }

@@ -123,6 +123,15 @@ impl Sealer {
         }
     }
 
+    /// Replaces the keys (a reload, a rotated Secret) and keeps the epoch and the counter:
+    /// peers keep their replay windows for this sender, so a counter that started again at 0
+    /// would be rejected as replayed until it passed the old one.
+    pub fn set_keys(&mut self, keys: &[ClusterKey]) {
+        self.key = keys
+            .first()
+            .map(|k| (k.id, XChaCha20Poly1305::new((&k.secret).into())));
+    }
+
     /// This sender's epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -241,6 +250,15 @@ impl Opener {
                 .collect(),
             windows: BTreeMap::new(),
         }
+    }
+
+    /// Replaces the accepted keys (a reload, a rotated Secret) and keeps every sender's replay
+    /// window: a rebuilt opener would accept one captured packet per sender again.
+    pub fn set_keys(&mut self, keys: &[ClusterKey]) {
+        self.keys = keys
+            .iter()
+            .map(|k| (k.id, XChaCha20Poly1305::new((&k.secret).into())))
+            .collect();
     }
 
     /// Authenticates, decrypts and replay-checks a packet.
@@ -428,5 +446,30 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(o.open(&packets[98]).unwrap_err(), Error::Replay);
+    }
+
+    #[test]
+    fn new_keys_keep_the_replay_window_and_the_counter() {
+        let mut s = Sealer::new(&[key(1, 1)], "node-a", 100);
+        let mut o = Opener::new(&[key(1, 1)]);
+        let captured = s.seal(Kind::Heartbeat, b"x").unwrap();
+        for _ in 0..200 {
+            assert!(o.open(&s.seal(Kind::Heartbeat, b"x").unwrap()).is_ok());
+        }
+        // a reload (or a rotated Secret) adds a key on both sides
+        o.set_keys(&[key(2, 2), key(1, 1)]);
+        s.set_keys(&[key(2, 2), key(1, 1)]);
+        // the captured heartbeat is still a replay: the window survived the new keys
+        assert_eq!(o.open(&captured).unwrap_err(), Error::Replay);
+        // and the sender's counter went on, so its next packet is not taken for one
+        assert!(o.open(&s.seal(Kind::Heartbeat, b"x").unwrap()).is_ok());
+        // the old key is removed: packets sealed with it no longer open
+        o.set_keys(&[key(2, 2)]);
+        let mut old = Sealer::new(&[key(1, 1)], "node-b", 100);
+        assert_eq!(
+            o.open(&old.seal(Kind::Heartbeat, b"x").unwrap())
+                .unwrap_err(),
+            Error::UnknownKey(1)
+        );
     }
 }

@@ -248,3 +248,115 @@ async fn packets_with_a_wrong_key_or_replayed_are_dropped_and_counted() {
         n.stop.cancel();
     }
 }
+
+/// A node started without peers (its gossip socket not bound) and given them by a reload; the
+/// desired sender is kept so the test can reload it again.
+struct Reloadable {
+    node: Node,
+    desired: watch::Sender<Arc<Desired>>,
+}
+
+async fn start_without_peers(i: usize, ports: &[u16]) -> Reloadable {
+    let mut cfg = config(i, ports, "default");
+    cfg.cluster.peers.clear();
+    let agent = Agent::new(&mut Registry::default())
+        .dry_run()
+        .with_binder(agent::udp_binder());
+    let (dtx, drx) = watch::channel(Arc::new(Desired {
+        generation: 1,
+        config: Arc::new(cfg),
+    }));
+    let (htx, hrx) = watch::channel(Arc::new(HealthView::new()));
+    let (otx, orx) = watch::channel(Arc::new(OwnershipView::new()));
+    let stop = CancellationToken::new();
+    let task = {
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _keep = htx;
+            agent
+                .run(None, drx, hrx, otx, stop)
+                .await
+                .expect("agent runs");
+        })
+    };
+    Reloadable {
+        node: Node {
+            agent,
+            own: orx,
+            stop,
+            task,
+        },
+        desired: dtx,
+    }
+}
+
+fn reload(r: &Reloadable, cfg: model::Config) {
+    r.desired.send_modify(|d| {
+        *d = Arc::new(Desired {
+            generation: d.generation + 1,
+            config: Arc::new(cfg),
+        })
+    });
+}
+
+/// How node `of` sees node `name`, polled for `window`: every state it was seen in.
+async fn states_seen(
+    of: &Node,
+    name: &str,
+    window: Duration,
+) -> std::collections::BTreeSet<String> {
+    let until = Instant::now() + window;
+    let mut seen = std::collections::BTreeSet::new();
+    while Instant::now() < until {
+        if let Some(m) = of.agent.members().into_iter().find(|m| m.name == name) {
+            seen.insert(m.state);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_added_by_a_reload_open_the_gossip_socket_and_form_one_cluster() {
+    // node-0's port is reserved and freed: node-0 binds it itself once it has peers
+    let s0 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let s1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ports = [
+        s0.local_addr().unwrap().port(),
+        s1.local_addr().unwrap().port(),
+    ];
+    drop(s0);
+    let n0 = start_without_peers(0, &ports).await;
+    let n1 = start(1, s1, &ports, "default").await;
+    // alone, each node owns both VIPs: two owners, the split brain the issue reports
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        n0.node.agent.members().len() == 1,
+        "no peers, no members: {:?}",
+        n0.node.agent.members()
+    );
+    // the reload brings the peers (in Kubernetes: Node objects listed after start)
+    reload(&n0, config(0, &ports, "default"));
+    let owners = agreed(&[&n0.node, &n1], Duration::from_secs(5)).await;
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert_eq!(n1.agent.members().len(), 2);
+
+    // reloads (every Service change in Kubernetes is one) keep node-0's heartbeats accepted:
+    // its counter goes on and node-1's replay window for it stays
+    for _ in 0..5 {
+        reload(&n0, config(0, &ports, "default"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = states_seen(&n1, "node-0", Duration::from_millis(600)).await;
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["alive"],
+        "node-1 must never lose node-0 across its reloads"
+    );
+    assert_eq!(
+        agreed(&[&n0.node, &n1], Duration::from_secs(2)).await,
+        owners
+    );
+    n0.node.stop.cancel();
+    n1.stop.cancel();
+}

@@ -6,6 +6,7 @@ mod lab;
 mod metrics;
 mod run;
 mod source;
+mod supervise;
 mod table;
 
 use std::path::PathBuf;

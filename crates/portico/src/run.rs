@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::metrics::ConfigMetrics;
+use crate::supervise::{Components as Supervised, supervise};
 
 /// How long the data path may drain after the agent has handed over, before exiting anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,7 +48,7 @@ pub async fn serve(
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
     let lb = lb::LoadBalancer::new(&mut registry);
-    let agent = agent::Agent::new(&mut registry);
+    let agent = agent::Agent::new(&mut registry).with_binder(agent::udp_binder());
     let dns = dns::DnsServer::new(&mut registry);
 
     // Bind everything up front so that a bad address fails start-up with a clear error.
@@ -78,21 +79,34 @@ pub async fn serve(
 
     let (health_tx, health_rx) = watch::channel(Arc::new(HealthView::new()));
     let own_rx = own_tx.subscribe();
+    let (first_applied_tx, first_applied) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
 
     // Shutdown order: agent first (hand VIPs over), then data path, DNS and admin.
     let agent_stop = CancellationToken::new();
     let rest_stop = CancellationToken::new();
+    // Cancelled by a supervisor whose component keeps failing: the process exits non-zero.
+    let fatal = CancellationToken::new();
+    let supervised = Supervised::new();
     let mut tasks = tokio::task::JoinSet::new();
 
     tasks.spawn(config_metrics.follow(desired.clone(), reload_error.clone(), rest_stop.clone()));
     let lb_task = {
         let (lb, d, stop) = (lb.clone(), desired.clone(), rest_stop.clone());
-        tokio::spawn(async move {
-            if let Err(e) = lb.run(d, health_tx, stop).await {
-                error!("load balancer stopped: {:#}", anyhow::Error::from(e));
-            }
-        })
+        tokio::spawn(supervise(
+            "balancer",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (lb, d, h, stop) = (lb.clone(), d.clone(), health_tx.clone(), stop.clone());
+                async move {
+                    lb.run(d, h, stop)
+                        .await
+                        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+                }
+            },
+        ))
     };
     let agent_task = {
         let (agent, d, h, stop) = (
@@ -101,11 +115,31 @@ pub async fn serve(
             health_rx.clone(),
             agent_stop.clone(),
         );
-        tokio::spawn(async move {
-            if let Err(e) = agent.run(gossip, d, h, own_tx, stop).await {
-                error!("agent stopped: {:#}", anyhow::Error::from(e));
-            }
-        })
+        // the first run gets the socket bound above (so a bad cluster.bind fails start-up);
+        // a restarted agent opens its own through the binder
+        let mut gossip = gossip;
+        tokio::spawn(supervise(
+            "agent",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (agent, d, h, o, stop) = (
+                    agent.clone(),
+                    d.clone(),
+                    h.clone(),
+                    own_tx.clone(),
+                    stop.clone(),
+                );
+                let socket = gossip.take();
+                async move {
+                    agent
+                        .run(socket, d, h, o, stop)
+                        .await
+                        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+                }
+            },
+        ))
     };
     if let Some((udp, tcp)) = dns_sockets {
         let (dns, d, h, o, stop) = (
@@ -115,11 +149,32 @@ pub async fn serve(
             own_rx.clone(),
             rest_stop.clone(),
         );
-        tasks.spawn(async move {
-            if let Err(e) = dns.run(udp, tcp, d, h, o, stop).await {
-                error!("DNS server stopped: {:#}", anyhow::Error::from(e));
-            }
-        });
+        let mut sockets = Some((udp, tcp));
+        tasks.spawn(supervise(
+            "dns",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (dns, d, h, o, stop) =
+                    (dns.clone(), d.clone(), h.clone(), o.clone(), stop.clone());
+                let first = sockets.take();
+                async move {
+                    let (udp, tcp) = match first {
+                        Some(s) => s,
+                        None => {
+                            let listen = d.borrow().config.dns.as_ref().map(|c| c.listen);
+                            let listen = listen.ok_or("dns removed from the configuration")?;
+                            dns::bind(listen, 2)
+                                .map_err(|e| format!("cannot listen on dns.listen {listen}: {e}"))?
+                        }
+                    };
+                    dns.run(udp, tcp, d, h, o, stop)
+                        .await
+                        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+                }
+            },
+        ));
     }
     let state = AdminState {
         registry: Arc::new(registry),
@@ -139,9 +194,44 @@ pub async fn serve(
     };
     {
         let stop = rest_stop.clone();
+        let listen = cfg.admin.listen;
+        let mut first = Some(admin_listener);
+        tasks.spawn(supervise(
+            "admin",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (state, stop, first) = (state.clone(), stop.clone(), first.take());
+                async move {
+                    let listener = match first {
+                        Some(l) => l,
+                        None => tokio::net::TcpListener::bind(listen)
+                            .await
+                            .map_err(|e| format!("cannot listen on admin.listen {listen}: {e}"))?,
+                    };
+                    admin::serve(listener, state, stop)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            },
+        ));
+    }
+    // Ready once the first configuration is applied and while no component is down.
+    {
+        let (mut applied, mut healthy, stop) =
+            (first_applied, supervised.healthy(), rest_stop.clone());
         tasks.spawn(async move {
-            if let Err(e) = admin::serve(admin_listener, state, stop).await {
-                error!("admin server stopped: {e}");
+            loop {
+                let ready = *applied.borrow_and_update() && *healthy.borrow_and_update();
+                if ready_tx.send_replace(ready) != ready {
+                    info!(ready, "readiness changed");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = applied.changed() => if r.is_err() { return },
+                    r = healthy.changed() => if r.is_err() { return },
+                }
             }
         });
     }
@@ -157,8 +247,8 @@ pub async fn serve(
                     .iter()
                     .all(|s| lb.service_status(&s.name).is_some())
                 {
-                    info!("first configuration applied: ready");
-                    ready_tx.send_replace(true);
+                    info!("first configuration applied");
+                    first_applied_tx.send_replace(true);
                     return;
                 }
                 tokio::select! {
@@ -168,7 +258,10 @@ pub async fn serve(
             }
         });
     }
-    shutdown.cancelled().await;
+    let failed = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = fatal.cancelled() => true,
+    };
     info!("shutting down: handing VIPs over first");
     agent_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), agent_task)
@@ -190,6 +283,14 @@ pub async fn serve(
     })
     .await;
     info!("stopped");
+    if failed {
+        let down: Vec<String> = supervised
+            .down()
+            .into_iter()
+            .map(|(c, why)| format!("{c} {why}"))
+            .collect();
+        anyhow::bail!("a component kept failing: {}", down.join("; "));
+    }
     Ok(())
 }
 
