@@ -1,6 +1,6 @@
 //! The MySQL health check against a real MariaDB server that this test starts itself (Debian
 //! `mariadb-server`): serving, up but refusing (`max_connections` reached → error 1040), stopped.
-//! Prints `skipped: <reason>` and returns when the binaries are missing.
+//! Prints `skipped: <reason>` and returns when the binaries are missing (fails in CI: `PORTICO_CI`).
 
 mod common;
 
@@ -169,7 +169,7 @@ async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
     let mut db = match MariaDb::start(10).await {
         Ok(db) => db,
         Err(reason) => {
-            println!("skipped: {reason}");
+            sys::skip_test(&reason);
             return;
         }
     };
@@ -193,7 +193,7 @@ async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
     // 1040 once max_connections (10, MariaDB's minimum) is held by other clients. (Without the user the server
     // answers 1045 access denied first, which still proves it serves.)
     if !db.sql("CREATE USER portico@'%'").await {
-        println!("skipped: refusing-server case needs the mariadb client");
+        sys::skip_test("refusing-server case needs the mariadb client");
     } else {
         let holders: Vec<Child> = (0..10).filter_map(|_| db.hold_connection()).collect();
         assert_eq!(holders.len(), 10);

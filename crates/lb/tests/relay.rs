@@ -164,7 +164,7 @@ async fn proxy_protocol_v2_tells_the_backend_the_client_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_vip_relays_to_ipv6_backend() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        println!("skipped: ::1 is not configured on this host");
+        sys::skip_test("::1 is not configured on this host");
         return;
     }
     let a = Backend::start_at("a6", "[::1]:0".parse().unwrap(), false).await;

@@ -1,6 +1,6 @@
 //! The failover rules checked in the network-namespace lab (`portico lab`), as root.
 //!
-//! Without root these print `skipped: needs root (...)` and return. Time bounds are generous;
+//! Without root these print `skipped: needs root (...)` and return (in CI, `PORTICO_CI`, they fail). Time bounds are generous;
 //! the tight figures come from running `portico lab` itself.
 
 use std::process::Command;
@@ -57,7 +57,7 @@ fn s<'a>(r: &'a serde_json::Value, k: &str) -> &'a str {
 #[test]
 fn failover_rules_in_the_netns_lab() {
     if !sys::is_root() {
-        println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
+        sys::skip_test("needs root (network namespaces, veth pairs, raw sockets)");
         return;
     }
     let mut rounds = lab(&["--scenarios", "hard,graceful,partition,backends,conflict"]);
@@ -140,7 +140,7 @@ fn failover_rules_in_the_netns_lab() {
 #[test]
 fn non_preemptive_keeps_the_stand_in() {
     if !sys::is_root() {
-        println!("skipped: needs root (network namespaces, veth pairs, raw sockets)");
+        sys::skip_test("needs root (network namespaces, veth pairs, raw sockets)");
         return;
     }
     let rounds = lab(&["--scenarios", "hard", "--non-preemptive"]);

@@ -70,6 +70,22 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether every test must run here: CI sets `PORTICO_CI` (`.ci/run`), and then a test that
+/// lacks root, a package, IPv6 loopback or a kernel feature fails instead of skipping.
+pub fn tests_must_run() -> bool {
+    std::env::var_os("PORTICO_CI").is_some()
+}
+
+/// Where a test cannot run here: prints `skipped: <reason>` locally, and panics with the
+/// reason in CI ([`tests_must_run`]), so that a skipped test can never pass there.
+pub fn skip_test(reason: &str) {
+    assert!(
+        !tests_must_run(),
+        "this test must run in CI (PORTICO_CI is set) but cannot: {reason}"
+    );
+    println!("skipped: {reason}");
+}
+
 /// The kernel index of interface `name` in the calling thread's network namespace
 /// (`if_nametoindex(3)`, which asks the kernel through a socket, unlike `/sys` which shows the
 /// namespace it was mounted in).

@@ -30,11 +30,11 @@ fn ip(s: &str) -> IpAddr {
 #[test]
 fn marked_addresses_are_ours_and_the_hosts_are_not() {
     if !sys::is_root() {
-        println!("skipped: needs root (a network namespace, netlink address changes)");
+        sys::skip_test("needs root (a network namespace, netlink address changes)");
         return;
     }
     if !kernel_records_proto() {
-        println!("skipped: this kernel does not record IFA_PROTO (Linux < 6.3)");
+        sys::skip_test("this kernel does not record IFA_PROTO (Linux < 6.3)");
         return;
     }
     let ns = Netns(format!("ptsys{}", std::process::id()));
