@@ -50,6 +50,8 @@ pub struct AgentOptions {
     pub gossip_port: u16,
     /// Node-local settings (interfaces, admin, DNS, cluster timing).
     pub base: Config,
+    /// The host's interfaces (see [`Settings::host_interfaces`]).
+    pub host_interfaces: Vec<model::Interface>,
 }
 
 /// Runs the IPAM controller with Lease leader election until `shutdown`.
@@ -87,6 +89,7 @@ pub async fn agent_source(
         scope: opts.scope,
         base,
         gossip_port: opts.gossip_port,
+        host_interfaces: opts.host_interfaces,
     };
     Ok(source::spawn(
         client,

@@ -59,6 +59,10 @@ pub struct Settings {
     pub base: Config,
     /// Gossip UDP port on every node.
     pub gossip_port: u16,
+    /// The host's interfaces and their addresses, read at start. When the base config names no
+    /// interfaces (the shipped DaemonSet runs without `--config`), the node announces on the
+    /// ones that hold its Node object's `InternalIP`.
+    pub host_interfaces: Vec<model::Interface>,
 }
 
 /// Everything the agent watches.
@@ -97,6 +101,9 @@ pub fn build(snap: &Snapshot, settings: &Settings, template: &model::Service) ->
     cfg.cluster.peers = peers(snap, settings);
     if let Some(me) = internal_ip(snap.nodes.get(&settings.node)) {
         cfg.cluster.advertise = SocketAddr::new(me, settings.gossip_port);
+        if settings.base.node.interfaces.is_empty() {
+            cfg.node.interfaces = interfaces_holding(&settings.host_interfaces, me);
+        }
     }
     cfg.cluster.bind.set_port(settings.gossip_port);
     let keys = gossip_keys(snap.secret.as_ref());
@@ -121,6 +128,15 @@ pub fn build(snap: &Snapshot, settings: &Settings, template: &model::Service) ->
         .filter_map(|svc| service(snap, settings, template, &pools, svc))
         .collect();
     cfg
+}
+
+/// The host interfaces that carry `ip` (the Node's `InternalIP`): where the node's neighbours,
+/// and so the clients of its VIPs, reach it.
+pub fn interfaces_holding(host: &[model::Interface], ip: IpAddr) -> Vec<model::Interface> {
+    host.iter()
+        .filter(|i| i.addresses.iter().any(|n| n.addr() == ip))
+        .cloned()
+        .collect()
 }
 
 fn internal_ip(node: Option<&Node>) -> Option<IpAddr> {

@@ -100,6 +100,11 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         Some(path) => model::config::load(&path.to_string_lossy(), &env)?,
         None => model::config::parse("", &env).context("the built-in defaults")?,
     };
+    let host_interfaces = if base.node.interfaces.is_empty() {
+        host_interfaces().context("cannot read the host's interfaces (netlink RTM_GETADDR)")?
+    } else {
+        Vec::new()
+    };
     let shutdown = crate::shutdown_on_signal();
     let opts = ipam::entry::AgentOptions {
         scope: args.scope.scope(),
@@ -108,6 +113,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         gossip_secret: args.gossip_secret,
         gossip_port: args.gossip_port,
         base,
+        host_interfaces,
     };
     let node = opts.node.clone();
     let receivers = ipam::entry::agent_source(opts, shutdown.clone()).await?;
@@ -127,6 +133,24 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // Kubernetes objects are validated one by one as they are read; there is no whole-file reload to reject.
     let (_reload_tx, reload_error) = watch::channel(None);
     crate::run::serve(receivers.desired.clone(), reload_error, own_tx, shutdown).await
+}
+
+/// The host's interfaces other than loopback, with their addresses: without `--config` the
+/// agent announces on the ones that carry the Node's `InternalIP`.
+fn host_interfaces() -> anyhow::Result<Vec<model::Interface>> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<ipnet::IpNet>> = Default::default();
+    for (name, ip, prefix) in sys::host_addresses()? {
+        if name == "lo" {
+            continue;
+        }
+        let net = ipnet::IpNet::new(ip, prefix)
+            .with_context(|| format!("interface {name}: {ip}/{prefix}"))?;
+        by_name.entry(name).or_default().push(net);
+    }
+    Ok(by_name
+        .into_iter()
+        .map(|(name, addresses)| model::Interface { name, addresses })
+        .collect())
 }
 
 /// Prints the CRDs.

@@ -412,6 +412,8 @@ pub struct DumpedAddr {
     pub ifindex: u32,
     /// The address (`IFA_LOCAL` for IPv4, `IFA_ADDRESS` otherwise).
     pub ip: IpAddr,
+    /// Prefix length (`ifa_prefixlen`).
+    pub prefix: u8,
     /// `IFA_PROTO`, when the kernel records it.
     pub proto: Option<u8>,
 }
@@ -443,6 +445,7 @@ pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Er
             }
             RTM_NEWADDR if msg.len() >= 24 => {
                 let family = msg[16];
+                let prefix = msg[17];
                 let ifindex = u32_at(msg, 20).unwrap_or(0);
                 let (mut local, mut address, mut proto) = (None, None, None);
                 let mut attrs = &msg[24..];
@@ -471,7 +474,12 @@ pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Er
                     attrs = &attrs[alen.next_multiple_of(4).min(attrs.len())..];
                 }
                 if let Some(ip) = local.or(address) {
-                    out.push(DumpedAddr { ifindex, ip, proto });
+                    out.push(DumpedAddr {
+                        ifindex,
+                        ip,
+                        prefix,
+                        proto,
+                    });
                 }
             }
             _ => {}
@@ -483,6 +491,51 @@ pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Er
 
 /// The addresses on interface `ifindex` marked with `proto` (see [`ADDR_PROTO`]).
 pub fn addrs_with_proto(ifindex: u32, proto: u8) -> Result<Vec<IpAddr>, Error> {
+    Ok(dump_addrs()?
+        .into_iter()
+        .filter(|a| a.ifindex == ifindex && a.proto == Some(proto))
+        .map(|a| a.ip)
+        .collect())
+}
+
+/// The name of interface `index` in the calling thread's network namespace
+/// (`if_indextoname(3)`).
+pub fn if_name(index: u32) -> Result<String, Error> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` is IF_NAMESIZE bytes, the size if_indextoname writes at most (name and NUL).
+    #[allow(unsafe_code)]
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(Error::Io {
+            what: "if_indextoname",
+            source: io::Error::last_os_error(),
+        });
+    }
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Every address of every interface in the calling thread's network namespace, with its
+/// interface name and prefix: `(interface, address, prefix)`.
+pub fn host_addresses() -> Result<Vec<(String, IpAddr, u8)>, Error> {
+    let mut names = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    for a in dump_addrs()? {
+        let name = match names.get(&a.ifindex) {
+            Some(n) => n,
+            None => names.entry(a.ifindex).or_insert(if_name(a.ifindex)?),
+        };
+        out.push((name.clone(), a.ip, a.prefix));
+    }
+    Ok(out)
+}
+
+/// One `RTM_GETADDR` dump of every address in the namespace.
+fn dump_addrs() -> Result<Vec<DumpedAddr>, Error> {
     let err = |source| Error::Io {
         what: "netlink RTM_GETADDR",
         source,
@@ -510,12 +563,7 @@ pub fn addrs_with_proto(ifindex: u32, proto: u8) -> Result<Vec<IpAddr>, Error> {
     for _ in 0..10_000 {
         let n = io::Read::read(&mut &sock, &mut buf).map_err(err)?;
         let (addrs, done) = parse_addr_dump(&buf[..n]).map_err(err)?;
-        found.extend(
-            addrs
-                .into_iter()
-                .filter(|a| a.ifindex == ifindex && a.proto == Some(proto))
-                .map(|a| a.ip),
-        );
+        found.extend(addrs);
         if done {
             return Ok(found);
         }
@@ -561,11 +609,13 @@ mod tests {
                 DumpedAddr {
                     ifindex: 1,
                     ip: "10.0.0.100".parse().unwrap(),
+                    prefix: 32,
                     proto: Some(ADDR_PROTO)
                 },
                 DumpedAddr {
                     ifindex: 2,
                     ip: "fd00::100".parse().unwrap(),
+                    prefix: 128,
                     proto: None
                 },
             ]

@@ -77,3 +77,15 @@ fn marked_addresses_are_ours_and_the_hosts_are_not() {
     assert_eq!(marked, vec![ip("10.123.0.100"), ip("fd00:123::100")]);
     assert_eq!(after, vec![ip("fd00:123::100")]);
 }
+
+#[test]
+fn host_addresses_name_every_interface_with_its_prefix() {
+    // loopback exists in every namespace; its IPv4 address is 127.0.0.1/8
+    let all = sys::host_addresses().expect("an RTM_GETADDR dump needs no privilege");
+    assert!(
+        all.iter().any(|(name, ip, prefix)| name == "lo"
+            && ip.to_string() == "127.0.0.1"
+            && *prefix == 8),
+        "{all:?}"
+    );
+}

@@ -16,6 +16,7 @@ fn settings() -> Settings {
         scope: Scope::default(),
         base: model::config::parse("", &model::config::Environment::default()).unwrap(),
         gossip_port: 7946,
+        host_interfaces: Vec::new(),
     }
 }
 
@@ -514,4 +515,30 @@ fn l2_announcement_interfaces_limit_where_this_node_announces() {
         names(&build(&snap, &s, &template().unwrap())),
         ["eth0", "eth1"]
     );
+}
+
+#[test]
+fn without_configured_interfaces_the_node_announces_where_its_internal_ip_is() {
+    let host = |name: &str, addrs: &[&str]| model::Interface {
+        name: name.into(),
+        addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+    };
+    let mut st = settings();
+    st.host_interfaces = vec![
+        host("cni0", &["10.244.0.1/24"]),
+        host("eth0", &["192.0.2.11/24", "fe80::1/64"]),
+        host("docker0", &["172.17.0.1/16"]),
+    ];
+    let mut snap = Snapshot::default();
+    snap.nodes
+        .insert("n1".into(), node("n1", "192.0.2.11", &[]));
+    let cfg = build(&snap, &st, &template().unwrap());
+    assert_eq!(
+        cfg.node.interfaces,
+        vec![host("eth0", &["192.0.2.11/24", "fe80::1/64"])]
+    );
+    // a base config that names interfaces wins
+    st.base.node.interfaces = vec![host("bond0", &["198.51.100.2/24"])];
+    let cfg = build(&snap, &st, &template().unwrap());
+    assert_eq!(cfg.node.interfaces[0].name, "bond0");
 }
