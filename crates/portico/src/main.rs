@@ -188,12 +188,21 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         config: Arc::new(cfg),
     }));
     let (err_tx, err_rx) = watch::channel(None);
-    tokio::spawn(source::watch(
-        path,
-        env,
-        desired_tx,
+    tokio::spawn(source::supervise(
+        {
+            let (err_tx, shutdown) = (err_tx.clone(), shutdown.clone());
+            move || {
+                source::watch(
+                    path.clone(),
+                    env.clone(),
+                    desired_tx.clone(),
+                    err_tx.clone(),
+                    Duration::from_secs(1),
+                    shutdown.clone(),
+                )
+            }
+        },
         err_tx,
-        Duration::from_secs(1),
         shutdown.clone(),
     ));
     let (own_tx, _) = watch::channel(Arc::new(model::OwnershipView::new()));

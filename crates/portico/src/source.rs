@@ -89,6 +89,50 @@ pub fn decide(current: &Desired, read: Result<Config, LoadError>) -> Reload {
     }
 }
 
+/// Reads the file and decides what it means, like [`decide`], but never unwinds: a panic
+/// anywhere in reading or parsing (a bug) is caught and becomes a rejected reload, so the
+/// watcher lives on and later edits still apply.
+pub fn attempt(current: &Desired, path: &ConfigPath, env: &Environment) -> Reload {
+    let read = || {
+        failpoint(path);
+        decide(current, load(path, env))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(r) => r,
+        Err(panic) => Reload::Reject(format!(
+            "reading the configuration failed: {} (a bug in portico: please report it with the file); the running configuration stays",
+            panic_message(&*panic)
+        )),
+    }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("panicked: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("panicked: {s}")
+    } else {
+        "panicked".into()
+    }
+}
+
+/// Debug builds only, for the end-to-end test of [`attempt`]: panics while reading a file that
+/// contains the text given in `PORTICO_TEST_RELOAD_PANIC` (no input is known to panic the
+/// reader, so the test needs one).
+fn failpoint(path: &ConfigPath) {
+    #[cfg(debug_assertions)]
+    if let (Some(marker), ConfigPath::File(file)) =
+        (std::env::var_os("PORTICO_TEST_RELOAD_PANIC"), path)
+        && let (Some(marker), Ok(text)) = (marker.to_str(), std::fs::read_to_string(file))
+        && !marker.is_empty()
+        && text.contains(marker)
+    {
+        panic!("test failpoint PORTICO_TEST_RELOAD_PANIC hit");
+    }
+    let _ = path;
+}
+
 /// How long a changed file must stay the same before it is read as the new configuration.
 const SETTLE: Duration = Duration::from_millis(100);
 
@@ -143,7 +187,7 @@ pub async fn watch(
         last_seen = now;
         let why = if forced { "SIGHUP" } else { "file changed" };
         let current = desired.borrow().clone();
-        match decide(&current, load(&path, &env)) {
+        match attempt(&current, &path, &env) {
             Reload::Apply(next) => {
                 tracing::info!(
                     generation = next.generation,
@@ -167,6 +211,36 @@ pub async fn watch(
                 );
                 reload_error.send_replace(Some(err));
             }
+        }
+    }
+}
+
+/// Runs the task `start` makes (the file [`watch`]er) until `shutdown`, starting it again (after
+/// a second) should it ever end early by panicking; the failure is reported like a rejected
+/// reload, so `/status` and the `portico_config_reload_failures` metric show it.
+pub async fn supervise<F>(
+    start: impl Fn() -> F,
+    reload_error: watch::Sender<Option<String>>,
+    shutdown: CancellationToken,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(start()).await {
+            Ok(()) => return,
+            Err(e) => {
+                let why = match e.try_into_panic() {
+                    Ok(panic) => panic_message(&*panic),
+                    Err(e) => e.to_string(),
+                };
+                let err = format!("the configuration watcher failed ({why}); restarted it");
+                tracing::error!("{err}");
+                reload_error.send_replace(Some(err));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -212,6 +286,70 @@ mod tests {
             Reload::Reject(e) => assert!(e.contains("admin.listen"), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_panicking_reader_is_a_rejected_reload_not_a_dead_watcher() {
+        let dir = std::env::temp_dir().join(format!("portico-attempt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("portico.yaml");
+        let cur = desired("admin: {listen: 127.0.0.1:1}");
+        let panicking = Environment {
+            read_file: |_| panic!("reader bug"),
+            ..Environment::default()
+        };
+        // a key read through `read_file` reaches the panicking reader
+        std::fs::write(
+            &file,
+            "cluster: {keys: [{id: 1, secret_file: /nonexistent}]}\n",
+        )
+        .unwrap();
+        match attempt(&cur, &ConfigPath::File(file.clone()), &panicking) {
+            Reload::Reject(e) => {
+                assert!(e.contains("panicked: reader bug"), "{e}");
+                assert!(e.contains("the running configuration stays"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // and the next attempt, with a reader that works, applies
+        std::fs::write(&file, "admin: {listen: 127.0.0.1:2}\n").unwrap();
+        match attempt(&cur, &ConfigPath::File(file), &Environment::default()) {
+            Reload::Apply(d) => assert_eq!(d.generation, 4),
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_that_panics_is_reported_and_started_again() {
+        let (err_tx, mut err_rx) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let sup = tokio::spawn(supervise(
+            {
+                let (starts, shutdown) = (starts.clone(), shutdown.clone());
+                move || {
+                    let (starts, shutdown) = (starts.clone(), shutdown.clone());
+                    async move {
+                        if starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                            panic!("watcher bug");
+                        }
+                        shutdown.cancelled().await;
+                    }
+                }
+            },
+            err_tx,
+            shutdown.clone(),
+        ));
+        err_rx.changed().await.unwrap();
+        let err = err_rx.borrow_and_update().clone().unwrap();
+        assert!(err.contains("panicked: watcher bug"), "{err}");
+        while starts.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shutdown.cancel();
+        sup.await.unwrap();
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
