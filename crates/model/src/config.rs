@@ -60,6 +60,10 @@ impl std::fmt::Display for ConfigErrors {
     }
 }
 
+/// The largest config file read (a configuration is a few kilobytes; this keeps
+/// `--config /dev/zero`-like mistakes from exhausting memory).
+pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
 /// Errors from [`load`].
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -71,6 +75,26 @@ pub enum LoadError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The path is a FIFO, device, directory or socket: reading it could block or never end.
+    #[error(
+        "config file {path} is not a regular file (it is {kind}); give the path of a YAML file"
+    )]
+    NotAFile {
+        /// The path given.
+        path: String,
+        /// What it is instead (`a directory`, `a FIFO`, …).
+        kind: &'static str,
+    },
+    /// The file is larger than [`MAX_FILE_SIZE`].
+    #[error(
+        "config file {path} is larger than 16 MiB ({size} bytes); a configuration is a few kilobytes"
+    )]
+    TooLarge {
+        /// The path given.
+        path: String,
+        /// Its size (or the bytes read before giving up).
+        size: u64,
     },
     /// The file was read but is not a valid configuration.
     #[error("invalid config file {path}: {errors}")]
@@ -100,13 +124,82 @@ impl Default for Environment {
     }
 }
 
-/// Reads and validates a config file.
-pub fn load(path: &str, env: &Environment) -> Result<Config, LoadError> {
-    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+/// A valid configuration and what the file said about it beyond its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// The file writes a `services` list (`services: []` included); an empty or comments-only
+    /// file, or `services:` with no value, does not. A reload may remove every service only
+    /// when this is true.
+    pub declares_services: bool,
+}
+
+/// Reads a config file's bytes: a regular file of at most [`MAX_FILE_SIZE`] bytes. FIFOs,
+/// devices, directories and sockets are refused before they are opened for reading (a FIFO
+/// would block, `/dev/zero` would never end).
+pub fn read_file(path: &str) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    let io = |source| LoadError::Io {
         path: path.into(),
         source,
-    })?;
-    parse(&src, env).map_err(|errors| LoadError::Invalid {
+    };
+    let check = |meta: &std::fs::Metadata| {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let kind = if t.is_file() {
+            return if meta.len() > MAX_FILE_SIZE {
+                Err(LoadError::TooLarge {
+                    path: path.into(),
+                    size: meta.len(),
+                })
+            } else {
+                Ok(())
+            };
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        Err(LoadError::NotAFile {
+            path: path.into(),
+            kind,
+        })
+    };
+    check(&std::fs::metadata(path).map_err(io)?)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    // the path may have been replaced between the two looks: check what was opened
+    check(&file.metadata().map_err(io)?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(LoadError::TooLarge {
+            path: path.into(),
+            size: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Reads and validates a config file (see [`read_file`] for what is refused before parsing).
+pub fn load(path: &str, env: &Environment) -> Result<Config, LoadError> {
+    load_file(path, env).map(|l| l.config)
+}
+
+/// Like [`load`], also telling whether the file declares its services ([`Loaded`]).
+pub fn load_file(path: &str, env: &Environment) -> Result<Loaded, LoadError> {
+    let bytes = read_file(path)?;
+    read(&bytes, env).map_err(|errors| LoadError::Invalid {
         path: path.into(),
         errors,
     })
@@ -114,6 +207,27 @@ pub fn load(path: &str, env: &Environment) -> Result<Config, LoadError> {
 
 /// Parses and validates config text.
 pub fn parse(src: &str, env: &Environment) -> Result<Config, ConfigErrors> {
+    read(src.as_bytes(), env).map(|l| l.config)
+}
+
+/// Parses and validates config bytes: text that is not UTF-8 is an error at the line and
+/// column of its first invalid byte.
+pub fn read(src: &[u8], env: &Environment) -> Result<Loaded, ConfigErrors> {
+    let src = std::str::from_utf8(src).map_err(|e| {
+        let good = &src[..e.valid_up_to()];
+        // the prefix is valid UTF-8 by definition
+        let good = std::str::from_utf8(good).unwrap_or_default();
+        let line_start = good.rfind('\n').map_or(0, |i| i + 1);
+        let byte = src[e.valid_up_to()];
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            pos: Pos {
+                line: good.matches('\n').count() + 1,
+                column: good[line_start..].chars().count() + 1,
+            },
+            message: format!("the file is not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8"),
+        }])
+    })?;
     let root = yaml::parse(src).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             path: String::new(),
@@ -124,13 +238,25 @@ pub fn parse(src: &str, env: &Environment) -> Result<Config, ConfigErrors> {
     let mut cx = Cx {
         errors: Vec::new(),
         env,
+        kept: BTreeMap::new(),
     };
     let cfg = decode_config(&mut cx, &root);
-    if cx.errors.is_empty() {
-        validate(&mut cx, &cfg);
+    let decode_errors: Vec<String> = cx.errors.iter().map(|e| e.path.clone()).collect();
+    let before = cx.errors.len();
+    validate(&mut cx, &cfg, &decode_errors);
+    for e in &mut cx.errors[before..] {
+        e.path = cfg.source_path(&e.path);
     }
     if cx.errors.is_empty() {
-        Ok(cfg.config)
+        let declares_services = matches!(
+            &root.value,
+            Value::Map(entries)
+                if entries.iter().any(|(k, v)| k.as_str() == Some("services") && matches!(v.value, Value::Seq(_)))
+        );
+        Ok(Loaded {
+            config: cfg.config,
+            declares_services,
+        })
     } else {
         cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));
         cx.errors.dedup();
@@ -150,6 +276,8 @@ pub fn to_yaml(cfg: &Config) -> String {
 struct Cx<'e> {
     errors: Vec<ConfigError>,
     env: &'e Environment,
+    /// See [`Decoded::kept`].
+    kept: BTreeMap<String, Vec<usize>>,
 }
 
 impl Cx<'_> {
@@ -191,11 +319,18 @@ impl Cx<'_> {
         mut item: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
     ) -> Vec<T> {
         match &node.value {
-            Value::Seq(items) => items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| item(self, n, &format!("{path}[{i}]")))
-                .collect(),
+            Value::Seq(items) => {
+                let mut kept = Vec::new();
+                let mut out = Vec::new();
+                for (i, n) in items.iter().enumerate() {
+                    if let Some(v) = item(self, n, &format!("{path}[{i}]")) {
+                        kept.push(i);
+                        out.push(v);
+                    }
+                }
+                self.kept.insert(path.to_string(), kept);
+                out
+            }
             Value::Null => Vec::new(),
             _ => {
                 self.err(
@@ -526,8 +661,39 @@ fn domain(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
 /// The decoded config plus the positions the cross-field checks point at.
 struct Decoded {
     config: Config,
-    /// Position of `services[i]`, `services[i].vips[j]`, `services[i].backends[j]`, …
+    /// Position of `services[i]`, `services[i].vips[j]`, `services[i].backends[j]`, … (paths
+    /// as written in the file).
     pos: BTreeMap<String, Pos>,
+    /// For each list (by its path in the file), the file's indices of the items that decoded,
+    /// in order: the config's item `k` is the file's item `kept[path][k]`.
+    kept: BTreeMap<String, Vec<usize>>,
+}
+
+impl Decoded {
+    /// Turns a path into the config (`services[1].vips[0]`) into the path in the file, which
+    /// differs when an earlier item of a list did not decode.
+    fn source_path(&self, path: &str) -> String {
+        let mut out = String::with_capacity(path.len());
+        let mut rest = path;
+        while let Some(open) = rest.find('[') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find(']').map(|c| open + c) else {
+                break;
+            };
+            let index = &rest[open + 1..close];
+            let mapped = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| self.kept.get(&out).and_then(|k| k.get(i)));
+            match mapped {
+                Some(i) => out.push_str(&format!("[{i}]")),
+                None => out.push_str(&rest[open..=close]),
+            }
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
@@ -568,6 +734,7 @@ fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             services,
         },
         pos,
+        kept: std::mem::take(&mut cx.kept),
     }
 }
 
@@ -1217,9 +1384,28 @@ fn decode_connection(cx: &mut Cx, n: &Node, p: &str) -> Option<Connection> {
 // Cross-field checks
 // ---------------------------------------------------------------------------------------------
 
-fn validate(cx: &mut Cx, d: &Decoded) {
+/// Cross-field checks. They run also when fields had errors (every error is reported at
+/// once), so they read list indices through [`Decoded::source_path`] (a list item that did not
+/// decode is missing from the config) and skip a check whose inputs had an error of their own
+/// (`tainted`), so that one mistake is not reported twice.
+fn validate(cx: &mut Cx, d: &Decoded, decode_errors: &[String]) {
     let cfg = &d.config;
-    let at = |path: &str| d.pos.get(path).copied().unwrap_or_default();
+    let at = |path: &str| {
+        d.pos
+            .get(&d.source_path(path))
+            .copied()
+            .unwrap_or(Pos { line: 1, column: 1 })
+    };
+    let related = |a: &str, b: &str| {
+        b.strip_prefix(a)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
+    let tainted = |path: &str| {
+        let p = d.source_path(path);
+        decode_errors
+            .iter()
+            .any(|e| e.is_empty() || related(e, &p) || related(&p, e))
+    };
 
     // Cluster membership.
     let mut members: BTreeSet<&str> = BTreeSet::from([cfg.node.name.as_str()]);
@@ -1237,21 +1423,24 @@ fn validate(cx: &mut Cx, d: &Decoded) {
         }
     }
     if !cfg.cluster.peers.is_empty() {
-        if cfg.cluster.keys.is_empty() {
+        if cfg.cluster.keys.is_empty() && !tainted("cluster.keys") {
             cx.err(
                 "cluster.keys",
                 Pos { line: 1, column: 1 },
                 "gossip with peers needs a shared key; add keys: [{id: 1, secret: <base64 of 32 random bytes>}]",
             );
         }
-        if cfg.cluster.advertise.ip().is_unspecified() {
+        if cfg.cluster.advertise.ip().is_unspecified()
+            && !tainted("cluster.advertise")
+            && !tainted("cluster.bind")
+        {
             cx.err(
                 "cluster.advertise",
                 Pos { line: 1, column: 1 },
                 format!("peers need an address to reach this node; bind is {}, so set advertise to this node's address", cfg.cluster.bind),
             );
         }
-        if cfg.node.interfaces.is_empty() {
+        if cfg.node.interfaces.is_empty() && !tainted("node.interfaces") {
             cx.err(
                 "node.interfaces",
                 Pos { line: 1, column: 1 },
@@ -1278,7 +1467,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
         .flat_map(|d| d.zones.iter().map(|z| z.name.as_str()))
         .collect();
     if let Some(dns) = &cfg.dns {
-        if dns.zones.is_empty() {
+        if dns.zones.is_empty() && !tainted("dns.zones") {
             cx.err(
                 "dns.zones",
                 Pos { line: 1, column: 1 },
@@ -1299,6 +1488,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
     }
 
     // Services.
+    let members_known = !tainted("cluster.peers") && !tainted("node.name");
     let mut names = BTreeMap::new();
     let mut listeners: BTreeMap<(IpAddr, u16, Protocol), String> = BTreeMap::new();
     let all_vips: BTreeMap<IpAddr, &str> = cfg
@@ -1313,26 +1503,27 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 &format!("{sp}.name"),
                 at(&sp),
                 format!(
-                    "service `{}` is already defined at services[{prev}]; names must be unique",
-                    s.name
+                    "service `{}` is already defined at {}; names must be unique",
+                    s.name,
+                    d.source_path(&format!("services[{prev}]"))
                 ),
             );
         }
-        if s.vips.is_empty() {
+        if s.vips.is_empty() && !tainted(&format!("{sp}.vips")) {
             cx.err(
                 &format!("{sp}.vips"),
                 at(&sp),
                 "a service needs at least one VIP",
             );
         }
-        if s.ports.is_empty() {
+        if s.ports.is_empty() && !tainted(&format!("{sp}.ports")) {
             cx.err(
                 &format!("{sp}.ports"),
                 at(&sp),
                 "a service needs at least one port",
             );
         }
-        if s.backends.is_empty() {
+        if s.backends.is_empty() && !tainted(&format!("{sp}.backends")) {
             cx.err(
                 &format!("{sp}.backends"),
                 at(&sp),
@@ -1343,7 +1534,9 @@ fn validate(cx: &mut Cx, d: &Decoded) {
         for (vi, vip) in s.vips.iter().enumerate() {
             let vp = format!("{sp}.vips[{vi}]");
             if !seen_vips.insert(vip) {
+                // its other checks were made at its first mention
                 cx.err(&vp, at(&vp), format!("{vip} is listed twice"));
+                continue;
             }
             if vip.is_unspecified() || vip.is_multicast() {
                 cx.err(
@@ -1353,6 +1546,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 );
             }
             if !cfg.node.interfaces.is_empty()
+                && !tainted("node.interfaces")
                 && !cfg.node.interfaces.iter().any(|i| i.serves_family(*vip))
             {
                 let fam = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
@@ -1371,7 +1565,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
             for (pi, port) in s.ports.iter().enumerate() {
                 let key = (*vip, port.port, port.protocol);
                 let here = format!("{sp}.ports[{pi}]");
-                if let Some(other) = listeners.insert(key, here.clone()) {
+                if let Some(other) = listeners.insert(key, d.source_path(&here)) {
                     cx.err(
                         &here,
                         at(&here),
@@ -1419,6 +1613,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 );
             }
             if let Some(node) = &b.node
+                && members_known
                 && !members.contains(node.as_str())
             {
                 cx.err(
@@ -1431,7 +1626,10 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 );
             }
         }
-        if s.backends.iter().all(|b| b.weight == 0) && !s.backends.is_empty() {
+        if s.backends.iter().all(|b| b.weight == 0)
+            && !s.backends.is_empty()
+            && !tainted(&format!("{sp}.backends"))
+        {
             cx.err(
                 &format!("{sp}.backends"),
                 at(&sp),
@@ -1443,7 +1641,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
             ("preferred", &s.placement.preferred),
         ] {
             for n in list {
-                if !members.contains(n.as_str()) {
+                if members_known && !members.contains(n.as_str()) {
                     cx.err(
                         &format!("{sp}.placement.{what}"),
                         at(&sp),
@@ -1455,7 +1653,10 @@ fn validate(cx: &mut Cx, d: &Decoded) {
                 }
             }
         }
-        if s.placement.local_only && s.backends.iter().any(|b| b.node.is_none()) {
+        if s.placement.local_only
+            && s.backends.iter().any(|b| b.node.is_none())
+            && !tainted(&format!("{sp}.backends"))
+        {
             cx.err(
                 &format!("{sp}.placement.local_only"),
                 at(&sp),
@@ -1463,6 +1664,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
             );
         }
         if let Some(z) = &s.dns.zone
+            && !tainted("dns")
             && !zones.contains(&z.as_str())
         {
             let known = if zones.is_empty() {
@@ -1480,6 +1682,7 @@ fn validate(cx: &mut Cx, d: &Decoded) {
             && hc.port.is_none()
             && !s.ports.is_empty()
             && s.ports.iter().all(|p| p.protocol == Protocol::Udp)
+            && !tainted(&format!("{sp}.ports"))
         {
             cx.err(
                 &format!("{sp}.health_check.port"),
@@ -1612,6 +1815,22 @@ mod bad_input {
                 "services: expected a list, found a mapping (line 1, column 11)",
             ),
             ("admin: [1, 2\n", "YAML syntax error"),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    health_check: {interval: 99999999999999999999999h}\n",
+                "services[0].health_check.interval: `99999999999999999999999h` is too long a duration; write e.g. 30s, 5m or 1h (line 6, column 30)",
+            ),
+            (
+                "cluster: {hold_down: 10000000000000000000s10000000000000000000s}\n",
+                "cluster.hold_down: `10000000000000000000s10000000000000000000s` is too long a duration; write e.g. 30s, 5m or 1h (line 1, column 22)",
+            ),
+            (
+                "cluster: {announce: {interval: 99999999999999999999999999999999999999999.5ms}}\n",
+                "cluster.announce.interval: `99999999999999999999999999999999999999999.5ms` is too long a duration",
+            ),
+            (
+                "cluster: {hold_down: 2h}\n",
+                "cluster.hold_down: 2h is out of range 0s-1h (line 1, column 22)",
+            ),
         ];
         for (src, want) in cases {
             let got = errors(src);
@@ -1712,6 +1931,126 @@ mod bad_input {
             cfg.services[0].health_check, None,
             "UDP-only services get no TCP probes"
         );
+    }
+
+    #[test]
+    fn cross_field_errors_come_with_single_field_errors() {
+        // a duplicate service name and an out-of-range port: both, at once
+        let src = format!(
+            "{SVC}  - name: web\n    vips: [10.0.0.2]\n    ports: [{{port: 70000}}]\n    backends: [{{address: 10.0.1.2}}]\n"
+        );
+        let got = errors(&src);
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(
+            got[0].starts_with("services[1].name: service `web` is already defined at services[0]"),
+            "{got:#?}"
+        );
+        assert!(
+            got[1].starts_with("services[1].ports[0].port: 70000 is out of range"),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn cross_field_errors_name_the_files_items_when_earlier_ones_failed() {
+        // services[0] has no name, so the config holds only the file's items 1 and 2
+        let src = "services:\n  - vips: [10.0.0.9]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.9}]\n  - name: web\n    vips: [10.0.0.1, bad, 10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n  - name: web\n    vips: [10.0.0.2]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.2}]\n";
+        let got = errors(src);
+        assert_eq!(
+            got,
+            [
+                "services[0].name: missing required field (line 2, column 5)",
+                "services[1].vips[1]: `bad` is not an IP address; write e.g. 10.0.0.10 or fd00::10 (line 6, column 22)",
+                "services[1].vips[2]: 10.0.0.1 is listed twice (line 6, column 27)",
+                "services[2].name: service `web` is already defined at services[1]; names must be unique (line 9, column 5)",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_field_with_an_error_is_not_reported_again_by_a_cross_field_check() {
+        // every VIP is invalid: no extra "needs at least one VIP"; an invalid peer: no
+        // "unknown node" for the backend that names it
+        let src = "node: {name: a, interfaces: [{name: eth0, addresses: [10.0.0.11/24]}]}\ncluster:\n  advertise: 10.0.0.11:7946\n  keys: [{id: 1, secret: q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=}]\n  peers: [{name: b, address: nope}]\nservices:\n  - name: web\n    vips: [nope]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1, node: b}]\n";
+        let got = errors(src);
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(
+            got[0].starts_with("cluster.peers[0].address: `nope`"),
+            "{got:#?}"
+        );
+        assert!(
+            got[1].starts_with("services[0].vips[0]: `nope`"),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_an_error_at_its_position() {
+        let e = read(
+            b"admin:\n  listen: caf\xc3\xa9\xff\n",
+            &Environment::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["the file is not UTF-8 text (byte 0xff); save it as UTF-8 (line 2, column 15)"]
+        );
+        let e = read(b"\x80", &Environment::default()).unwrap_err();
+        assert_eq!(e.0[0].pos, Pos { line: 1, column: 1 });
+    }
+
+    #[test]
+    fn only_a_written_services_list_declares_the_services() {
+        let declares = |src: &str| {
+            read(src.as_bytes(), &Environment::default())
+                .unwrap()
+                .declares_services
+        };
+        assert!(!declares(""));
+        assert!(!declares("# nothing here\n\n"));
+        assert!(!declares("services:\n"));
+        assert!(!declares("admin: {listen: 127.0.0.1:1}\n"));
+        assert!(declares("services: []\n"));
+        assert!(declares(SVC));
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = std::env::temp_dir().join(format!("portico-model-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+
+        let err = |path: &str| read_file(path).unwrap_err().to_string();
+        assert_eq!(
+            err("/dev/zero"),
+            "config file /dev/zero is not a regular file (it is a character device); give the path of a YAML file"
+        );
+        assert!(err(&p("")).contains("(it is a directory)"));
+        let fifo = p("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            // returns at once (a FIFO without a writer would block an open for reading)
+            assert!(err(&fifo).contains("(it is a FIFO)"));
+        } else if std::env::var_os("PORTICO_CI").is_some() {
+            panic!("needs mkfifo (coreutils)");
+        } else {
+            eprintln!("skipped the FIFO case: needs mkfifo");
+        }
+        let big = p("big.yaml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_SIZE + 1)
+            .unwrap();
+        assert!(
+            err(&big).contains("is larger than 16 MiB (16777217 bytes)"),
+            "{}",
+            err(&big)
+        );
+        let ok = p("ok.yaml");
+        std::fs::write(&ok, "services: []\n").unwrap();
+        assert_eq!(read_file(&ok).unwrap(), b"services: []\n");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

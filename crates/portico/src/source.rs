@@ -157,7 +157,9 @@ pub async fn watch(
             None
         }
     };
-    let mut last_seen = std::fs::read(file).ok();
+    // bounded and never blocking: a FIFO or device put at the path is refused, not read
+    let read = || config::read_file(&file.to_string_lossy()).ok();
+    let mut last_seen = read();
     let mut tick = tokio::time::interval(poll);
     loop {
         let forced = tokio::select! {
@@ -165,7 +167,7 @@ pub async fn watch(
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
             _ = tick.tick() => false,
         };
-        let mut now = std::fs::read(file).ok();
+        let mut now = read();
         if !forced && now == last_seen {
             continue;
         }
@@ -177,7 +179,7 @@ pub async fn watch(
                     _ = shutdown.cancelled() => return,
                     () = tokio::time::sleep(SETTLE) => {}
                 }
-                let again = std::fs::read(file).ok();
+                let again = read();
                 if again == now {
                     break;
                 }

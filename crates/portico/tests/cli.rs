@@ -87,6 +87,78 @@ fn a_missing_file_and_a_bad_flag_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Runs `portico check` on `path`, killing it if it has not finished within 10 s.
+fn check_within_deadline(path: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(["check", "--config", path])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run portico check");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("portico check --config {path} did not finish within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_devices_fifos_huge_and_non_utf8_files_at_once() {
+    let dir = TempDir::new("check-files");
+    let (code, err) = check_within_deadline("/dev/zero");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("config file /dev/zero is not a regular file (it is a character device)"),
+        "{err}"
+    );
+
+    let fifo = dir.0.join("fifo.yaml");
+    let fifo = fifo.to_str().unwrap();
+    if Command::new("mkfifo")
+        .arg(fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let (code, err) = check_within_deadline(fifo);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("is not a regular file (it is a FIFO)"),
+            "{err}"
+        );
+    } else if std::env::var_os("PORTICO_CI").is_some() {
+        panic!("needs mkfifo (coreutils)");
+    } else {
+        eprintln!("skipped the FIFO case: needs mkfifo");
+    }
+
+    let big = dir.0.join("big.yaml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 * 1024 * 1024)
+        .unwrap();
+    let (code, err) = check_within_deadline(big.to_str().unwrap());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is larger than 16 MiB"), "{err}");
+
+    let latin1 = dir.0.join("latin1.yaml");
+    std::fs::write(&latin1, b"# caf\xe9\nservices: []\n").unwrap();
+    let (code, err) = check_within_deadline(latin1.to_str().unwrap());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the file is not UTF-8 text (byte 0xe9); save it as UTF-8 (line 1, column 6)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn version_prints_the_crate_version() {
     let out = portico(&["version"]);
