@@ -142,6 +142,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             match source::load(&ConfigPath::File(config.clone()), &env) {
                 Ok(cfg) => {
                     print!("{}", model::config::to_yaml(&cfg));
+                    if cfg.services.is_empty() {
+                        eprintln!(
+                            "warning: {}: no services, so portico would balance nothing (a running node refuses to reload to a file without services unless it writes `services: []`)",
+                            config.display()
+                        );
+                    }
                     eprintln!("{}: valid", config.display());
                     Ok(ExitCode::SUCCESS)
                 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use model::config::{self, Environment, LoadError};
+use model::config::{self, Environment, LoadError, Loaded};
 use model::{Config, Desired};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -55,12 +55,19 @@ fn hostname() -> String {
 
 /// Reads the configuration once.
 pub fn load(path: &ConfigPath, env: &Environment) -> Result<Config, LoadError> {
+    load_file(path, env).map(|l| l.config)
+}
+
+/// Reads the configuration once, with what the file says beyond its values.
+pub fn load_file(path: &ConfigPath, env: &Environment) -> Result<Loaded, LoadError> {
     match path {
-        ConfigPath::File(p) => config::load(&p.to_string_lossy(), env),
+        ConfigPath::File(p) => config::load_file(&p.to_string_lossy(), env),
         ConfigPath::Embedded => {
-            config::parse(config::EMBEDDED_DEFAULT, env).map_err(|errors| LoadError::Invalid {
-                path: "<embedded default>".into(),
-                errors,
+            config::read(config::EMBEDDED_DEFAULT.as_bytes(), env).map_err(|errors| {
+                LoadError::Invalid {
+                    path: "<embedded default>".into(),
+                    errors,
+                }
             })
         }
     }
@@ -78,15 +85,36 @@ pub enum Reload {
 }
 
 /// Decides what a freshly read file means for the running state. Pure.
-pub fn decide(current: &Desired, read: Result<Config, LoadError>) -> Reload {
-    match read {
-        Ok(cfg) if cfg == *current.config => Reload::Unchanged,
-        Ok(cfg) => Reload::Apply(Desired {
-            generation: current.generation + 1,
-            config: Arc::new(cfg),
-        }),
-        Err(e) => Reload::Reject(e.to_string()),
+///
+/// A valid file is still refused when it would stop every running service without saying so
+/// (an empty or comments-only file, e.g. one truncated by accident): removing them all takes
+/// an explicit `services: []`.
+pub fn decide(current: &Desired, read: Result<Loaded, LoadError>) -> Reload {
+    let loaded = match read {
+        Ok(l) => l,
+        Err(e) => return Reload::Reject(e.to_string()),
+    };
+    let cfg = loaded.config;
+    if cfg == *current.config {
+        return Reload::Unchanged;
     }
+    if cfg.services.is_empty() && !current.config.services.is_empty() && !loaded.declares_services {
+        let running: Vec<&str> = current
+            .config
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        return Reload::Reject(format!(
+            "the file lists no services, so this reload would stop every running service ({}); \
+             write `services: []` to remove them all on purpose",
+            running.join(", ")
+        ));
+    }
+    Reload::Apply(Desired {
+        generation: current.generation + 1,
+        config: Arc::new(cfg),
+    })
 }
 
 /// Reads the file and decides what it means, like [`decide`], but never unwinds: a panic
@@ -95,7 +123,7 @@ pub fn decide(current: &Desired, read: Result<Config, LoadError>) -> Reload {
 pub fn attempt(current: &Desired, path: &ConfigPath, env: &Environment) -> Reload {
     let read = || {
         failpoint(path);
-        decide(current, load(path, env))
+        decide(current, load_file(path, env))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
         Ok(r) => r,
@@ -258,17 +286,20 @@ mod tests {
         }
     }
 
+    /// A file's text as the watcher reads it.
+    fn read(src: &str) -> Result<Loaded, LoadError> {
+        config::read(src.as_bytes(), &Environment::default()).map_err(|errors| LoadError::Invalid {
+            path: "f".into(),
+            errors,
+        })
+    }
+
+    const WEB: &str = "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n";
+
     #[test]
     fn a_valid_change_becomes_the_next_generation() {
-        let cur = desired("admin: {listen: 127.0.0.1:1}");
-        let next = config::parse("admin: {listen: 127.0.0.1:2}", &Environment::default());
-        match decide(
-            &cur,
-            next.map_err(|errors| LoadError::Invalid {
-                path: "f".into(),
-                errors,
-            }),
-        ) {
+        let cur = desired("cluster: {hold_down: 1s}");
+        match decide(&cur, read("cluster: {hold_down: 2s}")) {
             Reload::Apply(d) => assert_eq!(d.generation, 4),
             other => panic!("{other:?}"),
         }
@@ -277,17 +308,39 @@ mod tests {
     #[test]
     fn an_invalid_file_is_rejected_and_the_running_config_kept() {
         let cur = desired("admin: {listen: 127.0.0.1:1}");
-        let bad = config::parse("admin: {listen: nope}", &Environment::default());
-        match decide(
-            &cur,
-            bad.map_err(|errors| LoadError::Invalid {
-                path: "f".into(),
-                errors,
-            }),
-        ) {
+        match decide(&cur, read("admin: {listen: nope}")) {
             Reload::Reject(e) => assert!(e.contains("admin.listen"), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_file_without_services_does_not_remove_them_unless_it_says_so() {
+        let cur = desired(WEB);
+        for empty in [
+            "",
+            "# truncated\n",
+            "services:\n",
+            "cluster: {hold_down: 1s}\n",
+        ] {
+            match decide(&cur, read(empty)) {
+                Reload::Reject(e) => assert!(
+                    e.contains("the file lists no services, so this reload would stop every running service (web); write `services: []`"),
+                    "{e}"
+                ),
+                other => panic!("{empty:?}: {other:?}"),
+            }
+        }
+        match decide(&cur, read("services: []\n")) {
+            Reload::Apply(d) => assert!(d.config.services.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        // nothing running: nothing to protect
+        let none = desired("");
+        assert!(matches!(
+            decide(&none, read("cluster: {hold_down: 1s}\n")),
+            Reload::Apply(_)
+        ));
     }
 
     #[test]
@@ -295,7 +348,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portico-attempt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("portico.yaml");
-        let cur = desired("admin: {listen: 127.0.0.1:1}");
+        let cur = desired("cluster: {hold_down: 1s}");
         let panicking = Environment {
             read_file: |_| panic!("reader bug"),
             ..Environment::default()
@@ -314,7 +367,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // and the next attempt, with a reader that works, applies
-        std::fs::write(&file, "admin: {listen: 127.0.0.1:2}\n").unwrap();
+        std::fs::write(&file, "cluster: {hold_down: 2s}\n").unwrap();
         match attempt(&cur, &ConfigPath::File(file), &Environment::default()) {
             Reload::Apply(d) => assert_eq!(d.generation, 4),
             other => panic!("{other:?}"),
@@ -357,8 +410,9 @@ mod tests {
     #[test]
     fn identical_content_is_not_a_new_generation() {
         let cur = desired("admin: {listen: 127.0.0.1:1}");
-        let same =
-            config::parse("admin:\n  listen: 127.0.0.1:1\n", &Environment::default()).unwrap();
-        assert_eq!(decide(&cur, Ok(same)), Reload::Unchanged);
+        assert_eq!(
+            decide(&cur, read("admin:\n  listen: 127.0.0.1:1\n")),
+            Reload::Unchanged
+        );
     }
 }

@@ -512,3 +512,61 @@ fn a_panic_while_reading_a_reload_is_reported_and_later_reloads_still_apply() {
         "echo after the panics"
     );
 }
+
+#[test]
+fn check_warns_about_a_config_without_services() {
+    let dir = TempDir::new("check-empty");
+    for (name, text) in [("empty.yaml", ""), ("explicit.yaml", "services: []\n")] {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = portico(&["check", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains("warning: ")
+                && err.contains("no services, so portico would balance nothing"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_truncated_file_does_not_remove_every_service_but_an_explicit_empty_list_does() {
+    let dir = TempDir::new("reload-empty");
+    let cfg = dir.0.join("portico.yaml");
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    let good = config("0", vip_port.into(), backend, 1);
+    std::fs::write(&cfg, &good).unwrap();
+    let running = Running::start(&cfg);
+    running.wait_for("ready", |s| s["ready"] == true);
+
+    // truncated: refused, the service keeps serving
+    std::fs::write(&cfg, "").unwrap();
+    let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
+    let err = s["last_reload_error"].as_str().unwrap();
+    assert!(
+        err.contains(
+            "the file lists no services, so this reload would stop every running service (web)"
+        ),
+        "{err}"
+    );
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["services"][0]["name"], "web");
+    assert_eq!(ask(&mut connect(vip_port), "still"), "echo still");
+
+    // comments only, with the other settings kept: refused too
+    let header: String = good.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&cfg, format!("{header}# services moved elsewhere\n")).unwrap();
+    running.wait_for("the second reload error", |s| {
+        s["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lists no services"))
+            && s["generation"] == 1
+    });
+
+    // written explicitly: applied
+    std::fs::write(&cfg, format!("{header}services: []\n")).unwrap();
+    let s = running.wait_for("generation 2", |s| s["generation"] == 2);
+    assert!(s["last_reload_error"].is_null(), "{s}");
+    assert_eq!(s["services"].as_array().map(Vec::len), Some(0), "{s}");
+}
