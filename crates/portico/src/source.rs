@@ -88,8 +88,10 @@ pub enum Reload {
 ///
 /// A valid file is still refused when it would stop every running service without saying so
 /// (an empty or comments-only file, e.g. one truncated by accident): removing them all takes
-/// an explicit `services: []`.
-pub fn decide(current: &Desired, read: Result<Loaded, LoadError>) -> Reload {
+/// an explicit `services: []`; and when it changes a field read only at start-up
+/// ([`model::reload::needs_restart`] against `baseline`, see [`watch`]): the error starts
+/// with `needs restart: ` and names every such field.
+pub fn decide(current: &Desired, baseline: &Config, read: Result<Loaded, LoadError>) -> Reload {
     let loaded = match read {
         Ok(l) => l,
         Err(e) => return Reload::Reject(e.to_string()),
@@ -111,6 +113,13 @@ pub fn decide(current: &Desired, read: Result<Loaded, LoadError>) -> Reload {
             running.join(", ")
         ));
     }
+    let restart = model::reload::needs_restart(baseline, &cfg);
+    if !restart.is_empty() {
+        return Reload::Reject(format!(
+            "needs restart: {} (read only at start-up: restart portico to apply, or put the running value back); the running configuration stays",
+            restart.join(", ")
+        ));
+    }
     Reload::Apply(Desired {
         generation: current.generation + 1,
         config: Arc::new(cfg),
@@ -120,10 +129,15 @@ pub fn decide(current: &Desired, read: Result<Loaded, LoadError>) -> Reload {
 /// Reads the file and decides what it means, like [`decide`], but never unwinds: a panic
 /// anywhere in reading or parsing (a bug) is caught and becomes a rejected reload, so the
 /// watcher lives on and later edits still apply.
-pub fn attempt(current: &Desired, path: &ConfigPath, env: &Environment) -> Reload {
+pub fn attempt(
+    current: &Desired,
+    baseline: &Config,
+    path: &ConfigPath,
+    env: &Environment,
+) -> Reload {
     let read = || {
         failpoint(path);
-        decide(current, load_file(path, env))
+        decide(current, baseline, load_file(path, env))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
         Ok(r) => r,
@@ -166,6 +180,10 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 /// Watches the file for SIGHUP and content changes (checked every `poll`, applied once the file
 /// has stopped changing for [`SETTLE`]) until `shutdown`.
+///
+/// Fields read only at start-up are compared with a *baseline*: the configuration the node
+/// started with, or, if that had no peers, the latest applied one until one with peers is
+/// applied (the gossip socket and identity are taken then; before, nothing uses them).
 pub async fn watch(
     path: ConfigPath,
     env: Environment,
@@ -188,6 +206,7 @@ pub async fn watch(
     // bounded and never blocking: a FIFO or device put at the path is refused, not read
     let read = || config::read_file(&file.to_string_lossy()).ok();
     let mut last_seen = read();
+    let mut baseline = desired.borrow().config.clone();
     let mut tick = tokio::time::interval(poll);
     loop {
         let forced = tokio::select! {
@@ -217,8 +236,11 @@ pub async fn watch(
         last_seen = now;
         let why = if forced { "SIGHUP" } else { "file changed" };
         let current = desired.borrow().clone();
-        match attempt(&current, &path, &env) {
+        match attempt(&current, &baseline, &path, &env) {
             Reload::Apply(next) => {
+                if baseline.cluster.peers.is_empty() {
+                    baseline = next.config.clone();
+                }
                 tracing::info!(
                     generation = next.generation,
                     trigger = why,
@@ -299,7 +321,7 @@ mod tests {
     #[test]
     fn a_valid_change_becomes_the_next_generation() {
         let cur = desired("cluster: {hold_down: 1s}");
-        match decide(&cur, read("cluster: {hold_down: 2s}")) {
+        match decide(&cur, &cur.config, read("cluster: {hold_down: 2s}")) {
             Reload::Apply(d) => assert_eq!(d.generation, 4),
             other => panic!("{other:?}"),
         }
@@ -308,7 +330,7 @@ mod tests {
     #[test]
     fn an_invalid_file_is_rejected_and_the_running_config_kept() {
         let cur = desired("admin: {listen: 127.0.0.1:1}");
-        match decide(&cur, read("admin: {listen: nope}")) {
+        match decide(&cur, &cur.config, read("admin: {listen: nope}")) {
             Reload::Reject(e) => assert!(e.contains("admin.listen"), "{e}"),
             other => panic!("{other:?}"),
         }
@@ -323,7 +345,7 @@ mod tests {
             "services:\n",
             "cluster: {hold_down: 1s}\n",
         ] {
-            match decide(&cur, read(empty)) {
+            match decide(&cur, &cur.config, read(empty)) {
                 Reload::Reject(e) => assert!(
                     e.contains("the file lists no services, so this reload would stop every running service (web); write `services: []`"),
                     "{e}"
@@ -331,16 +353,50 @@ mod tests {
                 other => panic!("{empty:?}: {other:?}"),
             }
         }
-        match decide(&cur, read("services: []\n")) {
+        match decide(&cur, &cur.config, read("services: []\n")) {
             Reload::Apply(d) => assert!(d.config.services.is_empty()),
             other => panic!("{other:?}"),
         }
         // nothing running: nothing to protect
         let none = desired("");
         assert!(matches!(
-            decide(&none, read("cluster: {hold_down: 1s}\n")),
+            decide(&none, &none.config, read("cluster: {hold_down: 1s}\n")),
             Reload::Apply(_)
         ));
+    }
+
+    #[test]
+    fn a_change_of_a_start_up_field_is_refused_with_needs_restart() {
+        let cur = desired("admin: {listen: 127.0.0.1:1}");
+        match decide(
+            &cur,
+            &cur.config,
+            read("admin: {listen: 127.0.0.1:2}\ncluster: {profile: fast}\n"),
+        ) {
+            Reload::Reject(e) => assert!(
+                e.starts_with(
+                    "needs restart: cluster.profile, admin.listen (read only at start-up"
+                ),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // the baseline decides, not the previous generation: a node that started without
+        // peers takes its first peers with a new bind
+        let alone =
+            desired("node: {name: a, interfaces: [{name: eth0, addresses: [10.0.0.11/24]}]}\n");
+        let joined = "node: {name: a, interfaces: [{name: eth0, addresses: [10.0.0.11/24]}]}\ncluster:\n  bind: 10.0.0.11:7946\n  keys: [{id: 1, secret: q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=}]\n  peers: [{name: b, address: 10.0.0.12:7946}]\n";
+        let Reload::Apply(next) = decide(&alone, &alone.config, read(joined)) else {
+            panic!("first peers refused")
+        };
+        let rebound = joined.replace("bind: 10.0.0.11:7946", "bind: 10.0.0.11:7000");
+        match decide(&next, &next.config, read(&rebound)) {
+            Reload::Reject(e) => assert!(
+                e.starts_with("needs restart: cluster.bind, cluster.advertise"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -359,7 +415,12 @@ mod tests {
             "cluster: {keys: [{id: 1, secret_file: /nonexistent}]}\n",
         )
         .unwrap();
-        match attempt(&cur, &ConfigPath::File(file.clone()), &panicking) {
+        match attempt(
+            &cur,
+            &cur.config,
+            &ConfigPath::File(file.clone()),
+            &panicking,
+        ) {
             Reload::Reject(e) => {
                 assert!(e.contains("panicked: reader bug"), "{e}");
                 assert!(e.contains("the running configuration stays"), "{e}");
@@ -368,7 +429,12 @@ mod tests {
         }
         // and the next attempt, with a reader that works, applies
         std::fs::write(&file, "cluster: {hold_down: 2s}\n").unwrap();
-        match attempt(&cur, &ConfigPath::File(file), &Environment::default()) {
+        match attempt(
+            &cur,
+            &cur.config,
+            &ConfigPath::File(file),
+            &Environment::default(),
+        ) {
             Reload::Apply(d) => assert_eq!(d.generation, 4),
             other => panic!("{other:?}"),
         }
@@ -411,7 +477,7 @@ mod tests {
     fn identical_content_is_not_a_new_generation() {
         let cur = desired("admin: {listen: 127.0.0.1:1}");
         assert_eq!(
-            decide(&cur, read("admin:\n  listen: 127.0.0.1:1\n")),
+            decide(&cur, &cur.config, read("admin:\n  listen: 127.0.0.1:1\n")),
             Reload::Unchanged
         );
     }

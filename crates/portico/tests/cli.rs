@@ -387,14 +387,14 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(ask(&mut conn, "hello"), "echo hello");
 
     // A valid change is applied (file change detection) …
-    let admin_port = running.admin.rsplit(':').next().unwrap().to_string();
-    std::fs::write(&cfg, config(&admin_port, vip_port.into(), backend, 7)).unwrap();
+    // (admin.listen stays as written, port 0: changing it needs a restart, tested below)
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 7)).unwrap();
     let s = running.wait_for("generation 2", |s| s["generation"] == 2);
     assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
     assert!(s["last_reload_error"].is_null());
 
     // … an invalid one is rejected, the running config kept and the error shown …
-    std::fs::write(&cfg, config(&admin_port, 99999, backend, 7)).unwrap();
+    std::fs::write(&cfg, config("0", 99999, backend, 7)).unwrap();
     let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
     assert_eq!(s["generation"], 2);
     let err = s["last_reload_error"].as_str().unwrap();
@@ -405,7 +405,7 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
 
     // … and SIGHUP re-reads a fixed file.
-    std::fs::write(&cfg, config(&admin_port, vip_port.into(), backend, 3)).unwrap();
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 3)).unwrap();
     running.signal(rustix::process::Signal::HUP);
     let s = running.wait_for("generation 3", |s| s["generation"] == 3);
     assert!(s["last_reload_error"].is_null());
@@ -569,4 +569,42 @@ fn a_truncated_file_does_not_remove_every_service_but_an_explicit_empty_list_doe
     let s = running.wait_for("generation 2", |s| s["generation"] == 2);
     assert!(s["last_reload_error"].is_null(), "{s}");
     assert_eq!(s["services"].as_array().map(Vec::len), Some(0), "{s}");
+}
+
+#[test]
+fn a_reload_that_changes_a_start_up_field_is_refused_with_needs_restart() {
+    let dir = TempDir::new("reload-restart");
+    let cfg = dir.0.join("portico.yaml");
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 1)).unwrap();
+    let running = Running::start(&cfg);
+    running.wait_for("ready", |s| s["ready"] == true);
+    let failures = "portico_config_reload_failures_total";
+
+    // a new admin address (and a new profile) with a new weight: all of it refused
+    let other_admin = free_port("127.0.0.1").to_string();
+    let changed = config(&other_admin, vip_port.into(), backend, 9).replace(
+        "node: {name: test-node}\n",
+        "node: {name: test-node}\ncluster: {profile: fast}\n",
+    );
+    std::fs::write(&cfg, changed).unwrap();
+    let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
+    let err = s["last_reload_error"].as_str().unwrap();
+    assert!(
+        err.starts_with("needs restart: cluster.profile, admin.listen"),
+        "{err}"
+    );
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 1);
+    running.wait_metric(failures, 1.0);
+    // still served on the address it started with
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", other_admin.parse::<u16>().unwrap())).is_err()
+    );
+
+    // the same change without the start-up fields applies
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 9)).unwrap();
+    let s = running.wait_for("generation 2", |s| s["generation"] == 2);
+    assert!(s["last_reload_error"].is_null(), "{s}");
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 9);
 }
