@@ -119,8 +119,25 @@ impl Default for Environment {
     fn default() -> Self {
         Self {
             hostname: "localhost".into(),
-            read_file: |p| std::fs::read_to_string(p),
+            read_file: read_secret_file,
         }
+    }
+}
+
+/// Reads a `secret_file` as [`read_file`] reads a config file: bounded, regular files only.
+fn read_secret_file(path: &str) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    match read_file(path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map_err(|_| Error::new(ErrorKind::InvalidData, "the file is not UTF-8 text")),
+        Err(LoadError::Io { source, .. }) => Err(source),
+        Err(LoadError::NotAFile { kind, .. }) => {
+            Err(Error::other(format!("not a regular file (it is {kind})")))
+        }
+        Err(LoadError::TooLarge { size, .. }) => {
+            Err(Error::other(format!("larger than 16 MiB ({size} bytes)")))
+        }
+        Err(e @ LoadError::Invalid { .. }) => Err(Error::other(e.to_string())),
     }
 }
 

@@ -349,6 +349,14 @@ mod bad_input {
             "{}",
             err(&big)
         );
+        // a secret_file is read the same way
+        let got = errors("cluster: {keys: [{id: 1, secret_file: /dev/zero}]}\n");
+        assert_eq!(
+            got,
+            [
+                "cluster.keys[0].secret_file: cannot read `/dev/zero`: not a regular file (it is a character device) (line 1, column 39)"
+            ]
+        );
         let ok = p("ok.yaml");
         std::fs::write(&ok, "services: []\n").unwrap();
         assert_eq!(read_file(&ok).unwrap(), b"services: []\n");
