@@ -182,6 +182,9 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         None => ConfigPath::Embedded,
     };
     let cfg = source::load(&path, &env)?;
+    if cfg.services.is_empty() {
+        tracing::warn!("the configuration has no services: nothing to balance");
+    }
     let shutdown = shutdown_on_signal();
     if matches!(path, ConfigPath::Embedded) {
         tracing::info!(
