@@ -60,6 +60,10 @@ impl std::fmt::Display for ConfigErrors {
     }
 }
 
+/// The largest config file read (a configuration is a few kilobytes; this keeps
+/// `--config /dev/zero`-like mistakes from exhausting memory).
+pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
 /// Errors from [`load`].
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -71,6 +75,26 @@ pub enum LoadError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The path is a FIFO, device, directory or socket: reading it could block or never end.
+    #[error(
+        "config file {path} is not a regular file (it is {kind}); give the path of a YAML file"
+    )]
+    NotAFile {
+        /// The path given.
+        path: String,
+        /// What it is instead (`a directory`, `a FIFO`, …).
+        kind: &'static str,
+    },
+    /// The file is larger than [`MAX_FILE_SIZE`].
+    #[error(
+        "config file {path} is larger than 16 MiB ({size} bytes); a configuration is a few kilobytes"
+    )]
+    TooLarge {
+        /// The path given.
+        path: String,
+        /// Its size (or the bytes read before giving up).
+        size: u64,
     },
     /// The file was read but is not a valid configuration.
     #[error("invalid config file {path}: {errors}")]
@@ -95,18 +119,104 @@ impl Default for Environment {
     fn default() -> Self {
         Self {
             hostname: "localhost".into(),
-            read_file: |p| std::fs::read_to_string(p),
+            read_file: read_secret_file,
         }
     }
 }
 
-/// Reads and validates a config file.
-pub fn load(path: &str, env: &Environment) -> Result<Config, LoadError> {
-    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+/// Reads a `secret_file` as [`read_file`] reads a config file: bounded, regular files only.
+fn read_secret_file(path: &str) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    match read_file(path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map_err(|_| Error::new(ErrorKind::InvalidData, "the file is not UTF-8 text")),
+        Err(LoadError::Io { source, .. }) => Err(source),
+        Err(LoadError::NotAFile { kind, .. }) => {
+            Err(Error::other(format!("not a regular file (it is {kind})")))
+        }
+        Err(LoadError::TooLarge { size, .. }) => {
+            Err(Error::other(format!("larger than 16 MiB ({size} bytes)")))
+        }
+        Err(e @ LoadError::Invalid { .. }) => Err(Error::other(e.to_string())),
+    }
+}
+
+/// A valid configuration and what the file said about it beyond its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// The file writes a `services` list (`services: []` included); an empty or comments-only
+    /// file, or `services:` with no value, does not. A reload may remove every service only
+    /// when this is true.
+    pub declares_services: bool,
+}
+
+/// Reads a config file's bytes: a regular file of at most [`MAX_FILE_SIZE`] bytes. FIFOs,
+/// devices, directories and sockets are refused before they are opened for reading (a FIFO
+/// would block, `/dev/zero` would never end).
+pub fn read_file(path: &str) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    let io = |source| LoadError::Io {
         path: path.into(),
         source,
-    })?;
-    parse(&src, env).map_err(|errors| LoadError::Invalid {
+    };
+    let check = |meta: &std::fs::Metadata| {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let kind = if t.is_file() {
+            return if meta.len() > MAX_FILE_SIZE {
+                Err(LoadError::TooLarge {
+                    path: path.into(),
+                    size: meta.len(),
+                })
+            } else {
+                Ok(())
+            };
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        Err(LoadError::NotAFile {
+            path: path.into(),
+            kind,
+        })
+    };
+    check(&std::fs::metadata(path).map_err(io)?)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    // the path may have been replaced between the two looks: check what was opened
+    check(&file.metadata().map_err(io)?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(LoadError::TooLarge {
+            path: path.into(),
+            size: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Reads and validates a config file (see [`read_file`] for what is refused before parsing).
+pub fn load(path: &str, env: &Environment) -> Result<Config, LoadError> {
+    load_file(path, env).map(|l| l.config)
+}
+
+/// Like [`load`], also telling whether the file declares its services ([`Loaded`]).
+pub fn load_file(path: &str, env: &Environment) -> Result<Loaded, LoadError> {
+    let bytes = read_file(path)?;
+    read(&bytes, env).map_err(|errors| LoadError::Invalid {
         path: path.into(),
         errors,
     })
@@ -114,6 +224,27 @@ pub fn load(path: &str, env: &Environment) -> Result<Config, LoadError> {
 
 /// Parses and validates config text.
 pub fn parse(src: &str, env: &Environment) -> Result<Config, ConfigErrors> {
+    read(src.as_bytes(), env).map(|l| l.config)
+}
+
+/// Parses and validates config bytes: text that is not UTF-8 is an error at the line and
+/// column of its first invalid byte.
+pub fn read(src: &[u8], env: &Environment) -> Result<Loaded, ConfigErrors> {
+    let src = std::str::from_utf8(src).map_err(|e| {
+        let good = &src[..e.valid_up_to()];
+        // the prefix is valid UTF-8 by definition
+        let good = std::str::from_utf8(good).unwrap_or_default();
+        let line_start = good.rfind('\n').map_or(0, |i| i + 1);
+        let byte = src[e.valid_up_to()];
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            pos: Pos {
+                line: good.matches('\n').count() + 1,
+                column: good[line_start..].chars().count() + 1,
+            },
+            message: format!("the file is not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8"),
+        }])
+    })?;
     let root = yaml::parse(src).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             path: String::new(),
@@ -124,13 +255,25 @@ pub fn parse(src: &str, env: &Environment) -> Result<Config, ConfigErrors> {
     let mut cx = Cx {
         errors: Vec::new(),
         env,
+        kept: BTreeMap::new(),
     };
     let cfg = decode_config(&mut cx, &root);
-    if cx.errors.is_empty() {
-        validate(&mut cx, &cfg);
+    let decode_errors: Vec<String> = cx.errors.iter().map(|e| e.path.clone()).collect();
+    let before = cx.errors.len();
+    validate(&mut cx, &cfg, &decode_errors);
+    for e in &mut cx.errors[before..] {
+        e.path = cfg.source_path(&e.path);
     }
     if cx.errors.is_empty() {
-        Ok(cfg.config)
+        let declares_services = matches!(
+            &root.value,
+            Value::Map(entries)
+                if entries.iter().any(|(k, v)| k.as_str() == Some("services") && matches!(v.value, Value::Seq(_)))
+        );
+        Ok(Loaded {
+            config: cfg.config,
+            declares_services,
+        })
     } else {
         cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));
         cx.errors.dedup();
@@ -150,6 +293,8 @@ pub fn to_yaml(cfg: &Config) -> String {
 struct Cx<'e> {
     errors: Vec<ConfigError>,
     env: &'e Environment,
+    /// See [`Decoded::kept`].
+    kept: BTreeMap<String, Vec<usize>>,
 }
 
 impl Cx<'_> {
@@ -191,11 +336,18 @@ impl Cx<'_> {
         mut item: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
     ) -> Vec<T> {
         match &node.value {
-            Value::Seq(items) => items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, n)| item(self, n, &format!("{path}[{i}]")))
-                .collect(),
+            Value::Seq(items) => {
+                let mut kept = Vec::new();
+                let mut out = Vec::new();
+                for (i, n) in items.iter().enumerate() {
+                    if let Some(v) = item(self, n, &format!("{path}[{i}]")) {
+                        kept.push(i);
+                        out.push(v);
+                    }
+                }
+                self.kept.insert(path.to_string(), kept);
+                out
+            }
             Value::Null => Vec::new(),
             _ => {
                 self.err(
@@ -519,1214 +671,15 @@ fn domain(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Schema
-// ---------------------------------------------------------------------------------------------
+mod schema;
+mod validate;
 
-/// The decoded config plus the positions the cross-field checks point at.
-struct Decoded {
-    config: Config,
-    /// Position of `services[i]`, `services[i].vips[j]`, `services[i].backends[j]`, …
-    pos: BTreeMap<String, Pos>,
-}
-
-fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
-    let mut pos = BTreeMap::new();
-    let mut m = cx.map(root, "").unwrap_or(Map {
-        path: String::new(),
-        pos: root.pos,
-        entries: &[],
-        asked: Vec::new(),
-    });
-    let node = m.opt(cx, "node", |cx, n, p| decode_node(cx, n, p, &mut pos));
-    let node = node.unwrap_or_else(|| Node_ {
-        name: cx.env.hostname.clone(),
-        interfaces: Vec::new(),
-    });
-    let cluster = m
-        .opt(cx, "cluster", |cx, n, p| decode_cluster(cx, n, p, &mut pos))
-        .unwrap_or_else(|| default_cluster(Vec::new(), Vec::new()));
-    let admin = m.opt(cx, "admin", decode_admin).unwrap_or(Admin {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9440)),
-    });
-    let dns = m.opt(cx, "dns", |cx, n, p| decode_dns(cx, n, p, &mut pos));
-    let services = m
-        .opt(cx, "services", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                decode_service(cx, n, p, &mut pos)
-            }))
-        })
-        .unwrap_or_default();
-    m.finish(cx);
-    Decoded {
-        config: Config {
-            node,
-            cluster,
-            admin,
-            dns,
-            services,
-        },
-        pos,
-    }
-}
-
-// `Node` the YAML tree type and `Node` the config type share a name; alias the latter here.
-use crate::service::Node as Node_;
-
-fn decode_node(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -> Option<Node_> {
-    let mut m = cx.map(n, p)?;
-    let name = m
-        .opt(cx, "name", label)
-        .unwrap_or_else(|| cx.env.hostname.clone());
-    let interfaces = m
-        .opt(cx, "interfaces", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                let mut m = cx.map(n, p)?;
-                let name = m.req(cx, "name", string);
-                let addresses = m
-                    .opt(cx, "addresses", |cx, n, p| Some(cx.list(n, p, net)))
-                    .unwrap_or_default();
-                m.finish(cx);
-                Some(Interface {
-                    name: name?,
-                    addresses,
-                })
-            }))
-        })
-        .unwrap_or_default();
-    m.finish(cx);
-    Some(Node_ { name, interfaces })
-}
-
-fn default_cluster(peers: Vec<Peer>, keys: Vec<ClusterKey>) -> Cluster {
-    let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7946));
-    Cluster {
-        bind,
-        advertise: bind,
-        peers,
-        keys,
-        profile: FailureProfile::Default,
-        preemptive: true,
-        hold_down: Duration::from_secs(5),
-        announce: AnnounceTiming {
-            count: 3,
-            interval: Duration::from_millis(100),
-            refresh: Duration::from_secs(10),
-        },
-    }
-}
-
-fn decode_cluster(
-    cx: &mut Cx,
-    n: &Node,
-    p: &str,
-    pos: &mut BTreeMap<String, Pos>,
-) -> Option<Cluster> {
-    let mut m = cx.map(n, p)?;
-    let mut c = default_cluster(Vec::new(), Vec::new());
-    if let Some(b) = m.opt(cx, "bind", socket) {
-        c.bind = b;
-        c.advertise = b;
-    }
-    if let Some(a) = m.opt(cx, "advertise", socket) {
-        c.advertise = a;
-    }
-    c.peers = m
-        .opt(cx, "peers", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                let mut m = cx.map(n, p)?;
-                let name = m.req(cx, "name", label);
-                let address = m.req(cx, "address", socket);
-                m.finish(cx);
-                Some(Peer {
-                    name: name?,
-                    address: address?,
-                })
-            }))
-        })
-        .unwrap_or_default();
-    c.keys = m
-        .opt(cx, "keys", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                decode_key(cx, n, p)
-            }))
-        })
-        .unwrap_or_default();
-    if let Some(v) = m.opt(
-        cx,
-        "profile",
-        one_of(&[
-            ("default", FailureProfile::Default),
-            ("fast", FailureProfile::Fast),
-        ]),
-    ) {
-        c.profile = v;
-    }
-    if let Some(v) = m.opt(cx, "preemptive", boolean) {
-        c.preemptive = v;
-    }
-    if let Some(v) = m.opt(
-        cx,
-        "hold_down",
-        dur(Duration::ZERO, Duration::from_secs(3600)),
-    ) {
-        c.hold_down = v;
-    }
-    if let Some(a) = m.opt(cx, "announce", |cx, n, p| {
-        let mut m = cx.map(n, p)?;
-        let mut a = default_cluster(Vec::new(), Vec::new()).announce;
-        if let Some(v) = m.opt(cx, "count", uint(1, 100)) {
-            a.count = v as u32;
-        }
-        if let Some(v) = m.opt(
-            cx,
-            "interval",
-            dur(Duration::from_millis(1), Duration::from_secs(10)),
-        ) {
-            a.interval = v;
-        }
-        if let Some(v) = m.opt(
-            cx,
-            "refresh",
-            dur(Duration::ZERO, Duration::from_secs(3600)),
-        ) {
-            a.refresh = v;
-        }
-        m.finish(cx);
-        Some(a)
-    }) {
-        c.announce = a;
-    }
-    m.finish(cx);
-    Some(c)
-}
-
-fn decode_key(cx: &mut Cx, n: &Node, p: &str) -> Option<ClusterKey> {
-    let mut m = cx.map(n, p)?;
-    let id = m.req(cx, "id", uint(0, 255));
-    let inline = m.opt(cx, "secret", |cx, n, p| {
-        Some((
-            scalar(cx, n, p, "a secret")?.to_string(),
-            n.pos,
-            p.to_string(),
-        ))
-    });
-    let file = m.opt(cx, "secret_file", |cx, n, p| {
-        Some((
-            scalar(cx, n, p, "a file path")?.to_string(),
-            n.pos,
-            p.to_string(),
-        ))
-    });
-    m.finish(cx);
-    let (text, spos, spath) = match (inline, file) {
-        (Some(s), None) => s,
-        (None, Some((path, fpos, fpath))) => match (cx.env.read_file)(&path) {
-            Ok(text) => (text.trim().to_string(), fpos, fpath),
-            Err(e) => {
-                cx.err(&fpath, fpos, format!("cannot read `{path}`: {e}"));
-                return None;
-            }
-        },
-        (Some(_), Some((_, fpos, fpath))) => {
-            cx.err(&fpath, fpos, "give either secret or secret_file, not both");
-            return None;
-        }
-        (None, None) => {
-            cx.err(
-                &format!("{p}.secret"),
-                n.pos,
-                "missing required field; give secret (32 bytes as base64 or 64 hex digits) or secret_file",
-            );
-            return None;
-        }
-    };
-    match decode_secret(&text) {
-        Some(secret) => Some(ClusterKey {
-            id: id? as u8,
-            secret,
-        }),
-        None => {
-            cx.err(
-                &spath,
-                spos,
-                "must be 32 bytes written as base64 (44 characters) or 64 hex digits; generate one with `head -c 32 /dev/urandom | base64`",
-            );
-            None
-        }
-    }
-}
-
-/// 32 bytes from 64 hex digits or standard base64.
-pub fn decode_secret(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    let bytes: Vec<u8> = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        (0..32)
-            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
-            .collect::<Option<_>>()?
-    } else {
-        base64_decode(s)?
-    };
-    bytes.try_into().ok()
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.trim_end_matches('=').bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
-fn decode_admin(cx: &mut Cx, n: &Node, p: &str) -> Option<Admin> {
-    let mut m = cx.map(n, p)?;
-    let listen = m
-        .opt(cx, "listen", socket)
-        .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 9440)));
-    m.finish(cx);
-    Some(Admin { listen })
-}
-
-fn decode_dns(cx: &mut Cx, n: &Node, p: &str, pos: &mut BTreeMap<String, Pos>) -> Option<Dns> {
-    let mut m = cx.map(n, p)?;
-    let listen = m
-        .opt(cx, "listen", socket)
-        .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 5353)));
-    let zones = m.req(cx, "zones", |cx, n, p| {
-        Some(cx.list(n, p, |cx, n, p| {
-            pos.insert(p.to_string(), n.pos);
-            let mut m = cx.map(n, p)?;
-            let name = m.req(cx, "name", domain);
-            let ttl = m.opt(cx, "ttl", dur(Duration::ZERO, Duration::from_secs(86400)));
-            let ns = m.opt(cx, "ns", |cx, n, p| Some(cx.list(n, p, domain)));
-            let admin_email = m.opt(cx, "admin_email", domain);
-            let serial = m.opt(cx, "serial", uint(0, u64::from(u32::MAX)));
-            let negative_ttl = m.opt(
-                cx,
-                "negative_ttl",
-                dur(Duration::ZERO, Duration::from_secs(86400)),
-            );
-            m.finish(cx);
-            let name = name?;
-            Some(Zone {
-                ns: ns
-                    .filter(|v| !v.is_empty())
-                    .unwrap_or_else(|| vec![format!("ns1.{name}")]),
-                admin_email: admin_email.unwrap_or_else(|| format!("hostmaster.{name}")),
-                ttl: ttl.unwrap_or(Duration::from_secs(5)),
-                serial: serial.unwrap_or(1) as u32,
-                negative_ttl: negative_ttl.unwrap_or(Duration::from_secs(5)),
-                name,
-            })
-        }))
-    });
-    m.finish(cx);
-    Some(Dns {
-        listen,
-        zones: zones.unwrap_or_default(),
-    })
-}
-
-const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
-
-fn decode_service(
-    cx: &mut Cx,
-    n: &Node,
-    p: &str,
-    pos: &mut BTreeMap<String, Pos>,
-) -> Option<Service> {
-    let mut m = cx.map(n, p)?;
-    let name = m.req(cx, "name", label);
-    let vips = m
-        .req(cx, "vips", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                ip(cx, n, p)
-            }))
-        })
-        .unwrap_or_default();
-    let ports = m
-        .req(cx, "ports", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                let mut m = cx.map(n, p)?;
-                let port = m.req(cx, "port", uint(1, 65535)).map(|v| v as u16);
-                let protocol = m
-                    .opt(cx, "protocol", one_of(PROTOCOLS))
-                    .unwrap_or(Protocol::Tcp);
-                let name = m.opt(cx, "name", label);
-                let target_port = m.opt(cx, "target_port", uint(1, 65535)).map(|v| v as u16);
-                m.finish(cx);
-                let port = port?;
-                Some(Port {
-                    name: name.unwrap_or_else(|| format!("{protocol}-{port}")),
-                    port,
-                    protocol,
-                    target_port: target_port.unwrap_or(port),
-                })
-            }))
-        })
-        .unwrap_or_default();
-    let backends = m
-        .req(cx, "backends", |cx, n, p| {
-            Some(cx.list(n, p, |cx, n, p| {
-                pos.insert(p.to_string(), n.pos);
-                let mut m = cx.map(n, p)?;
-                let address = m.req(cx, "address", ip);
-                let port = m.opt(cx, "port", uint(1, 65535)).map(|v| v as u16);
-                let weight = m.opt(cx, "weight", uint(0, 1000)).unwrap_or(1) as u32;
-                let name = m.opt(cx, "name", string);
-                let node = m.opt(cx, "node", label);
-                m.finish(cx);
-                let address = address?;
-                Some(Backend {
-                    name: name.unwrap_or_else(|| match port {
-                        Some(p) => SocketAddr::new(address, p).to_string(),
-                        None => address.to_string(),
-                    }),
-                    address,
-                    port,
-                    weight,
-                    node,
-                })
-            }))
-        })
-        .unwrap_or_default();
-    let balance = m
-        .opt(
-            cx,
-            "balance",
-            one_of(&[
-                ("round-robin", Balance::RoundRobin),
-                ("least-connections", Balance::LeastConnections),
-                ("power-of-two", Balance::PowerOfTwo),
-                ("maglev", Balance::Maglev),
-            ]),
-        )
-        .unwrap_or_default();
-    // Checks speak TCP: a service with only UDP ports gets none unless it names a port.
-    let health_check = match m.node("health_check") {
-        None if !ports.is_empty() && ports.iter().all(|p| p.protocol == Protocol::Udp) => None,
-        None => Some(default_health_check()),
-        Some(n) => decode_health_check(cx, n, &format!("{p}.health_check")).unwrap_or(None),
-    };
-    let circuit_breaker = m
-        .opt(cx, "circuit_breaker", decode_breaker)
-        .unwrap_or_else(default_breaker);
-    let outlier = m
-        .opt(cx, "outlier", decode_outlier)
-        .unwrap_or_else(default_outlier);
-    let connection = m
-        .opt(cx, "connection", decode_connection)
-        .unwrap_or_else(default_connection);
-    let proxy_protocol = m.opt(
-        cx,
-        "proxy_protocol",
-        one_of(&[("v1", ProxyProtocol::V1), ("v2", ProxyProtocol::V2)]),
-    );
-    let placement = m
-        .opt(cx, "placement", |cx, n, p| {
-            let mut m = cx.map(n, p)?;
-            let nodes = m.opt(cx, "nodes", |cx, n, p| Some(cx.list(n, p, label)));
-            let preferred = m.opt(cx, "preferred", |cx, n, p| Some(cx.list(n, p, label)));
-            let local_only = m.opt(cx, "local_only", boolean);
-            m.finish(cx);
-            Some(Placement {
-                nodes: nodes.unwrap_or_default(),
-                preferred: preferred.unwrap_or_default(),
-                local_only: local_only.unwrap_or(false),
-            })
-        })
-        .unwrap_or_default();
-    let dns = m.opt(cx, "dns", |cx, n, p| {
-        let mut m = cx.map(n, p)?;
-        let enabled = m.opt(cx, "enabled", boolean);
-        let hostname = m.opt(cx, "hostname", label);
-        let zone = m.opt(cx, "zone", domain);
-        let ttl = m.opt(cx, "ttl", dur(Duration::ZERO, Duration::from_secs(86400)));
-        let mode = m.opt(
-            cx,
-            "mode",
-            one_of(&[("vips", DnsMode::Vips), ("nodes", DnsMode::Nodes)]),
-        );
-        let fail_closed = m.opt(cx, "fail_closed", boolean);
-        m.finish(cx);
-        Some((enabled, hostname, zone, ttl, mode, fail_closed))
-    });
-    m.finish(cx);
-    let name = name?;
-    let (enabled, hostname, zone, ttl, mode, fail_closed) = dns.unwrap_or_default();
-    Some(Service {
-        dns: ServiceDns {
-            enabled: enabled.unwrap_or(true),
-            hostname: hostname.unwrap_or_else(|| name.clone()),
-            zone,
-            ttl,
-            mode: mode.unwrap_or_default(),
-            fail_closed: fail_closed.unwrap_or(false),
-        },
-        name,
-        vips,
-        ports,
-        backends,
-        balance,
-        health_check,
-        circuit_breaker,
-        outlier,
-        connection,
-        proxy_protocol,
-        placement,
-    })
-}
-
-fn default_health_check() -> HealthCheck {
-    HealthCheck {
-        kind: CheckKind::Tcp,
-        port: None,
-        interval: Duration::from_secs(2),
-        timeout: Duration::from_secs(1),
-        rise: 2,
-        fall: 3,
-    }
-}
-
-/// `Some(None)` is an explicit `type: none`.
-fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCheck>> {
-    let mut m = cx.map(n, p)?;
-    let kind = m.opt(
-        cx,
-        "type",
-        one_of(&[
-            ("tcp", "tcp"),
-            ("http", "http"),
-            ("mysql", "mysql"),
-            ("none", "none"),
-        ]),
-    );
-    let mut hc = default_health_check();
-    let port = m.opt(cx, "port", uint(1, 65535)).map(|v| v as u16);
-    let interval = m.opt(
-        cx,
-        "interval",
-        dur(Duration::from_millis(10), Duration::from_secs(3600)),
-    );
-    let timeout = m.opt(
-        cx,
-        "timeout",
-        dur(Duration::from_millis(1), Duration::from_secs(600)),
-    );
-    let rise = m.opt(cx, "rise", uint(1, 100));
-    let fall = m.opt(cx, "fall", uint(1, 100));
-    let path = m.opt(cx, "path", |cx, n, p| {
-        let s = string(cx, n, p)?;
-        if s.starts_with('/') && !s.contains(char::is_whitespace) {
-            Some(s)
-        } else {
-            cx.err(
-                p,
-                n.pos,
-                format!("`{s}` is not a request path; it must start with / and have no spaces"),
-            );
-            None
-        }
-    });
-    let expect_status = m.opt(cx, "expect_status", uint(100, 599)).map(|v| v as u16);
-    let host = m.opt(cx, "host", string);
-    m.finish(cx);
-    let kind = kind.unwrap_or("tcp");
-    if kind != "http" && (path.is_some() || expect_status.is_some() || host.is_some()) {
-        cx.err(
-            p,
-            n.pos,
-            format!("path, expect_status and host apply to type: http only, not type: {kind}"),
-        );
-    }
-    hc.kind = match kind {
-        "none" => return Some(None),
-        "http" => CheckKind::Http {
-            path: path.unwrap_or_else(|| "/".into()),
-            expect_status: expect_status.unwrap_or(200),
-            host,
-        },
-        "mysql" => CheckKind::Mysql,
-        _ => CheckKind::Tcp,
-    };
-    hc.port = port;
-    hc.interval = interval.unwrap_or(hc.interval);
-    hc.timeout = timeout.unwrap_or(hc.timeout.min(hc.interval));
-    hc.rise = rise.map_or(hc.rise, |v| v as u32);
-    hc.fall = fall.map_or(hc.fall, |v| v as u32);
-    if hc.timeout > hc.interval {
-        cx.err(
-            &format!("{p}.timeout"),
-            n.pos,
-            format!(
-                "{} is longer than interval {}; a check must end before the next starts",
-                duration::format(hc.timeout),
-                duration::format(hc.interval)
-            ),
-        );
-    }
-    Some(Some(hc))
-}
-
-fn default_breaker() -> CircuitBreaker {
-    CircuitBreaker {
-        max_connections: 0,
-        max_service_connections: 0,
-        max_pending: 128,
-        queue_timeout: Duration::from_secs(1),
-    }
-}
-
-fn decode_breaker(cx: &mut Cx, n: &Node, p: &str) -> Option<CircuitBreaker> {
-    let mut m = cx.map(n, p)?;
-    let mut b = default_breaker();
-    if let Some(v) = m.opt(cx, "max_connections", uint(0, 10_000_000)) {
-        b.max_connections = v as u32;
-    }
-    if let Some(v) = m.opt(cx, "max_service_connections", uint(0, 10_000_000)) {
-        b.max_service_connections = v as u32;
-    }
-    if let Some(v) = m.opt(cx, "max_pending", uint(0, 10_000_000)) {
-        b.max_pending = v as u32;
-    }
-    if let Some(v) = m.opt(
-        cx,
-        "queue_timeout",
-        dur(Duration::ZERO, Duration::from_secs(600)),
-    ) {
-        b.queue_timeout = v;
-    }
-    m.finish(cx);
-    Some(b)
-}
-
-fn default_outlier() -> Outlier {
-    Outlier {
-        consecutive_failures: 5,
-        base_ejection_time: Duration::from_secs(30),
-        max_ejection_time: Duration::from_secs(300),
-        max_ejection_percent: 50,
-        panic_threshold_percent: 50,
-    }
-}
-
-fn decode_outlier(cx: &mut Cx, n: &Node, p: &str) -> Option<Outlier> {
-    let mut m = cx.map(n, p)?;
-    let mut o = default_outlier();
-    if let Some(v) = m.opt(cx, "consecutive_failures", uint(0, 1000)) {
-        o.consecutive_failures = v as u32;
-    }
-    if let Some(v) = m.opt(
-        cx,
-        "base_ejection_time",
-        dur(Duration::from_millis(1), Duration::from_secs(86400)),
-    ) {
-        o.base_ejection_time = v;
-    }
-    if let Some(v) = m.opt(
-        cx,
-        "max_ejection_time",
-        dur(Duration::from_millis(1), Duration::from_secs(86400)),
-    ) {
-        o.max_ejection_time = v;
-    }
-    if let Some(v) = m.opt(cx, "max_ejection_percent", uint(0, 100)) {
-        o.max_ejection_percent = v as u32;
-    }
-    if let Some(v) = m.opt(cx, "panic_threshold_percent", uint(0, 100)) {
-        o.panic_threshold_percent = v as u32;
-    }
-    if o.max_ejection_time < o.base_ejection_time {
-        cx.err(
-            &format!("{p}.max_ejection_time"),
-            n.pos,
-            format!(
-                "{} is shorter than base_ejection_time {}; the cap must be at least the base",
-                duration::format(o.max_ejection_time),
-                duration::format(o.base_ejection_time)
-            ),
-        );
-    }
-    m.finish(cx);
-    Some(o)
-}
-
-fn default_connection() -> Connection {
-    Connection {
-        connect_timeout: Duration::from_secs(1),
-        retries: 2,
-        idle_timeout: Duration::from_secs(600),
-        drain_timeout: Duration::from_secs(30),
-    }
-}
-
-fn decode_connection(cx: &mut Cx, n: &Node, p: &str) -> Option<Connection> {
-    let mut m = cx.map(n, p)?;
-    let mut c = default_connection();
-    if let Some(v) = m.opt(
-        cx,
-        "connect_timeout",
-        dur(Duration::from_millis(1), Duration::from_secs(600)),
-    ) {
-        c.connect_timeout = v;
-    }
-    if let Some(v) = m.opt(cx, "retries", uint(0, 100)) {
-        c.retries = v as u32;
-    }
-    if let Some(v) = m.opt(
-        cx,
-        "idle_timeout",
-        dur(Duration::from_millis(1), Duration::from_secs(7 * 86400)),
-    ) {
-        c.idle_timeout = v;
-    }
-    if let Some(v) = m.opt(
-        cx,
-        "drain_timeout",
-        dur(Duration::ZERO, Duration::from_secs(86400)),
-    ) {
-        c.drain_timeout = v;
-    }
-    m.finish(cx);
-    Some(c)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Cross-field checks
-// ---------------------------------------------------------------------------------------------
-
-fn validate(cx: &mut Cx, d: &Decoded) {
-    let cfg = &d.config;
-    let at = |path: &str| d.pos.get(path).copied().unwrap_or_default();
-
-    // Cluster membership.
-    let mut members: BTreeSet<&str> = BTreeSet::from([cfg.node.name.as_str()]);
-    for (i, peer) in cfg.cluster.peers.iter().enumerate() {
-        let p = format!("cluster.peers[{i}]");
-        if !members.insert(&peer.name) {
-            cx.err(
-                &format!("{p}.name"),
-                at(&p),
-                format!(
-                    "node `{}` appears twice (node.name and peers must all differ)",
-                    peer.name
-                ),
-            );
-        }
-    }
-    if !cfg.cluster.peers.is_empty() {
-        if cfg.cluster.keys.is_empty() {
-            cx.err(
-                "cluster.keys",
-                Pos { line: 1, column: 1 },
-                "gossip with peers needs a shared key; add keys: [{id: 1, secret: <base64 of 32 random bytes>}]",
-            );
-        }
-        if cfg.cluster.advertise.ip().is_unspecified() {
-            cx.err(
-                "cluster.advertise",
-                Pos { line: 1, column: 1 },
-                format!("peers need an address to reach this node; bind is {}, so set advertise to this node's address", cfg.cluster.bind),
-            );
-        }
-        if cfg.node.interfaces.is_empty() {
-            cx.err(
-                "node.interfaces",
-                Pos { line: 1, column: 1 },
-                "failover between peers announces VIPs on an interface; list at least one under node.interfaces",
-            );
-        }
-    }
-    let mut key_ids = BTreeSet::new();
-    for (i, k) in cfg.cluster.keys.iter().enumerate() {
-        let p = format!("cluster.keys[{i}]");
-        if !key_ids.insert(k.id) {
-            cx.err(
-                &format!("{p}.id"),
-                at(&p),
-                format!("key id {} is used twice; each key needs its own id", k.id),
-            );
-        }
-    }
-
-    // Zones.
-    let zones: Vec<&str> = cfg
-        .dns
-        .iter()
-        .flat_map(|d| d.zones.iter().map(|z| z.name.as_str()))
-        .collect();
-    if let Some(dns) = &cfg.dns {
-        if dns.zones.is_empty() {
-            cx.err(
-                "dns.zones",
-                Pos { line: 1, column: 1 },
-                "the DNS server needs at least one zone",
-            );
-        }
-        let mut seen = BTreeSet::new();
-        for (i, z) in dns.zones.iter().enumerate() {
-            if !seen.insert(&z.name) {
-                let p = format!("dns.zones[{i}]");
-                cx.err(
-                    &format!("{p}.name"),
-                    at(&p),
-                    format!("zone `{}` is listed twice", z.name),
-                );
-            }
-        }
-    }
-
-    // Services.
-    let mut names = BTreeMap::new();
-    let mut listeners: BTreeMap<(IpAddr, u16, Protocol), String> = BTreeMap::new();
-    let all_vips: BTreeMap<IpAddr, &str> = cfg
-        .services
-        .iter()
-        .flat_map(|s| s.vips.iter().map(move |v| (*v, s.name.as_str())))
-        .collect();
-    for (si, s) in cfg.services.iter().enumerate() {
-        let sp = format!("services[{si}]");
-        if let Some(prev) = names.insert(s.name.as_str(), si) {
-            cx.err(
-                &format!("{sp}.name"),
-                at(&sp),
-                format!(
-                    "service `{}` is already defined at services[{prev}]; names must be unique",
-                    s.name
-                ),
-            );
-        }
-        if s.vips.is_empty() {
-            cx.err(
-                &format!("{sp}.vips"),
-                at(&sp),
-                "a service needs at least one VIP",
-            );
-        }
-        if s.ports.is_empty() {
-            cx.err(
-                &format!("{sp}.ports"),
-                at(&sp),
-                "a service needs at least one port",
-            );
-        }
-        if s.backends.is_empty() {
-            cx.err(
-                &format!("{sp}.backends"),
-                at(&sp),
-                "a service needs at least one backend",
-            );
-        }
-        let mut seen_vips = BTreeSet::new();
-        for (vi, vip) in s.vips.iter().enumerate() {
-            let vp = format!("{sp}.vips[{vi}]");
-            if !seen_vips.insert(vip) {
-                cx.err(&vp, at(&vp), format!("{vip} is listed twice"));
-            }
-            if vip.is_unspecified() || vip.is_multicast() {
-                cx.err(
-                    &vp,
-                    at(&vp),
-                    format!("{vip} cannot be a VIP; use a unicast address"),
-                );
-            }
-            if !cfg.node.interfaces.is_empty()
-                && !cfg.node.interfaces.iter().any(|i| i.serves_family(*vip))
-            {
-                let fam = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
-                let names: Vec<&str> = cfg
-                    .node
-                    .interfaces
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect();
-                cx.err(
-                    &vp,
-                    at(&vp),
-                    format!("{vip} is {fam} but no interface in node.interfaces ({}) has an {fam} address; add one or remove this VIP", names.join(", ")),
-                );
-            }
-            for (pi, port) in s.ports.iter().enumerate() {
-                let key = (*vip, port.port, port.protocol);
-                let here = format!("{sp}.ports[{pi}]");
-                if let Some(other) = listeners.insert(key, here.clone()) {
-                    cx.err(
-                        &here,
-                        at(&here),
-                        format!("{} {}/{} is already used by {other}; each VIP:port/protocol may belong to one service port", SocketAddr::new(*vip, port.port), port.port, port.protocol),
-                    );
-                }
-            }
-        }
-        let mut port_names = BTreeSet::new();
-        for (pi, port) in s.ports.iter().enumerate() {
-            let pp = format!("{sp}.ports[{pi}]");
-            if !port_names.insert(&port.name) {
-                cx.err(
-                    &format!("{pp}.name"),
-                    at(&pp),
-                    format!("port name `{}` is used twice in this service", port.name),
-                );
-            }
-        }
-        let mut backend_names = BTreeSet::new();
-        for (bi, b) in s.backends.iter().enumerate() {
-            let bp = format!("{sp}.backends[{bi}]");
-            if !backend_names.insert(&b.name) {
-                cx.err(&format!("{bp}.name"), at(&bp), format!("backend name `{}` is used twice in this service; give each a distinct name", b.name));
-            }
-            if b.port.is_some() && s.ports.len() > 1 {
-                cx.err(
-                    &format!("{bp}.port"),
-                    at(&bp),
-                    "a backend port is ambiguous when the service has several ports; set target_port on each port instead",
-                );
-            }
-            if let Some(owner) = all_vips.get(&b.address) {
-                cx.err(
-                    &format!("{bp}.address"),
-                    at(&bp),
-                    format!("{} is a VIP of service `{owner}`; a backend must be a real server, not a VIP (traffic would loop)", b.address),
-                );
-            }
-            if b.address.is_unspecified() || b.address.is_multicast() {
-                cx.err(
-                    &format!("{bp}.address"),
-                    at(&bp),
-                    format!("{} cannot be a backend address", b.address),
-                );
-            }
-            if let Some(node) = &b.node
-                && !members.contains(node.as_str())
-            {
-                cx.err(
-                    &format!("{bp}.node"),
-                    at(&bp),
-                    format!(
-                        "unknown node `{node}`; known nodes: {}",
-                        members.iter().copied().collect::<Vec<_>>().join(", ")
-                    ),
-                );
-            }
-        }
-        if s.backends.iter().all(|b| b.weight == 0) && !s.backends.is_empty() {
-            cx.err(
-                &format!("{sp}.backends"),
-                at(&sp),
-                "every backend has weight 0, so nothing can be served; give at least one a weight",
-            );
-        }
-        for (what, list) in [
-            ("nodes", &s.placement.nodes),
-            ("preferred", &s.placement.preferred),
-        ] {
-            for n in list {
-                if !members.contains(n.as_str()) {
-                    cx.err(
-                        &format!("{sp}.placement.{what}"),
-                        at(&sp),
-                        format!(
-                            "unknown node `{n}`; known nodes: {}",
-                            members.iter().copied().collect::<Vec<_>>().join(", ")
-                        ),
-                    );
-                }
-            }
-        }
-        if s.placement.local_only && s.backends.iter().any(|b| b.node.is_none()) {
-            cx.err(
-                &format!("{sp}.placement.local_only"),
-                at(&sp),
-                "local_only needs every backend to name its node (backends[].node)",
-            );
-        }
-        if let Some(z) = &s.dns.zone
-            && !zones.contains(&z.as_str())
-        {
-            let known = if zones.is_empty() {
-                "none; add a dns section".to_string()
-            } else {
-                zones.join(", ")
-            };
-            cx.err(
-                &format!("{sp}.dns.zone"),
-                at(&sp),
-                format!("unknown zone `{z}`; zones: {known}"),
-            );
-        }
-        if let Some(hc) = &s.health_check
-            && hc.port.is_none()
-            && !s.ports.is_empty()
-            && s.ports.iter().all(|p| p.protocol == Protocol::Udp)
-        {
-            cx.err(
-                &format!("{sp}.health_check.port"),
-                at(&sp),
-                "health checks speak TCP and this service has only UDP ports; set health_check.port to a TCP port of the backends, or type: none",
-            );
-        }
-    }
-}
+use schema::decode_config;
+pub use schema::decode_secret;
+use validate::validate;
 
 /// The embedded default configuration `portico run` uses when no `--config` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("embedded-default.yaml");
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env() -> Environment {
-        Environment {
-            hostname: "testhost".into(),
-            read_file: |p| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    p.to_string(),
-                ))
-            },
-        }
-    }
-
-    #[test]
-    fn the_annotated_example_parses() {
-        let src = include_str!("../../../examples/portico.yaml");
-        let cfg = parse(src, &env()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(cfg.services.len(), 2);
-        assert_eq!(cfg.cluster.peers.len(), 2);
-        assert_eq!(cfg.services[1].ports[1].protocol, Protocol::Udp);
-    }
-
-    #[test]
-    fn the_embedded_default_parses() {
-        let cfg = parse(EMBEDDED_DEFAULT, &env()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(cfg.node.name, "local");
-    }
-
-    #[test]
-    fn the_effective_config_reads_back_as_the_same_config() {
-        // `portico check` prints the effective config; it must be valid input meaning the same.
-        // Cluster keys are never printed, so they are put back before reading it again.
-        let mut sources = vec![
-            EMBEDDED_DEFAULT.to_string(),
-            include_str!("../../../examples/portico.yaml").to_string(),
-        ];
-        sources.push(
-            "services:\n  - name: x\n    vips: [10.0.0.1]\n    ports: [{port: 1}]\n    backends: [{address: 10.0.1.1}]\n    health_check: {type: none}\n".into(),
-        );
-        for src in sources {
-            let cfg = parse(&src, &env()).unwrap_or_else(|e| panic!("{e}"));
-            let mut printed = to_yaml(&cfg);
-            if !cfg.cluster.keys.is_empty() {
-                printed = printed.replace(
-                    "\ncluster:\n",
-                    "\ncluster:\n  keys: [{id: 1, secret: q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=}]\n",
-                );
-            }
-            let again = parse(&printed, &env()).unwrap_or_else(|e| panic!("{e}\n{printed}"));
-            assert_eq!(cfg, again, "{printed}");
-        }
-    }
-
-    #[test]
-    fn an_empty_file_is_a_valid_empty_config_with_defaults() {
-        let cfg = parse("", &env()).unwrap();
-        assert_eq!(cfg.node.name, "testhost");
-        assert_eq!(cfg.admin.listen, "127.0.0.1:9440".parse().unwrap());
-        assert!(cfg.services.is_empty());
-    }
-}
-
-#[cfg(test)]
-mod bad_input {
-    //! Each class of bad input and the exact message it produces.
-    use super::*;
-
-    const SVC: &str = "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n";
-
-    fn errors(src: &str) -> Vec<String> {
-        match parse(src, &Environment::default()) {
-            Ok(_) => panic!("accepted:\n{src}"),
-            Err(e) => e.0.iter().map(ToString::to_string).collect(),
-        }
-    }
-
-    #[test]
-    fn each_class_of_bad_input_has_its_exact_message() {
-        let cases: &[(&str, &str)] = &[
-            (
-                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports:\n      - port: 70000\n    backends: [{address: 10.0.1.1}]\n",
-                "services[0].ports[0].port: 70000 is out of range 1-65535 (line 5, column 15)",
-            ),
-            (
-                "admin:\n  listen: 127.0.0.1:9440\n  lisen: x\n",
-                "admin.lisen: unknown field `lisen` (did you mean `listen`?); valid fields here: listen (line 3, column 3)",
-            ),
-            (
-                "services:\n  - name: Web_1\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
-                "services[0].name: `Web_1` is not a valid name; use 1-63 lower-case letters, digits and `-`, not at either end (line 2, column 11)",
-            ),
-            (
-                "services:\n  - name: web\n    vips: [10.0.0.300]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
-                "services[0].vips[0]: `10.0.0.300` is not an IP address; write e.g. 10.0.0.10 or fd00::10 (line 3, column 12)",
-            ),
-            (
-                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80, protocol: sctp}]\n    backends: [{address: 10.0.1.1}]\n",
-                "services[0].ports[0].protocol: `sctp` is not valid (did you mean `tcp`?); use one of tcp, udp (line 4, column 34)",
-            ),
-            (
-                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    health_check: {interval: 2 s}\n",
-                "services[0].health_check.interval: unknown unit ` s` in `2 s`; use ns, us, ms, s, m or h (line 6, column 30)",
-            ),
-            (
-                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    balance: maglevv\n",
-                "services[0].balance: `maglevv` is not valid (did you mean `maglev`?); use one of round-robin, least-connections, power-of-two, maglev (line 6, column 14)",
-            ),
-            (
-                "services:\n  - name: web\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
-                "services[0].vips: missing required field (line 2, column 5)",
-            ),
-            (
-                "services: {name: web}\n",
-                "services: expected a list, found a mapping (line 1, column 11)",
-            ),
-            ("admin: [1, 2\n", "YAML syntax error"),
-        ];
-        for (src, want) in cases {
-            let got = errors(src);
-            assert!(
-                got.iter().any(|g| g.starts_with(want)),
-                "for input:\n{src}\nwant: {want}\ngot:  {got:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn every_error_is_reported_at_once() {
-        let src = "admin:\n  listen: nope\nservices:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 0}, {port: 99999}]\n    backends: [{address: 10.0.1.1, weight: 5000}]\n    typo: 1\n";
-        let got = errors(src);
-        assert_eq!(got.len(), 5, "{got:#?}");
-        assert!(got[0].starts_with("admin.listen: `nope` is not an address:port"));
-        assert!(got[1].starts_with("services[0].ports[0].port: 0 is out of range 1-65535"));
-        assert!(got[2].starts_with("services[0].ports[1].port: 99999 is out of range 1-65535"));
-        assert!(got[3].starts_with("services[0].backends[0].weight: 5000 is out of range 0-1000"));
-        assert!(got[4].starts_with("services[0].typo: unknown field `typo`"));
-    }
-
-    #[test]
-    fn cross_field_mistakes_are_caught() {
-        let two = format!(
-            "{SVC}  - name: api\n    vips: [10.0.0.1]\n    ports: [{{port: 80}}]\n    backends: [{{address: 10.0.1.2}}]\n"
-        );
-        let got = errors(&two);
-        assert!(
-            got.iter().any(|e| e.starts_with(
-                "services[1].ports[0]: 10.0.0.1:80 80/tcp is already used by services[0].ports[0]"
-            )),
-            "{got:#?}"
-        );
-
-        let looped = SVC.replace(
-            "backends: [{address: 10.0.1.1}]",
-            "backends: [{address: 10.0.0.1}]",
-        );
-        let got = errors(&looped);
-        assert!(
-            got.iter().any(|e| e.starts_with(
-                "services[0].backends[0].address: 10.0.0.1 is a VIP of service `web`"
-            )),
-            "{got:#?}"
-        );
-
-        let v6 = format!(
-            "node:\n  name: a\n  interfaces: [{{name: eth0, addresses: [10.0.0.11/24]}}]\n{}",
-            SVC.replace("vips: [10.0.0.1]", "vips: [10.0.0.1, fd00::1]")
-        );
-        let got = errors(&v6);
-        assert!(got.iter().any(|e| e.starts_with("services[0].vips[1]: fd00::1 is IPv6 but no interface in node.interfaces (eth0) has an IPv6 address")), "{got:#?}");
-
-        let dup = format!(
-            "{SVC}  - name: web\n    vips: [10.0.0.2]\n    ports: [{{port: 80}}]\n    backends: [{{address: 10.0.1.2}}]\n"
-        );
-        let got = errors(&dup);
-        assert!(
-            got.iter().any(|e| e
-                .starts_with("services[1].name: service `web` is already defined at services[0]")),
-            "{got:#?}"
-        );
-
-        let peers = "node: {name: a, interfaces: [{name: eth0, addresses: [10.0.0.11/24]}]}\ncluster:\n  bind: 10.0.0.11:7946\n  peers: [{name: b, address: 10.0.0.12:7946}]\n";
-        let got = errors(peers);
-        assert!(
-            got.iter()
-                .any(|e| e.starts_with("cluster.keys: gossip with peers needs a shared key")),
-            "{got:#?}"
-        );
-
-        let unknown_node = SVC.replace(
-            "backends: [{address: 10.0.1.1}]",
-            "backends: [{address: 10.0.1.1}]\n    placement: {preferred: [zzz]}",
-        );
-        let got = errors(&unknown_node);
-        assert!(
-            got.iter()
-                .any(|e| e.starts_with("services[0].placement.preferred: unknown node `zzz`")),
-            "{got:#?}"
-        );
-
-        let udp_check = SVC.replace(
-            "ports: [{port: 80}]",
-            "ports: [{port: 53, protocol: udp}]\n    health_check: {type: tcp}",
-        );
-        let got = errors(&udp_check);
-        assert!(
-            got.iter().any(|e| e.starts_with(
-                "services[0].health_check.port: health checks speak TCP and this service has only UDP ports"
-            )),
-            "{got:#?}"
-        );
-        let udp_only = SVC.replace("ports: [{port: 80}]", "ports: [{port: 53, protocol: udp}]");
-        let cfg = parse(&udp_only, &Environment::default()).unwrap();
-        assert_eq!(
-            cfg.services[0].health_check, None,
-            "UDP-only services get no TCP probes"
-        );
-    }
-
-    #[test]
-    fn duplicate_keys_are_errors() {
-        let got = errors("admin:\n  listen: 127.0.0.1:1\n  listen: 127.0.0.1:2\n");
-        assert_eq!(
-            got,
-            vec!["admin.listen: duplicate key; each field may appear once (line 3, column 3)"]
-        );
-    }
-
-    #[test]
-    fn secrets_accept_base64_and_hex_only_of_32_bytes() {
-        assert!(decode_secret("q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=").is_some());
-        assert!(decode_secret(&"ab".repeat(32)).is_some());
-        assert!(decode_secret("c2hvcnQ=").is_none());
-    }
-}
+mod tests;

@@ -143,6 +143,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             match source::load(&ConfigPath::File(config.clone()), &env) {
                 Ok(cfg) => {
                     print!("{}", model::config::to_yaml(&cfg));
+                    if cfg.services.is_empty() {
+                        eprintln!(
+                            "warning: {}: no services, so portico would balance nothing (a running node refuses to reload to a file without services unless it writes `services: []`)",
+                            config.display()
+                        );
+                    }
                     eprintln!("{}: valid", config.display());
                     Ok(ExitCode::SUCCESS)
                 }
@@ -177,6 +183,9 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         None => ConfigPath::Embedded,
     };
     let cfg = source::load(&path, &env)?;
+    if cfg.services.is_empty() {
+        tracing::warn!("the configuration has no services: nothing to balance");
+    }
     let shutdown = shutdown_on_signal();
     if matches!(path, ConfigPath::Embedded) {
         tracing::info!(
@@ -189,12 +198,21 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         config: Arc::new(cfg),
     }));
     let (err_tx, err_rx) = watch::channel(None);
-    tokio::spawn(source::watch(
-        path,
-        env,
-        desired_tx,
+    tokio::spawn(source::supervise(
+        {
+            let (err_tx, shutdown) = (err_tx.clone(), shutdown.clone());
+            move || {
+                source::watch(
+                    path.clone(),
+                    env.clone(),
+                    desired_tx.clone(),
+                    err_tx.clone(),
+                    Duration::from_secs(1),
+                    shutdown.clone(),
+                )
+            }
+        },
         err_tx,
-        Duration::from_secs(1),
         shutdown.clone(),
     ));
     let (own_tx, _) = watch::channel(Arc::new(model::OwnershipView::new()));

@@ -87,6 +87,78 @@ fn a_missing_file_and_a_bad_flag_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Runs `portico check` on `path`, killing it if it has not finished within 10 s.
+fn check_within_deadline(path: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(["check", "--config", path])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run portico check");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("portico check --config {path} did not finish within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_devices_fifos_huge_and_non_utf8_files_at_once() {
+    let dir = TempDir::new("check-files");
+    let (code, err) = check_within_deadline("/dev/zero");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("config file /dev/zero is not a regular file (it is a character device)"),
+        "{err}"
+    );
+
+    let fifo = dir.0.join("fifo.yaml");
+    let fifo = fifo.to_str().unwrap();
+    if Command::new("mkfifo")
+        .arg(fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let (code, err) = check_within_deadline(fifo);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("is not a regular file (it is a FIFO)"),
+            "{err}"
+        );
+    } else if std::env::var_os("PORTICO_CI").is_some() {
+        panic!("needs mkfifo (coreutils)");
+    } else {
+        eprintln!("skipped the FIFO case: needs mkfifo");
+    }
+
+    let big = dir.0.join("big.yaml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 * 1024 * 1024)
+        .unwrap();
+    let (code, err) = check_within_deadline(big.to_str().unwrap());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is larger than 16 MiB"), "{err}");
+
+    let latin1 = dir.0.join("latin1.yaml");
+    std::fs::write(&latin1, b"# caf\xe9\nservices: []\n").unwrap();
+    let (code, err) = check_within_deadline(latin1.to_str().unwrap());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the file is not UTF-8 text (byte 0xe9); save it as UTF-8 (line 1, column 6)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn version_prints_the_crate_version() {
     let out = portico(&["version"]);
@@ -107,9 +179,16 @@ impl Running {
     // The child is waited for in `Drop` (or right before the panic below).
     #[allow(clippy::zombie_processes)]
     fn start(config: &Path) -> Running {
+        Running::start_with(config, &[])
+    }
+
+    // The child is waited for in `Drop` (or right before the panic below).
+    #[allow(clippy::zombie_processes)]
+    fn start_with(config: &Path, env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(BIN)
             .args(["run", "--config", config.to_str().unwrap()])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -169,6 +248,40 @@ impl Running {
             "timed out waiting for {what}; last status {}",
             self.status()
         );
+    }
+
+    /// `GET /metrics` over a plain socket (no curl needed).
+    fn metrics(&self) -> String {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    /// The value of one metric sample line (`name value`), if exported.
+    fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+    }
+
+    /// Waits until a metric has `want` (the metrics task follows the spine asynchronously).
+    fn wait_metric(&self, name: &str, want: f64) {
+        for _ in 0..100 {
+            if self.metric(name) == Some(want) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{name} is {:?}, want {want}", self.metric(name));
     }
 
     fn signal(&self, sig: rustix::process::Signal) {
@@ -274,14 +387,14 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(ask(&mut conn, "hello"), "echo hello");
 
     // A valid change is applied (file change detection) …
-    let admin_port = running.admin.rsplit(':').next().unwrap().to_string();
-    std::fs::write(&cfg, config(&admin_port, vip_port.into(), backend, 7)).unwrap();
+    // (admin.listen stays as written, port 0: changing it needs a restart, tested below)
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 7)).unwrap();
     let s = running.wait_for("generation 2", |s| s["generation"] == 2);
     assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
     assert!(s["last_reload_error"].is_null());
 
     // … an invalid one is rejected, the running config kept and the error shown …
-    std::fs::write(&cfg, config(&admin_port, 99999, backend, 7)).unwrap();
+    std::fs::write(&cfg, config("0", 99999, backend, 7)).unwrap();
     let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
     assert_eq!(s["generation"], 2);
     let err = s["last_reload_error"].as_str().unwrap();
@@ -292,7 +405,7 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
 
     // … and SIGHUP re-reads a fixed file.
-    std::fs::write(&cfg, config(&admin_port, vip_port.into(), backend, 3)).unwrap();
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 3)).unwrap();
     running.signal(rustix::process::Signal::HUP);
     let s = running.wait_for("generation 3", |s| s["generation"] == 3);
     assert!(s["last_reload_error"].is_null());
@@ -330,4 +443,168 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
         "{logs:#?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A temporary directory for one test, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("portico-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_panic_while_reading_a_reload_is_reported_and_later_reloads_still_apply() {
+    if !cfg!(debug_assertions) {
+        // the failpoint that makes the reader panic exists in debug builds only
+        eprintln!("skipped: needs a debug build (the reload failpoint)");
+        return;
+    }
+    let dir = TempDir::new("reload-panic");
+    let cfg = dir.0.join("portico.yaml");
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    let good = |weight| config("0", vip_port.into(), backend, weight);
+    std::fs::write(&cfg, good(1)).unwrap();
+    let running = Running::start_with(&cfg, &[("PORTICO_TEST_RELOAD_PANIC", "# panic here")]);
+    running.wait_for("ready", |s| s["ready"] == true);
+    let failures = "portico_config_reload_failures_total";
+    running.wait_metric(failures, 0.0);
+
+    // the reader panics on a changed file: the reload is rejected, not the watcher killed
+    std::fs::write(&cfg, format!("{}# panic here\n", good(1))).unwrap();
+    let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
+    let err = s["last_reload_error"].as_str().unwrap();
+    assert!(err.contains("panicked"), "{err}");
+    assert_eq!(s["generation"], 1);
+    running.wait_metric(failures, 1.0);
+
+    // a later valid edit applies (file change) …
+    std::fs::write(&cfg, good(5)).unwrap();
+    let s = running.wait_for("generation 2", |s| s["generation"] == 2);
+    assert!(s["last_reload_error"].is_null(), "{s}");
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 5);
+
+    // … and so does SIGHUP, after another panic
+    std::fs::write(&cfg, format!("{}# panic here\n", good(6))).unwrap();
+    running.wait_for("the second reload error", |s| {
+        s["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("panicked"))
+    });
+    running.wait_metric(failures, 2.0);
+    std::fs::write(&cfg, good(7)).unwrap();
+    running.signal(rustix::process::Signal::HUP);
+    let s = running.wait_for("generation 3", |s| s["generation"] == 3);
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 7);
+    assert!(s["last_reload_error"].is_null(), "{s}");
+    assert_eq!(
+        ask(&mut connect(vip_port), "after the panics"),
+        "echo after the panics"
+    );
+}
+
+#[test]
+fn check_warns_about_a_config_without_services() {
+    let dir = TempDir::new("check-empty");
+    for (name, text) in [("empty.yaml", ""), ("explicit.yaml", "services: []\n")] {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = portico(&["check", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains("warning: ")
+                && err.contains("no services, so portico would balance nothing"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_truncated_file_does_not_remove_every_service_but_an_explicit_empty_list_does() {
+    let dir = TempDir::new("reload-empty");
+    let cfg = dir.0.join("portico.yaml");
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    let good = config("0", vip_port.into(), backend, 1);
+    std::fs::write(&cfg, &good).unwrap();
+    let running = Running::start(&cfg);
+    running.wait_for("ready", |s| s["ready"] == true);
+
+    // truncated: refused, the service keeps serving
+    std::fs::write(&cfg, "").unwrap();
+    let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
+    let err = s["last_reload_error"].as_str().unwrap();
+    assert!(
+        err.contains(
+            "the file lists no services, so this reload would stop every running service (web)"
+        ),
+        "{err}"
+    );
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["services"][0]["name"], "web");
+    assert_eq!(ask(&mut connect(vip_port), "still"), "echo still");
+
+    // comments only, with the other settings kept: refused too
+    let header: String = good.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&cfg, format!("{header}# services moved elsewhere\n")).unwrap();
+    running.wait_for("the second reload error", |s| {
+        s["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lists no services"))
+            && s["generation"] == 1
+    });
+
+    // written explicitly: applied
+    std::fs::write(&cfg, format!("{header}services: []\n")).unwrap();
+    let s = running.wait_for("generation 2", |s| s["generation"] == 2);
+    assert!(s["last_reload_error"].is_null(), "{s}");
+    assert_eq!(s["services"].as_array().map(Vec::len), Some(0), "{s}");
+}
+
+#[test]
+fn a_reload_that_changes_a_start_up_field_is_refused_with_needs_restart() {
+    let dir = TempDir::new("reload-restart");
+    let cfg = dir.0.join("portico.yaml");
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 1)).unwrap();
+    let running = Running::start(&cfg);
+    running.wait_for("ready", |s| s["ready"] == true);
+    let failures = "portico_config_reload_failures_total";
+
+    // a new admin address (and a new profile) with a new weight: all of it refused
+    let other_admin = free_port("127.0.0.1").to_string();
+    let changed = config(&other_admin, vip_port.into(), backend, 9).replace(
+        "node: {name: test-node}\n",
+        "node: {name: test-node}\ncluster: {profile: fast}\n",
+    );
+    std::fs::write(&cfg, changed).unwrap();
+    let s = running.wait_for("the reload error", |s| !s["last_reload_error"].is_null());
+    let err = s["last_reload_error"].as_str().unwrap();
+    assert!(
+        err.starts_with("needs restart: cluster.profile, admin.listen"),
+        "{err}"
+    );
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 1);
+    running.wait_metric(failures, 1.0);
+    // still served on the address it started with
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", other_admin.parse::<u16>().unwrap())).is_err()
+    );
+
+    // the same change without the start-up fields applies
+    std::fs::write(&cfg, config("0", vip_port.into(), backend, 9)).unwrap();
+    let s = running.wait_for("generation 2", |s| s["generation"] == 2);
+    assert!(s["last_reload_error"].is_null(), "{s}");
+    assert_eq!(s["services"][0]["backends"][0]["weight"], 9);
 }
