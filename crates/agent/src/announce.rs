@@ -84,7 +84,7 @@ pub struct Want {
 }
 
 /// Announcement timing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// Packets on takeover.
     pub count: u32,

@@ -318,7 +318,9 @@ pub fn local_facts(cfg: &Config, health: &HealthView) -> Facts {
         .collect();
     // A node with no announcing interface is a standalone single node (peers require an
     // interface): it serves every VIP it is given locally, announcing nothing.
-    let standalone = cfg.node.interfaces.is_empty();
+    // With peers but no interface (a Kubernetes node whose InternalIP is on no interface here)
+    // it could not announce what it owns: it is eligible for nothing.
+    let standalone = cfg.node.interfaces.is_empty() && cfg.cluster.peers.is_empty();
     let has = |v4: bool| {
         standalone
             || cfg
@@ -364,6 +366,8 @@ struct Driver {
     settled: bool,
     settle_by: Instant,
     bind_failed_logged: Option<Instant>,
+    cleared_stale: bool,
+    l2_timing_running: Option<announce::Timing>,
     leaving: bool,
     reannounce: u64,
     last_contest: Option<Instant>,
@@ -412,6 +416,8 @@ impl Driver {
             settled: false,
             settle_by: Instant::now(),
             bind_failed_logged: None,
+            cleared_stale: false,
+            l2_timing_running: None,
             leaving: false,
             reannounce: 0,
             last_contest: None,
@@ -493,16 +499,10 @@ impl Driver {
         (self.det.dead_after() * 3).max(Duration::from_millis(300))
     }
 
-    fn start_l2(&mut self) -> Result<(), Error> {
-        // Only an agent that announces puts VIPs on lo, so only then can a crashed
-        // predecessor have left some there.
-        if !self.cfg.node.interfaces.is_empty() {
-            announce::clear_stale();
-            let h = self.handover.clone();
-            tokio::spawn(async move { h.sync().await });
-        }
+    /// The announcers' timing from the configuration and the failure profile.
+    fn l2_timing(&self) -> announce::Timing {
         let a = &self.cfg.cluster.announce;
-        let timing = announce::Timing {
+        announce::Timing {
             count: a.count,
             interval: a.interval,
             refresh: a.refresh,
@@ -510,8 +510,40 @@ impl Driver {
                 .max(Duration::from_millis(100)),
             release_grace: Duration::from_secs(1),
             reannounce_delay: self.det.dead_after() + self.det.interval,
-        };
-        for i in &self.cfg.node.interfaces {
+        }
+    }
+
+    fn start_l2(&mut self) -> Result<(), Error> {
+        let names: Vec<String> = self
+            .cfg
+            .node
+            .interfaces
+            .iter()
+            .map(|i| i.name.clone())
+            .collect();
+        self.l2_timing_running = Some(self.l2_timing());
+        self.open_announcers(&names)
+    }
+
+    /// Opens an announcer on each of `names` (and, the first time any is opened, removes the
+    /// VIPs a crashed predecessor left on `lo`).
+    fn open_announcers(&mut self, names: &[String]) -> Result<(), Error> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        // Only an agent that announces puts VIPs on lo, so only then can a crashed
+        // predecessor have left some there.
+        if !self.cleared_stale {
+            self.cleared_stale = true;
+            announce::clear_stale();
+            let h = self.handover.clone();
+            tokio::spawn(async move { h.sync().await });
+        }
+        let timing = self.l2_timing();
+        for name in names {
+            let Some(i) = self.cfg.node.interfaces.iter().find(|i| &i.name == name) else {
+                continue;
+            };
             let err = |source| Error::Announce {
                 iface: i.name.clone(),
                 source,
@@ -530,6 +562,47 @@ impl Driver {
             let task = tokio::spawn(ann.run(rx));
             self.l2.insert(i.name.clone(), (tx, task));
         }
+        Ok(())
+    }
+
+    /// Applies changed interfaces and announcement timing live: announcers of interfaces that
+    /// went away are closed, new interfaces get one, and all are reopened when the timing
+    /// changed. In Kubernetes the interfaces arrive with the Node object, after start.
+    async fn sync_l2(&mut self) -> Result<(), Error> {
+        if self.agent.dry_run {
+            return Ok(());
+        }
+        let timing = self.l2_timing();
+        let want: BTreeSet<String> = self
+            .cfg
+            .node
+            .interfaces
+            .iter()
+            .map(|i| i.name.clone())
+            .collect();
+        let retimed = self.l2_timing_running != Some(timing);
+        let close: Vec<String> = self
+            .l2
+            .keys()
+            .filter(|n| retimed || !want.contains(*n))
+            .cloned()
+            .collect();
+        for n in &close {
+            if let Some((tx, task)) = self.l2.remove(n) {
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            }
+        }
+        let open: Vec<String> = want
+            .into_iter()
+            .filter(|n| !self.l2.contains_key(n))
+            .collect();
+        if !close.is_empty() || !open.is_empty() {
+            info!(closed = ?close, opened = ?open, "announcing interfaces changed");
+        }
+        self.l2_timing_running = Some(timing);
+        self.open_announcers(&open)?;
+        self.push_l2(Mode::Announce);
         Ok(())
     }
 
@@ -914,7 +987,7 @@ impl Driver {
         }
     }
 
-    fn reload(&mut self) {
+    async fn reload(&mut self) -> Result<(), Error> {
         let cfg = self.desired.borrow_and_update().config.clone();
         let det = Detection::of(cfg.cluster.profile);
         if self.socket.is_some() {
@@ -931,13 +1004,11 @@ impl Driver {
         // captured packet per sender again; a rebuilt sealer's packets would be replays)
         self.sealer.set_keys(&cfg.cluster.keys);
         self.opener.set_keys(&cfg.cluster.keys);
-        if cfg.node.interfaces != self.cfg.node.interfaces {
-            warn!("node.interfaces changed: restart the agent to announce on the new interfaces");
-        }
         self.det = det;
         self.facts = local_facts(&cfg, &self.health.borrow());
         self.cfg = cfg;
         self.bind_if_needed();
+        self.sync_l2().await
     }
 
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), Error> {
@@ -1005,7 +1076,7 @@ impl Driver {
                         shutdown.cancelled().await;
                         break;
                     }
-                    self.reload();
+                    self.reload().await?;
                     recompute = true;
                 }
                 r = self.health.changed() => {

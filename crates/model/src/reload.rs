@@ -3,16 +3,15 @@
 //! A reload that changes one of them is refused as a whole with `needs restart: <fields>`, so
 //! the running generation never claims a value the node does not use. Everything else
 //! (services, backends, policies, DNS zones, peers, keys, `preemptive`, `hold_down`) is
-//! applied live.
+//! applied live, also `node.interfaces` and `cluster.announce.*` (the agent reopens its
+//! announcers).
 
 use crate::service::Config;
 
 /// The fields that differ between the running configuration and `new` but can only take
 /// effect on a restart, as dotted paths in document order (empty: the reload may apply).
 ///
-/// - `node.interfaces`: the announcers (one per interface) and their sysctls are set up once;
-/// - `cluster.profile`, `cluster.announce.count` / `interval` / `refresh`: the membership
-///   protocol's timers and the announcers' timing are built at start;
+/// - `cluster.profile`: the membership protocol's (SWIM's) timers are built when gossip starts;
 /// - `admin.listen`, `dns.listen`: the sockets are bound at start; adding or removing the
 ///   `dns` section counts as a change of `dns.listen` (the DNS server runs or not from start);
 /// - `node.name`, `cluster.bind`, `cluster.advertise`: the gossip socket and this node's
@@ -26,7 +25,6 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let gossiping = !a.cluster.peers.is_empty();
     let checks = [
         ("node.name", gossiping && a.node.name != b.node.name),
-        ("node.interfaces", a.node.interfaces != b.node.interfaces),
         (
             "cluster.bind",
             gossiping && a.cluster.bind != b.cluster.bind,
@@ -36,18 +34,6 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             gossiping && a.cluster.advertise != b.cluster.advertise,
         ),
         ("cluster.profile", a.cluster.profile != b.cluster.profile),
-        (
-            "cluster.announce.count",
-            a.cluster.announce.count != b.cluster.announce.count,
-        ),
-        (
-            "cluster.announce.interval",
-            a.cluster.announce.interval != b.cluster.announce.interval,
-        ),
-        (
-            "cluster.announce.refresh",
-            a.cluster.announce.refresh != b.cluster.announce.refresh,
-        ),
         ("admin.listen", a.admin.listen != b.admin.listen),
         (
             "dns.listen",
@@ -83,12 +69,6 @@ mod tests {
         let base = cfg(&clustered(""));
         let cases: &[(&str, &[&str])] = &[
             ("  profile: fast\n", &["cluster.profile"]),
-            ("  announce: {count: 5}\n", &["cluster.announce.count"]),
-            (
-                "  announce: {interval: 50ms}\n",
-                &["cluster.announce.interval"],
-            ),
-            ("  announce: {refresh: 0s}\n", &["cluster.announce.refresh"]),
             ("  advertise: 10.0.0.99:7946\n", &["cluster.advertise"]),
             ("admin: {listen: 127.0.0.1:9441}\n", &["admin.listen"]),
             (
@@ -111,7 +91,10 @@ mod tests {
             "interfaces: [{name: eth0, addresses: [10.0.0.11/24]}]",
             "interfaces: [{name: eth0, addresses: [10.0.0.11/24]}, {name: eth1, addresses: [10.1.0.11/24]}]",
         ));
-        assert_eq!(needs_restart(&base, &more_ifs), ["node.interfaces"]);
+        assert!(
+            needs_restart(&base, &more_ifs).is_empty(),
+            "interfaces apply live"
+        );
         // several at once, in document order
         let many = cfg(&clustered(
             "  profile: fast\nadmin: {listen: 127.0.0.1:1}\n",
@@ -134,6 +117,7 @@ mod tests {
     fn live_fields_never_need_a_restart() {
         let base = cfg(&clustered(""));
         for extra in [
+            "  announce: {count: 5, interval: 50ms, refresh: 0s}\n",
             "  preemptive: false\n",
             "  hold_down: 1s\n",
             "services:\n  - name: web\n    vips: [10.0.0.100]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n",
