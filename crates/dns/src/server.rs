@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{LocalCounts, Metrics};
-use crate::respond::{Limits, Transport, respond};
+use crate::respond::{Limits, Transport, respond, respond_oversized};
 use crate::snapshot::Snapshot;
 
 /// Errors of the tokio driver.
@@ -32,7 +32,8 @@ pub enum ServerError {
     Io(#[from] io::Error),
 }
 
-/// Largest request read from UDP; anything longer arrives cut and is answered FORMERR.
+/// Largest request read from UDP; anything longer arrives cut (`MSG_TRUNC` tells) and is
+/// answered FORMERR.
 const UDP_RECV: usize = 4096;
 /// Queries a UDP thread takes off its socket per wake-up and answers with one `sendmmsg`.
 pub(crate) const UDP_BATCH: usize = 32;
@@ -72,6 +73,8 @@ pub(crate) fn udp_thread(
     let mut outs: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1500)).collect();
     let mut peers: Vec<Option<SocketAddrAny>> = vec![None; batch];
     let mut lens = vec![0usize; batch];
+    // Whether a datagram was longer than `UDP_RECV` (cut by the kernel): answered FORMERR.
+    let mut cut = vec![false; batch];
     let mut counts = LocalCounts::default();
     loop {
         if counts.pending >= 1024 {
@@ -81,14 +84,16 @@ pub(crate) fn udp_thread(
             }
         }
         let mut n = 0;
-        let mut flags = RecvFlags::empty();
+        // TRUNC: the kernel reports a datagram's real length even when it was cut.
+        let mut flags = RecvFlags::TRUNC;
         while n < batch {
             match rustix::net::recvfrom(&sock, &mut bufs[n][..], flags) {
-                Ok((len, _, Some(peer))) => {
+                Ok((len, real, Some(peer))) => {
                     lens[n] = len;
+                    cut[n] = real > len;
                     peers[n] = Some(peer);
                     n += 1;
-                    flags = RecvFlags::DONTWAIT;
+                    flags = RecvFlags::DONTWAIT | RecvFlags::TRUNC;
                 }
                 Ok((_, _, None)) => {}
                 Err(Errno::AGAIN | Errno::INTR) => break,
@@ -108,13 +113,17 @@ pub(crate) fn udp_thread(
         {
             let snap = shared.snapshot.load();
             for i in 0..n {
-                let o = respond(
-                    &snap,
-                    &bufs[i][..lens[i]],
-                    Transport::Udp,
-                    shared.limits,
-                    &mut outs[i],
-                );
+                let o = if cut[i] {
+                    respond_oversized(&bufs[i][..lens[i]], &mut outs[i])
+                } else {
+                    respond(
+                        &snap,
+                        &bufs[i][..lens[i]],
+                        Transport::Udp,
+                        shared.limits,
+                        &mut outs[i],
+                    )
+                };
                 counts.record(Transport::Udp, o);
                 if o.is_none() {
                     peers[i] = None;
