@@ -50,6 +50,17 @@ impl Pressure {
     }
 }
 
+/// The outcome of [`ConnTable::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision<K> {
+    /// Room for one more.
+    Admit,
+    /// Room once this entry is evicted.
+    Evict(K, Pressure),
+    /// No room: nothing is idle long enough.
+    Refuse(Pressure),
+}
+
 /// The outcome of [`ConnTable::admit`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission<K, V> {
@@ -119,10 +130,38 @@ impl<K: Copy + Ord + Hash, V> ConnTable<K, V> {
         self.entries.get(key).map(|e| &e.value)
     }
 
-    /// Inserts `key` unless a bound refuses it. `pressure` asks to make room even below the
-    /// bounds (a shared budget is used up): evict the table's oldest idle entry or refuse with
-    /// [`Pressure::Budget`]. A key already present is replaced (its old value is returned as
-    /// evicted with the reason that applies, or `TableFull`).
+    /// Decides whether a new entry of `client` may enter, without changing the table: a driver
+    /// that must build the entry first (open a socket) asks before and calls
+    /// [`ConnTable::insert`] after, removing the entry to evict itself. `pressure` asks to make
+    /// room even below the bounds (a budget shared with other tables is used up).
+    pub fn check(&self, client: IpAddr, now: Instant, pressure: bool) -> Decision<K> {
+        let l = self.limits;
+        if l.max_per_client > 0 && self.client_len(client) >= l.max_per_client {
+            let oldest = self
+                .per_client
+                .get(&client)
+                .and_then(|s| s.first().copied());
+            return match self.evictable(oldest, now) {
+                Some(k) => Decision::Evict(k, Pressure::ClientLimit),
+                None => Decision::Refuse(Pressure::ClientLimit),
+            };
+        }
+        if (l.max_total > 0 && self.entries.len() >= l.max_total) || pressure {
+            let why = if pressure {
+                Pressure::Budget
+            } else {
+                Pressure::TableFull
+            };
+            return match self.evictable(self.idle.first().copied(), now) {
+                Some(k) => Decision::Evict(k, why),
+                None => Decision::Refuse(why),
+            };
+        }
+        Decision::Admit
+    }
+
+    /// [`ConnTable::check`], then the eviction and the insert in one step. A key already present
+    /// is replaced (its old value is returned as evicted, reason `TableFull`).
     pub fn admit(
         &mut self,
         key: K,
@@ -135,34 +174,13 @@ impl<K: Copy + Ord + Hash, V> ConnTable<K, V> {
             self.insert(key, client, now, value);
             return Admission::Evicted(key, old, Pressure::TableFull);
         }
-        let l = self.limits;
-        let mut evicted = None;
-        if l.max_per_client > 0 && self.client_len(client) >= l.max_per_client {
-            let oldest = self
-                .per_client
-                .get(&client)
-                .and_then(|s| s.first().copied());
-            match self.evictable(oldest, now) {
-                Some(k) => evicted = Some((k, Pressure::ClientLimit)),
-                None => return Admission::Refused(Pressure::ClientLimit),
-            }
-        } else if (l.max_total > 0 && self.entries.len() >= l.max_total) || pressure {
-            let why = if pressure {
-                Pressure::Budget
-            } else {
-                Pressure::TableFull
-            };
-            match self.evictable(self.idle.first().copied(), now) {
-                Some(k) => evicted = Some((k, why)),
-                None => return Admission::Refused(why),
-            }
-        }
-        let out = match evicted {
-            Some((k, why)) => match self.remove(&k) {
+        let out = match self.check(client, now, pressure) {
+            Decision::Refuse(why) => return Admission::Refused(why),
+            Decision::Evict(k, why) => match self.remove(&k) {
                 Some(v) => Admission::Evicted(k, v, why),
                 None => Admission::Admitted,
             },
-            None => Admission::Admitted,
+            Decision::Admit => Admission::Admitted,
         };
         self.insert(key, client, now, value);
         out
@@ -173,7 +191,10 @@ impl<K: Copy + Ord + Hash, V> ConnTable<K, V> {
         (now.saturating_duration_since(last) >= self.limits.evict_idle).then_some(k)
     }
 
-    fn insert(&mut self, key: K, client: IpAddr, now: Instant, value: V) {
+    /// Inserts (or replaces) `key` without checking the bounds: call [`ConnTable::check`]
+    /// first.
+    pub fn insert(&mut self, key: K, client: IpAddr, now: Instant, value: V) {
+        self.remove(&key);
         self.idle.insert((now, key));
         self.per_client
             .entry(client)
