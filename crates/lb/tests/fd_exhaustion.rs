@@ -1,6 +1,7 @@
 //! Running out of file descriptors is this node's shortage, not the backends': with every
 //! descriptor of the process taken, health checks fail with `EMFILE` and leave the backend up,
-//! accept loops back off, both are counted; once descriptors are free again, waiting clients are
+//! accept loops back off, a backend connect that fails with `EMFILE` refuses the client without
+//! a failure against the backend, all are counted; once descriptors are free again, clients are
 //! served. The only test in its binary: it exhausts the descriptors of the whole process
 //! (bounded: the soft limit is lowered to 64 above what is open, and restored by a guard).
 
@@ -100,5 +101,44 @@ async fn emfile_is_a_local_shortage_not_a_backend_failure() {
         m.contains("portico_lb_connect_failures_total{service=\"web\",backend=\"a\"} 0"),
         "{m}"
     );
+
+    // A backend connect that fails with EMFILE: one descriptor left, which the accept takes.
+    // With outlier detection ejecting at the first failure, a counted failure would eject.
+    let mut h = h;
+    h.reload(&yaml.replace(
+        "health_check: {type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 1}",
+        "health_check: {type: none}\n    outlier: {consecutive_failures: 1}",
+    ));
+    // The reload cancels the checks; give their last probe time to end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let mut exhausted = Exhaust::now();
+    exhausted.files.pop();
+    client.connect(&addr.into()).unwrap();
+    let refused = "portico_lb_refused_total{service=\"web\",reason=\"LocalResources\"}";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.metric(refused) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an EMFILE connect was not a local refusal:\n{}",
+            h.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(exhausted);
+    assert!(h.metric("portico_lb_local_resource_errors_total{operation=\"connect\"}") >= 1);
+    assert_eq!(
+        h.metric("portico_lb_connect_failures_total{service=\"web\",backend=\"a\"}"),
+        0
+    );
+    assert_eq!(
+        h.metric("portico_lb_ejections_total{service=\"web\",backend=\"a\"}"),
+        0
+    );
+    drop(client);
+    // And the next client is served.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_line(&mut s).await.unwrap(), "a");
+    drop(s);
     h.stop().await;
 }
