@@ -3,8 +3,10 @@
 //! The server takes an already-bound listener and a shutdown token (mini-redis style): the
 //! binary binds `admin.listen`, tests bind `127.0.0.1:0`. It never reaches into a source: it
 //! reads a [`StatusReport`] from a provider the binary assembles from the spine's snapshots.
+//! Connections are bounded (count, per client, header-read and idle timeouts): see [`limits`].
 
 pub mod client;
+pub mod limits;
 
 use std::sync::Arc;
 
@@ -13,6 +15,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use limits::GuardedListener;
+pub use limits::{AdminLimits, AdminMetrics};
 use model::StatusReport;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -43,12 +47,33 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin routes on `listener` until `shutdown`.
+/// Serves the admin routes on `listener` until `shutdown`, within the default
+/// [`AdminLimits`] (metrics unregistered: use [`serve_with`] to export them).
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        state,
+        AdminLimits::default(),
+        AdminMetrics::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves the admin routes on `listener` until `shutdown`, within `limits`, counting in
+/// `metrics` (from [`AdminMetrics::register`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AdminState,
+    limits: AdminLimits,
+    metrics: AdminMetrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = GuardedListener::new(listener, limits, metrics);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -46,8 +46,8 @@ pub struct Metrics {
     pub fail_closed: Gauge,
     /// Open TCP connections.
     pub tcp_connections: Gauge,
-    /// TCP connections refused because the limit was reached.
-    pub tcp_rejected: Counter,
+    /// TCP connections refused or closed by the connection bounds, by reason.
+    pub tcp_rejected: Family<[(&'static str, &'static str); 1], Counter>,
     /// Names in the current snapshot.
     pub names: Gauge,
 }
@@ -95,10 +95,13 @@ impl Metrics {
         );
         registry.register(
             "dns_tcp_rejected",
-            "DNS TCP connections refused at the limit",
+            "DNS TCP connections closed by the connection bounds, by reason (tableFull, clientLimit: refused at accept; evicted: idle, closed for a newcomer)",
             m.tcp_rejected.clone(),
         );
         registry.register("dns_names", "Names in the answer snapshot", m.names.clone());
+        for r in ["tableFull", "clientLimit", "evicted"] {
+            let _ = m.tcp_rejected.get_or_create(&[("reason", r)]);
+        }
         for t in TRANSPORTS {
             for r in RCODES {
                 let _ = m.responses.get_or_create(&[("transport", t), ("rcode", r)]);

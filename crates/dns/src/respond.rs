@@ -4,6 +4,8 @@
 //!
 //! What it answers, in order:
 //! - shorter than a header, or a response (QR set): dropped;
+//! - longer than the server reads (a UDP datagram cut by the receive buffer): FORMERR (header
+//!   only, see [`respond_oversized`]);
 //! - opcode other than QUERY: NOTIMP; not exactly one question, a compressed or malformed
 //!   question name, impossible section counts, a misplaced or second OPT: FORMERR (header only);
 //! - EDNS version above 0: BADVERS (RFC 6891 §6.1.3);
@@ -52,6 +54,22 @@ pub struct Outcome {
     pub rcode: u16,
     /// Whether the response was truncated (TC set).
     pub truncated: bool,
+}
+
+/// Answers a request that was longer than the server reads (a UDP datagram cut by the receive
+/// buffer; `head` is what was read): FORMERR, header only, or `None` (dropped) when even the
+/// header is missing or it is a response. A cut message is never answered from its first bytes.
+pub fn respond_oversized(head: &[u8], out: &mut Vec<u8>) -> Option<Outcome> {
+    out.clear();
+    let h = Header::decode(head).ok()?;
+    if h.flags.qr {
+        return None;
+    }
+    out.extend_from_slice(&response_header(&h, false, rcode::FORMERR, 0, 0, 0).encode());
+    Some(Outcome {
+        rcode: u16::from(rcode::FORMERR),
+        truncated: false,
+    })
 }
 
 /// Writes the response to `req` into `out` (cleared first). Returns `None` when the query is

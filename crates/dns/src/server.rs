@@ -6,6 +6,12 @@
 //! CPU per query, because an idle socket parks the thread in `recvfrom` instead of going
 //! through epoll, and a burst of answers leaves in one system call. TCP (rare, and with
 //! per-connection timeouts) runs on tokio.
+//!
+//! TCP connections are bounded by a [`sys::conn_table::ConnTable`]: [`TCP_MAX`] in all and
+//! [`TCP_MAX_PER_CLIENT`] per client address. At a bound the connection idle longest (at least
+//! [`TCP_EVICT_IDLE`] since its last query) is closed to make room; if none is, the newcomer is
+//! closed at once. So idle connections cannot starve queries, whoever holds them
+//! (`portico_dns_tcp_rejected_total{reason}` counts both).
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,13 +21,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use model::{Desired, DnsAnswerState, HealthView, OwnershipView};
 use socket2::{Domain, Protocol, Socket, Type};
+use sys::conn_table::{Admission, ConnTable, Pressure, TableLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{LocalCounts, Metrics};
-use crate::respond::{Limits, Transport, respond};
+use crate::respond::{Limits, Transport, respond, respond_oversized};
 use crate::snapshot::Snapshot;
 
 /// Errors of the tokio driver.
@@ -32,7 +39,8 @@ pub enum ServerError {
     Io(#[from] io::Error),
 }
 
-/// Largest request read from UDP; anything longer arrives cut and is answered FORMERR.
+/// Largest request read from UDP; anything longer arrives cut (`MSG_TRUNC` tells) and is
+/// answered FORMERR.
 const UDP_RECV: usize = 4096;
 /// Queries a UDP thread takes off its socket per wake-up and answers with one `sendmmsg`.
 pub(crate) const UDP_BATCH: usize = 32;
@@ -40,8 +48,12 @@ pub(crate) const UDP_BATCH: usize = 32;
 const UDP_IDLE_WAKE: Duration = Duration::from_millis(100);
 /// Idle time after which a TCP connection is closed (RFC 7766 §6.2.3: seconds, not minutes).
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Concurrent TCP connections; further ones are closed at once.
-const TCP_MAX: usize = 256;
+/// Concurrent TCP connections.
+pub const TCP_MAX: usize = 256;
+/// Concurrent TCP connections per client address.
+pub const TCP_MAX_PER_CLIENT: usize = 16;
+/// A TCP connection without a query for this long may be closed for a newcomer.
+pub const TCP_EVICT_IDLE: Duration = Duration::from_secs(1);
 
 /// State shared by the workers.
 #[derive(Debug)]
@@ -72,6 +84,8 @@ pub(crate) fn udp_thread(
     let mut outs: Vec<Vec<u8>> = (0..batch).map(|_| Vec::with_capacity(1500)).collect();
     let mut peers: Vec<Option<SocketAddrAny>> = vec![None; batch];
     let mut lens = vec![0usize; batch];
+    // Whether a datagram was longer than `UDP_RECV` (cut by the kernel): answered FORMERR.
+    let mut cut = vec![false; batch];
     let mut counts = LocalCounts::default();
     loop {
         if counts.pending >= 1024 {
@@ -81,14 +95,16 @@ pub(crate) fn udp_thread(
             }
         }
         let mut n = 0;
-        let mut flags = RecvFlags::empty();
+        // TRUNC: the kernel reports a datagram's real length even when it was cut.
+        let mut flags = RecvFlags::TRUNC;
         while n < batch {
             match rustix::net::recvfrom(&sock, &mut bufs[n][..], flags) {
-                Ok((len, _, Some(peer))) => {
+                Ok((len, real, Some(peer))) => {
                     lens[n] = len;
+                    cut[n] = real > len;
                     peers[n] = Some(peer);
                     n += 1;
-                    flags = RecvFlags::DONTWAIT;
+                    flags = RecvFlags::DONTWAIT | RecvFlags::TRUNC;
                 }
                 Ok((_, _, None)) => {}
                 Err(Errno::AGAIN | Errno::INTR) => break,
@@ -108,13 +124,17 @@ pub(crate) fn udp_thread(
         {
             let snap = shared.snapshot.load();
             for i in 0..n {
-                let o = respond(
-                    &snap,
-                    &bufs[i][..lens[i]],
-                    Transport::Udp,
-                    shared.limits,
-                    &mut outs[i],
-                );
+                let o = if cut[i] {
+                    respond_oversized(&bufs[i][..lens[i]], &mut outs[i])
+                } else {
+                    respond(
+                        &snap,
+                        &bufs[i][..lens[i]],
+                        Transport::Udp,
+                        shared.limits,
+                        &mut outs[i],
+                    )
+                };
                 counts.record(Transport::Udp, o);
                 if o.is_none() {
                     peers[i] = None;
@@ -154,41 +174,91 @@ pub(crate) fn udp_thread(
     }
 }
 
+type TcpTable = Arc<std::sync::Mutex<ConnTable<u64, CancellationToken>>>;
+
+fn lock(t: &TcpTable) -> std::sync::MutexGuard<'_, ConnTable<u64, CancellationToken>> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Accepts TCP connections until `stop`; each is served by its own task.
 pub(crate) async fn tcp_acceptor(
     shared: Arc<Shared>,
     listener: TcpListener,
     stop: CancellationToken,
 ) -> Result<(), ServerError> {
-    let slots = Arc::new(Semaphore::new(TCP_MAX));
+    let table: TcpTable = Arc::new(std::sync::Mutex::new(ConnTable::new(TableLimits {
+        max_total: TCP_MAX,
+        max_per_client: TCP_MAX_PER_CLIENT,
+        evict_idle: TCP_EVICT_IDLE,
+    })));
     let tracker = tokio_util::task::TaskTracker::new();
+    let log = sys::limits::LogEvery::new(Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(10);
+    let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             r = listener.accept() => r,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(s) => s,
-            // Per-connection failures (ECONNABORTED, EMFILE…): count, pause briefly, go on.
-            Err(_) => {
+            // Per-connection failures (ECONNABORTED, EMFILE…): count, back off, go on.
+            Err(e) => {
                 let mut c = LocalCounts::default();
                 c.io_error();
                 shared.metrics.flush(&mut c);
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                if log.check(tokio::time::Instant::now()).is_some() {
+                    tracing::warn!(error = %e, "dns: TCP accept failed");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.metrics.tcp_rejected.inc();
-            continue;
-        };
-        let (shared, stop) = (shared.clone(), stop.clone());
+        backoff = Duration::from_millis(10);
+        next_id += 1;
+        let id = next_id;
+        let conn_stop = stop.child_token();
+        let admitted = lock(&table).admit(
+            id,
+            peer.ip(),
+            tokio::time::Instant::now(),
+            conn_stop.clone(),
+            false,
+        );
+        match admitted {
+            Admission::Admitted => {}
+            Admission::Evicted(_, old, _) => {
+                old.cancel();
+                shared
+                    .metrics
+                    .tcp_rejected
+                    .get_or_create(&[("reason", "evicted")])
+                    .inc();
+            }
+            Admission::Refused(why) => {
+                let reason = match why {
+                    Pressure::ClientLimit => "clientLimit",
+                    _ => "tableFull",
+                };
+                shared
+                    .metrics
+                    .tcp_rejected
+                    .get_or_create(&[("reason", reason)])
+                    .inc();
+                continue;
+            }
+        }
+        let (shared, table) = (shared.clone(), table.clone());
         tracker.spawn(async move {
             shared.metrics.tcp_connections.inc();
-            tcp_connection(&shared, stream, &stop).await;
+            tcp_connection(&shared, stream, &conn_stop, |now| {
+                lock(&table).touch(&id, now)
+            })
+            .await;
+            lock(&table).remove(&id);
             shared.metrics.tcp_connections.dec();
-            drop(permit);
         });
     }
     tracker.close();
@@ -196,8 +266,14 @@ pub(crate) async fn tcp_acceptor(
     Ok(())
 }
 
-/// Serves one TCP connection: length-prefixed queries answered in order (RFC 7766).
-async fn tcp_connection(shared: &Shared, mut stream: TcpStream, stop: &CancellationToken) {
+/// Serves one TCP connection: length-prefixed queries answered in order (RFC 7766). `active`
+/// is told after each answered query.
+async fn tcp_connection(
+    shared: &Shared,
+    mut stream: TcpStream,
+    stop: &CancellationToken,
+    mut active: impl FnMut(tokio::time::Instant),
+) {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let mut out = Vec::new();
@@ -232,12 +308,15 @@ async fn tcp_connection(shared: &Shared, mut stream: TcpStream, stop: &Cancellat
         frame.clear();
         frame.extend_from_slice(&(out.len() as u16).to_be_bytes());
         frame.extend_from_slice(&out);
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.write_all(&frame)).await,
-            Ok(Ok(()))
-        ) {
+        let written = tokio::select! {
+            biased;
+            () = stop.cancelled() => false,
+            r = tokio::time::timeout(TCP_IDLE, stream.write_all(&frame)) => matches!(r, Ok(Ok(()))),
+        };
+        if !written {
             break;
         }
+        active(tokio::time::Instant::now());
     }
     shared.metrics.flush(&mut counts);
 }

@@ -37,6 +37,14 @@ pub enum Reason {
     QueueTimeout,
     /// Every connect attempt (first plus retries) failed.
     ConnectFailed,
+    /// The node's connection budget (from its file-descriptor limit) is used up.
+    NodeBudget,
+    /// The `VIP:port` is at `max_udp_sessions`.
+    SessionLimit,
+    /// The client address is at `max_udp_sessions_per_client`.
+    ClientLimit,
+    /// This node is short of file descriptors or memory (`EMFILE`…): not the backend's fault.
+    LocalResources,
 }
 
 impl Reason {
@@ -50,6 +58,10 @@ impl Reason {
             Reason::QueueFull => "queueFull",
             Reason::QueueTimeout => "queueTimeout",
             Reason::ConnectFailed => "connectFailed",
+            Reason::NodeBudget => "nodeBudget",
+            Reason::SessionLimit => "sessionLimit",
+            Reason::ClientLimit => "clientLimit",
+            Reason::LocalResources => "localResources",
         }
     }
 

@@ -8,11 +8,14 @@
 //!   and the [`balance::Reason`] words;
 //! - [`health`]: rise/fall (HAProxy's meaning);
 //! - [`outlier`]: consecutive-failure ejection (Envoy's meaning) and the breaker state;
-//! - [`proxy_protocol`]: PROXY v1/v2 codec.
+//! - [`proxy_protocol`]: PROXY v1/v2 codec;
+//! - [`budget`]: the node's connection budget from its file-descriptor limit; the UDP session
+//!   table is `sys::conn_table`.
 //!
 //! Thin tokio drivers: [`listen`] (the injectable [`listen::Binder`]), [`relay`] (splice),
 //! [`check`] (probes and their schedule), `service` (admission, queue, connect retries) and `udp`
-//! (sessions). [`LoadBalancer`] ties them to the desired state.
+//! (sessions), `node` (the budget in use; local shortages such as `EMFILE`, which are never
+//! counted against a backend). [`LoadBalancer`] ties them to the desired state.
 //!
 //! # Reload
 //! Each [`Desired`] generation is applied in place: listeners whose `VIP:port/protocol` stays are
@@ -25,11 +28,13 @@
 //! [`metrics`]): pass the root registry.
 
 pub mod balance;
+pub mod budget;
 pub mod check;
 pub mod health;
 pub mod listen;
 pub mod maglev;
 pub mod metrics;
+mod node;
 pub mod outlier;
 pub mod proxy_protocol;
 pub mod relay;
@@ -52,8 +57,11 @@ use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::balance::Reason;
+use crate::budget::Budget;
 use crate::listen::{Binder, FreebindBinder};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Operation};
+use crate::node::{NodeRt, TcpUnit};
 use crate::service::{BackendRt, ServiceRt};
 
 /// Errors of the load balancer.
@@ -78,6 +86,10 @@ pub struct Options {
     pub binder: Arc<dyn Binder>,
     /// Relay with `splice(2)` (default) or a buffered copy.
     pub splice: bool,
+    /// How many relayed TCP connections and UDP sessions the node holds at once (default:
+    /// [`Budget::from_process`], from the soft `RLIMIT_NOFILE` when the balancer is created;
+    /// raise the limit first with `sys::limits::raise_nofile_limit`).
+    pub budget: Budget,
 }
 
 impl Default for Options {
@@ -85,11 +97,17 @@ impl Default for Options {
         Self {
             binder: Arc::new(FreebindBinder),
             splice: true,
+            budget: Budget::from_process(),
         }
     }
 }
 
 type ListenerKey = (SocketAddr, Protocol);
+
+/// First pause of an accept loop after an accept error; doubles while errors persist.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause of an accept loop between accept errors.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 struct ListenerHandle {
     service: String,
@@ -98,6 +116,7 @@ struct ListenerHandle {
 
 struct Inner {
     metrics: Metrics,
+    node: Arc<NodeRt>,
     opts: Options,
     services: ArcSwap<BTreeMap<String, Arc<ServiceRt>>>,
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
@@ -124,9 +143,19 @@ impl LoadBalancer {
 
     /// Creates a balancer with explicit [`Options`] (tests inject a loopback binder).
     pub fn with_options(registry: &mut Registry, opts: Options) -> Self {
+        let metrics = Metrics::register(registry);
+        let node = Arc::new(NodeRt::new(opts.budget, &metrics));
+        tracing::info!(
+            nofile = opts.budget.nofile,
+            reserved = opts.budget.reserved,
+            tcp_connections = opts.budget.tcp_connections,
+            udp_sessions = opts.budget.udp_sessions,
+            "connection budget"
+        );
         Self {
             inner: Arc::new(Inner {
-                metrics: Metrics::register(registry),
+                metrics,
+                node,
                 opts,
                 services: ArcSwap::from_pointee(BTreeMap::new()),
                 listeners: Mutex::new(HashMap::new()),
@@ -212,6 +241,7 @@ impl LoadBalancer {
                         &inner.metrics,
                         &inner.conns_root,
                         inner.opts.splice,
+                        inner.node.clone(),
                     )),
                     true,
                 ),
@@ -307,6 +337,13 @@ impl LoadBalancer {
                 be.metrics
                     .check_seconds
                     .observe(started.elapsed().as_secs_f64());
+                if let Err(check::ProbeError::Io(e)) = &result
+                    && lb.inner.node.local_error(Operation::check, e)
+                {
+                    // Our shortage says nothing about the backend: its health stays as it is.
+                    delay = check::next_delay(hc.interval, &mut rand::rng());
+                    continue;
+                }
                 let passed = result.is_ok();
                 let transition = be.rise_fall.lock().expect("rise_fall lock").observe(passed);
                 if let Some(t) = transition {
@@ -388,6 +425,8 @@ impl LoadBalancer {
         vip: SocketAddr,
         cancel: CancellationToken,
     ) {
+        let node = self.inner.node.clone();
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -395,15 +434,31 @@ impl LoadBalancer {
             };
             match accepted {
                 Ok((client, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    if !node.acquire_tcp() {
+                        // Over the node's budget: accept and close at once (counted).
+                        drop(client);
+                        rt.refuse(Reason::NodeBudget, peer);
+                        continue;
+                    }
+                    let unit = TcpUnit(node.clone());
                     let rt = rt.clone();
-                    self.inner
-                        .tracker
-                        .spawn(async move { rt.serve_tcp(client, peer, vip).await });
+                    self.inner.tracker.spawn(async move {
+                        rt.serve_tcp(client, peer, vip).await;
+                        drop(unit);
+                    });
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(service = %rt.name, %vip, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off (doubling up to a second) instead of
+                    // spinning, and log once per interval for the whole node.
+                    if !node.local_error(Operation::accept, &e) {
+                        tracing::debug!(service = %rt.name, %vip, error = %e, "accept failed");
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             }
         }

@@ -71,6 +71,34 @@ pub struct RefusedLabels {
     pub reason: Reason,
 }
 
+/// An operation that can meet a local resource shortage.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Operation {
+    /// Accepting a client connection.
+    accept,
+    /// Connecting to a backend.
+    connect,
+    /// A health check.
+    check,
+    /// Opening a UDP session's socket or receiving on it.
+    udp_session,
+}
+
+/// `{operation}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// The operation.
+    pub operation: Operation,
+}
+
+/// `{protocol}`: `tcp` or `udp`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// The protocol.
+    pub protocol: String,
+}
+
 fn check_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
@@ -102,6 +130,16 @@ pub struct Metrics {
     pub panic: Family<ServiceLabels, Gauge>,
     /// Connections waiting for a slot.
     pub pending: Family<ServiceLabels, Gauge>,
+    /// Open UDP sessions.
+    pub udp_sessions: Family<ServiceLabels, Gauge>,
+    /// UDP sessions closed early to make room for a new client, by reason.
+    pub udp_evicted: Family<RefusedLabels, Counter>,
+    /// Operations that failed for lack of local resources.
+    pub local_resource_errors: Family<OperationLabels, Counter>,
+    /// The node's connection budget, by protocol.
+    pub budget: Family<ProtocolLabels, Gauge>,
+    /// The part of the budget in use, by protocol.
+    pub budget_in_use: Family<ProtocolLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -119,6 +157,11 @@ impl Default for Metrics {
             check_seconds: Family::new_with_constructor(check_histogram),
             panic: Family::default(),
             pending: Family::default(),
+            udp_sessions: Family::default(),
+            udp_evicted: Family::default(),
+            local_resource_errors: Family::default(),
+            budget: Family::default(),
+            budget_in_use: Family::default(),
         }
     }
 }
@@ -179,6 +222,27 @@ impl Metrics {
             "pending",
             "Connections waiting for a slot",
             m.pending.clone(),
+        );
+        r.register("udp_sessions", "Open UDP sessions", m.udp_sessions.clone());
+        r.register(
+            "udp_sessions_evicted",
+            "Idle UDP sessions closed early to make room for a new client, by reason",
+            m.udp_evicted.clone(),
+        );
+        r.register(
+            "local_resource_errors",
+            "Operations that failed for lack of local resources (EMFILE, ENFILE, ENOBUFS, ENOMEM); never counted against a backend",
+            m.local_resource_errors.clone(),
+        );
+        r.register(
+            "connection_budget",
+            "Relayed TCP connections and UDP sessions this node holds at most, derived from its file-descriptor limit",
+            m.budget.clone(),
+        );
+        r.register(
+            "connection_budget_in_use",
+            "Relayed TCP connections and UDP sessions open now",
+            m.budget_in_use.clone(),
         );
         m
     }

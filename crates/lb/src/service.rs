@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::{Candidate, Picker, Reason};
 use crate::health::RiseFall;
 use crate::maglev::{self, Maglev};
-use crate::metrics::{BackendMetrics, Metrics, RefusedLabels, ServiceLabels};
+use crate::metrics::{BackendMetrics, Metrics, Operation, RefusedLabels, ServiceLabels};
+use crate::node::NodeRt;
 use crate::outlier::{FailureOutcome, OutlierState, may_eject};
 use crate::relay::{self, End, Side};
 
@@ -171,6 +172,10 @@ pub(crate) struct ServiceRt {
     pub(crate) panic_gauge: prometheus_client::metrics::gauge::Gauge,
     root: CancellationToken,
     pub(crate) use_splice: bool,
+    /// The node's budget and shortage accounting, shared by every service.
+    pub(crate) node: Arc<NodeRt>,
+    /// Open UDP sessions of this service.
+    pub(crate) udp_sessions: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Holds a service slot and a backend slot; releases both on drop and wakes one waiter.
@@ -255,6 +260,7 @@ impl ServiceRt {
         metrics: &Metrics,
         root: &CancellationToken,
         use_splice: bool,
+        node: Arc<NodeRt>,
     ) -> Self {
         let l = ServiceLabels {
             service: spec.name.clone(),
@@ -274,6 +280,8 @@ impl ServiceRt {
             panic_gauge: metrics.panic.get_or_create(&l).clone(),
             root: root.clone(),
             use_splice,
+            node,
+            udp_sessions: metrics.udp_sessions.get_or_create(&l).clone(),
         }
     }
 
@@ -381,9 +389,8 @@ impl ServiceRt {
         tried: &[Arc<BackendRt>],
     ) -> Result<Slot<'_>, Reason> {
         let cb = &spec.circuit_breaker;
-        if cb.max_service_connections > 0
-            && self.active.load(Ordering::Acquire) >= cb.max_service_connections
-        {
+        let max_service = self.max_service_connections(spec);
+        if self.active.load(Ordering::Acquire) >= max_service {
             return Err(Reason::ServiceLimit);
         }
         let set = self.set.load();
@@ -401,7 +408,7 @@ impl ServiceRt {
         };
         self.panic.store(choice.panic, Ordering::Relaxed);
         let be = set.backends[choice.index].clone();
-        if !try_acquire(&self.active, cb.max_service_connections) {
+        if !try_acquire(&self.active, max_service) {
             return Err(Reason::ServiceLimit);
         }
         if !try_acquire(&be.active, cb.max_connections) {
@@ -414,6 +421,15 @@ impl ServiceRt {
             be,
             held: true,
         })
+    }
+
+    /// The service's connection cap: `max_service_connections`, or when that is 0 (the
+    /// default) the node's TCP connection budget.
+    pub(crate) fn max_service_connections(&self, spec: &Service) -> u32 {
+        match spec.circuit_breaker.max_service_connections {
+            0 => self.node.budget.tcp_connections.max(1),
+            n => n,
+        }
     }
 
     /// Admission with the bounded queue: waits up to `queue_timeout` for a slot.
@@ -481,7 +497,14 @@ impl ServiceRt {
         }
     }
 
-    fn refuse(&self, reason: Reason, peer: SocketAddr) {
+    /// Counts and logs (debug) a client refused for `reason`.
+    pub(crate) fn refuse(&self, reason: Reason, peer: SocketAddr) {
+        self.count_refused(reason);
+        tracing::debug!(service = %self.name, client = %peer, %reason, "connection refused");
+    }
+
+    /// Counts a client connection or UDP session refused for `reason`.
+    pub(crate) fn count_refused(&self, reason: Reason) {
         self.metrics
             .refused
             .get_or_create(&RefusedLabels {
@@ -489,7 +512,17 @@ impl ServiceRt {
                 reason,
             })
             .inc();
-        tracing::debug!(service = %self.name, client = %peer, %reason, "connection refused");
+    }
+
+    /// Counts a UDP session evicted for `reason`.
+    pub(crate) fn count_evicted(&self, reason: Reason) {
+        self.metrics
+            .udp_evicted
+            .get_or_create(&RefusedLabels {
+                service: self.name.clone(),
+                reason,
+            })
+            .inc();
     }
 
     /// Serves one accepted client connection to the end.
@@ -536,6 +569,10 @@ impl ServiceRt {
                 }
                 Err(e) => e,
             };
+            if self.node.local_error(Operation::connect, &failure) {
+                // Our shortage, not the backend's: no failure recorded, no retry.
+                return self.refuse(Reason::LocalResources, peer);
+            }
             tracing::debug!(service = %self.name, backend = %slot.be.name, error = %failure, "connect failed");
             self.record_failure(&slot.be);
             tried.push(slot.be.clone());

@@ -46,7 +46,7 @@ async fn udp_sessions_map_replies_to_their_clients_from_the_vip() {
     let b = udp_backend("b").await;
     let yaml = format!(
         "  - name: dns\n    vips: [127.0.0.14]\n    ports:\n      - {{name: dns, port: 53, protocol: udp}}\n    backends:\n{}{}    \
-         health_check: {{type: none}}\n    connection: {{idle_timeout: 500ms}}\n",
+         health_check: {{type: none}}\n    connection: {{udp_idle_timeout: 500ms}}\n",
         be("a", a),
         be("b", b)
     );

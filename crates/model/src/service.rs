@@ -346,12 +346,20 @@ pub struct Connection {
     pub connect_timeout: Duration,
     /// Other backends tried when a connect fails.
     pub retries: u32,
-    /// Idle timeout of a relayed connection or UDP session.
+    /// Idle timeout of a relayed TCP connection.
     #[serde(with = "human")]
     pub idle_timeout: Duration,
     /// How long a removed backend keeps its connections.
     #[serde(with = "human")]
     pub drain_timeout: Duration,
+    /// Idle timeout of a UDP session (seconds, not minutes: each holds a socket).
+    #[serde(with = "human")]
+    pub udp_idle_timeout: Duration,
+    /// UDP sessions per `VIP:port`; beyond it the oldest idle one is evicted or the new client
+    /// refused.
+    pub max_udp_sessions: u32,
+    /// UDP sessions per client address and `VIP:port`.
+    pub max_udp_sessions_per_client: u32,
 }
 
 /// PROXY protocol version.

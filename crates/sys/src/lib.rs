@@ -9,6 +9,13 @@
 //!   [`ADDR_PROTO`], so a restart removes exactly what a crashed agent left.
 //! * [`sysctl_read`] / [`sysctl_write`], [`if_index`], [`if_mac`]: plain `/proc` and `/sys`
 //!   files.
+//! * [`limits`]: raising `RLIMIT_NOFILE`, telling local resource shortages (`EMFILE`…) from
+//!   peer failures, and logging a repeating condition once per interval.
+//! * [`conn_table`]: the pure bounded table of connections or sessions (per-client limit,
+//!   eviction of the oldest idle entry under pressure) the listeners share.
+
+pub mod conn_table;
+pub mod limits;
 
 use std::io;
 use std::net::IpAddr;

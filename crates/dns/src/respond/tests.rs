@@ -380,3 +380,18 @@ fn records_have_expected_shape() {
         }]
     );
 }
+
+#[test]
+fn oversized_requests_are_formerr_from_the_header_alone() {
+    let mut out = Vec::new();
+    let mut q = query(7, "web.lb.example.com", rtype::A, None);
+    q.resize(4096, 0);
+    let o = respond_oversized(&q, &mut out).expect("answered");
+    assert_eq!(o.rcode, u16::from(rcode::FORMERR));
+    assert_eq!(out.len(), HEADER_LEN);
+    assert_eq!(&out[..2], &q[..2]);
+    // Too short for a header, or a response: dropped.
+    assert!(respond_oversized(&q[..5], &mut out).is_none());
+    q[2] |= 0x80;
+    assert!(respond_oversized(&q, &mut out).is_none());
+}

@@ -46,6 +46,20 @@ impl Harness {
     }
 
     pub async fn start_with(services_yaml: &str, splice: bool) -> Self {
+        Self::start_opts(
+            services_yaml,
+            splice,
+            lb::budget::Budget::from_nofile(1 << 16),
+        )
+        .await
+    }
+
+    /// With an explicit connection budget.
+    pub async fn start_budget(services_yaml: &str, budget: lb::budget::Budget) -> Self {
+        Self::start_opts(services_yaml, true, budget).await
+    }
+
+    async fn start_opts(services_yaml: &str, splice: bool, budget: lb::budget::Budget) -> Self {
         let binder = Arc::new(LoopbackBinder::default());
         let mut registry = Registry::default();
         let lb = LoadBalancer::with_options(
@@ -53,6 +67,7 @@ impl Harness {
             Options {
                 binder: binder.clone(),
                 splice,
+                budget,
             },
         );
         let (dtx, drx) = watch::channel(Arc::new(Desired {
@@ -115,6 +130,16 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The value of one series in the metrics text (0 when absent).
+    pub fn metric(&self, series: &str) -> u64 {
+        self.metrics_text()
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn metrics_text(&self) -> String {

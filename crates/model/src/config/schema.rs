@@ -691,6 +691,9 @@ fn default_connection() -> Connection {
         retries: 2,
         idle_timeout: Duration::from_secs(600),
         drain_timeout: Duration::from_secs(30),
+        udp_idle_timeout: Duration::from_secs(30),
+        max_udp_sessions: 4096,
+        max_udp_sessions_per_client: 64,
     }
 }
 
@@ -720,6 +723,19 @@ fn decode_connection(cx: &mut Cx, n: &Node, p: &str) -> Option<Connection> {
         dur(Duration::ZERO, Duration::from_secs(86400)),
     ) {
         c.drain_timeout = v;
+    }
+    if let Some(v) = m.opt(
+        cx,
+        "udp_idle_timeout",
+        dur(Duration::from_millis(1), Duration::from_secs(86400)),
+    ) {
+        c.udp_idle_timeout = v;
+    }
+    if let Some(v) = m.opt(cx, "max_udp_sessions", uint(1, 1_000_000)) {
+        c.max_udp_sessions = v as u32;
+    }
+    if let Some(v) = m.opt(cx, "max_udp_sessions_per_client", uint(1, 1_000_000)) {
+        c.max_udp_sessions_per_client = v as u32;
     }
     m.finish(cx);
     Some(c)
