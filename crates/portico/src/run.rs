@@ -45,6 +45,12 @@ pub async fn serve(
     let first = desired.borrow().clone();
     let cfg = &first.config;
 
+    // Raise the soft descriptor limit to the hard one before the balancer derives its
+    // connection budget from it (docs/config.md, "Connection budget").
+    match sys::limits::raise_nofile_limit() {
+        Ok(n) => info!(nofile = n, "file descriptor limit"),
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
     let lb = lb::LoadBalancer::new(&mut registry);
