@@ -76,6 +76,7 @@ mod tests {
         "crates/lb/src/metrics.rs",
         "crates/agent/src/lib.rs",
         "crates/dns/src/metrics.rs",
+        "crates/admin/src/limits.rs",
     ];
 
     fn root() -> std::path::PathBuf {

@@ -56,6 +56,7 @@ pub async fn serve(
     let lb = lb::LoadBalancer::new(&mut registry);
     let agent = agent::Agent::new(&mut registry).with_binder(agent::udp_binder());
     let dns = dns::DnsServer::new(&mut registry);
+    let admin_metrics = admin::AdminMetrics::register(&mut registry);
 
     // Bind everything up front so that a bad address fails start-up with a clear error.
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
@@ -208,7 +209,12 @@ pub async fn serve(
             stop.clone(),
             fatal.clone(),
             move |_| {
-                let (state, stop, first) = (state.clone(), stop.clone(), first.take());
+                let (state, stop, first, metrics) = (
+                    state.clone(),
+                    stop.clone(),
+                    first.take(),
+                    admin_metrics.clone(),
+                );
                 async move {
                     let listener = match first {
                         Some(l) => l,
@@ -216,9 +222,15 @@ pub async fn serve(
                             .await
                             .map_err(|e| format!("cannot listen on admin.listen {listen}: {e}"))?,
                     };
-                    admin::serve(listener, state, stop)
-                        .await
-                        .map_err(|e| e.to_string())
+                    admin::serve_with(
+                        listener,
+                        state,
+                        admin::AdminLimits::default(),
+                        metrics,
+                        stop,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
                 }
             },
         ));
