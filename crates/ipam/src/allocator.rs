@@ -176,6 +176,19 @@ fn is_buggy(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(a) if matches!(a.octets()[3], 0 | 255))
 }
 
+/// Whether `ip` is an IPv6 subnet-router anycast address (RFC 4291 §2.6.1): the subnet prefix
+/// with an all-zeros interface identifier. IPv6 subnets are /64 (RFC 4291 §2.5.1, RFC 7421), so
+/// that is every address whose low 64 bits are zero. Routers answer it, so it is never handed out.
+pub fn is_subnet_router_anycast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(a) if u128::from(a) & u128::from(u64::MAX) == 0)
+}
+
+/// How many values `v` in `a..=b` have `v % m == 0`.
+fn multiples_in(a: u128, b: u128, m: u128) -> u128 {
+    let upto = |n: u128| n / m + 1; // multiples in 0..=n
+    upto(b) - if a == 0 { 0 } else { upto(a - 1) }
+}
+
 /// A validated pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {
@@ -195,6 +208,8 @@ pub struct Pool {
     pub namespace_selectors: Vec<Selector>,
     /// Services by label (empty: any).
     pub service_selectors: Vec<Selector>,
+    /// `metadata.creationTimestamp`: of two overlapping pools the older one stays in service.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 /// Why a pool spec is rejected.
@@ -250,6 +265,7 @@ pub fn parse_pool(p: &IPPool) -> Result<Pool, PoolError> {
             .iter()
             .map(Selector::parse)
             .collect::<Result<_, _>>()?,
+        created: p.creation_timestamp().map(|t| t.0),
     })
 }
 
@@ -265,7 +281,7 @@ impl Pool {
     }
 
     fn usable(&self, ip: IpAddr) -> bool {
-        !(self.avoid_buggy_ips && is_buggy(ip))
+        !(is_subnet_router_anycast(ip) || self.avoid_buggy_ips && is_buggy(ip))
     }
 
     fn size(&self, family: Family) -> u128 {
@@ -279,10 +295,12 @@ impl Pool {
                     let upto = |n: u128, o: u128| if n < o { 0 } else { (n - o) / 256 + 1 };
                     let below = |o| if a == 0 { 0 } else { upto(a - 1, o) };
                     (upto(b, 0) - below(0)) + (upto(b, 255) - below(255))
+                } else if family == Family::V6 {
+                    multiples_in(to_u128(r.start), to_u128(r.end), 1 << 64)
                 } else {
                     0
                 };
-                r.len() - buggy
+                r.len().saturating_sub(buggy)
             })
             .sum()
     }
@@ -391,7 +409,8 @@ pub struct PoolReport {
     pub available_v6: u128,
     /// Why the pool spec is rejected.
     pub invalid: Option<String>,
-    /// Earlier pools (by name) it shares addresses with; such a pool hands out nothing new.
+    /// Older pools it shares addresses with (creation time, then name); such a pool is refused
+    /// and hands out nothing new, while the older ones stay in service.
     pub overlapping: Vec<String>,
 }
 
@@ -401,7 +420,7 @@ pub struct PoolReport {
 pub struct Allocator {
     /// Pools by name, valid or not.
     pools: BTreeMap<String, Result<Pool, PoolError>>,
-    /// Pools that overlap an earlier one: name → the earlier ones.
+    /// Pools that overlap an older one: name → the older ones.
     overlapping: BTreeMap<String, Vec<String>>,
     holders: BTreeMap<IpAddr, Holder>,
     by_service: BTreeMap<ServiceKey, Vec<IpAddr>>,
@@ -440,19 +459,25 @@ impl Allocator {
 
     /// Replaces the pools. Holdings are never touched: an address no pool contains any more
     /// stays with its Service (see [`Allocator::orphans`]).
+    ///
+    /// Of two valid pools that share addresses the older one (by creation time, then name) stays
+    /// in service and the newcomer is refused, as MetalLB's admission refuses it: creating a pool
+    /// never takes addresses away from an established one.
     pub fn set_pools(
         &mut self,
         pools: impl IntoIterator<Item = (String, Result<Pool, PoolError>)>,
     ) {
         self.pools = pools.into_iter().collect();
         self.overlapping.clear();
-        let valid: Vec<&Pool> = self
+        let mut valid: Vec<&Pool> = self
             .pools
             .values()
             .filter_map(|p| p.as_ref().ok())
             .collect();
+        // Pools without a creation time (never from an API server) count as newest.
+        valid.sort_by_key(|p| (p.created.is_none(), p.created, p.name.clone()));
         for (i, p) in valid.iter().enumerate() {
-            let earlier: Vec<String> = valid[..i]
+            let older: Vec<String> = valid[..i]
                 .iter()
                 .filter(|o| {
                     p.ranges
@@ -461,8 +486,8 @@ impl Allocator {
                 })
                 .map(|o| o.name.clone())
                 .collect();
-            if !earlier.is_empty() {
-                self.overlapping.insert(p.name.clone(), earlier);
+            if !older.is_empty() {
+                self.overlapping.insert(p.name.clone(), older);
             }
         }
     }
@@ -588,6 +613,11 @@ impl Allocator {
                         "address {ip} is {} but the Service's families are {}",
                         Family::of(*ip),
                         families(&req.families)
+                    )));
+                }
+                if !held.contains(ip) && is_subnet_router_anycast(*ip) {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "address {ip} is the subnet-router anycast address of its /64 (all-zeros interface identifier); routers answer it, so it is never handed out"
                     )));
                 }
                 // An address the Service already holds stays, even if its pool went away.
@@ -756,6 +786,10 @@ impl Allocator {
                     .unwrap_or_default()
             )));
         }
+        // A sharing key is bound to the addresses its Services hold: while one of them cannot
+        // be shared (ports clash, or it lies outside the pools that serve this request, say after
+        // a pool edit), the request is refused rather than given an address of its own, which
+        // would split the key over two addresses.
         if let Some(key) = &req.sharing_key {
             let mut clashes = Vec::new();
             for (ip, h) in &self.holders {
@@ -763,10 +797,13 @@ impl Allocator {
                     && h.disagrees(req).is_none()
                     && Family::of(*ip) == family
                     && !plan.contains(ip)
-                    && pools.iter().any(|p| p.contains(*ip))
                 {
                     match clash(h, req) {
-                        None => return Ok(*ip),
+                        None if pools.iter().any(|p| p.contains(*ip)) => return Ok(*ip),
+                        None => clashes.push(format!(
+                            "{ip} is outside every pool that serves Service {}",
+                            req.service
+                        )),
                         Some(msg) => clashes.push(format!("{ip}: {msg}")),
                     }
                 }
