@@ -59,7 +59,8 @@ pub enum Action {
         reference: ObjectReference,
         /// Warning or Normal.
         warning: bool,
-        /// `IPAllocated`, `PoolExhausted`, `IPInUse`, `InvalidRequest` or `SharingRefused`.
+        /// `IPAllocated`, `PoolExhausted`, `IPInUse`, `InvalidRequest`, `SharingRefused`, or a
+        /// notice such as `AnnotationIgnored`; on pools `InvalidPool` and `Overlapping`.
         reason: &'static str,
         /// Human-readable detail.
         note: String,
@@ -93,6 +94,8 @@ pub struct State {
     modes: BTreeMap<ServiceKey, Mode>,
     /// Services whose last request was refused; retried when something is released.
     waiting: BTreeSet<ServiceKey>,
+    /// The notices ([`intent::notices`]) last sent per Service, so each is sent once.
+    noticed: BTreeMap<ServiceKey, Vec<(&'static str, String)>>,
     synced: Synced,
     started: bool,
 }
@@ -108,6 +111,7 @@ impl State {
             namespaces: BTreeMap::new(),
             modes: BTreeMap::new(),
             waiting: BTreeSet::new(),
+            noticed: BTreeMap::new(),
             synced: Synced::default(),
             started: false,
         }
@@ -321,6 +325,7 @@ impl State {
         self.alloc.release(key);
         self.modes.remove(key);
         self.waiting.remove(key);
+        self.noticed.remove(key);
     }
 
     /// Retries waiting Services (in key order) until a pass changes nothing held, so the result
@@ -358,7 +363,47 @@ impl State {
             .get(&key.namespace)
             .cloned()
             .unwrap_or_default();
-        match intent::intent(&svc, &self.scope, &ns) {
+        let mut out = self.notify(&svc);
+        out.extend(self.decide(&svc, key, &ns, now));
+        out
+    }
+
+    /// Events for notices the Service has not been told about yet.
+    fn notify(&mut self, svc: &Service) -> Vec<Action> {
+        let key = intent::key(svc);
+        let now = intent::notices(svc, &self.scope);
+        let before = self.noticed.get(&key).cloned().unwrap_or_default();
+        if now == before {
+            return Vec::new();
+        }
+        let out = now
+            .iter()
+            .filter(|n| !before.contains(n))
+            .map(|(reason, note)| Action::Event {
+                reference: svc.object_ref(&()),
+                warning: true,
+                reason,
+                note: note.clone(),
+            })
+            .collect();
+        if now.is_empty() {
+            self.noticed.remove(&key);
+        } else {
+            self.noticed.insert(key, now);
+        }
+        out
+    }
+
+    /// The allocation decision for one Service and its writes.
+    fn decide(
+        &mut self,
+        svc: &Service,
+        key: &ServiceKey,
+        ns: &Labels,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        let svc = svc.clone();
+        match intent::intent(&svc, &self.scope, ns) {
             Intent::NotOurs => self.release(&svc),
             Intent::Invalid(_, msg) => {
                 self.waiting.insert(key.clone());
@@ -411,16 +456,19 @@ impl State {
         let cond = condition(svc, true, reason, &message, now);
         match mode {
             Mode::LoadBalancer => {
-                if changed || cond.is_some() {
+                // Addresses claimed from an existing ingress (a migration from MetalLB or
+                // Cilium) may carry `ipMode: VIP` or none: rewrite them with `Proxy`.
+                let rewrite = changed || !ip_mode_is_proxy(svc);
+                if rewrite || cond.is_some() {
                     let mut status = json!({});
-                    if changed {
+                    if rewrite {
                         status["loadBalancer"] = json!({"ingress": ingress(ips)});
                     }
                     if let Some(c) = cond {
                         status["conditions"] = json!([c]);
                     }
                     let mut patch = json!({ "status": status });
-                    if changed {
+                    if rewrite {
                         patch["metadata"] = json!({"resourceVersion": svc.resource_version()});
                     }
                     out.push(Action::PatchServiceStatus {
@@ -563,7 +611,7 @@ impl State {
                     true,
                     "Overlapping",
                     format!(
-                        "shares addresses with {}; this pool hands out no new address until that is fixed",
+                        "shares addresses with the older pool {}; this pool is refused and hands out no new address until the overlap is removed (the older pool stays in service)",
                         r.overlapping.join(", ")
                     ),
                 )
@@ -635,6 +683,17 @@ fn external_ips(svc: &Service, ours_before: &[IpAddr], ips: &[IpAddr]) -> Value 
         .collect();
     list.extend(ips.iter().map(|ip| ip.to_string()));
     json!(list)
+}
+
+/// Whether every `status.loadBalancer.ingress` entry says `ipMode: Proxy`.
+fn ip_mode_is_proxy(svc: &Service) -> bool {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .all(|i| i.ip_mode.as_deref() == Some(IP_MODE))
 }
 
 fn has_condition(svc: &Service) -> bool {
