@@ -165,7 +165,7 @@ mod tests {
     fn config() -> Config {
         let mut c = model::config::parse("", &model::config::Environment::default()).unwrap();
         let mut s = crate::source::template().unwrap();
-        s.name = "shop-web".into();
+        s.name = "shop/web".into();
         s.vips = vec!["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()];
         c.services = vec![s];
         c
@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn the_owner_names_itself_and_every_node_gives_its_reason() {
         let origins: Origins = [(
-            "shop-web".to_string(),
+            "shop/web".to_string(),
             Origin {
                 namespace: "shop".into(),
                 name: "web".into(),
@@ -244,7 +244,7 @@ mod fake_api_tests {
         });
         let mut config = model::config::parse("", &model::config::Environment::default()).unwrap();
         let mut svc = crate::source::template().unwrap();
-        svc.name = "shop-web".into();
+        svc.name = "shop/web".into();
         svc.vips = vec!["192.0.2.10".parse().unwrap()];
         config.services = vec![svc];
         let (_d, desired) = watch::channel(Arc::new(Desired {
@@ -252,7 +252,7 @@ mod fake_api_tests {
             config: Arc::new(config),
         }));
         let origins: Origins = [(
-            "shop-web".to_string(),
+            "shop/web".to_string(),
             Origin {
                 namespace: "shop".into(),
                 name: "web".into(),

@@ -6,8 +6,10 @@
 //! server is unreachable the caches, and so the published state, stay as they were: nothing is
 //! withdrawn because the API is gone. Watches resume with back-off and re-list.
 //!
-//! Naming: a Service `web` in namespace `shop` becomes the model service `shop-web`, published
-//! in DNS as `web.shop` (inside the zone) unless `portico.dev/hostname` says otherwise.
+//! Naming: a Service `web` in namespace `shop` becomes the model service `shop/web` (see
+//! [`model_name`]; `/` appears in neither a namespace nor a name, so two Services never share a
+//! model name), published in DNS as `web.shop` (inside the zone) unless `portico.dev/hostname`
+//! says otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -39,6 +41,13 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The Secret data keys holding gossip keys: `key` (id 1) or `key-<id>`; the highest id sends.
 pub const GOSSIP_SECRET_KEY: &str = "key";
+
+/// The model service name of the Service `name` in `namespace`: `namespace/name`. Neither part
+/// can contain `/`, so the name is unambiguous (`team-a/web` and `team/a-web` stay apart, where
+/// `<namespace>-<name>` would make both `team-a-web`).
+pub fn model_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
 
 /// Errors of the source.
 #[derive(Debug, thiserror::Error)]
@@ -148,28 +157,64 @@ fn peers(snap: &Snapshot, settings: &Settings) -> Vec<Peer> {
 }
 
 /// Gossip keys from the Secret: `key` is id 1, `key-<id>` id `<id>`; the highest id first (it
-/// sends). Malformed keys and the all-zero example key of `deploy/gossip-secret.yaml` are refused.
+/// sends). Malformed keys and the all-zero example key of `deploy/gossip-secret.yaml` are refused
+/// (see [`refused_gossip_keys`]; this function is pure and logs nothing, because it runs on every
+/// rebuild).
 pub fn gossip_keys(secret: Option<&Secret>) -> Vec<ClusterKey> {
-    let mut keys: Vec<ClusterKey> = secret
+    let mut keys: Vec<ClusterKey> = read_gossip_keys(secret)
+        .into_iter()
+        .filter_map(|(_, k)| k.ok())
+        .collect();
+    keys.sort_by_key(|k| std::cmp::Reverse(k.id));
+    keys
+}
+
+/// The Secret's data keys that are refused, with why (`key`: "the all-zero example key …").
+pub fn refused_gossip_keys(secret: Option<&Secret>) -> BTreeMap<String, &'static str> {
+    read_gossip_keys(secret)
+        .into_iter()
+        .filter_map(|(name, k)| k.err().map(|why| (name, why)))
+        .collect()
+}
+
+/// Every data key of the Secret that looks like a gossip key (`key`, `key-…`), read.
+fn read_gossip_keys(secret: Option<&Secret>) -> Vec<(String, Result<ClusterKey, &'static str>)> {
+    let mut keys = secret
         .and_then(|s| s.data.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|(k, v)| {
-            let id = if k == GOSSIP_SECRET_KEY {
-                1
-            } else {
-                k.strip_prefix("key-")?.parse::<u8>().ok()?
-            };
-            let text = std::str::from_utf8(&v.0).ok()?;
-            let secret = model::config::decode_secret(text.trim())?;
-            if secret == [0; 32] {
-                tracing::warn!(key = %k, "refusing the example all-zero gossip key: replace it (see deploy/gossip-secret.yaml)");
-                return None;
-            }
-            Some(ClusterKey { id, secret })
+        .filter(|(k, _)| k.as_str() == GOSSIP_SECRET_KEY || k.starts_with("key-"))
+        .map(|(k, v)| {
+            let key = (|| {
+                let id = if k == GOSSIP_SECRET_KEY {
+                    1
+                } else {
+                    k.strip_prefix("key-")
+                        .and_then(|i| i.parse::<u8>().ok())
+                        .ok_or("the name must be key or key-<id> with an id from 0 to 255")?
+                };
+                let text = std::str::from_utf8(&v.0).map_err(|_| "the value is not text")?;
+                let secret = model::config::decode_secret(text.trim())
+                    .ok_or("the value must be the base64 of 32 random bytes")?;
+                if secret == [0; 32] {
+                    return Err(
+                        "the all-zero example key of deploy/gossip-secret.yaml: replace it",
+                    );
+                }
+                Ok(ClusterKey { id, secret })
+            })();
+            (k.clone(), key)
         })
-        .collect();
-    keys.sort_by_key(|k| std::cmp::Reverse(k.id));
+        .collect::<Vec<_>>();
+    // `key` and `key-1` both name id 1: the first (in name order) counts.
+    let mut ids = BTreeSet::new();
+    for (_, k) in &mut keys {
+        if let Ok(key) = k
+            && !ids.insert(key.id)
+        {
+            *k = Err("its id is already given by another data key (key is id 1)");
+        }
+    }
     keys
 }
 
@@ -233,7 +278,7 @@ fn service(
         .cloned()
         .unwrap_or_else(|| format!("{name}.{ns}"));
     let mut out = template.clone();
-    out.name = format!("{ns}-{name}");
+    out.name = model_name(&ns, &name);
     out.vips = vips;
     out.ports = ports;
     out.backends = endpoints.backends;
@@ -423,6 +468,48 @@ pub struct Source {
     buffers: Buffers,
     generation: u64,
     last: Option<Arc<Config>>,
+    /// What was last said about the gossip Secret, so each change is logged once.
+    secret_seen: SecretSeen,
+}
+
+/// The gossip Secret as last logged: whether it existed, its key ids, its refused keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SecretSeen {
+    present: bool,
+    ids: Vec<u8>,
+    refused: BTreeMap<String, &'static str>,
+}
+
+/// What to log when the gossip Secret went from `before` to `now` (warning?, message); nothing
+/// when nothing changed, so a refused key is reported once, not on every rebuild.
+fn secret_messages(before: &SecretSeen, now: &SecretSeen) -> Vec<(bool, String)> {
+    let mut out = Vec::new();
+    if before == now {
+        return out;
+    }
+    for (key, why) in &now.refused {
+        if before.refused.get(key) != Some(why) {
+            out.push((
+                true,
+                format!("refusing gossip key {key} from the Secret: {why}"),
+            ));
+        }
+    }
+    if before.present && !now.present {
+        out.push((
+            true,
+            "the gossip Secret was deleted: gossip falls back to the keys of --config (none by default) until it is created again".into(),
+        ));
+    } else if now.ids != before.ids {
+        out.push((
+            false,
+            format!(
+                "gossip keys from the Secret: ids {:?} (the first sends)",
+                now.ids
+            ),
+        ));
+    }
+    out
 }
 
 #[derive(Default)]
@@ -519,7 +606,26 @@ impl Source {
             buffers: Buffers::default(),
             generation: 0,
             last: None,
+            secret_seen: SecretSeen::default(),
         })
+    }
+
+    /// Logs what changed about the gossip Secret, once per change (not on every rebuild).
+    fn log_secret(&mut self) {
+        let secret = self.snap.secret.as_ref();
+        let now = SecretSeen {
+            present: secret.is_some(),
+            ids: gossip_keys(secret).iter().map(|k| k.id).collect(),
+            refused: refused_gossip_keys(secret),
+        };
+        for (warn, msg) in secret_messages(&self.secret_seen, &now) {
+            if warn {
+                tracing::warn!("{msg}");
+            } else {
+                tracing::info!("{msg}");
+            }
+        }
+        self.secret_seen = now;
     }
 
     /// Which Kubernetes Service each service of the last published config came from.
@@ -573,10 +679,11 @@ impl Source {
                 ("l2announcements", d)
             }
             Input::Secret(ev) => {
+                // Keyed as `apply_event` keys watch events: by the object's own namespace.
                 let mut m: BTreeMap<(String, String), Secret> = s
                     .secret
                     .iter()
-                    .map(|v| ((String::new(), v.name_any()), v.clone()))
+                    .map(|v| ((v.namespace().unwrap_or_default(), v.name_any()), v.clone()))
                     .collect();
                 let d = apply_event(ev, &mut b.secret, &mut m);
                 s.secret = m.into_values().next();
@@ -585,6 +692,9 @@ impl Source {
         };
         if done {
             self.listed.insert(kind);
+            if kind == "secret" {
+                self.log_secret();
+            }
         }
         if !done || KINDS.iter().any(|k| !self.listed.contains(k)) {
             return None;
@@ -695,10 +805,10 @@ pub fn origins(snap: &Snapshot, config: &Config) -> Origins {
         .values()
         .filter_map(|svc| {
             let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-            let model_name = format!("{ns}-{name}");
-            names.contains(model_name.as_str()).then(|| {
+            let model = model_name(&ns, &name);
+            names.contains(model.as_str()).then(|| {
                 (
-                    model_name,
+                    model,
                     Origin {
                         namespace: ns,
                         name,
