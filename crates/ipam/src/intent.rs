@@ -327,13 +327,16 @@ const MIGRATION_READ: [&str; 8] = [
     CILIUM_SHARING_KEY,
 ];
 
+/// The Event reason on a Service served through `spec.externalIPs`.
+pub const EXTERNAL_IPS_DEPRECATED: &str = "ExternalIPsDeprecated";
+
 /// Things worth telling the owner of a Service portico serves, as (Event reason, note), each
 /// sent once per change: annotations of another implementation that portico ignores (a silent
-/// migration trap otherwise).
+/// migration trap otherwise), and the deprecation of `spec.externalIPs`.
 pub fn notices(svc: &Service, scope: &Scope) -> Vec<(&'static str, String)> {
-    if mode(svc, scope).is_none() {
+    let Some(mode) = mode(svc, scope) else {
         return Vec::new();
-    }
+    };
     let ignored: Vec<&str> = svc
         .annotations()
         .keys()
@@ -346,6 +349,17 @@ pub fn notices(svc: &Service, scope: &Scope) -> Vec<(&'static str, String)> {
         .filter(|k| !MIGRATION_READ.contains(k) && !METALLB_RECORDS.contains(k))
         .collect();
     let mut out = Vec::new();
+    if mode == Mode::ExternalIp {
+        out.push((
+            EXTERNAL_IPS_DEPRECATED,
+            format!(
+                "spec.externalIPs is deprecated since Kubernetes 1.36 (KEP-5707); portico keeps \
+                 serving it. The LoadBalancer equivalent: type: LoadBalancer, \
+                 loadBalancerClass: {LB_CLASS}, and the annotation {IPS} for fixed addresses \
+                 (see docs/kubernetes.md)"
+            ),
+        ));
+    }
     if !ignored.is_empty() {
         out.push((
             ANNOTATION_IGNORED,
@@ -519,6 +533,20 @@ mod tests {
             .load_balancer("example.com/other")
             .annotate("metallb.io/some-future-knob", "x");
         assert!(notices(&other, &scope).is_empty());
+    }
+
+    #[test]
+    fn a_service_served_through_external_ips_is_told_of_the_deprecation() {
+        let s = crate::fixtures::service("default", "web").annotate(EXTERNAL_IP, "auto");
+        let n = notices(&s, &Scope::default());
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(n[0].0, EXTERNAL_IPS_DEPRECATED);
+        assert!(
+            n[0].1.contains("KEP-5707") && n[0].1.contains("type: LoadBalancer"),
+            "{}",
+            n[0].1
+        );
+        assert!(notices(&lb(), &Scope::default()).is_empty());
     }
 
     #[test]

@@ -236,7 +236,11 @@ fn every_bad_input_produces_its_event_and_condition_and_nothing_else() {
         let (mut s, _) = synced(pools.clone(), vec![taken.clone()]);
         let before = s.allocator().clone();
         let out = s.service_applied(svc.clone(), now());
-        assert_eq!(events(&out), vec![reason], "{}", svc.name_any());
+        let refusals: Vec<&str> = events(&out)
+            .into_iter()
+            .filter(|r| *r != crate::intent::EXTERNAL_IPS_DEPRECATED)
+            .collect();
+        assert_eq!(refusals, vec![reason], "{}", svc.name_any());
         let patches = status_patches(&out);
         assert_eq!(patches.len(), 1);
         assert_eq!(patches[0]["status"]["conditions"][0]["status"], "False");
@@ -489,6 +493,11 @@ fn external_ip_auto_writes_spec_external_ips_and_removing_it_takes_them_back() {
     assert_eq!(
         spec_patch["metadata"]["annotations"][ALLOCATED],
         "192.0.2.0"
+    );
+    assert_eq!(
+        events(&out),
+        vec![crate::intent::EXTERNAL_IPS_DEPRECATED, IP_ALLOCATED],
+        "spec.externalIPs is deprecated (KEP-5707): said once, with the allocation"
     );
     // The API server applied it; later the annotation is removed.
     let mut db = svc.annotate(ALLOCATED, "192.0.2.0");
