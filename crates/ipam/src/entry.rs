@@ -52,7 +52,8 @@ pub struct AgentOptions {
     pub base: Config,
 }
 
-/// Runs the IPAM controller with Lease leader election until `shutdown`.
+/// Runs the IPAM controller with Lease leader election until `shutdown`; then releases the
+/// Lease so a standby replica takes over at once (a rolling update loses no allocation time).
 pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;
     let elector = LeaseElector::new(
@@ -62,8 +63,12 @@ pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) ->
         Timing::default(),
     );
     let leading = elector.subscribe();
-    let election = tokio::spawn(elector.run(shutdown.clone()));
+    // The election stops (and releases the Lease) only after the controller has stopped
+    // writing, so a standby that takes over at once never overlaps with this replica.
+    let stop_election = CancellationToken::new();
+    let election = tokio::spawn(elector.run(stop_election.clone()));
     crate::controller::run(client, opts.scope, Some(opts.identity), leading, shutdown).await;
+    stop_election.cancel();
     let _ = election.await;
     Ok(())
 }
