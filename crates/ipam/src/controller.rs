@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::allocator::ServiceKey;
 use crate::crd::IPPool;
 use crate::intent::Scope;
+use crate::outage::{Outage, logged};
 
 use crate::reconcile::{self, Action, State};
 use crate::selector::Labels;
@@ -34,7 +35,7 @@ pub const MANAGER: &str = "portico-controller";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A write the API server refused for a reason other than a conflict.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", crate::outage::describe(.source))]
     Write {
         /// What was written.
         what: String,
@@ -75,6 +76,8 @@ pub struct Driver {
     buffers: Buffers,
     /// Services whose write failed for another reason than a conflict; retried on [`Input::Tick`].
     failed: BTreeSet<ServiceKey>,
+    /// Failed writes since the last successful one, so an outage is logged once.
+    outage: Outage,
 }
 
 impl Driver {
@@ -93,6 +96,7 @@ impl Driver {
             state: State::new(scope),
             buffers: Buffers::default(),
             failed: BTreeSet::new(),
+            outage: Outage::default(),
         }
     }
 
@@ -180,8 +184,13 @@ impl Driver {
         let mut queue: VecDeque<Action> = actions.into();
         let mut conflicts = 0;
         while let Some(action) = queue.pop_front() {
+            log_decision(&action);
             match self.write(&action).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(failures) = self.outage.recovered() {
+                        tracing::info!(failures, "writes succeed again");
+                    }
+                }
                 Err(WriteError::Conflict(key)) if conflicts < 5 => {
                     conflicts += 1;
                     let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
@@ -207,7 +216,11 @@ impl Driver {
                     self.failed.insert(key);
                 }
                 Err(WriteError::Other(key, e)) => {
-                    tracing::warn!(error = %e, "write failed; retrying later");
+                    if self.outage.failed() {
+                        tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                    } else {
+                        tracing::debug!(error = %e, "write failed; retrying later");
+                    }
                     if let Some(k) = key {
                         self.failed.insert(k);
                     }
@@ -255,10 +268,18 @@ impl Driver {
             }
             Action::PatchPoolStatus { name, patch } => {
                 let api: Api<IPPool> = Api::all(self.client.clone());
-                api.patch_status(name, &pp, &Patch::Merge(patch))
-                    .await
-                    .map(|fresh| self.state.observe_pool(fresh))
-                    .map_err(|e| write_error(None, format!("IPPool {name} status"), e))
+                match api.patch_status(name, &pp, &Patch::Merge(patch)).await {
+                    Ok(fresh) => {
+                        self.state.observe_pool(fresh);
+                        Ok(())
+                    }
+                    // Deleted meanwhile: its deletion event follows, nothing to report on.
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {
+                        tracing::debug!(pool = %name, "pool deleted before its status was written");
+                        Ok(())
+                    }
+                    Err(e) => Err(write_error(None, format!("IPPool {name} status"), e)),
+                }
             }
         }
     }
@@ -284,6 +305,43 @@ impl Driver {
             )),
         }
     }
+}
+
+/// One INFO line per decision that leaves an Event (allocation, refusal, notice, pool
+/// problem), with its reason word: Events expire after an hour, the log stays.
+fn log_decision(action: &Action) {
+    if let Some((object, reason, line)) = decision_line(action) {
+        tracing::info!(object = %object, reason, "{line}");
+    }
+}
+
+/// The object (`Service default/web`), reason word and text of the log line for an action that
+/// records a decision, `None` for plain writes.
+fn decision_line(action: &Action) -> Option<(String, &'static str, String)> {
+    let Action::Event {
+        reference,
+        warning,
+        reason,
+        note,
+    } = action
+    else {
+        return None;
+    };
+    let name = match (&reference.namespace, &reference.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (_, n) => n.clone().unwrap_or_default(),
+    };
+    let object = format!("{} {name}", reference.kind.as_deref().unwrap_or("object"));
+    let verdict = if *warning {
+        "refused or warned"
+    } else {
+        "done"
+    };
+    Some((
+        object.clone(),
+        reason,
+        format!("{object}: {reason} ({verdict}): {note}"),
+    ))
 }
 
 fn write_error(key: Option<ServiceKey>, what: String, source: kube::Error) -> WriteError {
@@ -316,15 +374,21 @@ fn action_key(a: &Action) -> Option<ServiceKey> {
 /// and re-list by themselves).
 pub fn inputs(client: &Client) -> impl Stream<Item = Input> + Send + use<> {
     let cfg = watcher::Config::default();
-    let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
-        .default_backoff()
-        .filter_map(|r| async move { log(r).map(Input::Service) });
-    let pools = watcher::watcher(Api::<IPPool>::all(client.clone()), cfg.clone())
-        .default_backoff()
-        .filter_map(|r| async move { log(r).map(Input::Pool) });
-    let namespaces = watcher::watcher(Api::<Namespace>::all(client.clone()), cfg)
-        .default_backoff()
-        .filter_map(|r| async move { log(r).map(Input::Namespace) });
+    let services = logged(
+        watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff(),
+        "services",
+    )
+    .map(Input::Service);
+    let pools = logged(
+        watcher::watcher(Api::<IPPool>::all(client.clone()), cfg.clone()).default_backoff(),
+        "ippools",
+    )
+    .map(Input::Pool);
+    let namespaces = logged(
+        watcher::watcher(Api::<Namespace>::all(client.clone()), cfg).default_backoff(),
+        "namespaces",
+    )
+    .map(Input::Namespace);
     let ticks = futures::stream::unfold((), |()| async {
         tokio::time::sleep(Duration::from_secs(10)).await;
         Some((Input::Tick, ()))
@@ -335,11 +399,6 @@ pub fn inputs(client: &Client) -> impl Stream<Item = Input> + Send + use<> {
         namespaces.boxed(),
         ticks.boxed(),
     ])
-}
-
-fn log<T>(r: Result<T, watcher::Error>) -> Option<T> {
-    r.map_err(|e| tracing::warn!(error = %e, "watch failed; re-listing with back-off"))
-        .ok()
 }
 
 /// Runs the controller: while `leading` (from a [`crate::lease::Leadership`]), watch and allocate; when

@@ -719,36 +719,46 @@ pub fn inputs(
     namespace: &str,
     secret: &str,
 ) -> impl Stream<Item = Input> + Send + use<> {
-    fn w<K>(api: Api<K>, cfg: watcher::Config) -> impl Stream<Item = Event<K>> + Send
+    fn w<K>(
+        api: Api<K>,
+        cfg: watcher::Config,
+        what: &'static str,
+    ) -> impl Stream<Item = Event<K>> + Send
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
-        watcher::watcher(api, cfg).default_backoff().filter_map(|r| async move {
-            r.map_err(|e| tracing::warn!(error = %e, "watch failed; keeping the last known state, retrying with back-off"))
-                .ok()
-        })
+        crate::outage::logged(watcher::watcher(api, cfg).default_backoff(), what)
     }
     let cfg = watcher::Config::default();
     let c = client.clone();
     futures::stream::select_all([
-        w(Api::<Service>::all(c.clone()), cfg.clone())
+        w(Api::<Service>::all(c.clone()), cfg.clone(), "services")
             .map(Input::Service)
             .boxed(),
-        w(Api::<EndpointSlice>::all(c.clone()), cfg.clone())
-            .map(Input::Slice)
-            .boxed(),
-        w(Api::<Node>::all(c.clone()), cfg.clone())
+        w(
+            Api::<EndpointSlice>::all(c.clone()),
+            cfg.clone(),
+            "endpointslices",
+        )
+        .map(Input::Slice)
+        .boxed(),
+        w(Api::<Node>::all(c.clone()), cfg.clone(), "nodes")
             .map(Input::Node)
             .boxed(),
-        w(Api::<IPPool>::all(c.clone()), cfg.clone())
+        w(Api::<IPPool>::all(c.clone()), cfg.clone(), "ippools")
             .map(Input::Pool)
             .boxed(),
-        w(Api::<L2Announcement>::all(c.clone()), cfg.clone())
-            .map(Input::L2)
-            .boxed(),
+        w(
+            Api::<L2Announcement>::all(c.clone()),
+            cfg.clone(),
+            "l2announcements",
+        )
+        .map(Input::L2)
+        .boxed(),
         w(
             Api::<Secret>::namespaced(c, namespace),
             cfg.fields(&format!("metadata.name={secret}")),
+            "secret",
         )
         .map(Input::Secret)
         .boxed(),

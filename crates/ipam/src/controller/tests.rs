@@ -344,3 +344,83 @@ async fn a_write_that_fails_while_the_api_is_down_is_retried_on_the_next_tick() 
     d.handle(Input::Tick).await;
     timeout_after_1s(server).await;
 }
+
+#[tokio::test]
+async fn a_404_on_the_status_of_a_deleted_pool_is_no_failure() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        api.expect(
+            "PATCH",
+            STATUS,
+            200,
+            serde_json::to_value(web().version("2")).unwrap(),
+        )
+        .await;
+        api.expect("POST", EVENTS, 201, json!({})).await;
+        api.expect("PATCH", POOL_STATUS, 404, status_error(404, "NotFound"))
+            .await;
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitApply(web()))).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    timeout_after_1s(server).await;
+    assert_eq!(
+        d.outage.failures(),
+        0,
+        "not a failed write: the pool is gone"
+    );
+    assert!(d.failed.is_empty());
+}
+
+#[tokio::test]
+async fn failed_writes_during_an_outage_count_as_one_outage_that_ends_with_a_success() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        for path in [STATUS, EVENTS, POOL_STATUS] {
+            let method = if path == EVENTS { "POST" } else { "PATCH" };
+            api.expect(method, path, 503, status_error(503, "ServiceUnavailable"))
+                .await;
+        }
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitApply(web()))).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    timeout_after_1s(server).await;
+    // Three failures, one outage: only the first is logged as a warning.
+    assert_eq!(d.outage.failures(), 3);
+    let mut o = d.outage.clone();
+    assert!(!o.failed(), "a further failure is not reported again");
+}
+
+#[test]
+fn every_allocation_and_refusal_is_one_info_line_with_its_reason_word() {
+    let ev = |warning, reason| Action::Event {
+        reference: kube::Resource::object_ref(&web(), &()),
+        warning,
+        reason,
+        note: "assigned 192.0.2.0".into(),
+    };
+    let (object, reason, line) = decision_line(&ev(false, "IPAllocated")).unwrap();
+    assert_eq!(
+        (object.as_str(), reason),
+        ("Service default/web", "IPAllocated")
+    );
+    assert!(
+        line.contains("IPAllocated") && line.contains("192.0.2.0"),
+        "{line}"
+    );
+    let (_, reason, line) = decision_line(&ev(true, "PoolExhausted")).unwrap();
+    assert_eq!(reason, "PoolExhausted");
+    assert!(line.contains("refused"), "{line}");
+    assert!(
+        decision_line(&Action::PatchPoolStatus {
+            name: "p".into(),
+            patch: json!({})
+        })
+        .is_none()
+    );
+}
