@@ -218,15 +218,20 @@ pub enum PoolError {
     /// The pool lists no address.
     #[error("the pool lists no addresses")]
     NoAddresses,
-    /// One entry of `addresses` is malformed.
+    /// An address or range is malformed.
     #[error("address `{0}` is invalid: {1}")]
     Address(String, String),
-    /// Two entries of the same pool overlap.
-    #[error("addresses `{0}` and `{1}` overlap")]
-    SelfOverlap(String, String),
-    /// A selector is malformed.
-    #[error(transparent)]
-    Selector(#[from] selector::Error),
+    /// One entry of `spec.addresses` is malformed: its index, its value, why.
+    #[error("spec.addresses[{0}] `{1}` is invalid: {2}")]
+    Entry(usize, String, String),
+    /// Two entries of the same pool overlap (indices and values).
+    #[error(
+        "spec.addresses[{0}] `{1}` and spec.addresses[{2}] `{3}` overlap; remove one or split them"
+    )]
+    SelfOverlap(usize, String, usize, String),
+    /// A selector is malformed: where (`spec.serviceAllocation.namespaceSelectors[0]`) and why.
+    #[error("{0}: {1}")]
+    Selector(String, selector::Error),
 }
 
 /// Validates an `IPPool` (the controller re-checks what the CRD's CEL rules should have caught).
@@ -238,16 +243,32 @@ pub fn parse_pool(p: &IPPool) -> Result<Pool, PoolError> {
     }
     let mut ranges = Vec::new();
     for (i, a) in spec.addresses.iter().enumerate() {
-        let r = AddrRange::parse(a)?;
+        let r = AddrRange::parse(a).map_err(|e| match e {
+            PoolError::Address(v, why) => PoolError::Entry(i, v, why),
+            other => other,
+        })?;
         if let Some(j) = ranges.iter().position(|o: &AddrRange| o.overlaps(&r)) {
             return Err(PoolError::SelfOverlap(
+                j,
                 spec.addresses[j].clone(),
+                i,
                 spec.addresses[i].clone(),
             ));
         }
         ranges.push(r);
     }
     let alloc = spec.service_allocation.clone().unwrap_or_default();
+    let selectors =
+        |field: &str, v: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector]| {
+            v.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Selector::parse(s).map_err(|e| {
+                        PoolError::Selector(format!("spec.serviceAllocation.{field}[{i}]"), e)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
     Ok(Pool {
         name: p.name_any(),
         ranges,
@@ -255,16 +276,8 @@ pub fn parse_pool(p: &IPPool) -> Result<Pool, PoolError> {
         avoid_buggy_ips: spec.avoid_buggy_ips,
         priority: alloc.priority,
         namespaces: alloc.namespaces,
-        namespace_selectors: alloc
-            .namespace_selectors
-            .iter()
-            .map(Selector::parse)
-            .collect::<Result<_, _>>()?,
-        service_selectors: alloc
-            .service_selectors
-            .iter()
-            .map(Selector::parse)
-            .collect::<Result<_, _>>()?,
+        namespace_selectors: selectors("namespaceSelectors", &alloc.namespace_selectors)?,
+        service_selectors: selectors("serviceSelectors", &alloc.service_selectors)?,
         created: p.creation_timestamp().map(|t| t.0),
     })
 }

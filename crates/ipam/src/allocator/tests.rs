@@ -75,6 +75,51 @@ fn cidrs_and_ranges_parse_and_bad_ones_say_why() {
 }
 
 #[test]
+fn pool_validation_names_the_bad_entry_by_index_and_value() {
+    let p = |addrs: &[&str]| crate::fixtures::pool("p", addrs);
+    let e = parse_pool(&p(&["192.0.2.0/28", "192.0.2.300/32"])).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("spec.addresses[1] `192.0.2.300/32` is invalid"),
+        "{e}"
+    );
+    let e = parse_pool(&p(&[
+        "192.0.2.0/28",
+        "198.51.100.0/30",
+        "192.0.2.8-192.0.2.20",
+    ]))
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "spec.addresses[0] `192.0.2.0/28` and spec.addresses[2] `192.0.2.8-192.0.2.20` overlap; remove one or split them"
+    );
+    let mut bad_sel = p(&["192.0.2.0/28"]);
+    bad_sel.spec.service_allocation = Some(crate::crd::ServiceAllocation {
+        service_selectors: vec![
+            Default::default(),
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "app".into(),
+                        operator: "Near".into(),
+                        values: None,
+                    },
+                ]),
+                match_labels: None,
+            },
+        ],
+        ..Default::default()
+    });
+    let e = parse_pool(&bad_sel).unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "spec.serviceAllocation.serviceSelectors[1]: unknown selector operator `Near`"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_service_gets_the_first_free_address_and_keeps_it() {
     let mut a = Allocator::new();
     a.set_pools([pool("p", &["192.0.2.0/30"])]);
