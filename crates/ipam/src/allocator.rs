@@ -515,6 +515,14 @@ impl Allocator {
         &self.by_service
     }
 
+    /// The valid pool that contains `ip` (the older one when pools overlap).
+    pub fn pool_of(&self, ip: IpAddr) -> Option<&str> {
+        self.valid_pools()
+            .filter(|p| p.contains(ip))
+            .min_by_key(|p| (self.overlapping.contains_key(&p.name), p.name.clone()))
+            .map(|p| p.name.as_str())
+    }
+
     /// Held addresses that no valid pool contains (a pool was edited or deleted).
     pub fn orphans(&self) -> Vec<IpAddr> {
         self.holders

@@ -47,6 +47,26 @@ pub const GROUP: &str = "portico.dev";
         name = "IPv6 used",
         type_ = "integer",
         json_path = ".status.assignedIPv6"
+    ),
+    printcolumn(
+        name = "IPv6 free",
+        type_ = "integer",
+        json_path = ".status.availableIPv6"
+    ),
+    printcolumn(
+        name = "Valid",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Valid\")].status"
+    ),
+    printcolumn(
+        name = "Overlapping",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Overlapping\")].status"
+    ),
+    printcolumn(
+        name = "Orphans",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Orphans\")].status"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -110,9 +130,14 @@ pub struct IPPoolStatus {
     #[serde(rename = "availableIPv6")]
     pub available_ipv6: i64,
     /// `Valid` (false with the reason when the spec is rejected), `Overlapping` (shares addresses
-    /// with another pool), `Orphans` (Services hold addresses the pool no longer contains).
+    /// with an older pool, so this one is refused), `Orphans` (Services hold addresses the pool
+    /// no longer contains).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Addresses this pool contained, no longer contains, and Services still hold (kept until
+    /// they are released; never given to anyone else).
+    #[serde(default)]
+    pub orphans: Vec<String>,
 }
 
 /// Which nodes announce which Services' addresses on the local network (ARP / NDP).
@@ -264,6 +289,34 @@ mod tests {
         assert!(s.contains("x-kubernetes-validations"), "{s}");
         assert!(s.contains("isCIDR(a)"));
         assert!(s.contains("avoidBuggyIPs"), "MetalLB's field name: {s}");
+    }
+
+    #[test]
+    fn kubectl_get_ippools_shows_validity_overlap_orphans_and_ipv6_free() {
+        let crd = IPPool::crd();
+        let cols: Vec<(String, String)> = crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| (c.name.clone(), c.json_path.clone()))
+            .collect();
+        for (name, path) in [
+            ("IPv6 free", ".status.availableIPv6"),
+            ("Valid", ".status.conditions[?(@.type==\"Valid\")].status"),
+            (
+                "Overlapping",
+                ".status.conditions[?(@.type==\"Overlapping\")].status",
+            ),
+            (
+                "Orphans",
+                ".status.conditions[?(@.type==\"Orphans\")].status",
+            ),
+        ] {
+            assert!(
+                cols.contains(&(name.into(), path.into())),
+                "{name}: {cols:?}"
+            );
+        }
     }
 
     #[test]

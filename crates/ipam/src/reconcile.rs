@@ -94,6 +94,9 @@ pub struct State {
     modes: BTreeMap<ServiceKey, Mode>,
     /// Services whose last request was refused; retried when something is released.
     waiting: BTreeSet<ServiceKey>,
+    /// Orphaned addresses (held, in no valid pool) and the pool that last contained them; it
+    /// reports them under `Orphans`. Seeded from the pools' `status.orphans` after a restart.
+    homes: BTreeMap<IpAddr, String>,
     /// The notices ([`intent::notices`]) last sent per Service, so each is sent once.
     noticed: BTreeMap<ServiceKey, Vec<(&'static str, String)>>,
     synced: Synced,
@@ -112,6 +115,7 @@ impl State {
             modes: BTreeMap::new(),
             waiting: BTreeSet::new(),
             noticed: BTreeMap::new(),
+            homes: BTreeMap::new(),
             synced: Synced::default(),
             started: false,
         }
@@ -268,8 +272,21 @@ impl State {
     // === decisions ===
 
     fn pools_changed(&mut self, now: Timestamp) -> Vec<Action> {
+        // Which pool holds each held address before the change, to name the pool that an
+        // edit leaves them outside of.
+        let before: BTreeMap<IpAddr, String> = self
+            .alloc
+            .holdings()
+            .values()
+            .flatten()
+            .filter_map(|ip| Some((*ip, self.alloc.pool_of(*ip)?.to_string())))
+            .collect();
         self.alloc
             .set_pools(self.pools.values().map(|p| (p.name_any(), parse_pool(p))));
+        for (ip, pool) in before {
+            self.homes.entry(ip).or_insert(pool);
+        }
+        self.prune_homes();
         if !self.started {
             return self.start(now);
         }
@@ -317,7 +334,24 @@ impl State {
             self.alloc.restore(&req, &recorded);
             self.modes.insert(req.service.clone(), mode);
         }
+        // What the previous leader reported as orphaned stays attributed to its pool.
+        for (name, pool) in &self.pools {
+            for ip in pool.status.iter().flat_map(|s| &s.orphans) {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    self.homes.entry(ip).or_insert_with(|| name.clone());
+                }
+            }
+        }
+        self.prune_homes();
         self.reconcile_all(now)
+    }
+
+    /// Keeps only addresses that are still orphans of a pool that still exists.
+    fn prune_homes(&mut self) {
+        let orphans: BTreeSet<IpAddr> = self.alloc.orphans().into_iter().collect();
+        let pools = &self.pools;
+        self.homes
+            .retain(|ip, pool| orphans.contains(ip) && pools.contains_key(pool));
     }
 
     /// Releases what a gone Service held (no write: the object is gone).
@@ -616,12 +650,46 @@ impl State {
                     ),
                 )
             };
+            let orphans: Vec<IpAddr> = self
+                .homes
+                .iter()
+                .filter(|(ip, pool)| **pool == r.name && !self.alloc.in_a_pool(**ip))
+                .map(|(ip, _)| *ip)
+                .filter(|ip| self.alloc.holdings().values().any(|v| v.contains(ip)))
+                .collect();
+            let orphaned = if orphans.is_empty() {
+                mk("Orphans", false, "NoOrphans", String::new())
+            } else {
+                let held: Vec<String> = orphans
+                    .iter()
+                    .map(|ip| {
+                        let by: Vec<String> = self
+                            .alloc
+                            .holdings()
+                            .iter()
+                            .filter(|(_, v)| v.contains(ip))
+                            .map(|(k, _)| k.to_string())
+                            .collect();
+                        format!("{ip} ({})", by.join(", "))
+                    })
+                    .collect();
+                mk(
+                    "Orphans",
+                    true,
+                    "AddressesOutsidePool",
+                    format!(
+                        "Services hold addresses this pool no longer contains: {}; they stay until released and are never given to anyone else",
+                        held.join("; ")
+                    ),
+                )
+            };
             let new = IPPoolStatus {
                 assigned_ipv4: sat(r.assigned_v4),
                 available_ipv4: sat(r.available_v4),
                 assigned_ipv6: sat(r.assigned_v6),
                 available_ipv6: sat(r.available_v6),
-                conditions: vec![valid, overlapping],
+                conditions: vec![valid, overlapping, orphaned],
+                orphans: orphans.iter().map(|ip| ip.to_string()).collect(),
             };
             if new != old {
                 // A pool that turned invalid or overlapping also gets an Event, once.

@@ -459,6 +459,55 @@ fn deleting_a_pool_keeps_the_address_and_says_why() {
     assert!(events(&out).is_empty());
 }
 
+fn pool_status(out: &[Action], name: &str) -> Option<IPPoolStatus> {
+    out.iter().rev().find_map(|a| match a {
+        Action::PatchPoolStatus { name: n, patch } if n == name => {
+            Some(serde_json::from_value(patch["status"].clone()).unwrap())
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn a_pool_edit_that_leaves_held_addresses_outside_sets_orphans_until_they_are_released() {
+    let (mut s, out) = synced(
+        vec![fixtures::pool("p", &["192.0.2.0/30"])],
+        vec![lb("web")],
+    );
+    let web = apply(lb("web"), &out).version("2");
+    s.service_applied(web.clone(), now());
+    let first = pool_status(&out, "p").unwrap();
+    let cond = |st: &IPPoolStatus| {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Orphans")
+            .map(|c| (c.status.clone(), c.message.clone()))
+            .unwrap()
+    };
+    assert_eq!(cond(&first).0, "False");
+    // The pool is edited: web's 192.0.2.0 is no longer in it.
+    let edited = fixtures::pool("p", &["192.0.2.4/30"]);
+    let out = s.pool_applied(edited.clone(), now());
+    let st = pool_status(&out, "p").expect("the pool reports its orphan");
+    let (status, message) = cond(&st);
+    assert_eq!(status, "True");
+    assert!(message.contains("192.0.2.0 (default/web)"), "{message}");
+    assert_eq!(st.orphans, ["192.0.2.0"]);
+    // A new leader (restart) knows only what the status says: the orphan stays reported.
+    let mut reported = edited.clone();
+    reported.status = Some(st.clone());
+    let (mut again, out) = synced(vec![reported.clone()], vec![web.clone()]);
+    assert!(
+        pool_status(&out, "p").is_none(),
+        "the same report: nothing to write: {out:?}"
+    );
+    // Released: the condition clears, and the list with it.
+    let out = again.service_deleted(&web, now());
+    let st = pool_status(&out, "p").unwrap();
+    assert_eq!(cond(&st).0, "False");
+    assert!(st.orphans.is_empty());
+}
+
 #[test]
 fn a_type_change_releases_the_address_and_clears_the_status() {
     let (mut s, out) = synced(
