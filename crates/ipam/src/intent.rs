@@ -26,6 +26,9 @@ pub const SHARING_KEY: &str = "portico.dev/sharing-key";
 pub const ADDRESS_COUNT: &str = "portico.dev/address-count";
 /// DNS host name of the Service (default `<name>.<namespace>`).
 pub const HOSTNAME: &str = "portico.dev/hostname";
+/// `"true"`: keep announcing the Service's addresses while it has no ready endpoint (by default
+/// they are withdrawn, reason `noHealthyEndpoints`, as MetalLB does).
+pub const ANNOUNCE_WITHOUT_ENDPOINTS: &str = "portico.dev/announce-without-endpoints";
 /// The addresses the controller wrote into `spec.externalIPs` (so it can take back only its own).
 pub const ALLOCATED: &str = "portico.dev/allocated";
 /// MetalLB: requested addresses.

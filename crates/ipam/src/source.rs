@@ -281,14 +281,29 @@ fn service(
     out.name = model_name(&ns, &name);
     out.vips = vips;
     out.ports = ports;
+    // No endpoint serves: withdraw the addresses (MetalLB does too) unless told otherwise.
+    // `local_only` with no backend anywhere makes no node eligible, so the agents withdraw;
+    // `ServiceAnnouncement` reports it as `noHealthyEndpoints` (see [`withdrawn`]).
+    let withdraw = withdrawn(svc, &endpoints);
     out.backends = endpoints.backends;
     out.placement = Placement {
         nodes: placement_nodes,
         preferred: Vec::new(),
-        local_only: spec.external_traffic_policy.as_deref() == Some("Local"),
+        local_only: withdraw || spec.external_traffic_policy.as_deref() == Some("Local"),
     };
     out.dns.hostname = hostname;
     Some(out)
+}
+
+/// Whether a Service's addresses are withdrawn for want of endpoints (reason
+/// `noHealthyEndpoints`): no endpoint is ready, none is serving while terminating, and the
+/// Service does not say `portico.dev/announce-without-endpoints: "true"`.
+fn withdrawn(svc: &Service, endpoints: &Endpoints) -> bool {
+    endpoints.backends.is_empty()
+        && svc
+            .annotations()
+            .get(intent::ANNOUNCE_WITHOUT_ENDPOINTS)
+            .is_none_or(|v| v.trim() != "true")
 }
 
 /// Nodes that may announce this Service: those selected by the L2Announcements that select the
@@ -820,6 +835,7 @@ pub fn origins(snap: &Snapshot, config: &Config) -> Origins {
                 (
                     model,
                     Origin {
+                        no_endpoints: withdrawn(svc, &endpoints(snap, &ns, &name)),
                         namespace: ns,
                         name,
                         uid: svc.uid().unwrap_or_default(),

@@ -398,6 +398,9 @@ async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() 
         >();
         (kube::Client::new(svc, "default"), handle)
     };
+    // No EndpointSlices in this fake: keep announcing without endpoints, so that the only
+    // change of placement is the one made after the outage.
+    let web = || web().annotate(crate::intent::ANNOUNCE_WITHOUT_ENDPOINTS, "true");
     let world = Arc::new(Mutex::new(fake_api::World {
         version: 1,
         services: vec![serde_json::to_value(web()).unwrap()],
@@ -690,4 +693,37 @@ fn services_whose_dashed_names_collide_are_both_served() {
         ),
         ("team", "a-web")
     );
+}
+
+#[test]
+fn a_service_without_serving_endpoints_is_withdrawn_unless_told_otherwise() {
+    let mut snap = snapshot();
+    snap.slices.clear();
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    let s = &cfg.services[0];
+    assert!(s.backends.is_empty());
+    assert!(
+        s.placement.local_only,
+        "no node has a serving local backend, so no node is eligible: the agents withdraw"
+    );
+    assert!(origins(&snap, &cfg)["shop/web"].no_endpoints);
+    // Endpoints that are serving while terminating still count (connections drain).
+    snap.slices.insert(
+        ("shop".into(), "web-abc".into()),
+        slice(
+            "web-abc",
+            "web",
+            vec![ep("10.1.0.3", "n2", Some(false), Some(true), Some(true))],
+        ),
+    );
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert!(!cfg.services[0].placement.local_only);
+    assert!(!origins(&snap, &cfg)["shop/web"].no_endpoints);
+    // Opted out: announced without endpoints.
+    snap.slices.clear();
+    let svc = web().annotate(crate::intent::ANNOUNCE_WITHOUT_ENDPOINTS, "true");
+    snap.services.insert(("shop".into(), "web".into()), svc);
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert!(!cfg.services[0].placement.local_only);
+    assert!(!origins(&snap, &cfg)["shop/web"].no_endpoints);
 }
