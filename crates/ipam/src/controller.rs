@@ -31,6 +31,10 @@ use tokio::sync::watch;
 /// The field manager and event reporter name.
 pub const MANAGER: &str = "portico-controller";
 
+/// Pool status writes wait this long and are merged: a burst of allocations writes each pool's
+/// status once, not once per allocation (it was one of three serial writes per allocation).
+pub const POOL_STATUS_DELAY: Duration = Duration::from_millis(500);
+
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,6 +82,12 @@ pub struct Driver {
     failed: BTreeSet<ServiceKey>,
     /// Failed writes since the last successful one, so an outage is logged once.
     outage: Outage,
+    /// Pool status patches waiting for [`Driver::flush_pools`], by pool (the newest wins).
+    pending_pools: BTreeMap<String, serde_json::Value>,
+    /// When the oldest pending pool status is due.
+    pools_due: Option<tokio::time::Instant>,
+    /// A pool status write failed: decide the reports again on the next tick.
+    pools_failed: bool,
 }
 
 impl Driver {
@@ -97,6 +107,9 @@ impl Driver {
             buffers: Buffers::default(),
             failed: BTreeSet::new(),
             outage: Outage::default(),
+            pending_pools: BTreeMap::new(),
+            pools_due: None,
+            pools_failed: false,
         }
     }
 
@@ -168,6 +181,9 @@ impl Driver {
             Input::Tick => {
                 let keys = std::mem::take(&mut self.failed);
                 let mut out = Vec::new();
+                if std::mem::take(&mut self.pools_failed) {
+                    out.extend(self.state.pool_reports(now));
+                }
                 for k in keys {
                     if let Some(s) = self.state.service(&k).cloned() {
                         out.extend(self.state.service_applied(s, now));
@@ -185,6 +201,13 @@ impl Driver {
         let mut conflicts = 0;
         while let Some(action) = queue.pop_front() {
             log_decision(&action);
+            if let Action::PatchPoolStatus { name, patch } = action {
+                self.state.assume_pool_status(&name, &patch);
+                self.pending_pools.insert(name, patch);
+                self.pools_due
+                    .get_or_insert_with(|| tokio::time::Instant::now() + POOL_STATUS_DELAY);
+                continue;
+            }
             match self.write(&action).await {
                 Ok(()) => {
                     if let Some(failures) = self.outage.recovered() {
@@ -215,6 +238,10 @@ impl Driver {
                 Err(WriteError::Conflict(key)) => {
                     self.failed.insert(key);
                 }
+                Err(WriteError::Pool(e)) => {
+                    tracing::debug!(error = %e, "pool status write failed");
+                    self.pools_failed = true;
+                }
                 Err(WriteError::Other(key, e)) => {
                     if self.outage.failed() {
                         tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
@@ -224,6 +251,42 @@ impl Driver {
                     if let Some(k) = key {
                         self.failed.insert(k);
                     }
+                }
+            }
+        }
+    }
+
+    /// When the pending pool status writes are due, if any.
+    pub fn pools_due(&self) -> Option<tokio::time::Instant> {
+        self.pools_due
+    }
+
+    /// Writes the pending pool statuses (one patch per pool, however many allocations changed it).
+    pub async fn flush_pools(&mut self) {
+        self.pools_due = None;
+        for (name, patch) in std::mem::take(&mut self.pending_pools) {
+            let action = Action::PatchPoolStatus {
+                name: name.clone(),
+                patch,
+            };
+            match self.write(&action).await {
+                Ok(()) => {
+                    if let Some(failures) = self.outage.recovered() {
+                        tracing::info!(failures, "writes succeed again");
+                    }
+                }
+                Err(WriteError::Other(_, e)) | Err(WriteError::Pool(e)) => {
+                    if self.outage.failed() {
+                        tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                    } else {
+                        tracing::debug!(error = %e, "write failed; retrying later");
+                    }
+                    self.state.forget_pool_status(&name);
+                    self.pools_failed = true;
+                }
+                Err(WriteError::Conflict(_)) => {
+                    self.state.forget_pool_status(&name);
+                    self.pools_failed = true;
                 }
             }
         }
@@ -278,7 +341,10 @@ impl Driver {
                         tracing::debug!(pool = %name, "pool deleted before its status was written");
                         Ok(())
                     }
-                    Err(e) => Err(write_error(None, format!("IPPool {name} status"), e)),
+                    Err(e) => Err(WriteError::Pool(Box::new(Error::Write {
+                        what: format!("IPPool {name} status"),
+                        source: e,
+                    }))),
                 }
             }
         }
@@ -355,6 +421,8 @@ fn same_pool(a: &Action, b: &Action) -> bool {
 enum WriteError {
     Conflict(ServiceKey),
     Other(Option<ServiceKey>, Box<Error>),
+    /// A pool status write failed.
+    Pool(Box<Error>),
 }
 
 fn action_key(a: &Action) -> Option<ServiceKey> {
@@ -433,6 +501,12 @@ pub async fn run(
                     Some(input) => driver.handle(input).await,
                     None => break,
                 },
+                () = async {
+                    match driver.pools_due() {
+                        Some(due) => tokio::time::sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                } => driver.flush_pools().await,
             }
         }
     }

@@ -264,6 +264,33 @@ impl State {
         }
     }
 
+    /// A pool status write was queued: the cache takes it as written, so the next decisions
+    /// neither queue it again nor repeat its Events. See [`State::forget_pool_status`].
+    pub fn assume_pool_status(&mut self, name: &str, patch: &Value) {
+        if let (Some(p), Ok(status)) = (
+            self.pools.get_mut(name),
+            serde_json::from_value::<IPPoolStatus>(patch["status"].clone()),
+        ) {
+            p.status = Some(status);
+        }
+    }
+
+    /// A pool status write failed: forget the assumed status so it is decided and written again
+    /// ([`State::pool_reports`]).
+    pub fn forget_pool_status(&mut self, name: &str) {
+        if let Some(p) = self.pools.get_mut(name) {
+            p.status = None;
+        }
+    }
+
+    /// Writes for pools whose status differs from what is known to be written.
+    pub fn pool_reports(&self, now: Timestamp) -> Vec<Action> {
+        if !self.started {
+            return Vec::new();
+        }
+        self.pool_statuses(now)
+    }
+
     /// A write was refused with 409 Conflict: the driver re-read the Service; decide again.
     pub fn conflict(&mut self, fresh: Service, now: Timestamp) -> Vec<Action> {
         self.service_applied(fresh, now)
