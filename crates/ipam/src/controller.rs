@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::allocator::ServiceKey;
 use crate::crd::IPPool;
 use crate::intent::Scope;
+use crate::metrics::ControllerMetrics;
 use crate::outage::{Outage, logged};
 
 use crate::reconcile::{self, Action, State};
@@ -88,11 +89,22 @@ pub struct Driver {
     pools_due: Option<tokio::time::Instant>,
     /// A pool status write failed: decide the reports again on the next tick.
     pools_failed: bool,
+    metrics: ControllerMetrics,
 }
 
 impl Driver {
     /// A driver with empty caches.
     pub fn new(client: Client, scope: Scope, instance: Option<String>) -> Self {
+        Self::with_metrics(client, scope, instance, ControllerMetrics::default())
+    }
+
+    /// A driver with empty caches that counts into `metrics`.
+    pub fn with_metrics(
+        client: Client,
+        scope: Scope,
+        instance: Option<String>,
+        metrics: ControllerMetrics,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -110,6 +122,7 @@ impl Driver {
             pending_pools: BTreeMap::new(),
             pools_due: None,
             pools_failed: false,
+            metrics,
         }
     }
 
@@ -201,6 +214,9 @@ impl Driver {
         let mut conflicts = 0;
         while let Some(action) = queue.pop_front() {
             log_decision(&action);
+            if let Action::Event { reason, .. } = &action {
+                self.metrics.decided(reason);
+            }
             if let Action::PatchPoolStatus { name, patch } = action {
                 self.state.assume_pool_status(&name, &patch);
                 self.pending_pools.insert(name, patch);
@@ -240,9 +256,11 @@ impl Driver {
                 }
                 Err(WriteError::Pool(e)) => {
                     tracing::debug!(error = %e, "pool status write failed");
+                    self.metrics.write_failures.inc();
                     self.pools_failed = true;
                 }
                 Err(WriteError::Other(key, e)) => {
+                    self.metrics.write_failures.inc();
                     if self.outage.failed() {
                         tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
                     } else {
@@ -271,11 +289,13 @@ impl Driver {
             };
             match self.write(&action).await {
                 Ok(()) => {
+                    self.metrics.pool_status_writes.inc();
                     if let Some(failures) = self.outage.recovered() {
                         tracing::info!(failures, "writes succeed again");
                     }
                 }
                 Err(WriteError::Other(_, e)) | Err(WriteError::Pool(e)) => {
+                    self.metrics.write_failures.inc();
                     if self.outage.failed() {
                         tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
                     } else {
@@ -475,7 +495,27 @@ pub async fn run(
     client: Client,
     scope: Scope,
     instance: Option<String>,
+    leading: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    run_with_metrics(
+        client,
+        scope,
+        instance,
+        leading,
+        ControllerMetrics::default(),
+        shutdown,
+    )
+    .await;
+}
+
+/// [`run`], counting into `metrics` (`portico_controller_leading` follows `leading`).
+pub async fn run_with_metrics(
+    client: Client,
+    scope: Scope,
+    instance: Option<String>,
     mut leading: watch::Receiver<bool>,
+    metrics: ControllerMetrics,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -487,7 +527,13 @@ pub async fn run(
             return;
         }
         tracing::info!("leading: starting the IPAM controller");
-        let mut driver = Driver::new(client.clone(), scope.clone(), instance.clone());
+        metrics.leading.set(1);
+        let mut driver = Driver::with_metrics(
+            client.clone(),
+            scope.clone(),
+            instance.clone(),
+            metrics.clone(),
+        );
         let mut events = std::pin::pin!(inputs(&client));
         loop {
             tokio::select! {
@@ -495,6 +541,7 @@ pub async fn run(
                 still = async { leading.wait_for(|l| !*l).await.is_ok() } => {
                     if !still { return }
                     tracing::info!("no longer leading: stopping the IPAM controller");
+                    metrics.leading.set(0);
                     break;
                 }
                 ev = events.next() => match ev {

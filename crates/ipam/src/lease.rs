@@ -158,6 +158,7 @@ pub struct LeaseElector {
     leading: watch::Sender<bool>,
     last_renew: Option<tokio::time::Instant>,
     role: Role,
+    reached: watch::Sender<bool>,
 }
 
 impl LeaseElector {
@@ -176,7 +177,14 @@ impl LeaseElector {
             leading: watch::Sender::new(false),
             last_renew: None,
             role: Role::Unknown,
+            reached: watch::Sender::new(false),
         }
+    }
+
+    /// `true` once an attempt has reached the API server (the controller's readiness: a
+    /// standby is ready too, it has a Lease to follow).
+    pub fn reached(&self) -> watch::Receiver<bool> {
+        self.reached.subscribe()
     }
 
     /// What this replica last knew of the election.
@@ -187,6 +195,10 @@ impl LeaseElector {
     /// One attempt: read the Lease, decide, write. Returns whether we lead afterwards.
     pub async fn step(&mut self, now: Timestamp) -> Result<bool, Error> {
         let result = self.try_step(now).await;
+        if result.is_ok() {
+            self.reached
+                .send_if_modified(|r| !std::mem::replace(r, true));
+        }
         let leading = match &result {
             Ok(l) => *l,
             // Could not reach the API: keep leading only until the renew deadline.
@@ -568,7 +580,12 @@ mod tests {
             "me",
             Timing::default(),
         );
+        assert!(!*e.reached().borrow());
         assert!(!e.step(at(0)).await.unwrap());
+        assert!(
+            *e.reached().borrow(),
+            "a standby that reached the API is ready"
+        );
         assert!(
             !e.step(at(1)).await.unwrap(),
             "a live lease of another is followed without a write"

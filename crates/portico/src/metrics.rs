@@ -76,6 +76,7 @@ mod tests {
         "crates/lb/src/metrics.rs",
         "crates/agent/src/lib.rs",
         "crates/dns/src/metrics.rs",
+        "crates/ipam/src/metrics.rs",
     ];
 
     fn root() -> std::path::PathBuf {
@@ -115,6 +116,7 @@ mod tests {
         let mut out = String::from(
             "# Metrics\n\n\
              Everything `portico run` and `portico agent` export on the admin server's `/metrics`\n\
+             (`portico controller`: the `portico_controller_*` series, on `--metrics-listen`)\n\
              (OpenMetrics text; counters carry the `_total` suffix on the wire, labels are listed\n\
              with each series). Generated from the registration calls in the code:\n\
              `PORTICO_BLESS=1 cargo test -p portico --bin portico metrics` rewrites this file, and\n\

@@ -483,7 +483,8 @@ async fn a_burst_of_creates_costs_two_requests_per_allocation_and_one_pool_statu
     >();
     let client = kube::Client::new(svc, "default");
     let server = counting_server(handle);
-    let mut d = Driver::new(client, Scope::default(), None);
+    let metrics = ControllerMetrics::default();
+    let mut d = Driver::with_metrics(client, Scope::default(), None, metrics.clone());
     for input in [
         Input::Pool(Event::Init),
         Input::Pool(Event::InitApply(fixtures::pool("p", &["10.0.0.0/16"]))),
@@ -510,5 +511,10 @@ async fn a_burst_of_creates_costs_two_requests_per_allocation_and_one_pool_statu
     assert_eq!(counts.get("event"), Some(&N));
     // One pool status for the initial sync and one for the whole burst (was one per allocation).
     assert_eq!(counts.get("pool status"), Some(&2));
+    let allocated = crate::metrics::ReasonLabel {
+        reason: "IPAllocated".into(),
+    };
+    assert_eq!(metrics.decisions.get_or_create(&allocated).get(), N as u64);
+    assert_eq!(metrics.pool_status_writes.get(), 2);
     println!("{N} allocations: {counts:?}");
 }
