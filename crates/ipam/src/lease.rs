@@ -359,6 +359,11 @@ impl LeaseElector {
                 () = tokio::time::sleep(self.timing.retry_period) => {}
             }
         }
+        if self.role != Role::Leading && !*self.leading.borrow() {
+            // Never led (or already stepped down): nothing to give up.
+            self.leading.send_replace(false);
+            return;
+        }
         match self.release(Timestamp::now()).await {
             Ok(true) => {
                 tracing::info!(identity = %self.identity, "released the Lease: a standby takes over now")
