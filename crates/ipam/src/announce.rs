@@ -201,13 +201,18 @@ impl Planner {
             };
             let key = (origin.namespace.clone(), origin.name.clone());
             present.insert(key.clone());
+            // Until the agent has decided about every address of the Service (at start), what
+            // was written stays as it is.
+            if svc.vips.iter().any(|ip| !ownership.contains_key(ip)) {
+                continue;
+            }
             let mut entry = NodeAnnouncement {
                 node: self.me.clone(),
                 ..NodeAnnouncement::default()
             };
             for ip in &svc.vips {
                 let Some(view) = ownership.get(ip) else {
-                    continue;
+                    continue; // not reached: checked above
                 };
                 match view.owner.as_deref() {
                     Some(owner) if owner == self.me => {
@@ -353,6 +358,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut planner = Planner::new(me.clone());
+    // Nothing is decided before the source has published the cluster's state (generation 0 is
+    // the placeholder): an empty config would read as "every Service is gone".
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = desired.wait_for(|d| d.generation > 0) => if r.is_err() { return },
+    }
     // What exists already: our own entries from before a restart, and those of other nodes.
     let all: Api<ServiceAnnouncement> = Api::all(client.clone());
     match all.list(&ListParams::default()).await {

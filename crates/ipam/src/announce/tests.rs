@@ -213,6 +213,30 @@ fn after_a_restart_a_stale_entry_of_this_node_is_removed_and_so_are_those_of_del
 }
 
 #[test]
+fn until_the_agent_has_decided_about_an_address_nothing_is_written_for_its_service() {
+    let existing: ServiceAnnouncement = serde_json::from_value(json!({
+        "apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
+        "metadata": {"name": "s0", "namespace": "shop",
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "s0", "uid": "u0"}]},
+        "spec": {"service": "s0"},
+        "status": {"nodes": [
+            {"node": "n1", "owns": ["198.18.0.0"], "addresses": [{"address": "198.18.0.0", "reason": "owner"}]},
+        ]},
+    }))
+    .unwrap();
+    let mut n1 = Planner::new("n1");
+    n1.prime(&[existing]);
+    let cfg = config(&["n2"], 1);
+    // Restarted, no ownership view yet: the entry from before stays untouched…
+    assert!(n1.plan(&cfg, &OwnershipView::new(), &origins(1)).is_empty());
+    // …and when the view says n1 still owns it, there is nothing to write either.
+    assert!(
+        n1.plan(&cfg, &view(1, |_| Some("n1".into())), &origins(1))
+            .is_empty()
+    );
+}
+
+#[test]
 fn a_failed_write_is_made_again_on_the_next_plan() {
     let cfg = config(&["n2"], 1);
     let mut n1 = Planner::new("n1");
