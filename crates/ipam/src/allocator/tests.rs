@@ -1,5 +1,7 @@
 //! Unit and property tests of the allocator.
 
+use std::net::Ipv4Addr;
+
 use proptest::prelude::*;
 
 use super::*;
