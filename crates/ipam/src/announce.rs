@@ -433,12 +433,23 @@ async fn write(client: &Client, me: &str, w: &Write) -> Result<(), kube::Error> 
                 .await
             {
                 Ok(_) => Ok(()),
-                // The Service (and with it the object) is gone: nothing to report on.
-                Err(kube::Error::Api(s)) if s.is_not_found() && *node != me => Ok(()),
+                // A removal from an object that is gone (with its Service, or by hand): done.
+                Err(kube::Error::Api(s))
+                    if s.is_not_found() && (*node != me || is_removal(body)) =>
+                {
+                    Ok(())
+                }
                 Err(e) => Err(e),
             }
         }
     }
+}
+
+/// Whether a status body removes the entry (an empty `nodes` list).
+fn is_removal(body: &Value) -> bool {
+    body["status"]["nodes"]
+        .as_array()
+        .is_some_and(|a| a.is_empty())
 }
 
 #[cfg(test)]

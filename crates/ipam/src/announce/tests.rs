@@ -237,6 +237,22 @@ fn until_the_agent_has_decided_about_an_address_nothing_is_written_for_its_servi
 }
 
 #[test]
+fn a_removal_body_is_recognised() {
+    let o = &origins(1)["shop/s0"];
+    let empty = NodeAnnouncement {
+        node: "n1".into(),
+        ..NodeAnnouncement::default()
+    };
+    assert!(is_removal(&status_body(o, &empty)));
+    let mut full = empty.clone();
+    full.addresses.push(AddressReason {
+        address: "198.18.0.0".into(),
+        reason: "owner".into(),
+    });
+    assert!(!is_removal(&status_body(o, &full)));
+}
+
+#[test]
 fn a_failed_write_is_made_again_on_the_next_plan() {
     let cfg = config(&["n2"], 1);
     let mut n1 = Planner::new("n1");
