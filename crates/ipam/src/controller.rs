@@ -32,6 +32,10 @@ use tokio::sync::watch;
 /// The field manager and event reporter name.
 pub const MANAGER: &str = "portico-controller";
 
+/// Events published at once, at most: Events are not on an allocation's critical path (the
+/// status write is), so they go out concurrently; when this many are in flight the next waits.
+pub const EVENTS_IN_FLIGHT: usize = 32;
+
 /// Pool status writes wait this long and are merged: a burst of allocations writes each pool's
 /// status once, not once per allocation (it was one of three serial writes per allocation).
 pub const POOL_STATUS_DELAY: Duration = Duration::from_millis(500);
@@ -90,6 +94,8 @@ pub struct Driver {
     /// A pool status write failed: decide the reports again on the next tick.
     pools_failed: bool,
     metrics: ControllerMetrics,
+    /// Events being published (at most [`EVENTS_IN_FLIGHT`]).
+    events: tokio::task::JoinSet<Result<(), Box<Error>>>,
 }
 
 impl Driver {
@@ -123,6 +129,7 @@ impl Driver {
             pools_due: None,
             pools_failed: false,
             metrics,
+            events: tokio::task::JoinSet::new(),
         }
     }
 
@@ -217,6 +224,10 @@ impl Driver {
             if let Action::Event { reason, .. } = &action {
                 self.metrics.decided(reason);
             }
+            if let Action::Event { .. } = &action {
+                self.publish(action).await;
+                continue;
+            }
             if let Action::PatchPoolStatus { name, patch } = action {
                 self.state.assume_pool_status(&name, &patch);
                 self.pending_pools.insert(name, patch);
@@ -274,6 +285,71 @@ impl Driver {
         }
     }
 
+    /// Publishes an Event without waiting for it (bounded by [`EVENTS_IN_FLIGHT`]).
+    async fn publish(&mut self, action: Action) {
+        let Action::Event {
+            reference,
+            warning,
+            reason,
+            note,
+        } = action
+        else {
+            return;
+        };
+        while self.events.len() >= EVENTS_IN_FLIGHT {
+            if let Some(r) = self.events.join_next().await {
+                self.published(r);
+            }
+        }
+        let recorder = self.recorder.clone();
+        self.events.spawn(async move {
+            let ev = KubeEvent {
+                type_: if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: reason.into(),
+                note: Some(note),
+                action: "Allocate".into(),
+                secondary: None,
+            };
+            recorder.publish(&ev, &reference).await.map_err(|source| {
+                Box::new(Error::Write {
+                    what: format!("event {reason}"),
+                    source,
+                })
+            })
+        });
+    }
+
+    /// Accounts for one finished Event.
+    fn published(&mut self, r: Result<Result<(), Box<Error>>, tokio::task::JoinError>) {
+        match r {
+            Ok(Ok(())) => {
+                if let Some(failures) = self.outage.recovered() {
+                    tracing::info!(failures, "writes succeed again");
+                }
+            }
+            Ok(Err(e)) => {
+                self.metrics.write_failures.inc();
+                if self.outage.failed() {
+                    tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                } else {
+                    tracing::debug!(error = %e, "event not published");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "event task ended"),
+        }
+    }
+
+    /// Waits for every Event in flight.
+    pub async fn settle_events(&mut self) {
+        while let Some(r) = self.events.join_next().await {
+            self.published(r);
+        }
+    }
+
     /// When the pending pool status writes are due, if any.
     pub fn pools_due(&self) -> Option<tokio::time::Instant> {
         self.pools_due
@@ -281,6 +357,8 @@ impl Driver {
 
     /// Writes the pending pool statuses (one patch per pool, however many allocations changed it).
     pub async fn flush_pools(&mut self) {
+        // Events of the decisions first, so a pool's report never overtakes them.
+        self.settle_events().await;
         self.pools_due = None;
         for (name, patch) in std::mem::take(&mut self.pending_pools) {
             let action = Action::PatchPoolStatus {
@@ -327,28 +405,8 @@ impl Driver {
                 let r = api.patch(&key.name, &pp, &Patch::Merge(patch)).await;
                 self.after_service_write(key, "spec.externalIPs", r)
             }
-            Action::Event {
-                reference,
-                warning,
-                reason,
-                note,
-            } => {
-                let ev = KubeEvent {
-                    type_: if *warning {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
-                    },
-                    reason: (*reason).into(),
-                    note: Some(note.clone()),
-                    action: "Allocate".into(),
-                    secondary: None,
-                };
-                self.recorder
-                    .publish(&ev, reference)
-                    .await
-                    .map_err(|e| write_error(None, format!("event {reason}"), e))
-            }
+            // Published concurrently by `publish`.
+            Action::Event { .. } => Ok(()),
             Action::PatchPoolStatus { name, patch } => {
                 let api: Api<IPPool> = Api::all(self.client.clone());
                 match api.patch_status(name, &pp, &Patch::Merge(patch)).await {
