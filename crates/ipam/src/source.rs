@@ -696,6 +696,7 @@ pub fn spawn(
     let (tx, desired) = watch::channel(initial);
     let (origins_tx, origins) = watch::channel(Arc::new(Origins::new()));
     let mut events = inputs(&client, namespace, secret);
+    let mut served = 0usize;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -703,7 +704,14 @@ pub fn spawn(
                 ev = events.next() => match ev {
                     Some(ev) => {
                         if let Some(d) = source.handle(ev) {
-                            tracing::info!(generation = d.generation, services = d.config.services.len(), "desired state from Kubernetes");
+                            // INFO when the set of served Services changes; endpoint churn is
+                            // routine and goes to debug.
+                            let services = d.config.services.len();
+                            if std::mem::replace(&mut served, services) != services || d.generation == 1 {
+                                tracing::info!(generation = d.generation, services, "desired state from Kubernetes");
+                            } else {
+                                tracing::debug!(generation = d.generation, services, "desired state from Kubernetes");
+                            }
                             origins_tx.send_replace(Arc::new(source.origins()));
                             tx.send_replace(Arc::new(d));
                         }
