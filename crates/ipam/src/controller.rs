@@ -223,8 +223,6 @@ impl Driver {
             log_decision(&action);
             if let Action::Event { reason, .. } = &action {
                 self.metrics.decided(reason);
-            }
-            if let Action::Event { .. } = &action {
                 self.publish(action).await;
                 continue;
             }
@@ -257,7 +255,7 @@ impl Driver {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            tracing::warn!(service = %key, error = %e, "cannot re-read Service after a conflict");
+                            tracing::warn!(service = %key, error = %crate::outage::describe(&e), "cannot re-read Service after a conflict");
                             self.failed.insert(key);
                         }
                     }
