@@ -19,7 +19,7 @@ use crate::outage::Outage;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The API server refused or could not be reached.
-    #[error("lease {name}: {source}")]
+    #[error("lease {name}: {}", crate::outage::describe(.source))]
     Api {
         /// The Lease name.
         name: String,
