@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use model::Protocol;
 
@@ -89,92 +89,9 @@ impl fmt::Display for PortSpec {
     }
 }
 
-/// An inclusive range of addresses of one family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct AddrRange {
-    /// First address.
-    pub start: IpAddr,
-    /// Last address (same family, not before `start`).
-    pub end: IpAddr,
-}
-
-fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn from_u128(family: Family, v: u128) -> IpAddr {
-    match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
-        Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
-    }
-}
-
-impl AddrRange {
-    /// The range's family.
-    pub fn family(&self) -> Family {
-        Family::of(self.start)
-    }
-
-    /// Whether `ip` lies in the range.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        Family::of(ip) == self.family() && self.start <= ip && ip <= self.end
-    }
-
-    /// Number of addresses (saturating).
-    pub fn len(&self) -> u128 {
-        (to_u128(self.end) - to_u128(self.start)).saturating_add(1)
-    }
-
-    /// Whether the range is empty (never, once parsed).
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    fn overlaps(&self, o: &AddrRange) -> bool {
-        self.family() == o.family() && self.start <= o.end && o.start <= self.end
-    }
-
-    /// Parses `192.0.2.0/24`, `2001:db8::/120` or `192.0.2.10-192.0.2.20`.
-    pub fn parse(s: &str) -> Result<Self, PoolError> {
-        let bad = |why: &str| PoolError::Address(s.to_string(), why.to_string());
-        let s = s.trim();
-        if let Some((a, b)) = s.split_once('-') {
-            let a: IpAddr = a
-                .trim()
-                .parse()
-                .map_err(|_| bad("the start is not an IP address"))?;
-            let b: IpAddr = b
-                .trim()
-                .parse()
-                .map_err(|_| bad("the end is not an IP address"))?;
-            if Family::of(a) != Family::of(b) {
-                return Err(bad("the start and end are of different families"));
-            }
-            if a > b {
-                return Err(bad("the start is after the end"));
-            }
-            Ok(Self { start: a, end: b })
-        } else {
-            let net: ipnet::IpNet = s.parse().map_err(|_| {
-                bad("expected a CIDR (192.0.2.0/24) or a range (192.0.2.10-192.0.2.20)")
-            })?;
-            if net.trunc() != net {
-                return Err(bad("host bits are set; write the network address"));
-            }
-            Ok(Self {
-                start: net.network(),
-                end: net.broadcast(),
-            })
-        }
-    }
-}
-
-fn is_buggy(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V4(a) if matches!(a.octets()[3], 0 | 255))
-}
+mod range;
+pub use range::{AddrRange, is_subnet_router_anycast};
+use range::{from_u128, is_buggy, multiples_in, to_u128};
 
 /// A validated pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +112,8 @@ pub struct Pool {
     pub namespace_selectors: Vec<Selector>,
     /// Services by label (empty: any).
     pub service_selectors: Vec<Selector>,
+    /// `metadata.creationTimestamp`: of two overlapping pools the older one stays in service.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 /// Why a pool spec is rejected.
@@ -203,15 +122,20 @@ pub enum PoolError {
     /// The pool lists no address.
     #[error("the pool lists no addresses")]
     NoAddresses,
-    /// One entry of `addresses` is malformed.
+    /// An address or range is malformed.
     #[error("address `{0}` is invalid: {1}")]
     Address(String, String),
-    /// Two entries of the same pool overlap.
-    #[error("addresses `{0}` and `{1}` overlap")]
-    SelfOverlap(String, String),
-    /// A selector is malformed.
-    #[error(transparent)]
-    Selector(#[from] selector::Error),
+    /// One entry of `spec.addresses` is malformed: its index, its value, why.
+    #[error("spec.addresses[{0}] `{1}` is invalid: {2}")]
+    Entry(usize, String, String),
+    /// Two entries of the same pool overlap (indices and values).
+    #[error(
+        "spec.addresses[{0}] `{1}` and spec.addresses[{2}] `{3}` overlap; remove one or split them"
+    )]
+    SelfOverlap(usize, String, usize, String),
+    /// A selector is malformed: where (`spec.serviceAllocation.namespaceSelectors[0]`) and why.
+    #[error("{0}: {1}")]
+    Selector(String, selector::Error),
 }
 
 /// Validates an `IPPool` (the controller re-checks what the CRD's CEL rules should have caught).
@@ -223,16 +147,32 @@ pub fn parse_pool(p: &IPPool) -> Result<Pool, PoolError> {
     }
     let mut ranges = Vec::new();
     for (i, a) in spec.addresses.iter().enumerate() {
-        let r = AddrRange::parse(a)?;
+        let r = AddrRange::parse(a).map_err(|e| match e {
+            PoolError::Address(v, why) => PoolError::Entry(i, v, why),
+            other => other,
+        })?;
         if let Some(j) = ranges.iter().position(|o: &AddrRange| o.overlaps(&r)) {
             return Err(PoolError::SelfOverlap(
+                j,
                 spec.addresses[j].clone(),
+                i,
                 spec.addresses[i].clone(),
             ));
         }
         ranges.push(r);
     }
     let alloc = spec.service_allocation.clone().unwrap_or_default();
+    let selectors =
+        |field: &str, v: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector]| {
+            v.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Selector::parse(s).map_err(|e| {
+                        PoolError::Selector(format!("spec.serviceAllocation.{field}[{i}]"), e)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
     Ok(Pool {
         name: p.name_any(),
         ranges,
@@ -240,16 +180,9 @@ pub fn parse_pool(p: &IPPool) -> Result<Pool, PoolError> {
         avoid_buggy_ips: spec.avoid_buggy_ips,
         priority: alloc.priority,
         namespaces: alloc.namespaces,
-        namespace_selectors: alloc
-            .namespace_selectors
-            .iter()
-            .map(Selector::parse)
-            .collect::<Result<_, _>>()?,
-        service_selectors: alloc
-            .service_selectors
-            .iter()
-            .map(Selector::parse)
-            .collect::<Result<_, _>>()?,
+        namespace_selectors: selectors("namespaceSelectors", &alloc.namespace_selectors)?,
+        service_selectors: selectors("serviceSelectors", &alloc.service_selectors)?,
+        created: p.creation_timestamp().map(|t| t.0),
     })
 }
 
@@ -265,7 +198,7 @@ impl Pool {
     }
 
     fn usable(&self, ip: IpAddr) -> bool {
-        !(self.avoid_buggy_ips && is_buggy(ip))
+        !(is_subnet_router_anycast(ip) || self.avoid_buggy_ips && is_buggy(ip))
     }
 
     fn size(&self, family: Family) -> u128 {
@@ -279,10 +212,12 @@ impl Pool {
                     let upto = |n: u128, o: u128| if n < o { 0 } else { (n - o) / 256 + 1 };
                     let below = |o| if a == 0 { 0 } else { upto(a - 1, o) };
                     (upto(b, 0) - below(0)) + (upto(b, 255) - below(255))
+                } else if family == Family::V6 {
+                    multiples_in(to_u128(r.start), to_u128(r.end), 1 << 64)
                 } else {
                     0
                 };
-                r.len() - buggy
+                r.len().saturating_sub(buggy)
             })
             .sum()
     }
@@ -391,7 +326,8 @@ pub struct PoolReport {
     pub available_v6: u128,
     /// Why the pool spec is rejected.
     pub invalid: Option<String>,
-    /// Earlier pools (by name) it shares addresses with; such a pool hands out nothing new.
+    /// Older pools it shares addresses with (creation time, then name); such a pool is refused
+    /// and hands out nothing new, while the older ones stay in service.
     pub overlapping: Vec<String>,
 }
 
@@ -401,7 +337,7 @@ pub struct PoolReport {
 pub struct Allocator {
     /// Pools by name, valid or not.
     pools: BTreeMap<String, Result<Pool, PoolError>>,
-    /// Pools that overlap an earlier one: name → the earlier ones.
+    /// Pools that overlap an older one: name → the older ones.
     overlapping: BTreeMap<String, Vec<String>>,
     holders: BTreeMap<IpAddr, Holder>,
     by_service: BTreeMap<ServiceKey, Vec<IpAddr>>,
@@ -440,19 +376,25 @@ impl Allocator {
 
     /// Replaces the pools. Holdings are never touched: an address no pool contains any more
     /// stays with its Service (see [`Allocator::orphans`]).
+    ///
+    /// Of two valid pools that share addresses the older one (by creation time, then name) stays
+    /// in service and the newcomer is refused, as MetalLB's admission refuses it: creating a pool
+    /// never takes addresses away from an established one.
     pub fn set_pools(
         &mut self,
         pools: impl IntoIterator<Item = (String, Result<Pool, PoolError>)>,
     ) {
         self.pools = pools.into_iter().collect();
         self.overlapping.clear();
-        let valid: Vec<&Pool> = self
+        let mut valid: Vec<&Pool> = self
             .pools
             .values()
             .filter_map(|p| p.as_ref().ok())
             .collect();
+        // Pools without a creation time (never from an API server) count as newest.
+        valid.sort_by_key(|p| (p.created.is_none(), p.created, p.name.clone()));
         for (i, p) in valid.iter().enumerate() {
-            let earlier: Vec<String> = valid[..i]
+            let older: Vec<String> = valid[..i]
                 .iter()
                 .filter(|o| {
                     p.ranges
@@ -461,8 +403,8 @@ impl Allocator {
                 })
                 .map(|o| o.name.clone())
                 .collect();
-            if !earlier.is_empty() {
-                self.overlapping.insert(p.name.clone(), earlier);
+            if !older.is_empty() {
+                self.overlapping.insert(p.name.clone(), older);
             }
         }
     }
@@ -475,6 +417,14 @@ impl Allocator {
     /// Every Service's holdings.
     pub fn holdings(&self) -> &BTreeMap<ServiceKey, Vec<IpAddr>> {
         &self.by_service
+    }
+
+    /// The valid pool that contains `ip` (the older one when pools overlap).
+    pub fn pool_of(&self, ip: IpAddr) -> Option<&str> {
+        self.valid_pools()
+            .filter(|p| p.contains(ip))
+            .min_by_key(|p| (self.overlapping.contains_key(&p.name), p.name.clone()))
+            .map(|p| p.name.as_str())
     }
 
     /// Held addresses that no valid pool contains (a pool was edited or deleted).
@@ -588,6 +538,11 @@ impl Allocator {
                         "address {ip} is {} but the Service's families are {}",
                         Family::of(*ip),
                         families(&req.families)
+                    )));
+                }
+                if !held.contains(ip) && is_subnet_router_anycast(*ip) {
+                    return Err(Refusal::InvalidRequest(format!(
+                        "address {ip} is the subnet-router anycast address of its /64 (all-zeros interface identifier); routers answer it, so it is never handed out"
                     )));
                 }
                 // An address the Service already holds stays, even if its pool went away.
@@ -756,6 +711,10 @@ impl Allocator {
                     .unwrap_or_default()
             )));
         }
+        // A sharing key is bound to the addresses its Services hold: while one of them cannot
+        // be shared (ports clash, or it lies outside the pools that serve this request, say after
+        // a pool edit), the request is refused rather than given an address of its own, which
+        // would split the key over two addresses.
         if let Some(key) = &req.sharing_key {
             let mut clashes = Vec::new();
             for (ip, h) in &self.holders {
@@ -763,10 +722,13 @@ impl Allocator {
                     && h.disagrees(req).is_none()
                     && Family::of(*ip) == family
                     && !plan.contains(ip)
-                    && pools.iter().any(|p| p.contains(*ip))
                 {
                     match clash(h, req) {
-                        None => return Ok(*ip),
+                        None if pools.iter().any(|p| p.contains(*ip)) => return Ok(*ip),
+                        None => clashes.push(format!(
+                            "{ip} is outside every pool that serves Service {}",
+                            req.service
+                        )),
                         Some(msg) => clashes.push(format!("{ip}: {msg}")),
                     }
                 }

@@ -1,23 +1,40 @@
-//! Per-address announcement status: each agent writes its own view into `ServiceAnnouncement`s.
+//! Per-node announcement status: each agent writes its own entry into `ServiceAnnouncement`s.
 //!
-//! Every agent server-side-applies, with its own field manager (`portico-agent/<node>`), one
-//! entry per address of every Service it serves: its reason word under `nodes.<node>`, and
-//! `node: <node>` where it is the owner. Entries are a list-map keyed by address and `nodes` is a
-//! map, so each agent owns only its own keys and the API server merges the views; the new owner
-//! of an address takes the `node` field over with `force`. The object is owned by its Service,
-//! so it is deleted with it. [`patches`] is pure; [`run`] applies what changed.
+//! `status.nodes` is a list-map keyed by node; every agent server-side-applies only its own entry
+//! with its own field manager (`portico-agent/<node>`), so the API server merges the views and no
+//! agent can overwrite another's. Writes are proportional to changes:
+//!
+//! - a node writes an entry only when it has something to say: the addresses it announces
+//!   (`owns`, reason `owner`), and, on the *reporter* (the first node by name), why an address
+//!   has no owner at all (`noEligibleNode`, or `noHealthyEndpoints` when the Service has no
+//!   serving endpoint). A node that could take an address over (`notOwner`) writes nothing;
+//! - a node writes only when its own entry for that Service changed, after changes settled for
+//!   [`SETTLE`] (a failover moves many addresses in one burst: one write per Service, not per
+//!   step); the object itself (spec and owner reference) is applied once per node and Service;
+//! - entries of Nodes that no longer exist are removed by the reporter, applying an empty status
+//!   with the deleted node's field manager (which removes exactly what that node had written).
+//!
+//! The object is owned by its Service, so it is deleted with it. [`Planner`] is pure; [`run`]
+//! performs its writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use model::{Config, OwnershipView};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::ServiceAnnouncement;
+use crate::crd::{AddressReason, NodeAnnouncement, ServiceAnnouncement};
+
+/// How long the ownership view must stay unchanged before the changes are written.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// The reason word for addresses withdrawn because their Service has no serving endpoint.
+pub const NO_HEALTHY_ENDPOINTS: &str = "noHealthyEndpoints";
 
 /// Where a model service came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -28,20 +45,37 @@ pub struct Origin {
     pub name: String,
     /// Its uid (for the owner reference).
     pub uid: String,
+    /// No endpoint is ready or serving: its addresses are withdrawn (`noHealthyEndpoints`).
+    pub no_endpoints: bool,
 }
 
 /// Model service name → its Kubernetes Service.
 pub type Origins = BTreeMap<String, Origin>;
 
-/// One object to apply: the resource (spec and owner) and its status.
+/// A Service by namespace and name.
+type Key = (String, String);
+
+/// One write of the announcer.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Apply {
-    /// The Service it reports on.
-    pub origin: Origin,
-    /// Server-side apply body of the resource.
-    pub object: Value,
-    /// Server-side apply body of the status subresource.
-    pub status: Value,
+pub enum Write {
+    /// Server-side apply of the object (spec and owner reference), before this node's first
+    /// status write for it.
+    Object {
+        /// The Service.
+        origin: Origin,
+        /// The apply body.
+        body: Value,
+    },
+    /// Server-side apply of one node's entry on the status subresource. An empty `nodes` list
+    /// removes whatever that field manager wrote before.
+    Status {
+        /// The Service.
+        origin: Origin,
+        /// The node whose entry this is (its field manager is used).
+        node: String,
+        /// The apply body.
+        body: Value,
+    },
 }
 
 /// The field manager of one node's agent.
@@ -49,61 +83,272 @@ pub fn manager(node: &str) -> String {
     format!("portico-agent/{node}")
 }
 
-/// What this node applies, given what it serves and its ownership view (pure).
-pub fn patches(
-    config: &Config,
-    ownership: &OwnershipView,
-    origins: &Origins,
-    me: &str,
-) -> Vec<Apply> {
-    let mut out = Vec::new();
-    for svc in &config.services {
-        let Some(origin) = origins.get(&svc.name) else {
-            continue;
-        };
-        let addresses: Vec<Value> = svc
-            .vips
-            .iter()
-            .map(|ip| {
-                let view = ownership.get(ip);
-                let reason = view.map_or("unknown", |v| v.reason.as_str());
-                let mut entry = json!({
-                    "address": ip.to_string(),
-                    "nodes": { me: reason },
-                });
-                if view.and_then(|v| v.owner.as_deref()) == Some(me) {
-                    entry["node"] = json!(me);
-                    entry["reason"] = json!(reason);
+/// Decides the writes of one node (pure).
+#[derive(Debug, Clone, Default)]
+pub struct Planner {
+    me: String,
+    /// This node's entry as last written, per Service (with its uid).
+    applied: BTreeMap<Key, (String, NodeAnnouncement)>,
+    /// Objects this node has applied (namespace, name, uid).
+    objects: BTreeSet<(String, String, String)>,
+    /// Services whose last status write failed: written again whatever the cache says.
+    dirty: BTreeSet<Key>,
+    /// Per other node: Services in which it may have an entry (it owned one of their addresses,
+    /// or was the reporter while one had no owner, or a listing showed one).
+    may_have: BTreeMap<String, BTreeMap<Key, Origin>>,
+}
+
+impl Planner {
+    /// A planner for node `me` that has written nothing yet.
+    pub fn new(me: impl Into<String>) -> Self {
+        Self {
+            me: me.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Learns what exists already (a listing at start): this node's own entries, to be updated
+    /// or removed, and other nodes' entries, to be removed once their Node is gone.
+    pub fn prime(&mut self, existing: &[ServiceAnnouncement]) {
+        for sa in existing {
+            let (Some(ns), Some(name)) = (&sa.metadata.namespace, &sa.metadata.name) else {
+                continue;
+            };
+            let uid = sa
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "Service")
+                .map(|o| o.uid.clone())
+                .unwrap_or_default();
+            let key = (ns.clone(), name.clone());
+            for entry in sa.status.iter().flat_map(|s| &s.nodes) {
+                if entry.node == self.me {
+                    self.applied
+                        .insert(key.clone(), (uid.clone(), entry.clone()));
+                    self.objects.insert((ns.clone(), name.clone(), uid.clone()));
+                } else {
+                    self.may_have.entry(entry.node.clone()).or_default().insert(
+                        key.clone(),
+                        Origin {
+                            namespace: ns.clone(),
+                            name: name.clone(),
+                            uid: uid.clone(),
+                            no_endpoints: false,
+                        },
+                    );
                 }
-                entry
-            })
+            }
+        }
+    }
+
+    /// Forgets a write that failed, so the next plan makes it again.
+    pub fn failed(&mut self, write: &Write) {
+        match write {
+            Write::Object { origin, .. } => {
+                self.objects.remove(&(
+                    origin.namespace.clone(),
+                    origin.name.clone(),
+                    origin.uid.clone(),
+                ));
+            }
+            Write::Status { origin, node, .. } if *node == self.me => {
+                let key = (origin.namespace.clone(), origin.name.clone());
+                self.applied.remove(&key);
+                self.dirty.insert(key);
+                // The object may be what is missing (deleted by hand): apply it again too.
+                self.objects.remove(&(
+                    origin.namespace.clone(),
+                    origin.name.clone(),
+                    origin.uid.clone(),
+                ));
+            }
+            Write::Status { origin, node, .. } => {
+                self.may_have.entry(node.clone()).or_default().insert(
+                    (origin.namespace.clone(), origin.name.clone()),
+                    origin.clone(),
+                );
+            }
+        }
+    }
+
+    /// The writes that bring the API in line with this node's view.
+    pub fn plan(
+        &mut self,
+        config: &Config,
+        ownership: &OwnershipView,
+        origins: &Origins,
+    ) -> Vec<Write> {
+        let mut nodes: BTreeSet<&str> = config
+            .cluster
+            .peers
+            .iter()
+            .map(|p| p.name.as_str())
             .collect();
-        let meta = json!({
+        nodes.insert(self.me.as_str());
+        let reporter = nodes
+            .first()
+            .copied()
+            .unwrap_or(self.me.as_str())
+            .to_string();
+        let me_reporting = reporter == self.me;
+        let mut out = Vec::new();
+        let mut present = BTreeSet::new();
+        for svc in &config.services {
+            let Some(origin) = origins.get(&svc.name) else {
+                continue;
+            };
+            let key = (origin.namespace.clone(), origin.name.clone());
+            present.insert(key.clone());
+            // Until the agent has decided about every address of the Service (at start), what
+            // was written stays as it is.
+            if svc.vips.iter().any(|ip| !ownership.contains_key(ip)) {
+                continue;
+            }
+            let mut entry = NodeAnnouncement {
+                node: self.me.clone(),
+                ..NodeAnnouncement::default()
+            };
+            for ip in &svc.vips {
+                let Some(view) = ownership.get(ip) else {
+                    continue; // not reached: checked above
+                };
+                match view.owner.as_deref() {
+                    Some(owner) if owner == self.me => {
+                        entry.owns.push(ip.to_string());
+                        entry.addresses.push(AddressReason {
+                            address: ip.to_string(),
+                            reason: view.reason.clone(),
+                        });
+                    }
+                    Some(owner) => {
+                        remember(&mut self.may_have, owner, &key, origin);
+                    }
+                    None if me_reporting => {
+                        let reason = if origin.no_endpoints {
+                            NO_HEALTHY_ENDPOINTS.to_string()
+                        } else {
+                            view.reason.clone()
+                        };
+                        entry.addresses.push(AddressReason {
+                            address: ip.to_string(),
+                            reason,
+                        });
+                    }
+                    None => remember(&mut self.may_have, &reporter, &key, origin),
+                }
+            }
+            let before = self.applied.get(&key);
+            let unchanged = match before {
+                Some((uid, e)) => *uid == origin.uid && *e == entry,
+                // Nothing written, nothing to say: no write.
+                None => entry.addresses.is_empty(),
+            };
+            let dirty = self.dirty.remove(&key);
+            if unchanged && !dirty {
+                continue;
+            }
+            if entry.addresses.is_empty() {
+                self.applied.remove(&key);
+            } else {
+                let object = (key.0.clone(), key.1.clone(), origin.uid.clone());
+                if !self.objects.contains(&object) {
+                    out.push(Write::Object {
+                        origin: origin.clone(),
+                        body: object_body(origin),
+                    });
+                    self.objects.insert(object);
+                }
+                self.applied
+                    .insert(key.clone(), (origin.uid.clone(), entry.clone()));
+            }
+            out.push(Write::Status {
+                origin: origin.clone(),
+                node: self.me.clone(),
+                body: status_body(origin, &entry),
+            });
+        }
+        // Services that are gone (or no longer served) take their objects with them.
+        self.applied.retain(|k, _| present.contains(k));
+        self.dirty.retain(|k| present.contains(k));
+        self.objects
+            .retain(|(ns, n, _)| present.contains(&(ns.clone(), n.clone())));
+        for m in self.may_have.values_mut() {
+            m.retain(|k, _| present.contains(k));
+        }
+        // Entries of deleted Nodes, removed by the reporter.
+        let gone: Vec<String> = self
+            .may_have
+            .keys()
+            .filter(|n| !nodes.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for node in gone {
+            let services = self.may_have.remove(&node).unwrap_or_default();
+            if !me_reporting {
+                continue;
+            }
+            for origin in services.into_values() {
+                let empty = NodeAnnouncement {
+                    node: node.clone(),
+                    ..NodeAnnouncement::default()
+                };
+                out.push(Write::Status {
+                    body: status_body(&origin, &empty),
+                    origin,
+                    node: node.clone(),
+                });
+            }
+        }
+        self.may_have.retain(|_, m| !m.is_empty());
+        out
+    }
+}
+
+fn remember(
+    may_have: &mut BTreeMap<String, BTreeMap<Key, Origin>>,
+    node: &str,
+    key: &Key,
+    origin: &Origin,
+) {
+    may_have
+        .entry(node.to_string())
+        .or_default()
+        .entry(key.clone())
+        .or_insert_with(|| origin.clone());
+}
+
+fn object_body(origin: &Origin) -> Value {
+    json!({
+        "apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
+        "metadata": {
             "name": origin.name,
             "namespace": origin.namespace,
             "ownerReferences": [{
                 "apiVersion": "v1", "kind": "Service", "name": origin.name, "uid": origin.uid,
             }],
-        });
-        out.push(Apply {
-            origin: origin.clone(),
-            object: json!({
-                "apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
-                "metadata": meta,
-                "spec": { "service": origin.name },
-            }),
-            status: json!({
-                "apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
-                "metadata": { "name": origin.name, "namespace": origin.namespace },
-                "status": { "addresses": addresses },
-            }),
-        });
-    }
-    out
+        },
+        "spec": { "service": origin.name },
+    })
 }
 
-/// Applies this node's view whenever the config or the ownership changes, skipping objects
-/// whose body did not change since the last successful apply.
+/// The status apply body of one node: its entry, or an empty list to remove it.
+fn status_body(origin: &Origin, entry: &NodeAnnouncement) -> Value {
+    let nodes = if entry.addresses.is_empty() {
+        json!([])
+    } else {
+        json!([entry])
+    };
+    json!({
+        "apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
+        "metadata": { "name": origin.name, "namespace": origin.namespace },
+        "status": { "nodes": nodes },
+    })
+}
+
+/// Writes this node's view whenever the config or the ownership changed and then stayed put
+/// for [`SETTLE`]; failed writes are retried 10 s later.
 pub async fn run(
     client: Client,
     me: String,
@@ -112,175 +357,100 @@ pub async fn run(
     mut ownership: watch::Receiver<Arc<OwnershipView>>,
     shutdown: CancellationToken,
 ) {
-    let pp = PatchParams::apply(&manager(&me)).force();
-    let mut written: BTreeMap<Origin, Apply> = BTreeMap::new();
+    let mut planner = Planner::new(me.clone());
+    // Nothing is decided before the source has published the cluster's state (generation 0 is
+    // the placeholder): an empty config would read as "every Service is gone".
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = desired.wait_for(|d| d.generation > 0) => if r.is_err() { return },
+    }
+    // What exists already: our own entries from before a restart, and those of other nodes.
+    let all: Api<ServiceAnnouncement> = Api::all(client.clone());
+    match all.list(&ListParams::default()).await {
+        Ok(list) => planner.prime(&list.items),
+        Err(e) => {
+            tracing::debug!(error = %crate::outage::describe(&e), "cannot list ServiceAnnouncements; entries left by an earlier run are not cleaned")
+        }
+    }
+    let mut outage = crate::outage::Outage::default();
     loop {
-        let todo = patches(
+        let writes = planner.plan(
             &desired.borrow().config,
             &ownership.borrow(),
             &origins.borrow(),
-            &me,
         );
-        for a in todo {
-            if written.get(&a.origin) == Some(&a) {
-                continue;
-            }
-            let api: Api<ServiceAnnouncement> =
-                Api::namespaced(client.clone(), &a.origin.namespace);
-            let r = match api
-                .patch(&a.origin.name, &pp, &Patch::Apply(&a.object))
-                .await
-            {
-                Ok(_) => {
-                    api.patch_status(&a.origin.name, &pp, &Patch::Apply(&a.status))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(_) => {
-                    written.insert(a.origin.clone(), a);
+        let mut retry = false;
+        for w in writes {
+            match write(&client, &me, &w).await {
+                Ok(()) => {
+                    if let Some(failures) = outage.recovered() {
+                        tracing::info!(failures, "ServiceAnnouncement writes succeed again");
+                    }
                 }
                 Err(e) => {
-                    tracing::debug!(service = %a.origin.name, error = %e, "cannot write ServiceAnnouncement; retrying on the next change")
+                    if outage.failed() {
+                        tracing::warn!(error = %crate::outage::describe(&e), "cannot write ServiceAnnouncement; retrying every 10 s (logged once per outage)");
+                    }
+                    planner.failed(&w);
+                    retry = true;
                 }
             }
         }
+        // Wait for a change, then for the changes to settle.
         tokio::select! {
             () = shutdown.cancelled() => return,
             r = desired.changed() => if r.is_err() { return },
             r = origins.changed() => if r.is_err() { return },
             r = ownership.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            () = tokio::time::sleep(Duration::from_secs(10)), if retry => {}
+        }
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = desired.changed() => if r.is_err() { return },
+                r = origins.changed() => if r.is_err() { return },
+                r = ownership.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(SETTLE) => break,
+            }
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use model::VipOwnership;
-
-    use super::*;
-
-    fn config() -> Config {
-        let mut c = model::config::parse("", &model::config::Environment::default()).unwrap();
-        let mut s = crate::source::template().unwrap();
-        s.name = "shop-web".into();
-        s.vips = vec!["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()];
-        c.services = vec![s];
-        c
-    }
-
-    #[test]
-    fn the_owner_names_itself_and_every_node_gives_its_reason() {
-        let origins: Origins = [(
-            "shop-web".to_string(),
-            Origin {
-                namespace: "shop".into(),
-                name: "web".into(),
-                uid: "u1".into(),
-            },
-        )]
-        .into();
-        let ownership: OwnershipView = [
-            (
-                "192.0.2.10".parse().unwrap(),
-                VipOwnership {
-                    owner: Some("n1".into()),
-                    reason: "owner".into(),
-                },
-            ),
-            (
-                "192.0.2.11".parse().unwrap(),
-                VipOwnership {
-                    owner: Some("n2".into()),
-                    reason: "notOwner".into(),
-                },
-            ),
-        ]
-        .into();
-        let p = patches(&config(), &ownership, &origins, "n1");
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].object["metadata"]["ownerReferences"][0]["uid"], "u1");
-        let a = &p[0].status["status"]["addresses"];
-        assert_eq!(
-            a[0],
-            json!({"address": "192.0.2.10", "node": "n1", "reason": "owner", "nodes": {"n1": "owner"}})
-        );
-        assert_eq!(
-            a[1],
-            json!({"address": "192.0.2.11", "nodes": {"n1": "notOwner"}})
-        );
+async fn write(client: &Client, me: &str, w: &Write) -> Result<(), kube::Error> {
+    match w {
+        Write::Object { origin, body } => {
+            let api: Api<ServiceAnnouncement> = Api::namespaced(client.clone(), &origin.namespace);
+            let pp = PatchParams::apply(&manager(me)).force();
+            api.patch(&origin.name, &pp, &Patch::Apply(body))
+                .await
+                .map(drop)
+        }
+        Write::Status { origin, node, body } => {
+            let api: Api<ServiceAnnouncement> = Api::namespaced(client.clone(), &origin.namespace);
+            let pp = PatchParams::apply(&manager(node)).force();
+            match api
+                .patch_status(&origin.name, &pp, &Patch::Apply(body))
+                .await
+            {
+                Ok(_) => Ok(()),
+                // A removal from an object that is gone (with its Service, or by hand): done.
+                Err(kube::Error::Api(s))
+                    if s.is_not_found() && (*node != me || is_removal(body)) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
     }
 }
 
-#[cfg(test)]
-mod fake_api_tests {
-    use model::{Desired, VipOwnership};
-
-    use super::*;
-    use crate::fixtures::{mock_client_for, timeout_after_1s};
-
-    #[tokio::test]
-    async fn each_agent_applies_its_view_with_its_own_field_manager() {
-        let (client, mut api) = mock_client_for(crate::rbac::AGENT);
-        let path = "/apis/portico.dev/v1alpha1/namespaces/shop/serviceannouncements/web";
-        let server = tokio::spawn(async move {
-            let obj = api.expect("PATCH", path, 200, json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"service": "web"}})).await;
-            assert!(
-                obj.uri.contains("fieldManager=portico-agent%2Fn1"),
-                "{}",
-                obj.uri
-            );
-            assert!(obj.uri.contains("force=true"), "{}", obj.uri);
-            assert_eq!(
-                obj.body["metadata"]["ownerReferences"][0]["kind"],
-                "Service"
-            );
-            let status = api
-                .expect("PATCH", &format!("{path}/status"), 200, json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"service": "web"}}))
-                .await;
-            assert_eq!(status.body["status"]["addresses"][0]["node"], "n1");
-        });
-        let mut config = model::config::parse("", &model::config::Environment::default()).unwrap();
-        let mut svc = crate::source::template().unwrap();
-        svc.name = "shop-web".into();
-        svc.vips = vec!["192.0.2.10".parse().unwrap()];
-        config.services = vec![svc];
-        let (_d, desired) = watch::channel(Arc::new(Desired {
-            generation: 1,
-            config: Arc::new(config),
-        }));
-        let origins: Origins = [(
-            "shop-web".to_string(),
-            Origin {
-                namespace: "shop".into(),
-                name: "web".into(),
-                uid: "u1".into(),
-            },
-        )]
-        .into();
-        let (_o, origins) = watch::channel(Arc::new(origins));
-        let ownership: OwnershipView = [(
-            "192.0.2.10".parse().unwrap(),
-            VipOwnership {
-                owner: Some("n1".into()),
-                reason: "owner".into(),
-            },
-        )]
-        .into();
-        let (_w, ownership) = watch::channel(Arc::new(ownership));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(
-            client,
-            "n1".into(),
-            desired,
-            origins,
-            ownership,
-            shutdown.clone(),
-        ));
-        timeout_after_1s(server).await;
-        shutdown.cancel();
-        task.await.unwrap();
-    }
+/// Whether a status body removes the entry (an empty `nodes` list).
+fn is_removal(body: &Value) -> bool {
+    body["status"]["nodes"]
+        .as_array()
+        .is_some_and(|a| a.is_empty())
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::allocator::ServiceKey;
 use crate::crd::IPPool;
 use crate::intent::Scope;
+use crate::metrics::ControllerMetrics;
+use crate::outage::{Outage, logged};
 
 use crate::reconcile::{self, Action, State};
 use crate::selector::Labels;
@@ -30,11 +32,19 @@ use tokio::sync::watch;
 /// The field manager and event reporter name.
 pub const MANAGER: &str = "portico-controller";
 
+/// Events published at once, at most: Events are not on an allocation's critical path (the
+/// status write is), so they go out concurrently; when this many are in flight the next waits.
+pub const EVENTS_IN_FLIGHT: usize = 32;
+
+/// Pool status writes wait this long and are merged: a burst of allocations writes each pool's
+/// status once, not once per allocation (it was one of three serial writes per allocation).
+pub const POOL_STATUS_DELAY: Duration = Duration::from_millis(500);
+
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A write the API server refused for a reason other than a conflict.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", crate::outage::describe(.source))]
     Write {
         /// What was written.
         what: String,
@@ -75,11 +85,32 @@ pub struct Driver {
     buffers: Buffers,
     /// Services whose write failed for another reason than a conflict; retried on [`Input::Tick`].
     failed: BTreeSet<ServiceKey>,
+    /// Failed writes since the last successful one, so an outage is logged once.
+    outage: Outage,
+    /// Pool status patches waiting for [`Driver::flush_pools`], by pool (the newest wins).
+    pending_pools: BTreeMap<String, serde_json::Value>,
+    /// When the oldest pending pool status is due.
+    pools_due: Option<tokio::time::Instant>,
+    /// A pool status write failed: decide the reports again on the next tick.
+    pools_failed: bool,
+    metrics: ControllerMetrics,
+    /// Events being published (at most [`EVENTS_IN_FLIGHT`]).
+    events: tokio::task::JoinSet<Result<(), Box<Error>>>,
 }
 
 impl Driver {
     /// A driver with empty caches.
     pub fn new(client: Client, scope: Scope, instance: Option<String>) -> Self {
+        Self::with_metrics(client, scope, instance, ControllerMetrics::default())
+    }
+
+    /// A driver with empty caches that counts into `metrics`.
+    pub fn with_metrics(
+        client: Client,
+        scope: Scope,
+        instance: Option<String>,
+        metrics: ControllerMetrics,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -93,6 +124,12 @@ impl Driver {
             state: State::new(scope),
             buffers: Buffers::default(),
             failed: BTreeSet::new(),
+            outage: Outage::default(),
+            pending_pools: BTreeMap::new(),
+            pools_due: None,
+            pools_failed: false,
+            metrics,
+            events: tokio::task::JoinSet::new(),
         }
     }
 
@@ -164,6 +201,9 @@ impl Driver {
             Input::Tick => {
                 let keys = std::mem::take(&mut self.failed);
                 let mut out = Vec::new();
+                if std::mem::take(&mut self.pools_failed) {
+                    out.extend(self.state.pool_reports(now));
+                }
                 for k in keys {
                     if let Some(s) = self.state.service(&k).cloned() {
                         out.extend(self.state.service_applied(s, now));
@@ -180,8 +220,25 @@ impl Driver {
         let mut queue: VecDeque<Action> = actions.into();
         let mut conflicts = 0;
         while let Some(action) = queue.pop_front() {
+            log_decision(&action);
+            if let Action::Event { reason, .. } = &action {
+                self.metrics.decided(reason);
+                self.publish(action).await;
+                continue;
+            }
+            if let Action::PatchPoolStatus { name, patch } = action {
+                self.state.assume_pool_status(&name, &patch);
+                self.pending_pools.insert(name, patch);
+                self.pools_due
+                    .get_or_insert_with(|| tokio::time::Instant::now() + POOL_STATUS_DELAY);
+                continue;
+            }
             match self.write(&action).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(failures) = self.outage.recovered() {
+                        tracing::info!(failures, "writes succeed again");
+                    }
+                }
                 Err(WriteError::Conflict(key)) if conflicts < 5 => {
                     conflicts += 1;
                     let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
@@ -198,7 +255,7 @@ impl Driver {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            tracing::warn!(service = %key, error = %e, "cannot re-read Service after a conflict");
+                            tracing::warn!(service = %key, error = %crate::outage::describe(&e), "cannot re-read Service after a conflict");
                             self.failed.insert(key);
                         }
                     }
@@ -206,11 +263,126 @@ impl Driver {
                 Err(WriteError::Conflict(key)) => {
                     self.failed.insert(key);
                 }
+                Err(WriteError::Pool(e)) => {
+                    tracing::debug!(error = %e, "pool status write failed");
+                    self.metrics.write_failures.inc();
+                    self.pools_failed = true;
+                }
                 Err(WriteError::Other(key, e)) => {
-                    tracing::warn!(error = %e, "write failed; retrying later");
+                    self.metrics.write_failures.inc();
+                    if self.outage.failed() {
+                        tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                    } else {
+                        tracing::debug!(error = %e, "write failed; retrying later");
+                    }
                     if let Some(k) = key {
                         self.failed.insert(k);
                     }
+                }
+            }
+        }
+    }
+
+    /// Publishes an Event without waiting for it (bounded by [`EVENTS_IN_FLIGHT`]).
+    async fn publish(&mut self, action: Action) {
+        let Action::Event {
+            reference,
+            warning,
+            reason,
+            note,
+        } = action
+        else {
+            return;
+        };
+        while self.events.len() >= EVENTS_IN_FLIGHT {
+            if let Some(r) = self.events.join_next().await {
+                self.published(r);
+            }
+        }
+        let recorder = self.recorder.clone();
+        self.events.spawn(async move {
+            let ev = KubeEvent {
+                type_: if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: reason.into(),
+                note: Some(note),
+                action: "Allocate".into(),
+                secondary: None,
+            };
+            recorder.publish(&ev, &reference).await.map_err(|source| {
+                Box::new(Error::Write {
+                    what: format!("event {reason}"),
+                    source,
+                })
+            })
+        });
+    }
+
+    /// Accounts for one finished Event.
+    fn published(&mut self, r: Result<Result<(), Box<Error>>, tokio::task::JoinError>) {
+        match r {
+            Ok(Ok(())) => {
+                if let Some(failures) = self.outage.recovered() {
+                    tracing::info!(failures, "writes succeed again");
+                }
+            }
+            Ok(Err(e)) => {
+                self.metrics.write_failures.inc();
+                if self.outage.failed() {
+                    tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                } else {
+                    tracing::debug!(error = %e, "event not published");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "event task ended"),
+        }
+    }
+
+    /// Waits for every Event in flight.
+    pub async fn settle_events(&mut self) {
+        while let Some(r) = self.events.join_next().await {
+            self.published(r);
+        }
+    }
+
+    /// When the pending pool status writes are due, if any.
+    pub fn pools_due(&self) -> Option<tokio::time::Instant> {
+        self.pools_due
+    }
+
+    /// Writes the pending pool statuses (one patch per pool, however many allocations changed it).
+    pub async fn flush_pools(&mut self) {
+        // Events of the decisions first, so a pool's report never overtakes them.
+        self.settle_events().await;
+        self.pools_due = None;
+        for (name, patch) in std::mem::take(&mut self.pending_pools) {
+            let action = Action::PatchPoolStatus {
+                name: name.clone(),
+                patch,
+            };
+            match self.write(&action).await {
+                Ok(()) => {
+                    self.metrics.pool_status_writes.inc();
+                    if let Some(failures) = self.outage.recovered() {
+                        tracing::info!(failures, "writes succeed again");
+                    }
+                }
+                Err(WriteError::Other(_, e)) | Err(WriteError::Pool(e)) => {
+                    self.metrics.write_failures.inc();
+                    if self.outage.failed() {
+                        tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                    } else {
+                        tracing::debug!(error = %e, "write failed; retrying later");
+                    }
+                    self.state.forget_pool_status(&name);
+                    self.pools_failed = true;
+                }
+                Err(WriteError::Conflict(_)) => {
+                    self.state.forget_pool_status(&name);
+                    self.pools_failed = true;
                 }
             }
         }
@@ -231,34 +403,25 @@ impl Driver {
                 let r = api.patch(&key.name, &pp, &Patch::Merge(patch)).await;
                 self.after_service_write(key, "spec.externalIPs", r)
             }
-            Action::Event {
-                reference,
-                warning,
-                reason,
-                note,
-            } => {
-                let ev = KubeEvent {
-                    type_: if *warning {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
-                    },
-                    reason: (*reason).into(),
-                    note: Some(note.clone()),
-                    action: "Allocate".into(),
-                    secondary: None,
-                };
-                self.recorder
-                    .publish(&ev, reference)
-                    .await
-                    .map_err(|e| write_error(None, format!("event {reason}"), e))
-            }
+            // Published concurrently by `publish`.
+            Action::Event { .. } => Ok(()),
             Action::PatchPoolStatus { name, patch } => {
                 let api: Api<IPPool> = Api::all(self.client.clone());
-                api.patch_status(name, &pp, &Patch::Merge(patch))
-                    .await
-                    .map(|fresh| self.state.observe_pool(fresh))
-                    .map_err(|e| write_error(None, format!("IPPool {name} status"), e))
+                match api.patch_status(name, &pp, &Patch::Merge(patch)).await {
+                    Ok(fresh) => {
+                        self.state.observe_pool(fresh);
+                        Ok(())
+                    }
+                    // Deleted meanwhile: its deletion event follows, nothing to report on.
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {
+                        tracing::debug!(pool = %name, "pool deleted before its status was written");
+                        Ok(())
+                    }
+                    Err(e) => Err(WriteError::Pool(Box::new(Error::Write {
+                        what: format!("IPPool {name} status"),
+                        source: e,
+                    }))),
+                }
             }
         }
     }
@@ -286,6 +449,43 @@ impl Driver {
     }
 }
 
+/// One INFO line per decision that leaves an Event (allocation, refusal, notice, pool
+/// problem), with its reason word: Events expire after an hour, the log stays.
+fn log_decision(action: &Action) {
+    if let Some((object, reason, line)) = decision_line(action) {
+        tracing::info!(object = %object, reason, "{line}");
+    }
+}
+
+/// The object (`Service default/web`), reason word and text of the log line for an action that
+/// records a decision, `None` for plain writes.
+fn decision_line(action: &Action) -> Option<(String, &'static str, String)> {
+    let Action::Event {
+        reference,
+        warning,
+        reason,
+        note,
+    } = action
+    else {
+        return None;
+    };
+    let name = match (&reference.namespace, &reference.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (_, n) => n.clone().unwrap_or_default(),
+    };
+    let object = format!("{} {name}", reference.kind.as_deref().unwrap_or("object"));
+    let verdict = if *warning {
+        "refused or warned"
+    } else {
+        "done"
+    };
+    Some((
+        object.clone(),
+        reason,
+        format!("{object}: {reason} ({verdict}): {note}"),
+    ))
+}
+
 fn write_error(key: Option<ServiceKey>, what: String, source: kube::Error) -> WriteError {
     WriteError::Other(key, Box::new(Error::Write { what, source }))
 }
@@ -297,6 +497,8 @@ fn same_pool(a: &Action, b: &Action) -> bool {
 enum WriteError {
     Conflict(ServiceKey),
     Other(Option<ServiceKey>, Box<Error>),
+    /// A pool status write failed.
+    Pool(Box<Error>),
 }
 
 fn action_key(a: &Action) -> Option<ServiceKey> {
@@ -316,15 +518,21 @@ fn action_key(a: &Action) -> Option<ServiceKey> {
 /// and re-list by themselves).
 pub fn inputs(client: &Client) -> impl Stream<Item = Input> + Send + use<> {
     let cfg = watcher::Config::default();
-    let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone())
-        .default_backoff()
-        .filter_map(|r| async move { log(r).map(Input::Service) });
-    let pools = watcher::watcher(Api::<IPPool>::all(client.clone()), cfg.clone())
-        .default_backoff()
-        .filter_map(|r| async move { log(r).map(Input::Pool) });
-    let namespaces = watcher::watcher(Api::<Namespace>::all(client.clone()), cfg)
-        .default_backoff()
-        .filter_map(|r| async move { log(r).map(Input::Namespace) });
+    let services = logged(
+        watcher::watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff(),
+        "services",
+    )
+    .map(Input::Service);
+    let pools = logged(
+        watcher::watcher(Api::<IPPool>::all(client.clone()), cfg.clone()).default_backoff(),
+        "ippools",
+    )
+    .map(Input::Pool);
+    let namespaces = logged(
+        watcher::watcher(Api::<Namespace>::all(client.clone()), cfg).default_backoff(),
+        "namespaces",
+    )
+    .map(Input::Namespace);
     let ticks = futures::stream::unfold((), |()| async {
         tokio::time::sleep(Duration::from_secs(10)).await;
         Some((Input::Tick, ()))
@@ -337,18 +545,33 @@ pub fn inputs(client: &Client) -> impl Stream<Item = Input> + Send + use<> {
     ])
 }
 
-fn log<T>(r: Result<T, watcher::Error>) -> Option<T> {
-    r.map_err(|e| tracing::warn!(error = %e, "watch failed; re-listing with back-off"))
-        .ok()
-}
-
 /// Runs the controller: while `leading` (from a [`crate::lease::Leadership`]), watch and allocate; when
 /// leadership is lost, stop and forget everything (the next term re-derives it).
 pub async fn run(
     client: Client,
     scope: Scope,
     instance: Option<String>,
+    leading: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    run_with_metrics(
+        client,
+        scope,
+        instance,
+        leading,
+        ControllerMetrics::default(),
+        shutdown,
+    )
+    .await;
+}
+
+/// [`run`], counting into `metrics` (`portico_controller_leading` follows `leading`).
+pub async fn run_with_metrics(
+    client: Client,
+    scope: Scope,
+    instance: Option<String>,
     mut leading: watch::Receiver<bool>,
+    metrics: ControllerMetrics,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -360,7 +583,13 @@ pub async fn run(
             return;
         }
         tracing::info!("leading: starting the IPAM controller");
-        let mut driver = Driver::new(client.clone(), scope.clone(), instance.clone());
+        metrics.leading.set(1);
+        let mut driver = Driver::with_metrics(
+            client.clone(),
+            scope.clone(),
+            instance.clone(),
+            metrics.clone(),
+        );
         let mut events = std::pin::pin!(inputs(&client));
         loop {
             tokio::select! {
@@ -368,12 +597,19 @@ pub async fn run(
                 still = async { leading.wait_for(|l| !*l).await.is_ok() } => {
                     if !still { return }
                     tracing::info!("no longer leading: stopping the IPAM controller");
+                    metrics.leading.set(0);
                     break;
                 }
                 ev = events.next() => match ev {
                     Some(input) => driver.handle(input).await,
                     None => break,
                 },
+                () = async {
+                    match driver.pools_due() {
+                        Some(due) => tokio::time::sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                } => driver.flush_pools().await,
             }
         }
     }

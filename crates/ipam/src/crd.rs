@@ -9,8 +9,6 @@
 //! `ServiceAnnouncement` is namespaced and carries the Service's name: its status says which
 //! node announces each address of the Service and why the other nodes do not.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -47,6 +45,26 @@ pub const GROUP: &str = "portico.dev";
         name = "IPv6 used",
         type_ = "integer",
         json_path = ".status.assignedIPv6"
+    ),
+    printcolumn(
+        name = "IPv6 free",
+        type_ = "integer",
+        json_path = ".status.availableIPv6"
+    ),
+    printcolumn(
+        name = "Valid",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Valid\")].status"
+    ),
+    printcolumn(
+        name = "Overlapping",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Overlapping\")].status"
+    ),
+    printcolumn(
+        name = "Orphans",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Orphans\")].status"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -110,9 +128,14 @@ pub struct IPPoolStatus {
     #[serde(rename = "availableIPv6")]
     pub available_ipv6: i64,
     /// `Valid` (false with the reason when the spec is rejected), `Overlapping` (shares addresses
-    /// with another pool), `Orphans` (Services hold addresses the pool no longer contains).
+    /// with an older pool, so this one is refused), `Orphans` (Services hold addresses the pool
+    /// no longer contains).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Addresses this pool contained, no longer contains, and Services still hold (kept until
+    /// they are released; never given to anyone else).
+    #[serde(default)]
+    pub orphans: Vec<String>,
 }
 
 /// Which nodes announce which Services' addresses on the local network (ARP / NDP).
@@ -147,7 +170,7 @@ pub struct L2AnnouncementSpec {
     pub interfaces: Vec<String>,
 }
 
-/// Per-address announcement status of one Service, named and namespaced like the Service.
+/// Per-node announcement status of one Service, named and namespaced like the Service.
 #[allow(clippy::duplicated_attributes)]
 #[derive(
     CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema,
@@ -161,16 +184,21 @@ pub struct L2AnnouncementSpec {
     namespaced,
     status = "ServiceAnnouncementStatus",
     derive = "PartialEq",
-    doc = "Which node announces each address of a Service, and why the others do not.",
+    doc = "Which node announces each address of a Service, or why none does.",
     printcolumn(
-        name = "Addresses",
+        name = "Announced",
         type_ = "string",
-        json_path = ".status.addresses[*].address"
+        json_path = ".status.nodes[?(@.owns)].owns[*]"
     ),
     printcolumn(
-        name = "Nodes",
+        name = "By",
         type_ = "string",
-        json_path = ".status.addresses[*].node"
+        json_path = ".status.nodes[?(@.owns)].node"
+    ),
+    printcolumn(
+        name = "Reasons",
+        type_ = "string",
+        json_path = ".status.nodes[*].addresses[*].reason"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -179,31 +207,41 @@ pub struct ServiceAnnouncementSpec {
     pub service: String,
 }
 
-/// The announcement of every address of a Service.
+/// The announcement of a Service's addresses: one entry per node that has something to say.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAnnouncementStatus {
-    /// One entry per address; each agent applies its own part (server-side apply).
+    /// Keyed by node; each agent applies only its own entry (server-side apply, field manager
+    /// `portico-agent/<node>`): the owner of an address lists it, and when no node can own an
+    /// address one agent (the first by name) says why. Entries of deleted Nodes are removed.
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
-    pub addresses: Vec<AddressAnnouncement>,
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeAnnouncement>,
 }
 
-/// Who announces one address, and every node's reason.
+/// One node's view of a Service's addresses.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AddressAnnouncement {
+pub struct NodeAnnouncement {
+    /// The node.
+    pub node: String,
+    /// The addresses this node announces (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owns: Vec<String>,
+    /// This node's reason word per address (`owner`, `noEligibleNode`, `noHealthyEndpoints`, …).
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
+    pub addresses: Vec<AddressReason>,
+}
+
+/// A reason word for one address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressReason {
     /// The address.
     pub address: String,
-    /// The announcing node (written by that node).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// The owner's reason word (`owner`, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Each node's reason word for this address (`owner`, `notOwner`, `noLocalEndpoint`, …).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub nodes: BTreeMap<String, String>,
+    /// The reason word.
+    pub reason: String,
 }
 
 /// Every CRD, in the order `portico crds` prints them.
@@ -264,6 +302,34 @@ mod tests {
         assert!(s.contains("x-kubernetes-validations"), "{s}");
         assert!(s.contains("isCIDR(a)"));
         assert!(s.contains("avoidBuggyIPs"), "MetalLB's field name: {s}");
+    }
+
+    #[test]
+    fn kubectl_get_ippools_shows_validity_overlap_orphans_and_ipv6_free() {
+        let crd = IPPool::crd();
+        let cols: Vec<(String, String)> = crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| (c.name.clone(), c.json_path.clone()))
+            .collect();
+        for (name, path) in [
+            ("IPv6 free", ".status.availableIPv6"),
+            ("Valid", ".status.conditions[?(@.type==\"Valid\")].status"),
+            (
+                "Overlapping",
+                ".status.conditions[?(@.type==\"Overlapping\")].status",
+            ),
+            (
+                "Orphans",
+                ".status.conditions[?(@.type==\"Orphans\")].status",
+            ),
+        ] {
+            assert!(
+                cols.contains(&(name.into(), path.into())),
+                "{name}: {cols:?}"
+            );
+        }
     }
 
     #[test]

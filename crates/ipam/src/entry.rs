@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::intent::Scope;
 use crate::lease::{Leadership, LeaseElector, Timing};
+use crate::metrics::ControllerMetrics;
 use crate::rbac;
 use crate::source::{self, Settings};
 
@@ -54,8 +55,16 @@ pub struct AgentOptions {
     pub host_interfaces: Vec<model::Interface>,
 }
 
-/// Runs the IPAM controller with Lease leader election until `shutdown`.
-pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) -> Result<(), Error> {
+/// Runs the IPAM controller with Lease leader election until `shutdown`; then releases the
+/// Lease so a standby replica takes over at once (a rolling update loses no allocation time).
+/// Counts into `metrics`; `ready` turns true once the API server was reached (leading or
+/// standing by).
+pub async fn controller(
+    opts: ControllerOptions,
+    metrics: ControllerMetrics,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;
     let elector = LeaseElector::new(
         Api::namespaced(client.clone(), &opts.namespace),
@@ -63,9 +72,27 @@ pub async fn controller(opts: ControllerOptions, shutdown: CancellationToken) ->
         opts.identity.clone(),
         Timing::default(),
     );
+    let mut reached = elector.reached();
+    tokio::spawn(async move {
+        if reached.wait_for(|r| *r).await.is_ok() {
+            ready.send_replace(true);
+        }
+    });
     let leading = elector.subscribe();
-    let election = tokio::spawn(elector.run(shutdown.clone()));
-    crate::controller::run(client, opts.scope, Some(opts.identity), leading, shutdown).await;
+    // The election stops (and releases the Lease) only after the controller has stopped
+    // writing, so a standby that takes over at once never overlaps with this replica.
+    let stop_election = CancellationToken::new();
+    let election = tokio::spawn(elector.run(stop_election.clone()));
+    crate::controller::run_with_metrics(
+        client,
+        opts.scope,
+        Some(opts.identity),
+        leading,
+        metrics,
+        shutdown,
+    )
+    .await;
+    stop_election.cancel();
     let _ = election.await;
     Ok(())
 }

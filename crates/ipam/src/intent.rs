@@ -26,6 +26,9 @@ pub const SHARING_KEY: &str = "portico.dev/sharing-key";
 pub const ADDRESS_COUNT: &str = "portico.dev/address-count";
 /// DNS host name of the Service (default `<name>.<namespace>`).
 pub const HOSTNAME: &str = "portico.dev/hostname";
+/// `"true"`: keep announcing the Service's addresses while it has no ready endpoint (by default
+/// they are withdrawn, reason `noHealthyEndpoints`, as MetalLB does).
+pub const ANNOUNCE_WITHOUT_ENDPOINTS: &str = "portico.dev/announce-without-endpoints";
 /// The addresses the controller wrote into `spec.externalIPs` (so it can take back only its own).
 pub const ALLOCATED: &str = "portico.dev/allocated";
 /// MetalLB: requested addresses.
@@ -34,6 +37,17 @@ pub const METALLB_IPS: &str = "metallb.io/loadBalancerIPs";
 pub const METALLB_POOL: &str = "metallb.io/address-pool";
 /// MetalLB: sharing key.
 pub const METALLB_SHARED: &str = "metallb.io/allow-shared-ip";
+/// MetalLB's older prefix, still read by MetalLB: requested addresses.
+pub const METALLB_LEGACY_IPS: &str = "metallb.universe.tf/loadBalancerIPs";
+/// MetalLB's older prefix: pool.
+pub const METALLB_LEGACY_POOL: &str = "metallb.universe.tf/address-pool";
+/// MetalLB's older prefix: sharing key.
+pub const METALLB_LEGACY_SHARED: &str = "metallb.universe.tf/allow-shared-ip";
+/// MetalLB's record of the pool it allocated from (written by MetalLB, meaningless to portico).
+const METALLB_RECORDS: [&str; 2] = [
+    "metallb.io/ip-allocated-from-pool",
+    "metallb.universe.tf/ip-allocated-from-pool",
+];
 /// Cilium: requested addresses.
 pub const CILIUM_IPS: &str = "lbipam.cilium.io/ips";
 /// Cilium: sharing key.
@@ -157,8 +171,10 @@ fn request(svc: &Service, mode: Mode, namespace_labels: &Labels) -> Result<Reque
     {
         requested.push(("spec.loadBalancerIP", addresses("spec.loadBalancerIP", v)?));
     }
-    if let Some(v) = a.get(METALLB_IPS) {
-        requested.push((METALLB_IPS, addresses(METALLB_IPS, v)?));
+    for k in [METALLB_IPS, METALLB_LEGACY_IPS] {
+        if let Some(v) = a.get(k) {
+            requested.push((k, addresses(k, v)?));
+        }
     }
     if let Some(v) = a.get(CILIUM_IPS) {
         requested.push((CILIUM_IPS, addresses(CILIUM_IPS, v)?));
@@ -190,15 +206,20 @@ fn request(svc: &Service, mode: Mode, namespace_labels: &Labels) -> Result<Reque
             .map(|v| (k, v))
     };
     let pool = agree(
-        [nonempty(POOL), nonempty(METALLB_POOL)]
-            .into_iter()
-            .flatten()
-            .collect(),
+        [
+            nonempty(POOL),
+            nonempty(METALLB_POOL),
+            nonempty(METALLB_LEGACY_POOL),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     )?;
     let sharing_key = agree(
         [
             nonempty(SHARING_KEY),
             nonempty(METALLB_SHARED),
+            nonempty(METALLB_LEGACY_SHARED),
             nonempty(CILIUM_SHARING_KEY),
         ]
         .into_iter()
@@ -266,13 +287,18 @@ pub fn restore_request(svc: &Service, namespace_labels: &Labels) -> Request {
     .unwrap_or(Mode::LoadBalancer);
     request(svc, mode, namespace_labels).unwrap_or_else(|_| {
         let a = svc.annotations();
-        let sharing_key = [SHARING_KEY, METALLB_SHARED, CILIUM_SHARING_KEY]
-            .iter()
-            .find_map(|k| {
-                a.get(*k)
-                    .map(|v| v.trim().to_string())
-                    .filter(|v| !v.is_empty())
-            });
+        let sharing_key = [
+            SHARING_KEY,
+            METALLB_SHARED,
+            METALLB_LEGACY_SHARED,
+            CILIUM_SHARING_KEY,
+        ]
+        .iter()
+        .find_map(|k| {
+            a.get(*k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        });
         Request {
             service: key(svc),
             labels: svc.labels().clone(),
@@ -286,6 +312,68 @@ pub fn restore_request(svc: &Service, namespace_labels: &Labels) -> Request {
             count: 1,
         }
     })
+}
+
+/// The Event reason of a MetalLB or Cilium annotation that portico does not read.
+pub const ANNOTATION_IGNORED: &str = "AnnotationIgnored";
+
+/// Every annotation portico reads for migration; any other `metallb.io/`,
+/// `metallb.universe.tf/` or `lbipam.cilium.io/` annotation is reported as ignored.
+const MIGRATION_READ: [&str; 8] = [
+    METALLB_IPS,
+    METALLB_POOL,
+    METALLB_SHARED,
+    METALLB_LEGACY_IPS,
+    METALLB_LEGACY_POOL,
+    METALLB_LEGACY_SHARED,
+    CILIUM_IPS,
+    CILIUM_SHARING_KEY,
+];
+
+/// The Event reason on a Service served through `spec.externalIPs`.
+pub const EXTERNAL_IPS_DEPRECATED: &str = "ExternalIPsDeprecated";
+
+/// Things worth telling the owner of a Service portico serves, as (Event reason, note), each
+/// sent once per change: annotations of another implementation that portico ignores (a silent
+/// migration trap otherwise), and the deprecation of `spec.externalIPs`.
+pub fn notices(svc: &Service, scope: &Scope) -> Vec<(&'static str, String)> {
+    let Some(mode) = mode(svc, scope) else {
+        return Vec::new();
+    };
+    let ignored: Vec<&str> = svc
+        .annotations()
+        .keys()
+        .map(String::as_str)
+        .filter(|k| {
+            ["metallb.io/", "metallb.universe.tf/", "lbipam.cilium.io/"]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .filter(|k| !MIGRATION_READ.contains(k) && !METALLB_RECORDS.contains(k))
+        .collect();
+    let mut out = Vec::new();
+    if mode == Mode::ExternalIp {
+        out.push((
+            EXTERNAL_IPS_DEPRECATED,
+            format!(
+                "spec.externalIPs is deprecated since Kubernetes 1.36 (KEP-5707); portico keeps \
+                 serving it. The LoadBalancer equivalent: type: LoadBalancer, \
+                 loadBalancerClass: {LB_CLASS}, and the annotation {IPS} for fixed addresses \
+                 (see docs/kubernetes.md)"
+            ),
+        ));
+    }
+    if !ignored.is_empty() {
+        out.push((
+            ANNOTATION_IGNORED,
+            format!(
+                "portico does not read {}; it reads {} (see docs/kubernetes.md, Annotations)",
+                ignored.join(", "),
+                MIGRATION_READ.join(", ")
+            ),
+        ));
+    }
+    out
 }
 
 fn ports(svc: &Service) -> Vec<PortSpec> {
@@ -397,6 +485,71 @@ mod tests {
             vec![Family::V6],
             "the family follows the requested address"
         );
+    }
+
+    #[test]
+    fn metallbs_older_universe_tf_annotations_are_read_too() {
+        let scope = Scope::default();
+        let s = lb()
+            .annotate(METALLB_LEGACY_IPS, "192.0.2.8")
+            .annotate(METALLB_LEGACY_POOL, "green")
+            .annotate(METALLB_LEGACY_SHARED, "s");
+        let r = want(intent(&s, &scope, &Labels::new()));
+        assert_eq!(r.addresses, vec!["192.0.2.8".parse::<IpAddr>().unwrap()]);
+        assert_eq!(r.pool.as_deref(), Some("green"));
+        assert_eq!(r.sharing_key.as_deref(), Some("s"));
+        assert!(notices(&s, &scope).is_empty(), "all three are read");
+        // Old and new prefix must agree, as any two sources.
+        let s = lb()
+            .annotate(METALLB_LEGACY_IPS, "192.0.2.8")
+            .annotate(METALLB_IPS, "192.0.2.9");
+        assert!(matches!(
+            intent(&s, &scope, &Labels::new()),
+            Intent::Invalid(..)
+        ));
+    }
+
+    #[test]
+    fn annotations_of_other_implementations_that_portico_ignores_are_reported() {
+        let scope = Scope::default();
+        let s = lb()
+            .annotate("metallb.universe.tf/loadBalancerIPs", "192.0.2.8")
+            .annotate("metallb.universe.tf/ip-allocated-from-pool", "old")
+            .annotate("metallb.io/some-future-knob", "x")
+            .annotate("lbipam.cilium.io/sharing-cross-namespace", "*");
+        let n = notices(&s, &scope);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(n[0].0, ANNOTATION_IGNORED);
+        assert!(n[0].1.contains("metallb.io/some-future-knob"), "{}", n[0].1);
+        assert!(n[0].1.contains("lbipam.cilium.io/sharing-cross-namespace"));
+        assert!(
+            !n[0]
+                .1
+                .starts_with("portico does not read metallb.universe.tf/loadBalancerIPs")
+        );
+        assert!(
+            !n[0].1.contains("ip-allocated-from-pool"),
+            "MetalLB's own record"
+        );
+        // Not portico's Service: nothing to say.
+        let other = crate::fixtures::service("default", "web")
+            .load_balancer("example.com/other")
+            .annotate("metallb.io/some-future-knob", "x");
+        assert!(notices(&other, &scope).is_empty());
+    }
+
+    #[test]
+    fn a_service_served_through_external_ips_is_told_of_the_deprecation() {
+        let s = crate::fixtures::service("default", "web").annotate(EXTERNAL_IP, "auto");
+        let n = notices(&s, &Scope::default());
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(n[0].0, EXTERNAL_IPS_DEPRECATED);
+        assert!(
+            n[0].1.contains("KEP-5707") && n[0].1.contains("type: LoadBalancer"),
+            "{}",
+            n[0].1
+        );
+        assert!(notices(&lb(), &Scope::default()).is_empty());
     }
 
     #[test]

@@ -13,11 +13,13 @@ use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::outage::Outage;
+
 /// Errors of the elector.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The API server refused or could not be reached.
-    #[error("lease {name}: {source}")]
+    #[error("lease {name}: {}", crate::outage::describe(.source))]
     Api {
         /// The Lease name.
         name: String,
@@ -111,6 +113,42 @@ impl Default for Timing {
     }
 }
 
+/// What this replica last knew of the election, for its log.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Not decided yet (start, or the API could not be reached).
+    #[default]
+    Unknown,
+    /// Holds the Lease.
+    Leading,
+    /// Another replica holds it.
+    StandingBy {
+        /// The holder.
+        holder: String,
+    },
+}
+
+/// The log line for a change of role, if any: one line when a replica starts standing by (and
+/// when the holder it follows changes), one when it becomes leader, one when it stops leading;
+/// nothing while the role stays the same.
+pub fn role_message(before: &Role, after: &Role) -> Option<String> {
+    if before == after {
+        return None;
+    }
+    match (before, after) {
+        (_, Role::Leading) => {
+            Some("leading: acquired the Lease; this replica allocates now".into())
+        }
+        (_, Role::StandingBy { holder }) => Some(format!(
+            "standing by: the Lease is held by {holder}; this replica takes over when it is released or expires"
+        )),
+        (Role::Leading, Role::Unknown) => {
+            Some("stopped leading: the Lease could not be renewed".into())
+        }
+        (_, Role::Unknown) => None,
+    }
+}
+
 /// Runs the election loop on one Lease.
 pub struct LeaseElector {
     api: Api<Lease>,
@@ -119,6 +157,8 @@ pub struct LeaseElector {
     timing: Timing,
     leading: watch::Sender<bool>,
     last_renew: Option<tokio::time::Instant>,
+    role: Role,
+    reached: watch::Sender<bool>,
 }
 
 impl LeaseElector {
@@ -136,12 +176,29 @@ impl LeaseElector {
             timing,
             leading: watch::Sender::new(false),
             last_renew: None,
+            role: Role::Unknown,
+            reached: watch::Sender::new(false),
         }
+    }
+
+    /// `true` once an attempt has reached the API server (the controller's readiness: a
+    /// standby is ready too, it has a Lease to follow).
+    pub fn reached(&self) -> watch::Receiver<bool> {
+        self.reached.subscribe()
+    }
+
+    /// What this replica last knew of the election.
+    pub fn role(&self) -> &Role {
+        &self.role
     }
 
     /// One attempt: read the Lease, decide, write. Returns whether we lead afterwards.
     pub async fn step(&mut self, now: Timestamp) -> Result<bool, Error> {
         let result = self.try_step(now).await;
+        if result.is_ok() {
+            self.reached
+                .send_if_modified(|r| !std::mem::replace(r, true));
+        }
         let leading = match &result {
             Ok(l) => *l,
             // Could not reach the API: keep leading only until the renew deadline.
@@ -154,6 +211,9 @@ impl LeaseElector {
         }
         if !leading {
             self.last_renew = None;
+            if self.role == Role::Leading {
+                self.role = Role::Unknown;
+            }
         }
         self.leading
             .send_if_modified(|l| std::mem::replace(l, leading) != leading);
@@ -172,7 +232,12 @@ impl LeaseElector {
             now,
         );
         let (mut lease, transitions) = match (&decision, current) {
-            (Decision::Follow { .. }, _) => return Ok(false),
+            (Decision::Follow { holder }, _) => {
+                self.role = Role::StandingBy {
+                    holder: holder.clone(),
+                };
+                return Ok(false);
+            }
             (_, None) => (
                 Lease {
                     metadata: ObjectMeta {
@@ -218,25 +283,96 @@ impl LeaseElector {
                 .await
         };
         match written {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.role = Role::Leading;
+                Ok(true)
+            }
             // Another replica wrote first (409) or created it first (409 AlreadyExists).
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => Ok(false),
             Err(e) => Err(err(e)),
         }
     }
 
-    /// Runs until `shutdown`, then gives the Lease up by not renewing it.
+    /// Gives the Lease up at once, as client-go's `ReleaseOnCancel`: when we hold it, clear
+    /// `holderIdentity` and set `leaseDurationSeconds: 1`, so a standby takes over at its next
+    /// attempt instead of waiting for the Lease to expire. Guarded by the version read.
+    pub async fn release(&mut self, now: Timestamp) -> Result<bool, Error> {
+        self.leading.send_replace(false);
+        self.last_renew = None;
+        let err = |source| Error::Api {
+            name: self.name.clone(),
+            source,
+        };
+        let Some(mut lease) = self.api.get_opt(&self.name).await.map_err(err)? else {
+            return Ok(false);
+        };
+        let mut spec = lease.spec.take().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(now));
+        lease.spec = Some(spec);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                self.role = Role::Unknown;
+                Ok(true)
+            }
+            // Someone else took it meanwhile: nothing of ours to release.
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Runs until `shutdown`, then releases the Lease ([`LeaseElector::release`]) so a standby
+    /// takes over at once. Logs a change of role once, and an outage of the API once when it
+    /// starts and once when it ends.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut outage = Outage::default();
+        let mut logged = Role::Unknown;
         loop {
-            if let Err(e) = self.step(Timestamp::now()).await {
-                tracing::warn!(error = %e, "leader election attempt failed");
+            match self.step(Timestamp::now()).await {
+                Ok(_) => {
+                    if let Some(failures) = outage.recovered() {
+                        tracing::info!(failures, "leader election reaches the API server again");
+                    }
+                }
+                Err(e) => {
+                    if outage.failed() {
+                        tracing::warn!(error = %e, "leader election cannot reach the API server; retrying every {:?} (logged once per outage)", self.timing.retry_period);
+                    }
+                }
+            }
+            if let Some(msg) = role_message(&logged, &self.role) {
+                tracing::info!(identity = %self.identity, "{msg}");
+            }
+            if self.role != Role::Unknown || logged == Role::Leading {
+                logged = self.role.clone();
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(self.timing.retry_period) => {}
             }
         }
-        self.leading.send_replace(false);
+        if self.role != Role::Leading && !*self.leading.borrow() {
+            // Never led (or already stepped down): nothing to give up.
+            self.leading.send_replace(false);
+            return;
+        }
+        match self.release(Timestamp::now()).await {
+            Ok(true) => {
+                tracing::info!(identity = %self.identity, "released the Lease: a standby takes over now")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the Lease; a standby takes over when it expires")
+            }
+        }
     }
 }
 
@@ -323,6 +459,108 @@ mod tests {
         timeout_after_1s(server).await;
     }
 
+    #[test]
+    fn a_standby_says_so_once_and_again_only_when_its_role_changes() {
+        let by = |h: &str| Role::StandingBy { holder: h.into() };
+        let m = role_message(&Role::Unknown, &by("a")).unwrap();
+        assert!(m.starts_with("standing by") && m.contains(" a;"), "{m}");
+        assert_eq!(
+            role_message(&by("a"), &by("a")),
+            None,
+            "once, not every 2 s"
+        );
+        assert!(role_message(&by("a"), &by("b")).unwrap().contains(" b;"));
+        assert!(
+            role_message(&by("a"), &Role::Leading)
+                .unwrap()
+                .starts_with("leading")
+        );
+        assert_eq!(role_message(&Role::Leading, &Role::Leading), None);
+        assert!(
+            role_message(&Role::Leading, &Role::Unknown)
+                .unwrap()
+                .starts_with("stopped")
+        );
+        assert_eq!(role_message(&by("a"), &Role::Unknown), None);
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_the_leader_releases_the_lease_so_a_standby_takes_over_at_once() {
+        let (client, mut api) = mock_client();
+        let path =
+            "/apis/coordination.k8s.io/v1/namespaces/portico-system/leases/portico-controller";
+        let server = tokio::spawn(async move {
+            api.expect("GET", path, 404, status_error(404, "NotFound"))
+                .await;
+            api.expect(
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/portico-system/leases",
+                201,
+                lease_json(&held_by("me", 0)),
+            )
+            .await;
+            // Shutdown: read, then a guarded replace that clears the holder.
+            api.expect("GET", path, 200, lease_json(&held_by("me", 0)))
+                .await;
+            let put = api
+                .expect("PUT", path, 200, lease_json(&held_by("me", 0)))
+                .await;
+            assert!(
+                put.body["spec"]["holderIdentity"].is_null(),
+                "{:?}",
+                put.body
+            );
+            assert_eq!(put.body["spec"]["leaseDurationSeconds"], 1);
+            assert_eq!(put.body["metadata"]["resourceVersion"], "7");
+            // What a standby reads next: it acquires without waiting for an expiry.
+            let released: LeaseSpec = serde_json::from_value(put.body["spec"].clone()).unwrap();
+            assert_eq!(
+                evaluate(Some(&released), "standby", at(1)),
+                Decision::Acquire
+            );
+        });
+        let timing = Timing {
+            retry_period: Duration::from_secs(3600),
+            ..Timing::default()
+        };
+        let e = LeaseElector::new(
+            Api::namespaced(client, "portico-system"),
+            "portico-controller",
+            "me",
+            timing,
+        );
+        let mut rx = e.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(e.run(shutdown.clone()));
+        tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|l| *l))
+            .await
+            .expect("leads")
+            .unwrap();
+        shutdown.cancel();
+        timeout_after_1s(server).await;
+        task.await.unwrap();
+        assert!(!*rx.borrow(), "no longer leading once released");
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_does_not_hold_the_lease_releases_nothing() {
+        let (client, mut api) = mock_client();
+        let path =
+            "/apis/coordination.k8s.io/v1/namespaces/portico-system/leases/portico-controller";
+        let server = tokio::spawn(async move {
+            api.expect("GET", path, 200, lease_json(&held_by("other", 0)))
+                .await;
+        });
+        let mut e = LeaseElector::new(
+            Api::namespaced(client, "portico-system"),
+            "portico-controller",
+            "me",
+            Timing::default(),
+        );
+        assert!(!e.release(at(0)).await.unwrap());
+        timeout_after_1s(server).await;
+    }
+
     #[tokio::test]
     async fn losing_the_race_for_a_lease_leaves_us_following() {
         let (client, mut api) = mock_client();
@@ -347,7 +585,12 @@ mod tests {
             "me",
             Timing::default(),
         );
+        assert!(!*e.reached().borrow());
         assert!(!e.step(at(0)).await.unwrap());
+        assert!(
+            *e.reached().borrow(),
+            "a standby that reached the API is ready"
+        );
         assert!(
             !e.step(at(1)).await.unwrap(),
             "a live lease of another is followed without a write"

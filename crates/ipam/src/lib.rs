@@ -12,6 +12,8 @@ pub mod crd;
 pub mod entry;
 pub mod intent;
 pub mod lease;
+pub mod metrics;
+pub mod outage;
 pub mod rbac;
 pub mod reconcile;
 pub mod selector;

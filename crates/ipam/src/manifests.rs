@@ -121,6 +121,33 @@ fn workloads_reference_only_existing_accounts_and_subcommands() {
 }
 
 #[test]
+fn both_workloads_have_probes_and_the_controller_a_metrics_service() {
+    let docs = docs();
+    let controller = &workload(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(controller["ports"][0]["containerPort"], 7472);
+    assert_eq!(controller["ports"][0]["name"], "metrics");
+    assert_eq!(controller["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(controller["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(controller["readinessProbe"]["httpGet"]["port"], "metrics");
+    let agent = &workload(&docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        agent["livenessProbe"]["exec"]["command"],
+        serde_json::json!(["/usr/local/bin/portico", "status", "--json"])
+    );
+    // A Service in front of the controller's metrics port, selecting the controller pods.
+    let svc = docs
+        .iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "portico-controller-metrics")
+        .expect("the metrics Service");
+    assert_eq!(
+        svc["spec"]["selector"],
+        workload(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
+}
+
+#[test]
 fn the_agent_runs_on_the_host_network_with_net_admin_and_net_raw_only() {
     let docs = docs();
     let pod = &workload(&docs, "DaemonSet")["spec"]["template"]["spec"];

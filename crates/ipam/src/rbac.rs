@@ -75,7 +75,8 @@ pub const AGENT: &[Rule] = &[
     rule(
         "portico.dev",
         "serviceannouncements",
-        &["create", "patch"],
+        // list: once at start, to update or remove entries left by an earlier run.
+        &["list", "create", "patch"],
         true,
     ),
     rule(

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -59,7 +59,8 @@ pub enum Action {
         reference: ObjectReference,
         /// Warning or Normal.
         warning: bool,
-        /// `IPAllocated`, `PoolExhausted`, `IPInUse`, `InvalidRequest` or `SharingRefused`.
+        /// `IPAllocated`, `PoolExhausted`, `IPInUse`, `InvalidRequest`, `SharingRefused`, or a
+        /// notice such as `AnnotationIgnored`; on pools `InvalidPool` and `Overlapping`.
         reason: &'static str,
         /// Human-readable detail.
         note: String,
@@ -93,6 +94,11 @@ pub struct State {
     modes: BTreeMap<ServiceKey, Mode>,
     /// Services whose last request was refused; retried when something is released.
     waiting: BTreeSet<ServiceKey>,
+    /// Orphaned addresses (held, in no valid pool) and the pool that last contained them; it
+    /// reports them under `Orphans`. Seeded from the pools' `status.orphans` after a restart.
+    homes: BTreeMap<IpAddr, String>,
+    /// The notices ([`intent::notices`]) last sent per Service, so each is sent once.
+    noticed: BTreeMap<ServiceKey, Vec<(&'static str, String)>>,
     synced: Synced,
     started: bool,
 }
@@ -108,6 +114,8 @@ impl State {
             namespaces: BTreeMap::new(),
             modes: BTreeMap::new(),
             waiting: BTreeSet::new(),
+            noticed: BTreeMap::new(),
+            homes: BTreeMap::new(),
             synced: Synced::default(),
             started: false,
         }
@@ -256,6 +264,33 @@ impl State {
         }
     }
 
+    /// A pool status write was queued: the cache takes it as written, so the next decisions
+    /// neither queue it again nor repeat its Events. See [`State::forget_pool_status`].
+    pub fn assume_pool_status(&mut self, name: &str, patch: &Value) {
+        if let (Some(p), Ok(status)) = (
+            self.pools.get_mut(name),
+            serde_json::from_value::<IPPoolStatus>(patch["status"].clone()),
+        ) {
+            p.status = Some(status);
+        }
+    }
+
+    /// A pool status write failed: forget the assumed status so it is decided and written again
+    /// ([`State::pool_reports`]).
+    pub fn forget_pool_status(&mut self, name: &str) {
+        if let Some(p) = self.pools.get_mut(name) {
+            p.status = None;
+        }
+    }
+
+    /// Writes for pools whose status differs from what is known to be written.
+    pub fn pool_reports(&self, now: Timestamp) -> Vec<Action> {
+        if !self.started {
+            return Vec::new();
+        }
+        self.pool_statuses(now)
+    }
+
     /// A write was refused with 409 Conflict: the driver re-read the Service; decide again.
     pub fn conflict(&mut self, fresh: Service, now: Timestamp) -> Vec<Action> {
         self.service_applied(fresh, now)
@@ -264,8 +299,21 @@ impl State {
     // === decisions ===
 
     fn pools_changed(&mut self, now: Timestamp) -> Vec<Action> {
+        // Which pool holds each held address before the change, to name the pool that an
+        // edit leaves them outside of.
+        let before: BTreeMap<IpAddr, String> = self
+            .alloc
+            .holdings()
+            .values()
+            .flatten()
+            .filter_map(|ip| Some((*ip, self.alloc.pool_of(*ip)?.to_string())))
+            .collect();
         self.alloc
             .set_pools(self.pools.values().map(|p| (p.name_any(), parse_pool(p))));
+        for (ip, pool) in before {
+            self.homes.entry(ip).or_insert(pool);
+        }
+        self.prune_homes();
         if !self.started {
             return self.start(now);
         }
@@ -313,7 +361,24 @@ impl State {
             self.alloc.restore(&req, &recorded);
             self.modes.insert(req.service.clone(), mode);
         }
+        // What the previous leader reported as orphaned stays attributed to its pool.
+        for (name, pool) in &self.pools {
+            for ip in pool.status.iter().flat_map(|s| &s.orphans) {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    self.homes.entry(ip).or_insert_with(|| name.clone());
+                }
+            }
+        }
+        self.prune_homes();
         self.reconcile_all(now)
+    }
+
+    /// Keeps only addresses that are still orphans of a pool that still exists.
+    fn prune_homes(&mut self) {
+        let orphans: BTreeSet<IpAddr> = self.alloc.orphans().into_iter().collect();
+        let pools = &self.pools;
+        self.homes
+            .retain(|ip, pool| orphans.contains(ip) && pools.contains_key(pool));
     }
 
     /// Releases what a gone Service held (no write: the object is gone).
@@ -321,6 +386,7 @@ impl State {
         self.alloc.release(key);
         self.modes.remove(key);
         self.waiting.remove(key);
+        self.noticed.remove(key);
     }
 
     /// Retries waiting Services (in key order) until a pass changes nothing held, so the result
@@ -358,7 +424,47 @@ impl State {
             .get(&key.namespace)
             .cloned()
             .unwrap_or_default();
-        match intent::intent(&svc, &self.scope, &ns) {
+        let mut out = self.notify(&svc);
+        out.extend(self.decide(&svc, key, &ns, now));
+        out
+    }
+
+    /// Events for notices the Service has not been told about yet.
+    fn notify(&mut self, svc: &Service) -> Vec<Action> {
+        let key = intent::key(svc);
+        let now = intent::notices(svc, &self.scope);
+        let before = self.noticed.get(&key).cloned().unwrap_or_default();
+        if now == before {
+            return Vec::new();
+        }
+        let out = now
+            .iter()
+            .filter(|n| !before.contains(n))
+            .map(|(reason, note)| Action::Event {
+                reference: svc.object_ref(&()),
+                warning: true,
+                reason,
+                note: note.clone(),
+            })
+            .collect();
+        if now.is_empty() {
+            self.noticed.remove(&key);
+        } else {
+            self.noticed.insert(key, now);
+        }
+        out
+    }
+
+    /// The allocation decision for one Service and its writes.
+    fn decide(
+        &mut self,
+        svc: &Service,
+        key: &ServiceKey,
+        ns: &Labels,
+        now: Timestamp,
+    ) -> Vec<Action> {
+        let svc = svc.clone();
+        match intent::intent(&svc, &self.scope, ns) {
             Intent::NotOurs => self.release(&svc),
             Intent::Invalid(_, msg) => {
                 self.waiting.insert(key.clone());
@@ -411,16 +517,19 @@ impl State {
         let cond = condition(svc, true, reason, &message, now);
         match mode {
             Mode::LoadBalancer => {
-                if changed || cond.is_some() {
+                // Addresses claimed from an existing ingress (a migration from MetalLB or
+                // Cilium) may carry `ipMode: VIP` or none: rewrite them with `Proxy`.
+                let rewrite = changed || !ip_mode_is_proxy(svc);
+                if rewrite || cond.is_some() {
                     let mut status = json!({});
-                    if changed {
+                    if rewrite {
                         status["loadBalancer"] = json!({"ingress": ingress(ips)});
                     }
                     if let Some(c) = cond {
                         status["conditions"] = json!([c]);
                     }
                     let mut patch = json!({ "status": status });
-                    if changed {
+                    if rewrite {
                         patch["metadata"] = json!({"resourceVersion": svc.resource_version()});
                     }
                     out.push(Action::PatchServiceStatus {
@@ -523,88 +632,6 @@ impl State {
         }
         out
     }
-
-    /// Patches for pools whose status differs from the allocator's report.
-    fn pool_statuses(&self, now: Timestamp) -> Vec<Action> {
-        let mut out = Vec::new();
-        for r in self.alloc.report() {
-            let Some(pool) = self.pools.get(&r.name) else {
-                continue;
-            };
-            let old = pool.status.clone().unwrap_or_default();
-            let sat = |v: u128| i64::try_from(v).unwrap_or(i64::MAX);
-            let keep = |t: &str, status: &str| {
-                old.conditions
-                    .iter()
-                    .find(|c| c.type_ == t && c.status == status)
-                    .map(|c| c.last_transition_time.clone())
-                    .unwrap_or(Time(now))
-            };
-            let mk = |t: &str, ok: bool, reason: &str, message: String| {
-                let status = if ok { "True" } else { "False" };
-                Condition {
-                    type_: t.into(),
-                    status: status.into(),
-                    reason: reason.into(),
-                    message,
-                    observed_generation: pool.metadata.generation,
-                    last_transition_time: keep(t, status),
-                }
-            };
-            let valid = match &r.invalid {
-                None => mk("Valid", true, "Valid", String::new()),
-                Some(e) => mk("Valid", false, "InvalidSpec", e.clone()),
-            };
-            let overlapping = if r.overlapping.is_empty() {
-                mk("Overlapping", false, "NoOverlap", String::new())
-            } else {
-                mk(
-                    "Overlapping",
-                    true,
-                    "Overlapping",
-                    format!(
-                        "shares addresses with {}; this pool hands out no new address until that is fixed",
-                        r.overlapping.join(", ")
-                    ),
-                )
-            };
-            let new = IPPoolStatus {
-                assigned_ipv4: sat(r.assigned_v4),
-                available_ipv4: sat(r.available_v4),
-                assigned_ipv6: sat(r.assigned_v6),
-                available_ipv6: sat(r.available_v6),
-                conditions: vec![valid, overlapping],
-            };
-            if new != old {
-                // A pool that turned invalid or overlapping also gets an Event, once.
-                for c in new.conditions.iter().filter(|c| {
-                    (c.type_ == "Valid" && c.status == "False")
-                        || (c.type_ == "Overlapping" && c.status == "True")
-                }) {
-                    let same = old.conditions.iter().any(|o| {
-                        o.type_ == c.type_ && o.status == c.status && o.message == c.message
-                    });
-                    if !same {
-                        out.push(Action::Event {
-                            reference: pool.object_ref(&()),
-                            warning: true,
-                            reason: if c.type_ == "Valid" {
-                                "InvalidPool"
-                            } else {
-                                "Overlapping"
-                            },
-                            note: c.message.clone(),
-                        });
-                    }
-                }
-                out.push(Action::PatchPoolStatus {
-                    name: r.name.clone(),
-                    patch: json!({ "status": new }),
-                });
-            }
-        }
-        out
-    }
 }
 
 fn join(ips: &[IpAddr]) -> String {
@@ -635,6 +662,17 @@ fn external_ips(svc: &Service, ours_before: &[IpAddr], ips: &[IpAddr]) -> Value 
         .collect();
     list.extend(ips.iter().map(|ip| ip.to_string()));
     json!(list)
+}
+
+/// Whether every `status.loadBalancer.ingress` entry says `ipMode: Proxy`.
+fn ip_mode_is_proxy(svc: &Service) -> bool {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .all(|i| i.ip_mode.as_deref() == Some(IP_MODE))
 }
 
 fn has_condition(svc: &Service) -> bool {
@@ -674,6 +712,8 @@ fn condition(
         "observedGeneration": svc.metadata.generation,
     }))
 }
+
+mod pools;
 
 #[cfg(test)]
 mod tests;

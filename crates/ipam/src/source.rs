@@ -6,8 +6,10 @@
 //! server is unreachable the caches, and so the published state, stay as they were: nothing is
 //! withdrawn because the API is gone. Watches resume with back-off and re-list.
 //!
-//! Naming: a Service `web` in namespace `shop` becomes the model service `shop-web`, published
-//! in DNS as `web.shop` (inside the zone) unless `portico.dev/hostname` says otherwise.
+//! Naming: a Service `web` in namespace `shop` becomes the model service `shop/web` (see
+//! [`model_name`]; `/` appears in neither a namespace nor a name, so two Services never share a
+//! model name), published in DNS as `web.shop` (inside the zone) unless `portico.dev/hostname`
+//! says otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +23,7 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
-use model::{Backend, ClusterKey, Config, Desired, Peer, Placement, Port, Protocol};
+use model::{Backend, Config, Desired, Peer, Placement, Port, Protocol};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +41,17 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The Secret data keys holding gossip keys: `key` (id 1) or `key-<id>`; the highest id sends.
 pub const GOSSIP_SECRET_KEY: &str = "key";
+
+/// The model service name of the Service `name` in `namespace`: `namespace/name`. Neither part
+/// can contain `/`, so the name is unambiguous (`team-a/web` and `team/a-web` stay apart, where
+/// `<namespace>-<name>` would make both `team-a-web`).
+pub fn model_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+mod gossip;
+use gossip::{SecretSeen, secret_messages};
+pub use gossip::{gossip_keys, refused_gossip_keys};
 
 /// Errors of the source.
 #[derive(Debug, thiserror::Error)]
@@ -163,32 +176,6 @@ fn peers(snap: &Snapshot, settings: &Settings) -> Vec<Peer> {
         .collect()
 }
 
-/// Gossip keys from the Secret: `key` is id 1, `key-<id>` id `<id>`; the highest id first (it
-/// sends). Malformed keys and the all-zero example key of `deploy/gossip-secret.yaml` are refused.
-pub fn gossip_keys(secret: Option<&Secret>) -> Vec<ClusterKey> {
-    let mut keys: Vec<ClusterKey> = secret
-        .and_then(|s| s.data.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| {
-            let id = if k == GOSSIP_SECRET_KEY {
-                1
-            } else {
-                k.strip_prefix("key-")?.parse::<u8>().ok()?
-            };
-            let text = std::str::from_utf8(&v.0).ok()?;
-            let secret = model::config::decode_secret(text.trim())?;
-            if secret == [0; 32] {
-                tracing::warn!(key = %k, "refusing the example all-zero gossip key: replace it (see deploy/gossip-secret.yaml)");
-                return None;
-            }
-            Some(ClusterKey { id, secret })
-        })
-        .collect();
-    keys.sort_by_key(|k| std::cmp::Reverse(k.id));
-    keys
-}
-
 /// The model service for one Kubernetes Service, if portico announces it.
 fn service(
     snap: &Snapshot,
@@ -249,17 +236,32 @@ fn service(
         .cloned()
         .unwrap_or_else(|| format!("{name}.{ns}"));
     let mut out = template.clone();
-    out.name = format!("{ns}-{name}");
+    out.name = model_name(&ns, &name);
     out.vips = vips;
     out.ports = ports;
+    // No endpoint serves: withdraw the addresses (MetalLB does too) unless told otherwise.
+    // `local_only` with no backend anywhere makes no node eligible, so the agents withdraw;
+    // `ServiceAnnouncement` reports it as `noHealthyEndpoints` (see [`withdrawn`]).
+    let withdraw = withdrawn(svc, &endpoints);
     out.backends = endpoints.backends;
     out.placement = Placement {
         nodes: placement_nodes,
         preferred: Vec::new(),
-        local_only: spec.external_traffic_policy.as_deref() == Some("Local"),
+        local_only: withdraw || spec.external_traffic_policy.as_deref() == Some("Local"),
     };
     out.dns.hostname = hostname;
     Some(out)
+}
+
+/// Whether a Service's addresses are withdrawn for want of endpoints (reason
+/// `noHealthyEndpoints`): no endpoint is ready, none is serving while terminating, and the
+/// Service does not say `portico.dev/announce-without-endpoints: "true"`.
+fn withdrawn(svc: &Service, endpoints: &Endpoints) -> bool {
+    endpoints.backends.is_empty()
+        && svc
+            .annotations()
+            .get(intent::ANNOUNCE_WITHOUT_ENDPOINTS)
+            .is_none_or(|v| v.trim() != "true")
 }
 
 /// Nodes that may announce this Service: those selected by the L2Announcements that select the
@@ -439,6 +441,8 @@ pub struct Source {
     buffers: Buffers,
     generation: u64,
     last: Option<Arc<Config>>,
+    /// What was last said about the gossip Secret, so each change is logged once.
+    secret_seen: SecretSeen,
 }
 
 #[derive(Default)]
@@ -535,7 +539,26 @@ impl Source {
             buffers: Buffers::default(),
             generation: 0,
             last: None,
+            secret_seen: SecretSeen::default(),
         })
+    }
+
+    /// Logs what changed about the gossip Secret, once per change (not on every rebuild).
+    fn log_secret(&mut self) {
+        let secret = self.snap.secret.as_ref();
+        let now = SecretSeen {
+            present: secret.is_some(),
+            ids: gossip_keys(secret).iter().map(|k| k.id).collect(),
+            refused: refused_gossip_keys(secret),
+        };
+        for (warn, msg) in secret_messages(&self.secret_seen, &now) {
+            if warn {
+                tracing::warn!("{msg}");
+            } else {
+                tracing::info!("{msg}");
+            }
+        }
+        self.secret_seen = now;
     }
 
     /// Which Kubernetes Service each service of the last published config came from.
@@ -589,10 +612,11 @@ impl Source {
                 ("l2announcements", d)
             }
             Input::Secret(ev) => {
+                // Keyed as `apply_event` keys watch events: by the object's own namespace.
                 let mut m: BTreeMap<(String, String), Secret> = s
                     .secret
                     .iter()
-                    .map(|v| ((String::new(), v.name_any()), v.clone()))
+                    .map(|v| ((v.namespace().unwrap_or_default(), v.name_any()), v.clone()))
                     .collect();
                 let d = apply_event(ev, &mut b.secret, &mut m);
                 s.secret = m.into_values().next();
@@ -601,6 +625,9 @@ impl Source {
         };
         if done {
             self.listed.insert(kind);
+            if kind == "secret" {
+                self.log_secret();
+            }
         }
         if !done || KINDS.iter().any(|k| !self.listed.contains(k)) {
             return None;
@@ -625,36 +652,46 @@ pub fn inputs(
     namespace: &str,
     secret: &str,
 ) -> impl Stream<Item = Input> + Send + use<> {
-    fn w<K>(api: Api<K>, cfg: watcher::Config) -> impl Stream<Item = Event<K>> + Send
+    fn w<K>(
+        api: Api<K>,
+        cfg: watcher::Config,
+        what: &'static str,
+    ) -> impl Stream<Item = Event<K>> + Send
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
-        watcher::watcher(api, cfg).default_backoff().filter_map(|r| async move {
-            r.map_err(|e| tracing::warn!(error = %e, "watch failed; keeping the last known state, retrying with back-off"))
-                .ok()
-        })
+        crate::outage::logged(watcher::watcher(api, cfg).default_backoff(), what)
     }
     let cfg = watcher::Config::default();
     let c = client.clone();
     futures::stream::select_all([
-        w(Api::<Service>::all(c.clone()), cfg.clone())
+        w(Api::<Service>::all(c.clone()), cfg.clone(), "services")
             .map(Input::Service)
             .boxed(),
-        w(Api::<EndpointSlice>::all(c.clone()), cfg.clone())
-            .map(Input::Slice)
-            .boxed(),
-        w(Api::<Node>::all(c.clone()), cfg.clone())
+        w(
+            Api::<EndpointSlice>::all(c.clone()),
+            cfg.clone(),
+            "endpointslices",
+        )
+        .map(Input::Slice)
+        .boxed(),
+        w(Api::<Node>::all(c.clone()), cfg.clone(), "nodes")
             .map(Input::Node)
             .boxed(),
-        w(Api::<IPPool>::all(c.clone()), cfg.clone())
+        w(Api::<IPPool>::all(c.clone()), cfg.clone(), "ippools")
             .map(Input::Pool)
             .boxed(),
-        w(Api::<L2Announcement>::all(c.clone()), cfg.clone())
-            .map(Input::L2)
-            .boxed(),
+        w(
+            Api::<L2Announcement>::all(c.clone()),
+            cfg.clone(),
+            "l2announcements",
+        )
+        .map(Input::L2)
+        .boxed(),
         w(
             Api::<Secret>::namespaced(c, namespace),
             cfg.fields(&format!("metadata.name={secret}")),
+            "secret",
         )
         .map(Input::Secret)
         .boxed(),
@@ -675,6 +712,7 @@ pub fn spawn(
     let (tx, desired) = watch::channel(initial);
     let (origins_tx, origins) = watch::channel(Arc::new(Origins::new()));
     let mut events = inputs(&client, namespace, secret);
+    let mut served = 0usize;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -682,7 +720,14 @@ pub fn spawn(
                 ev = events.next() => match ev {
                     Some(ev) => {
                         if let Some(d) = source.handle(ev) {
-                            tracing::info!(generation = d.generation, services = d.config.services.len(), "desired state from Kubernetes");
+                            // INFO when the set of served Services changes; endpoint churn is
+                            // routine and goes to debug.
+                            let services = d.config.services.len();
+                            if std::mem::replace(&mut served, services) != services || d.generation == 1 {
+                                tracing::info!(generation = d.generation, services, "desired state from Kubernetes");
+                            } else {
+                                tracing::debug!(generation = d.generation, services, "desired state from Kubernetes");
+                            }
                             origins_tx.send_replace(Arc::new(source.origins()));
                             tx.send_replace(Arc::new(d));
                         }
@@ -711,11 +756,12 @@ pub fn origins(snap: &Snapshot, config: &Config) -> Origins {
         .values()
         .filter_map(|svc| {
             let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-            let model_name = format!("{ns}-{name}");
-            names.contains(model_name.as_str()).then(|| {
+            let model = model_name(&ns, &name);
+            names.contains(model.as_str()).then(|| {
                 (
-                    model_name,
+                    model,
                     Origin {
+                        no_endpoints: withdrawn(svc, &endpoints(snap, &ns, &name)),
                         namespace: ns,
                         name,
                         uid: svc.uid().unwrap_or_default(),

@@ -44,6 +44,9 @@ pub struct ControllerArgs {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (MetalLB's controller uses 7472 too).
+    #[arg(long, env = "PORTICO_METRICS_LISTEN", default_value = "0.0.0.0:7472")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 /// `portico agent`: one per node, announcing and balancing what the cluster says.
@@ -81,12 +84,32 @@ fn hostname() -> String {
 
 /// Runs the IPAM controller.
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let identity = args.identity.unwrap_or_else(hostname);
     let opts = ipam::entry::ControllerOptions {
         scope: args.scope.scope(),
         namespace: args.namespace,
-        identity: args.identity.unwrap_or_else(hostname),
+        identity: identity.clone(),
     };
-    ipam::entry::controller(opts, crate::shutdown_on_signal()).await?;
+    let shutdown = crate::shutdown_on_signal();
+    // Metrics and probes: /healthz while the process runs, /readyz once the API is reached.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = ipam::metrics::ControllerMetrics::register(&mut registry);
+    let (ready_tx, ready) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
+    let ready_now = ready.clone();
+    let state = admin::AdminState {
+        registry: Arc::new(registry),
+        status: Arc::new(move || model::StatusReport {
+            node: identity.clone(),
+            ready: *ready_now.borrow(),
+            ..model::StatusReport::default()
+        }),
+        ready,
+    };
+    tokio::spawn(admin::serve(listener, state, shutdown.clone()));
+    ipam::entry::controller(opts, metrics, ready_tx, shutdown).await?;
     Ok(())
 }
 

@@ -121,9 +121,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| {
         format!("--log / RUST_LOG `{filter}` is not a valid filter; try `info` or `portico=debug`")
     })?;
+    // kube-client logs every failed request at ERROR ("failed with error …"): during an API
+    // outage that is a line per retry. Kubernetes mode logs each outage once itself; name
+    // `kube_client` in the filter to see them again.
+    if !filter.to_string().contains("kube_client") {
+        filter = filter.add_directive("kube_client::client::builder=off".parse()?);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -77,6 +77,7 @@ mod tests {
         "crates/agent/src/lib.rs",
         "crates/dns/src/metrics.rs",
         "crates/admin/src/limits.rs",
+        "crates/ipam/src/metrics.rs",
     ];
 
     fn root() -> std::path::PathBuf {
@@ -116,6 +117,7 @@ mod tests {
         let mut out = String::from(
             "# Metrics\n\n\
              Everything `portico run` and `portico agent` export on the admin server's `/metrics`\n\
+             (`portico controller`: the `portico_controller_*` series, on `--metrics-listen`)\n\
              (OpenMetrics text; counters carry the `_total` suffix on the wire, labels are listed\n\
              with each series). Generated from the registration calls in the code:\n\
              `PORTICO_BLESS=1 cargo test -p portico --bin portico metrics` rewrites this file, and\n\

@@ -1,5 +1,7 @@
 //! Unit and property tests of the allocator.
 
+use std::net::Ipv4Addr;
+
 use proptest::prelude::*;
 
 use super::*;
@@ -17,6 +19,7 @@ fn pool(name: &str, addresses: &[&str]) -> (String, Result<Pool, PoolError>) {
         namespaces: vec![],
         namespace_selectors: vec![],
         service_selectors: vec![],
+        created: None,
     };
     (name.into(), Ok(p))
 }
@@ -74,6 +77,51 @@ fn cidrs_and_ranges_parse_and_bad_ones_say_why() {
 }
 
 #[test]
+fn pool_validation_names_the_bad_entry_by_index_and_value() {
+    let p = |addrs: &[&str]| crate::fixtures::pool("p", addrs);
+    let e = parse_pool(&p(&["192.0.2.0/28", "192.0.2.300/32"])).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("spec.addresses[1] `192.0.2.300/32` is invalid"),
+        "{e}"
+    );
+    let e = parse_pool(&p(&[
+        "192.0.2.0/28",
+        "198.51.100.0/30",
+        "192.0.2.8-192.0.2.20",
+    ]))
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "spec.addresses[0] `192.0.2.0/28` and spec.addresses[2] `192.0.2.8-192.0.2.20` overlap; remove one or split them"
+    );
+    let mut bad_sel = p(&["192.0.2.0/28"]);
+    bad_sel.spec.service_allocation = Some(crate::crd::ServiceAllocation {
+        service_selectors: vec![
+            Default::default(),
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "app".into(),
+                        operator: "Near".into(),
+                        values: None,
+                    },
+                ]),
+                match_labels: None,
+            },
+        ],
+        ..Default::default()
+    });
+    let e = parse_pool(&bad_sel).unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "spec.serviceAllocation.serviceSelectors[1]: unknown selector operator `Near`"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_service_gets_the_first_free_address_and_keeps_it() {
     let mut a = Allocator::new();
     a.set_pools([pool("p", &["192.0.2.0/30"])]);
@@ -96,6 +144,86 @@ fn avoid_buggy_ips_skips_dot_zero_and_dot_255() {
     assert_eq!(a.assign(&req("a")), Ok(vec![ip("192.0.3.1")]));
     assert_eq!(a.report()[0].available_v4, 0);
     assert_eq!(a.report()[0].assigned_v4, 1);
+}
+
+#[test]
+fn ipv6_pools_never_hand_out_the_subnet_router_anycast_address() {
+    let mut a = Allocator::new();
+    // A /120 at the start of a /64, and a range crossing a /64 boundary.
+    a.set_pools([pool(
+        "p",
+        &[
+            "2001:db8:0:1::/126",
+            "2001:db8:0:1:ffff:ffff:ffff:ffff-2001:db8:0:2::1",
+        ],
+    )]);
+    let mut r = req("a");
+    r.families = vec![Family::V6];
+    assert_eq!(
+        a.assign(&r),
+        Ok(vec![ip("2001:db8:0:1::1")]),
+        "the all-zeros interface identifier is skipped"
+    );
+    let rep = &a.report()[0];
+    // 4 + 3 addresses, of which 2001:db8:0:1:: and 2001:db8:0:2:: are anycast.
+    assert_eq!((rep.assigned_v6, rep.available_v6), (1, 4));
+    for (i, want) in [
+        "2001:db8:0:1::2",
+        "2001:db8:0:1::3",
+        "2001:db8:0:1:ffff:ffff:ffff:ffff",
+        "2001:db8:0:2::1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        r.service = ServiceKey::new("default", format!("s{i}"));
+        assert_eq!(a.assign(&r), Ok(vec![ip(want)]));
+    }
+    r.service = ServiceKey::new("default", "full");
+    assert_eq!(a.assign(&r).unwrap_err().reason(), "PoolExhausted");
+    assert_eq!(a.report()[0].available_v6, 0);
+    // Asked for by name, it is refused and the message says why.
+    r.addresses = vec![ip("2001:db8:0:2::")];
+    let e = a.assign(&r).unwrap_err();
+    assert_eq!(e.reason(), "InvalidRequest");
+    assert!(e.to_string().contains("anycast"), "{e}");
+    // IPv4 is unaffected: 192.0.2.0 is a normal address unless avoidBuggyIPs.
+    assert!(!is_subnet_router_anycast(ip("192.0.2.0")));
+}
+
+#[test]
+fn a_service_refused_for_sharing_stays_refused_after_a_pool_change() {
+    let mut a = Allocator::new();
+    a.set_pools([pool("p", &["192.0.2.0/30"])]);
+    let mut x = req("x");
+    x.sharing_key = Some("k".into());
+    assert_eq!(a.assign(&x), Ok(vec![ip("192.0.2.0")]));
+    let mut y = req("y");
+    y.sharing_key = Some("k".into());
+    assert_eq!(
+        a.assign(&y).unwrap_err().reason(),
+        "SharingRefused",
+        "port 80 clashes"
+    );
+    // The pool is replaced: x's address is now outside every pool (kept, an orphan), and the
+    // new pool has free addresses. y must not get one of its own: the key would then name two
+    // addresses.
+    a.set_pools([pool("q", &["198.51.100.0/30"])]);
+    let e = a.assign(&y).unwrap_err();
+    assert_eq!(e.reason(), "SharingRefused");
+    assert!(e.to_string().contains("192.0.2.0"), "{e}");
+    assert!(a.held(&y.service).is_empty());
+    // Without the clash the key's address is still the one: it cannot be shared from outside
+    // the pools either, so z is refused and says why.
+    let mut z = req("z");
+    z.sharing_key = Some("k".into());
+    z.ports = vec![tcp(53)];
+    let e = a.assign(&z).unwrap_err();
+    assert_eq!(e.reason(), "SharingRefused");
+    assert!(e.to_string().contains("outside every pool"), "{e}");
+    // Once x is gone the key is free again and y gets an address.
+    a.release(&x.service);
+    assert_eq!(a.assign(&y), Ok(vec![ip("198.51.100.0")]));
 }
 
 #[test]
@@ -182,7 +310,8 @@ fn dual_stack_gets_one_address_per_family_and_prefer_skips_a_missing_family() {
     r.families = vec![Family::V6, Family::V4];
     assert_eq!(
         a.assign(&r).unwrap(),
-        vec![ip("2001:db8::"), ip("192.0.2.0")]
+        vec![ip("2001:db8::1"), ip("192.0.2.0")],
+        "2001:db8:: is the subnet-router anycast address"
     );
 
     let mut b = Allocator::new();

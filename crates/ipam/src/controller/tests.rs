@@ -70,6 +70,7 @@ async fn a_synced_controller_patches_status_publishes_an_event_and_reports_the_p
     ] {
         d.handle(input).await;
     }
+    d.flush_pools().await;
     timeout_after_1s(server).await;
 }
 
@@ -113,6 +114,7 @@ async fn a_conflict_re_reads_the_service_and_retries_with_its_version() {
     d.handle(Input::Service(Event::Init)).await;
     d.handle(Input::Service(Event::InitApply(web()))).await;
     d.handle(Input::Service(Event::InitDone)).await;
+    d.flush_pools().await;
     timeout_after_1s(server).await;
 }
 
@@ -209,14 +211,8 @@ async fn a_re_list_that_misses_a_service_releases_its_address() {
         )
         .await;
         api.expect("POST", EVENTS, 201, json!({})).await;
-        api.expect(
-            "PATCH",
-            POOL_STATUS,
-            200,
-            serde_json::to_value(fixtures::pool("p", &[])).unwrap(),
-        )
-        .await;
-        // After the re-list without web: only the pool's usage changes.
+        // The pool's usage is written once, after the re-list without web (the writes of a
+        // burst are merged).
         let pool = api
             .expect(
                 "PATCH",
@@ -239,6 +235,7 @@ async fn a_re_list_that_misses_a_service_releases_its_address() {
         d.handle(input).await;
     }
     assert!(d.state().allocator().holdings().is_empty());
+    d.flush_pools().await;
     timeout_after_1s(server).await;
 }
 
@@ -341,6 +338,262 @@ async fn a_write_that_fails_while_the_api_is_down_is_retried_on_the_next_tick() 
     d.handle(Input::Service(Event::Init)).await;
     d.handle(Input::Service(Event::InitApply(web()))).await;
     d.handle(Input::Service(Event::InitDone)).await;
+    d.flush_pools().await;
     d.handle(Input::Tick).await;
+    d.flush_pools().await;
     timeout_after_1s(server).await;
+}
+
+#[tokio::test]
+async fn a_404_on_the_status_of_a_deleted_pool_is_no_failure() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        api.expect(
+            "PATCH",
+            STATUS,
+            200,
+            serde_json::to_value(web().version("2")).unwrap(),
+        )
+        .await;
+        api.expect("POST", EVENTS, 201, json!({})).await;
+        api.expect("PATCH", POOL_STATUS, 404, status_error(404, "NotFound"))
+            .await;
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitApply(web()))).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    d.flush_pools().await;
+    timeout_after_1s(server).await;
+    assert_eq!(
+        d.outage.failures(),
+        0,
+        "not a failed write: the pool is gone"
+    );
+    assert!(d.failed.is_empty());
+}
+
+#[tokio::test]
+async fn failed_writes_during_an_outage_count_as_one_outage_that_ends_with_a_success() {
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        for path in [STATUS, EVENTS, POOL_STATUS] {
+            let method = if path == EVENTS { "POST" } else { "PATCH" };
+            api.expect(method, path, 503, status_error(503, "ServiceUnavailable"))
+                .await;
+        }
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitApply(web()))).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    d.flush_pools().await;
+    timeout_after_1s(server).await;
+    // Three failures, one outage: only the first is logged as a warning.
+    assert_eq!(d.outage.failures(), 3);
+    let mut o = d.outage.clone();
+    assert!(!o.failed(), "a further failure is not reported again");
+}
+
+#[test]
+fn every_allocation_and_refusal_is_one_info_line_with_its_reason_word() {
+    let ev = |warning, reason| Action::Event {
+        reference: kube::Resource::object_ref(&web(), &()),
+        warning,
+        reason,
+        note: "assigned 192.0.2.0".into(),
+    };
+    let (object, reason, line) = decision_line(&ev(false, "IPAllocated")).unwrap();
+    assert_eq!(
+        (object.as_str(), reason),
+        ("Service default/web", "IPAllocated")
+    );
+    assert!(
+        line.contains("IPAllocated") && line.contains("192.0.2.0"),
+        "{line}"
+    );
+    let (_, reason, line) = decision_line(&ev(true, "PoolExhausted")).unwrap();
+    assert_eq!(reason, "PoolExhausted");
+    assert!(line.contains("refused"), "{line}");
+    assert!(
+        decision_line(&Action::PatchPoolStatus {
+            name: "p".into(),
+            patch: json!({})
+        })
+        .is_none()
+    );
+}
+
+/// Answers every request with 200 and a plausible body, counting requests by kind.
+fn counting_server(
+    mut handle: crate::fixtures::ApiServerHandle,
+) -> tokio::task::JoinHandle<BTreeMap<String, usize>> {
+    tokio::spawn(async move {
+        let mut counts = BTreeMap::new();
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), handle.next_request()).await
+        {
+            let (method, uri) = (req.method().to_string(), req.uri().path().to_string());
+            assert!(
+                crate::rbac::allows(crate::rbac::CONTROLLER, &method, &uri),
+                "{method} {uri}"
+            );
+            let body = if uri.contains("/services/") {
+                let name = uri.split('/').nth(6).unwrap();
+                serde_json::to_value(
+                    fixtures::service("default", name)
+                        .load_balancer(LB_CLASS)
+                        .version("2"),
+                )
+                .unwrap()
+            } else if uri.contains("/ippools/") {
+                serde_json::to_value(fixtures::pool("p", &[])).unwrap()
+            } else {
+                json!({})
+            };
+            let kind = if uri.ends_with("/status") && uri.contains("/services/") {
+                "service status"
+            } else if uri.contains("/events") {
+                "event"
+            } else if uri.contains("/ippools/") {
+                "pool status"
+            } else {
+                "other"
+            };
+            *counts.entry(kind.to_string()).or_insert(0) += 1;
+            send.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+        counts
+    })
+}
+
+#[tokio::test]
+async fn a_burst_of_creates_costs_two_requests_per_allocation_and_one_pool_status() {
+    const N: usize = 200;
+    let (svc, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(svc, "default");
+    let server = counting_server(handle);
+    let metrics = ControllerMetrics::default();
+    let mut d = Driver::with_metrics(client, Scope::default(), None, metrics.clone());
+    for input in [
+        Input::Pool(Event::Init),
+        Input::Pool(Event::InitApply(fixtures::pool("p", &["10.0.0.0/16"]))),
+        Input::Pool(Event::InitDone),
+        Input::Namespace(Event::Init),
+        Input::Namespace(Event::InitDone),
+        Input::Service(Event::Init),
+        Input::Service(Event::InitDone),
+    ] {
+        d.handle(input).await;
+    }
+    d.flush_pools().await;
+    // N Services created at once: they arrive one by one through the watch.
+    for i in 0..N {
+        let svc = fixtures::service("default", &format!("s{i}")).load_balancer(LB_CLASS);
+        d.handle(Input::Service(Event::Apply(svc))).await;
+    }
+    assert!(d.pools_due().is_some(), "the pool's status waits");
+    d.flush_pools().await;
+    assert_eq!(d.state().allocator().holdings().len(), N);
+    drop(d);
+    let counts = server.await.unwrap();
+    assert_eq!(counts.get("service status"), Some(&N));
+    assert_eq!(counts.get("event"), Some(&N));
+    // One pool status for the initial sync and one for the whole burst (was one per allocation).
+    assert_eq!(counts.get("pool status"), Some(&2));
+    let allocated = crate::metrics::ReasonLabel {
+        reason: "IPAllocated".into(),
+    };
+    assert_eq!(metrics.decisions.get_or_create(&allocated).get(), N as u64);
+    assert_eq!(metrics.pool_status_writes.get(), 2);
+    println!("{N} allocations: {counts:?}");
+}
+
+/// 1,000 Services created at once against a fake API that takes 2 ms per request (virtual time):
+/// allocations are serial, one status write each; Events and the pool report do not delay them.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_1000_creates_with_a_2ms_api_allocates_in_about_two_seconds() {
+    const N: usize = 1000;
+    const RTT: std::time::Duration = std::time::Duration::from_millis(2);
+    let (svc, mut handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(svc, "default");
+    let server = tokio::spawn(async move {
+        let mut requests = 0usize;
+        while let Some((req, send)) = handle.next_request().await {
+            requests += 1;
+            let uri = req.uri().path().to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(RTT).await;
+                let body = if uri.contains("/services/") {
+                    let name = uri.split('/').nth(6).unwrap().to_string();
+                    serde_json::to_value(
+                        fixtures::service("default", &name)
+                            .load_balancer(LB_CLASS)
+                            .version("2"),
+                    )
+                    .unwrap()
+                } else if uri.contains("/ippools/") {
+                    serde_json::to_value(fixtures::pool("p", &[])).unwrap()
+                } else {
+                    json!({})
+                };
+                send.send_response(
+                    http::Response::builder()
+                        .status(200)
+                        .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                        .unwrap(),
+                );
+            });
+        }
+        requests
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    for input in [
+        Input::Pool(Event::Init),
+        Input::Pool(Event::InitApply(fixtures::pool("p", &["10.0.0.0/16"]))),
+        Input::Pool(Event::InitDone),
+        Input::Namespace(Event::Init),
+        Input::Namespace(Event::InitDone),
+        Input::Service(Event::Init),
+        Input::Service(Event::InitDone),
+    ] {
+        d.handle(input).await;
+    }
+    d.flush_pools().await;
+    let start = tokio::time::Instant::now();
+    let mut waited = Vec::with_capacity(N);
+    for i in 0..N {
+        let svc = fixtures::service("default", &format!("s{i}")).load_balancer(LB_CLASS);
+        d.handle(Input::Service(Event::Apply(svc))).await;
+        // All were created at `start`; this one holds its address (status written) now.
+        waited.push(start.elapsed());
+    }
+    d.flush_pools().await;
+    assert_eq!(d.state().allocator().holdings().len(), N);
+    let last = *waited.last().unwrap();
+    let p50 = waited[N / 2];
+    drop(d);
+    let requests = server.await.unwrap();
+    println!(
+        "{N} creates, {RTT:?} per API request: p50 {p50:?}, last {last:?}, {requests} requests ({:.2} per allocation)",
+        requests as f64 / N as f64
+    );
+    // One serial request per allocation (it was three): about N × RTT in all.
+    assert!(
+        last <= RTT * (N as u32) + std::time::Duration::from_millis(100),
+        "{last:?}"
+    );
 }

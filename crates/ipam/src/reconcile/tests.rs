@@ -145,6 +145,74 @@ fn a_restart_restores_recorded_addresses_before_serving_new_requests() {
 }
 
 #[test]
+fn an_address_claimed_from_an_existing_ingress_is_rewritten_with_ip_mode_proxy() {
+    // Left by MetalLB: `ipMode: VIP` (or no ipMode at all, which means VIP).
+    let mut web = lb("web").ingress(&["192.0.2.1"]);
+    let mut other = lb("other").ingress(&["192.0.2.2"]);
+    for (svc, mode) in [(&mut web, Some("VIP")), (&mut other, None)] {
+        let ing = svc.status.as_mut().unwrap().load_balancer.as_mut().unwrap();
+        ing.ingress.as_mut().unwrap()[0].ip_mode = mode.map(String::from);
+    }
+    let (mut s, out) = synced(
+        vec![fixtures::pool("p", &["192.0.2.0/30"])],
+        vec![web.clone(), other],
+    );
+    let rewritten: BTreeMap<String, Value> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::PatchServiceStatus { key, patch }
+                if !patch["status"]["loadBalancer"].is_null() =>
+            {
+                Some((
+                    key.name.clone(),
+                    patch["status"]["loadBalancer"]["ingress"].clone(),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rewritten["web"],
+        json!([{"ip": "192.0.2.1", "ipMode": "Proxy"}])
+    );
+    assert_eq!(
+        rewritten["other"],
+        json!([{"ip": "192.0.2.2", "ipMode": "Proxy"}])
+    );
+    assert!(
+        !events(&out).contains(&IP_ALLOCATED),
+        "the address did not change: no IPAllocated event: {out:?}"
+    );
+    // Once written, nothing more.
+    let written = apply(web, &out).version("2");
+    let again = s.service_applied(written, now());
+    assert!(status_patches(&again).is_empty(), "{again:?}");
+}
+
+#[test]
+fn an_ignored_metallb_annotation_gets_one_event_per_change() {
+    let svc = lb("web").annotate("metallb.universe.tf/some-knob", "x");
+    let (mut s, out) = synced(
+        vec![fixtures::pool("p", &["192.0.2.0/30"])],
+        vec![svc.clone()],
+    );
+    assert_eq!(
+        events(&out),
+        vec![crate::intent::ANNOTATION_IGNORED, IP_ALLOCATED]
+    );
+    // Resyncs and the controller's own writes coming back say nothing again.
+    let written = apply(svc.clone(), &out).version("2");
+    assert!(events(&s.service_applied(written.clone(), now())).is_empty());
+    assert!(events(&s.services_listed(vec![written.clone()], now())).is_empty());
+    // Another ignored annotation is a change: one more Event.
+    let more = written.annotate("metallb.io/other-knob", "y").version("3");
+    assert_eq!(
+        events(&s.service_applied(more, now())),
+        vec![crate::intent::ANNOTATION_IGNORED]
+    );
+}
+
+#[test]
 fn every_bad_input_produces_its_event_and_condition_and_nothing_else() {
     let pools = vec![fixtures::pool("p", &["192.0.2.0/31"])];
     let taken = lb("taken").annotate(IPS, "192.0.2.0");
@@ -168,7 +236,11 @@ fn every_bad_input_produces_its_event_and_condition_and_nothing_else() {
         let (mut s, _) = synced(pools.clone(), vec![taken.clone()]);
         let before = s.allocator().clone();
         let out = s.service_applied(svc.clone(), now());
-        assert_eq!(events(&out), vec![reason], "{}", svc.name_any());
+        let refusals: Vec<&str> = events(&out)
+            .into_iter()
+            .filter(|r| *r != crate::intent::EXTERNAL_IPS_DEPRECATED)
+            .collect();
+        assert_eq!(refusals, vec![reason], "{}", svc.name_any());
         let patches = status_patches(&out);
         assert_eq!(patches.len(), 1);
         assert_eq!(patches[0]["status"]["conditions"][0]["status"], "False");
@@ -230,6 +302,114 @@ fn an_overlapping_pool_gets_a_condition_and_its_usage_is_reported() {
     assert_eq!(cond["status"], "True");
 }
 
+fn created(mut p: IPPool, second: i64) -> IPPool {
+    p.metadata.creation_timestamp = Some(Time(
+        Timestamp::from_second(1_700_000_000 + second).unwrap(),
+    ));
+    p
+}
+
+#[test]
+fn a_newly_created_overlapping_pool_is_refused_and_the_older_one_stays_in_service() {
+    // `old` is established, with a low priority (tried last) but older; `aaa-new` comes later,
+    // sorts first by name and has a better priority: it must not take the older pool's place.
+    let mut old = fixtures::pool("old", &["192.0.2.0/30"]);
+    old.spec.service_allocation = Some(crate::crd::ServiceAllocation {
+        priority: Some(1),
+        ..Default::default()
+    });
+    let old = created(old, 0);
+    let (mut s, _) = synced(vec![old.clone()], vec![lb("web")]);
+    let mut newer = created(fixtures::pool("aaa-new", &["192.0.2.2-192.0.2.9"]), 60);
+    newer.spec.service_allocation = Some(crate::crd::ServiceAllocation {
+        priority: Some(0),
+        ..Default::default()
+    });
+    let out = s.pool_applied(newer, now());
+    let patch = |name: &str| {
+        out.iter()
+            .find_map(|a| match a {
+                Action::PatchPoolStatus { name: n, patch } if n == name => Some(patch.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no status for {name}: {out:?}"))
+    };
+    let new_status = patch("aaa-new");
+    let cond = &new_status["status"]["conditions"][1];
+    assert_eq!(
+        (cond["type"].as_str(), cond["status"].as_str()),
+        (Some("Overlapping"), Some("True"))
+    );
+    assert!(cond["message"].as_str().unwrap().contains("old"), "{cond}");
+    assert_eq!(new_status["status"]["availableIPv4"], 0);
+    // The Event is on the newcomer and names the older pool.
+    let ev = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Event {
+                reference,
+                reason: "Overlapping",
+                note,
+                ..
+            } => Some((reference.name.clone(), note.clone())),
+            _ => None,
+        })
+        .expect("an Overlapping event");
+    assert_eq!(ev.0.as_deref(), Some("aaa-new"));
+    assert!(ev.1.contains("older pool old"), "{}", ev.1);
+    // The older pool is untouched: still valid, not overlapping, its free count intact.
+    let old_status = patch("old");
+    let conds = &old_status["status"]["conditions"];
+    assert_eq!(
+        (conds[0]["type"].as_str(), conds[0]["status"].as_str()),
+        (Some("Valid"), Some("True"))
+    );
+    assert_eq!(
+        (conds[1]["type"].as_str(), conds[1]["status"].as_str()),
+        (Some("Overlapping"), Some("False"))
+    );
+    assert_eq!(old_status["status"]["availableIPv4"], 3);
+    let report = s.allocator().report();
+    let old_report = report.iter().find(|r| r.name == "old").unwrap();
+    assert!(old_report.overlapping.is_empty());
+    assert_eq!(old_report.available_v4, 3);
+    // The status writes come back (as the driver's `observe_pool` sees them).
+    for a in &out {
+        if let Action::PatchPoolStatus { name, patch } = a {
+            let mut p = fixtures::pool(name, &[]);
+            p.status = Some(serde_json::from_value(patch["status"].clone()).unwrap());
+            s.observe_pool(p);
+        }
+    }
+    // The next Service is served from the older pool, although the newcomer has the better
+    // priority: a refused pool hands out nothing.
+    let out = s.service_applied(lb("next"), now());
+    assert_eq!(events(&out), vec![IP_ALLOCATED]);
+    assert_eq!(
+        s.allocator().held(&ServiceKey::new("default", "next")),
+        ["192.0.2.1".parse::<IpAddr>().unwrap()]
+    );
+}
+
+#[test]
+fn allocation_honours_pool_priority() {
+    let mut first = fixtures::pool("z-first", &["198.51.100.0/30"]);
+    first.spec.service_allocation = Some(crate::crd::ServiceAllocation {
+        priority: Some(1),
+        ..Default::default()
+    });
+    let mut second = fixtures::pool("a-second", &["192.0.2.0/30"]);
+    second.spec.service_allocation = Some(crate::crd::ServiceAllocation {
+        priority: Some(5),
+        ..Default::default()
+    });
+    let (s, _) = synced(vec![second, first], vec![lb("web")]);
+    assert_eq!(
+        s.allocator().held(&ServiceKey::new("default", "web")),
+        ["198.51.100.0".parse::<IpAddr>().unwrap()]
+    );
+}
+
 #[test]
 fn a_malformed_pool_is_reported_invalid_with_an_event_and_serves_nothing() {
     let (s, out) = synced(
@@ -279,6 +459,55 @@ fn deleting_a_pool_keeps_the_address_and_says_why() {
     assert!(events(&out).is_empty());
 }
 
+fn pool_status(out: &[Action], name: &str) -> Option<IPPoolStatus> {
+    out.iter().rev().find_map(|a| match a {
+        Action::PatchPoolStatus { name: n, patch } if n == name => {
+            Some(serde_json::from_value(patch["status"].clone()).unwrap())
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn a_pool_edit_that_leaves_held_addresses_outside_sets_orphans_until_they_are_released() {
+    let (mut s, out) = synced(
+        vec![fixtures::pool("p", &["192.0.2.0/30"])],
+        vec![lb("web")],
+    );
+    let web = apply(lb("web"), &out).version("2");
+    s.service_applied(web.clone(), now());
+    let first = pool_status(&out, "p").unwrap();
+    let cond = |st: &IPPoolStatus| {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Orphans")
+            .map(|c| (c.status.clone(), c.message.clone()))
+            .unwrap()
+    };
+    assert_eq!(cond(&first).0, "False");
+    // The pool is edited: web's 192.0.2.0 is no longer in it.
+    let edited = fixtures::pool("p", &["192.0.2.4/30"]);
+    let out = s.pool_applied(edited.clone(), now());
+    let st = pool_status(&out, "p").expect("the pool reports its orphan");
+    let (status, message) = cond(&st);
+    assert_eq!(status, "True");
+    assert!(message.contains("192.0.2.0 (default/web)"), "{message}");
+    assert_eq!(st.orphans, ["192.0.2.0"]);
+    // A new leader (restart) knows only what the status says: the orphan stays reported.
+    let mut reported = edited.clone();
+    reported.status = Some(st.clone());
+    let (mut again, out) = synced(vec![reported.clone()], vec![web.clone()]);
+    assert!(
+        pool_status(&out, "p").is_none(),
+        "the same report: nothing to write: {out:?}"
+    );
+    // Released: the condition clears, and the list with it.
+    let out = again.service_deleted(&web, now());
+    let st = pool_status(&out, "p").unwrap();
+    assert_eq!(cond(&st).0, "False");
+    assert!(st.orphans.is_empty());
+}
+
 #[test]
 fn a_type_change_releases_the_address_and_clears_the_status() {
     let (mut s, out) = synced(
@@ -313,6 +542,11 @@ fn external_ip_auto_writes_spec_external_ips_and_removing_it_takes_them_back() {
     assert_eq!(
         spec_patch["metadata"]["annotations"][ALLOCATED],
         "192.0.2.0"
+    );
+    assert_eq!(
+        events(&out),
+        vec![crate::intent::EXTERNAL_IPS_DEPRECATED, IP_ALLOCATED],
+        "spec.externalIPs is deprecated (KEP-5707): said once, with the allocation"
     );
     // The API server applied it; later the annotation is removed.
     let mut db = svc.annotate(ALLOCATED, "192.0.2.0");

@@ -113,7 +113,7 @@ fn a_load_balancer_service_becomes_a_model_service_with_ready_backends() {
     let cfg = build(&snapshot(), &settings(), &template().unwrap());
     assert_eq!(cfg.services.len(), 1);
     let s = &cfg.services[0];
-    assert_eq!(s.name, "shop-web");
+    assert_eq!(s.name, "shop/web");
     assert_eq!(s.dns.hostname, "web.shop");
     assert_eq!(s.vips, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
     assert_eq!(s.ports[0].port, 80);
@@ -399,6 +399,9 @@ async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() 
         >();
         (kube::Client::new(svc, "default"), handle)
     };
+    // No EndpointSlices in this fake: keep announcing without endpoints, so that the only
+    // change of placement is the one made after the outage.
+    let web = || web().annotate(crate::intent::ANNOUNCE_WITHOUT_ENDPOINTS, "true");
     let world = Arc::new(Mutex::new(fake_api::World {
         version: 1,
         services: vec![serde_json::to_value(web()).unwrap()],
@@ -426,8 +429,8 @@ async fn the_agent_keeps_its_state_through_an_api_outage_and_resumes_after_it() 
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(rx.borrow().config.services[0].name, "shop-web");
-    assert_eq!(receivers.origins.borrow()["shop-web"].uid, "uid-shop-web");
+    assert_eq!(rx.borrow().config.services[0].name, "shop/web");
+    assert_eq!(receivers.origins.borrow()["shop/web"].uid, "uid-shop-web");
 
     // The API goes away: watches break, re-lists fail with 503 for a whole minute.
     world.lock().unwrap().down = true;
@@ -541,4 +544,213 @@ fn without_configured_interfaces_the_node_announces_where_its_internal_ip_is() {
     st.base.node.interfaces = vec![host("bond0", &["198.51.100.2/24"])];
     let cfg = build(&snap, &st, &template().unwrap());
     assert_eq!(cfg.node.interfaces[0].name, "bond0");
+}
+
+fn gossip_secret(data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("portico-gossip".into()),
+            namespace: Some("portico-system".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// Lists everything but the Secret, then lists the Secret with `first`.
+fn list_with_secret(src: &mut Source, first: Secret) -> Desired {
+    let mut snap = snapshot();
+    snap.secret = None;
+    assert!(list_all_but_secret(src, &snap).is_none());
+    src.handle(Input::Secret(Event::Init));
+    src.handle(Input::Secret(Event::InitApply(first)));
+    src.handle(Input::Secret(Event::InitDone))
+        .expect("published once the Secret is listed")
+}
+
+fn list_all_but_secret(src: &mut Source, snap: &Snapshot) -> Option<Desired> {
+    let mut last = None;
+    for i in [
+        Input::Service(Event::InitDone),
+        Input::Slice(Event::InitDone),
+        Input::Pool(Event::InitDone),
+        Input::L2(Event::InitDone),
+    ] {
+        last = src.handle(i).or(last);
+    }
+    src.handle(Input::Node(Event::Init));
+    for n in snap.nodes.values() {
+        src.handle(Input::Node(Event::InitApply(n.clone())));
+    }
+    src.handle(Input::Node(Event::InitDone)).or(last)
+}
+
+#[test]
+fn gossip_secret_rotation_and_deletion_are_seen_after_the_first_read() {
+    let k1 = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let k2 = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXphYmNkZWY=";
+    let ids = |d: &Desired| -> Vec<u8> { d.config.cluster.keys.iter().map(|k| k.id).collect() };
+    let mut src = Source::new(settings()).unwrap();
+    let d = list_with_secret(&mut src, gossip_secret(&[("key", k1)]));
+    assert_eq!(ids(&d), [1]);
+    // Rotation step 1: add key-2 (it sends from now on, key 1 is still accepted).
+    let d = src
+        .handle(Input::Secret(Event::Apply(gossip_secret(&[
+            ("key", k1),
+            ("key-2", k2),
+        ]))))
+        .expect("a changed Secret (namespaced, as watch events are) is seen");
+    assert_eq!(ids(&d), [2, 1]);
+    // Rotation step 2: remove key 1.
+    let d = src
+        .handle(Input::Secret(Event::Apply(gossip_secret(&[("key-2", k2)]))))
+        .expect("the second change is seen too");
+    assert_eq!(ids(&d), [2]);
+    // Deleted: the keys of the base config (none here) apply again.
+    let d = src
+        .handle(Input::Secret(Event::Delete(gossip_secret(&[(
+            "key-2", k2,
+        )]))))
+        .expect("a deleted Secret is noticed");
+    assert!(d.config.cluster.keys.is_empty());
+    assert!(src.snap.secret.is_none());
+    // Created again.
+    let d = src
+        .handle(Input::Secret(Event::Apply(gossip_secret(&[("key", k1)]))))
+        .unwrap();
+    assert_eq!(ids(&d), [1]);
+}
+
+#[test]
+fn refused_gossip_keys_say_why_and_a_duplicate_id_counts_once() {
+    let k1 = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let s = gossip_secret(&[
+        ("key", k1),
+        ("key-1", k1),
+        ("key-3", zero),
+        ("key-x", k1),
+        ("key-4", "short"),
+        ("unrelated", "x"),
+    ]);
+    assert_eq!(
+        gossip_keys(Some(&s))
+            .iter()
+            .map(|k| k.id)
+            .collect::<Vec<_>>(),
+        [1]
+    );
+    let refused = refused_gossip_keys(Some(&s));
+    assert_eq!(
+        refused.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["key-1", "key-3", "key-4", "key-x"]
+    );
+    assert!(refused["key-3"].contains("all-zero"));
+    assert!(refused["key-1"].contains("already"));
+}
+
+#[test]
+fn a_refused_gossip_key_is_reported_once_not_on_every_rebuild() {
+    let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let mut src = Source::new(settings()).unwrap();
+    list_with_secret(&mut src, gossip_secret(&[("key", zero)]));
+    let seen = src.secret_seen.clone();
+    assert_eq!(seen.refused.len(), 1);
+    // Nothing new to say for the same Secret, however often the config is rebuilt.
+    assert!(secret_messages(&seen, &seen).is_empty());
+    src.handle(Input::Service(Event::Apply(web())));
+    src.handle(Input::Secret(Event::Apply(gossip_secret(&[("key", zero)]))));
+    assert_eq!(src.secret_seen, seen);
+    let msgs = secret_messages(&SecretSeen::default(), &seen);
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(msgs[0].0 && msgs[0].1.contains("all-zero"), "{msgs:?}");
+    // A deletion is said once.
+    let gone = SecretSeen::default();
+    let msgs = secret_messages(&seen, &gone);
+    assert!(
+        msgs.iter().any(|(w, m)| *w && m.contains("deleted")),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn services_whose_dashed_names_collide_are_both_served() {
+    // `team-a/web` and `team/a-web` would both be `team-a-web`.
+    let mut snap = snapshot();
+    let a = fixtures::service("team-a", "web")
+        .load_balancer(LB_CLASS)
+        .ingress(&["192.0.2.21"]);
+    let b = fixtures::service("team", "a-web")
+        .load_balancer(LB_CLASS)
+        .ingress(&["192.0.2.22"]);
+    snap.services.insert(("team-a".into(), "web".into()), a);
+    snap.services.insert(("team".into(), "a-web".into()), b);
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    let mut names: Vec<(&str, String)> = cfg
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.vips[0].to_string()))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("shop/web", "192.0.2.10".to_string()),
+            ("team-a/web", "192.0.2.21".to_string()),
+            ("team/a-web", "192.0.2.22".to_string()),
+        ]
+    );
+    let o = origins(&snap, &cfg);
+    assert_eq!(
+        (
+            o["team-a/web"].namespace.as_str(),
+            o["team-a/web"].name.as_str()
+        ),
+        ("team-a", "web")
+    );
+    assert_eq!(
+        (
+            o["team/a-web"].namespace.as_str(),
+            o["team/a-web"].name.as_str()
+        ),
+        ("team", "a-web")
+    );
+}
+
+#[test]
+fn a_service_without_serving_endpoints_is_withdrawn_unless_told_otherwise() {
+    let mut snap = snapshot();
+    snap.slices.clear();
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    let s = &cfg.services[0];
+    assert!(s.backends.is_empty());
+    assert!(
+        s.placement.local_only,
+        "no node has a serving local backend, so no node is eligible: the agents withdraw"
+    );
+    assert!(origins(&snap, &cfg)["shop/web"].no_endpoints);
+    // Endpoints that are serving while terminating still count (connections drain).
+    snap.slices.insert(
+        ("shop".into(), "web-abc".into()),
+        slice(
+            "web-abc",
+            "web",
+            vec![ep("10.1.0.3", "n2", Some(false), Some(true), Some(true))],
+        ),
+    );
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert!(!cfg.services[0].placement.local_only);
+    assert!(!origins(&snap, &cfg)["shop/web"].no_endpoints);
+    // Opted out: announced without endpoints.
+    snap.slices.clear();
+    let svc = web().annotate(crate::intent::ANNOUNCE_WITHOUT_ENDPOINTS, "true");
+    snap.services.insert(("shop".into(), "web".into()), svc);
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert!(!cfg.services[0].placement.local_only);
+    assert!(!origins(&snap, &cfg)["shop/web"].no_endpoints);
 }
