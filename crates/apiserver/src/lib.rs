@@ -78,13 +78,8 @@ pub enum Error {
     #[error(transparent)]
     Tls(#[from] tls::Error),
     /// A YAML document could not be read.
-    #[error("YAML document {index}: {message}")]
-    Yaml {
-        /// Which document (from 0).
-        index: usize,
-        /// The parser's message.
-        message: String,
-    },
+    #[error("YAML: {0}")]
+    Yaml(String),
     /// The API refused an object.
     #[error("{what}: {source}")]
     Api {
@@ -304,14 +299,53 @@ impl ApiServer {
 
     /// Injects every document of a multi-document YAML file (like `kubectl apply -f`).
     pub fn apply_yaml(&self, yaml: &str) -> Result<Vec<Value>, Error> {
-        let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| Error::Yaml {
-            index: 0,
-            message: e.to_string(),
-        })?;
-        docs.into_iter()
+        yaml_documents(yaml)?
+            .into_iter()
             .filter(|d| d.is_object())
             .map(|d| self.inject(d))
             .collect()
+    }
+
+    /// The object of `api_version`/`kind` named `namespace`/`name`, if it exists.
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
+        self.shared.with_store(|s| {
+            let res = s.resource_of_kind(api_version, kind)?;
+            s.get(&res, namespace, name).ok()
+        })
+    }
+
+    /// Every object of `api_version`/`kind`.
+    pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
+        self.shared.with_store(|s| {
+            s.resource_of_kind(api_version, kind)
+                .map(|res| s.list(&res, None, &select::Filter::default()))
+                .unwrap_or_default()
+        })
+    }
+
+    /// Deletes an object as the admin (owned objects follow).
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, Error> {
+        let what = format!("{kind} {}/{name}", namespace.unwrap_or_default());
+        self.shared
+            .with_store(|s| {
+                let res = s
+                    .resource_of_kind(api_version, kind)
+                    .ok_or_else(|| ApiError::no_route(&what))?;
+                s.delete(&res, namespace, name)
+            })
+            .map_err(|source| Error::Api { what, source })
     }
 
     /// Requests served so far, by `"<user> <verb> <resource>"`.
@@ -322,6 +356,11 @@ impl ApiServer {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
+
+/// The documents of a multi-document YAML file (empty ones as `null`).
+pub fn yaml_documents(yaml: &str) -> Result<Vec<Value>, Error> {
+    serde_saphyr::from_multiple(yaml).map_err(|e| Error::Yaml(e.to_string()))
 }
 
 impl Drop for ApiServer {
