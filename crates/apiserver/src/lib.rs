@@ -171,6 +171,8 @@ impl ApiServer {
             bookmark_interval: opts.bookmark_interval,
             requests: Mutex::new(BTreeMap::new()),
             url: format!("https://{addr}"),
+            refusals: Mutex::new(Vec::new()),
+            expired: std::sync::atomic::AtomicU64::new(0),
         });
         let mut s = Self {
             shared,
@@ -346,6 +348,22 @@ impl ApiServer {
                 s.delete(&res, namespace, name)
             })
             .map_err(|source| Error::Api { what, source })
+    }
+
+    /// Requests refused so far (`"<code> <reason> <method> <path>: <message>"`, the first 1000).
+    pub fn refusals(&self) -> Vec<String> {
+        self.shared
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Watches answered with 410 Gone so far.
+    pub fn expired_watches(&self) -> u64 {
+        self.shared
+            .expired
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Requests served so far, by `"<user> <verb> <resource>"`.

@@ -42,7 +42,15 @@ pub struct Shared {
     pub requests: Mutex<BTreeMap<String, u64>>,
     /// `https://host:port`.
     pub url: String,
+    /// Refused requests (`"<code> <reason> <method> <path>: <message>"`), the first
+    /// [`MAX_REFUSALS`] of them.
+    pub refusals: Mutex<Vec<String>>,
+    /// Watches ended with 410 Gone.
+    pub expired: std::sync::atomic::AtomicU64,
 }
+
+/// Refused requests remembered for the tests.
+pub const MAX_REFUSALS: usize = 1000;
 
 impl Shared {
     /// Runs `f` on the store, then wakes the watches.
@@ -99,6 +107,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%method, %path, code = e.code, reason = e.reason, "refused");
+            let mut r = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            if r.len() < MAX_REFUSALS {
+                r.push(format!(
+                    "{} {} {method} {path}: {}",
+                    e.code, e.reason, e.message
+                ));
+            }
+            drop(r);
             json_response(e.code, &e.to_status())
         }
     }
@@ -621,6 +637,9 @@ async fn watch_task(
         };
         match batch {
             Err(e) => {
+                shared
+                    .expired
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = tx.send(event_line("ERROR", &e.to_status())).await;
                 return;
             }

@@ -293,6 +293,10 @@ impl Drop for Cluster {
             for p in self.controller.iter().chain(self.agents.iter()) {
                 eprintln!("--- {} (last lines) ---\n{}", p.name, p.log_tail());
             }
+            eprintln!(
+                "--- refused requests ---\n{}",
+                self.server.refusals().join("\n")
+            );
         }
         self.controller = None;
         self.agents.clear();
@@ -565,6 +569,45 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{mac} is no node's MAC"))
     }
 
+    /// deploy/rbac.yaml allowed everything the binaries did: no request was refused as
+    /// unauthenticated or forbidden.
+    fn assert_rbac_was_enough(&self) {
+        let refused: Vec<String> = self
+            .server
+            .refusals()
+            .into_iter()
+            .filter(|r| r.starts_with("401") || r.starts_with("403"))
+            .collect();
+        assert!(refused.is_empty(), "refused by RBAC: {refused:#?}");
+    }
+
+    /// Waits until every running agent reported a reason for `vip` in the Service's
+    /// `ServiceAnnouncement` (its own server-side-applied part), bounded.
+    async fn wait_reports(
+        &self,
+        ns: &str,
+        name: &str,
+        vip: &str,
+        agents: usize,
+        within: Duration,
+    ) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let a = self.announcement(ns, name, vip);
+            if a.as_ref()
+                .and_then(|a| a["nodes"].as_object())
+                .is_some_and(|m| m.len() == agents)
+            {
+                return a.unwrap_or_default();
+            }
+            assert!(
+                Instant::now() < until,
+                "not every agent reported on {ns}/{name} {vip}: {a:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `ServiceAnnouncement` status entry of `ns/name` for `vip`.
     fn announcement(&self, ns: &str, name: &str, vip: &str) -> Option<Value> {
         let sva = self.server.get(
@@ -642,6 +685,47 @@ async fn loadbalancer_service_gets_an_address_from_the_pool() {
     c.service("shop", "api", true);
     let other = c.wait_address("shop", "api", Duration::from_secs(30)).await;
     assert_ne!(vip, other);
+    // Both agents saw the Services and wrote their part of the ServiceAnnouncement.
+    c.wait_reports("shop", "web", &vip, 2, Duration::from_secs(15))
+        .await;
+    c.wait_reports("shop", "api", &other, 2, Duration::from_secs(15))
+        .await;
+    c.assert_rbac_was_enough();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_restart_with_expired_watches() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    c.service("shop", "a", true);
+    let a = c.wait_address("shop", "a", Duration::from_secs(30)).await;
+    c.wait_reports("shop", "a", &a, 2, Duration::from_secs(15))
+        .await;
+    // The API server goes away for a while; its watch history is gone when it is back, so
+    // every watch resuming from its last resourceVersion gets 410 Gone and must re-list.
+    c.server.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.server.compact();
+    c.server.restart().await.expect("API server restarts");
+    let t0 = Instant::now();
+    c.service("shop", "b", true);
+    let b = c.wait_address("shop", "b", Duration::from_secs(45)).await;
+    assert_ne!(a, b);
+    c.wait_reports("shop", "b", &b, 2, Duration::from_secs(45))
+        .await;
+    println!(
+        "after the API server's restart, a new Service was allocated and reported by both agents in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        c.wait_address("shop", "a", Duration::from_secs(1)).await,
+        a,
+        "a moved"
+    );
+    c.assert_rbac_was_enough();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
