@@ -522,3 +522,85 @@ pub fn prune(obj: &Value, entries: &mut [Managed], res: &Resource) {
         e.fields.retain(|p| now.contains(p));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn res() -> Resource {
+        crate::resources::builtins()
+            .into_iter()
+            .find(|r| r.plural == "services")
+            .unwrap()
+    }
+
+    #[test]
+    fn field_sets_round_trip_through_fields_v1() {
+        let obj = json!({"metadata": {"labels": {"a": "b"}, "name": "x"},
+                         "spec": {"ports": [{"port": 80, "protocol": "TCP"}], "selector": {}},
+                         "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        let set = fields(&obj, &res());
+        assert!(set.contains(&vec![
+            Step::F("metadata".into()),
+            Step::F("labels".into()),
+            Step::F("a".into())
+        ]));
+        assert!(!set.iter().any(|p| p.contains(&Step::F("name".into()))));
+        assert_eq!(from_tree(&to_tree(&set)), set);
+        let tree = to_tree(&set);
+        assert!(
+            tree["f:spec"]["f:ports"]["k:{\"port\":80,\"protocol\":\"TCP\"}"]
+                .get(".")
+                .is_some(),
+            "{tree}"
+        );
+    }
+
+    #[test]
+    fn merge_patch_removes_nulls_and_replaces_lists() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "l": [1, 2]});
+        merge_patch(&mut t, &json!({"a": {"b": null}, "l": [3]}));
+        assert_eq!(t, json!({"a": {"c": 2}, "l": [3]}));
+    }
+
+    #[test]
+    fn an_update_takes_the_fields_it_changed() {
+        let r = res();
+        let old = json!({"spec": {"type": "ClusterIP"}});
+        let new = json!({"spec": {"type": "LoadBalancer"}});
+        let applier = Managed {
+            manager: "a".into(),
+            operation: "Apply".into(),
+            subresource: None,
+            api_version: "v1".into(),
+            time: String::new(),
+            fields: fields(&old, &r),
+        };
+        let mut entries = vec![applier];
+        let me = Managed {
+            manager: "b".into(),
+            operation: "Update".into(),
+            fields: FieldSet::new(),
+            ..entries[0].clone()
+        };
+        update(&old, &new, &me, &mut entries, &r);
+        assert!(
+            entries
+                .iter()
+                .find(|e| e.manager == "a")
+                .unwrap()
+                .fields
+                .is_empty()
+        );
+        assert_eq!(
+            entries
+                .iter()
+                .find(|e| e.manager == "b")
+                .unwrap()
+                .fields
+                .len(),
+            1
+        );
+    }
+}

@@ -537,3 +537,126 @@ async fn rbac_from_deploy() {
     let all: Api<Secret> = Api::all(admin);
     all.list(&ListParams::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_watches_see_objects_enter_and_leave() {
+    let (_server, c) = start().await;
+    let api: Api<ConfigMap> = Api::namespaced(c, "default");
+    let o = api
+        .create(&PostParams::default(), &cm("s", json!({"app": "x"})))
+        .await
+        .unwrap();
+    let rv = o.metadata.resource_version.unwrap();
+    let mut w = api
+        .watch(&WatchParams::default().labels("app=x").timeout(10), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let pp = PatchParams::default();
+    api.patch(
+        "s",
+        &pp,
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "y"}}})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "s",
+        &pp,
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "x"}}})),
+    )
+    .await
+    .unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), w.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Some(WatchEvent::Deleted(_)) => kinds.push("DELETED"),
+            Some(WatchEvent::Added(_)) => kinds.push("ADDED"),
+            Some(WatchEvent::Bookmark(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["DELETED", "ADDED"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_take_their_dependents_and_secrets_encode_string_data() {
+    let (server, c) = start().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.clone(), "default");
+    let owner = api
+        .create(&PostParams::default(), &cm("owner", json!({})))
+        .await
+        .unwrap();
+    let mut dep = cm("dep", json!({}));
+    dep.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid.unwrap(),
+    })).unwrap()]);
+    api.create(&PostParams::default(), &dep).await.unwrap();
+    api.delete("owner", &DeleteParams::default()).await.unwrap();
+    assert_eq!(code(api.get("dep").await.unwrap_err()), 404);
+
+    server.apply_yaml(NAMESPACE).unwrap();
+    server
+        .apply_yaml(include_str!("../../../deploy/gossip-secret.yaml"))
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(c, "portico-system");
+    let s = secrets.get("portico-gossip").await.unwrap();
+    assert!(s.string_data.is_none());
+    assert_eq!(
+        s.data.unwrap()["key"].0.len(),
+        44,
+        "the base64 text of a 32-byte key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_subresources() {
+    let (server, admin) = start().await;
+    server.apply_yaml(NAMESPACE).unwrap();
+    server.apply_yaml(CRDS).unwrap();
+    server.apply_yaml(RBAC).unwrap();
+    let svc: Service = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}})).unwrap();
+    Api::<Service>::namespaced(admin, "default")
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let agent = client(&server.service_account_kubeconfig("portico-system", "portico-agent")).await;
+    let ctl =
+        client(&server.service_account_kubeconfig("portico-system", "portico-controller")).await;
+    let st = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}});
+    let pp = PatchParams::default();
+    let by_agent: Api<Service> = Api::namespaced(agent.clone(), "default");
+    assert_eq!(
+        code(
+            by_agent
+                .patch_status("web", &pp, &Patch::Merge(&st))
+                .await
+                .unwrap_err()
+        ),
+        403
+    );
+    let by_ctl: Api<Service> = Api::namespaced(ctl, "default");
+    by_ctl
+        .patch_status("web", &pp, &Patch::Merge(&st))
+        .await
+        .unwrap();
+    // The agent writes its ServiceAnnouncement (object and status), nothing else of it.
+    let sva: Api<DynamicObject> =
+        Api::namespaced_with(agent, "default", &gvk("ServiceAnnouncement"));
+    let body = json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement", "metadata": {"name": "web"}, "spec": {"service": "web"}});
+    let ap = PatchParams::apply("portico-agent/n1").force();
+    sva.patch("web", &ap, &Patch::Apply(&body)).await.unwrap();
+    sva.patch_status("web", &ap, &Patch::Apply(json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement", "metadata": {"name": "web"}, "status": {"addresses": []}}))).await.unwrap();
+    assert_eq!(
+        code(
+            sva.delete("web", &DeleteParams::default())
+                .await
+                .unwrap_err()
+        ),
+        403
+    );
+}
