@@ -278,7 +278,7 @@ fn serde_saphyr_free_parse(yaml: &str) -> Value {
 /// A running cluster: API server, controller, agents, network.
 struct Cluster {
     // Field order is drop order: processes first, then the network, then the server.
-    controller: Option<Proc>,
+    controllers: Vec<Proc>,
     agents: Vec<Proc>,
     net: Net,
     server: ApiServer,
@@ -290,7 +290,7 @@ struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for p in self.controller.iter().chain(self.agents.iter()) {
+            for p in self.controllers.iter().chain(self.agents.iter()) {
                 eprintln!("--- {} (last lines) ---\n{}", p.name, p.log_tail());
             }
             eprintln!(
@@ -298,7 +298,7 @@ impl Drop for Cluster {
                 self.server.refusals().join("\n")
             );
         }
-        self.controller = None;
+        self.controllers.clear();
         self.agents.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -377,7 +377,7 @@ impl Cluster {
         .expect("kubeconfig");
 
         let mut c = Cluster {
-            controller: None,
+            controllers: Vec::new(),
             agents: Vec::new(),
             net,
             server,
@@ -454,7 +454,8 @@ impl Cluster {
         let pod = format!("portico-controller-{}", self.restarts);
         self.restarts += 1;
         let kc = self.controller_kubeconfig.clone();
-        self.controller = Some(self.spawn(&pod, None, CONTROLLER_YAML, &pod, "", &kc));
+        let p = self.spawn(&pod, None, CONTROLLER_YAML, &pod, "", &kc);
+        self.controllers.push(p);
     }
 
     /// Creates a LoadBalancer Service `ns/name` of portico's class on port 80, and its
@@ -870,7 +871,7 @@ async fn controller_restart_keeps_every_address_without_writes() {
         before.push(c.wait_address("shop", n, Duration::from_secs(30)).await);
     }
     // Rolling update: the old replica stops, a new one (another pod name) takes the Lease.
-    c.controller.as_mut().unwrap().kill(sys::SIGTERM);
+    c.controllers[0].kill(sys::SIGTERM);
     let writes = |c: &Cluster| -> u64 {
         c.server
             .requests()
@@ -915,4 +916,160 @@ async fn controller_restart_keeps_every_address_without_writes() {
         svc_writes <= 1,
         "the new replica wrote {svc_writes} times to Services (want only the new one's status)"
     );
+}
+
+/// The Lease holder, once there is one (bounded wait).
+async fn lease_holder(c: &Cluster, within: Duration) -> String {
+    let until = Instant::now() + within;
+    loop {
+        let holder = c
+            .server
+            .get(
+                "coordination.k8s.io/v1",
+                "Lease",
+                Some(SYSTEM_NS),
+                "portico-controller",
+            )
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
+        if let Some(h) = holder {
+            return h;
+        }
+        assert!(
+            Instant::now() < until,
+            "nobody took the Lease within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_change_between_two_replicas() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    // deploy/controller.yaml runs two replicas; one leads through the Lease.
+    c.start_controller();
+    c.service("shop", "a", true);
+    let a = c.wait_address("shop", "a", Duration::from_secs(30)).await;
+    let leader = lease_holder(&c, Duration::from_secs(10)).await;
+    let i: usize = leader
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("pod name ends in its number");
+    // The leader's node dies without a word; the standby takes over once the Lease expires.
+    c.controllers[i].kill(sys::SIGKILL);
+    let t0 = Instant::now();
+    c.service("shop", "b", true);
+    let b = c.wait_address("shop", "b", Duration::from_secs(45)).await;
+    println!(
+        "standby allocated after the leader died in {:?}",
+        t0.elapsed()
+    );
+    assert_ne!(a, b);
+    let now = lease_holder(&c, Duration::from_secs(1)).await;
+    assert_ne!(now, leader, "the Lease still names the dead leader");
+    assert_eq!(
+        c.wait_address("shop", "a", Duration::from_secs(1)).await,
+        a,
+        "a moved"
+    );
+    c.assert_rbac_was_enough();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): two Services whose <namespace>-<name> collide (team-a/web, team/a-web): the second is silently not served"]
+async fn colliding_namespace_name_forms_are_both_served() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(2).await;
+    c.service("team-a", "web", true);
+    c.service("team", "a-web", true);
+    let one = c
+        .wait_address("team-a", "web", Duration::from_secs(30))
+        .await;
+    let two = c
+        .wait_address("team", "a-web", Duration::from_secs(30))
+        .await;
+    assert_ne!(one, two);
+    c.wait_reports("team-a", "web", &one, 2, Duration::from_secs(15))
+        .await;
+    c.wait_reports("team", "a-web", &two, 2, Duration::from_secs(15))
+        .await;
+    for vip in [&one, &two] {
+        c.wait_one_arp_owner(vip, Duration::from_secs(20)).await;
+        assert!(c.curl(vip).is_some(), "{vip} not served");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): ServiceAnnouncement entries of dead agents stay forever (a killed agent whose Node is deleted keeps its entry)"]
+async fn agent_killed_and_node_deleted_leaves_no_trace() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+    c.wait_reports("shop", "web", &vip, 2, Duration::from_secs(15))
+        .await;
+    c.agents[1].kill(sys::SIGKILL);
+    c.server
+        .delete("v1", "Node", None, "node-2")
+        .expect("Node deleted");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = c.announcement("shop", "web", &vip).unwrap_or_default();
+        if a["nodes"].get("node-2").is_none() && a["node"] == "node-1" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "node-2 is still in the announcement: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): gossip Secret changes are never seen after the first read (cached under namespace \"\"), so the documented rotation splits the cluster; also blocked by the gossip-socket defect"]
+async fn gossip_key_rotation_without_split_or_restart() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(2).await;
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+    c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
+    let secret = c
+        .server
+        .get("v1", "Secret", Some(SYSTEM_NS), "portico-gossip")
+        .expect("Secret");
+    let key1 = secret["data"]["key"].as_str().expect("key").to_string();
+    let key2 = b64("AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=");
+    let set = |data: Value| {
+        c.server
+            .inject(json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "portico-gossip", "namespace": SYSTEM_NS}, "type": "Opaque", "data": data}))
+            .expect("Secret updated");
+    };
+    // Step 1: add key-2 (it sends; both are accepted). Step 2: remove key-1.
+    for data in [json!({"key": key1, "key-2": key2}), json!({"key-2": key2})] {
+        set(data);
+        // bounded: 10 s of checks, one owner all along
+        for _ in 0..10 {
+            let macs = c.arp_answers(&vip);
+            assert_eq!(macs.len(), 1, "split during rotation: {macs:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    for a in &c.agents {
+        assert!(a.child.is_some(), "{} was restarted", a.name);
+    }
 }
