@@ -257,6 +257,49 @@ fn manifest_env(yaml: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `setpriv` arguments that give the process what the manifest's securityContext gives the
+/// container: its user (`runAsUser`, container or pod level), only the added capabilities
+/// (`drop: [ALL]`), and no privilege escalation.
+fn manifest_security(yaml: &str) -> Vec<String> {
+    let doc: Value = serde_saphyr_free_parse(yaml);
+    let pod = &doc["spec"]["template"]["spec"];
+    let sc = &pod["containers"][0]["securityContext"];
+    let uid = sc["runAsUser"]
+        .as_u64()
+        .or_else(|| pod["securityContext"]["runAsUser"].as_u64())
+        .unwrap_or(0)
+        .to_string();
+    let dropped_all = sc["capabilities"]["drop"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|c| c == "ALL"));
+    assert!(dropped_all, "the manifest drops ALL capabilities");
+    let mut caps = "-all".to_string();
+    for c in sc["capabilities"]["add"].as_array().into_iter().flatten() {
+        caps.push_str(&format!(
+            ",+{}",
+            c.as_str().unwrap_or_default().to_lowercase()
+        ));
+    }
+    let mut args: Vec<String> = [
+        "setpriv",
+        "--reuid",
+        &uid,
+        "--regid",
+        &uid,
+        "--clear-groups",
+        "--bounding-set",
+        &caps,
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    if sc["allowPrivilegeEscalation"] == false {
+        args.push("--no-new-privs".into());
+    }
+    args.push("--".into());
+    args
+}
+
 fn manifest_args(yaml: &str) -> Vec<String> {
     let doc: Value = serde_saphyr_free_parse(yaml);
     doc["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -408,14 +451,15 @@ impl Cluster {
         let log = self.dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let exe = env!("CARGO_BIN_EXE_portico");
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, exe]);
-                c
-            }
-            None => Command::new(exe),
+        // As the kubelet would run the container: in the node's network namespace (hostNetwork),
+        // with the manifest's user and capabilities.
+        let mut argv: Vec<String> = match ns {
+            Some(ns) => ["ip", "netns", "exec", ns].map(String::from).to_vec(),
+            None => Vec::new(),
         };
+        argv.extend(manifest_security(manifest));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).arg(exe);
         cmd.args(manifest_args(manifest));
         for (k, v) in manifest_env(manifest) {
             let value = match v.as_str() {
