@@ -16,7 +16,8 @@
 //!   from the CRD schema, atomic lists; 409 on a conflict without `force`);
 //! - the `status` subresource (status writes ignore the rest, other writes ignore status),
 //!   `metadata.generation`, Secrets' `stringData`, Service defaults (cluster IP, families,
-//!   protocols), namespaces' `kubernetes.io/metadata.name` label;
+//!   protocols), namespaces' `kubernetes.io/metadata.name` label, and the namespaces and the
+//!   `default/kubernetes` Service every cluster starts with;
 //! - CRDs: a stored `CustomResourceDefinition` serves its resources (scope, status
 //!   subresource, list-map keys from the schema);
 //! - watches: chunked JSON lines ADDED/MODIFIED/DELETED/BOOKMARK (`allowWatchBookmarks`),

@@ -170,6 +170,17 @@ impl Store {
                 "kube-apiserver",
             );
         }
+        // Every cluster has the API server's own Service.
+        let svc = s.resource("", "v1", "services").expect("built in");
+        let _ = s.create(
+            &svc,
+            Some("default"),
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                   "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}),
+            "kube-apiserver",
+        );
         s
     }
 

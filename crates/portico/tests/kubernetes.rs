@@ -505,6 +505,13 @@ impl Cluster {
     /// Creates a LoadBalancer Service `ns/name` of portico's class on port 80, and its
     /// EndpointSlice with one endpoint per node (`ready` as given).
     fn service(&self, ns: &str, name: &str, ready: bool) {
+        let all: Vec<(usize, bool)> = (1..=self.agents.len()).map(|i| (i, ready)).collect();
+        self.service_with(ns, name, "Cluster", &all);
+    }
+
+    /// Like [`Cluster::service`] with an `externalTrafficPolicy` and endpoints only on the
+    /// given nodes `(node, ready)`.
+    fn service_with(&self, ns: &str, name: &str, etp: &str, on: &[(usize, bool)]) {
         if self.server.get("v1", "Namespace", None, ns).is_none() {
             self.server
                 .inject(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
@@ -514,12 +521,13 @@ impl Cluster {
             .inject(json!({
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": ns},
-                "spec": {"type": "LoadBalancer", "loadBalancerClass": LB_CLASS, "selector": {"app": name},
+                "spec": {"type": "LoadBalancer", "loadBalancerClass": LB_CLASS, "selector": {"app": name}, "externalTrafficPolicy": etp,
                          "ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT, "protocol": "TCP"}]},
             }))
             .expect("Service");
-        let endpoints: Vec<Value> = (1..=self.agents.len())
-            .map(|i| {
+        let endpoints: Vec<Value> = on
+            .iter()
+            .map(|&(i, ready)| {
                 json!({
                     "addresses": [format!("10.77.0.{}", 10 + i)],
                     "conditions": {"ready": ready, "serving": ready, "terminating": false},
@@ -1116,4 +1124,26 @@ async fn gossip_key_rotation_without_split_or_restart() {
     for a in &c.agents {
         assert!(a.child.is_some(), "{} was restarted", a.name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): agents run as deploy/agent.yaml (no --config, peers only from Node objects) never open the gossip socket, each calls itself owner of every VIP, and no VIP reaches an interface (no ARP answer at all)"]
+async fn external_traffic_policy_local_announces_from_a_node_with_an_endpoint() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(3).await;
+    c.service_with("shop", "local", "Local", &[(2, true)]);
+    let vip = c
+        .wait_address("shop", "local", Duration::from_secs(30))
+        .await;
+    let mac = c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
+    assert_eq!(c.node_of_mac(&mac), 2, "only node-2 has a local endpoint");
+    assert_eq!(c.curl(&vip).as_deref(), Some("node-2"));
+    let a = c
+        .wait_reports("shop", "local", &vip, 3, Duration::from_secs(15))
+        .await;
+    assert_eq!(a["node"], "node-2", "{a}");
+    assert_eq!(a["nodes"]["node-1"], "noLocalEndpoint", "{a}");
 }
