@@ -29,14 +29,30 @@
 //!   state, [`ApiServer::compact`] (forces 410), [`ApiServer::apply_yaml`] and
 //!   [`ApiServer::inject`] of any object, request counts.
 //!
-//! What it does NOT do (a real kube-apiserver does): OpenAPI schema validation, CEL
-//! validation rules, defaults from CRD schemas, pruning of unknown fields, admission (webhooks,
-//! quotas, Pod Security), the `scale` subresource, JSON patch (RFC 6902), Protobuf, HTTP/2,
-//! consistent snapshots across `continue` pages, `dryRun`, graceful deletion of Pods,
-//! namespace termination phases, authentication other than bearer tokens, API aggregation,
-//! multiple served versions of one resource with conversion, field-level (leaf) conflict
-//! rules for `Update` managers beyond "the last writer of a field owns it", and garbage
-//! collection with foreground/orphan propagation (dependents go at once).
+//! What it does NOT do (a real kube-apiserver does):
+//! - validation: no OpenAPI schema or CEL rules (CRD `x-kubernetes-validations`), no defaults
+//!   from CRD schemas, no pruning of unknown fields, no name (DNS-1123) or immutable-field
+//!   checks, no Service validation (ingress `ip`/`ipMode`, port ranges), no NodePort allocation;
+//! - admission: no webhooks, quotas, Pod Security, `DenyServiceExternalIPs`;
+//! - patches: no JSON patch (RFC 6902); strategic merge knows only the merge keys listed in
+//!   `resources.rs` and ignores `$retainKeys`, `$setElementOrder`, `$deleteFromPrimitiveList`;
+//!   server-side apply treats `x-kubernetes-list-type: set` and `map-type: atomic` fields as
+//!   plain lists/maps, and `Update` managers simply own the fields they last changed;
+//! - reads: lists are always served from the current state (`resourceVersionMatch` and
+//!   `resourceVersion` on lists are ignored; `continue` pages are not one snapshot); a watch
+//!   from a resourceVersion newer than the store is not refused (no "too large" error);
+//!   bookmarks come every `bookmark_interval`, not about once a minute; no watch cache;
+//! - no Protobuf, no HTTP/2, no `dryRun`, no Table output for printer columns, no `scale`
+//!   subresource, no API aggregation, one served version per resource (no conversion);
+//! - lifecycle: dependents are deleted at once (no foreground/orphan propagation), deleted
+//!   namespaces vanish at once with their contents (no Terminating phase), no graceful Pod
+//!   deletion, Events never expire;
+//! - security: bearer tokens only (no client certificates, no TokenReview, tokens never
+//!   expire), RBAC without ClusterRole aggregation, without escalation checks and without the
+//!   default `system:*` roles (discovery is open to every authenticated user);
+//! - no flow control (no 429 / Retry-After), no audit log, and no controllers: no
+//!   EndpointSlice controller, kubelet, scheduler or kube-proxy (tests write Nodes and
+//!   EndpointSlices themselves).
 
 mod defaults;
 pub mod merge;
