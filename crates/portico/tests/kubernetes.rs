@@ -744,6 +744,18 @@ async fn loadbalancer_service_gets_an_address_from_the_pool() {
     c.wait_reports("shop", "api", &other, 2, Duration::from_secs(15))
         .await;
     c.assert_rbac_was_enough();
+    // What it cost: the binaries' requests for two allocations (shown with --nocapture).
+    for (k, n) in c.server.requests() {
+        if k.starts_with("system:serviceaccount:")
+            && !k.contains(" watch ")
+            && !k.contains(" list ")
+        {
+            println!(
+                "{n:>4}  {}",
+                k.trim_start_matches("system:serviceaccount:portico-system:")
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
