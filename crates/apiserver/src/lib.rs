@@ -46,7 +46,8 @@
 //!   subresource, no API aggregation, one served version per resource (no conversion);
 //! - lifecycle: dependents are deleted at once (no foreground/orphan propagation), deleted
 //!   namespaces vanish at once with their contents (no Terminating phase), no graceful Pod
-//!   deletion, Events never expire;
+//!   deletion, Events never expire, and deleting a CRD stops serving its resources but keeps
+//!   their objects in the store;
 //! - security: bearer tokens only (no client certificates, no TokenReview, tokens never
 //!   expire), RBAC without ClusterRole aggregation, without escalation checks and without the
 //!   default `system:*` roles (discovery is open to every authenticated user);
