@@ -410,7 +410,7 @@ impl Store {
                 o.remove("status");
             }
         }
-        self.defaults(res, &mut obj, None);
+        // The creator owns what it set; defaults are owned by nobody.
         let mut entries = Vec::new();
         merge::update(
             &json!({}),
@@ -419,6 +419,7 @@ impl Store {
             &mut entries,
             res,
         );
+        self.defaults(res, &mut obj, None);
         merge::write_managed(&mut obj, &entries);
         self.bump(&mut obj);
         self.after_write(res, &obj, false)?;
