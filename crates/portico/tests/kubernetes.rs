@@ -1,0 +1,1187 @@
+//! Kubernetes mode end to end: the shipped `portico controller` and `portico agent` binaries
+//! against the test API server (`crates/apiserver`), installed and configured the way
+//! `deploy/` and docs/kubernetes.md tell users, with each agent in its own network namespace
+//! on a bridge and a client namespace that checks the wire (arping, curl).
+//!
+//! Network: namespace `<p>-br` holds bridge `br0`; nodes `<p>-n1..3` (eth0 10.77.0.11-13/24),
+//! client `<p>-c` (10.77.0.100/24) and a veth into the root namespace (10.77.0.1/24, where the
+//! API server listens) are its ports. Every namespace, link and process is removed by Drop guards.
+//!
+//! Needs root, `ip`, `arping` and `curl`: without them the tests print `skipped: …` and return,
+//! unless `PORTICO_CI` is set, when they fail.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use apiserver::{ApiServer, Options};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const NAMESPACE_YAML: &str = include_str!("../../../deploy/namespace.yaml");
+const CRDS_YAML: &str = include_str!("../../../deploy/crds.yaml");
+const RBAC_YAML: &str = include_str!("../../../deploy/rbac.yaml");
+const AGENT_YAML: &str = include_str!("../../../deploy/agent.yaml");
+const CONTROLLER_YAML: &str = include_str!("../../../deploy/controller.yaml");
+
+const SYSTEM_NS: &str = "portico-system";
+const API_IP: &str = "10.77.0.1";
+const CLIENT_IP: &str = "10.77.0.100";
+const POOL: &str = "10.77.0.200-10.77.0.220";
+const BACKEND_PORT: u16 = 8080;
+const LB_CLASS: &str = "portico.dev/lb";
+
+/// One cluster at a time: they share the 10.77.0.0/24 addresses and two CPUs.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `true` when the test can run; `false` (after printing why) when it should skip; panics
+/// when it cannot run under `PORTICO_CI`.
+fn can_run() -> bool {
+    let missing = if !sys::is_root() {
+        Some("needs root (network namespaces, veth pairs, raw sockets)".to_string())
+    } else {
+        ["ip", "arping", "curl"]
+            .iter()
+            .find(|t| {
+                Command::new("sh")
+                    .args(["-c", &format!("command -v {t}")])
+                    .stdout(Stdio::null())
+                    .status()
+                    .map_or(true, |s| !s.success())
+            })
+            .map(|t| format!("needs `{t}` (scripts/test-all installs it)"))
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("PORTICO_CI").is_some() => panic!("{why}"),
+        Some(why) => {
+            println!("skipped: {why}");
+            false
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Output of a command run inside namespace `ns` (bounded by the command's own timeout flags).
+fn in_ns(ns: &str, cmd: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .expect("ip netns exec runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The namespaces of one test; deleting them removes their links (the root end of the veth too).
+struct Net {
+    prefix: String,
+    made: Vec<String>,
+    stop_backends: Arc<AtomicBool>,
+}
+
+impl Net {
+    fn br(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+    fn node(&self, i: usize) -> String {
+        format!("{}-n{i}", self.prefix)
+    }
+    fn client(&self) -> String {
+        format!("{}-c", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) {
+        ip(&["netns", "add", name]);
+        self.made.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+    }
+
+    fn create(nodes: usize) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut net = Net {
+            prefix: format!("pk{}x{n}", std::process::id() % 100_000),
+            made: Vec::new(),
+            stop_backends: Arc::new(AtomicBool::new(false)),
+        };
+        let br = net.br();
+        net.add_ns(&br);
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &br, "link", "set", "br0", "up"]);
+        // The API server's side: a veth from the root namespace into the bridge.
+        let root_end = format!("{}api", net.prefix);
+        ip(&[
+            "-n", &br, "link", "add", "api", "type", "veth", "peer", "name", &root_end, "netns",
+            "1",
+        ]);
+        ip(&["-n", &br, "link", "set", "api", "master", "br0", "up"]);
+        ip(&["addr", "add", &format!("{API_IP}/24"), "dev", &root_end]);
+        ip(&["link", "set", &root_end, "up"]);
+        let mut ends: Vec<(String, String)> = (1..=nodes)
+            .map(|i| (net.node(i), format!("10.77.0.{}/24", 10 + i)))
+            .collect();
+        ends.push((net.client(), format!("{CLIENT_IP}/24")));
+        for (k, (ns, addr)) in ends.iter().enumerate() {
+            net.add_ns(ns);
+            let port = format!("p{k}");
+            ip(&[
+                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                ns,
+            ]);
+            ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"]);
+        }
+        net
+    }
+
+    /// An HTTP backend in node `i`'s namespace answering its node name (a "pod" on that node).
+    fn backend(&self, i: usize) {
+        let path = format!("/run/netns/{}", self.node(i));
+        let stop = self.stop_backends.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            sys::setns_net(&path).expect("setns into the node");
+            let l = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], BACKEND_PORT)))
+                .expect("backend listens");
+            l.set_nonblocking(true).expect("nonblocking");
+            let _ = ready_tx.send(());
+            let body = format!("node-{i}\n");
+            // bounded: until the test ends (the flag), at most an hour
+            for _ in 0..(3600 * 50) {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let _ = write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("backend started");
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop_backends.store(true, Ordering::Relaxed);
+        // The root end of the API veth goes at once (a deleted namespace's links go later).
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}api", self.prefix)])
+            .status();
+        for ns in self.made.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn kill(&mut self, sig: i32) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = sys::kill(c.id(), sig);
+            // bounded: 10 s for the process to go
+            for _ in 0..200 {
+                if c.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.child = None;
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill(sys::SIGKILL);
+    }
+}
+
+/// Environment of a container in a manifest: `(name, value or fieldRef path)`.
+fn manifest_env(yaml: &str) -> Vec<(String, String)> {
+    let doc: Value = serde_saphyr_free_parse(yaml);
+    doc["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("the manifest has env")
+        .iter()
+        .map(|e| {
+            let v = e["value"]
+                .as_str()
+                .or_else(|| e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+                .unwrap_or_default();
+            (e["name"].as_str().unwrap_or_default().to_string(), v.into())
+        })
+        .collect()
+}
+
+/// `setpriv` arguments that give the process what the manifest's securityContext gives the
+/// container: its user (`runAsUser`, container or pod level), only the added capabilities
+/// (`drop: [ALL]`), and no privilege escalation.
+fn manifest_security(yaml: &str) -> Vec<String> {
+    let doc: Value = serde_saphyr_free_parse(yaml);
+    let pod = &doc["spec"]["template"]["spec"];
+    let sc = &pod["containers"][0]["securityContext"];
+    let uid = sc["runAsUser"]
+        .as_u64()
+        .or_else(|| pod["securityContext"]["runAsUser"].as_u64())
+        .unwrap_or(0)
+        .to_string();
+    let dropped_all = sc["capabilities"]["drop"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|c| c == "ALL"));
+    assert!(dropped_all, "the manifest drops ALL capabilities");
+    let mut caps = "-all".to_string();
+    for c in sc["capabilities"]["add"].as_array().into_iter().flatten() {
+        caps.push_str(&format!(
+            ",+{}",
+            c.as_str().unwrap_or_default().to_lowercase()
+        ));
+    }
+    let mut args: Vec<String> = [
+        "setpriv",
+        "--reuid",
+        &uid,
+        "--regid",
+        &uid,
+        "--clear-groups",
+        "--bounding-set",
+        &caps,
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    if sc["allowPrivilegeEscalation"] == false {
+        args.push("--no-new-privs".into());
+    }
+    args.push("--".into());
+    args
+}
+
+fn manifest_args(yaml: &str) -> Vec<String> {
+    let doc: Value = serde_saphyr_free_parse(yaml);
+    doc["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("the manifest has args")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect()
+}
+
+/// The manifests are plain YAML documents; the test API server's parser reads them.
+fn serde_saphyr_free_parse(yaml: &str) -> Value {
+    let docs = apiserver::yaml_documents(yaml).expect("manifest parses");
+    docs.into_iter()
+        .find(|d| d.is_object())
+        .expect("one document")
+}
+
+/// A running cluster: API server, controller, agents, network.
+struct Cluster {
+    // Field order is drop order: processes first, then the network, then the server.
+    controllers: Vec<Proc>,
+    agents: Vec<Proc>,
+    net: Net,
+    server: ApiServer,
+    dir: PathBuf,
+    controller_kubeconfig: PathBuf,
+    restarts: usize,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.controllers.iter().chain(self.agents.iter()) {
+                eprintln!("--- {} (last lines) ---\n{}", p.name, p.log_tail());
+            }
+            eprintln!(
+                "--- refused requests ---\n{}",
+                self.server.refusals().join("\n")
+            );
+        }
+        self.controllers.clear();
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+impl Cluster {
+    /// Installs portico as docs/kubernetes.md says and starts the controller and `nodes` agents.
+    async fn start(nodes: usize) -> Self {
+        let net = Net::create(nodes);
+        let server = ApiServer::start(Options {
+            bind: format!("{API_IP}:0").parse().expect("address"),
+            ..Options::default()
+        })
+        .await
+        .expect("API server starts");
+        let dir = std::env::temp_dir().join(format!("portico-k8s-{}", net.prefix));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+
+        // Install: the namespace, the gossip Secret with a random key, CRDs and RBAC.
+        server.apply_yaml(NAMESPACE_YAML).expect("namespace.yaml");
+        let key: Vec<u8> = (0..32u8)
+            .map(|i| i.wrapping_mul(37).wrapping_add(std::process::id() as u8))
+            .collect();
+        let key_b64 = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&key)
+        };
+        // `kubectl create secret generic portico-gossip --from-literal=key=…`
+        server
+            .inject(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "portico-gossip", "namespace": SYSTEM_NS},
+                "type": "Opaque", "data": {"key": b64(&key_b64)},
+            }))
+            .expect("gossip Secret");
+        server.apply_yaml(CRDS_YAML).expect("crds.yaml");
+        server.apply_yaml(RBAC_YAML).expect("rbac.yaml");
+
+        // The cluster's Nodes, as kubelets register them.
+        for i in 1..=nodes {
+            server
+                .inject(json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": format!("node-{i}"), "labels": {"kubernetes.io/hostname": format!("node-{i}"), "kubernetes.io/os": "linux"}},
+                    "spec": {},
+                    "status": {
+                        "addresses": [{"type": "InternalIP", "address": format!("10.77.0.{}", 10 + i)}, {"type": "Hostname", "address": format!("node-{i}")}],
+                        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                    },
+                }))
+                .expect("Node");
+        }
+        server
+            .inject(json!({
+                "apiVersion": "portico.dev/v1alpha1", "kind": "IPPool",
+                "metadata": {"name": "default"}, "spec": {"addresses": [POOL]},
+            }))
+            .expect("IPPool");
+
+        let controller_kubeconfig = dir.join("controller.kubeconfig");
+        std::fs::write(
+            &controller_kubeconfig,
+            server.service_account_kubeconfig(SYSTEM_NS, "portico-controller"),
+        )
+        .expect("kubeconfig");
+        let agent_kubeconfig = dir.join("agent.kubeconfig");
+        std::fs::write(
+            &agent_kubeconfig,
+            server.service_account_kubeconfig(SYSTEM_NS, "portico-agent"),
+        )
+        .expect("kubeconfig");
+
+        let mut c = Cluster {
+            controllers: Vec::new(),
+            agents: Vec::new(),
+            net,
+            server,
+            dir,
+            controller_kubeconfig,
+            restarts: 0,
+        };
+        c.start_controller();
+        for i in 1..=nodes {
+            c.net.backend(i);
+            let p = c.spawn_agent(i, &agent_kubeconfig);
+            c.agents.push(p);
+        }
+        c
+    }
+
+    /// `portico <args of the manifest>` with the manifest's env (downward API values filled in
+    /// as the kubelet would) and the ServiceAccount's kubeconfig instead of the mounted token.
+    fn spawn(
+        &self,
+        name: &str,
+        ns: Option<&str>,
+        manifest: &str,
+        pod: &str,
+        node: &str,
+        kubeconfig: &PathBuf,
+    ) -> Proc {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let exe = env!("CARGO_BIN_EXE_portico");
+        // As the kubelet would run the container: in the node's network namespace (hostNetwork),
+        // with the manifest's user and capabilities.
+        let mut argv: Vec<String> = match ns {
+            Some(ns) => ["ip", "netns", "exec", ns].map(String::from).to_vec(),
+            None => Vec::new(),
+        };
+        argv.extend(manifest_security(manifest));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).arg(exe);
+        cmd.args(manifest_args(manifest));
+        for (k, v) in manifest_env(manifest) {
+            let value = match v.as_str() {
+                "spec.nodeName" => node.to_string(),
+                "metadata.namespace" => SYSTEM_NS.to_string(),
+                "metadata.name" => pod.to_string(),
+                other => other.to_string(),
+            };
+            cmd.env(k, value);
+        }
+        cmd.env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        Proc {
+            name: name.to_string(),
+            child: Some(cmd.spawn().expect("portico starts")),
+            log,
+        }
+    }
+
+    fn spawn_agent(&self, i: usize, kubeconfig: &PathBuf) -> Proc {
+        self.spawn(
+            &format!("agent-node-{i}"),
+            Some(&self.net.node(i)),
+            AGENT_YAML,
+            &format!("portico-agent-{i}"),
+            &format!("node-{i}"),
+            kubeconfig,
+        )
+    }
+
+    fn start_controller(&mut self) {
+        let pod = format!("portico-controller-{}", self.restarts);
+        self.restarts += 1;
+        let kc = self.controller_kubeconfig.clone();
+        let p = self.spawn(&pod, None, CONTROLLER_YAML, &pod, "", &kc);
+        self.controllers.push(p);
+    }
+
+    /// Creates a LoadBalancer Service `ns/name` of portico's class on port 80, and its
+    /// EndpointSlice with one endpoint per node (`ready` as given).
+    fn service(&self, ns: &str, name: &str, ready: bool) {
+        let all: Vec<(usize, bool)> = (1..=self.agents.len()).map(|i| (i, ready)).collect();
+        self.service_with(ns, name, "Cluster", &all);
+    }
+
+    /// Like [`Cluster::service`] with an `externalTrafficPolicy` and endpoints only on the
+    /// given nodes `(node, ready)`.
+    fn service_with(&self, ns: &str, name: &str, etp: &str, on: &[(usize, bool)]) {
+        if self.server.get("v1", "Namespace", None, ns).is_none() {
+            self.server
+                .inject(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .expect("namespace");
+        }
+        self.server
+            .inject(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"type": "LoadBalancer", "loadBalancerClass": LB_CLASS, "selector": {"app": name}, "externalTrafficPolicy": etp,
+                         "ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT, "protocol": "TCP"}]},
+            }))
+            .expect("Service");
+        let endpoints: Vec<Value> = on
+            .iter()
+            .map(|&(i, ready)| {
+                json!({
+                    "addresses": [format!("10.77.0.{}", 10 + i)],
+                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                    "nodeName": format!("node-{i}"),
+                })
+            })
+            .collect();
+        self.server
+            .inject(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{name}-abcde"), "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }))
+            .expect("EndpointSlice");
+    }
+
+    /// The Service's ingress addresses, once the controller wrote them (bounded wait).
+    async fn wait_address(&self, ns: &str, name: &str, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            let svc = self
+                .server
+                .get("v1", "Service", Some(ns), name)
+                .expect("Service exists");
+            if let Some(ip) = svc["status"]["loadBalancer"]["ingress"][0]["ip"].as_str() {
+                return ip.to_string();
+            }
+            assert!(
+                Instant::now() < until,
+                "{ns}/{name} got no address within {within:?}: {svc}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The MAC addresses answering ARP for `vip` from the client namespace.
+    fn arp_answers(&self, vip: &str) -> Vec<String> {
+        let (_, out) = in_ns(
+            &self.net.client(),
+            &[
+                "arping", "-c", "3", "-W", "0.3", "-w", "2", "-i", "eth0", vip,
+            ],
+        );
+        let mut macs: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .collect();
+        macs.sort();
+        macs.dedup();
+        macs
+    }
+
+    /// Polls until exactly one MAC answers ARP for `vip` (bounded), returning it.
+    async fn wait_one_arp_owner(&self, vip: &str, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            let macs = self.arp_answers(vip);
+            if macs.len() == 1 {
+                return macs[0].clone();
+            }
+            assert!(
+                Instant::now() < until,
+                "want exactly one node answering ARP for {vip} within {within:?}, got {macs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `curl http://vip/` from the client: the answering backend's node name.
+    fn curl(&self, vip: &str) -> Option<String> {
+        let (ok, out) = in_ns(
+            &self.net.client(),
+            &["curl", "-s", "-m", "2", &format!("http://{vip}/")],
+        );
+        ok.then(|| out.trim().to_string())
+    }
+
+    /// Node `i`'s eth0 MAC.
+    fn node_mac(&self, i: usize) -> String {
+        let (_, out) = in_ns(&self.net.node(i), &["cat", "/sys/class/net/eth0/address"]);
+        out.trim().to_string()
+    }
+
+    /// The node (1-based) whose eth0 has `mac`.
+    fn node_of_mac(&self, mac: &str) -> usize {
+        (1..=self.agents.len())
+            .find(|i| self.node_mac(*i).eq_ignore_ascii_case(mac))
+            .unwrap_or_else(|| panic!("{mac} is no node's MAC"))
+    }
+
+    /// deploy/rbac.yaml allowed everything the binaries did: no request was refused as
+    /// unauthenticated or forbidden.
+    fn assert_rbac_was_enough(&self) {
+        let refused: Vec<String> = self
+            .server
+            .refusals()
+            .into_iter()
+            .filter(|r| r.starts_with("401") || r.starts_with("403"))
+            .collect();
+        assert!(refused.is_empty(), "refused by RBAC: {refused:#?}");
+    }
+
+    /// Waits until every running agent reported a reason for `vip` in the Service's
+    /// `ServiceAnnouncement` (its own server-side-applied part), bounded.
+    async fn wait_reports(
+        &self,
+        ns: &str,
+        name: &str,
+        vip: &str,
+        agents: usize,
+        within: Duration,
+    ) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let a = self.announcement(ns, name, vip);
+            if a.as_ref()
+                .and_then(|a| a["nodes"].as_object())
+                .is_some_and(|m| m.len() == agents)
+            {
+                return a.unwrap_or_default();
+            }
+            assert!(
+                Instant::now() < until,
+                "not every agent reported on {ns}/{name} {vip}: {a:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `ServiceAnnouncement` status entry of `ns/name` for `vip`.
+    fn announcement(&self, ns: &str, name: &str, vip: &str) -> Option<Value> {
+        let sva = self.server.get(
+            "portico.dev/v1alpha1",
+            "ServiceAnnouncement",
+            Some(ns),
+            name,
+        )?;
+        sva["status"]["addresses"]
+            .as_array()?
+            .iter()
+            .find(|a| a["address"] == vip)
+            .cloned()
+    }
+}
+
+fn ip_in_pool(ip: &str) -> bool {
+    let last: u8 = ip
+        .strip_prefix("10.77.0.")
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    (200..=220).contains(&last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadbalancer_service_gets_an_address_from_the_pool() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(2).await;
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+    assert!(ip_in_pool(&vip), "{vip} is outside {POOL}");
+    let svc = c.server.get("v1", "Service", Some("shop"), "web").unwrap();
+    assert_eq!(
+        svc["status"]["loadBalancer"]["ingress"][0]["ipMode"], "Proxy",
+        "{svc}"
+    );
+    let cond = svc["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c["type"] == "portico.dev/AddressAllocated")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(cond["status"], "True", "{svc}");
+    // The controller explained it with an Event (events.k8s.io/v1), and its pool counts it.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = c.server.list("events.k8s.io/v1", "Event");
+        if events
+            .iter()
+            .any(|e| e["reason"] == "IPAllocated" && e["regarding"]["name"] == "web")
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "no IPAllocated Event: {events:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pool = c
+            .server
+            .get("portico.dev/v1alpha1", "IPPool", None, "default")
+            .unwrap();
+        if pool["status"]["assignedIPv4"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "pool status not updated: {pool}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A second Service gets a different address.
+    c.service("shop", "api", true);
+    let other = c.wait_address("shop", "api", Duration::from_secs(30)).await;
+    assert_ne!(vip, other);
+    // Both agents saw the Services and wrote their part of the ServiceAnnouncement.
+    c.wait_reports("shop", "web", &vip, 2, Duration::from_secs(15))
+        .await;
+    c.wait_reports("shop", "api", &other, 2, Duration::from_secs(15))
+        .await;
+    c.assert_rbac_was_enough();
+    // What it cost: the binaries' requests for two allocations (shown with --nocapture).
+    for (k, n) in c.server.requests() {
+        if k.starts_with("system:serviceaccount:")
+            && !k.contains(" watch ")
+            && !k.contains(" list ")
+        {
+            println!(
+                "{n:>4}  {}",
+                k.trim_start_matches("system:serviceaccount:portico-system:")
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_restart_with_expired_watches() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    c.service("shop", "a", true);
+    let a = c.wait_address("shop", "a", Duration::from_secs(30)).await;
+    c.wait_reports("shop", "a", &a, 2, Duration::from_secs(15))
+        .await;
+    // The API server goes away for a while; its watch history is gone when it is back, so
+    // every watch resuming from its last resourceVersion gets 410 Gone and must re-list.
+    c.server.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.server.compact();
+    c.server.restart().await.expect("API server restarts");
+    let t0 = Instant::now();
+    c.service("shop", "b", true);
+    let b = c.wait_address("shop", "b", Duration::from_secs(45)).await;
+    assert_ne!(a, b);
+    c.wait_reports("shop", "b", &b, 2, Duration::from_secs(45))
+        .await;
+    println!(
+        "after the API server's restart, a new Service was allocated and reported by both agents in {:?}; {} watches got 410",
+        t0.elapsed(),
+        c.server.expired_watches()
+    );
+    assert_eq!(
+        c.wait_address("shop", "a", Duration::from_secs(1)).await,
+        a,
+        "a moved"
+    );
+    c.assert_rbac_was_enough();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): agents run as deploy/agent.yaml claim every VIP and answer no ARP; with main 7558434 merged still none: interfaces learnt from the Node after start need a restart, and deploy/agent.yaml drops NET_BIND_SERVICE (cannot listen on VIP:80)"]
+async fn exactly_one_node_answers_arp_for_each_vip() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(3).await;
+    c.service("shop", "web", true);
+    c.service("shop", "api", true);
+    for name in ["web", "api"] {
+        let vip = c.wait_address("shop", name, Duration::from_secs(30)).await;
+        let mac = c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
+        let owner = c.node_of_mac(&mac);
+        // It stays one (no flapping, no second answer) over a few more rounds.
+        for _ in 0..3 {
+            assert_eq!(c.arp_answers(&vip), vec![mac.clone()], "{vip}");
+        }
+        let body = c
+            .curl(&vip)
+            .unwrap_or_else(|| panic!("curl http://{vip}/ failed"));
+        assert!(body.starts_with("node-"), "{body}");
+        // The API says the same node announces it.
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let a = c.announcement("shop", name, &vip);
+            if a.as_ref()
+                .is_some_and(|a| a["node"] == format!("node-{owner}"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "ServiceAnnouncement for {vip} does not name node-{owner}: {a:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): agents run as deploy/agent.yaml claim every VIP and answer no ARP; with main 7558434 merged still none: interfaces learnt from the Node after start need a restart, and deploy/agent.yaml drops NET_BIND_SERVICE (cannot listen on VIP:80)"]
+async fn owner_killed_another_node_serves() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(3).await;
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+    let mac = c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
+    let owner = c.node_of_mac(&mac);
+    // The node dies: its agent is killed and its link goes down.
+    c.agents[owner - 1].kill(sys::SIGKILL);
+    ip(&["-n", &c.net.node(owner), "link", "set", "eth0", "down"]);
+    let t0 = Instant::now();
+    let new_mac = c.wait_one_arp_owner(&vip, Duration::from_secs(20)).await;
+    let took = t0.elapsed();
+    let new_owner = c.node_of_mac(&new_mac);
+    assert_ne!(new_owner, owner);
+    println!("failover of {vip}: node-{owner} -> node-{new_owner} in {took:?}");
+    let until = Instant::now() + Duration::from_secs(10);
+    while c.curl(&vip).is_none() {
+        assert!(Instant::now() < until, "{vip} not served after failover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = c.announcement("shop", "web", &vip);
+        if a.as_ref()
+            .is_some_and(|a| a["node"] == format!("node-{new_owner}"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "ServiceAnnouncement does not name node-{new_owner}: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): VIPs are announced for Services without ready endpoints (want withdrawal, reason noHealthyEndpoints)"]
+async fn service_without_ready_endpoints_is_not_announced() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(2).await;
+    c.service("shop", "idle", false);
+    // The address is allocated all the same (allocation does not depend on endpoints)…
+    let vip = c
+        .wait_address("shop", "idle", Duration::from_secs(30))
+        .await;
+    // …but every agent reports why it does not announce it, and nobody answers ARP.
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = c.announcement("shop", "idle", &vip);
+        let reasons: Vec<String> = a
+            .as_ref()
+            .and_then(|a| a["nodes"].as_object())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if reasons.len() == 2 && reasons.iter().all(|r| r == "noHealthyEndpoints") {
+            assert!(a.unwrap().get("node").is_none_or(Value::is_null));
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "want noHealthyEndpoints from both nodes: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.arp_answers(&vip), Vec::<String>::new());
+    assert!(c.curl(&vip).is_none());
+    // Once an endpoint is ready, exactly one node announces it.
+    c.service("shop", "idle", true);
+    c.wait_one_arp_owner(&vip, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restart_keeps_every_address_without_writes() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    let names = ["a", "b", "c"];
+    let mut before = Vec::new();
+    for n in names {
+        c.service("shop", n, true);
+    }
+    for n in names {
+        before.push(c.wait_address("shop", n, Duration::from_secs(30)).await);
+    }
+    // Rolling update: the old replica stops, a new one (another pod name) takes the Lease.
+    c.controllers[0].kill(sys::SIGTERM);
+    let writes = |c: &Cluster| -> u64 {
+        c.server
+            .requests()
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with(
+                    "system:serviceaccount:portico-system:portico-controller patch services",
+                )
+            })
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    let writes_before = writes(&c);
+    c.start_controller();
+    // A new Service is served once the new replica leads (it had to wait for the Lease).
+    c.service("shop", "d", true);
+    let d = c.wait_address("shop", "d", Duration::from_secs(45)).await;
+    assert!(!before.contains(&d), "{d} was already taken: {before:?}");
+    let lease = c
+        .server
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some(SYSTEM_NS),
+            "portico-controller",
+        )
+        .expect("the Lease exists");
+    assert_eq!(
+        lease["spec"]["holderIdentity"], "portico-controller-1",
+        "{lease}"
+    );
+    // Nothing moved, and the only Service writes of the new term were for the new Service.
+    for (n, ip) in names.iter().zip(&before) {
+        assert_eq!(
+            &c.wait_address("shop", n, Duration::from_secs(1)).await,
+            ip,
+            "{n} moved"
+        );
+    }
+    let svc_writes = writes(&c) - writes_before;
+    assert!(
+        svc_writes <= 1,
+        "the new replica wrote {svc_writes} times to Services (want only the new one's status)"
+    );
+}
+
+/// The Lease holder, once there is one (bounded wait).
+async fn lease_holder(c: &Cluster, within: Duration) -> String {
+    let until = Instant::now() + within;
+    loop {
+        let holder = c
+            .server
+            .get(
+                "coordination.k8s.io/v1",
+                "Lease",
+                Some(SYSTEM_NS),
+                "portico-controller",
+            )
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
+        if let Some(h) = holder {
+            return h;
+        }
+        assert!(
+            Instant::now() < until,
+            "nobody took the Lease within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_change_between_two_replicas() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    // deploy/controller.yaml runs two replicas; one leads through the Lease.
+    c.start_controller();
+    c.service("shop", "a", true);
+    let a = c.wait_address("shop", "a", Duration::from_secs(30)).await;
+    let leader = lease_holder(&c, Duration::from_secs(10)).await;
+    let i: usize = leader
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("pod name ends in its number");
+    // The leader's node dies without a word; the standby takes over once the Lease expires.
+    c.controllers[i].kill(sys::SIGKILL);
+    let t0 = Instant::now();
+    c.service("shop", "b", true);
+    let b = c.wait_address("shop", "b", Duration::from_secs(45)).await;
+    println!(
+        "standby allocated after the leader died in {:?}",
+        t0.elapsed()
+    );
+    assert_ne!(a, b);
+    let now = lease_holder(&c, Duration::from_secs(1)).await;
+    assert_ne!(now, leader, "the Lease still names the dead leader");
+    assert_eq!(
+        c.wait_address("shop", "a", Duration::from_secs(1)).await,
+        a,
+        "a moved"
+    );
+    c.assert_rbac_was_enough();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): two Services whose <namespace>-<name> collide (team-a/web, team/a-web): the second is silently not served"]
+async fn colliding_namespace_name_forms_are_both_served() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(2).await;
+    c.service("team-a", "web", true);
+    c.service("team", "a-web", true);
+    let one = c
+        .wait_address("team-a", "web", Duration::from_secs(30))
+        .await;
+    let two = c
+        .wait_address("team", "a-web", Duration::from_secs(30))
+        .await;
+    assert_ne!(one, two);
+    c.wait_reports("team-a", "web", &one, 2, Duration::from_secs(15))
+        .await;
+    c.wait_reports("team", "a-web", &two, 2, Duration::from_secs(15))
+        .await;
+    for vip in [&one, &two] {
+        c.wait_one_arp_owner(vip, Duration::from_secs(20)).await;
+        assert!(c.curl(vip).is_some(), "{vip} not served");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): ServiceAnnouncement entries of dead agents stay forever (a killed agent whose Node is deleted keeps its entry)"]
+async fn agent_killed_and_node_deleted_leaves_no_trace() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+    c.wait_reports("shop", "web", &vip, 2, Duration::from_secs(15))
+        .await;
+    c.agents[1].kill(sys::SIGKILL);
+    c.server
+        .delete("v1", "Node", None, "node-2")
+        .expect("Node deleted");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = c.announcement("shop", "web", &vip).unwrap_or_default();
+        if a["nodes"].get("node-2").is_none() && a["node"] == "node-1" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "node-2 is still in the announcement: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): gossip Secret changes are never seen after the first read (cached under namespace \"\"), so the documented rotation splits the cluster; also blocked by the no-ARP defect"]
+async fn gossip_key_rotation_without_split_or_restart() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(2).await;
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+    c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
+    let secret = c
+        .server
+        .get("v1", "Secret", Some(SYSTEM_NS), "portico-gossip")
+        .expect("Secret");
+    let key1 = secret["data"]["key"].as_str().expect("key").to_string();
+    let key2 = b64("AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=");
+    let set = |data: Value| {
+        c.server
+            .inject(json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "portico-gossip", "namespace": SYSTEM_NS}, "type": "Opaque", "data": data}))
+            .expect("Secret updated");
+    };
+    // Step 1: add key-2 (it sends; both are accepted). Step 2: remove key-1.
+    for data in [json!({"key": key1, "key-2": key2}), json!({"key-2": key2})] {
+        set(data);
+        // bounded: 10 s of checks, one owner all along
+        for _ in 0..10 {
+            let macs = c.arp_answers(&vip);
+            assert_eq!(macs.len(), 1, "split during rotation: {macs:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    for a in &c.agents {
+        assert!(a.child.is_some(), "{} was restarted", a.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): agents run as deploy/agent.yaml claim every VIP and answer no ARP; with main 7558434 merged still none: interfaces learnt from the Node after start need a restart, and deploy/agent.yaml drops NET_BIND_SERVICE (cannot listen on VIP:80)"]
+async fn external_traffic_policy_local_announces_from_a_node_with_an_endpoint() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let c = Cluster::start(3).await;
+    c.service_with("shop", "local", "Local", &[(2, true)]);
+    let vip = c
+        .wait_address("shop", "local", Duration::from_secs(30))
+        .await;
+    let mac = c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
+    assert_eq!(c.node_of_mac(&mac), 2, "only node-2 has a local endpoint");
+    assert_eq!(c.curl(&vip).as_deref(), Some("node-2"));
+    let a = c
+        .wait_reports("shop", "local", &vip, 3, Duration::from_secs(15))
+        .await;
+    assert_eq!(a["node"], "node-2", "{a}");
+    // The agents' word (docs/kubernetes.md and the CRD's description say `noLocalEndpoint`).
+    assert_eq!(a["nodes"]["node-1"], "noHealthyLocalBackend", "{a}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect (issue 15): the controller keeps its Lease on SIGTERM, so a rolling update leaves ~15 s without allocations"]
+async fn rolling_update_hands_the_lease_over_at_once() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    c.start_controller();
+    c.service("shop", "a", true);
+    c.wait_address("shop", "a", Duration::from_secs(30)).await;
+    let leader = lease_holder(&c, Duration::from_secs(10)).await;
+    let i: usize = leader
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("pod name ends in its number");
+    // The kubelet stops the leader's pod (SIGTERM); the standby should lead within a retry period.
+    c.controllers[i].kill(sys::SIGTERM);
+    let t0 = Instant::now();
+    c.service("shop", "b", true);
+    c.wait_address("shop", "b", Duration::from_secs(5)).await;
+    println!("allocated {:?} after the leader's SIGTERM", t0.elapsed());
+}
