@@ -1,5 +1,5 @@
 //! Tests of `deploy/`: every manifest parses, references only resources that exist, and keeps
-//! the security promises (separate accounts, agents with NET_ADMIN and NET_RAW only).
+//! the security promises (separate accounts, agents with NET_ADMIN, NET_RAW and NET_BIND_SERVICE only).
 
 use std::collections::BTreeSet;
 
@@ -148,7 +148,7 @@ fn both_workloads_have_probes_and_the_controller_a_metrics_service() {
 }
 
 #[test]
-fn the_agent_runs_on_the_host_network_with_net_admin_and_net_raw_only() {
+fn the_agent_runs_on_the_host_network_with_net_admin_net_raw_and_net_bind_service_only() {
     let docs = docs();
     let pod = &workload(&docs, "DaemonSet")["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
@@ -157,7 +157,7 @@ fn the_agent_runs_on_the_host_network_with_net_admin_and_net_raw_only() {
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(
         sc["capabilities"]["add"],
-        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+        serde_json::json!(["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"])
     );
 }
 

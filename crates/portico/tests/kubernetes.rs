@@ -795,7 +795,7 @@ async fn api_server_restart_with_expired_watches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): agents run as deploy/agent.yaml claim every VIP and answer no ARP; with main 7558434 merged still none: interfaces learnt from the Node after start need a restart, and deploy/agent.yaml drops NET_BIND_SERVICE (cannot listen on VIP:80)"]
+
 async fn exactly_one_node_answers_arp_for_each_vip() {
     if !can_run() {
         return;
@@ -835,7 +835,7 @@ async fn exactly_one_node_answers_arp_for_each_vip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): agents run as deploy/agent.yaml claim every VIP and answer no ARP; with main 7558434 merged still none: interfaces learnt from the Node after start need a restart, and deploy/agent.yaml drops NET_BIND_SERVICE (cannot listen on VIP:80)"]
+
 async fn owner_killed_another_node_serves() {
     if !can_run() {
         return;
@@ -877,7 +877,7 @@ async fn owner_killed_another_node_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): VIPs are announced for Services without ready endpoints (want withdrawal, reason noHealthyEndpoints)"]
+
 async fn service_without_ready_endpoints_is_not_announced() {
     if !can_run() {
         return;
@@ -1044,7 +1044,7 @@ async fn leader_change_between_two_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): two Services whose <namespace>-<name> collide (team-a/web, team/a-web): the second is silently not served"]
+
 async fn colliding_namespace_name_forms_are_both_served() {
     if !can_run() {
         return;
@@ -1071,7 +1071,7 @@ async fn colliding_namespace_name_forms_are_both_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): ServiceAnnouncement entries of dead agents stay forever (a killed agent whose Node is deleted keeps its entry)"]
+
 async fn agent_killed_and_node_deleted_leaves_no_trace() {
     if !can_run() {
         return;
@@ -1101,7 +1101,7 @@ async fn agent_killed_and_node_deleted_leaves_no_trace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): gossip Secret changes are never seen after the first read (cached under namespace \"\"), so the documented rotation splits the cluster; also blocked by the no-ARP defect"]
+
 async fn gossip_key_rotation_without_split_or_restart() {
     if !can_run() {
         return;
@@ -1139,7 +1139,7 @@ async fn gossip_key_rotation_without_split_or_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): agents run as deploy/agent.yaml claim every VIP and answer no ARP; with main 7558434 merged still none: interfaces learnt from the Node after start need a restart, and deploy/agent.yaml drops NET_BIND_SERVICE (cannot listen on VIP:80)"]
+
 async fn external_traffic_policy_local_announces_from_a_node_with_an_endpoint() {
     if !can_run() {
         return;
@@ -1162,7 +1162,7 @@ async fn external_traffic_policy_local_announces_from_a_node_with_an_endpoint() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect (issue 15): the controller keeps its Lease on SIGTERM, so a rolling update leaves ~15 s without allocations"]
+
 async fn rolling_update_hands_the_lease_over_at_once() {
     if !can_run() {
         return;
