@@ -140,7 +140,7 @@ impl Sealer {
     /// Seals `body` with a random nonce.
     pub fn seal(&mut self, kind: Kind, body: &[u8]) -> Result<Vec<u8>, Error> {
         let mut nonce = [0u8; 24];
-        rand::Rng::fill(&mut rand::rng(), &mut nonce[..]);
+        rand::RngExt::fill(&mut rand::rng(), &mut nonce[..]);
         self.seal_with_nonce(kind, body, nonce)
     }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use foca::{
     Foca, NoCustomBroadcast, Notification, OwnedNotification, PostcardCodec, Runtime, Timer,
 };
-use rand_foca::SeedableRng;
-use rand_foca::rngs::SmallRng;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 

@@ -14,7 +14,7 @@
 //! rather than refusing traffic.
 
 use model::Balance;
-use rand::Rng;
+use rand::{Rng, RngExt};
 
 use crate::maglev::Maglev;
 

@@ -14,6 +14,7 @@
 //! interval, then every `interval` ± 10 % (jitter so checks of many backends never align), each
 //! bounded by `timeout`, results fed to the pure [`crate::health::RiseFall`].
 
+use rand::RngExt as _;
 use std::net::SocketAddr;
 
 use model::CheckKind;
