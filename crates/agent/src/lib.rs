@@ -306,12 +306,18 @@ pub fn local_facts(cfg: &Config, health: &HealthView) -> Facts {
         .filter(|s| s.placement.local_only)
         .filter(|s| {
             s.backends.iter().any(|b| {
-                b.node.as_ref() == Some(me)
-                    && health
-                        .get(&model::BackendKey::new(&s.name, &b.name))
-                        .copied()
-                        .unwrap_or_default()
-                        .is_serving()
+                let h = health
+                    .get(&model::BackendKey::new(&s.name, &b.name))
+                    .copied()
+                    .unwrap_or_default();
+                // A local backend must have passed a check: one never checked yet (or one that
+                // does not exist) must not win the VIP from a node whose backend is up. Without
+                // an active check, health is never known and not-down is all there is.
+                let serving = match s.health_check {
+                    Some(_) => h == model::Health::Up,
+                    None => h.is_serving(),
+                };
+                b.node.as_ref() == Some(me) && serving
             })
         })
         .map(|s| s.name.clone())
@@ -1200,5 +1206,39 @@ impl Driver {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         self.handover.clear().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{BackendKey, Health};
+
+    fn config(check: &str) -> Config {
+        let yaml = format!(
+            "node: {{name: n1}}\nservices:\n  - name: db\n    vips: [10.0.0.100]\n    ports: [{{port: 3306}}]\n    placement: {{local_only: true}}\n    backends: [{{name: local, address: 10.0.1.1, node: n1}}]\n{check}"
+        );
+        model::config::parse(&yaml, &Default::default()).expect("valid")
+    }
+
+    fn serving(cfg: &Config, h: Option<Health>) -> bool {
+        let mut view = HealthView::new();
+        if let Some(h) = h {
+            view.insert(BackendKey::new("db", "local"), h);
+        }
+        local_facts(cfg, &view).serving.contains("db")
+    }
+
+    #[test]
+    fn a_local_backend_that_never_passed_a_check_does_not_make_the_node_eligible() {
+        let checked = config("    health_check: {type: tcp}\n");
+        assert!(!serving(&checked, None), "no verdict yet");
+        assert!(!serving(&checked, Some(Health::Unknown)), "not checked yet");
+        assert!(!serving(&checked, Some(Health::Down)));
+        assert!(serving(&checked, Some(Health::Up)));
+        // without an active check, health is never known: not down is all there is
+        let unchecked = config("    health_check: {type: none}\n");
+        assert!(serving(&unchecked, Some(Health::Unknown)));
+        assert!(!serving(&unchecked, Some(Health::Down)));
     }
 }
