@@ -256,7 +256,7 @@ impl Announcer {
                         bursts.remove(vip);
                         self.handover.close(*vip).await;
                         unlink.insert(*vip, Instant::now() + self.timing.release_grace);
-                        info!(%vip, iface = %self.iface, "released");
+                        debug!(%vip, iface = %self.iface, "released");
                     }
                     // the previous owner still serves what it accepted: forward those
                     // connections' segments to it before the clients move here (one ruleset
@@ -282,7 +282,7 @@ impl Announcer {
                         match (before, mode) {
                             (Some(Mode::Announce), Mode::Announce) => {}
                             (_, Mode::Announce) => {
-                                info!(%vip, iface = %self.iface, "taking over");
+                                debug!(%vip, iface = %self.iface, "taking over");
                                 self.announce(*vip).await;
                                 if self.timing.count > 1 {
                                     bursts.insert(*vip, Burst { left: self.timing.count - 1, next: Instant::now() + self.timing.interval });

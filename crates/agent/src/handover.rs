@@ -47,7 +47,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Errors applying the forwarding rules.
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +207,7 @@ impl Handover {
             }
             for f in &forwards {
                 self.opened.inc();
-                info!(vip = %f.vip, to = %f.to, iface = %f.iface, ?window, "forwarding in-flight connections to the previous owner");
+                debug!(vip = %f.vip, to = %f.to, iface = %f.iface, ?window, "forwarding in-flight connections to the previous owner");
                 st.open.insert(f.vip, (f.clone(), until));
             }
             self.apply(&mut st).await;

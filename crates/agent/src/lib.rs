@@ -784,15 +784,29 @@ impl Driver {
         if owned == self.owned {
             return false;
         }
+        // One INFO line per VIP per move on each side (the announcer and the handover log
+        // their details at debug level).
         for v in owned.difference(&self.owned) {
-            info!(vip = %v, "owner");
             self.agent.inner.metrics.takeovers.inc();
-            if let Some(to) = self.handover_source(v, now) {
+            let forward_to = self.handover_source(v, now);
+            if let Some(to) = forward_to {
                 self.from.insert(*v, to);
+            }
+            let iface = interface_for(&cfg, *v).unwrap_or("-");
+            match forward_to {
+                Some(to) => {
+                    info!(vip = %v, %iface, reason = "owner", previous = %to, "took over (in-flight connections forwarded to the previous owner)")
+                }
+                None => info!(vip = %v, %iface, reason = "owner", "took over"),
             }
         }
         for v in self.owned.difference(&owned) {
-            info!(vip = %v, "no longer owner");
+            let reason = decisions.get(v).map_or("removed", |d| d.reason.as_str());
+            let to = decisions
+                .get(v)
+                .and_then(|d| d.owner.clone())
+                .unwrap_or_default();
+            info!(vip = %v, reason, new_owner = %to, "released");
             self.agent.inner.metrics.releases.inc();
         }
         self.from.retain(|v, _| owned.contains(v));
