@@ -995,6 +995,7 @@ async fn owner_killed_another_node_serves() {
             },
         )
         .await;
+    println!("after the failover, status: {}", r.raw);
     for (node, _) in &r.reasons {
         assert!(
             *node == format!("node-{new_owner}") || *node == format!("node-{owner}"),
@@ -1245,6 +1246,7 @@ async fn agent_killed_and_node_deleted_leaves_no_trace() {
             |r| r.owners == [other.clone()] && r.reasons == [(other.clone(), "owner".to_string())],
         )
         .await;
+    println!("{owner} killed and deleted; {other} owns it: {}", r.raw);
     let left = r.raw["nodes"]
         .as_array()
         .into_iter()
