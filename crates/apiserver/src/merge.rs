@@ -422,6 +422,14 @@ fn dotted(path: &[Step]) -> String {
     s
 }
 
+/// Whether `path` names a key field of a list-map item (`…[k:{"node":"a"}].node`).
+fn is_key_field(path: &[Step]) -> bool {
+    let [.., Step::K(k), Step::F(f)] = path else {
+        return false;
+    };
+    serde_json::from_str::<Value>(k).is_ok_and(|key| key.get(f).is_some())
+}
+
 /// Server-side apply of `applied` by `me` onto `live` (in place), updating the managers in
 /// `entries`. Without `force`, a field owned by another manager with a different value is a
 /// conflict and nothing changes.
@@ -474,6 +482,9 @@ pub fn apply(
             // A list item stays while anyone owns a field inside it.
             p.last() != Some(&Step::Dot) || !others.iter().any(|o| o.starts_with(&p[..p.len() - 1]))
         })
+        // The key fields of a list item go with the item (removing them first would leave the
+        // item unfindable, its other fields behind).
+        .filter(|p| !is_key_field(p))
         .collect();
     // Deepest first, so that items are removed after their fields.
     gone.sort_by_key(|p| std::cmp::Reverse(p.len()));
@@ -555,6 +566,46 @@ mod tests {
                 .is_some(),
             "{tree}"
         );
+    }
+
+    #[test]
+    fn applying_an_empty_list_map_removes_the_managers_items_whole() {
+        let r = Resource {
+            list_maps: vec![
+                (vec!["status".into(), "nodes".into()], vec!["node".into()]),
+                (
+                    vec![
+                        "status".into(),
+                        "nodes".into(),
+                        "*".into(),
+                        "addresses".into(),
+                    ],
+                    vec!["address".into()],
+                ),
+            ],
+            ..res()
+        };
+        let me = |m: &str| Managed {
+            manager: m.into(),
+            operation: "Apply".into(),
+            subresource: Some("status".into()),
+            api_version: "v1".into(),
+            time: String::new(),
+            fields: FieldSet::new(),
+        };
+        let entry = |n: &str| {
+            json!({"node": n, "owns": ["10.0.0.1"],
+                   "addresses": [{"address": "10.0.0.1", "reason": "owner"}]})
+        };
+        let mut live = json!({});
+        let mut entries = Vec::new();
+        for n in ["a", "b"] {
+            let body = json!({"status": {"nodes": [entry(n)]}});
+            apply(&mut live, &body, &me(n), true, &mut entries, &r).unwrap();
+        }
+        let empty = json!({"status": {"nodes": []}});
+        apply(&mut live, &empty, &me("a"), true, &mut entries, &r).unwrap();
+        assert_eq!(live, json!({"status": {"nodes": [entry("b")]}}));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Config};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const CRDS: &str = include_str!("../../../deploy/crds.yaml");
 const RBAC: &str = include_str!("../../../deploy/rbac.yaml");
@@ -306,14 +306,19 @@ async fn crds_and_server_side_apply() {
 
     let sva: Api<DynamicObject> =
         Api::namespaced_with(c.clone(), "default", &gvk("ServiceAnnouncement"));
-    let body = |node: &str, owner: bool| {
-        let mut entry = json!({"address": "10.0.0.1", "nodes": {node: "owner"}});
-        if owner {
-            entry["node"] = json!(node);
+    // Each agent applies only its own entry of `status.nodes` (a list-map keyed by node, its
+    // `addresses` a list-map keyed by address), as crates/ipam/src/announce.rs does.
+    let entry = |node: &str, reason: &str| {
+        let mut e = json!({"node": node, "addresses": [{"address": "10.0.0.1", "reason": reason}]});
+        if reason == "owner" {
+            e["owns"] = json!(["10.0.0.1"]);
         }
+        e
+    };
+    let body = |entries: Vec<Value>| {
         json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
                "metadata": {"name": "web", "namespace": "default"},
-               "status": {"addresses": [entry]}})
+               "status": {"nodes": entries}})
     };
     let main = json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
                       "metadata": {"name": "web", "namespace": "default"}, "spec": {"service": "web"}});
@@ -321,26 +326,27 @@ async fn crds_and_server_side_apply() {
     let b = PatchParams::apply("agent/b");
     sva.patch("web", &a, &Patch::Apply(&main)).await.unwrap();
     // Applying the status of a missing object is 404; of an existing one it merges the views.
-    sva.patch_status("web", &a, &Patch::Apply(body("a", true)))
+    sva.patch_status("web", &a, &Patch::Apply(body(vec![entry("a", "owner")])))
         .await
         .unwrap();
-    // b wants the `node` field a owns with another value: a conflict without force.
+    // b wants a field of a's entry with another value: a conflict without force.
     let e = sva
-        .patch_status("web", &b, &Patch::Apply(body("b", true)))
+        .patch_status("web", &b, &Patch::Apply(body(vec![entry("a", "notOwner")])))
         .await
         .unwrap_err();
     assert_eq!(code(e), 409);
     let merged = sva
-        .patch_status("web", &b.clone().force(), &Patch::Apply(body("b", true)))
+        .patch_status(
+            "web",
+            &b,
+            &Patch::Apply(body(vec![entry("b", "noEligibleNode")])),
+        )
         .await
         .unwrap();
-    let entry = &merged.data["status"]["addresses"][0];
-    assert_eq!(entry["node"], "b");
-    assert_eq!(entry["nodes"]["a"], "owner");
-    assert_eq!(entry["nodes"]["b"], "owner");
+    let nodes = merged.data["status"]["nodes"].as_array().unwrap().clone();
     assert_eq!(
-        merged.data["status"]["addresses"].as_array().unwrap().len(),
-        1
+        nodes,
+        vec![entry("a", "owner"), entry("b", "noEligibleNode")]
     );
     let managers: Vec<String> = merged
         .metadata
@@ -350,16 +356,16 @@ async fn crds_and_server_side_apply() {
         .filter_map(|m| m.manager.clone())
         .collect();
     assert!(managers.contains(&"agent/a".to_string()) && managers.contains(&"agent/b".to_string()));
-    // a applies without its entry: its own `nodes.a` goes, b's part stays.
-    let empty = json!({"apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
-                       "metadata": {"name": "web", "namespace": "default"}, "status": {"addresses": []}});
+    // a applies without its entry: the whole entry goes (keys too), b's stays.
     let after = sva
-        .patch_status("web", &a, &Patch::Apply(empty))
+        .patch_status("web", &a, &Patch::Apply(body(Vec::new())))
         .await
         .unwrap();
-    let entry = &after.data["status"]["addresses"][0];
-    assert!(entry["nodes"].get("a").is_none(), "{after:?}");
-    assert_eq!(entry["nodes"]["b"], "owner");
+    assert_eq!(
+        after.data["status"]["nodes"],
+        json!([entry("b", "noEligibleNode")]),
+        "{after:?}"
+    );
     // The spec survived the status writes.
     assert_eq!(after.data["spec"]["service"], "web");
 }
