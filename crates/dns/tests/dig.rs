@@ -157,14 +157,28 @@ async fn health_change_removes_and_returns_within_a_second() {
 
     // VIP mode: all backends down fails open (every VIP), then a lost owner removes its VIP.
     let web = ["web.lb.example.com", "A"];
+    let web_state = || {
+        h.server
+            .status()
+            .iter()
+            .find(|s| s.service == "web")
+            .expect("web status")
+            .state
+    };
+    assert_eq!(web_state(), model::DnsAnswerState::Healthy);
     h.set_health("web", &["b1", "b2"], Health::Down);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(h.short(&web).await.len(), 2);
-    let st = h.server.status();
-    assert_eq!(
-        st.iter().find(|s| s.service == "web").expect("web").state,
-        model::DnsAnswerState::FailOpen
-    );
+    // Wait for the snapshot built from "all down" (answers and status come from the same one).
+    let start = Instant::now();
+    while web_state() != model::DnsAnswerState::FailOpen {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "web never failed open with every backend down: {:?}",
+            web_state()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(h.metrics().contains("portico_dns_services_fail_open 1"));
+    assert_eq!(h.short(&web).await.len(), 2, "fail open answers every VIP");
     h.set_health("web", &["b1"], Health::Up);
     h.set_owner("192.0.2.1", None);
     let took = until(&h, &web, |a| a == ["192.0.2.2"]).await;

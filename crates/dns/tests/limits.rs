@@ -58,6 +58,12 @@ fn metric(h: &Harness, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `dns::server::TCP_EVICT_IDLE` (the module is private): how long a TCP connection must have
+/// been idle before a newcomer may take its slot.
+const TCP_EVICT_IDLE: Duration = Duration::from_secs(1);
+/// How long any state this file waits for may take.
+const WAIT: Duration = Duration::from_secs(20);
+
 async fn tcp_query(h: &Harness, id: u16) -> std::io::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(h.addr).await?;
@@ -77,6 +83,8 @@ async fn tcp_queries_are_answered_while_idle_connections_hold_every_slot() {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     let h = Harness::start().await;
     let mut held = Vec::new();
+    // Before the first held connection: every one of them is accepted after this.
+    let first_held = tokio::time::Instant::now();
     // One address holding 40 idle connections gets 16.
     for _ in 0..40 {
         let s = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -107,8 +115,35 @@ async fn tcp_queries_are_answered_while_idle_connections_hold_every_slot() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(metric(&h, "portico_dns_tcp_connections"), 256);
-    // Every slot is held by a connection idle for over a second: queries still get answers.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Every slot is held. Until one holder has been idle for TCP_EVICT_IDLE, a newcomer is
+    // closed at once; then it takes the slot of the one idle longest. Poll until a query is
+    // answered, and check that was not before the eviction threshold.
+    let deadline = first_held + TCP_EVICT_IDLE + WAIT;
+    let mut refused = 0;
+    let answered_at = loop {
+        match timeout(Duration::from_secs(2), tcp_query(&h, 0xff00)).await {
+            Ok(Ok(r)) => {
+                assert_eq!(&r[..2], &0xff00u16.to_be_bytes());
+                break tokio::time::Instant::now();
+            }
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!("a newcomer was neither answered nor closed within 2 s"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no query answered while idle connections hold every slot ({refused} closed)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        answered_at - first_held >= TCP_EVICT_IDLE,
+        "an idle connection was evicted after {:?}, before TCP_EVICT_IDLE",
+        answered_at - first_held
+    );
+    println!(
+        "first answer {:?} after the first held connection; {refused} newcomers closed before",
+        answered_at - first_held
+    );
     for id in 0..10 {
         let r = timeout(Duration::from_secs(2), tcp_query(&h, id))
             .await

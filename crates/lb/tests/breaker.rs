@@ -43,7 +43,13 @@ async fn limits_hold_exactly_and_the_queue_times_out_then_refuses_when_full() {
     let h = Harness::start(&yaml).await;
     let addr = h.addr("127.0.0.12:3306");
 
+    let pending = || h.metric("portico_lb_pending{service=\"db\"}");
     let tasks: Vec<_> = (0..10).map(|_| tokio::spawn(attempt(addr))).collect();
+    // Two of them really wait in the queue (for queue_timeout, 1 s).
+    wait_until("two connections queued (pending = max_pending)", || {
+        pending() == 2
+    })
+    .await;
     let mut served = Vec::new();
     let mut queued_out = 0;
     let mut refused_fast = 0;
@@ -86,15 +92,24 @@ async fn limits_hold_exactly_and_the_queue_times_out_then_refuses_when_full() {
         "{st:?}"
     );
 
+    assert_eq!(pending(), 0, "the timed-out connections left the queue");
+
     // A queued connection gets the next freed slot.
     let waiting = tokio::spawn(attempt(addr));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the new connection queued for a slot", || pending() == 1).await;
+    assert!(!waiting.is_finished(), "served without a free slot");
     let (_, first) = served.remove(0);
     drop(first);
     match waiting.await.unwrap() {
         Outcome::Served(..) => {}
         Outcome::Closed(d) => panic!("queued connection was closed after {d:?}"),
     }
+    assert_eq!(pending(), 0, "released from the queue");
+    assert_eq!(
+        h.metric("portico_lb_refused_total{service=\"db\",reason=\"QueueTimeout\"}"),
+        2,
+        "the released connection did not time out"
+    );
     drop(served);
     a.release_all();
     b.release_all();

@@ -95,8 +95,7 @@ async fn killed_backend_causes_no_client_failures_leaves_rotation_and_returns_af
     let mut health_rx = h.health.clone();
 
     let l = load(addr, 8);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(b.served() > 0, "b took traffic before the kill");
+    wait_until("b takes client traffic before the kill", || b.served() > 0).await;
     b.kill();
     h.wait_health("web", "b", Health::Down).await;
     // Connections accepted just before the kill have sent their bytes by now.
@@ -109,8 +108,18 @@ async fn killed_backend_causes_no_client_failures_leaves_rotation_and_returns_af
     .await
     .expect("health view published")
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(b.served(), killed_at);
+    // While down, checks keep running (3 more, i.e. about 3 × interval) and clients keep being
+    // served by a and c; b gets none of them.
+    let (checks, ok) = (h.checks_run("web", "b"), l.ok.load(Ordering::Relaxed));
+    wait_until("3 more checks of the down backend b", || {
+        h.checks_run("web", "b") >= checks + 3
+    })
+    .await;
+    wait_until("clients served while b is down", || {
+        l.ok.load(Ordering::Relaxed) > ok + 10
+    })
+    .await;
+    assert_eq!(b.served(), killed_at, "b took client traffic while down");
 
     b.revive().await;
     let revived = Instant::now();
@@ -135,11 +144,13 @@ async fn killed_backend_causes_no_client_failures_leaves_rotation_and_returns_af
         back_after >= Duration::from_millis(170),
         "back after {back_after:?}, too soon for rise 3"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("b back in rotation (client traffic after rise)", || {
+        b.served() > served_at_revive
+    })
+    .await;
     let (ok, failed) = l.finish().await;
     assert_eq!(failed, 0, "client-visible failures");
     assert!(ok > 50, "load ran ({ok} round trips)");
-    assert!(b.served() > served_at_revive, "b back in rotation");
     let m = h.metrics_text();
     assert!(
         m.contains("portico_lb_retries_total{service=\"web\"}"),
@@ -216,6 +227,28 @@ async fn http_backend(mode: Arc<AtomicU8>, hits: Arc<AtomicUsize>) -> std::net::
     addr
 }
 
+/// Asserts `x` stays `want` while 8 more checks reach the backend (both verdicts among them).
+async fn stays(h: &Harness, hits: &AtomicUsize, want: Health, why: &str) {
+    let before = hits.load(Ordering::SeqCst);
+    let deadline = Instant::now() + WAIT;
+    while hits.load(Ordering::SeqCst) < before + 8 {
+        assert_eq!(h.lb.backend_health("api", "x"), Some(want), "{why}");
+        assert!(
+            Instant::now() < deadline,
+            "8 checks never ran within {WAIT:?} (only {})",
+            hits.load(Ordering::SeqCst) - before
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The 8th check's verdict may still be in flight: let the balancer see it too.
+    let seen = h.checks_run("api", "x");
+    wait_until("the balancer recorded the last check", || {
+        h.checks_run("api", "x") > seen
+    })
+    .await;
+    assert_eq!(h.lb.backend_health("api", "x"), Some(want), "{why}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_http_backend_honours_rise_and_fall() {
     let mode = Arc::new(AtomicU8::new(2));
@@ -229,34 +262,14 @@ async fn flapping_http_backend_honours_rise_and_fall() {
     let h = Harness::start(&yaml).await;
     h.wait_health("api", "x", Health::Up).await;
     // Alternating pass/fail never reaches 2 in a row: stays up.
+    // The window is 8 checks (8 × interval), counted at the backend, not a wall-clock guess.
     mode.store(0, Ordering::SeqCst);
-    let before = hits.load(Ordering::SeqCst);
-    let until = Instant::now() + Duration::from_millis(1200);
-    while Instant::now() < until {
-        assert_eq!(
-            h.lb.backend_health("api", "x"),
-            Some(Health::Up),
-            "flapping changed state"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        hits.load(Ordering::SeqCst) - before >= 8,
-        "checks ran while flapping"
-    );
+    stays(&h, &hits, Health::Up, "flapping took it down").await;
     // Two failures in a row: down. Then alternating keeps it down.
     mode.store(1, Ordering::SeqCst);
     h.wait_health("api", "x", Health::Down).await;
     mode.store(0, Ordering::SeqCst);
-    let until = Instant::now() + Duration::from_millis(1000);
-    while Instant::now() < until {
-        assert_eq!(
-            h.lb.backend_health("api", "x"),
-            Some(Health::Down),
-            "flapping brought it up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    stays(&h, &hits, Health::Down, "flapping brought it up").await;
     mode.store(2, Ordering::SeqCst);
     h.wait_health("api", "x", Health::Up).await;
     let m = h.metrics_text();
@@ -289,8 +302,12 @@ async fn a_backend_dying_with_queued_connections_costs_the_client_nothing() {
     let mut s = tokio::net::TcpStream::connect(h.addr("127.0.0.10:8080"))
         .await
         .unwrap();
-    // the balancer has connected to `doomed` (weight 1000 of 1001) and waits for a first byte
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // the balancer has connected to `doomed` (weight 1000 of 1001): the connection sits in
+    // doomed's accept queue while the balancer waits for a first byte
+    wait_until("the balancer's connection queued at `doomed`", || {
+        accept_queue(daddr.port()) >= 1
+    })
+    .await;
     drop(doomed);
     assert_eq!(
         tokio::time::timeout(WAIT, read_line(&mut s))
@@ -306,4 +323,22 @@ async fn a_backend_dying_with_queued_connections_costs_the_client_nothing() {
     );
     drop(s);
     h.stop().await;
+}
+
+/// The accept-queue length of the IPv4 TCP listener on `port` (Linux `/proc/net/tcp`: for a
+/// listening socket, `rx_queue` is its accept backlog); 0 when not found.
+fn accept_queue(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address, rem_address, st (0A: LISTEN), tx_queue:rx_queue
+            (f.len() > 4 && f[1].ends_with(&local) && f[3] == "0A").then(|| f[4])
+        })
+        .filter_map(|q| usize::from_str_radix(q.split(':').nth(1)?, 16).ok())
+        .max()
+        .unwrap_or(0)
 }

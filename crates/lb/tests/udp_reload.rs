@@ -108,11 +108,23 @@ async fn reload_keeps_listeners_and_connections_and_drains_removed_backends() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     assert_eq!(read_line(&mut s).await.unwrap(), "a");
 
+    let mut view = h.health.clone();
     h.reload(&web(
         &be("b", b.addr),
         "    connection: {drain_timeout: 1s}\n",
     ));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // `run` publishes the health view after applying a generation (listeners included): the
+    // view without `a` is the reload applied.
+    tokio::time::timeout(
+        WAIT,
+        view.wait_for(|v| {
+            v.get(&model::BackendKey::new("web", "a")).is_none()
+                && v.get(&model::BackendKey::new("web", "b")).is_some()
+        }),
+    )
+    .await
+    .expect("reload never applied: the published health view still lists backend a")
+    .unwrap();
     assert_eq!(
         h.binder.binds(),
         binds,

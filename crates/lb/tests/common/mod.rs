@@ -132,6 +132,14 @@ impl Harness {
         }
     }
 
+    /// The number of active checks run against `backend` (passed or failed), from the check
+    /// latency histogram.
+    pub fn checks_run(&self, service: &str, backend: &str) -> u64 {
+        self.metric(&format!(
+            "portico_lb_check_duration_seconds_count{{service=\"{service}\",backend=\"{backend}\"}}"
+        ))
+    }
+
     /// The value of one series in the metrics text (0 when absent).
     pub fn metric(&self, series: &str) -> u64 {
         self.metrics_text()
@@ -151,6 +159,19 @@ impl Harness {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds. Panics naming the state `what` that never came
+/// after [`WAIT`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never within {WAIT:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
