@@ -79,13 +79,13 @@ services:
     vips: [$VIP]
     ports: [{port: $WEB}]
     backends:
-      - {name: o1, address: 127.0.0.1:$O1, weight: $1}
-      - {name: o2, address: 127.0.0.1:$O2}
+      - {name: o1, address: 127.0.0.1, port: $O1, weight: $1}
+      - {name: o2, address: 127.0.0.1, port: $O2}
     health_check: {type: http, path: /, interval: 500ms}
   - name: udp
     vips: [$VIP]
     ports: [{port: $UDP, protocol: udp}]
-    backends: [{name: echo, address: 127.0.0.1:$ECHO}]
+    backends: [{name: echo, address: 127.0.0.1, port: $ECHO}]
     health_check: {type: none}
 YAML
   mv "$WORK/portico.yaml.new" "$WORK/portico.yaml"
@@ -170,7 +170,8 @@ while (( $(date +%s) - start < MINUTES * 60 )); do
   udp_flood
   dfail=0
   for _ in $(seq 200); do
-    dig +time=1 +tries=1 @127.0.0.1 -p $DNS web.soak.test +short >/dev/null 2>&1 || dfail=$((dfail + 1))
+    # a failure is no answer at all, or an answer without the VIP
+    dig +time=1 +tries=1 @127.0.0.1 -p $DNS web.soak.test +short 2>/dev/null | grep -qx "$VIP" || dfail=$((dfail + 1))
   done
   write_config $(( (round % 3) + 1 ))
   kill -HUP "$PORTICO"
