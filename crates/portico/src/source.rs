@@ -82,6 +82,10 @@ pub enum Reload {
     Unchanged,
     /// Invalid: keep running the current one, report this error.
     Reject(String),
+    /// The file could not be read for want of a local resource (descriptors, memory): that
+    /// says nothing about the file, so nothing is reported as a reload error; it is read
+    /// again at the next tick.
+    Retry(String),
 }
 
 /// Decides what a freshly read file means for the running state. Pure.
@@ -94,6 +98,9 @@ pub enum Reload {
 pub fn decide(current: &Desired, baseline: &Config, read: Result<Loaded, LoadError>) -> Reload {
     let loaded = match read {
         Ok(l) => l,
+        Err(LoadError::Io { path, source }) if sys::limits::is_local_resource_error(&source) => {
+            return Reload::Retry(format!("cannot read config file {path} now: {source}"));
+        }
         Err(e) => return Reload::Reject(e.to_string()),
     };
     let cfg = loaded.config;
@@ -208,6 +215,7 @@ pub async fn watch(
     let mut last_seen = read();
     let mut baseline = desired.borrow().config.clone();
     let mut tick = tokio::time::interval(poll);
+    let retry_log = sys::limits::LogEvery::new(Duration::from_secs(10));
     loop {
         let forced = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -254,6 +262,18 @@ pub async fn watch(
             Reload::Unchanged => {
                 tracing::info!(trigger = why, "configuration unchanged");
                 reload_error.send_replace(None);
+            }
+            Reload::Retry(err) => {
+                if let Some(skipped) = retry_log.check(tokio::time::Instant::now()) {
+                    tracing::warn!(
+                        trigger = why,
+                        skipped,
+                        reason = "localResources",
+                        "{err}; trying again"
+                    );
+                }
+                // read it again at the next tick, whatever it holds then
+                last_seen = None;
             }
             Reload::Reject(err) => {
                 tracing::error!(
@@ -480,5 +500,28 @@ mod tests {
             decide(&cur, &cur.config, read("admin:\n  listen: 127.0.0.1:1\n")),
             Reload::Unchanged
         );
+    }
+
+    #[test]
+    fn a_local_shortage_while_reading_is_not_a_reload_error() {
+        let current = desired("services: []\n");
+        let baseline = current.config.as_ref().clone();
+        let emfile = LoadError::Io {
+            path: "/etc/portico/portico.yaml".into(),
+            source: std::io::Error::from_raw_os_error(24), // EMFILE
+        };
+        assert!(matches!(
+            decide(&current, &baseline, Err(emfile)),
+            Reload::Retry(e) if e.contains("Too many open files")
+        ));
+        // a missing file is the file's fault: reported
+        let gone = LoadError::Io {
+            path: "/etc/portico/portico.yaml".into(),
+            source: std::io::Error::from_raw_os_error(2), // ENOENT
+        };
+        assert!(matches!(
+            decide(&current, &baseline, Err(gone)),
+            Reload::Reject(_)
+        ));
     }
 }
