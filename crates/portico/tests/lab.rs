@@ -97,9 +97,17 @@ fn failover_rules_in_the_netns_lab() {
             r["new_owner"].is_string() && s(r, "new_owner") != s(r, "old_owner"),
             "{scenario}: no takeover: {r}"
         );
+        // a dead or cut-off owner is replaced within the documented bound (default profile:
+        // well under 300 ms, docs/config.md) with a margin of 2× for a loaded CI machine; the
+        // other scenarios wait for health checks or a graceful handover, bounded loosely
+        let bound = if matches!(scenario, "hard" | "partition") {
+            600.0
+        } else {
+            5000.0
+        };
         assert!(
-            r["takeover_ms"].as_f64().is_some_and(|t| t < 5000.0),
-            "{scenario}: slow takeover: {r}"
+            r["takeover_ms"].as_f64().is_some_and(|t| t < bound),
+            "{scenario}: takeover over {bound} ms: {r}"
         );
         // the client's ARP cache follows the new owner
         assert!(
