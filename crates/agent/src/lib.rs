@@ -438,9 +438,6 @@ impl Driver {
             Some(s) => d.attach(s),
             None => d.bind_if_needed(),
         }
-        if !d.agent.dry_run {
-            d.start_l2()?;
-        }
         Ok(d)
     }
 
@@ -519,18 +516,6 @@ impl Driver {
         }
     }
 
-    fn start_l2(&mut self) -> Result<(), Error> {
-        let names: Vec<String> = self
-            .cfg
-            .node
-            .interfaces
-            .iter()
-            .map(|i| i.name.clone())
-            .collect();
-        self.l2_timing_running = Some(self.l2_timing());
-        self.open_announcers(&names)
-    }
-
     /// Opens an announcer on each of `names` (and, the first time any is opened, removes the
     /// VIPs a crashed predecessor left on `lo`).
     fn open_announcers(&mut self, names: &[String]) -> Result<(), Error> {
@@ -573,7 +558,8 @@ impl Driver {
 
     /// Applies changed interfaces and announcement timing live: announcers of interfaces that
     /// went away are closed, new interfaces get one, and all are reopened when the timing
-    /// changed. In Kubernetes the interfaces arrive with the Node object, after start.
+    /// changed. At start it opens the first ones; in Kubernetes the interfaces arrive with the
+    /// Node object, after start.
     async fn sync_l2(&mut self) -> Result<(), Error> {
         if self.agent.dry_run {
             return Ok(());
@@ -1032,6 +1018,7 @@ impl Driver {
     }
 
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.sync_l2().await?;
         let now = Instant::now();
         let peers: Vec<(String, SocketAddr)> = self
             .table
