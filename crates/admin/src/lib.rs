@@ -47,6 +47,31 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// The routes for a port reachable from outside the node (a Kubernetes agent's metrics port on
+/// the node address): `/metrics`, `/healthz` and `/readyz` only, no `/status`.
+pub fn probe_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves `routes` ([`router`] or [`probe_router`]) on `listener` until `shutdown`, within
+/// `limits`, counting in `metrics`.
+pub async fn serve_routes(
+    listener: TcpListener,
+    routes: Router,
+    limits: AdminLimits,
+    metrics: AdminMetrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = GuardedListener::new(listener, limits, metrics);
+    axum::serve(listener, routes)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
 /// Serves the admin routes on `listener` until `shutdown`, within the default
 /// [`AdminLimits`] (metrics unregistered: use [`serve_with`] to export them).
 pub async fn serve(
@@ -73,10 +98,7 @@ pub async fn serve_with(
     metrics: AdminMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = GuardedListener::new(listener, limits, metrics);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    serve_routes(listener, router(state), limits, metrics, shutdown).await
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -139,6 +161,33 @@ mod tests {
         let token = CancellationToken::new();
         tokio::spawn(serve(listener, state, token.clone()));
         (addr, tx, token)
+    }
+
+    #[tokio::test]
+    async fn the_probe_routes_serve_metrics_and_probes_but_not_status() {
+        let (tx, rx) = watch::channel(true);
+        let state = AdminState {
+            registry: Arc::new(Registry::default()),
+            status: Arc::new(StatusReport::default),
+            ready: rx,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        tokio::spawn(serve_routes(
+            listener,
+            probe_router(state),
+            AdminLimits::default(),
+            AdminMetrics::default(),
+            token.clone(),
+        ));
+        assert_eq!(client::get(addr, "/healthz").await.unwrap().status, 200);
+        assert_eq!(client::get(addr, "/readyz").await.unwrap().status, 200);
+        tx.send(false).unwrap();
+        assert_eq!(client::get(addr, "/readyz").await.unwrap().status, 503);
+        assert_eq!(client::get(addr, "/metrics").await.unwrap().status, 200);
+        assert_eq!(client::get(addr, "/status").await.unwrap().status, 404);
+        token.cancel();
     }
 
     #[tokio::test]

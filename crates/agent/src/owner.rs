@@ -70,6 +70,9 @@ pub enum Reason {
     NoHealthyLocalBackend,
     /// This node has no interface of the VIP's address family.
     NoInterface,
+    /// The service has no serving endpoint: its addresses are withdrawn everywhere
+    /// (`placement.withdrawn`, set by the Kubernetes source).
+    NoHealthyEndpoints,
 }
 
 impl Reason {
@@ -82,6 +85,7 @@ impl Reason {
             Reason::NotSelected => "notSelected",
             Reason::NoHealthyLocalBackend => "noHealthyLocalBackend",
             Reason::NoInterface => "noInterface",
+            Reason::NoHealthyEndpoints => "noHealthyEndpoints",
         }
     }
 }
@@ -141,6 +145,8 @@ struct Spec<'a> {
     selected: Option<BTreeSet<&'a str>>,
     preferred: &'a [NodeId],
     local_only: Vec<&'a str>,
+    /// Every service listing the VIP is withdrawn (no serving endpoint).
+    withdrawn: bool,
 }
 
 fn specs(services: &[Service]) -> Vec<Spec<'_>> {
@@ -157,7 +163,9 @@ fn specs(services: &[Service]) -> Vec<Spec<'_>> {
                 selected: None,
                 preferred: &s.placement.preferred,
                 local_only: Vec::new(),
+                withdrawn: true,
             });
+            e.withdrawn &= s.placement.withdrawn;
             if let Some(sel) = &sel {
                 e.selected = Some(match e.selected.take() {
                     None => sel.clone(),
@@ -242,24 +250,46 @@ fn homes<'a>(specs: &[Spec<'_>], nodes: &'a BTreeSet<NodeId>) -> BTreeMap<IpAddr
 pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
     let specs = specs(inp.services);
     let homes = homes(&specs, inp.nodes);
-    let mut owners: BTreeMap<IpAddr, Option<&str>> = BTreeMap::new();
-    let mut used: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    let mut pending: Vec<(&Spec<'_>, Vec<&str>)> = Vec::new();
+    let mut group_vips: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
     for s in &specs {
-        let cands = s.rank(
-            inp.alive
-                .iter()
-                .filter(|(n, m)| s.selects(n) && s.family_ok(&m.facts) && s.local_ok(&m.facts))
-                .map(|(n, _)| n.as_str()),
-        );
+        group_vips.entry(s.group).or_default().insert(s.vip);
+    }
+    // Whether `node` claims another VIP of the same service as `s` (anti-affinity).
+    let claims_another = |node: &str, s: &Spec<'_>| {
+        inp.alive[node]
+            .claims
+            .iter()
+            .any(|v| *v != s.vip && group_vips[s.group].contains(v))
+    };
+    let mut owners: BTreeMap<IpAddr, Option<&str>> = BTreeMap::new();
+    // Per service: how many of its VIPs each node owns.
+    let mut used: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    let mut pending: Vec<(&Spec<'_>, Vec<&str>)> = Vec::new();
+    // VIPs kept by an incumbent because their home is not a candidate.
+    let mut kept: Vec<(&Spec<'_>, Vec<&str>, &str)> = Vec::new();
+    for s in &specs {
+        let cands = if s.withdrawn {
+            Vec::new()
+        } else {
+            s.rank(
+                inp.alive
+                    .iter()
+                    .filter(|(n, m)| s.selects(n) && s.family_ok(&m.facts) && s.local_ok(&m.facts))
+                    .map(|(n, _)| n.as_str()),
+            )
+        };
         let claimants: Vec<&str> = cands
             .iter()
             .copied()
             .filter(|n| inp.alive[*n].claims.contains(&s.vip))
             .collect();
         let home = homes.get(&s.vip).copied().filter(|h| cands.contains(h));
+        // A claiming home wins; then a claimant that holds no other VIP of the service (so
+        // that a node taking a VIP over for anti-affinity is everybody's incumbent once it
+        // claims, as a returning home is); then the best-ranked claimant.
         let incumbent = home
             .filter(|h| claimants.contains(h))
+            .or_else(|| claimants.iter().copied().find(|n| !claims_another(n, s)))
             .or_else(|| claimants.first().copied());
         let owner = match (home, incumbent) {
             (Some(h), None) => Some(h),
@@ -275,12 +305,15 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
                     Some(i)
                 }
             }
-            (None, Some(i)) => Some(i),
+            (None, Some(i)) => {
+                kept.push((s, cands.clone(), i));
+                Some(i)
+            }
             (None, None) => None,
         };
         match owner {
             Some(o) => {
-                used.entry(s.group).or_default().insert(o);
+                *used.entry(s.group).or_default().entry(o).or_default() += 1;
                 owners.insert(s.vip, Some(o));
             }
             None => pending.push((s, cands)),
@@ -291,19 +324,42 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
         let pick = cands
             .iter()
             .copied()
-            .find(|n| !taken.contains(n))
+            .find(|n| !taken.contains_key(n))
             .or_else(|| cands.first().copied());
         if let Some(n) = pick {
-            taken.insert(n);
+            *taken.entry(n).or_default() += 1;
         }
         owners.insert(s.vip, pick);
+    }
+    // Anti-affinity is restored when it can be: a VIP kept by an incumbent that also owns
+    // another VIP of the service goes to the best-ranked candidate owning none of them (say
+    // the service's other node came up after its VIPs were placed, or its home has no agent).
+    // As for a returning home, only that candidate acts, by claiming it once alive for
+    // `hold_down` in preemptive mode; the incumbent lets go when it sees the claim.
+    if inp.preemptive {
+        for (s, cands, i) in kept {
+            let taken = used.entry(s.group).or_default();
+            if taken.get(i).copied().unwrap_or(0) < 2 {
+                continue;
+            }
+            let Some(t) = cands.iter().copied().find(|n| !taken.contains_key(n)) else {
+                continue;
+            };
+            if t == inp.me && inp.alive[t].alive_for >= inp.hold_down {
+                *taken.get_mut(i).expect("the incumbent owns it") -= 1;
+                *taken.entry(t).or_default() += 1;
+                owners.insert(s.vip, Some(t));
+            }
+        }
     }
     let me = inp.alive.get(inp.me);
     specs
         .iter()
         .map(|s| {
             let owner = owners.get(&s.vip).copied().flatten();
-            let reason = if owner == Some(inp.me) {
+            let reason = if s.withdrawn {
+                Reason::NoHealthyEndpoints
+            } else if owner == Some(inp.me) {
                 Reason::Owner
             } else if owner.is_none() {
                 Reason::NoEligibleNode
@@ -604,6 +660,119 @@ mod tests {
         assert_ne!(
             d[&"10.0.0.1".parse::<IpAddr>().unwrap()].owner,
             d[&"10.0.0.2".parse::<IpAddr>().unwrap()].owner
+        );
+    }
+
+    /// One round of heartbeats: every alive node decides on its own and then claims what it
+    /// decided to own.
+    fn round(
+        nodes: &BTreeSet<NodeId>,
+        services: &[Service],
+        alive: &mut BTreeMap<NodeId, MemberView>,
+    ) {
+        let claims: Vec<(NodeId, BTreeSet<IpAddr>)> = alive
+            .keys()
+            .map(|me| {
+                let d = decide(&inputs(me, nodes, services, alive));
+                let mine = d
+                    .iter()
+                    .filter(|(_, x)| x.reason == Reason::Owner)
+                    .map(|(v, _)| *v)
+                    .collect();
+                (me.clone(), mine)
+            })
+            .collect();
+        for (n, c) in claims {
+            alive.get_mut(&n).expect("alive").claims = c;
+        }
+    }
+
+    #[test]
+    fn two_addresses_spread_when_the_second_node_comes_up_beside_an_agentless_home() {
+        // Three Nodes, one without a running agent (node-3). A Service with two addresses whose
+        // homes are node-1 and node-3: node-1 came up alone and took both; once node-2 is up
+        // (and past hold-down) one address moves to it, make-before-break, and stays.
+        let nodes = names(3);
+        let pair = (1..60u8)
+            .flat_map(|a| (a + 1..60).map(move |b| (a, b)))
+            .map(|(a, b)| svc("db", &[&format!("10.0.0.{a}"), &format!("10.0.0.{b}")]))
+            .find(|s| {
+                let specs = specs(std::slice::from_ref(s));
+                let h: BTreeSet<&str> = homes(&specs, &nodes).into_values().collect();
+                h == BTreeSet::from(["node-1", "node-3"])
+            })
+            .expect("some pair of addresses has its homes on node-1 and node-3");
+        let services = vec![pair];
+        let mut alive = all_alive(&nodes, true);
+        alive.remove("node-2");
+        alive.remove("node-3");
+        round(&nodes, &services, &mut alive);
+        round(&nodes, &services, &mut alive);
+        assert_eq!(alive["node-1"].claims.len(), 2, "alone, node-1 holds both");
+        // node-2 joins: inside hold-down nothing moves.
+        let mut n2 = MemberView {
+            alive_for: Duration::from_secs(1),
+            facts: facts(),
+            claims: BTreeSet::new(),
+        };
+        alive.insert("node-2".into(), n2.clone());
+        round(&nodes, &services, &mut alive);
+        assert_eq!(alive["node-1"].claims.len(), 2, "hold-down");
+        assert!(alive["node-2"].claims.is_empty());
+        n2.alive_for = Duration::from_secs(10);
+        alive.get_mut("node-2").unwrap().alive_for = n2.alive_for;
+        for r in 0..6 {
+            round(&nodes, &services, &mut alive);
+            // Make-before-break: every address is claimed by someone in every round.
+            for v in &services[0].vips {
+                assert!(
+                    alive.values().any(|m| m.claims.contains(v)),
+                    "round {r}: {v} unclaimed"
+                );
+            }
+        }
+        assert_eq!(alive["node-1"].claims.len(), 1, "{alive:?}");
+        assert_eq!(alive["node-2"].claims.len(), 1, "{alive:?}");
+        // Every node agrees, and with preemption off nothing would have moved.
+        for me in ["node-1", "node-2"] {
+            let d = decide(&inputs(me, &nodes, &services, &alive));
+            let distinct: BTreeSet<_> = d.values().map(|x| x.owner.clone()).collect();
+            assert_eq!(distinct.len(), 2, "{me}: {d:?}");
+        }
+        let mut still = all_alive(&nodes, true);
+        still.remove("node-3");
+        still.get_mut("node-1").unwrap().claims = services[0].vips.iter().copied().collect();
+        let mut inp = inputs("node-2", &nodes, &services, &still);
+        inp.preemptive = false;
+        assert!(decide(&inp).values().all(|x| x.reason == Reason::NotOwner));
+    }
+
+    #[test]
+    fn a_withdrawn_service_has_no_owner_and_says_no_healthy_endpoints_everywhere() {
+        let nodes = names(3);
+        let mut s = svc("web", &["10.0.0.100", "fd00::100"]);
+        s.placement.withdrawn = true;
+        let services = vec![s];
+        let mut alive = all_alive(&nodes, true);
+        // Even the node that announced it until now lets go.
+        alive.get_mut("node-1").unwrap().claims = services[0].vips.iter().copied().collect();
+        for me in &nodes {
+            let d = decide(&inputs(me, &nodes, &services, &alive));
+            assert!(
+                d.values()
+                    .all(|x| x.owner.is_none() && x.reason == Reason::NoHealthyEndpoints),
+                "{me}: {d:?}"
+            );
+        }
+        // A VIP shared with a service that still has endpoints stays announced.
+        let mut other = svc("web-udp", &["10.0.0.100"]);
+        other.placement.withdrawn = false;
+        let services = vec![services[0].clone(), other];
+        let d = decide(&inputs("node-1", &nodes, &services, &alive));
+        assert!(d[&"10.0.0.100".parse::<IpAddr>().unwrap()].owner.is_some());
+        assert_eq!(
+            d[&"fd00::100".parse::<IpAddr>().unwrap()].reason,
+            Reason::NoHealthyEndpoints
         );
     }
 

@@ -129,22 +129,39 @@ fn both_workloads_have_probes_and_the_controller_a_metrics_service() {
     assert_eq!(controller["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(controller["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(controller["readinessProbe"]["httpGet"]["port"], "metrics");
+    // The agent (host network) serves its probes on the node address from the downward API.
     let agent = &workload(&docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(
-        agent["livenessProbe"]["exec"]["command"],
-        serde_json::json!(["/usr/local/bin/portico", "status", "--json"])
+    let metrics_port = agent["ports"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "metrics"))
+        .expect("the agent names a metrics port");
+    assert_eq!(metrics_port["containerPort"], 7473);
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], "metrics");
+    assert!(
+        agent["env"].as_array().is_some_and(|e| e.iter().any(|e| {
+            e["name"] == "PORTICO_METRICS_HOST"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+        })),
+        "the agent's metrics host comes from status.hostIP"
     );
-    // A Service in front of the controller's metrics port, selecting the controller pods.
-    let svc = docs
-        .iter()
-        .map(|(_, d)| d)
-        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "portico-controller-metrics")
-        .expect("the metrics Service");
-    assert_eq!(
-        svc["spec"]["selector"],
-        workload(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
-    );
-    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
+    // A Service in front of each metrics port, selecting its pods.
+    for (name, kind) in [
+        ("portico-controller-metrics", "Deployment"),
+        ("portico-agent-metrics", "DaemonSet"),
+    ] {
+        let svc = docs
+            .iter()
+            .map(|(_, d)| d)
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == name)
+            .expect("the metrics Service");
+        assert_eq!(
+            svc["spec"]["selector"],
+            workload(&docs, kind)["spec"]["selector"]["matchLabels"]
+        );
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
+    }
 }
 
 #[test]

@@ -239,15 +239,15 @@ fn service(
     out.name = model_name(&ns, &name);
     out.vips = vips;
     out.ports = ports;
-    // No endpoint serves: withdraw the addresses (MetalLB does too) unless told otherwise.
-    // `local_only` with no backend anywhere makes no node eligible, so the agents withdraw;
-    // `ServiceAnnouncement` reports it as `noHealthyEndpoints` (see [`withdrawn`]).
+    // No endpoint serves: withdraw the addresses (MetalLB does too) unless told otherwise; the
+    // agents' reason word and `ServiceAnnouncement` say `noHealthyEndpoints` (see [`withdrawn`]).
     let withdraw = withdrawn(svc, &endpoints);
     out.backends = endpoints.backends;
     out.placement = Placement {
         nodes: placement_nodes,
         preferred: Vec::new(),
-        local_only: withdraw || spec.external_traffic_policy.as_deref() == Some("Local"),
+        local_only: spec.external_traffic_policy.as_deref() == Some("Local"),
+        withdrawn: withdraw,
     };
     out.dns.hostname = hostname;
     Some(out)

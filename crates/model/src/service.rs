@@ -381,6 +381,12 @@ pub struct Placement {
     pub preferred: Vec<NodeId>,
     /// Only nodes with a healthy local backend are eligible.
     pub local_only: bool,
+    /// The addresses are withdrawn because the service has no serving endpoint (Kubernetes:
+    /// no ready or serving endpoint); no node announces them and every node says
+    /// `noHealthyEndpoints`. Not read from the standalone file (a file service with no
+    /// backends keeps its VIPs and says so in its health instead).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdrawn: bool,
 }
 
 /// What DNS answers for the service.

@@ -70,6 +70,14 @@ pub struct AgentArgs {
     /// services in it are ignored: they come from the cluster.
     #[arg(long, env = "PORTICO_CONFIG")]
     config: Option<PathBuf>,
+    /// The node address on which to serve `/metrics`, `/healthz` and `/readyz` for kubelet's
+    /// probes and Prometheus (the DaemonSet sets it from `status.hostIP`); without it they are
+    /// served only by the admin server (`admin.listen`, node-local).
+    #[arg(long, env = "PORTICO_METRICS_HOST")]
+    metrics_host: Option<std::net::IpAddr>,
+    /// The port of `--metrics-host` (7472 is the controller's, as MetalLB's).
+    #[arg(long, env = "PORTICO_METRICS_PORT", default_value_t = 7473)]
+    metrics_port: u16,
 }
 
 /// `portico crds`: prints the CRDs as YAML.
@@ -128,6 +136,19 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    // Bound before anything else starts, so that a wrong address fails start-up clearly.
+    let probes = match args.metrics_host {
+        Some(host) => {
+            let addr = std::net::SocketAddr::new(host, args.metrics_port);
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen on --metrics-host {host} --metrics-port {}: is it an address of this node?",
+                    args.metrics_port
+                )
+            })?)
+        }
+        None => None,
+    };
     let shutdown = crate::shutdown_on_signal();
     let opts = ipam::entry::AgentOptions {
         scope: args.scope.scope(),
@@ -155,7 +176,14 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     // Kubernetes objects are validated one by one as they are read; there is no whole-file reload to reject.
     let (_reload_tx, reload_error) = watch::channel(None);
-    crate::run::serve(receivers.desired.clone(), reload_error, own_tx, shutdown).await
+    crate::run::serve(
+        receivers.desired.clone(),
+        reload_error,
+        own_tx,
+        probes,
+        shutdown,
+    )
+    .await
 }
 
 /// The host's interfaces other than loopback, with their addresses: without `--config` the

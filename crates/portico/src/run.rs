@@ -35,11 +35,14 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// desired config; `reload_error` carries the last rejected reload for `/status`.
 ///
 /// The caller owns the ownership channel (`own_tx`), so it can follow the agent's decisions
-/// too (the Kubernetes agent writes them to `ServiceAnnouncement` status).
+/// too (the Kubernetes agent writes them to `ServiceAnnouncement` status). `probes`, when
+/// given, is a second listener (the Kubernetes agent's `--metrics-host`/`--metrics-port`) that
+/// serves `/metrics`, `/healthz` and `/readyz` only.
 pub async fn serve(
     desired: watch::Receiver<Arc<Desired>>,
     reload_error: watch::Receiver<Option<String>>,
     own_tx: watch::Sender<Arc<OwnershipView>>,
+    probes: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let first = desired.borrow().clone();
@@ -199,6 +202,40 @@ pub async fn serve(
         ),
         ready: ready_rx,
     };
+    if let Some(listener) = probes {
+        // The same state and limits as the admin server, with the probe routes only.
+        let stop = rest_stop.clone();
+        let listen = listener.local_addr()?;
+        let (state, metrics) = (state.clone(), admin_metrics.clone());
+        let mut first = Some(listener);
+        tasks.spawn(supervise(
+            "metrics",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (state, stop, first, metrics) =
+                    (state.clone(), stop.clone(), first.take(), metrics.clone());
+                async move {
+                    let listener = match first {
+                        Some(l) => l,
+                        None => tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+                            format!("cannot listen on --metrics-host {listen}: {e}")
+                        })?,
+                    };
+                    admin::serve_routes(
+                        listener,
+                        admin::probe_router(state),
+                        admin::AdminLimits::default(),
+                        metrics,
+                        stop,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                }
+            },
+        ));
+    }
     {
         let stop = rest_stop.clone();
         let listen = cfg.admin.listen;

@@ -503,6 +503,7 @@ impl Cluster {
         manifest: &str,
         pod: &str,
         node: &str,
+        host_ip: &str,
         kubeconfig: &PathBuf,
     ) -> Proc {
         let log = self.dir.join(format!("{name}.log"));
@@ -523,6 +524,8 @@ impl Cluster {
                 "spec.nodeName" => node.to_string(),
                 "metadata.namespace" => SYSTEM_NS.to_string(),
                 "metadata.name" => pod.to_string(),
+                // hostNetwork: the pod's address is the node's.
+                "status.hostIP" | "status.podIP" => host_ip.to_string(),
                 other => other.to_string(),
             };
             cmd.env(k, value);
@@ -547,6 +550,7 @@ impl Cluster {
             AGENT_YAML,
             &format!("portico-agent-{i}"),
             &format!("node-{i}"),
+            &format!("10.77.0.{}", 10 + i),
             kubeconfig,
         )
     }
@@ -561,7 +565,8 @@ impl Cluster {
         self.net
             .attach(&netns, &format!("k{r}"), &format!("10.77.0.{}/24", 50 + r));
         let kc = self.controller_kubeconfig.clone();
-        let p = self.spawn(&pod, Some(&netns), CONTROLLER_YAML, &pod, "", &kc);
+        let ip = format!("10.77.0.{}", 50 + r);
+        let p = self.spawn(&pod, Some(&netns), CONTROLLER_YAML, &pod, "", &ip, &kc);
         self.controllers.push(p);
     }
 
@@ -911,6 +916,45 @@ async fn exactly_one_node_answers_arp_for_each_vip() {
     let c = Cluster::start(3).await;
     c.service("shop", "web", true);
     c.service("shop", "api", true);
+    // Kubelet's probes and Prometheus reach every agent on its node address (deploy/agent.yaml:
+    // PORTICO_METRICS_HOST from status.hostIP, port 7473); /status stays node-local.
+    for i in 1..=3 {
+        let base = format!("http://10.77.0.{}:7473", 10 + i);
+        let get = |path: &str| {
+            in_ns(
+                &c.net.client(),
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "2",
+                    "-w",
+                    "\n%{http_code}",
+                    &format!("{base}{path}"),
+                ],
+            )
+            .1
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while !get("/readyz").ends_with("200") {
+            assert!(
+                Instant::now() < until,
+                "node-{i}: /readyz not 200: {}",
+                get("/readyz")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(get("/healthz").ends_with("200"));
+        let metrics = get("/metrics");
+        assert!(
+            metrics.ends_with("200") && metrics.contains("portico_agent_"),
+            "node-{i}: {metrics}"
+        );
+        assert!(
+            get("/status").ends_with("404"),
+            "node-{i}: /status is node-local"
+        );
+    }
     for name in ["web", "api"] {
         let vip = c.wait_address("shop", name, Duration::from_secs(30)).await;
         let mac = c.wait_one_arp_owner(&vip, Duration::from_secs(30)).await;
@@ -1040,6 +1084,23 @@ async fn service_without_ready_endpoints_is_not_announced() {
     assert!(r.owners.is_empty(), "{}", r.raw);
     assert_eq!(c.arp_answers(&vip), Vec::<String>::new());
     assert!(c.curl(&vip).is_none());
+    // Every agent's own /status gives the same reason word (not `noEligibleNode`).
+    for i in 1..=2 {
+        let (_, out) = in_ns(
+            &c.net.node(i),
+            &["curl", "-s", "-m", "2", "http://127.0.0.1:9440/status"],
+        );
+        let status: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let reasons: Vec<&str> = status["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["vips"].as_array().into_iter().flatten())
+            .filter(|v| v["address"] == vip.as_str())
+            .filter_map(|v| v["reason"].as_str())
+            .collect();
+        assert_eq!(reasons, ["noHealthyEndpoints"], "node-{i}: {out}");
+    }
     // Once an endpoint is ready, exactly one node announces it and says so (the reporter's
     // reason goes, unless it is the owner itself).
     c.service("shop", "idle", true);

@@ -730,9 +730,10 @@ fn a_service_without_serving_endpoints_is_withdrawn_unless_told_otherwise() {
     let s = &cfg.services[0];
     assert!(s.backends.is_empty());
     assert!(
-        s.placement.local_only,
-        "no node has a serving local backend, so no node is eligible: the agents withdraw"
+        s.placement.withdrawn,
+        "no endpoint serves: the agents withdraw and say noHealthyEndpoints"
     );
+    assert!(!s.placement.local_only, "withdrawal is not ETP Local");
     assert!(origins(&snap, &cfg)["shop/web"].no_endpoints);
     // Endpoints that are serving while terminating still count (connections drain).
     snap.slices.insert(
@@ -744,13 +745,13 @@ fn a_service_without_serving_endpoints_is_withdrawn_unless_told_otherwise() {
         ),
     );
     let cfg = build(&snap, &settings(), &template().unwrap());
-    assert!(!cfg.services[0].placement.local_only);
+    assert!(!cfg.services[0].placement.withdrawn);
     assert!(!origins(&snap, &cfg)["shop/web"].no_endpoints);
     // Opted out: announced without endpoints.
     snap.slices.clear();
     let svc = web().annotate(crate::intent::ANNOUNCE_WITHOUT_ENDPOINTS, "true");
     snap.services.insert(("shop".into(), "web".into()), svc);
     let cfg = build(&snap, &settings(), &template().unwrap());
-    assert!(!cfg.services[0].placement.local_only);
+    assert!(!cfg.services[0].placement.withdrawn);
     assert!(!origins(&snap, &cfg)["shop/web"].no_endpoints);
 }

@@ -467,6 +467,7 @@ fn decode_service(
                 nodes: nodes.unwrap_or_default(),
                 preferred: preferred.unwrap_or_default(),
                 local_only: local_only.unwrap_or(false),
+                withdrawn: false,
             })
         })
         .unwrap_or_default();
