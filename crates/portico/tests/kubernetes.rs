@@ -502,8 +502,7 @@ impl Cluster {
         ns: Option<&str>,
         manifest: &str,
         pod: &str,
-        node: &str,
-        host_ip: &str,
+        (node, host_ip): (&str, &str),
         kubeconfig: &PathBuf,
     ) -> Proc {
         let log = self.dir.join(format!("{name}.log"));
@@ -549,8 +548,7 @@ impl Cluster {
             Some(&self.net.node(i)),
             AGENT_YAML,
             &format!("portico-agent-{i}"),
-            &format!("node-{i}"),
-            &format!("10.77.0.{}", 10 + i),
+            (&format!("node-{i}"), &format!("10.77.0.{}", 10 + i)),
             kubeconfig,
         )
     }
@@ -566,7 +564,7 @@ impl Cluster {
             .attach(&netns, &format!("k{r}"), &format!("10.77.0.{}/24", 50 + r));
         let kc = self.controller_kubeconfig.clone();
         let ip = format!("10.77.0.{}", 50 + r);
-        let p = self.spawn(&pod, Some(&netns), CONTROLLER_YAML, &pod, "", &ip, &kc);
+        let p = self.spawn(&pod, Some(&netns), CONTROLLER_YAML, &pod, ("", &ip), &kc);
         self.controllers.push(p);
     }
 
