@@ -22,6 +22,14 @@
 //!    incumbent keeps the VIP.
 //! 5. VIPs still without owner go, in address order, to their best-ranked candidate not
 //!    already holding one of the service's VIPs (else the best-ranked candidate).
+//! 6. **Spread**: a VIP kept by an incumbent that also owns another VIP of its service (its
+//!    home has no agent, say, and the service's other node came up later) goes to the
+//!    best-ranked candidate owning none of them. Only that candidate acts, by claiming it once
+//!    alive for `hold_down` (preemptive mode); among claimants, one holding no other VIP of the
+//!    service is preferred, so the old holder lets go when it sees the claim.
+//!
+//! A withdrawn service (`placement.withdrawn`: no serving endpoint) has no candidates and every
+//! node says `noHealthyEndpoints`.
 //!
 //! Stability follows: a member leaving moves only the VIPs it owned (everything else has a
 //! live incumbent or a live home), and after a partition heals every node sees the same claims
