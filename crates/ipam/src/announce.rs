@@ -11,8 +11,12 @@
 //! - a node writes only when its own entry for that Service changed, after changes settled for
 //!   [`SETTLE`] (a failover moves many addresses in one burst: one write per Service, not per
 //!   step); the object itself (spec and owner reference) is applied once per node and Service;
-//! - entries of Nodes that no longer exist are removed by the reporter, applying an empty status
-//!   with the deleted node's field manager (which removes exactly what that node had written).
+//! - entries of Nodes that no longer exist, and of nodes whose agent the gossip says is down
+//!   (seen alive and then down, or never heard from for [`DOWN_GRACE`]), are removed by the
+//!   reporter, applying an empty status with that node's field manager (which removes exactly
+//!   what that node had written). The reporter is the first node by name that is not down, so
+//!   a dead first node does not silence the reports. A node seen down that comes back (a healed
+//!   partition) makes every node write its own entries again, in case they were removed.
 //!
 //! The object is owned by its Service, so it is deleted with it. [`Planner`] is pure; [`run`]
 //! performs its writes.
@@ -32,6 +36,10 @@ use crate::crd::{AddressReason, NodeAnnouncement, ServiceAnnouncement};
 
 /// How long the ownership view must stay unchanged before the changes are written.
 pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// How long a node never heard from must stay down (in the gossip) before the reporter removes
+/// its entries: at start every peer not yet heard from reads as down.
+pub const DOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The reason word for addresses withdrawn because their Service has no serving endpoint.
 pub const NO_HEALTHY_ENDPOINTS: &str = "noHealthyEndpoints";
@@ -96,6 +104,31 @@ pub struct Planner {
     /// Per other node: Services in which it may have an entry (it owned one of their addresses,
     /// or was the reporter while one had no owner, or a listing showed one).
     may_have: BTreeMap<String, BTreeMap<Key, Origin>>,
+    /// Liveness from the gossip, once the agent has published it.
+    liveness: Option<Liveness>,
+}
+
+/// The agent's view of which nodes are up (see [`Planner::set_alive`]).
+#[derive(Debug, Clone)]
+struct Liveness {
+    /// When the first view arrived.
+    since: tokio::time::Instant,
+    /// The latest view's instant.
+    now: tokio::time::Instant,
+    /// Nodes up in the latest view.
+    alive: BTreeSet<String>,
+    /// Nodes seen up at some point.
+    seen: BTreeSet<String>,
+}
+
+impl Liveness {
+    /// Whether `node` counts as down: not up now, and either seen up before or not heard from
+    /// since the first view for [`DOWN_GRACE`].
+    fn down(&self, node: &str) -> bool {
+        !self.alive.contains(node)
+            && (self.seen.contains(node)
+                || self.now.saturating_duration_since(self.since) >= DOWN_GRACE)
+    }
 }
 
 impl Planner {
@@ -143,6 +176,27 @@ impl Planner {
         }
     }
 
+    /// Takes the agent's view of the nodes that are up (gossip states other than `down`, this
+    /// node included) at `now`. A node that was down and is up again may have had its entries
+    /// removed by a reporter that could not hear it: every entry of this node is written again.
+    pub fn set_alive(&mut self, alive: BTreeSet<String>, now: tokio::time::Instant) {
+        let l = self.liveness.get_or_insert_with(|| Liveness {
+            since: now,
+            now,
+            alive: BTreeSet::new(),
+            seen: BTreeSet::new(),
+        });
+        let revived = alive
+            .iter()
+            .any(|n| *n != self.me && l.seen.contains(n) && !l.alive.contains(n));
+        l.now = now;
+        l.seen.extend(alive.iter().cloned());
+        l.alive = alive;
+        if revived {
+            self.dirty.extend(self.applied.keys().cloned());
+        }
+    }
+
     /// Forgets a write that failed, so the next plan makes it again.
     pub fn failed(&mut self, write: &Write) {
         match write {
@@ -187,9 +241,11 @@ impl Planner {
             .map(|p| p.name.as_str())
             .collect();
         nodes.insert(self.me.as_str());
+        let down = |n: &str| n != self.me && self.liveness.as_ref().is_some_and(|l| l.down(n));
         let reporter = nodes
-            .first()
+            .iter()
             .copied()
+            .find(|n| !down(n))
             .unwrap_or(self.me.as_str())
             .to_string();
         let me_reporting = reporter == self.me;
@@ -277,18 +333,22 @@ impl Planner {
         for m in self.may_have.values_mut() {
             m.retain(|k, _| present.contains(k));
         }
-        // Entries of deleted Nodes, removed by the reporter.
+        // Entries of deleted Nodes and of nodes whose agent is down, removed by the reporter
+        // (the others forget deleted Nodes and keep down ones in mind, in case they report next).
         let gone: Vec<String> = self
             .may_have
             .keys()
-            .filter(|n| !nodes.contains(n.as_str()))
+            .filter(|n| !nodes.contains(n.as_str()) || down(n))
             .cloned()
             .collect();
         for node in gone {
-            let services = self.may_have.remove(&node).unwrap_or_default();
             if !me_reporting {
+                if !nodes.contains(node.as_str()) {
+                    self.may_have.remove(&node);
+                }
                 continue;
             }
+            let services = self.may_have.remove(&node).unwrap_or_default();
             for origin in services.into_values() {
                 let empty = NodeAnnouncement {
                     node: node.clone(),
@@ -347,14 +407,19 @@ fn status_body(origin: &Origin, entry: &NodeAnnouncement) -> Value {
     })
 }
 
-/// Writes this node's view whenever the config or the ownership changed and then stayed put
-/// for [`SETTLE`]; failed writes are retried 10 s later.
+/// The nodes whose agent is up as this node's gossip sees them (`None` until the agent has
+/// published a view).
+pub type Alive = Option<Arc<BTreeSet<String>>>;
+
+/// Writes this node's view whenever the config, the ownership or the liveness of the nodes
+/// changed and then stayed put for [`SETTLE`]; failed writes are retried 10 s later.
 pub async fn run(
     client: Client,
     me: String,
     mut desired: watch::Receiver<Arc<model::Desired>>,
     mut origins: watch::Receiver<Arc<Origins>>,
     mut ownership: watch::Receiver<Arc<OwnershipView>>,
+    mut alive: watch::Receiver<Alive>,
     shutdown: CancellationToken,
 ) {
     let mut planner = Planner::new(me.clone());
@@ -374,6 +439,9 @@ pub async fn run(
     }
     let mut outage = crate::outage::Outage::default();
     loop {
+        if let Some(a) = alive.borrow_and_update().clone() {
+            planner.set_alive((*a).clone(), tokio::time::Instant::now());
+        }
         let writes = planner.plan(
             &desired.borrow().config,
             &ownership.borrow(),
@@ -402,6 +470,9 @@ pub async fn run(
             r = desired.changed() => if r.is_err() { return },
             r = origins.changed() => if r.is_err() { return },
             r = ownership.changed() => if r.is_err() { return },
+            r = alive.changed() => if r.is_err() { return },
+            // A node never heard from counts as down once the grace has passed.
+            () = tokio::time::sleep(DOWN_GRACE) => {}
             () = tokio::time::sleep(Duration::from_secs(10)), if retry => {}
         }
         loop {
@@ -410,6 +481,7 @@ pub async fn run(
                 r = desired.changed() => if r.is_err() { return },
                 r = origins.changed() => if r.is_err() { return },
                 r = ownership.changed() => if r.is_err() { return },
+                r = alive.changed() => if r.is_err() { return },
                 () = tokio::time::sleep(SETTLE) => break,
             }
         }

@@ -129,11 +129,13 @@ pub async fn agent_source(
 }
 
 /// Writes this node's per-address announcement status ([`crate::announce`]) until `shutdown`;
-/// `ownership` is the agent's published [`model::OwnershipView`].
+/// `ownership` is the agent's published [`model::OwnershipView`], `alive` the nodes its gossip
+/// sees up.
 pub async fn announcer(
     node: String,
     receivers: &source::Receivers,
     ownership: watch::Receiver<Arc<model::OwnershipView>>,
+    alive: watch::Receiver<crate::announce::Alive>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;
@@ -143,6 +145,7 @@ pub async fn announcer(
         receivers.desired.clone(),
         receivers.origins.clone(),
         ownership,
+        alive,
         shutdown,
     )
     .await;

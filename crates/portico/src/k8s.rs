@@ -163,10 +163,11 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let receivers = ipam::entry::agent_source(opts, shutdown.clone()).await?;
     // Per-address status for kubectl (`ServiceAnnouncement`) follows the agent's ownership view.
     let (own_tx, own_rx) = watch::channel(Arc::new(model::OwnershipView::new()));
+    let (alive_tx, alive_rx) = watch::channel(None);
     {
         let (receivers, stop) = (receivers.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = ipam::entry::announcer(node, &receivers, own_rx, stop).await {
+            if let Err(e) = ipam::entry::announcer(node, &receivers, own_rx, alive_rx, stop).await {
                 tracing::error!(
                     "ServiceAnnouncement writer stopped: {:#}",
                     anyhow::Error::from(e)
@@ -180,7 +181,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         receivers.desired.clone(),
         reload_error,
         own_tx,
-        probes,
+        crate::run::Hooks {
+            probes,
+            alive: Some(alive_tx),
+        },
         shutdown,
     )
     .await

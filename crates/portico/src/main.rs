@@ -222,7 +222,7 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let (own_tx, _) = watch::channel(Arc::new(model::OwnershipView::new()));
-    run::serve(desired_rx, err_rx, own_tx, None, shutdown).await
+    run::serve(desired_rx, err_rx, own_tx, run::Hooks::default(), shutdown).await
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

@@ -31,20 +31,31 @@ use crate::supervise::{Components as Supervised, supervise};
 /// How long the data path may drain after the agent has handed over, before exiting anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Extras of [`serve`] for the Kubernetes agent.
+#[derive(Default)]
+pub struct Hooks {
+    /// A second listener (`--metrics-host`/`--metrics-port`) serving `/metrics`, `/healthz`
+    /// and `/readyz` only.
+    pub probes: Option<tokio::net::TcpListener>,
+    /// Receives the names of the nodes the gossip sees up (states other than `down`, this
+    /// node included), for `ServiceAnnouncement` clean-up.
+    pub alive: Option<watch::Sender<ipam::announce::Alive>>,
+}
+
 /// Serves everything from `desired` until `shutdown`. Listen addresses come from the first
 /// desired config; `reload_error` carries the last rejected reload for `/status`.
 ///
 /// The caller owns the ownership channel (`own_tx`), so it can follow the agent's decisions
-/// too (the Kubernetes agent writes them to `ServiceAnnouncement` status). `probes`, when
-/// given, is a second listener (the Kubernetes agent's `--metrics-host`/`--metrics-port`) that
-/// serves `/metrics`, `/healthz` and `/readyz` only.
+/// too (the Kubernetes agent writes them to `ServiceAnnouncement` status); `hooks` carries what
+/// only the Kubernetes agent needs.
 pub async fn serve(
     desired: watch::Receiver<Arc<Desired>>,
     reload_error: watch::Receiver<Option<String>>,
     own_tx: watch::Sender<Arc<OwnershipView>>,
-    probes: Option<tokio::net::TcpListener>,
+    hooks: Hooks,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Hooks { probes, alive } = hooks;
     let first = desired.borrow().clone();
     let cfg = &first.config;
 
@@ -202,6 +213,36 @@ pub async fn serve(
         ),
         ready: ready_rx,
     };
+    if let Some(tx) = alive {
+        // The agent keeps its member list behind a lock; a coarse poll is enough for clean-up.
+        let (agent, stop) = (agent.clone(), rest_stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let members = agent.members();
+                if members.is_empty() {
+                    continue;
+                }
+                let up: std::collections::BTreeSet<String> = members
+                    .into_iter()
+                    .filter(|m| m.state != "down")
+                    .map(|m| m.name)
+                    .collect();
+                tx.send_if_modified(|cur| {
+                    if cur.as_deref() == Some(&up) {
+                        false
+                    } else {
+                        *cur = Some(Arc::new(up));
+                        true
+                    }
+                });
+            }
+        });
+    }
     if let Some(listener) = probes {
         // The same state and limits as the admin server, with the probe routes only.
         let stop = rest_stop.clone();

@@ -187,6 +187,88 @@ fn the_entries_of_a_deleted_node_are_removed_by_the_reporter_with_that_nodes_man
     );
 }
 
+fn up(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+#[test]
+fn the_entries_of_a_node_whose_agent_died_are_removed_and_a_dead_first_node_does_not_silence_reports()
+ {
+    // Three nodes; n1 (the first by name, the reporter while alive) owns s0, n3 owns s1.
+    let cfg = config(&["n1", "n2", "n3"], 3);
+    let o = origins(3);
+    let t0 = tokio::time::Instant::now();
+    let before = view(3, |i| {
+        [Some("n1".to_string()), Some("n3".into()), None][i].clone()
+    });
+    let mut n2 = Planner::new("n2");
+    n2.set_alive(up(&["n1", "n2", "n3"]), t0);
+    assert!(
+        n2.plan(&cfg, &before, &o).is_empty(),
+        "n2 owns nothing and is not the reporter"
+    );
+    // n1's agent dies (its Node stays): s0 moves to n2. n2 is now the first node that is up,
+    // so it reports s2's missing owner and removes n1's entries, with n1's field manager.
+    n2.set_alive(up(&["n2", "n3"]), t0 + Duration::from_secs(1));
+    let after = view(3, |i| {
+        [Some("n2".to_string()), Some("n3".into()), None][i].clone()
+    });
+    let w = n2.plan(&cfg, &after, &o);
+    let mut s = statuses(&w);
+    s.sort_by_key(|(n, _)| *n);
+    // n1's entries go from s0 (it owned it) and s2 (it reported it); n2 writes s0 and s2.
+    assert_eq!(s.len(), 4, "{s:?}");
+    assert_eq!(s[0], ("n1", &json!([])));
+    assert_eq!(s[1], ("n1", &json!([])));
+    assert_eq!((s[2].0, s[3].0), ("n2", "n2"));
+    assert!(
+        w.iter().any(|x| matches!(x, Write::Status { node, body, .. } if node == "n2" && body["status"]["nodes"][0]["addresses"][0]["reason"] == "noEligibleNode")),
+        "{w:?}"
+    );
+    assert!(n2.plan(&cfg, &after, &o).is_empty(), "once");
+    // n1 comes back (or the partition heals): every node writes its own entries again, in case
+    // a reporter that could not hear it removed them.
+    n2.set_alive(up(&["n1", "n2", "n3"]), t0 + Duration::from_secs(5));
+    let w = n2.plan(&cfg, &after, &o);
+    assert!(
+        statuses(&w)
+            .iter()
+            .any(|(n, b)| *n == "n2" && b[0]["owns"][0] == "198.18.0.0"),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn a_node_never_heard_from_is_cleaned_only_after_the_grace() {
+    // At start every peer not yet heard from reads as down: n1 is still the reporter and its
+    // entries stay until it has been silent for DOWN_GRACE.
+    let cfg = config(&["n1", "n2"], 1);
+    let o = origins(1);
+    let t0 = tokio::time::Instant::now();
+    let existing: ServiceAnnouncement = serde_json::from_value(json!({
+        "apiVersion": "portico.dev/v1alpha1", "kind": "ServiceAnnouncement",
+        "metadata": {"name": "s0", "namespace": "shop",
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "s0", "uid": "u0"}]},
+        "spec": {"service": "s0"},
+        "status": {"nodes": [
+            {"node": "n1", "owns": ["198.18.0.0"], "addresses": [{"address": "198.18.0.0", "reason": "owner"}]},
+        ]},
+    }))
+    .unwrap();
+    let mut n2 = Planner::new("n2");
+    n2.prime(&[existing]);
+    n2.set_alive(up(&["n2"]), t0);
+    let ownership = view(1, |_| Some("n1".into()));
+    assert!(n2.plan(&cfg, &ownership, &o).is_empty());
+    n2.set_alive(up(&["n2"]), t0 + DOWN_GRACE - Duration::from_millis(1));
+    assert!(n2.plan(&cfg, &ownership, &o).is_empty(), "within the grace");
+    n2.set_alive(up(&["n2"]), t0 + DOWN_GRACE);
+    assert_eq!(
+        statuses(&n2.plan(&cfg, &ownership, &o)),
+        [("n1", &json!([]))]
+    );
+}
+
 #[test]
 fn after_a_restart_a_stale_entry_of_this_node_is_removed_and_so_are_those_of_deleted_nodes() {
     let existing: ServiceAnnouncement = serde_json::from_value(json!({
@@ -305,6 +387,11 @@ fn writes_stay_proportional_to_changes_for_100_nodes_and_1000_services() {
             .sum()
     };
     let cfgs = cfg_without(None);
+    let t0 = tokio::time::Instant::now();
+    let everybody: BTreeSet<String> = names.iter().cloned().collect();
+    for p in planners.iter_mut() {
+        p.set_alive(everybody.clone(), t0);
+    }
     let spread = view(SERVICES, |i| Some(names[i % NODES].clone()));
     let start = round(&mut planners, &cfgs, &spread, &o, None);
     // Every Service: its object and its owner's entry, once.
@@ -314,15 +401,25 @@ fn writes_stay_proportional_to_changes_for_100_nodes_and_1000_services() {
         0,
         "steady state"
     );
-    // n007 dies: its 10 addresses move to n008, then its Node is deleted.
+    // n007's agent dies: its 10 addresses move to n008, and the reporter removes n007's 10
+    // entries; deleting its Node later writes nothing more.
+    let mut survivors = everybody.clone();
+    survivors.remove("n007");
+    for p in planners.iter_mut() {
+        p.set_alive(survivors.clone(), t0 + Duration::from_secs(1));
+    }
     let moved = view(SERVICES, |i| {
         Some(names[if i % NODES == 7 { 8 } else { i % NODES }].clone())
     });
     let failover = round(&mut planners, &cfgs, &moved, &o, Some("n007"));
-    assert_eq!(failover, 2 * 10, "n008's 10 objects and entries");
+    assert_eq!(
+        failover,
+        2 * 10 + 10,
+        "n008's 10 objects and entries, n007's 10 entries removed"
+    );
     let cfgs = cfg_without(Some("n007"));
     let deleted = round(&mut planners, &cfgs, &moved, &o, Some("n007"));
-    assert_eq!(deleted, 10, "the reporter removes n007's 10 entries");
+    assert_eq!(deleted, 0, "already clean when the Node is deleted");
     // One Service loses its endpoints: its owner removes its entry, the reporter says why.
     let mut gone = moved.clone();
     gone.insert(vip(5), owned(None, "noEligibleNode"));
@@ -333,7 +430,7 @@ fn writes_stay_proportional_to_changes_for_100_nodes_and_1000_services() {
         "n005 removes its entry; n000 writes the object and the reason"
     );
     println!(
-        "100 nodes x 1000 services: start {start} writes, steady 0, failover of a node owning 10: {failover} + {deleted} after its Node is deleted, a Service losing its endpoints: {withdrawn}"
+        "100 nodes x 1000 services: start {start} writes, steady 0, failover of a node owning 10: {failover} (then {deleted} when its Node is deleted), a Service losing its endpoints: {withdrawn}"
     );
 }
 
@@ -379,12 +476,14 @@ async fn each_agent_applies_its_entry_with_its_own_field_manager() {
     let (_o, origins) = watch::channel(Arc::new(origins(1)));
     let (_w, ownership) = watch::channel(Arc::new(view(1, |_| Some("n1".into()))));
     let shutdown = CancellationToken::new();
+    let (_a, alive) = watch::channel(None);
     let task = tokio::spawn(run(
         client,
         "n1".into(),
         desired,
         origins,
         ownership,
+        alive,
         shutdown.clone(),
     ));
     timeout_after_1s(server).await;
