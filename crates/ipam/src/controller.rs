@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt as _, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -39,6 +39,13 @@ pub const EVENTS_IN_FLIGHT: usize = 32;
 /// Pool status writes wait this long and are merged: a burst of allocations writes each pool's
 /// status once, not once per allocation (it was one of three serial writes per allocation).
 pub const POOL_STATUS_DELAY: Duration = Duration::from_millis(500);
+
+/// Service writes in flight at once (for distinct Services): a burst of creates is allocated
+/// in waves instead of one write after another.
+pub const WRITES_IN_FLIGHT: usize = 16;
+
+/// Inputs read at once from the watches when they are ready (a burst), decided together.
+pub const BATCH: usize = 256;
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +147,24 @@ impl Driver {
 
     /// Feeds one input and performs the resulting writes.
     pub async fn handle(&mut self, input: Input) {
+        let actions = self.decide(input);
+        self.execute(actions).await;
+    }
+
+    /// Feeds several inputs (a burst read from the watches at once) and performs all their
+    /// writes together, [`WRITES_IN_FLIGHT`] Services at a time.
+    pub async fn handle_batch(&mut self, inputs: Vec<Input>) {
+        let mut actions = Vec::new();
+        for input in inputs {
+            actions.extend(self.decide(input));
+        }
+        self.execute(actions).await;
+    }
+
+    /// Feeds one input to the state and returns the writes it decided.
+    fn decide(&mut self, input: Input) -> Vec<Action> {
         let now = Timestamp::now();
-        let actions = match input {
+        match input {
             Input::Service(ev) => match ev {
                 Event::Init => {
                     self.buffers.services = Some(Vec::new());
@@ -211,72 +234,106 @@ impl Driver {
                 }
                 out
             }
-        };
-        self.execute(actions).await;
+        }
     }
 
     /// Performs writes; a conflict re-reads the Service and decides again.
+    ///
+    /// Writes go out in waves of up to [`WRITES_IN_FLIGHT`] distinct Services at once; the
+    /// actions of one Service keep their order (one that must wait holds back the later ones of
+    /// the same Service, its Events included). Results are handled in order.
     async fn execute(&mut self, actions: Vec<Action>) {
         let mut queue: VecDeque<Action> = actions.into();
         let mut conflicts = 0;
-        while let Some(action) = queue.pop_front() {
-            log_decision(&action);
-            if let Action::Event { reason, .. } = &action {
-                self.metrics.decided(reason);
-                self.publish(action).await;
-                continue;
-            }
-            if let Action::PatchPoolStatus { name, patch } = action {
-                self.state.assume_pool_status(&name, &patch);
-                self.pending_pools.insert(name, patch);
-                self.pools_due
-                    .get_or_insert_with(|| tokio::time::Instant::now() + POOL_STATUS_DELAY);
-                continue;
-            }
-            match self.write(&action).await {
-                Ok(()) => {
-                    if let Some(failures) = self.outage.recovered() {
-                        tracing::info!(failures, "writes succeed again");
+        while !queue.is_empty() {
+            let mut wave: Vec<(ServiceKey, Action)> = Vec::new();
+            let mut busy: BTreeSet<ServiceKey> = BTreeSet::new();
+            let mut later: VecDeque<Action> = VecDeque::new();
+            while let Some(action) = queue.pop_front() {
+                let key = action_key(&action);
+                let blocked = key.as_ref().is_some_and(|k| busy.contains(k));
+                match action {
+                    Action::PatchPoolStatus { name, patch } => {
+                        self.state.assume_pool_status(&name, &patch);
+                        self.pending_pools.insert(name, patch);
+                        self.pools_due.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + POOL_STATUS_DELAY
+                        });
+                    }
+                    a @ Action::Event { .. } if !blocked => {
+                        log_decision(&a);
+                        if let Action::Event { reason, .. } = &a {
+                            self.metrics.decided(reason);
+                        }
+                        self.publish(a).await;
+                    }
+                    a if !blocked && wave.len() < WRITES_IN_FLIGHT => {
+                        log_decision(&a);
+                        let k = key.expect("Service writes have a key");
+                        busy.insert(k.clone());
+                        wave.push((k, a));
+                    }
+                    a => {
+                        busy.extend(key);
+                        later.push_back(a);
                     }
                 }
-                Err(WriteError::Conflict(key)) if conflicts < 5 => {
-                    conflicts += 1;
-                    let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
-                    match api.get_opt(&key.name).await {
-                        Ok(Some(fresh)) => {
-                            // Writes queued for the stale object are decided again from the fresh one.
-                            queue.retain(|a| action_key(a).as_ref() != Some(&key));
-                            let again = self.state.conflict(fresh, Timestamp::now());
-                            // Newer pool reports replace queued ones; the retry goes first.
-                            queue.retain(|a| !again.iter().any(|b| same_pool(a, b)));
-                            for a in again.into_iter().rev() {
-                                queue.push_front(a);
+            }
+            queue = later;
+            let client = self.client.clone();
+            let results =
+                futures::future::join_all(wave.iter().map(|(_, a)| send(&client, a))).await;
+            for ((key, action), r) in wave.into_iter().zip(results) {
+                let what = match action {
+                    Action::PatchService { .. } => "spec.externalIPs",
+                    _ => "status",
+                };
+                match self.after_service_write(&key, what, r) {
+                    Ok(()) => {
+                        if let Some(failures) = self.outage.recovered() {
+                            tracing::info!(failures, "writes succeed again");
+                        }
+                    }
+                    Err(WriteError::Conflict(key)) if conflicts < 5 => {
+                        conflicts += 1;
+                        let api: Api<Service> =
+                            Api::namespaced(self.client.clone(), &key.namespace);
+                        match api.get_opt(&key.name).await {
+                            Ok(Some(fresh)) => {
+                                // Writes queued for the stale object are decided again from the fresh one.
+                                queue.retain(|a| action_key(a).as_ref() != Some(&key));
+                                let again = self.state.conflict(fresh, Timestamp::now());
+                                // Newer pool reports replace queued ones; the retry goes first.
+                                queue.retain(|a| !again.iter().any(|b| same_pool(a, b)));
+                                for a in again.into_iter().rev() {
+                                    queue.push_front(a);
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(service = %key, error = %crate::outage::describe(&e), "cannot re-read Service after a conflict");
+                                self.failed.insert(key);
                             }
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(service = %key, error = %crate::outage::describe(&e), "cannot re-read Service after a conflict");
-                            self.failed.insert(key);
+                    }
+                    Err(WriteError::Conflict(key)) => {
+                        self.failed.insert(key);
+                    }
+                    Err(WriteError::Pool(e)) => {
+                        tracing::debug!(error = %e, "pool status write failed");
+                        self.metrics.write_failures.inc();
+                        self.pools_failed = true;
+                    }
+                    Err(WriteError::Other(key, e)) => {
+                        self.metrics.write_failures.inc();
+                        if self.outage.failed() {
+                            tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
+                        } else {
+                            tracing::debug!(error = %e, "write failed; retrying later");
                         }
-                    }
-                }
-                Err(WriteError::Conflict(key)) => {
-                    self.failed.insert(key);
-                }
-                Err(WriteError::Pool(e)) => {
-                    tracing::debug!(error = %e, "pool status write failed");
-                    self.metrics.write_failures.inc();
-                    self.pools_failed = true;
-                }
-                Err(WriteError::Other(key, e)) => {
-                    self.metrics.write_failures.inc();
-                    if self.outage.failed() {
-                        tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
-                    } else {
-                        tracing::debug!(error = %e, "write failed; retrying later");
-                    }
-                    if let Some(k) = key {
-                        self.failed.insert(k);
+                        if let Some(k) = key {
+                            self.failed.insert(k);
+                        }
                     }
                 }
             }
@@ -391,16 +448,12 @@ impl Driver {
     async fn write(&mut self, action: &Action) -> Result<(), WriteError> {
         let pp = PatchParams::default();
         match action {
-            Action::PatchServiceStatus { key, patch } => {
-                let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
-                let r = api
-                    .patch_status(&key.name, &pp, &Patch::Strategic(patch))
-                    .await;
+            Action::PatchServiceStatus { key, .. } => {
+                let r = send(&self.client, action).await;
                 self.after_service_write(key, "status", r)
             }
-            Action::PatchService { key, patch } => {
-                let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
-                let r = api.patch(&key.name, &pp, &Patch::Merge(patch)).await;
+            Action::PatchService { key, .. } => {
+                let r = send(&self.client, action).await;
                 self.after_service_write(key, "spec.externalIPs", r)
             }
             // Published concurrently by `publish`.
@@ -484,6 +537,26 @@ fn decision_line(action: &Action) -> Option<(String, &'static str, String)> {
         reason,
         format!("{object}: {reason} ({verdict}): {note}"),
     ))
+}
+
+/// Sends one Service write (`PatchServiceStatus` or `PatchService`); other actions are not
+/// Service writes and are refused without a request.
+async fn send(client: &Client, action: &Action) -> Result<Service, kube::Error> {
+    let pp = PatchParams::default();
+    match action {
+        Action::PatchServiceStatus { key, patch } => {
+            let api: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
+            api.patch_status(&key.name, &pp, &Patch::Strategic(patch))
+                .await
+        }
+        Action::PatchService { key, patch } => {
+            let api: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
+            api.patch(&key.name, &pp, &Patch::Merge(patch)).await
+        }
+        Action::Event { .. } | Action::PatchPoolStatus { .. } => Err(kube::Error::Service(
+            "not a Service write".into(),
+        )),
+    }
 }
 
 fn write_error(key: Option<ServiceKey>, what: String, source: kube::Error) -> WriteError {
@@ -601,7 +674,17 @@ pub async fn run_with_metrics(
                     break;
                 }
                 ev = events.next() => match ev {
-                    Some(input) => driver.handle(input).await,
+                    Some(input) => {
+                        // Whatever else is ready already joins it: a burst is written in waves.
+                        let mut batch = vec![input];
+                        while batch.len() < BATCH {
+                            match events.next().now_or_never() {
+                                Some(Some(more)) => batch.push(more),
+                                _ => break,
+                            }
+                        }
+                        driver.handle_batch(batch).await;
+                    }
                     None => break,
                 },
                 () = async {
