@@ -256,9 +256,8 @@ impl Driver {
                     Action::PatchPoolStatus { name, patch } => {
                         self.state.assume_pool_status(&name, &patch);
                         self.pending_pools.insert(name, patch);
-                        self.pools_due.get_or_insert_with(|| {
-                            tokio::time::Instant::now() + POOL_STATUS_DELAY
-                        });
+                        self.pools_due
+                            .get_or_insert_with(|| tokio::time::Instant::now() + POOL_STATUS_DELAY);
                     }
                     a @ Action::Event { .. } if !blocked => {
                         log_decision(&a);
@@ -553,9 +552,9 @@ async fn send(client: &Client, action: &Action) -> Result<Service, kube::Error> 
             let api: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
             api.patch(&key.name, &pp, &Patch::Merge(patch)).await
         }
-        Action::Event { .. } | Action::PatchPoolStatus { .. } => Err(kube::Error::Service(
-            "not a Service write".into(),
-        )),
+        Action::Event { .. } | Action::PatchPoolStatus { .. } => {
+            Err(kube::Error::Service("not a Service write".into()))
+        }
     }
 }
 

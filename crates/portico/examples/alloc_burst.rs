@@ -66,7 +66,8 @@ async fn round(portico: &str, services: usize, r: usize) -> anyhow::Result<()> {
     server.apply_yaml(NAMESPACE_YAML)?;
     server.apply_yaml(CRDS_YAML)?;
     server.apply_yaml(RBAC_YAML)?;
-    server.inject(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}}))?;
+    server
+        .inject(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}}))?;
     server.inject(json!({
         "apiVersion": "portico.dev/v1alpha1", "kind": "IPPool",
         "metadata": {"name": "burst"}, "spec": {"addresses": ["198.18.0.0/20"]},
@@ -97,10 +98,18 @@ async fn round(portico: &str, services: usize, r: usize) -> anyhow::Result<()> {
     // Ready: it holds the Lease.
     let until = Instant::now() + Duration::from_secs(30);
     while server
-        .get("coordination.k8s.io/v1", "Lease", Some(SYSTEM_NS), "portico-controller")
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some(SYSTEM_NS),
+            "portico-controller",
+        )
         .is_none_or(|l| l["spec"]["holderIdentity"].is_null())
     {
-        anyhow::ensure!(Instant::now() < until, "the controller took no Lease in 30 s");
+        anyhow::ensure!(
+            Instant::now() < until,
+            "the controller took no Lease in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let config = kube::Config::from_custom_kubeconfig(
@@ -182,7 +191,10 @@ async fn round(portico: &str, services: usize, r: usize) -> anyhow::Result<()> {
         percentile(&waits, 0.9).as_secs_f64() * 1e3,
         percentile(&waits, 0.99).as_secs_f64() * 1e3,
         waits.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-        last_address.saturating_duration_since(last_create).as_secs_f64() * 1e3,
+        last_address
+            .saturating_duration_since(last_create)
+            .as_secs_f64()
+            * 1e3,
         requests as f64 / addressed.len().max(1) as f64,
         cpu * 1e3 / addressed.len().max(1) as f64,
         loadavg(),
@@ -190,7 +202,10 @@ async fn round(portico: &str, services: usize, r: usize) -> anyhow::Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    anyhow::ensure!(addressed.len() == services, "not every Service got an address in 120 s");
+    anyhow::ensure!(
+        addressed.len() == services,
+        "not every Service got an address in 120 s"
+    );
     Ok(())
 }
 
@@ -203,9 +218,9 @@ fn tempdir(r: usize) -> std::io::Result<std::path::PathBuf> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let portico = args
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("usage: alloc_burst <portico binary> [services] [rounds]"))?;
+    let portico = args.next().ok_or_else(|| {
+        anyhow::anyhow!("usage: alloc_burst <portico binary> [services] [rounds]")
+    })?;
     let services: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1000);
     let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     for r in 1..=rounds {

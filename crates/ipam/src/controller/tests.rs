@@ -597,3 +597,67 @@ async fn a_burst_of_1000_creates_with_a_2ms_api_allocates_in_about_two_seconds()
         "{last:?}"
     );
 }
+
+#[tokio::test]
+async fn a_burst_is_written_in_waves_not_one_write_after_another() {
+    // Two Services arrive in one batch: both status writes are in flight before either is
+    // answered (serial writes would leave the second unsent until the first is answered).
+    let (client, mut api) = mock_client();
+    let server = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        for _ in 0..2 {
+            let (request, send) =
+                tokio::time::timeout(Duration::from_secs(1), api.0.next_request())
+                    .await
+                    .expect("both writes are in flight at once")
+                    .expect("the client sent a request");
+            assert_eq!(request.method(), "PATCH");
+            let path = request.uri().path().to_string();
+            assert!(path.ends_with("/status"), "{path}");
+            pending.push((path, send));
+        }
+        let mut paths: Vec<&str> = pending.iter().map(|(p, _)| p.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "/api/v1/namespaces/default/services/api/status",
+                "/api/v1/namespaces/default/services/web/status"
+            ]
+        );
+        for (path, send) in pending {
+            let name = if path.contains("/api/status") {
+                "api"
+            } else {
+                "web"
+            };
+            let svc = fixtures::service("default", name)
+                .load_balancer(LB_CLASS)
+                .version("2");
+            send.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(serde_json::to_vec(&svc).unwrap()))
+                    .unwrap(),
+            );
+        }
+        // Then each Service's Event, after its write.
+        for _ in 0..2 {
+            let ev = api.expect("POST", EVENTS, 201, json!({})).await;
+            assert_eq!(ev.body["reason"], "IPAllocated");
+        }
+    });
+    let mut d = Driver::new(client, Scope::default(), None);
+    prime(&mut d).await;
+    d.handle(Input::Service(Event::Init)).await;
+    d.handle(Input::Service(Event::InitDone)).await;
+    d.handle_batch(vec![
+        Input::Service(Event::Apply(web())),
+        Input::Service(Event::Apply(
+            fixtures::service("default", "api").load_balancer(LB_CLASS),
+        )),
+    ])
+    .await;
+    d.settle_events().await;
+    timeout_after_1s(server).await;
+}
