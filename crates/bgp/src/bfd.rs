@@ -30,6 +30,8 @@
 //! (single-hop sessions are protected by GTSM, TTL 255, RFC 5881 §5), so a packet with the A bit
 //! is discarded here.
 
+pub mod session;
+
 /// The length of a control packet without authentication.
 pub const LEN: usize = 24;
 
