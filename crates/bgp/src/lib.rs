@@ -14,5 +14,6 @@
 pub mod bfd;
 pub mod message;
 mod prefix;
+pub mod session;
 
 pub use prefix::Prefix;

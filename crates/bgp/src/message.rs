@@ -30,7 +30,7 @@ mod attributes;
 mod open;
 
 pub use attributes::{AsSegment, Attribute, LargeCommunity, Origin, Update};
-pub use open::{Capability, GracefulRestart, Open};
+pub use open::{AS_TRANS, Capability, GracefulRestart, Open};
 
 /// The header's size; also the whole of a KEEPALIVE.
 pub const HEADER_LEN: usize = 19;
