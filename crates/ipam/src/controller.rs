@@ -227,6 +227,7 @@ impl Driver {
                 continue;
             }
             if let Action::PatchPoolStatus { name, patch } = action {
+                self.metrics.pool_reported(&name, &patch);
                 self.state.assume_pool_status(&name, &patch);
                 self.pending_pools.insert(name, patch);
                 self.pools_due
