@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use model::StatusReport;
+use model::events::Event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -38,6 +39,15 @@ pub enum ClientError {
     /// `/status` was not a status report.
     #[error("the admin API sent a status report this portico cannot read")]
     Json(#[source] serde_json::Error),
+    /// A line of `/events` was not an event.
+    #[error("the admin API sent an event this portico cannot read: {line}")]
+    EventJson {
+        /// The line.
+        line: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// An HTTP response.
@@ -116,6 +126,27 @@ pub async fn status(addr: SocketAddr) -> Result<StatusReport, ClientError> {
         });
     }
     serde_json::from_str(&r.body).map_err(ClientError::Json)
+}
+
+/// Fetches the kept events after sequence number `since` (`/events?since=N`), oldest first.
+pub async fn events(addr: SocketAddr, since: u64) -> Result<Vec<Event>, ClientError> {
+    let r = get(addr, &format!("/events?since={since}")).await?;
+    if r.status != 200 {
+        return Err(ClientError::Status {
+            status: r.status,
+            body: r.body,
+        });
+    }
+    r.body
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).map_err(|source| ClientError::EventJson {
+                line: l.to_string(),
+                source,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Admin HTTP server (`/metrics`, `/healthz`, `/readyz`, `/status`) and its small client.
+//! Admin HTTP server (`/metrics`, `/healthz`, `/readyz`, `/status`, `/events` and the web
+//! console on `/`) and its small client.
 //!
 //! The server takes an already-bound listener and a shutdown token (mini-redis style): the
 //! binary binds `admin.listen`, tests bind `127.0.0.1:0`. It never reaches into a source: it
@@ -6,6 +7,7 @@
 //! Connections are bounded (count, per client, header-read and idle timeouts): see [`limits`].
 
 pub mod client;
+pub mod console;
 pub mod limits;
 
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use axum::routing::get;
 use limits::GuardedListener;
 pub use limits::{AdminLimits, AdminMetrics};
 use model::StatusReport;
+use model::events::EventLog;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,16 +38,36 @@ pub struct AdminState {
     pub status: StatusProvider,
     /// True once the first configuration is applied.
     pub ready: watch::Receiver<bool>,
+    /// The event timeline (`/events`, the console).
+    pub events: EventLog,
 }
 
-/// The admin routes.
+/// The admin routes (console streams end only when their clients leave: see [`serve_with`]).
 pub fn router(state: AdminState) -> Router {
+    router_with(state, AdminMetrics::default(), CancellationToken::new())
+}
+
+/// The admin routes; console streams end at `shutdown`.
+fn router_with(state: AdminState, counters: AdminMetrics, shutdown: CancellationToken) -> Router {
+    let console = console::Console {
+        state: state.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(console::MAX_STREAMS)),
+        metrics: counters,
+        shutdown,
+    };
+    let pages = Router::new()
+        .route("/", get(console::index))
+        .route("/console", get(console::index))
+        .route("/console/stream", get(console::stream))
+        .route("/events", get(console::events))
+        .with_state(console);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .with_state(state)
+        .merge(pages)
 }
 
 /// The routes for a port reachable from outside the node (a Kubernetes agent's metrics port on
@@ -98,7 +121,8 @@ pub async fn serve_with(
     metrics: AdminMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_routes(listener, router(state), limits, metrics, shutdown).await
+    let routes = router_with(state, metrics.clone(), shutdown.clone());
+    serve_routes(listener, routes, limits, metrics, shutdown).await
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -155,6 +179,7 @@ mod tests {
                 ..Default::default()
             }),
             ready: rx,
+            events: EventLog::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -170,6 +195,7 @@ mod tests {
             registry: Arc::new(Registry::default()),
             status: Arc::new(StatusReport::default),
             ready: rx,
+            events: EventLog::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -66,6 +66,7 @@ enum Closed {
     Evicted,
     HeaderTimeout,
     IdleTimeout,
+    StreamLimit,
 }
 
 impl Closed {
@@ -76,6 +77,7 @@ impl Closed {
             Closed::Evicted => "evicted",
             Closed::HeaderTimeout => "headerTimeout",
             Closed::IdleTimeout => "idleTimeout",
+            Closed::StreamLimit => "streamLimit",
         }
     }
 }
@@ -99,7 +101,7 @@ impl AdminMetrics {
         );
         r.register(
             "connections_closed",
-            "Admin API connections closed by the server's bounds, by reason (tableFull, clientLimit: refused at accept; evicted: idle, closed for a newcomer; headerTimeout, idleTimeout)",
+            "Admin API connections closed by the server's bounds, by reason (tableFull, clientLimit: refused at accept; evicted: idle, closed for a newcomer; headerTimeout, idleTimeout; streamLimit: a console stream refused with 503)",
             m.closed.clone(),
         );
         m
@@ -107,6 +109,11 @@ impl AdminMetrics {
 
     fn closed(&self, why: Closed) {
         self.closed.get_or_create(&[("reason", why.as_str())]).inc();
+    }
+
+    /// Counts a console stream refused at its bound.
+    pub(crate) fn stream_refused(&self) {
+        self.closed(Closed::StreamLimit);
     }
 
     /// Open connections now.

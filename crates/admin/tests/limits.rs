@@ -30,6 +30,7 @@ async fn start(limits: AdminLimits) -> Server {
         registry: Arc::new(Registry::default()),
         status: Arc::new(StatusReport::default),
         ready: rx,
+        events: model::events::EventLog::default(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -254,6 +254,7 @@ impl Driver {
                 let blocked = key.as_ref().is_some_and(|k| busy.contains(k));
                 match action {
                     Action::PatchPoolStatus { name, patch } => {
+                        self.metrics.pool_reported(&name, &patch);
                         self.state.assume_pool_status(&name, &patch);
                         self.pending_pools.insert(name, patch);
                         self.pools_due

@@ -16,6 +16,18 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// `{pool, family, state}` of a pool's address count: family `ipv4`/`ipv6`, state
+/// `assigned`/`available`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Pool name.
+    pub pool: String,
+    /// `ipv4` or `ipv6`.
+    pub family: &'static str,
+    /// `assigned` or `available`.
+    pub state: &'static str,
+}
+
 /// The controller's metrics; clones share the series.
 #[derive(Clone, Debug, Default)]
 pub struct ControllerMetrics {
@@ -27,6 +39,8 @@ pub struct ControllerMetrics {
     pub write_failures: Counter,
     /// Pool status writes (merged per pool over a short delay).
     pub pool_status_writes: Counter,
+    /// Addresses of each pool, assigned and available, as last reported in its status.
+    pub pool_addresses: Family<PoolLabels, Gauge>,
 }
 
 impl ControllerMetrics {
@@ -54,7 +68,33 @@ impl ControllerMetrics {
             "IPPool status writes (merged per pool over 0.5 s)",
             m.pool_status_writes.clone(),
         );
+        r.register(
+            "pool_addresses",
+            "Addresses of each IPPool by family (ipv4, ipv6) and state (assigned, available), as in its status",
+            m.pool_addresses.clone(),
+        );
         m
+    }
+
+    /// Sets the pool gauges from a pool status patch (`{"status": {"assignedIPv4": …}}`).
+    pub fn pool_reported(&self, pool: &str, patch: &serde_json::Value) {
+        let status = &patch["status"];
+        for (family, state, field) in [
+            ("ipv4", "assigned", "assignedIPv4"),
+            ("ipv4", "available", "availableIPv4"),
+            ("ipv6", "assigned", "assignedIPv6"),
+            ("ipv6", "available", "availableIPv6"),
+        ] {
+            if let Some(n) = status[field].as_i64() {
+                self.pool_addresses
+                    .get_or_create(&PoolLabels {
+                        pool: pool.to_string(),
+                        family,
+                        state,
+                    })
+                    .set(n);
+            }
+        }
     }
 
     /// Counts one decision.
@@ -80,6 +120,10 @@ mod tests {
         m.decided("IPAllocated");
         m.decided("PoolExhausted");
         m.write_failures.inc();
+        m.pool_reported(
+            "default",
+            &serde_json::json!({"status": {"assignedIPv4": 3, "availableIPv4": 7}}),
+        );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains("portico_controller_leading 1"), "{text}");
@@ -89,6 +133,12 @@ mod tests {
         );
         assert!(
             text.contains("portico_controller_write_failures_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "portico_controller_pool_addresses{pool=\"default\",family=\"ipv4\",state=\"available\"} 7"
+            ),
             "{text}"
         );
     }

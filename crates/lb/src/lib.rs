@@ -521,6 +521,8 @@ impl LoadBalancer {
                 active_connections: u64::from(b.active.load(Ordering::Relaxed)),
                 total_connections: b.total.load(Ordering::Relaxed),
                 connect_failures: b.failures.load(Ordering::Relaxed),
+                bytes_to_backend: b.metrics.bytes_to_backend.get(),
+                bytes_to_client: b.metrics.bytes_to_client.get(),
             })
             .collect();
         Some(ServiceStatus {

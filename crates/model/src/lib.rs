@@ -7,12 +7,15 @@
 //!   error with its path, line and column, and what would be valid.
 //! - [`state`]: the spine's snapshots (desired state, health and ownership observations) and the
 //!   status report served on `/status`.
+//! - [`events`]: the bounded event timeline (`/events`, the console), derived by diffing
+//!   status reports.
 //! - [`reload`]: which changed fields a running node can only take on a restart.
 //! - [`yaml`]: a YAML tree that keeps each node's line and column, read with `saphyr-parser`.
 //! - [`duration`]: human durations (`"250ms"`, `"2s"`).
 
 pub mod config;
 pub mod duration;
+pub mod events;
 pub mod reload;
 pub mod service;
 pub mod state;

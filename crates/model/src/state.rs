@@ -183,6 +183,12 @@ pub struct BackendStatus {
     pub total_connections: u64,
     /// Failed connects.
     pub connect_failures: u64,
+    /// Bytes relayed towards the backend.
+    #[serde(default)]
+    pub bytes_to_backend: u64,
+    /// Bytes relayed towards the clients.
+    #[serde(default)]
+    pub bytes_to_client: u64,
 }
 
 /// Which addresses the DNS server publishes for a service right now.

@@ -115,6 +115,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             ..model::StatusReport::default()
         }),
         ready,
+        events: model::events::EventLog::default(),
     };
     tokio::spawn(admin::serve(listener, state, shutdown.clone()));
     ipam::entry::controller(opts, metrics, ready_tx, shutdown).await?;

@@ -1,9 +1,11 @@
 //! The `portico` binary: bare-metal external-IP load balancer.
 
 mod demo;
+mod follow;
 mod k8s;
 mod lab;
 mod metrics;
+mod observe;
 mod run;
 mod source;
 mod supervise;
@@ -79,6 +81,10 @@ enum Command {
         /// Print the raw JSON report instead of tables.
         #[arg(long)]
         json: bool,
+        /// Then follow the event timeline (ownership moves, health, ejections, reloads,
+        /// conflicts), one line per event, until interrupted (with --json: JSON lines).
+        #[arg(long)]
+        watch: bool,
     },
     /// Print the version.
     Version,
@@ -161,13 +167,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Status { admin, json } => {
+        Command::Status { admin, json, watch } => {
             let addr = run::parse_admin_url(&admin).map_err(anyhow::Error::msg)?;
             let report = admin::client::status(addr).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", table::render(&report));
+            }
+            if watch {
+                follow::follow(addr, json).await?;
             }
             Ok(ExitCode::SUCCESS)
         }

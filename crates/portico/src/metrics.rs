@@ -15,6 +15,7 @@ pub struct ConfigMetrics {
     generation: Gauge,
     reloads: Counter,
     rejected: Counter,
+    failing: Gauge,
 }
 
 impl ConfigMetrics {
@@ -36,6 +37,11 @@ impl ConfigMetrics {
             "reload_failures",
             "Reloads rejected as invalid (the running config was kept)",
             m.rejected.clone(),
+        );
+        r.register(
+            "reload_failing",
+            "1 while the last reload was rejected (the running config is kept), 0 once one applies",
+            m.failing.clone(),
         );
         m
     }
@@ -59,9 +65,11 @@ impl ConfigMetrics {
                 }
                 r = reload_error.changed() => {
                     if r.is_err() { return; }
-                    if reload_error.borrow_and_update().is_some() {
+                    let failing = reload_error.borrow_and_update().is_some();
+                    if failing {
                         self.rejected.inc();
                     }
+                    self.failing.set(i64::from(failing));
                 }
             }
         }
@@ -78,6 +86,7 @@ mod tests {
         "crates/dns/src/metrics.rs",
         "crates/admin/src/limits.rs",
         "crates/ipam/src/metrics.rs",
+        "crates/portico/src/observe.rs",
     ];
 
     fn root() -> std::path::PathBuf {

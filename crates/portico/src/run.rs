@@ -71,6 +71,8 @@ pub async fn serve(
     let agent = agent::Agent::new(&mut registry).with_binder(agent::udp_binder());
     let dns = dns::DnsServer::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
+    let observe_metrics = crate::observe::ObserveMetrics::register(&mut registry);
+    let events = model::events::EventLog::new(model::events::DEFAULT_CAPACITY);
 
     // Bind everything up front so that a bad address fails start-up with a clear error.
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
@@ -197,21 +199,29 @@ pub async fn serve(
             },
         ));
     }
+    let status = status_provider(
+        desired.clone(),
+        reload_error,
+        health_rx,
+        own_rx,
+        Components {
+            lb: lb.clone(),
+            agent: agent.clone(),
+            dns: dns.clone(),
+        },
+        ready_rx.clone(),
+    );
+    tasks.spawn(crate::observe::observe(
+        status.clone(),
+        events.clone(),
+        observe_metrics,
+        rest_stop.clone(),
+    ));
     let state = AdminState {
         registry: Arc::new(registry),
-        status: status_provider(
-            desired.clone(),
-            reload_error,
-            health_rx,
-            own_rx,
-            Components {
-                lb: lb.clone(),
-                agent: agent.clone(),
-                dns: dns.clone(),
-            },
-            ready_rx.clone(),
-        ),
+        status,
         ready: ready_rx,
+        events,
     };
     if let Some(tx) = alive {
         // The agent keeps its member list behind a lock; a coarse poll is enough for clean-up.
@@ -444,6 +454,8 @@ fn status_provider(
                             active_connections: 0,
                             total_connections: 0,
                             connect_failures: 0,
+                            bytes_to_backend: 0,
+                            bytes_to_client: 0,
                         })
                         .collect(),
                     panic_mode: false,

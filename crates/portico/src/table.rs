@@ -204,6 +204,8 @@ mod tests {
                     active_connections: 3,
                     total_connections: 9,
                     connect_failures: 1,
+                    bytes_to_backend: 0,
+                    bytes_to_client: 0,
                 }],
                 panic_mode: false,
             }],
