@@ -1,7 +1,8 @@
-//! The codecs against real BGP speakers from Debian (GoBGP's `gobgpd`, BIRD 2): a session is
-//! opened by hand over TCP on loopback — our OPEN, their OPEN decoded, KEEPALIVEs — then an IPv4
-//! and an IPv6 host route are announced and withdrawn with our UPDATEs, and the peer's own RIB
-//! (its CLI) must show them come and go. Every message the peer sends is decoded with our codec.
+//! The session state machine and codecs against real BGP speakers from Debian (GoBGP's
+//! `gobgpd`, BIRD 2), driven by a thin blocking driver over TCP on loopback: the session comes
+//! up (OPENs with capabilities, KEEPALIVEs), an IPv4 and an IPv6 host route are announced and
+//! withdrawn, and the peer's own RIB (its CLI) must show them come and go; keepalives keep it
+//! up; a stop sends a Cease. Every message the peer sends goes through our decoder.
 //!
 //! Loopback only (127.0.0.1 ↔ 127.0.0.2, free ports); the peer's process and files are removed
 //! when the test ends, also when it fails. Locally the test skips without the package; in CI
@@ -16,16 +17,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bgp::Prefix;
-use bgp::message::{
-    AFI_IPV4, AFI_IPV6, AsSegment, Attribute, Capability, Context, Error, GracefulRestart, Message,
-    Notification, Open, Origin, SAFI_UNICAST, Update,
-};
+use bgp::message::{Context, Message};
+use bgp::session::{Action, Config, Session};
 
 const OURS: u32 = 65002;
 const THEIRS: u32 = 65001;
-const CX: Context = Context {
-    four_octet_as: true,
-};
 
 /// A peer process, killed and its directory removed on drop.
 struct Peer {
@@ -104,110 +100,94 @@ fn connect(port: u16) -> TcpStream {
     }
 }
 
-/// A session's reading side: buffers octets and decodes whole messages with our codec.
-struct Session {
+/// A thin blocking driver around the session state machine: the TCP stream, real time.
+struct Driver {
+    s: Session,
     stream: TcpStream,
-    buf: Vec<u8>,
-    cx: Context,
-    seen: Vec<Message>,
+    up: bool,
+    down: Option<&'static str>,
 }
 
-impl Session {
-    fn send(&mut self, m: &Message) {
-        self.stream.write_all(&m.encode(self.cx)).expect("send");
+impl Driver {
+    /// Connects and runs until the session is Established (10 s).
+    fn establish(port: u16) -> (Driver, Vec<Message>) {
+        let mut s = Session::new(Config {
+            local_as: OURS,
+            peer_as: THEIRS,
+            router_id: Ipv4Addr::new(192, 0, 2, 2),
+            hold_time: 9,
+            // Next hops outside 127/8 (GoBGP refuses loopback next hops); no traffic goes there.
+            next_hop_v4: Some(Ipv4Addr::new(192, 0, 2, 2)),
+            next_hop_v6: Some("2001:db8::2".parse().expect("address")),
+            communities: vec![(OURS << 16) | 100],
+            local_pref: None,
+            restart_time: Some(120),
+        });
+        assert_eq!(s.start(Instant::now()), [Action::Connect]);
+        let stream = connect(port);
+        let mut d = Driver {
+            s,
+            stream,
+            up: false,
+            down: None,
+        };
+        let first = d.s.connected(Instant::now());
+        let sent = d.apply(first);
+        d.pump(Duration::from_secs(10), &|d| d.up || d.down.is_some());
+        assert!(d.up, "not Established: {:?}", d.down);
+        (d, sent)
     }
 
-    /// The next message within `within`; `None` on timeout.
-    fn next(&mut self, within: Duration) -> Option<Message> {
-        let until = Instant::now() + within;
-        loop {
-            match Message::decode(&self.buf, self.cx) {
-                Ok((m, n)) => {
-                    self.buf.drain(..n);
-                    self.seen.push(m.clone());
-                    return Some(m);
+    fn apply(&mut self, actions: Vec<Action>) -> Vec<Message> {
+        let mut sent = Vec::new();
+        for a in actions {
+            match a {
+                Action::Send(b) => {
+                    if let Ok((m, _)) = Message::decode(
+                        &b,
+                        Context {
+                            four_octet_as: true,
+                        },
+                    ) {
+                        sent.push(m);
+                    }
+                    self.stream.write_all(&b).expect("send");
                 }
-                Err(Error::Incomplete { .. }) => {}
-                Err(e) => panic!(
-                    "the peer sent what our codec refuses: {e} ({:02x?})",
-                    self.buf
-                ),
+                Action::Close => {
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                }
+                Action::Established { .. } => self.up = true,
+                Action::Down { reason, .. } => self.down = Some(reason),
+                Action::Connect => {}
             }
-            if Instant::now() >= until {
-                return None;
-            }
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("the peer closed the session; seen: {:?}", self.seen),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+        }
+        sent
+    }
+
+    /// Reads, ticks and applies until `stop` or `within` passes.
+    fn pump(&mut self, within: Duration, stop: &dyn Fn(&Driver) -> bool) {
+        let until = Instant::now() + within;
+        let mut chunk = [0u8; 4096];
+        while !stop(self) && Instant::now() < until {
+            let acts = match self.stream.read(&mut chunk) {
+                Ok(0) => self.s.disconnected(Instant::now()),
+                Ok(n) => self.s.received(&chunk[..n], Instant::now()),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    Vec::new()
+                }
                 Err(e) => panic!("read: {e}"),
-            }
-        }
-    }
-
-    /// Opens the session: OPEN both ways, KEEPALIVE both ways. Returns the peer's OPEN.
-    fn establish(stream: TcpStream) -> (Session, Open) {
-        let mut s = Session {
-            stream,
-            buf: Vec::new(),
-            cx: Context::default(),
-            seen: Vec::new(),
-        };
-        let ours = Open {
-            my_as: u16::try_from(OURS).expect("2-octet AS"),
-            hold_time: 9,
-            identifier: Ipv4Addr::new(192, 0, 2, 2),
-            capabilities: vec![
-                Capability::Multiprotocol {
-                    afi: AFI_IPV4,
-                    safi: SAFI_UNICAST,
-                },
-                Capability::Multiprotocol {
-                    afi: AFI_IPV6,
-                    safi: SAFI_UNICAST,
-                },
-                Capability::RouteRefresh,
-                Capability::GracefulRestart(GracefulRestart {
-                    restarted: false,
-                    restart_time: 120,
-                    families: vec![(AFI_IPV4, SAFI_UNICAST, false)],
-                }),
-                Capability::FourOctetAs(OURS),
-            ],
-        };
-        s.send(&Message::Open(ours));
-        let theirs = match s.next(Duration::from_secs(10)) {
-            Some(Message::Open(o)) => o,
-            Some(other) => panic!("expected OPEN, got {other:?}"),
-            None => panic!("no OPEN from the peer in 10 s"),
-        };
-        assert_eq!(theirs.asn(), THEIRS, "{theirs:?}");
-        assert!(
-            theirs
-                .capabilities
-                .iter()
-                .any(|c| matches!(c, Capability::FourOctetAs(_))),
-            "{theirs:?}"
-        );
-        s.cx = CX;
-        s.send(&Message::Keepalive);
-        match s.next(Duration::from_secs(10)) {
-            Some(Message::Keepalive) => {}
-            other => panic!("expected KEEPALIVE, got {other:?}"),
-        }
-        (s, theirs)
-    }
-
-    /// Answers KEEPALIVEs and decodes whatever else arrives for `d`.
-    fn idle(&mut self, d: Duration) {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            if let Some(Message::Keepalive) = self.next(Duration::from_millis(100)) {
-                self.send(&Message::Keepalive);
-            }
+            };
+            self.apply(acts);
+            let acts = self.s.tick(Instant::now());
+            self.apply(acts);
+            assert!(
+                self.down.is_none(),
+                "the session went down: {:?}",
+                self.down
+            );
         }
     }
 }
@@ -220,60 +200,8 @@ fn vip6() -> Prefix {
     Prefix::host("2001:db8:100::7".parse().expect("address"))
 }
 
-fn announce() -> Update {
-    Update {
-        withdrawn: vec![],
-        attributes: vec![
-            Attribute::Origin(Origin::Igp),
-            Attribute::AsPath(vec![AsSegment {
-                kind: 2,
-                asns: vec![OURS],
-            }]),
-            // A next hop outside 127/8 (GoBGP refuses loopback next hops); no traffic goes to it.
-            Attribute::NextHop(Ipv4Addr::new(192, 0, 2, 2)),
-            Attribute::Communities(vec![(OURS << 16) | 100]),
-        ],
-        nlri: vec![vip4()],
-    }
-}
-
-fn announce6() -> Update {
-    Update {
-        withdrawn: vec![],
-        attributes: vec![
-            Attribute::Origin(Origin::Igp),
-            Attribute::AsPath(vec![AsSegment {
-                kind: 2,
-                asns: vec![OURS],
-            }]),
-            Attribute::MpReach {
-                afi: AFI_IPV6,
-                next_hops: vec!["2001:db8::2".parse().expect("address")],
-                nlri: vec![vip6()],
-            },
-        ],
-        nlri: vec![],
-    }
-}
-
-fn withdraw() -> [Update; 2] {
-    [
-        Update {
-            withdrawn: vec![vip4()],
-            ..Update::default()
-        },
-        Update {
-            attributes: vec![Attribute::MpUnreach {
-                afi: AFI_IPV6,
-                withdrawn: vec![vip6()],
-            }],
-            ..Update::default()
-        },
-    ]
-}
-
-/// Polls `show` until `want(output)` holds (10 s), answering KEEPALIVEs meanwhile.
-fn wait_rib(s: &mut Session, what: &str, show: &dyn Fn() -> String, want: &dyn Fn(&str) -> bool) {
+/// Polls `show` until `want(output)` holds (10 s), keeping the session running meanwhile.
+fn wait_rib(d: &mut Driver, what: &str, show: &dyn Fn() -> String, want: &dyn Fn(&str) -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let out = show();
@@ -282,7 +210,7 @@ fn wait_rib(s: &mut Session, what: &str, show: &dyn Fn() -> String, want: &dyn F
             return;
         }
         assert!(Instant::now() < until, "{what}; the peer shows:\n{out}");
-        s.idle(Duration::from_millis(200));
+        d.pump(Duration::from_millis(200), &|_| false);
     }
 }
 
@@ -299,29 +227,30 @@ fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 /// Announce, see, withdraw, see gone, then close with a Cease.
-fn exercise(s: &mut Session, show4: &dyn Fn() -> String, show6: &dyn Fn() -> String) {
-    s.send(&Message::Update(announce()));
-    s.send(&Message::Update(announce6()));
-    wait_rib(s, "198.51.100.7/32 announced", show4, &|o| {
+fn exercise(d: &mut Driver, show4: &dyn Fn() -> String, show6: &dyn Fn() -> String) {
+    let acts = d.s.set_routes([vip4(), vip6()].into());
+    let sent = d.apply(acts);
+    assert_eq!(sent.len(), 2, "one UPDATE per family: {sent:?}");
+    wait_rib(d, "198.51.100.7/32 announced", show4, &|o| {
         o.contains("198.51.100.7/32")
     });
-    wait_rib(s, "2001:db8:100::7/128 announced", show6, &|o| {
+    wait_rib(d, "2001:db8:100::7/128 announced", show6, &|o| {
         o.contains("2001:db8:100::7/128")
     });
-    for u in withdraw() {
-        s.send(&Message::Update(u));
-    }
-    wait_rib(s, "198.51.100.7/32 withdrawn", show4, &|o| {
+    let acts = d.s.set_routes(Default::default());
+    d.apply(acts);
+    wait_rib(d, "198.51.100.7/32 withdrawn", show4, &|o| {
         !o.contains("198.51.100.7/32")
     });
-    wait_rib(s, "2001:db8:100::7/128 withdrawn", show6, &|o| {
+    wait_rib(d, "2001:db8:100::7/128 withdrawn", show6, &|o| {
         !o.contains("2001:db8:100::7/128")
     });
-    s.send(&Message::Notification(Notification {
-        code: 6,
-        subcode: 2,
-        data: vec![],
-    }));
+    // Keepalives (every 3 s with the 9 s hold time) keep it up.
+    d.pump(Duration::from_secs(4), &|_| false);
+    assert!(d.down.is_none());
+    let acts = d.s.stop();
+    d.apply(acts);
+    assert_eq!(d.down, Some("stopped"));
 }
 
 #[test]
@@ -366,15 +295,14 @@ fn gobgp_takes_our_open_and_our_routes() {
         .spawn()
         .expect("gobgpd starts");
     let _peer = Peer { child, dir: d };
-    let (mut s, theirs) = Session::establish(connect(port));
-    assert_eq!(theirs.identifier, Ipv4Addr::new(192, 0, 2, 1));
+    let (mut d, _) = Driver::establish(port);
     let api = api.to_string();
     let show = |afi: &'static str| {
         let api = api.clone();
         move || run("gobgp", &["-p", &api, "global", "rib", "-a", afi])
     };
     let (show4, show6) = (show("ipv4"), show("ipv6"));
-    exercise(&mut s, &show4, &show6);
+    exercise(&mut d, &show4, &show6);
 }
 
 #[test]
@@ -427,8 +355,7 @@ protocol bgp portico {{
         child,
         dir: d.clone(),
     };
-    let (mut s, theirs) = Session::establish(connect(port));
-    assert_eq!(theirs.identifier, Ipv4Addr::new(192, 0, 2, 1));
+    let (mut d, _) = Driver::establish(port);
     let sock = sock.to_string_lossy().to_string();
     let show = || {
         run(
@@ -436,5 +363,5 @@ protocol bgp portico {{
             &["-s", &sock, "show", "route", "protocol", "portico"],
         )
     };
-    exercise(&mut s, &show, &show);
+    exercise(&mut d, &show, &show);
 }
