@@ -12,6 +12,7 @@
 //! tokio drivers build on these.
 
 pub mod bfd;
+pub mod driver;
 pub mod message;
 mod prefix;
 pub mod session;
