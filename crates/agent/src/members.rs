@@ -166,6 +166,25 @@ impl Table {
         (now.saturating_duration_since(heard) <= self.dead_after(p)).then_some((name, p.address))
     }
 
+    /// This node was stalled from `at` for `by` (until `now`): every peer alive at `at` is
+    /// treated as heard `by` later (never later than `now`), so the stall does not count as
+    /// its silence.
+    pub fn forgive(&mut self, at: Instant, by: Duration, now: Instant) {
+        let alive: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.is_alive(p, at))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in alive {
+            if let Some(p) = self.peers.get_mut(&n)
+                && let Some(l) = p.last
+            {
+                p.last = Some((l + by).min(now));
+            }
+        }
+    }
+
     /// Whether `name` is alive at `now`.
     pub fn alive(&self, name: &str, now: Instant) -> bool {
         self.peers.get(name).is_some_and(|p| self.is_alive(p, now))
