@@ -71,10 +71,18 @@ pub enum Error {
         #[source]
         source: announce::Error,
     },
+    /// The agent's own thread ended without a result (it panicked).
+    #[error("the agent thread ended without a result (panic)")]
+    Thread,
     /// Peers are configured but no cluster key.
     #[error("cluster.peers are configured but cluster.keys is empty: gossip must be authenticated")]
     NoKey,
 }
+
+/// The nice value of the agent's own thread in the binary ([`Agent::with_own_thread`]): the
+/// highest priority short of real-time scheduling, so that busy loops at the default nice 0
+/// neither delay its heartbeats nor its reading of them.
+pub const AGENT_NICE: i32 = -20;
 
 /// Failure-detection timing of a profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +178,7 @@ pub struct Agent {
     inner: Arc<Inner>,
     dry_run: bool,
     binder: Option<GossipBinder>,
+    nice: Option<i32>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -287,10 +296,64 @@ impl Agent {
         ownership: watch::Sender<Arc<OwnershipView>>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
+        if let Some(nice) = self.nice {
+            return self
+                .run_on_own_thread(nice, socket, desired, health, ownership, shutdown)
+                .await;
+        }
         let mut d = driver::Driver::new(self.clone(), socket, desired, health, ownership)?;
         let r = d.run(shutdown).await;
         d.finish().await;
         r
+    }
+
+    /// Runs the agent (heartbeats, gossip, announcers) on a thread of its own with its own
+    /// single-threaded runtime at nice value `nice` (keepalived's `vrrp_priority`): a host
+    /// busy with other work then delays neither its heartbeats nor their reception, and a
+    /// busy balancer or DNS server in this process does not either. Without the privilege to
+    /// raise its priority (`CAP_SYS_NICE`) it says so once and runs at normal priority.
+    pub fn with_own_thread(mut self, nice: i32) -> Self {
+        self.nice = Some(nice);
+        self
+    }
+
+    async fn run_on_own_thread(
+        &self,
+        nice: i32,
+        socket: Option<UdpSocket>,
+        desired: watch::Receiver<Arc<Desired>>,
+        health: watch::Receiver<Arc<HealthView>>,
+        ownership: watch::Sender<Arc<OwnershipView>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        // the socket moves to the agent's own runtime (its reactor wakes the agent's thread)
+        let socket = socket.map(UdpSocket::into_std).transpose()?;
+        let agent = Agent {
+            nice: None,
+            ..self.clone()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("portico-agent".into())
+            .spawn(move || {
+                if let Err(e) = sys::set_thread_nice(nice) {
+                    tracing::warn!(%e, nice, "cannot raise the agent thread's priority; heartbeats run at normal priority");
+                }
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Io)
+                    .and_then(|rt| {
+                        rt.block_on(async move {
+                            let socket = socket.map(UdpSocket::from_std).transpose()?;
+                            agent
+                                .run(socket, desired, health, ownership, shutdown)
+                                .await
+                        })
+                    });
+                let _ = tx.send(r);
+            })?;
+        rx.await.unwrap_or(Err(Error::Thread))
     }
 }
 

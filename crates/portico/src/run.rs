@@ -54,7 +54,11 @@ pub async fn serve(
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
     let lb = lb::LoadBalancer::new(&mut registry);
-    let agent = agent::Agent::new(&mut registry).with_binder(agent::udp_binder());
+    // heartbeats on a thread of their own at a raised priority: a busy host must not make the
+    // other nodes think this one died (nor this one think they did)
+    let agent = agent::Agent::new(&mut registry)
+        .with_binder(agent::udp_binder())
+        .with_own_thread(agent::AGENT_NICE);
     let dns = dns::DnsServer::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
 
