@@ -49,6 +49,7 @@ pub(crate) struct Driver {
     l2_mode: Mode,
     reannounce: u64,
     stalls_seen: u64,
+    listeners: Option<crate::ClosedListeners>,
 }
 
 impl Driver {
@@ -91,15 +92,20 @@ impl Driver {
             l2_mode: Mode::Announce,
             reannounce: 0,
             stalls_seen: 0,
+            listeners: None,
         };
-        match socket {
+        d.listeners = d.agent.listeners.clone();
+        d.core = Core::new(cfg.clone(), d.core_facts(), false, Instant::now());
+        let gossip = match socket {
             Some(s) => {
                 d.attach(s);
-                d.core = Core::new(cfg, d.core_facts(), true, Instant::now());
+                true
             }
-            None => {
-                d.bind_if_needed();
-            }
+            // a restarted agent opens its socket itself
+            None => d.bind_if_needed(),
+        };
+        if gossip {
+            d.core = Core::new(cfg, d.core_facts(), true, Instant::now());
         }
         Ok(d)
     }
@@ -109,7 +115,24 @@ impl Driver {
     }
 
     fn core_facts(&self) -> crate::owner::Facts {
-        local_facts(&self.cfg(), &self.health.borrow())
+        self.facts_of(&self.cfg())
+    }
+
+    /// This node's facts under `cfg`: address families, healthy local-only services, and the
+    /// VIPs of `cfg` whose listener is not open.
+    fn facts_of(&self, cfg: &Config) -> crate::owner::Facts {
+        let mut f = local_facts(cfg, &self.health.borrow());
+        if let Some(l) = &self.listeners {
+            let closed = l.borrow();
+            f.closed = cfg
+                .services
+                .iter()
+                .flat_map(|s| s.vips.iter())
+                .filter(|v| closed.contains(v))
+                .copied()
+                .collect();
+        }
+        f
     }
 
     /// Starts gossiping on `socket` (SWIM; the core tracks the peers).
@@ -532,7 +555,7 @@ impl Driver {
         // captured packet per sender again; a rebuilt sealer's packets would be replays)
         self.sealer.set_keys(&cfg.cluster.keys);
         self.opener.set_keys(&cfg.cluster.keys);
-        let facts = local_facts(&cfg, &self.health.borrow());
+        let facts = self.facts_of(&cfg);
         self.handle(Event::Config(cfg, facts)).await;
         self.bind_and_tell().await;
         self.sync_l2().await
@@ -599,10 +622,24 @@ impl Driver {
                 }
                 r = self.health.changed() => {
                     if r.is_ok() {
-                        let f = local_facts(&self.cfg(), &self.health.borrow_and_update());
+                        self.health.borrow_and_update();
+                        let f = self.core_facts();
                         self.handle(Event::Facts(f)).await;
                     } else {
                         std::future::pending::<()>().await;
+                    }
+                }
+                r = async {
+                    match self.listeners.as_mut() {
+                        Some(l) => l.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_ok() {
+                        let f = self.core_facts();
+                        self.handle(Event::Facts(f)).await;
+                    } else {
+                        self.listeners = None;
                     }
                 }
                 () = sleep_until(wake) => {

@@ -39,7 +39,7 @@ pub mod seal;
 pub mod swim;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -179,7 +179,12 @@ pub struct Agent {
     dry_run: bool,
     binder: Option<GossipBinder>,
     nice: Option<i32>,
+    listeners: Option<ClosedListeners>,
 }
+
+/// The VIPs whose listener the balancer could not open on this node (it retries them), as
+/// the balancer publishes them.
+pub type ClosedListeners = watch::Receiver<Arc<BTreeSet<IpAddr>>>;
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,6 +312,13 @@ impl Agent {
         r
     }
 
+    /// Follows the balancer's closed listeners: a node whose listener for a VIP is not open is
+    /// not eligible for that VIP (reason `listenerNotOpen`), and tells its peers so.
+    pub fn with_listeners(mut self, closed: ClosedListeners) -> Self {
+        self.listeners = Some(closed);
+        self
+    }
+
     /// Runs the agent (heartbeats, gossip, announcers) on a thread of its own with its own
     /// single-threaded runtime at nice value `nice` (keepalived's `vrrp_priority`): a host
     /// busy with other work then delays neither its heartbeats nor their reception, and a
@@ -406,6 +418,7 @@ pub fn local_facts(cfg: &Config, health: &HealthView) -> Facts {
         v4: has(true),
         v6: has(false),
         serving,
+        closed: Default::default(),
     }
 }
 

@@ -2,7 +2,6 @@
 //! detection at exactly `interval × misses`, a stalled node that does not expire peers it has
 //! not read yet, conflicts, hold-down and preemptive return, make-before-break leave.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +48,7 @@ fn hb(interval: Duration, claims: &[IpAddr], leaving: bool) -> Heartbeat {
         facts: Facts {
             v4: true,
             v6: false,
-            serving: BTreeSet::new(),
+            ..Default::default()
         },
         claims: claims.iter().copied().collect(),
     }
