@@ -366,3 +366,50 @@ fn a_leaving_owner_drains_until_a_peer_claims_then_the_peer_forwards_to_it() {
     let acts = a.handle(Event::Released, t2 + d.interval * 2);
     assert!(a.owned().is_empty(), "{acts:?}");
 }
+
+#[test]
+fn a_closed_listener_makes_the_owner_release_and_the_peer_take_over() {
+    let t0 = Instant::now();
+    let mut a = core(config("a", "default", "a", true), t0);
+    let d = a.detection();
+    a.handle(Event::Start, t0);
+    a.handle(from_b(d, &[]), t0);
+    let t1 = t0 + Duration::from_millis(1);
+    assert_eq!(claims(&a.handle(Event::Tick, t1)), [vip()]);
+    // the balancer cannot open the VIP's listener here (its port is taken)
+    let mut f = facts(a.config());
+    f.closed.insert(vip());
+    let acts = a.handle(Event::Facts(f.clone()), t1);
+    assert_eq!(releases(&acts), [vip()], "{acts:?}");
+    let sent = acts.iter().find_map(|x| match x {
+        Action::Heartbeat(h) => Some(h.clone()),
+        _ => None,
+    });
+    let sent = sent.expect("tells the peers at once");
+    assert!(sent.facts.closed.contains(&vip()));
+    let view = acts.iter().find_map(|x| match x {
+        Action::Ownership(v) => Some(v.clone()),
+        _ => None,
+    });
+    let view = view.expect("published");
+    assert_eq!(view[&vip()].reason, "listenerNotOpen");
+    assert_eq!(view[&vip()].owner.as_deref(), Some("b"));
+    // b hears it and takes the VIP at once
+    let mut b = core(config("b", "default", "a", true), t0);
+    b.handle(Event::Start, t0);
+    b.handle(
+        Event::Heartbeat {
+            from: "a".into(),
+            epoch: 1,
+            hb: a.heartbeat(),
+        },
+        t1,
+    );
+    let t2 = t0 + b.settle_time();
+    let acts = b.handle(Event::Tick, t2);
+    assert_eq!(claims(&acts), [vip()], "{acts:?}");
+    // the listener opens again: a is eligible again and, as the home, takes it back
+    f.closed.clear();
+    let acts = a.handle(Event::Facts(f), t2);
+    assert!(releases(&acts).is_empty());
+}

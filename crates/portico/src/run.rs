@@ -58,6 +58,7 @@ pub async fn serve(
     // other nodes think this one died (nor this one think they did)
     let agent = agent::Agent::new(&mut registry)
         .with_binder(agent::udp_binder())
+        .with_listeners(lb.closed_listeners())
         .with_own_thread(agent::AGENT_NICE);
     let dns = dns::DnsServer::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
