@@ -12,7 +12,7 @@
 //! this node itself was stalled (CPU starvation, a paused VM, a slow disk write on the same
 //! thread): the silence of its peers during the stall says nothing about them. The core then
 //! does not count the stall as silence: every peer that was alive when the stall began gets the
-//! stall added to its last-heard time, so it is expired only after `interval × misses` of
+//! stall added to its last-heard time, so it is expired only after the profile's dead-after time of
 //! silence while this node was running. The driver also reads every heartbeat already queued on
 //! the socket before it hands the core a timer event.
 
@@ -115,7 +115,7 @@ impl Core {
     pub fn new(cfg: Arc<Config>, facts: Facts, gossip: bool, now: Instant) -> Self {
         let det = Detection::of(cfg.cluster.profile);
         let mut c = Self {
-            table: members::Table::new(Vec::new(), det.interval, det.misses),
+            table: members::Table::new(Vec::new(), det.interval, det.dead),
             det,
             facts,
             start: now,
@@ -144,7 +144,7 @@ impl Core {
         self.table.set_peers(
             c.peers.iter().map(|p| (p.name.clone(), p.address)),
             self.det.interval,
-            self.det.misses,
+            self.det.dead,
         );
     }
 
@@ -301,7 +301,7 @@ impl Core {
                             .iter()
                             .map(|p| (p.name.clone(), p.address)),
                         det.interval,
-                        det.misses,
+                        det.dead,
                     );
                 }
                 self.det = det;

@@ -16,17 +16,20 @@
 //! SWIM detects a failure after a probe period, a probe timeout, indirect probes and a
 //! suspicion timeout: with memberlist's LAN settings that is seconds, and even squeezed to the
 //! limit it cannot reliably go below a few hundred milliseconds without making every member
-//! probe every other one, which is a heartbeat anyway. The failover targets (300 ms by default,
-//! 50 ms in the fast profile) therefore come from a BFD-like direct heartbeat: every node sends
+//! probe every other one, which is a heartbeat anyway. The failover targets (about 100 ms by default,
+//! under 50 ms in the fast profile) therefore come from a BFD-like direct heartbeat: every node sends
 //! a small sealed packet to every configured peer (any of them may be the next owner of any VIP)
-//! every `interval`, and declares a peer dead after `misses` intervals of silence. The
+//! every `interval`, and declares a peer dead after a profile's dead-after time of silence. The
 //! heartbeat also carries what the owner function needs from each node (its claims, address
 //! families and healthy local-only services), so every node decides from the same facts. SWIM
 //! (foca) still runs on the same socket for membership: joining, gossiping who exists and
-//! graceful leaves, and status. Profiles: `default` 40 ms × 4 misses (dead after 160 ms,
-//! 25 heartbeats/s to each peer), `fast` 10 ms × 3 (dead after 30 ms, 100/s to each peer).
+//! graceful leaves, and status. Profiles: `default` every 40 ms, dead after 100 ms (one lost
+//! heartbeat plus 20 ms of jitter is tolerated; 25 heartbeats/s to each peer, as when it was
+//! dead after 160 ms), `fast` every 10 ms, dead after 30 ms (100/s to each peer).
 //! Before acting on an expiry the driver first reads every packet already queued on the
-//! socket, so a stall of the agent itself does not declare live peers dead.
+//! socket, and a node that was stalled itself does not count the stall as its peers' silence
+//! (see [`core`]), so a stall of the agent does not declare live peers dead; the binary runs
+//! the agent on a thread of its own at a raised priority ([`Agent::with_own_thread`]).
 
 pub mod announce;
 pub mod core;
@@ -89,8 +92,9 @@ pub const AGENT_NICE: i32 = -20;
 pub struct Detection {
     /// Heartbeat interval.
     pub interval: Duration,
-    /// Missed heartbeats before a peer is dead.
-    pub misses: u32,
+    /// Silence after which a peer is dead (a whole number of intervals or not: the default
+    /// profile tolerates one lost heartbeat plus 20 ms of jitter, not two).
+    pub dead: Duration,
 }
 
 impl Detection {
@@ -99,18 +103,18 @@ impl Detection {
         match p {
             FailureProfile::Default => Detection {
                 interval: Duration::from_millis(40),
-                misses: 4,
+                dead: Duration::from_millis(100),
             },
             FailureProfile::Fast => Detection {
                 interval: Duration::from_millis(10),
-                misses: 3,
+                dead: Duration::from_millis(30),
             },
         }
     }
 
     /// Silence after which a peer is dead.
     pub fn dead_after(&self) -> Duration {
-        self.interval * self.misses
+        self.dead
     }
 }
 

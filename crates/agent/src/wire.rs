@@ -18,7 +18,8 @@
 //! that predate it except while a listener is closed.
 //! *serving*: the `local_only` services with a healthy backend on the sender; *claims*: the
 //! VIPs the sender announces right now. Receivers declare the sender dead after
-//! `misses × max(own interval, sender interval)` without a heartbeat.
+//! their dead-after time (scaled by the sender's interval when it is longer than theirs)
+//! without a heartbeat.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
