@@ -197,7 +197,7 @@ impl Spec<'_> {
     /// `nodes` ordered best first: preferred nodes in their order, then by score.
     fn rank<'n>(&self, nodes: impl Iterator<Item = &'n str>) -> Vec<&'n str> {
         let mut v: Vec<&str> = nodes.collect();
-        v.sort_by_key(|n| {
+        v.sort_by_cached_key(|n| {
             let pref = self
                 .preferred
                 .iter()
