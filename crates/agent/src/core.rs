@@ -107,6 +107,10 @@ pub struct Core {
     wake: Option<Instant>,
     view: OwnershipView,
     stalls: u64,
+    /// The alive peers and settledness at the last decision: a timer tick decides again only
+    /// when they changed (or during hold-down), not every interval.
+    decided: Option<(BTreeSet<NodeId>, bool)>,
+    decisions: u64,
 }
 
 impl Core {
@@ -130,6 +134,8 @@ impl Core {
             wake: None,
             view: OwnershipView::new(),
             stalls: 0,
+            decided: None,
+            decisions: 0,
             cfg,
         };
         if gossip {
@@ -181,6 +187,11 @@ impl Core {
     /// The configured address of peer `name`.
     pub fn peer_address(&self, name: &str) -> Option<SocketAddr> {
         self.table.peers.get(name).map(|p| p.address)
+    }
+
+    /// How many ownership decisions this core made (each costs O(VIPs × nodes)).
+    pub fn decisions(&self) -> u64 {
+        self.decisions
     }
 
     /// How many times this node found itself stalled.
@@ -235,6 +246,7 @@ impl Core {
             tracing::debug!(late = ?by, "this node was stalled; not counting the stall as silence");
             self.table.forgive(w, by, now);
         }
+        let tick = matches!(ev, Event::Tick);
         let recompute = match ev {
             Event::Start => {
                 self.settle_by = now + self.settle_time();
@@ -280,7 +292,19 @@ impl Core {
                     self.settled = true;
                     tracing::debug!("settled");
                 }
-                true
+                // decide again only if an input that changes by itself did: a peer expired,
+                // settling ended, or this node's hold-down may end now
+                let alive: BTreeSet<NodeId> = self
+                    .table
+                    .peers
+                    .keys()
+                    .filter(|p| self.table.alive(p, now))
+                    .cloned()
+                    .collect();
+                let holding = self.cfg.cluster.preemptive
+                    && self.self_alive_for(now)
+                        <= self.cfg.cluster.hold_down + self.det.interval * 2;
+                self.decided.as_ref() != Some(&(alive, self.settled)) || holding
             }
             Event::Facts(f) => {
                 if f == self.facts {
@@ -340,6 +364,10 @@ impl Core {
                 // claims changed: tell the peers now rather than at the next tick
                 out.push(Action::Heartbeat(self.heartbeat()));
             }
+        } else if tick {
+            out.push(Action::Members(self.members(now)));
+        }
+        if recompute || tick {
             self.check_contested(now, &mut out);
         }
         self.wake = Some(self.next_wake(now));
@@ -358,6 +386,26 @@ impl Core {
                 self.owned.clone()
             },
         }
+    }
+
+    /// Members as this node sees them.
+    fn members(&self, now: Instant) -> Vec<MemberStatus> {
+        let mut members = vec![MemberStatus {
+            name: self.cfg.node.name.clone(),
+            address: self.cfg.cluster.advertise,
+            state: if self.leaving { "leaving" } else { "alive" }.into(),
+        }];
+        members.extend(
+            self.table
+                .states(now)
+                .into_iter()
+                .map(|(name, address, state)| MemberStatus {
+                    name,
+                    address,
+                    state: state.into(),
+                }),
+        );
+        members
     }
 
     fn self_alive_for(&self, now: Instant) -> Duration {
@@ -432,21 +480,17 @@ impl Core {
             self.view = view.clone();
             out.push(Action::Ownership(view));
         }
-        let mut members = vec![MemberStatus {
-            name: me.clone(),
-            address: cfg.cluster.advertise,
-            state: if self.leaving { "leaving" } else { "alive" }.into(),
-        }];
-        members.extend(
+        let members = self.members(now);
+        self.decisions += 1;
+        self.decided = Some((
             self.table
-                .states(now)
-                .into_iter()
-                .map(|(name, address, state)| MemberStatus {
-                    name,
-                    address,
-                    state: state.into(),
-                }),
-        );
+                .peers
+                .keys()
+                .filter(|p| self.table.alive(p, now))
+                .cloned()
+                .collect(),
+            self.settled,
+        ));
         out.push(Action::Members(members));
         if owned == self.owned {
             return false;
