@@ -3,12 +3,14 @@
 //! converge (every VIP claimed by exactly one live node) after a node dies and after a
 //! partition heals, and the cost of one ownership decision.
 //!
-//! The default run is small (10 nodes × 500 VIPs) so that it runs in CI; the figures in
-//! ARCHITECTURE.md come from
+//! The default run is small (5 nodes × 100 VIPs) so that it runs in CI; the figures in
+//! ARCHITECTURE.md come from runs such as
 //! ```sh
-//! PORTICO_SCALE_NODES=100 PORTICO_SCALE_VIPS=5000 \
+//! PORTICO_SCALE_NODES=30 PORTICO_SCALE_VIPS=1000 \
 //!   cargo test --release -p agent --test scale -- --nocapture
 //! ```
+//! (`one_decision_costs` alone at 100 × 5,000: the full simulation at that size takes hours,
+//! which is itself the finding: see ARCHITECTURE.md, "Scale").
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -229,7 +231,7 @@ impl Sim {
                 })
                 .collect(),
         };
-        groups.iter().all(|g| {
+        groups.iter().filter(|g| !g.is_empty()).all(|g| {
             let mut seen = BTreeSet::new();
             let mut total = 0;
             for i in g {
@@ -256,8 +258,11 @@ impl Sim {
 
 #[test]
 fn converges_after_a_death_and_a_healed_partition_and_reports_traffic() {
-    let n = env("PORTICO_SCALE_NODES", 10);
-    let v = env("PORTICO_SCALE_VIPS", 500);
+    let n = env("PORTICO_SCALE_NODES", 5);
+    let v = env("PORTICO_SCALE_VIPS", 100);
+    if env("PORTICO_SCALE_FULL", 1) == 0 {
+        return;
+    }
     let wall = std::time::SystemTime::now();
     let mut sim = Sim::new(n, v);
     let start = sim.until_converged(v, Duration::from_secs(5));
@@ -304,7 +309,7 @@ fn converges_after_a_death_and_a_healed_partition_and_reports_traffic() {
     );
 
     // partition in halves for 2 s, then heal
-    let side: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+    let side: Vec<bool> = (0..n).map(|i| i < n / 2).collect();
     sim.side = Some(side);
     let split = sim.until_converged(v, Duration::from_secs(5));
     println!("partition: each side owns every VIP after {split:?}");
@@ -323,5 +328,54 @@ fn converges_after_a_death_and_a_healed_partition_and_reports_traffic() {
         std::time::SystemTime::now()
             .duration_since(wall)
             .unwrap_or_default()
+    );
+}
+
+/// The cost of one ownership decision at the simulated size: one node hears every peer for
+/// the first time (each heartbeat changes the alive set, so each is one decision).
+#[test]
+fn one_decision_costs() {
+    let n = env("PORTICO_SCALE_NODES", 5);
+    let v = env("PORTICO_SCALE_VIPS", 100);
+    let cfgs = configs(n, v);
+    let t0 = Instant::now();
+    let f = local_facts(&cfgs[0], &HealthView::new());
+    let mut core = Core::new(cfgs[0].clone(), f.clone(), true, t0);
+    core.handle(Event::Start, t0);
+    let before = core.decisions();
+    let wall = std::time::SystemTime::now();
+    let claims_each = v / n;
+    for j in 1..n {
+        let hb = agent::wire::Heartbeat {
+            leaving: false,
+            interval: core.detection().interval,
+            facts: f.clone(),
+            claims: (0..claims_each)
+                .map(|k| IpAddr::V4(Ipv4Addr::new(10, 200, j as u8, k as u8)))
+                .collect(),
+        };
+        let size = OVERHEAD + name(j).len() + hb.encode().len();
+        if j == 1 {
+            println!(
+                "{n} nodes x {v} VIPs: a heartbeat claiming {claims_each} VIPs is {size} bytes"
+            );
+        }
+        core.handle(
+            Event::Heartbeat {
+                from: name(j),
+                epoch: 1,
+                hb,
+            },
+            t0 + Duration::from_millis(1),
+        );
+    }
+    let took = std::time::SystemTime::now()
+        .duration_since(wall)
+        .unwrap_or_default();
+    let made = core.decisions() - before;
+    assert!(made >= (n - 1) as u64);
+    println!(
+        "{n} nodes x {v} VIPs: {made} decisions in {took:?}, {:?} each",
+        took / made.max(1) as u32
     );
 }
