@@ -110,6 +110,8 @@ pub struct Core {
     /// The alive peers and settledness at the last decision: a timer tick decides again only
     /// when they changed (or during hold-down), not every interval.
     decided: Option<(BTreeSet<NodeId>, bool)>,
+    /// This node's alive-for at the last decision (hold-down ends between two decisions).
+    decided_alive_for: Duration,
     decisions: u64,
 }
 
@@ -135,6 +137,7 @@ impl Core {
             view: OwnershipView::new(),
             stalls: 0,
             decided: None,
+            decided_alive_for: Duration::ZERO,
             decisions: 0,
             cfg,
         };
@@ -226,7 +229,20 @@ impl Core {
         if !self.settled {
             w = w.min(self.settle_by);
         }
+        if let Some(t) = self.hold_down_ends(now) {
+            w = w.min(t.max(now));
+        }
         w
+    }
+
+    /// When this node's hold-down ends, if it had not ended at the last decision (in
+    /// preemptive mode a home takes its VIPs back then, so the core decides again at once).
+    fn hold_down_ends(&self, now: Instant) -> Option<Instant> {
+        let hold = self.cfg.cluster.hold_down;
+        if !self.cfg.cluster.preemptive || self.decided_alive_for >= hold {
+            return None;
+        }
+        Some(now + hold.saturating_sub(self.self_alive_for(now)))
     }
 
     /// How late an event may come before this node counts itself stalled.
@@ -301,10 +317,8 @@ impl Core {
                     .filter(|p| self.table.alive(p, now))
                     .cloned()
                     .collect();
-                let holding = self.cfg.cluster.preemptive
-                    && self.self_alive_for(now)
-                        <= self.cfg.cluster.hold_down + self.det.interval * 2;
-                self.decided.as_ref() != Some(&(alive, self.settled)) || holding
+                self.decided.as_ref() != Some(&(alive, self.settled))
+                    || self.hold_down_ends(now).is_some_and(|t| t <= now)
             }
             Event::Facts(f) => {
                 if f == self.facts {
@@ -482,6 +496,7 @@ impl Core {
         }
         let members = self.members(now);
         self.decisions += 1;
+        self.decided_alive_for = self.self_alive_for(now);
         self.decided = Some((
             self.table
                 .peers

@@ -270,8 +270,15 @@ fn converges_after_a_death_and_a_healed_partition_and_reports_traffic() {
     // steady state: traffic per node over 1 s
     sim.run(sim.now + Duration::from_millis(500));
     let (p0, b0, d0) = (sim.packets.clone(), sim.bytes.clone(), sim.decisions);
+    let decided0: u64 = sim.nodes.iter().map(Core::decisions).sum();
     let t = sim.now;
     sim.run(t + Duration::from_secs(1));
+    let steady: u64 = sim.nodes.iter().map(Core::decisions).sum::<u64>() - decided0;
+    println!("steady: {steady} ownership decisions in 1 s in all");
+    assert!(
+        steady <= n as u64,
+        "with nothing changing a node decides at most once (its hold-down ending): {steady}"
+    );
     let pps: Vec<u64> = sim.packets.iter().zip(&p0).map(|(a, b)| a - b).collect();
     let bps: Vec<u64> = sim.bytes.iter().zip(&b0).map(|(a, b)| a - b).collect();
     let avg = |x: &[u64]| x.iter().sum::<u64>() as f64 / x.len() as f64;
