@@ -95,6 +95,8 @@ struct Sim {
     now: Instant,
     nodes: Vec<Core>,
     up: Vec<bool>,
+    /// Whether the node's process has started (events before are dropped).
+    started: Vec<bool>,
     wake_gen: Vec<u64>,
     queue: BinaryHeap<Reverse<(Instant, u64, usize, Kind)>>,
     inflight: BTreeMap<u64, agent::wire::Heartbeat>,
@@ -118,6 +120,7 @@ impl Sim {
         let mut s = Sim {
             now: t0,
             up: vec![true; n],
+            started: vec![false; n],
             wake_gen: vec![0; n],
             queue: BinaryHeap::new(),
             inflight: BTreeMap::new(),
@@ -175,7 +178,10 @@ impl Sim {
                 break;
             };
             self.now = at;
-            if !self.up[i] {
+            if matches!(k, Kind::Tick(u64::MAX)) {
+                self.started[i] = true;
+            }
+            if !self.up[i] || !self.started[i] {
                 continue;
             }
             let acts = match k {
