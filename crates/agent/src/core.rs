@@ -112,6 +112,8 @@ pub struct Core {
     decided: Option<(BTreeSet<NodeId>, bool)>,
     /// This node's alive-for at the last decision (hold-down ends between two decisions).
     decided_alive_for: Duration,
+    /// When to decide for claims heard since the last decision (coalesced).
+    pending: Option<Instant>,
     decisions: u64,
 }
 
@@ -138,6 +140,7 @@ impl Core {
             stalls: 0,
             decided: None,
             decided_alive_for: Duration::ZERO,
+            pending: None,
             decisions: 0,
             cfg,
         };
@@ -232,6 +235,9 @@ impl Core {
         if let Some(t) = self.hold_down_ends(now) {
             w = w.min(t.max(now));
         }
+        if let Some(t) = self.pending {
+            w = w.min(t);
+        }
         w
     }
 
@@ -275,13 +281,25 @@ impl Core {
             }
             Event::Heartbeat { from, epoch, hb } => {
                 let was = self.table.alive(&from, now);
+                let facts_before = self.table.peers.get(&from).map(|p| p.hb.facts.clone());
                 match self.table.heard(&from, epoch, hb, now) {
                     Ok(changed) => {
-                        if !was && self.table.alive(&from, now) && !self.owned.is_empty() {
+                        let is = self.table.alive(&from, now);
+                        if !was && is && !self.owned.is_empty() {
                             // a peer (re)appeared: clients may point at a stand-in
                             out.push(Action::Reannounce);
                         }
-                        changed
+                        let facts_after = self.table.peers.get(&from).map(|p| p.hb.facts.clone());
+                        if changed && was == is && facts_before == facts_after {
+                            // only its claims changed: many peers' claims change together
+                            // after a death or a healed partition, so decide once for all of
+                            // them a quarter interval later rather than once per heartbeat
+                            self.pending.get_or_insert(now + self.det.interval / 4);
+                            self.check_contested(now, &mut out);
+                            false
+                        } else {
+                            changed
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(%e, "heartbeat ignored");
@@ -319,6 +337,7 @@ impl Core {
                     .collect();
                 self.decided.as_ref() != Some(&(alive, self.settled))
                     || self.hold_down_ends(now).is_some_and(|t| t <= now)
+                    || self.pending.is_some_and(|t| t <= now)
             }
             Event::Facts(f) => {
                 if f == self.facts {
@@ -497,6 +516,7 @@ impl Core {
         let members = self.members(now);
         self.decisions += 1;
         self.decided_alive_for = self.self_alive_for(now);
+        self.pending = None;
         self.decided = Some((
             self.table
                 .peers

@@ -260,11 +260,11 @@ fn a_returning_home_waits_for_hold_down_then_takes_back_make_before_break() {
             epoch: 1,
             hb: a.heartbeat(),
         };
-        let rel = releases(&b.handle(from_a, now));
+        let mut rel = releases(&b.handle(from_a, now));
+        rel.extend(releases(&b.handle(Event::Tick, now)));
         if !rel.is_empty() {
             b_released.get_or_insert(now);
         }
-        b.handle(Event::Tick, now);
         let from_b = Event::Heartbeat {
             from: "b".into(),
             epoch: 1,
@@ -299,6 +299,11 @@ fn a_returning_home_waits_for_hold_down_then_takes_back_make_before_break() {
     assert!(
         released >= claimed,
         "make-before-break: b let go after a claimed"
+    );
+    assert!(
+        released - claimed <= d.interval * 2,
+        "and soon after: {:?}",
+        released - claimed
     );
     assert!(a.owned().contains(&vip()) && !b.owned().contains(&vip()));
 }
