@@ -419,3 +419,23 @@ fn a_closed_listener_makes_the_owner_release_and_the_peer_take_over() {
     let acts = a.handle(Event::Facts(f), t2);
     assert!(releases(&acts).is_empty());
 }
+
+#[test]
+fn claim_changes_are_decided_once_per_quarter_interval() {
+    let (mut a, d, last_b) = a_with_b_owning("default");
+    let before = a.decisions();
+    // b's claims change three times within 2 ms (as many peers' do after a death)
+    for (k, claims) in [&[][..], &[vip()][..], &[][..]].iter().enumerate() {
+        let at = last_b + Duration::from_millis(k as u64);
+        a.handle(from_b(d, claims), at);
+    }
+    assert_eq!(a.decisions(), before, "not decided per heartbeat");
+    let due = last_b + d.interval / 4;
+    let mut now = last_b + Duration::from_millis(2);
+    while now < due {
+        now = a.next_wake(now);
+        assert!(now <= due, "the core wakes up for the pending claims");
+        a.handle(Event::Tick, now);
+    }
+    assert_eq!(a.decisions(), before + 1, "decided once for all three");
+}
