@@ -28,8 +28,7 @@
 //! dead after 160 ms), `fast` every 10 ms, dead after 30 ms (100/s to each peer).
 //! Before acting on an expiry the driver first reads every packet already queued on the
 //! socket, and a node that was stalled itself does not count the stall as its peers' silence
-//! (see [`core`]), so a stall of the agent does not declare live peers dead; the binary runs
-//! the agent on a thread of its own at a raised priority ([`Agent::with_own_thread`]).
+//! (see [`core`]), so a stall of the agent does not declare live peers dead.
 
 pub mod announce;
 pub mod core;
@@ -82,9 +81,9 @@ pub enum Error {
     NoKey,
 }
 
-/// The nice value of the agent's own thread in the binary ([`Agent::with_own_thread`]): the
-/// highest priority short of real-time scheduling, so that busy loops at the default nice 0
-/// neither delay its heartbeats nor its reading of them.
+/// A nice value for [`Agent::with_own_thread`]: the highest priority short of real-time
+/// scheduling, so that busy loops at the default nice 0 neither delay its heartbeats nor its
+/// reading of them. (Measured with `tests/soak.rs`; the binary does not use it yet.)
 pub const AGENT_NICE: i32 = -20;
 
 /// Failure-detection timing of a profile.

@@ -54,12 +54,9 @@ pub async fn serve(
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
     let lb = lb::LoadBalancer::new(&mut registry);
-    // heartbeats on a thread of their own at a raised priority: a busy host must not make the
-    // other nodes think this one died (nor this one think they did)
     let agent = agent::Agent::new(&mut registry)
         .with_binder(agent::udp_binder())
-        .with_listeners(lb.closed_listeners())
-        .with_own_thread(agent::AGENT_NICE);
+        .with_listeners(lb.closed_listeners());
     let dns = dns::DnsServer::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
 
