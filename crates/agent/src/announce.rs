@@ -164,19 +164,65 @@ pub fn clear_stale() {
     }
 }
 
-/// The announcer of one interface. Runs until `want` is closed, then releases everything.
-pub struct Announcer {
-    iface: String,
-    mac: Mac,
+/// The link an announcer works on: its ARP and neighbour-discovery raw sockets and local
+/// delivery through `lo`. [`RawLink`] is the real one; tests drive the announcer through a
+/// recording fake under paused time.
+pub trait Link: Send + Sync + 'static {
+    /// Sends a frame on the ARP (`v6` false) or neighbour-discovery (`v6` true) socket.
+    fn send(&self, v6: bool, frame: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Receives the next frame of the ARP or neighbour-discovery socket.
+    fn recv(&self, v6: bool, buf: &mut [u8])
+    -> impl Future<Output = std::io::Result<usize>> + Send;
+    /// Puts a VIP on `lo`; returns whether this call added it.
+    fn lo_add(&self, vip: IpAddr) -> Result<bool, sys::Error>;
+    /// Takes a VIP off `lo`.
+    fn lo_del(&self, vip: IpAddr) -> Result<(), sys::Error>;
+}
+
+/// The real link: two `AF_PACKET` sockets on the interface and netlink on `lo`.
+pub struct RawLink {
     lo: u32,
     arp: sys::PacketSocket,
     nd: sys::PacketSocket,
+}
+
+impl Link for RawLink {
+    async fn send(&self, v6: bool, frame: &[u8]) -> std::io::Result<()> {
+        if v6 {
+            self.nd.send(frame).await
+        } else {
+            self.arp.send(frame).await
+        }
+    }
+
+    async fn recv(&self, v6: bool, buf: &mut [u8]) -> std::io::Result<usize> {
+        if v6 {
+            self.nd.recv(buf).await
+        } else {
+            self.arp.recv(buf).await
+        }
+    }
+
+    fn lo_add(&self, vip: IpAddr) -> Result<bool, sys::Error> {
+        lo_add(self.lo, vip)
+    }
+
+    fn lo_del(&self, vip: IpAddr) -> Result<(), sys::Error> {
+        lo_del(self.lo, vip)
+    }
+}
+
+/// The announcer of one interface. Runs until `want` is closed, then releases everything.
+pub struct Announcer<L: Link = RawLink> {
+    iface: String,
+    mac: Mac,
+    link: L,
     timing: Timing,
     conflicts: Arc<Mutex<BTreeMap<IpAddr, u64>>>,
     handover: Handover,
 }
 
-impl std::fmt::Debug for Announcer {
+impl<L: Link> std::fmt::Debug for Announcer<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Announcer({})", self.iface)
     }
@@ -197,22 +243,50 @@ impl Announcer {
     ) -> Result<Self, Error> {
         let index = sys::if_index(iface)?;
         let filter = sys::bpf_neighbor_solicitation();
-        Ok(Self {
-            iface: iface.to_string(),
-            mac: sys::if_mac(iface)?,
+        let link = RawLink {
             lo: sys::if_index("lo")?,
             arp: sys::PacketSocket::open(index, sys::ETH_P_ARP, None)?,
             nd: sys::PacketSocket::open(index, sys::ETH_P_IPV6, Some(&filter))?,
+        };
+        Ok(Announcer::with_link(
+            iface,
+            sys::if_mac(iface)?,
+            link,
             timing,
             conflicts,
             handover,
-        })
+        ))
+    }
+}
+
+impl<L: Link> Announcer<L> {
+    /// An announcer on `link` with hardware address `mac`.
+    pub fn with_link(
+        iface: &str,
+        mac: Mac,
+        link: L,
+        timing: Timing,
+        conflicts: Arc<Mutex<BTreeMap<IpAddr, u64>>>,
+        handover: Handover,
+    ) -> Self {
+        Self {
+            iface: iface.to_string(),
+            mac,
+            link,
+            timing,
+            conflicts,
+            handover,
+        }
     }
 
     async fn announce(&self, vip: IpAddr) {
         let r = match vip {
-            IpAddr::V4(v) => self.arp.send(&frames::garp(self.mac, v)).await,
-            IpAddr::V6(v) => self.nd.send(&frames::unsolicited_na(self.mac, v)).await,
+            IpAddr::V4(v) => self.link.send(false, &frames::garp(self.mac, v)).await,
+            IpAddr::V6(v) => {
+                self.link
+                    .send(true, &frames::unsolicited_na(self.mac, v))
+                    .await
+            }
         };
         if let Err(e) = r {
             debug!(%vip, iface = %self.iface, %e, "announcement not sent");
@@ -271,7 +345,7 @@ impl Announcer {
                         let before = have.get(vip).copied();
                         let linked = unlink.remove(vip).is_some();
                         if before.is_none() && !linked {
-                            match lo_add(self.lo, *vip) {
+                            match self.link.lo_add(*vip) {
                                 Ok(true) => {
                                     added.insert(*vip);
                                 }
@@ -310,14 +384,14 @@ impl Announcer {
                             sleep_until(t.min(Instant::now() + self.timing.release_grace)).await;
                         }
                         for (vip, _) in std::mem::take(&mut unlink) {
-                            if added.remove(&vip) && let Err(e) = lo_del(self.lo, vip) {
+                            if added.remove(&vip) && let Err(e) = self.link.lo_del(vip) {
                                 warn!(%vip, %e, "cannot remove VIP from lo");
                             }
                         }
                         return;
                     }
                 }
-                r = self.arp.recv(&mut abuf) => {
+                r = self.link.recv(false, &mut abuf) => {
                     let Ok(n) = r else { continue };
                     let Ok(a) = frames::parse_arp(&abuf[..n]) else { continue };
                     if a.sha == self.mac {
@@ -326,7 +400,7 @@ impl Announcer {
                     if a.op == 1
                         && a.spa != a.tpa
                         && have.get(&IpAddr::V4(a.tpa)) == Some(&Mode::Announce)
-                        && let Err(e) = self.arp.send(&frames::arp_reply(self.mac, &a)).await
+                        && let Err(e) = self.link.send(false, &frames::arp_reply(self.mac, &a)).await
                     {
                         debug!(%e, "ARP reply not sent");
                     }
@@ -335,7 +409,7 @@ impl Announcer {
                         suspects.entry(claimed).or_insert_with(Instant::now);
                     }
                 }
-                r = self.nd.recv(&mut nbuf) => {
+                r = self.link.recv(true, &mut nbuf) => {
                     let Ok(n) = r else { continue };
                     let Ok(nd) = frames::parse_nd(&nbuf[..n]) else { continue };
                     if nd.src_mac == self.mac {
@@ -346,7 +420,7 @@ impl Announcer {
                         continue;
                     }
                     if nd.kind == 135 {
-                        if let Err(e) = self.nd.send(&frames::na_reply(self.mac, &nd)).await {
+                        if let Err(e) = self.link.send(true, &frames::na_reply(self.mac, &nd)).await {
                             debug!(%e, "NA not sent");
                         }
                     } else {
@@ -369,7 +443,7 @@ impl Announcer {
                     let gone: Vec<IpAddr> = unlink.iter().filter(|(_, t)| **t <= now).map(|(v, _)| *v).collect();
                     for vip in gone {
                         unlink.remove(&vip);
-                        if added.remove(&vip) && let Err(e) = lo_del(self.lo, vip) {
+                        if added.remove(&vip) && let Err(e) = self.link.lo_del(vip) {
                             warn!(%vip, %e, "cannot remove VIP from lo");
                         }
                     }
@@ -414,3 +488,6 @@ mod loopback_guard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,7 @@
 //! Liveness of peers from direct heartbeats: a pure table driven with explicit instants.
 //!
-//! A peer is *alive* while its last heartbeat is younger than `misses × interval` (the larger
-//! of ours and the one it advertises) and it has not announced that it is leaving. A leaving
+//! A peer is *alive* while its last heartbeat is younger than the profile's dead-after time
+//! (scaled up when the peer advertises a longer heartbeat interval than ours) and it has not announced that it is leaving. A leaving
 //! peer stays gone until it comes back with a newer epoch (a restart).
 
 use std::collections::BTreeMap;
@@ -48,7 +48,7 @@ pub struct Table {
     /// sends empty claims, and the next owner still needs to know whom it takes over from).
     claimed: BTreeMap<IpAddr, NodeId>,
     interval: Duration,
-    misses: u32,
+    dead: Duration,
 }
 
 impl Table {
@@ -56,7 +56,7 @@ impl Table {
     pub fn new(
         peers: impl IntoIterator<Item = (NodeId, SocketAddr)>,
         interval: Duration,
-        misses: u32,
+        dead: Duration,
     ) -> Self {
         Self {
             peers: peers
@@ -77,7 +77,7 @@ impl Table {
                 .collect(),
             claimed: BTreeMap::new(),
             interval,
-            misses,
+            dead,
         }
     }
 
@@ -86,9 +86,9 @@ impl Table {
         &mut self,
         peers: impl IntoIterator<Item = (NodeId, SocketAddr)>,
         interval: Duration,
-        misses: u32,
+        dead: Duration,
     ) {
-        let mut next = Table::new(peers, interval, misses);
+        let mut next = Table::new(peers, interval, dead);
         next.claimed = std::mem::take(&mut self.claimed);
         next.claimed.retain(|_, n| next.peers.contains_key(n));
         for (n, p) in next.peers.iter_mut() {
@@ -103,7 +103,12 @@ impl Table {
     }
 
     fn dead_after(&self, p: &Peer) -> Duration {
-        self.interval.max(p.hb.interval) * self.misses
+        if p.hb.interval > self.interval && !self.interval.is_zero() {
+            self.dead
+                .mul_f64(p.hb.interval.as_secs_f64() / self.interval.as_secs_f64())
+        } else {
+            self.dead
+        }
     }
 
     fn is_alive(&self, p: &Peer, now: Instant) -> bool {
@@ -164,6 +169,25 @@ impl Table {
         let p = self.peers.get(name)?;
         let heard = p.last?;
         (now.saturating_duration_since(heard) <= self.dead_after(p)).then_some((name, p.address))
+    }
+
+    /// This node was stalled from `at` for `by` (until `now`): every peer alive at `at` is
+    /// treated as heard `by` later (never later than `now`), so the stall does not count as
+    /// its silence.
+    pub fn forgive(&mut self, at: Instant, by: Duration, now: Instant) {
+        let alive: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.is_alive(p, at))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in alive {
+            if let Some(p) = self.peers.get_mut(&n)
+                && let Some(l) = p.last
+            {
+                p.last = Some((l + by).min(now));
+            }
+        }
     }
 
     /// Whether `name` is alive at `now`.
@@ -232,7 +256,7 @@ mod tests {
         Table::new(
             [("b".to_string(), "10.0.0.2:7946".parse().unwrap())],
             Duration::from_millis(40),
-            4,
+            Duration::from_millis(160),
         )
     }
 

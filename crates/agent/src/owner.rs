@@ -50,6 +50,8 @@ pub struct Facts {
     pub v6: bool,
     /// The `local_only` services for which it has at least one healthy local backend.
     pub serving: BTreeSet<String>,
+    /// VIPs with a listener the balancer could not open on it (it is not eligible for them).
+    pub closed: BTreeSet<IpAddr>,
 }
 
 /// An alive member as the deciding node sees it.
@@ -81,6 +83,8 @@ pub enum Reason {
     /// The service has no serving endpoint: its addresses are withdrawn everywhere
     /// (`placement.withdrawn`, set by the Kubernetes source).
     NoHealthyEndpoints,
+    /// A listener of the VIP could not be opened on this node (the balancer retries it).
+    ListenerNotOpen,
 }
 
 impl Reason {
@@ -94,6 +98,7 @@ impl Reason {
             Reason::NoHealthyLocalBackend => "noHealthyLocalBackend",
             Reason::NoInterface => "noInterface",
             Reason::NoHealthyEndpoints => "noHealthyEndpoints",
+            Reason::ListenerNotOpen => "listenerNotOpen",
         }
     }
 }
@@ -197,6 +202,10 @@ impl Spec<'_> {
         if self.vip.is_ipv4() { f.v4 } else { f.v6 }
     }
 
+    fn listening(&self, f: &Facts) -> bool {
+        !f.closed.contains(&self.vip)
+    }
+
     fn local_ok(&self, f: &Facts) -> bool {
         self.local_only.iter().all(|s| f.serving.contains(*s))
     }
@@ -204,7 +213,7 @@ impl Spec<'_> {
     /// `nodes` ordered best first: preferred nodes in their order, then by score.
     fn rank<'n>(&self, nodes: impl Iterator<Item = &'n str>) -> Vec<&'n str> {
         let mut v: Vec<&str> = nodes.collect();
-        v.sort_by_key(|n| {
+        v.sort_by_cached_key(|n| {
             let pref = self
                 .preferred
                 .iter()
@@ -282,7 +291,12 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
             s.rank(
                 inp.alive
                     .iter()
-                    .filter(|(n, m)| s.selects(n) && s.family_ok(&m.facts) && s.local_ok(&m.facts))
+                    .filter(|(n, m)| {
+                        s.selects(n)
+                            && s.family_ok(&m.facts)
+                            && s.local_ok(&m.facts)
+                            && s.listening(&m.facts)
+                    })
                     .map(|(n, _)| n.as_str()),
             )
         };
@@ -377,6 +391,8 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
                 Reason::NoInterface
             } else if me.is_some_and(|m| !s.local_ok(&m.facts)) {
                 Reason::NoHealthyLocalBackend
+            } else if me.is_some_and(|m| !s.listening(&m.facts)) {
+                Reason::ListenerNotOpen
             } else {
                 Reason::NotOwner
             };
@@ -409,7 +425,7 @@ mod tests {
         Facts {
             v4: true,
             v6: true,
-            serving: BTreeSet::new(),
+            ..Default::default()
         }
     }
 
@@ -849,6 +865,12 @@ mod tests {
             d[&"fd00::100".parse::<IpAddr>().unwrap()].reason,
             Reason::NoInterface
         );
+        // node-2's listener for the v4 VIP is not open (its port is taken): node-1 owns it
+        let v4: IpAddr = "10.0.0.100".parse().unwrap();
+        alive.get_mut("node-2").unwrap().facts.closed.insert(v4);
+        let d = decide(&inputs("node-2", &nodes, &services, &alive));
+        assert_eq!(d[&v4].reason, Reason::ListenerNotOpen);
+        assert_eq!(d[&v4].owner.as_deref(), Some("node-1"));
     }
 
     #[test]

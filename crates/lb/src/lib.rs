@@ -41,8 +41,8 @@ pub mod relay;
 mod service;
 mod udp;
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -114,12 +114,27 @@ struct ListenerHandle {
     cancel: CancellationToken,
 }
 
+/// First retry of a listener that could not be opened; doubles per failure.
+const LISTEN_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between retries of a listener that could not be opened.
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A listener that could not be opened: retried with back-off.
+struct Closed {
+    failures: u32,
+    next: Instant,
+}
+
 struct Inner {
     metrics: Metrics,
     node: Arc<NodeRt>,
     opts: Options,
     services: ArcSwap<BTreeMap<String, Arc<ServiceRt>>>,
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
+    /// Listeners that could not be opened, with their next retry.
+    closed: Mutex<HashMap<ListenerKey, Closed>>,
+    /// The VIPs with a closed listener, for the agent (a node is not eligible for them).
+    closed_tx: watch::Sender<Arc<BTreeSet<IpAddr>>>,
     health_changed: Notify,
     /// Parent of every connection's cancel token: fired when shutdown drain ends.
     conns_root: CancellationToken,
@@ -159,12 +174,21 @@ impl LoadBalancer {
                 opts,
                 services: ArcSwap::from_pointee(BTreeMap::new()),
                 listeners: Mutex::new(HashMap::new()),
+                closed: Mutex::new(HashMap::new()),
+                closed_tx: watch::channel(Arc::new(BTreeSet::new())).0,
                 health_changed: Notify::new(),
                 conns_root: CancellationToken::new(),
                 tasks_root: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
         }
+    }
+
+    /// The VIPs with a listener that could not be opened on this node (retried with back-off
+    /// from 1 s to 30 s, and at once on a reload); the agent makes this node ineligible for
+    /// them.
+    pub fn closed_listeners(&self) -> watch::Receiver<Arc<BTreeSet<IpAddr>>> {
+        self.inner.closed_tx.subscribe()
     }
 
     /// Runs until `shutdown`: applies each desired generation (listeners, backends), publishes
@@ -272,7 +296,7 @@ impl LoadBalancer {
             }
         }
         inner.services.store(Arc::new(next.clone()));
-        self.reconcile_listeners(&next);
+        self.reconcile_listeners(&next, true);
         tracing::info!(
             generation = desired.generation,
             services = next.len(),
@@ -363,7 +387,9 @@ impl LoadBalancer {
         });
     }
 
-    fn reconcile_listeners(&self, services: &BTreeMap<String, Arc<ServiceRt>>) {
+    /// Opens the listeners `services` need and closes the others; `all` retries every closed
+    /// listener now (a reload), else only those whose back-off ran out.
+    fn reconcile_listeners(&self, services: &BTreeMap<String, Arc<ServiceRt>>, all: bool) {
         let inner = &self.inner;
         let mut want: HashMap<ListenerKey, Arc<ServiceRt>> = HashMap::new();
         for rt in services.values() {
@@ -382,8 +408,14 @@ impl LoadBalancer {
             }
             keep
         });
+        let mut closed = inner.closed.lock().expect("closed lock");
+        closed.retain(|key, _| want.contains_key(key));
+        let now = Instant::now();
         for (key, rt) in want {
             if listeners.contains_key(&key) {
+                continue;
+            }
+            if !all && closed.get(&key).is_some_and(|c| c.next > now) {
                 continue;
             }
             let cancel = inner.tasks_root.child_token();
@@ -401,7 +433,8 @@ impl LoadBalancer {
             };
             match opened {
                 Ok(()) => {
-                    tracing::info!(service = %rt.name, %addr, protocol = %proto, "listening");
+                    let failures = closed.remove(&key).map_or(0, |c| c.failures);
+                    tracing::info!(service = %rt.name, %addr, protocol = %proto, failures, "listening");
                     listeners.insert(
                         key,
                         ListenerHandle {
@@ -412,10 +445,32 @@ impl LoadBalancer {
                 }
                 Err(source) => {
                     let e = Error::Listen { addr, source };
-                    tracing::error!(service = %rt.name, error = %e, cause = %e.source_text(), "listener not opened; retried on next reload");
+                    let c = closed.entry(key).or_insert(Closed {
+                        failures: 0,
+                        next: now,
+                    });
+                    c.failures += 1;
+                    let pause = LISTEN_RETRY_MIN
+                        .saturating_mul(1 << (c.failures - 1).min(16))
+                        .min(LISTEN_RETRY_MAX);
+                    c.next = now + pause;
+                    if c.failures == 1 {
+                        tracing::error!(service = %rt.name, error = %e, cause = %e.source_text(), reason = "listenerNotOpen", "listener not opened; retried with back-off, and this node is not eligible for the VIP until it opens");
+                    } else {
+                        tracing::debug!(service = %rt.name, error = %e, cause = %e.source_text(), failures = c.failures, ?pause, "listener still not opened");
+                    }
                 }
             }
         }
+        let vips: BTreeSet<IpAddr> = closed.keys().map(|(a, _)| a.ip()).collect();
+        inner.closed_tx.send_if_modified(|cur| {
+            if **cur == vips {
+                false
+            } else {
+                *cur = Arc::new(vips);
+                true
+            }
+        });
     }
 
     async fn accept_loop(
@@ -465,6 +520,14 @@ impl LoadBalancer {
     }
 
     fn housekeeping(&self) {
+        let retry = {
+            let now = Instant::now();
+            let closed = self.inner.closed.lock().expect("closed lock");
+            closed.values().any(|c| c.next <= now)
+        };
+        if retry {
+            self.reconcile_listeners(&self.inner.services.load(), false);
+        }
         for rt in self.inner.services.load().values() {
             let spec = rt.spec.load();
             for (be, _) in rt.status_backends() {

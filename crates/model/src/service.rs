@@ -62,7 +62,7 @@ impl Interface {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureProfile {
-    /// Failover well under 300 ms: a heartbeat (~80 bytes) every 40 ms to each peer, dead after 160 ms.
+    /// Failover in about 100 ms: a heartbeat (~80 bytes) every 40 ms to each peer, dead after 100 ms.
     #[default]
     Default,
     /// Failover under 50 ms: a heartbeat every 10 ms to each peer (100/s), dead after 30 ms.

@@ -68,7 +68,9 @@ pub async fn serve(
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
     let lb = lb::LoadBalancer::new(&mut registry);
-    let agent = agent::Agent::new(&mut registry).with_binder(agent::udp_binder());
+    let agent = agent::Agent::new(&mut registry)
+        .with_binder(agent::udp_binder())
+        .with_listeners(lb.closed_listeners());
     let dns = dns::DnsServer::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
     let observe_metrics = crate::observe::ObserveMetrics::register(&mut registry);

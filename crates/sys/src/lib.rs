@@ -186,6 +186,25 @@ pub fn kill(pid: u32, sig: i32) -> Result<(), Error> {
     Ok(())
 }
 
+/// Sets the nice value of the calling thread only (Linux keeps one per thread): the agent's
+/// heartbeat thread runs at a raised priority so that busy processes on the host do not delay
+/// its heartbeats. Lowering it below 0 needs `CAP_SYS_NICE` (root).
+pub fn set_thread_nice(nice: i32) -> Result<(), Error> {
+    #[allow(unsafe_code)]
+    // SAFETY: gettid(2) takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    #[allow(unsafe_code)]
+    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        return Err(Error::Io {
+            what: "setpriority",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// An `AF_PACKET` raw socket on one interface and EtherType, read and written whole frames.
 #[derive(Debug)]
 pub struct PacketSocket {
