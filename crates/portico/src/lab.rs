@@ -14,15 +14,18 @@
 //! eth0, the backend on 0.0.0.0:80). A thread inside the client namespace opens a connection
 //! to the VIP every 10 ms (50 ms connect timeout) and watches the client's ARP cache.
 //!
-//! Each round waits for a stable owner, injects a fault on it, and measures: *outage* (start of
-//! the first failed probe to the start of the first successful probe after the last failure;
-//! 0 when nothing failed), *failed* probes, *takeover* (fault to the first answer from another
-//! node) and *arp* (fault to the client's ARP entry pointing at the new owner's MAC). Then it
+//! Each round waits for a stable owner, injects a fault on it, and measures: *arp* (fault to the
+//! client's ARP entry pointing at another MAC), *takeover* (fault to the first probe answered by
+//! the new owner: the end of the window), failed probes in the window and after it (until the
+//! round settles), and for a graceful stop the time from SIGTERM to the process's exit and
+//! whether it put back the interface sysctls it changed. Probes run one at a time (see
+//! [`probe`]). Health checks: `backends` runs portico with the default check (2s/1s, rise 2,
+//! fall 3), `backends-tuned` and every other scenario with a tuned one (100ms/50ms, rise 1,
+//! fall 2); each round states its settings. Then it
 //! repairs the fault and checks, with ARP requests from the client, that exactly one MAC
 //! answers for the VIP. Every namespace is deleted at the end, on error and on Ctrl-C/SIGTERM.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,6 +36,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+
+mod probe;
+mod report;
+
+use probe::{Observed, Probe, probe, start_prober};
+use report::{Round, print_table};
 
 /// Arguments of `portico lab`.
 #[derive(clap::Args, Debug)]
@@ -46,12 +55,13 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Scenarios: hard (owner link down + agent SIGKILL), graceful (SIGTERM), partition
-    /// (owner link down, then healed), backends (owner's backend killed), conflict (a forged
+    /// (owner link down, then healed), backends (owner's backend killed; default health
+    /// checks), backends-tuned (the same with tuned checks; portico only), conflict (a forged
     /// gratuitous ARP claims the VIP for another MAC; portico only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "hard,graceful,partition,backends"
+        default_value = "hard,graceful,partition,backends,backends-tuned"
     )]
     scenarios: Vec<String>,
     /// Systems: portico-default, portico-fast, keepalived-1s, keepalived-fastest (advert_int 0.01).
@@ -96,6 +106,27 @@ enum Helper {
         /// Address to connect to.
         addr: SocketAddr,
     },
+}
+
+const SCENARIOS: [&str; 6] = [
+    "hard",
+    "graceful",
+    "partition",
+    "backends",
+    "backends-tuned",
+    "conflict",
+];
+
+/// The tuned health check of the lab's portico nodes.
+const TUNED_CHECK: &str = "{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}";
+/// How a round's checks are stated in the results.
+const TUNED_CHECKS: &str = "tuned: tcp 100ms/50ms, rise 1, fall 2";
+const DEFAULT_CHECKS: &str = "default: tcp 2s/1s, rise 2, fall 3";
+const KEEPALIVED_CHECKS: &str = "vrrp_script every 1s, fall 1, rise 1";
+
+/// Whether `scenario` runs portico with the default health check.
+fn default_checks(scenario: &str) -> bool {
+    scenario == "backends"
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
@@ -143,8 +174,8 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         bail!("--nodes must be 2-9");
     }
     for s in &args.scenarios {
-        if !["hard", "graceful", "partition", "backends", "conflict"].contains(&s.as_str()) {
-            bail!("unknown scenario {s}; use hard, graceful, partition, backends, conflict");
+        if !SCENARIOS.contains(&s.as_str()) {
+            bail!("unknown scenario {s}; use {}", SCENARIOS.join(", "));
         }
     }
     for s in &args.systems {
@@ -428,91 +459,6 @@ fn in_netns<R: Send + 'static>(
     })
 }
 
-#[derive(Debug, Clone)]
-struct Probe {
-    start: Instant,
-    node: Option<String>,
-}
-
-#[derive(Default)]
-struct Observed {
-    probes: Vec<Probe>,
-    arp: Vec<(Instant, Option<[u8; 6]>)>,
-}
-
-/// The client's view: probes every 10 ms and ARP-cache changes, until `stop`.
-fn start_prober(
-    ns: &str,
-    obs: Arc<Mutex<Observed>>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<anyhow::Result<()>> {
-    in_netns(ns, move || {
-        Box::pin(async move {
-            let target = SocketAddr::from((VIP, 80));
-            let mut tick = tokio::time::interval(PROBE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut last_mac: Option<[u8; 6]> = None;
-            // bounded: at most two hours of probing
-            for _ in 0..(2 * 3600 * 100) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                tick.tick().await;
-                let start = Instant::now();
-                let o = obs.clone();
-                tokio::spawn(async move {
-                    let node = probe(target).await;
-                    o.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .probes
-                        .push(Probe { start, node });
-                });
-                let mac = read_arp(VIP);
-                if mac != last_mac {
-                    last_mac = mac;
-                    obs.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .arp
-                        .push((start, mac));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        })
-    })
-}
-
-async fn probe(target: SocketAddr) -> Option<String> {
-    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
-        .await
-        .ok()?
-        .ok()?;
-    let mut buf = Vec::with_capacity(32);
-    tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let name = String::from_utf8_lossy(&buf).trim().to_string();
-    (!name.is_empty()).then_some(name)
-}
-
-/// The client's ARP entry for `ip` (complete entries only), from this thread's namespace.
-fn read_arp(ip: Ipv4Addr) -> Option<[u8; 6]> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/arp").ok()?;
-    let want = ip.to_string();
-    text.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 4 && f[0] == want && f[2] == "0x2" {
-            let b: Vec<u8> = f[3]
-                .split(':')
-                .filter_map(|h| u8::from_str_radix(h, 16).ok())
-                .collect();
-            b.try_into().ok()
-        } else {
-            None
-        }
-    })
-}
-
 /// Sends ARP requests for the VIP from the client and returns every MAC that answered.
 fn arp_owners(lab: &Lab) -> anyhow::Result<BTreeSet<[u8; 6]>> {
     let h = in_netns(&lab.ns_client(), || {
@@ -557,44 +503,32 @@ fn arp_owners(lab: &Lab) -> anyhow::Result<BTreeSet<[u8; 6]>> {
         .map_err(|_| anyhow::anyhow!("ARP check thread panicked"))??
 }
 
-/// One measured round.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Round {
-    system: String,
-    scenario: String,
-    round: usize,
-    old_owner: String,
-    new_owner: Option<String>,
-    outage_ms: f64,
-    failed: usize,
-    takeover_ms: Option<f64>,
-    arp_ms: Option<f64>,
-    /// MACs answering ARP for the VIP after the fault was repaired (must be exactly one).
-    arp_owners_after: usize,
-    /// Owner after repair and settling.
-    owner_after: Option<String>,
-    /// Failed probes while the repaired node came back (preemption should be make-before-break).
-    return_failed: usize,
-    /// Start of each failed probe, ms after the fault (negative: started just before it).
-    failed_at_ms: Vec<f64>,
-    /// Start of each failed probe after the repair, ms after the repair.
-    return_failed_at_ms: Vec<f64>,
-    /// Conflicts the owner reports in /status (conflict scenario).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conflicts_counted: Option<u64>,
-    /// Graceful stop: whether a connection opened before it still works once the client's
-    /// ARP entry points at the new owner.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    inflight_survived: Option<bool>,
-}
-
 struct Running {
     system: System,
     pids: BTreeMap<usize, u32>,
     backend_pids: BTreeMap<usize, u32>,
+    /// portico: the nodes run with the default health check (else the tuned one).
+    default_checks: bool,
 }
 
-fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
+impl Running {
+    /// The health-check settings, as the results state them.
+    fn checks(&self) -> &'static str {
+        match self.system {
+            System::Keepalived { .. } => KEEPALIVED_CHECKS,
+            System::Portico { .. } if self.default_checks => DEFAULT_CHECKS,
+            System::Portico { .. } => TUNED_CHECKS,
+        }
+    }
+}
+
+fn portico_config(lab: &Lab, i: usize, fast: bool, default_checks: bool, args: &LabArgs) -> String {
+    // the default check: no settings but the type
+    let check = if default_checks {
+        "{type: tcp}"
+    } else {
+        TUNED_CHECK
+    };
     let peers: Vec<String> = (1..=lab.nodes)
         .filter(|j| *j != i)
         .map(|j| format!("    - {{name: node-{j}, address: 10.99.0.{}:7946}}", 10 + j))
@@ -610,11 +544,11 @@ fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
          profile: {profile}\n  preemptive: {pre}\n  hold_down: {hold}\n  announce: {{count: 3, interval: 50ms, refresh: 10s}}\n\
          admin:\n  listen: 127.0.0.1:9440\n\
          services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}, {{name: echo, port: 81, target_port: 9090}}]\n    backends:\n{backends}\n    \
-         health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
+         health_check: {check}\n    \
          connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
          placement: {{local_only: true, preferred: [node-1]}}\n  \
          - name: web6\n    vips: [\"{VIP6}\"]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
-         health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
+         health_check: {check}\n    \
          connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
          placement: {{local_only: true, preferred: [node-1]}}\n",
         ip = 10 + i,
@@ -646,7 +580,10 @@ impl Running {
         match self.system {
             System::Portico { fast } => {
                 let path = lab.dir.join(format!("node-{i}.yaml"));
-                std::fs::write(&path, portico_config(lab, i, fast, args))?;
+                std::fs::write(
+                    &path,
+                    portico_config(lab, i, fast, self.default_checks, args),
+                )?;
                 let pid = lab.spawn(
                     &ns,
                     &format!("node-{i}.log"),
@@ -729,17 +666,52 @@ impl Running {
     }
 }
 
-async fn wait_gone(pid: u32, max: Duration) {
+/// Waits up to `max` for process `pid` to exit; returns whether it did.
+async fn wait_gone(pid: u32, max: Duration) -> bool {
     let until = Instant::now() + max;
-    while Instant::now() < until && Path::new(&format!("/proc/{pid}")).exists() {
-        // a zombie still has /proc/PID until reaped; its state is Z
-        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+    loop {
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            // a zombie still has /proc/PID until reaped; its state is Z
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
         {
-            return;
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `arp_ignore` and `arp_announce` of node `i`'s eth0.
+fn iface_sysctls(lab: &Lab, i: usize) -> Option<(String, String)> {
+    in_netns(&lab.ns_node(i), || {
+        Box::pin(async {
+            Some((
+                sys::sysctl_read("net/ipv4/conf/eth0/arp_ignore").ok()?,
+                sys::sysctl_read("net/ipv4/conf/eth0/arp_announce").ok()?,
+            ))
+        })
+    })
+    .join()
+    .ok()?
+    .ok()?
+}
+
+/// Stops every node (SIGTERM) and starts it again with the current settings of `run`.
+async fn restart_nodes(lab: &Lab, run: &mut Running, args: &LabArgs) -> anyhow::Result<()> {
+    for (_, pid) in std::mem::take(&mut run.pids) {
+        let _ = sys::kill(pid, sys::SIGTERM);
+        if !wait_gone(pid, Duration::from_secs(10)).await {
+            let _ = sys::kill(pid, sys::SIGKILL);
+            wait_gone(pid, Duration::from_secs(2)).await;
+        }
+    }
+    for i in 1..=lab.nodes {
+        run.start_node(lab, i, args)?;
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -796,10 +768,19 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
     let stop = Arc::new(AtomicBool::new(false));
     let prober = start_prober(&lab.ns_client(), obs.clone(), stop.clone());
     let mut all = Vec::new();
+    // the interface sysctls before any node ran, to check that a stopped portico put them back
+    let sysctls_before: BTreeMap<usize, (String, String)> = (1..=lab.nodes)
+        .filter_map(|i| iface_sysctls(lab, i).map(|v| (i, v)))
+        .collect();
     let r = async {
         for sys_name in &args.systems {
             let system = System::parse(sys_name).unwrap_or(System::Portico { fast: false });
-            let mut run = Running { system, pids: BTreeMap::new(), backend_pids: BTreeMap::new() };
+            let mut run = Running {
+                system,
+                pids: BTreeMap::new(),
+                backend_pids: BTreeMap::new(),
+                default_checks: args.scenarios.first().is_some_and(|s| default_checks(s)),
+            };
             for i in 1..=lab.nodes {
                 run.start_backend(lab, i)?;
                 run.start_node(lab, i, args)?;
@@ -817,14 +798,38 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                 all.push(r);
             }
             for scenario in &args.scenarios {
+                if let System::Keepalived { .. } = system
+                    && scenario == "backends-tuned"
+                {
+                    println!("{sys_name}: backends-tuned skipped (portico only; keepalived's check is its vrrp_script every 1 s)");
+                    continue;
+                }
+                if let System::Portico { .. } = system
+                    && default_checks(scenario) != run.default_checks
+                {
+                    run.default_checks = default_checks(scenario);
+                    println!("{sys_name}: restarting the nodes with health checks {}", run.checks());
+                    restart_nodes(lab, &mut run, args).await?;
+                    wait_stable(&obs, Duration::from_millis(1000), Duration::from_secs(30))
+                        .await
+                        .with_context(|| format!("{sys_name}: VIP never answered after the restart"))?;
+                }
                 for round in 1..=args.rounds {
-                    let r = round_once(lab, args, &mut run, &obs, sys_name, scenario, round).await?;
+                    let mut r = round_once(lab, args, &mut run, &obs, sys_name, scenario, round).await?;
+                    if r.scenario == "graceful"
+                        && let System::Portico { .. } = system
+                        && let Ok(i) = r.old_owner.trim_start_matches("node-").parse::<usize>()
+                    {
+                        r.sysctls_restored = r.stop_ms.map(|_| {
+                            sysctls_before.contains_key(&i) && r.sysctls_after.as_ref() == sysctls_before.get(&i)
+                        });
+                    }
                     println!(
-                        "{sys_name:>18} {scenario:>9} #{round}: outage {:>7.1} ms, failed {:>3}, takeover {:>7} ms, arp {:>7} ms, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}{}",
-                        r.outage_ms,
-                        r.failed,
-                        r.takeover_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        "{sys_name:>18} {scenario:>14} #{round}: arp {:>7} ms, first success on new owner {:>7} ms, failed {:>3} in window + {:>3} after, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}{}{}",
                         r.arp_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        r.takeover_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        r.failed_in_window,
+                        r.failed_after_window,
                         r.old_owner,
                         r.new_owner.clone().unwrap_or("-".into()),
                         r.arp_owners_after,
@@ -834,6 +839,12 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                             Some(true) => ", in-flight connection survived",
                             Some(false) => ", in-flight connection lost",
                             None => "",
+                        },
+                        match (r.stop_ms, r.sysctls_restored) {
+                            (Some(t), Some(ok)) => format!(", exit {t:.0} ms after SIGTERM, sysctls restored: {ok}"),
+                            (Some(t), None) => format!(", exit {t:.0} ms after SIGTERM"),
+                            _ if r.scenario == "graceful" => ", did not exit within 40 s of SIGTERM".to_string(),
+                            _ => String::new(),
                         },
                     );
                     all.push(r);
@@ -942,7 +953,7 @@ async fn round_once(
         }
         "graceful" => stopped = run.kill_node(lab, i, sys::SIGTERM),
         "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?,
-        "backends" => {
+        "backends" | "backends-tuned" => {
             if let Some(pid) = run.backend_pids.remove(&i) {
                 let _ = sys::kill(pid, sys::SIGKILL);
             }
@@ -995,7 +1006,7 @@ async fn round_once(
         }
     }
     let settle = Instant::now();
-    let (outage, failed, takeover, arp, new_owner, failed_at) = {
+    let (failed, failed_in_window, takeover, arp, new_owner, failed_at) = {
         let o = obs.lock().unwrap_or_else(|e| e.into_inner());
         let mut window: Vec<&Probe> = o
             .probes
@@ -1008,17 +1019,9 @@ async fn round_once(
             .filter(|p| p.node.is_none())
             .map(|p| p.start)
             .collect();
-        let outage = match (fails.first(), fails.last()) {
-            (Some(first), Some(last)) => {
-                let back = window
-                    .iter()
-                    .find(|p| p.start > *last && p.node.is_some())
-                    .map(|p| p.start)
-                    .unwrap_or(settle);
-                back.saturating_duration_since(*first)
-            }
-            _ => Duration::ZERO,
-        };
+        // the window ends at the first success on the new owner (or, without one, at settle)
+        let end = recovered_at.unwrap_or(settle);
+        let in_window = fails.iter().filter(|f| **f < end).count();
         let new_owner = window.iter().rev().find_map(|p| p.node.clone());
         let arp = o
             .arp
@@ -1026,8 +1029,8 @@ async fn round_once(
             .find(|(t, m)| *t >= t0 && m.is_some_and(|m| m != old_mac))
             .map(|(t, _)| t.saturating_duration_since(t0));
         (
-            outage,
             fails.len(),
+            in_window,
             recovered_at.map(|t| t.saturating_duration_since(t0)),
             arp,
             new_owner,
@@ -1045,6 +1048,7 @@ async fn round_once(
     };
     // repair
     let before_repair = Instant::now();
+    let (mut stop_ms, mut sysctls_after) = (None, None);
     match scenario {
         "hard" => {
             if let Some(pid) = stopped {
@@ -1060,13 +1064,16 @@ async fn round_once(
             run.start_node(lab, i, args)?;
         }
         "graceful" => {
-            if let Some(pid) = stopped {
-                wait_gone(pid, Duration::from_secs(40)).await;
+            if let Some(pid) = stopped
+                && wait_gone(pid, Duration::from_secs(40)).await
+            {
+                stop_ms = Some(ms(t0.elapsed()));
+                sysctls_after = iface_sysctls(lab, i);
             }
             run.start_node(lab, i, args)?;
         }
         "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?,
-        "backends" => run.start_backend(lab, i)?,
+        "backends" | "backends-tuned" => run.start_backend(lab, i)?,
         _ => {}
     }
     // let the cluster settle (hold-down, keepalived preemption), then check the rules
@@ -1089,12 +1096,17 @@ async fn round_once(
         system: sys_name.to_string(),
         scenario: scenario.to_string(),
         round,
+        checks: run.checks().to_string(),
         old_owner: old,
         new_owner,
-        outage_ms: ms(outage),
         failed,
+        failed_in_window,
+        failed_after_window: failed - failed_in_window,
         takeover_ms: takeover.map(ms),
         arp_ms: arp.map(ms),
+        stop_ms,
+        sysctls_restored: None,
+        sysctls_after,
         arp_owners_after: owners.len(),
         owner_after,
         return_failed,
@@ -1176,78 +1188,6 @@ impl Inflight {
     }
 }
 
-fn print_table(rounds: &[Round], args: &LabArgs) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "\nVIP failover, {} nodes, probes every 10 ms with a 50 ms connect timeout, {} rounds each",
-        args.nodes, args.rounds
-    );
-    let _ = writeln!(
-        out,
-        "| system | scenario | outage min / median / max (ms) | failed probes (total) | takeover median (ms) | client ARP updated median (ms) | one ARP owner after repair |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    let mut keys: Vec<(String, String)> = Vec::new();
-    for r in rounds.iter().filter(|r| r.scenario != "ipv6") {
-        let k = (r.system.clone(), r.scenario.clone());
-        if !keys.contains(&k) {
-            keys.push(k);
-        }
-    }
-    let med = |mut v: Vec<f64>| -> Option<f64> {
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(|a, b| a.total_cmp(b));
-        Some(v[v.len() / 2])
-    };
-    let f = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or("-".into());
-    for (s, sc) in keys {
-        let rs: Vec<&Round> = rounds
-            .iter()
-            .filter(|r| r.system == s && r.scenario == sc)
-            .collect();
-        let o: Vec<f64> = rs.iter().map(|r| r.outage_ms).collect();
-        let min = o.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = o.iter().copied().fold(0.0, f64::max);
-        let _ = writeln!(
-            out,
-            "| {s} | {sc} | {:.0} / {} / {max:.0} | {} | {} | {} | {}/{} |",
-            min,
-            f(med(o.clone())),
-            rs.iter().map(|r| r.failed).sum::<usize>(),
-            f(med(rs.iter().filter_map(|r| r.takeover_ms).collect())),
-            f(med(rs.iter().filter_map(|r| r.arp_ms).collect())),
-            rs.iter().filter(|r| r.arp_owners_after == 1).count(),
-            rs.len(),
-        );
-    }
-    let checked: Vec<&Round> = rounds
-        .iter()
-        .filter(|r| r.inflight_survived.is_some())
-        .collect();
-    if !checked.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nA connection open across a graceful stop (used after the client's ARP entry moved):"
-        );
-        let mut systems: Vec<&str> = checked.iter().map(|r| r.system.as_str()).collect();
-        systems.dedup();
-        for s in systems {
-            let rs: Vec<&&Round> = checked.iter().filter(|r| r.system == s).collect();
-            let _ = writeln!(
-                out,
-                "  {s}: survived {}/{}",
-                rs.iter()
-                    .filter(|r| r.inflight_survived == Some(true))
-                    .count(),
-                rs.len()
-            );
-        }
-    }
-}
-
 const FAKE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xee];
 
 /// A forged gratuitous ARP from the bridge claims the VIP for a MAC nobody has: the owner must
@@ -1276,7 +1216,7 @@ async fn conflict_round(
         .map_err(|_| anyhow::anyhow!("forging thread panicked"))???;
     // bounded wait for the client's ARP to be back at the owner (or never to have moved)
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (failed, outage, arp_back) = {
+    let (failed, arp_back) = {
         let o = obs.lock().unwrap_or_else(|e| e.into_inner());
         let fails: Vec<Instant> = o
             .probes
@@ -1284,10 +1224,6 @@ async fn conflict_round(
             .filter(|p| p.start >= t0 && p.node.is_none())
             .map(|p| p.start)
             .collect();
-        let outage = match (fails.iter().min(), fails.iter().max()) {
-            (Some(a), Some(b)) => b.saturating_duration_since(*a) + PROBE_EVERY,
-            _ => Duration::ZERO,
-        };
         let poisoned = o
             .arp
             .iter()
@@ -1299,7 +1235,7 @@ async fn conflict_round(
                 .find(|(t, m)| *t > p && *m == Some(node_mac(i)))
                 .map(|(t, _)| t.saturating_duration_since(t0))
         });
-        (fails.len(), outage, back)
+        (fails.len(), back)
     };
     let conflicts = status_conflicts(lab, i).await;
     let owner_after = wait_stable(obs, Duration::from_millis(500), Duration::from_secs(10))
@@ -1312,17 +1248,13 @@ async fn conflict_round(
         round,
         old_owner: old.clone(),
         new_owner: Some(old),
-        outage_ms: ms(outage),
         failed,
-        takeover_ms: None,
+        failed_in_window: failed,
         arp_ms: arp_back.map(ms),
         arp_owners_after: owners.len(),
         owner_after,
-        return_failed: 0,
-        failed_at_ms: Vec::new(),
-        return_failed_at_ms: Vec::new(),
         conflicts_counted: conflicts,
-        inflight_survived: None,
+        ..Round::default()
     })
 }
 
@@ -1402,18 +1334,8 @@ async fn ipv6_round(lab: &Lab, sys_name: &str) -> anyhow::Result<Round> {
         system: sys_name.to_string(),
         scenario: "ipv6".into(),
         round: 1,
-        old_owner: String::new(),
-        new_owner: None,
-        outage_ms: 0.0,
-        failed: 0,
-        takeover_ms: None,
-        arp_ms: None,
         arp_owners_after: macs.len(),
         owner_after: tcp,
-        return_failed: 0,
-        failed_at_ms: Vec::new(),
-        return_failed_at_ms: Vec::new(),
-        conflicts_counted: None,
-        inflight_survived: None,
+        ..Round::default()
     })
 }
