@@ -30,12 +30,23 @@ pub(super) async fn round_once(
     };
     let t0 = Instant::now();
     let mut stopped = None;
+    let mut exited = None;
     match scenario {
         "hard" => {
             sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?;
             stopped = run.kill_node(lab, i, sys::SIGKILL);
         }
-        "graceful" => stopped = run.kill_node(lab, i, sys::SIGTERM),
+        "graceful" => {
+            stopped = run.kill_node(lab, i, sys::SIGTERM);
+            // watched from now, so the exit time is exact even while the round measures
+            exited = stopped.map(|pid| {
+                tokio::spawn(async move {
+                    wait_gone(pid, Duration::from_secs(40))
+                        .await
+                        .then(|| t0.elapsed())
+                })
+            });
+        }
         "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?,
         "backends" | "backends-tuned" => {
             if let Some(pid) = run.backend_pids.remove(&i) {
@@ -148,10 +159,10 @@ pub(super) async fn round_once(
             run.start_node(lab, i, args)?;
         }
         "graceful" => {
-            if let Some(pid) = stopped
-                && wait_gone(pid, Duration::from_secs(40)).await
+            if let Some(w) = exited
+                && let Ok(Some(took)) = w.await
             {
-                stop_ms = Some(ms(t0.elapsed()));
+                stop_ms = Some(ms(took));
                 sysctls_after = iface_sysctls(lab, i);
             }
             run.start_node(lab, i, args)?;
