@@ -620,6 +620,7 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                 pids: BTreeMap::new(),
                 backend_pids: BTreeMap::new(),
                 default_checks: args.scenarios.first().is_some_and(|s| default_checks(s)),
+                sysctls_before: sysctls_before.clone(),
             };
             for i in 1..=lab.nodes {
                 run.start_backend(lab, i)?;

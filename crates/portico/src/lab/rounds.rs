@@ -155,6 +155,19 @@ pub(super) async fn round_once(
                 &ns,
                 &["ip", "addr", "del", &format!("{VIP}/32"), "dev", "eth0"],
             );
+            // …and the interface sysctls a killed agent could not put back are at their
+            // boot values again
+            if let Some((ignore, announce)) = run.sysctls_before.get(&i) {
+                let _ = sh_in(
+                    &ns,
+                    &[
+                        "sysctl",
+                        "-qw",
+                        &format!("net.ipv4.conf.eth0.arp_ignore={ignore}"),
+                        &format!("net.ipv4.conf.eth0.arp_announce={announce}"),
+                    ],
+                );
+            }
             sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
             run.start_node(lab, i, args)?;
         }

@@ -9,6 +9,8 @@ pub(super) struct Running {
     pub(super) backend_pids: BTreeMap<usize, u32>,
     /// portico: the nodes run with the default health check (else the tuned one).
     pub(super) default_checks: bool,
+    /// Per node: `arp_ignore`/`arp_announce` of eth0 before any node ran (boot values).
+    pub(super) sysctls_before: BTreeMap<usize, (String, String)>,
 }
 
 impl Running {
