@@ -226,18 +226,25 @@ pub(super) async fn round_once(
 }
 
 /// A connection to the VIP's echo port (81), opened from the client before a graceful stop and
-/// held by a thread in the client namespace until [`Inflight::use_now`].
+/// held by a thread in the client namespace until [`Inflight::use_now`], then kept open for
+/// [`INFLIGHT_HOLD`] more, past the handover's release grace: the stopped node's exit must not
+/// wait for a connection whose packets now reach the new owner.
 struct Inflight {
     go: tokio::sync::oneshot::Sender<()>,
-    done: std::thread::JoinHandle<anyhow::Result<anyhow::Result<bool>>>,
+    result: tokio::sync::oneshot::Receiver<bool>,
 }
+
+/// How long the in-flight connection stays open after its last round trip.
+const INFLIGHT_HOLD: Duration = Duration::from_secs(3);
 
 impl Inflight {
     /// Connects and checks one echo round trip; returns once the connection is established.
     async fn open(lab: &Lab) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
         let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let done = in_netns(&lab.ns_client(), move || {
+        let (result_tx, result) = tokio::sync::oneshot::channel::<bool>();
+        // detached: the thread ends INFLIGHT_HOLD after the round trip (bounded)
+        let _thread = in_netns(&lab.ns_client(), move || {
             Box::pin(async move {
                 let setup = async {
                     let mut s = tokio::time::timeout(
@@ -267,18 +274,20 @@ impl Inflight {
                 };
                 // bounded: the round goes on after at most a few seconds
                 let _ = tokio::time::timeout(Duration::from_secs(10), go_rx).await;
-                if s.write_all(b"after!\n").await.is_err() {
-                    return Ok(false);
-                }
                 let mut buf = [0u8; 7];
-                Ok(matches!(
-                    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
-                    Ok(Ok(_)) if &buf == b"after!\n"
-                ))
+                let survived = s.write_all(b"after!\n").await.is_ok()
+                    && matches!(
+                        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+                        Ok(Ok(_)) if &buf == b"after!\n"
+                    );
+                let _ = result_tx.send(survived);
+                tokio::time::sleep(INFLIGHT_HOLD).await;
+                drop(s);
+                Ok(survived)
             })
         });
         match tokio::time::timeout(Duration::from_secs(3), ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Self { go, done }),
+            Ok(Ok(Ok(()))) => Ok(Self { go, result }),
             Ok(Ok(Err(e))) => Err(e),
             _ => Err(anyhow::anyhow!(
                 "the in-flight connection thread did not report"
@@ -290,8 +299,8 @@ impl Inflight {
     async fn use_now(self) -> bool {
         let _ = self.go.send(());
         matches!(
-            tokio::task::spawn_blocking(move || self.done.join()).await,
-            Ok(Ok(Ok(Ok(true))))
+            tokio::time::timeout(Duration::from_secs(5), self.result).await,
+            Ok(Ok(true))
         )
     }
 }
