@@ -10,4 +10,4 @@ cargo build --release -p portico
 # measure failover, not the compiler next door (children inherit the priority).
 exec nice -n -10 "${CARGO_TARGET_DIR:-target}/release/portico" lab --nodes 3 --rounds "${ROUNDS:-5}" \
   --systems portico-default,portico-fast,keepalived-1s,keepalived-fastest \
-  --scenarios hard,graceful,partition,backends --json "$OUT" "$@"
+  --scenarios hard,graceful,partition,backends,backends-tuned --json "$OUT" "$@"

@@ -1,14 +1,15 @@
 //! Active health probes and their scheduler.
 //!
 //! Probes: TCP connect; HTTP/1.1 `GET` with path, `Host` and an expected status; MySQL/MariaDB,
-//! which reads the server greeting (Initial Handshake packet), requires protocol version 10 and a
-//! well-formed greeting, then logs in as user `portico` without password (a
-//! `HandshakeResponse41`), reads the server's answer — OK, or an error such as 1045 *access
-//! denied*, both prove the server is serving — and sends `COM_QUIT` before closing. This is
-//! HAProxy's `mysql-check user` flow: finishing the handshake keeps the server from counting the
-//! check as an aborted connection (which, repeated `max_connect_errors` times, blocks the host).
-//! An error packet (`0xff`) in place of the greeting, or 1040 *Too many connections* (1203, 1129)
-//! in answer to the login, means down. Reference: MariaDB "Connection" protocol docs, section "Initial handshake packet".
+//! which reads the server greeting (Initial Handshake packet) and requires protocol version 10,
+//! a printable server version and a well-formed greeting. An error packet (`0xff`) in place of
+//! the greeting (1040 *Too many connections*, 1129 *host blocked*) means down. By default that is
+//! the whole check: the probe closes after the greeting and never logs in, so the server logs no
+//! "Access denied". With `user` (and optionally `password_file`) the probe also logs in
+//! (`HandshakeResponse41`, `mysql_native_password`, following an auth switch to it), requires OK,
+//! and sends `COM_QUIT`; any error answer (1045 *access denied*, 1040 once `max_connections` is
+//! reached) means down with the server's code and message. Reference: MariaDB "Connection"
+//! protocol docs, "Initial handshake packet" and "mysql_native_password".
 //!
 //! The scheduler runs one task per backend: the first check after a random delay within one
 //! interval, then every `interval` ± 10 % (jitter so checks of many backends never align), each
@@ -57,6 +58,26 @@ pub enum ProbeError {
     /// The greeting was malformed.
     #[error("malformed MySQL greeting")]
     MysqlMalformed,
+    /// The configured login was refused (wrong password, unknown user, …).
+    #[error("MySQL login as {user} refused: error {code}: {message}")]
+    MysqlLogin {
+        /// The configured user.
+        user: String,
+        /// Error code (1045 = access denied).
+        code: u16,
+        /// Server message.
+        message: String,
+    },
+    /// The server asked for an authentication plugin the check does not speak.
+    #[error(
+        "MySQL user {user} needs auth plugin {plugin}; the check speaks mysql_native_password only"
+    )]
+    MysqlAuthPlugin {
+        /// The configured user.
+        user: String,
+        /// The plugin the server asked for.
+        plugin: String,
+    },
 }
 
 impl ProbeError {
@@ -70,6 +91,8 @@ impl ProbeError {
             ProbeError::MysqlError { .. } => "mysqlError",
             ProbeError::MysqlProtocol(_) => "mysqlProtocol",
             ProbeError::MysqlMalformed => "malformedGreeting",
+            ProbeError::MysqlLogin { .. } => "mysqlLoginRefused",
+            ProbeError::MysqlAuthPlugin { .. } => "mysqlAuthPlugin",
         }
     }
 }
@@ -127,7 +150,13 @@ async fn probe_inner(kind: &CheckKind, addr: SocketAddr) -> Result<(), ProbeErro
                 })
             }
         }
-        CheckKind::Mysql => mysql(&mut s).await,
+        CheckKind::Mysql { user, password, .. } => {
+            let login = user.as_deref().map(|u| Login {
+                user: u,
+                password: password.as_ref().map_or("", |p| p.0.as_str()),
+            });
+            mysql(&mut s, login).await
+        }
     }
 }
 
@@ -161,8 +190,17 @@ async fn read_packet(s: &mut TcpStream) -> Result<(u8, Vec<u8>), ProbeError> {
     Ok((head[3], body))
 }
 
+/// What a greeting carries that a login needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    /// The server version string.
+    pub version: String,
+    /// The 20-byte scramble (auth-plugin-data parts 1 and 2), when the server sent both parts.
+    pub seed: Vec<u8>,
+}
+
 /// Validates an Initial Handshake packet payload (protocol 10), or decodes an error packet.
-pub fn parse_greeting(p: &[u8]) -> Result<(), ProbeError> {
+pub fn parse_greeting(p: &[u8]) -> Result<Greeting, ProbeError> {
     match p.first() {
         Some(0xff) => Err(parse_error(p)),
         Some(10) => {
@@ -180,7 +218,17 @@ pub fn parse_greeting(p: &[u8]) -> Result<(), ProbeError> {
             if rest.len() < 4 + 8 + 1 + 2 || rest[12] != 0 {
                 return Err(ProbeError::MysqlMalformed);
             }
-            Ok(())
+            let mut seed = rest[4..12].to_vec();
+            // charset (1), status (2), capabilities high (2), auth data length (1), reserved
+            // (10), then part 2: at least 13 bytes, the last a NUL
+            if let Some(part2) = rest.get(4 + 8 + 1 + 2 + 1 + 2 + 2 + 1 + 10..) {
+                let len = part2.iter().position(|&b| b == 0).unwrap_or(part2.len());
+                seed.extend_from_slice(&part2[..len.min(12)]);
+            }
+            Ok(Greeting {
+                version: String::from_utf8_lossy(version).into_owned(),
+                seed,
+            })
         }
         Some(v) => Err(ProbeError::MysqlProtocol(*v)),
         None => Err(ProbeError::MysqlMalformed),
@@ -188,47 +236,117 @@ pub fn parse_greeting(p: &[u8]) -> Result<(), ProbeError> {
 }
 
 fn parse_error(p: &[u8]) -> ProbeError {
+    match parse_error_parts(p) {
+        Some((code, message)) => ProbeError::MysqlError { code, message },
+        None => ProbeError::MysqlMalformed,
+    }
+}
+
+fn parse_error_parts(p: &[u8]) -> Option<(u16, String)> {
     if p.len() < 3 {
-        return ProbeError::MysqlMalformed;
+        return None;
     }
     let code = u16::from_le_bytes([p[1], p[2]]);
     let mut msg = &p[3..];
     if msg.first() == Some(&b'#') && msg.len() >= 6 {
         msg = &msg[6..];
     }
-    ProbeError::MysqlError {
-        code,
-        message: String::from_utf8_lossy(msg).into_owned(),
-    }
+    Some((code, String::from_utf8_lossy(msg).into_owned()))
 }
 
-/// `HandshakeResponse41` for user `portico`, no password, no database; sequence id 1.
-pub fn login_packet() -> Vec<u8> {
+/// The check's credentials.
+#[derive(Clone, Copy)]
+pub struct Login<'a> {
+    /// User name.
+    pub user: &'a str,
+    /// Password (empty: none).
+    pub password: &'a str,
+}
+
+/// The `mysql_native_password` auth response:
+/// `SHA1(password) XOR SHA1(seed + SHA1(SHA1(password)))`; empty for an empty password.
+pub fn native_password(password: &str, seed: &[u8]) -> Vec<u8> {
+    use ring::digest::{SHA1_FOR_LEGACY_USE_ONLY as SHA1, digest};
+    if password.is_empty() {
+        return Vec::new();
+    }
+    let h1 = digest(&SHA1, password.as_bytes());
+    let h2 = digest(&SHA1, h1.as_ref());
+    let mut ctx = ring::digest::Context::new(&SHA1);
+    ctx.update(seed);
+    ctx.update(h2.as_ref());
+    let h3 = ctx.finish();
+    h1.as_ref()
+        .iter()
+        .zip(h3.as_ref())
+        .map(|(a, b)| a ^ b)
+        .collect()
+}
+
+/// Frames `body` as one packet with sequence id `seq`.
+fn packet(seq: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes()[..3]);
+    out.push(seq);
+    out.extend_from_slice(body);
+    out
+}
+
+/// `HandshakeResponse41` for `login` with the `mysql_native_password` response to `seed`, no
+/// database; sequence id 1.
+pub fn login_packet(login: Login<'_>, seed: &[u8]) -> Vec<u8> {
     const CLIENT_PROTOCOL_41: u32 = 0x0200;
     const CLIENT_SECURE_CONNECTION: u32 = 0x8000;
-    let mut body = Vec::with_capacity(48);
-    body.extend_from_slice(&(CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION).to_le_bytes());
+    const CLIENT_PLUGIN_AUTH: u32 = 0x0008_0000;
+    let auth = native_password(login.password, seed);
+    let mut body = Vec::with_capacity(96);
+    body.extend_from_slice(
+        &(CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH).to_le_bytes(),
+    );
     body.extend_from_slice(&(16u32 << 20).to_le_bytes()); // max packet
     body.push(33); // utf8_general_ci
     body.extend_from_slice(&[0u8; 23]);
-    body.extend_from_slice(b"portico\0");
-    body.push(0); // empty auth response
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes()[..3]);
-    out.push(1);
-    out.extend_from_slice(&body);
-    out
+    body.extend_from_slice(login.user.as_bytes());
+    body.push(0);
+    body.push(auth.len() as u8);
+    body.extend_from_slice(&auth);
+    body.extend_from_slice(b"mysql_native_password\0");
+    packet(1, &body)
 }
 
 /// `COM_QUIT`, sequence id 0.
 pub const COM_QUIT: [u8; 5] = [1, 0, 0, 0, 1];
 
-async fn mysql(s: &mut TcpStream) -> Result<(), ProbeError> {
+async fn mysql(s: &mut TcpStream, login: Option<Login<'_>>) -> Result<(), ProbeError> {
     let (_, greeting) = read_packet(s).await?;
-    parse_greeting(&greeting)?;
-    s.write_all(&login_packet()).await?;
-    let (_, answer) = read_packet(s).await?;
-    let verdict = login_answer(&answer);
+    let greeting = parse_greeting(&greeting)?;
+    let Some(login) = login else {
+        // The greeting is the check: close without a login attempt.
+        let _ = s.shutdown().await;
+        return Ok(());
+    };
+    s.write_all(&login_packet(login, &greeting.seed)).await?;
+    let (mut seq, mut answer) = read_packet(s).await?;
+    if answer.first() == Some(&0xfe) {
+        // Auth switch request: plugin name NUL-terminated, then a new seed.
+        let body = &answer[1..];
+        let nul = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+        let plugin = String::from_utf8_lossy(&body[..nul]).into_owned();
+        if plugin != "mysql_native_password" {
+            let _ = s.shutdown().await;
+            return Err(ProbeError::MysqlAuthPlugin {
+                user: login.user.into(),
+                plugin,
+            });
+        }
+        let seed = body.get(nul + 1..).unwrap_or_default();
+        let seed = seed.strip_suffix(&[0]).unwrap_or(seed);
+        let auth = native_password(login.password, seed);
+        s.write_all(&packet(seq.wrapping_add(1), &auth)).await?;
+        (seq, answer) = read_packet(s).await?;
+    }
+    let _ = seq;
+    let verdict = login_answer(&answer, login.user);
     if answer.first() == Some(&0x00) {
         let _ = s.write_all(&COM_QUIT).await;
     }
@@ -236,20 +354,22 @@ async fn mysql(s: &mut TcpStream) -> Result<(), ProbeError> {
     verdict
 }
 
-/// The server's answer to the login: OK (0x00), an auth switch (0xfe) or an authentication
-/// error (0xff, e.g. 1045 access denied) prove it serves; an error saying it takes no more
-/// connections (1040 too many connections, 1203 user limit, 1129 host blocked) means down —
-/// MariaDB checks `max_connections` only after authentication, so 1040 arrives here.
-pub fn login_answer(answer: &[u8]) -> Result<(), ProbeError> {
+/// The server's answer to the login: OK (0x00) is up; an error (0xff) is down with the server's
+/// code and message (1045 access denied; 1040 too many connections, which MariaDB checks
+/// after authentication).
+pub fn login_answer(answer: &[u8], user: &str) -> Result<(), ProbeError> {
     match answer.first() {
-        Some(0x00 | 0xfe) => Ok(()),
-        Some(0xff) => match parse_error(answer) {
-            e @ ProbeError::MysqlError {
-                code: 1040 | 1203 | 1129,
-                ..
-            } => Err(e),
-            ProbeError::MysqlError { .. } => Ok(()),
-            other => Err(other),
+        Some(0x00) => Ok(()),
+        Some(0xff) => match parse_error_parts(answer) {
+            Some((code @ (1040 | 1203 | 1129), message)) => {
+                Err(ProbeError::MysqlError { code, message })
+            }
+            Some((code, message)) => Err(ProbeError::MysqlLogin {
+                user: user.into(),
+                code,
+                message,
+            }),
+            None => Err(ProbeError::MysqlMalformed),
         },
         _ => Err(ProbeError::MysqlMalformed),
     }
@@ -273,10 +393,18 @@ mod tests {
     const GREETING: &[u8] = b"\x0a10.11.6-MariaDB\x00\x2a\x00\x00\x00\x41\x42\x43\x44\x45\x46\x47\x48\x00\xfe\xf7\x2d\x02\x00";
     // A pre-handshake "Too many connections" error packet as mariadbd sends it.
     const TOO_MANY: &[u8] = b"\xff\x10\x04Too many connections";
+    const SCRAMBLE_SECRET: &str = "28441590674285e7d03cae7af237504797f70e91";
+
+    // A full MariaDB 10.11 greeting: version, connection id, seed part 1, capabilities, charset,
+    // status, auth data length 21, reserved, seed part 2 + NUL, plugin name.
+    const FULL: &[u8] = b"\x0a10.11.6-MariaDB\x00\x2a\x00\x00\x00ABCDEFGH\x00\xfe\xf7\x2d\x02\x00\xff\x81\x15\x00\x00\x00\x00\x00\x00\x0f\x00\x00\x00IJKLMNOPQRST\x00mysql_native_password\x00";
 
     #[test]
     fn greeting_with_protocol_10_is_valid() {
-        parse_greeting(GREETING).unwrap();
+        let g = parse_greeting(GREETING).unwrap();
+        assert_eq!(g.version, "10.11.6-MariaDB");
+        let g = parse_greeting(FULL).unwrap();
+        assert_eq!(g.seed, b"ABCDEFGHIJKLMNOPQRST");
     }
 
     #[test]
@@ -314,22 +442,48 @@ mod tests {
     }
 
     #[test]
-    fn login_answers_classify_refusal_as_down_and_auth_errors_as_up() {
-        assert!(login_answer(b"\x00\x00\x00\x02\x00\x00\x00").is_ok());
-        assert!(login_answer(b"\xff\x15\x04#28000Access denied for user 'portico'").is_ok());
+    fn login_answers_other_than_ok_are_down_with_the_servers_reason() {
+        assert!(login_answer(b"\x00\x00\x00\x02\x00\x00\x00", "u").is_ok());
+        match login_answer(b"\xff\x15\x04#28000Access denied for user 'u'", "u") {
+            Err(e @ ProbeError::MysqlLogin { code: 1045, .. }) => {
+                assert_eq!(e.reason(), "mysqlLoginRefused");
+                assert_eq!(
+                    e.to_string(),
+                    "MySQL login as u refused: error 1045: Access denied for user 'u'"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
-            login_answer(b"\xff\x10\x04#08004Too many connections"),
+            login_answer(b"\xff\x10\x04#08004Too many connections", "u"),
             Err(ProbeError::MysqlError { code: 1040, .. })
         ));
-        assert!(login_answer(b"").is_err());
+        assert!(login_answer(b"", "u").is_err());
+    }
+
+    #[test]
+    fn native_password_matches_the_reference_scramble() {
+        // SHA1("secret") XOR SHA1(seed + SHA1(SHA1("secret"))), computed independently
+        // (python3 hashlib) for the seed "ABCDEFGHIJKLMNOPQRST".
+        let got = native_password("secret", b"ABCDEFGHIJKLMNOPQRST");
+        let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, SCRAMBLE_SECRET);
+        assert!(native_password("", b"ABCDEFGHIJKLMNOPQRST").is_empty());
     }
 
     #[test]
     fn login_packet_encodes_to_fixed_bytes() {
-        let p = login_packet();
-        assert_eq!(&p[..4], &[41, 0, 0, 1]);
-        assert_eq!(&p[4..8], &[0x00, 0x82, 0x00, 0x00]);
+        let p = login_packet(
+            Login {
+                user: "portico",
+                password: "",
+            },
+            b"ABCDEFGHIJKLMNOPQRST",
+        );
+        assert_eq!(&p[..4], &[63, 0, 0, 1]);
+        assert_eq!(&p[4..8], &[0x00, 0x82, 0x08, 0x00]);
         assert_eq!(&p[36..45], b"portico\0\0");
+        assert_eq!(&p[45..], b"mysql_native_password\0");
     }
 
     #[test]

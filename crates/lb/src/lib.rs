@@ -141,6 +141,11 @@ struct Inner {
     /// Parent of listener and check tasks: fired at shutdown start.
     tasks_root: CancellationToken,
     tracker: TaskTracker,
+    /// `shutdown.drain_timeout` of the last applied generation.
+    shutdown_drain: Mutex<Duration>,
+    /// Per VIP address: cancels its relayed TCP connections when the address left this node
+    /// during the shutdown drain (they cannot be served any more).
+    vip_gone: Mutex<HashMap<IpAddr, CancellationToken>>,
 }
 
 /// The balancer: follows desired state, runs health checks, relays connections.
@@ -180,6 +185,8 @@ impl LoadBalancer {
                 conns_root: CancellationToken::new(),
                 tasks_root: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                shutdown_drain: Mutex::new(model::Shutdown::default().drain_timeout),
+                vip_gone: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -192,8 +199,8 @@ impl LoadBalancer {
     }
 
     /// Runs until `shutdown`: applies each desired generation (listeners, backends), publishes
-    /// backend health to `health`, and drains connections on shutdown (up to the longest
-    /// `drain_timeout`, then closes the rest).
+    /// backend health to `health`, and drains connections on shutdown (up to
+    /// `shutdown.drain_timeout`, then closes the rest; see [`Self::shut_down`]).
     pub async fn run(
         &self,
         mut desired: watch::Receiver<Arc<Desired>>,
@@ -225,36 +232,87 @@ impl LoadBalancer {
         Ok(())
     }
 
-    /// Stops accepting, lets connections finish up to the longest drain timeout, closes the rest.
+    /// Stops accepting and lets the connections this node can still serve finish, up to
+    /// `shutdown.drain_timeout`, then closes the rest. A connection to a VIP that is no longer
+    /// an address of this host (the agent handed it over: its client's packets now reach the
+    /// new owner) cannot finish here, so it is closed at once (checked every 50 ms) and never
+    /// holds the exit.
     async fn shut_down(&self) {
         let inner = &self.inner;
         inner.tasks_root.cancel();
         inner.listeners.lock().expect("listeners lock").clear();
-        let drain = inner
-            .services
-            .load()
-            .values()
-            .map(|s| s.spec.load().connection.drain_timeout)
-            .max()
-            .unwrap_or_default();
+        let drain = *inner.shutdown_drain.lock().expect("shutdown_drain lock");
         inner.tracker.close();
-        if tokio::time::timeout(drain, inner.tracker.wait())
-            .await
-            .is_err()
-        {
+        let deadline = Instant::now() + drain;
+        let mut closed_gone = 0usize;
+        loop {
+            closed_gone += self.close_vips_gone();
+            tokio::select! {
+                () = inner.tracker.wait() => break,
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::info!(
+                        reason = "drainTimeout",
+                        "closing connections still open at shutdown"
+                    );
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        if closed_gone > 0 {
             tracing::info!(
-                reason = "drainTimeout",
-                "closing connections still open at shutdown"
+                vips = closed_gone,
+                reason = "vipHandedOver",
+                "closed connections to VIPs no longer on this node"
             );
         }
         inner.conns_root.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), inner.tracker.wait()).await;
     }
 
+    /// Cancels the connections of every VIP that is no longer an address of this host; returns
+    /// how many VIPs that was.
+    fn close_vips_gone(&self) -> usize {
+        let gone: Vec<CancellationToken> = self
+            .inner
+            .vip_gone
+            .lock()
+            .expect("vip_gone lock")
+            .iter()
+            .filter(|(ip, t)| !t.is_cancelled() && !is_local_address(**ip))
+            .map(|(_, t)| t.clone())
+            .collect();
+        for t in &gone {
+            t.cancel();
+        }
+        gone.len()
+    }
+
+    /// The token that ends `vip`'s connections once the address left this node.
+    fn vip_token(&self, vip: IpAddr) -> CancellationToken {
+        self.inner
+            .vip_gone
+            .lock()
+            .expect("vip_gone lock")
+            .entry(vip)
+            .or_default()
+            .clone()
+    }
+
     /// Applies one generation: services, backends, health checks, listeners.
     pub fn apply(&self, desired: &Desired) {
         let inner = &self.inner;
         let old = inner.services.load_full();
+        *inner.shutdown_drain.lock().expect("shutdown_drain lock") =
+            desired.config.shutdown.drain_timeout;
+        // bounded by the configured VIPs (a removed VIP's connections keep their token)
+        inner
+            .vip_gone
+            .lock()
+            .expect("vip_gone lock")
+            .retain(|ip, t| {
+                t.is_cancelled() || desired.config.services.iter().any(|s| s.vips.contains(ip))
+            });
         let mut next: BTreeMap<String, Arc<ServiceRt>> = BTreeMap::new();
         for spec in &desired.config.services {
             let (rt, first) = match old.get(&spec.name) {
@@ -498,8 +556,14 @@ impl LoadBalancer {
                     }
                     let unit = TcpUnit(node.clone());
                     let rt = rt.clone();
+                    let gone = self.vip_token(vip.ip());
                     self.inner.tracker.spawn(async move {
-                        rt.serve_tcp(client, peer, vip).await;
+                        tokio::select! {
+                            () = rt.serve_tcp(client, peer, vip) => {}
+                            // the VIP left this node during the shutdown drain: dropping the
+                            // relay closes both sockets
+                            () = gone.cancelled() => {}
+                        }
                         drop(unit);
                     });
                 }
@@ -632,4 +696,9 @@ impl Error {
             Error::Listen { source, .. } => source.to_string(),
         }
     }
+}
+
+/// Whether `ip` is an address of this host (binding to it without `IP_FREEBIND` succeeds).
+fn is_local_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

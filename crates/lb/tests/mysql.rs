@@ -1,5 +1,7 @@
 //! The MySQL health check against a real MariaDB server that this test starts itself (Debian
-//! `mariadb-server`): serving, up but refusing (`max_connections` reached → error 1040), stopped.
+//! `mariadb-server`): the default check (greeting only) leaves no "Access denied" in the server's
+//! error log; a login with a password file succeeds, a wrong password is down with the server's
+//! reason; up but refusing (`max_connections` reached → error 1040); stopped.
 //! Prints `skipped: <reason>` and returns when the binaries are missing (fails in CI: `PORTICO_CI`).
 
 mod common;
@@ -115,6 +117,11 @@ impl MariaDb {
             .is_ok_and(|s| s.success())
     }
 
+    /// The server's error log.
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("err.log")).unwrap_or_default()
+    }
+
     /// A client holding one connection (user portico over TCP) for a minute.
     fn hold_connection(&self) -> Option<Child> {
         let client = which("mariadb")?;
@@ -123,6 +130,7 @@ impl MariaDb {
                 "--no-defaults",
                 "-h127.0.0.1",
                 "-uportico",
+                &format!("-p{PASSWORD}"),
                 "-e",
                 "SELECT SLEEP(60)",
             ])
@@ -164,6 +172,16 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl Fn
     }
 }
 
+const PASSWORD: &str = "check-pw-1";
+
+fn mysql_login(user: &str, password: &str) -> CheckKind {
+    CheckKind::Mysql {
+        user: Some(user.into()),
+        password_file: None,
+        password: Some(model::Password(password.into())),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
     let mut db = match MariaDb::start(10).await {
@@ -176,52 +194,133 @@ async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
     let addr = db.addr;
     let t = Duration::from_secs(2);
     until("mariadbd to serve", || async {
-        probe(&CheckKind::Mysql, addr, t).await.is_ok()
+        probe(&CheckKind::MYSQL, addr, t).await.is_ok()
     })
     .await;
 
-    // Through the balancer: the backend comes up with a MySQL check.
+    // The default check (greeting and version, no login) over many checks: the server logs no
+    // "Access denied" (the check used to log in as `portico` without a password, which MariaDB
+    // logged at every check).
+    for _ in 0..30 {
+        probe(&CheckKind::MYSQL, addr, t).await.unwrap();
+    }
+    let log = db.error_log();
+    assert!(
+        !log.contains("Access denied"),
+        "default check caused Access denied:\n{log}"
+    );
+    // The log does show a failed login (so the assertion above can fail): a wrong login.
+    assert!(probe(&mysql_login("nobody", "x"), addr, t).await.is_err());
+    until("Access denied in the error log", || async {
+        db.error_log().contains("Access denied")
+    })
+    .await;
+
+    if !db
+        .sql(&format!(
+            "CREATE USER portico@'%' IDENTIFIED BY '{PASSWORD}'"
+        ))
+        .await
+    {
+        if std::env::var_os("PORTICO_CI").is_some() {
+            panic!("the login cases need the mariadb client");
+        }
+        sys::skip_test("login cases need the mariadb client");
+        return;
+    }
+    // A wrong password: down, with the server's code and message.
+    match probe(&mysql_login("portico", "wrong"), addr, t).await {
+        Err(e @ ProbeError::MysqlLogin { code: 1045, .. }) => {
+            assert_eq!(e.reason(), "mysqlLoginRefused");
+            assert!(e.to_string().contains("Access denied"), "{e}");
+        }
+        other => panic!("wrong password: {other:?}"),
+    }
+    // A successful login logs nothing (the greeting-only check leaves a Warning "Aborted
+    // connection … closed normally without authentication" per check at MariaDB's default
+    // log_warnings=2; docs/config.md says so).
+    let before = db.error_log().len();
+    for _ in 0..5 {
+        probe(&mysql_login("portico", PASSWORD), addr, t)
+            .await
+            .expect("login with the right password");
+    }
+    let after = db.error_log();
+    assert_eq!(
+        &after[before..],
+        "",
+        "successful logins left lines in the error log"
+    );
+
+    // Through the balancer, with user and password_file in the config (mode 0600): `ok` logs in,
+    // `bad` has a wrong password and goes down.
+    let dir = std::env::temp_dir().join(format!("portico-lb-mysql-pw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDir(dir.clone());
+    let write = |name: &str, text: &str| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let good = write("good", &format!("{PASSWORD}\n"));
+    let bad = write("bad", "wrong\n");
+    let svc = |name: &str, vip: &str, file: &std::path::Path| {
+        format!(
+            "  - name: {name}\n    vips: [{vip}]\n    ports:\n      - {{name: sql, port: 3306}}\n    backends:\n{}    \
+             health_check: {{type: mysql, user: portico, password_file: {}, interval: 500ms, timeout: 500ms, rise: 1, fall: 1}}\n",
+            be("m", addr),
+            file.display()
+        )
+    };
     let yaml = format!(
-        "  - name: db\n    vips: [127.0.0.16]\n    ports:\n      - {{name: sql, port: 3306}}\n    backends:\n{}    \
-         health_check: {{type: mysql, interval: 500ms, timeout: 500ms, rise: 1, fall: 1}}\n",
-        be("m", addr)
+        "{}{}",
+        svc("db", "127.0.0.16", &good),
+        svc("wrong", "127.0.0.17", &bad)
     );
     let h = Harness::start(&yaml).await;
     h.wait_health("db", "m", Health::Up).await;
+    h.wait_health("wrong", "m", Health::Down).await;
 
-    // Up but refusing: with the check's user able to log in, MariaDB answers the login with
-    // 1040 once max_connections (10, MariaDB's minimum) is held by other clients. (Without the user the server
-    // answers 1045 access denied first, which still proves it serves.)
-    if !db.sql("CREATE USER portico@'%'").await {
-        sys::skip_test("refusing-server case needs the mariadb client");
-    } else {
-        let holders: Vec<Child> = (0..10).filter_map(|_| db.hold_connection()).collect();
-        assert_eq!(holders.len(), 10);
-        until("error 1040 too many connections", || async {
-            matches!(
-                probe(&CheckKind::Mysql, addr, t).await,
-                Err(ProbeError::MysqlError { code: 1040, .. })
-            )
-        })
-        .await;
-        h.wait_health("db", "m", Health::Down).await;
-        drop(holders);
-        until("connections released", || async {
-            probe(&CheckKind::Mysql, addr, t).await.is_ok()
-        })
-        .await;
-        h.wait_health("db", "m", Health::Up).await;
-    }
+    // Up but refusing: MariaDB answers the login with 1040 once max_connections (10, MariaDB's
+    // minimum) is held by other clients.
+    let holders: Vec<Child> = (0..10).filter_map(|_| db.hold_connection()).collect();
+    assert_eq!(holders.len(), 10);
+    until("error 1040 too many connections", || async {
+        matches!(
+            probe(&mysql_login("portico", PASSWORD), addr, t).await,
+            Err(ProbeError::MysqlError { code: 1040, .. })
+        )
+    })
+    .await;
+    h.wait_health("db", "m", Health::Down).await;
+    drop(holders);
+    until("connections released", || async {
+        probe(&mysql_login("portico", PASSWORD), addr, t)
+            .await
+            .is_ok()
+    })
+    .await;
+    h.wait_health("db", "m", Health::Up).await;
 
     // Stopped: connect refused.
     db.stop().await;
     until("mariadbd to stop", || async {
         matches!(
-            probe(&CheckKind::Mysql, addr, t).await,
+            probe(&CheckKind::MYSQL, addr, t).await,
             Err(ProbeError::Io(_))
         )
     })
     .await;
     h.wait_health("db", "m", Health::Down).await;
     h.stop().await;
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

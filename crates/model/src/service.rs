@@ -28,6 +28,25 @@ pub struct Config {
     pub dns: Option<Dns>,
     /// Services to balance.
     pub services: Vec<Service>,
+    /// What a graceful stop (SIGTERM) does after the VIPs are handed over.
+    pub shutdown: Shutdown,
+}
+
+/// Graceful stop settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shutdown {
+    /// How long connections this node can still serve may finish after the VIPs are handed
+    /// over; connections to a VIP that left the node end at once.
+    #[serde(with = "human")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// This node's identity.
@@ -303,8 +322,38 @@ pub enum CheckKind {
         #[serde(skip_serializing_if = "Option::is_none")]
         host: Option<String>,
     },
-    /// MySQL/MariaDB server greeting with protocol version 10.
-    Mysql,
+    /// MySQL/MariaDB: a server greeting with protocol version 10 and a server version; with
+    /// `user`, also a login (`mysql_native_password`).
+    Mysql {
+        /// Log in as this user after the greeting (off by default: the greeting is the check).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// File holding the user's password, read at every load and reload.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_file: Option<String>,
+        /// The password read from `password_file` (never serialised or logged).
+        #[serde(skip)]
+        password: Option<Password>,
+    },
+}
+
+impl CheckKind {
+    /// A MySQL check without login (greeting and version only).
+    pub const MYSQL: CheckKind = CheckKind::Mysql {
+        user: None,
+        password_file: None,
+        password: None,
+    };
+}
+
+/// A password read from a file: compared, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Connection limits (circuit breaking).

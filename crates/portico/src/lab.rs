@@ -14,15 +14,18 @@
 //! eth0, the backend on 0.0.0.0:80). A thread inside the client namespace opens a connection
 //! to the VIP every 10 ms (50 ms connect timeout) and watches the client's ARP cache.
 //!
-//! Each round waits for a stable owner, injects a fault on it, and measures: *outage* (start of
-//! the first failed probe to the start of the first successful probe after the last failure;
-//! 0 when nothing failed), *failed* probes, *takeover* (fault to the first answer from another
-//! node) and *arp* (fault to the client's ARP entry pointing at the new owner's MAC). Then it
+//! Each round waits for a stable owner, injects a fault on it, and measures: *arp* (fault to the
+//! client's ARP entry pointing at another MAC), *takeover* (fault to the first probe answered by
+//! the new owner: the end of the window), failed probes in the window and after it (until the
+//! round settles), and for a graceful stop the time from SIGTERM to the process's exit and
+//! whether it put back the interface sysctls it changed. Probes run one at a time (see
+//! [`probe`]). Health checks: `backends` runs portico with the default check (2s/1s, rise 2,
+//! fall 3), `backends-tuned` and every other scenario with a tuned one (100ms/50ms, rise 1,
+//! fall 2); each round states its settings. Then it
 //! repairs the fault and checks, with ARP requests from the client, that exactly one MAC
 //! answers for the VIP. Every namespace is deleted at the end, on error and on Ctrl-C/SIGTERM.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,6 +36,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+
+mod probe;
+mod report;
+mod rounds;
+mod systems;
+
+use probe::{Observed, Probe, probe, start_prober};
+use report::{Round, print_table};
+use rounds::{ipv6_round, round_once};
+use systems::Running;
 
 /// Arguments of `portico lab`.
 #[derive(clap::Args, Debug)]
@@ -46,12 +59,13 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Scenarios: hard (owner link down + agent SIGKILL), graceful (SIGTERM), partition
-    /// (owner link down, then healed), backends (owner's backend killed), conflict (a forged
+    /// (owner link down, then healed), backends (owner's backend killed; default health
+    /// checks), backends-tuned (the same with tuned checks; portico only), conflict (a forged
     /// gratuitous ARP claims the VIP for another MAC; portico only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "hard,graceful,partition,backends"
+        default_value = "hard,graceful,partition,backends,backends-tuned"
     )]
     scenarios: Vec<String>,
     /// Systems: portico-default, portico-fast, keepalived-1s, keepalived-fastest (advert_int 0.01).
@@ -96,6 +110,27 @@ enum Helper {
         /// Address to connect to.
         addr: SocketAddr,
     },
+}
+
+const SCENARIOS: [&str; 6] = [
+    "hard",
+    "graceful",
+    "partition",
+    "backends",
+    "backends-tuned",
+    "conflict",
+];
+
+/// The tuned health check of the lab's portico nodes.
+const TUNED_CHECK: &str = "{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}";
+/// How a round's checks are stated in the results.
+const TUNED_CHECKS: &str = "tuned: tcp 100ms/50ms, rise 1, fall 2";
+const DEFAULT_CHECKS: &str = "default: tcp 2s/1s, rise 2, fall 3";
+const KEEPALIVED_CHECKS: &str = "vrrp_script every 1s, fall 1, rise 1";
+
+/// Whether `scenario` runs portico with the default health check.
+fn default_checks(scenario: &str) -> bool {
+    scenario == "backends"
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
@@ -143,8 +178,8 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
         bail!("--nodes must be 2-9");
     }
     for s in &args.scenarios {
-        if !["hard", "graceful", "partition", "backends", "conflict"].contains(&s.as_str()) {
-            bail!("unknown scenario {s}; use hard, graceful, partition, backends, conflict");
+        if !SCENARIOS.contains(&s.as_str()) {
+            bail!("unknown scenario {s}; use {}", SCENARIOS.join(", "));
         }
     }
     for s in &args.systems {
@@ -428,91 +463,6 @@ fn in_netns<R: Send + 'static>(
     })
 }
 
-#[derive(Debug, Clone)]
-struct Probe {
-    start: Instant,
-    node: Option<String>,
-}
-
-#[derive(Default)]
-struct Observed {
-    probes: Vec<Probe>,
-    arp: Vec<(Instant, Option<[u8; 6]>)>,
-}
-
-/// The client's view: probes every 10 ms and ARP-cache changes, until `stop`.
-fn start_prober(
-    ns: &str,
-    obs: Arc<Mutex<Observed>>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<anyhow::Result<()>> {
-    in_netns(ns, move || {
-        Box::pin(async move {
-            let target = SocketAddr::from((VIP, 80));
-            let mut tick = tokio::time::interval(PROBE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut last_mac: Option<[u8; 6]> = None;
-            // bounded: at most two hours of probing
-            for _ in 0..(2 * 3600 * 100) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                tick.tick().await;
-                let start = Instant::now();
-                let o = obs.clone();
-                tokio::spawn(async move {
-                    let node = probe(target).await;
-                    o.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .probes
-                        .push(Probe { start, node });
-                });
-                let mac = read_arp(VIP);
-                if mac != last_mac {
-                    last_mac = mac;
-                    obs.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .arp
-                        .push((start, mac));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        })
-    })
-}
-
-async fn probe(target: SocketAddr) -> Option<String> {
-    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
-        .await
-        .ok()?
-        .ok()?;
-    let mut buf = Vec::with_capacity(32);
-    tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let name = String::from_utf8_lossy(&buf).trim().to_string();
-    (!name.is_empty()).then_some(name)
-}
-
-/// The client's ARP entry for `ip` (complete entries only), from this thread's namespace.
-fn read_arp(ip: Ipv4Addr) -> Option<[u8; 6]> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/arp").ok()?;
-    let want = ip.to_string();
-    text.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 4 && f[0] == want && f[2] == "0x2" {
-            let b: Vec<u8> = f[3]
-                .split(':')
-                .filter_map(|h| u8::from_str_radix(h, 16).ok())
-                .collect();
-            b.try_into().ok()
-        } else {
-            None
-        }
-    })
-}
-
 /// Sends ARP requests for the VIP from the client and returns every MAC that answered.
 fn arp_owners(lab: &Lab) -> anyhow::Result<BTreeSet<[u8; 6]>> {
     let h = in_netns(&lab.ns_client(), || {
@@ -557,189 +507,52 @@ fn arp_owners(lab: &Lab) -> anyhow::Result<BTreeSet<[u8; 6]>> {
         .map_err(|_| anyhow::anyhow!("ARP check thread panicked"))??
 }
 
-/// One measured round.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Round {
-    system: String,
-    scenario: String,
-    round: usize,
-    old_owner: String,
-    new_owner: Option<String>,
-    outage_ms: f64,
-    failed: usize,
-    takeover_ms: Option<f64>,
-    arp_ms: Option<f64>,
-    /// MACs answering ARP for the VIP after the fault was repaired (must be exactly one).
-    arp_owners_after: usize,
-    /// Owner after repair and settling.
-    owner_after: Option<String>,
-    /// Failed probes while the repaired node came back (preemption should be make-before-break).
-    return_failed: usize,
-    /// Start of each failed probe, ms after the fault (negative: started just before it).
-    failed_at_ms: Vec<f64>,
-    /// Start of each failed probe after the repair, ms after the repair.
-    return_failed_at_ms: Vec<f64>,
-    /// Conflicts the owner reports in /status (conflict scenario).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    conflicts_counted: Option<u64>,
-    /// Graceful stop: whether a connection opened before it still works once the client's
-    /// ARP entry points at the new owner.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    inflight_survived: Option<bool>,
-}
-
-struct Running {
-    system: System,
-    pids: BTreeMap<usize, u32>,
-    backend_pids: BTreeMap<usize, u32>,
-}
-
-fn portico_config(lab: &Lab, i: usize, fast: bool, args: &LabArgs) -> String {
-    let peers: Vec<String> = (1..=lab.nodes)
-        .filter(|j| *j != i)
-        .map(|j| format!("    - {{name: node-{j}, address: 10.99.0.{}:7946}}", 10 + j))
-        .collect();
-    // Each node lists only its own backend: the owner function reads placement from the
-    // shared part of the config, and other nodes' local health from their heartbeats.
-    let backends: Vec<String> = (i..=i)
-        .map(|j| format!("      - {{name: node-{j}, address: 127.0.0.1, node: node-{j}}}"))
-        .collect();
-    format!(
-        "node:\n  name: node-{i}\n  interfaces: [{{name: eth0, addresses: [10.99.0.{ip}/24, \"fd00:99::{ip}/64\"]}}]\n\
-         cluster:\n  bind: 10.99.0.{ip}:7946\n  peers:\n{peers}\n  keys: [{{id: 1, secret: \"{key}\"}}]\n  \
-         profile: {profile}\n  preemptive: {pre}\n  hold_down: {hold}\n  announce: {{count: 3, interval: 50ms, refresh: 10s}}\n\
-         admin:\n  listen: 127.0.0.1:9440\n\
-         services:\n  - name: web\n    vips: [{VIP}]\n    ports: [{{name: http, port: 80, target_port: 8080}}, {{name: echo, port: 81, target_port: 9090}}]\n    backends:\n{backends}\n    \
-         health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
-         connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
-         placement: {{local_only: true, preferred: [node-1]}}\n  \
-         - name: web6\n    vips: [\"{VIP6}\"]\n    ports: [{{name: http, port: 80, target_port: 8080}}]\n    backends:\n{backends}\n    \
-         health_check: {{type: tcp, interval: 100ms, timeout: 50ms, rise: 1, fall: 2}}\n    \
-         connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n    \
-         placement: {{local_only: true, preferred: [node-1]}}\n",
-        ip = 10 + i,
-        peers = peers.join("\n"),
-        backends = backends.join("\n"),
-        key = "5f".repeat(32),
-        profile = if fast { "fast" } else { "default" },
-        pre = !args.non_preemptive,
-        hold = args.hold_down,
-    )
-}
-
-fn keepalived_config(i: usize, fastest: bool) -> anyhow::Result<String> {
-    let exe = std::env::current_exe()?;
-    Ok(format!(
-        "global_defs {{\n  router_id node-{i}\n  vrrp_version 3\n  script_user root\n  enable_script_security\n}}\n\
-         vrrp_script chk {{\n  script \"{exe} lab check 127.0.0.1:80\"\n  interval 1\n  fall 1\n  rise 1\n}}\n\
-         vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int {adv}\n  \
-         virtual_ipaddress {{\n    {VIP}/32 dev eth0\n  }}\n  track_script {{\n    chk\n  }}\n}}\n",
-        exe = exe.display(),
-        prio = 200 - i,
-        adv = if fastest { "0.01" } else { "1" },
-    ))
-}
-
-impl Running {
-    fn start_node(&mut self, lab: &Lab, i: usize, args: &LabArgs) -> anyhow::Result<()> {
-        let ns = lab.ns_node(i);
-        match self.system {
-            System::Portico { fast } => {
-                let path = lab.dir.join(format!("node-{i}.yaml"));
-                std::fs::write(&path, portico_config(lab, i, fast, args))?;
-                let pid = lab.spawn(
-                    &ns,
-                    &format!("node-{i}.log"),
-                    &["run", "--config", path.to_str().unwrap_or_default()],
-                )?;
-                self.pids.insert(i, pid);
-            }
-            System::Keepalived { fastest } => {
-                let path = lab.dir.join(format!("keepalived-{i}.conf"));
-                std::fs::write(&path, keepalived_config(i, fastest)?)?;
-                // a killed keepalived stays a zombie until reaped: its pid files would make
-                // the new one refuse to start ("daemon is already running")
-                let _ = std::fs::remove_file(lab.dir.join(format!("vrrp-{i}.pid")));
-                let _ = std::fs::remove_file(lab.dir.join(format!("keepalived-{i}.pid")));
-                let pid = lab.spawn_exe(
-                    &ns,
-                    &format!("keepalived-{i}.log"),
-                    "keepalived",
-                    &[
-                        "-n",
-                        "-l",
-                        "-D",
-                        "-P",
-                        "-f",
-                        path.to_str().unwrap_or_default(),
-                        "-p",
-                        lab.dir
-                            .join(format!("keepalived-{i}.pid"))
-                            .to_str()
-                            .unwrap_or_default(),
-                        "-r",
-                        lab.dir
-                            .join(format!("vrrp-{i}.pid"))
-                            .to_str()
-                            .unwrap_or_default(),
-                    ],
-                )?;
-                self.pids.insert(i, pid);
-            }
-        }
-        Ok(())
-    }
-
-    fn start_backend(&mut self, lab: &Lab, i: usize) -> anyhow::Result<()> {
-        let (listen, echo) = match self.system {
-            System::Portico { .. } => ("127.0.0.1:8080", "127.0.0.1:9090"),
-            System::Keepalived { .. } => ("0.0.0.0:80", "0.0.0.0:81"),
-        };
-        let pid = lab.spawn(
-            &lab.ns_node(i),
-            &format!("backend-{i}.log"),
-            &[
-                "lab",
-                "backend",
-                "--name",
-                &format!("node-{i}"),
-                "--listen",
-                listen,
-                "--echo",
-                echo,
-            ],
-        )?;
-        self.backend_pids.insert(i, pid);
-        Ok(())
-    }
-
-    fn kill_node(&mut self, lab: &Lab, i: usize, sig: i32) -> Option<u32> {
-        let pid = self.pids.remove(&i);
-        if let Some(pid) = pid {
-            let _ = sys::kill(pid, sig);
-        }
-        if let System::Keepalived { .. } = self.system
-            && sig == sys::SIGKILL
-            && let Ok(p) = std::fs::read_to_string(lab.dir.join(format!("vrrp-{i}.pid")))
-            && let Ok(pid) = p.trim().parse::<u32>()
-        {
-            let _ = sys::kill(pid, sys::SIGKILL);
-        }
-        pid
-    }
-}
-
-async fn wait_gone(pid: u32, max: Duration) {
+/// Waits up to `max` for process `pid` to exit; returns whether it did.
+async fn wait_gone(pid: u32, max: Duration) -> bool {
     let until = Instant::now() + max;
-    while Instant::now() < until && Path::new(&format!("/proc/{pid}")).exists() {
-        // a zombie still has /proc/PID until reaped; its state is Z
-        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+    loop {
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            // a zombie still has /proc/PID until reaped; its state is Z
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
         {
-            return;
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `arp_ignore` and `arp_announce` of node `i`'s eth0.
+fn iface_sysctls(lab: &Lab, i: usize) -> Option<(String, String)> {
+    in_netns(&lab.ns_node(i), || {
+        Box::pin(async {
+            Some((
+                sys::sysctl_read("net/ipv4/conf/eth0/arp_ignore").ok()?,
+                sys::sysctl_read("net/ipv4/conf/eth0/arp_announce").ok()?,
+            ))
+        })
+    })
+    .join()
+    .ok()?
+    .ok()?
+}
+
+/// Stops every node (SIGTERM) and starts it again with the current settings of `run`.
+async fn restart_nodes(lab: &Lab, run: &mut Running, args: &LabArgs) -> anyhow::Result<()> {
+    for (_, pid) in std::mem::take(&mut run.pids) {
+        let _ = sys::kill(pid, sys::SIGTERM);
+        if !wait_gone(pid, Duration::from_secs(10)).await {
+            let _ = sys::kill(pid, sys::SIGKILL);
+            wait_gone(pid, Duration::from_secs(2)).await;
+        }
+    }
+    for i in 1..=lab.nodes {
+        run.start_node(lab, i, args)?;
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -765,9 +578,8 @@ async fn wait_stable(
                     && now.saturating_duration_since(p.start) > CONNECT_TIMEOUT * 4
             })
             .collect();
-        if recent.len() as u32
-            >= (window.as_millis() as u32 / PROBE_EVERY.as_millis() as u32) * 2 / 3
-        {
+        // probes run one at a time: on a loaded machine fewer than one per tick
+        if recent.len() as u32 >= (window.as_millis() as u32 / PROBE_EVERY.as_millis() as u32) / 3 {
             let nodes: BTreeSet<Option<&String>> = recent.iter().map(|p| p.node.as_ref()).collect();
             if nodes.len() == 1
                 && let Some(Some(n)) = nodes.into_iter().next()
@@ -796,10 +608,20 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
     let stop = Arc::new(AtomicBool::new(false));
     let prober = start_prober(&lab.ns_client(), obs.clone(), stop.clone());
     let mut all = Vec::new();
+    // the interface sysctls before any node ran, to check that a stopped portico put them back
+    let sysctls_before: BTreeMap<usize, (String, String)> = (1..=lab.nodes)
+        .filter_map(|i| iface_sysctls(lab, i).map(|v| (i, v)))
+        .collect();
     let r = async {
         for sys_name in &args.systems {
             let system = System::parse(sys_name).unwrap_or(System::Portico { fast: false });
-            let mut run = Running { system, pids: BTreeMap::new(), backend_pids: BTreeMap::new() };
+            let mut run = Running {
+                system,
+                pids: BTreeMap::new(),
+                backend_pids: BTreeMap::new(),
+                default_checks: args.scenarios.first().is_some_and(|s| default_checks(s)),
+                sysctls_before: sysctls_before.clone(),
+            };
             for i in 1..=lab.nodes {
                 run.start_backend(lab, i)?;
                 run.start_node(lab, i, args)?;
@@ -817,14 +639,38 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                 all.push(r);
             }
             for scenario in &args.scenarios {
+                if let System::Keepalived { .. } = system
+                    && scenario == "backends-tuned"
+                {
+                    println!("{sys_name}: backends-tuned skipped (portico only; keepalived's check is its vrrp_script every 1 s)");
+                    continue;
+                }
+                if let System::Portico { .. } = system
+                    && default_checks(scenario) != run.default_checks
+                {
+                    run.default_checks = default_checks(scenario);
+                    println!("{sys_name}: restarting the nodes with health checks {}", run.checks());
+                    restart_nodes(lab, &mut run, args).await?;
+                    wait_stable(&obs, Duration::from_millis(1000), Duration::from_secs(30))
+                        .await
+                        .with_context(|| format!("{sys_name}: VIP never answered after the restart"))?;
+                }
                 for round in 1..=args.rounds {
-                    let r = round_once(lab, args, &mut run, &obs, sys_name, scenario, round).await?;
+                    let mut r = round_once(lab, args, &mut run, &obs, sys_name, scenario, round).await?;
+                    if r.scenario == "graceful"
+                        && let System::Portico { .. } = system
+                        && let Ok(i) = r.old_owner.trim_start_matches("node-").parse::<usize>()
+                    {
+                        r.sysctls_restored = r.stop_ms.map(|_| {
+                            sysctls_before.contains_key(&i) && r.sysctls_after.as_ref() == sysctls_before.get(&i)
+                        });
+                    }
                     println!(
-                        "{sys_name:>18} {scenario:>9} #{round}: outage {:>7.1} ms, failed {:>3}, takeover {:>7} ms, arp {:>7} ms, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}{}",
-                        r.outage_ms,
-                        r.failed,
-                        r.takeover_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        "{sys_name:>18} {scenario:>14} #{round}: arp {:>7} ms, first success on new owner {:>7} ms, failed {:>3} in window + {:>3} after, {} -> {}, ARP owners after repair {}, owner after {}, failed on return {}{}{}",
                         r.arp_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        r.takeover_ms.map(|v| format!("{v:.1}")).unwrap_or("-".into()),
+                        r.failed_in_window,
+                        r.failed_after_window,
                         r.old_owner,
                         r.new_owner.clone().unwrap_or("-".into()),
                         r.arp_owners_after,
@@ -834,6 +680,12 @@ async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
                             Some(true) => ", in-flight connection survived",
                             Some(false) => ", in-flight connection lost",
                             None => "",
+                        },
+                        match (r.stop_ms, r.sysctls_restored) {
+                            (Some(t), Some(ok)) => format!(", exit {t:.0} ms after SIGTERM, sysctls restored: {ok}"),
+                            (Some(t), None) => format!(", exit {t:.0} ms after SIGTERM"),
+                            _ if r.scenario == "graceful" => ", did not exit within 40 s of SIGTERM".to_string(),
+                            _ => String::new(),
                         },
                     );
                     all.push(r);
@@ -906,514 +758,4 @@ async fn traffic(lab: &Lab) {
         ),
         _ => println!("  gossip traffic: /metrics of node-1 not readable"),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn round_once(
-    lab: &Lab,
-    args: &LabArgs,
-    run: &mut Running,
-    obs: &Arc<Mutex<Observed>>,
-    sys_name: &str,
-    scenario: &str,
-    round: usize,
-) -> anyhow::Result<Round> {
-    if scenario == "conflict" {
-        return conflict_round(lab, obs, sys_name, round).await;
-    }
-    let old = wait_stable(obs, Duration::from_millis(1500), Duration::from_secs(30)).await?;
-    let i: usize = old
-        .trim_start_matches("node-")
-        .parse()
-        .context("owner name")?;
-    let old_mac = node_mac(i);
-    let ns = lab.ns_node(i);
-    let inflight = if scenario == "graceful" {
-        Some(Inflight::open(lab).await)
-    } else {
-        None
-    };
-    let t0 = Instant::now();
-    let mut stopped = None;
-    match scenario {
-        "hard" => {
-            sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?;
-            stopped = run.kill_node(lab, i, sys::SIGKILL);
-        }
-        "graceful" => stopped = run.kill_node(lab, i, sys::SIGTERM),
-        "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?,
-        "backends" => {
-            if let Some(pid) = run.backend_pids.remove(&i) {
-                let _ = sys::kill(pid, sys::SIGKILL);
-            }
-        }
-        _ => bail!("unknown scenario"),
-    }
-    // the connection opened before the stop, used once the client has moved to the new owner
-    let inflight_survived = match inflight {
-        Some(Ok(c)) => {
-            let until = t0 + Duration::from_secs(2);
-            while Instant::now() < until {
-                let moved = obs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .arp
-                    .iter()
-                    .any(|(t, m)| *t >= t0 && m.is_some_and(|m| m != old_mac));
-                if moved {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Some(c.use_now().await)
-        }
-        Some(Err(e)) => {
-            println!("  in-flight check not set up: {e:#}");
-            None
-        }
-        None => None,
-    };
-    // recovered: probes answered by another node for 500 ms (bounded by 15 s)
-    let mut recovered_at = None;
-    let until = t0 + Duration::from_secs(15);
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
-        let first_new = o
-            .probes
-            .iter()
-            .filter(|p| p.start >= t0 && p.node.as_ref().is_some_and(|n| *n != old))
-            .map(|p| p.start)
-            .min();
-        if let Some(t) = first_new
-            && Instant::now().saturating_duration_since(t)
-                > Duration::from_millis(500) + CONNECT_TIMEOUT * 4
-        {
-            recovered_at = Some(t);
-            break;
-        }
-    }
-    let settle = Instant::now();
-    let (outage, failed, takeover, arp, new_owner, failed_at) = {
-        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut window: Vec<&Probe> = o
-            .probes
-            .iter()
-            .filter(|p| p.start + PROBE_EVERY >= t0 && p.start <= settle - CONNECT_TIMEOUT * 4)
-            .collect();
-        window.sort_by_key(|p| p.start);
-        let fails: Vec<Instant> = window
-            .iter()
-            .filter(|p| p.node.is_none())
-            .map(|p| p.start)
-            .collect();
-        let outage = match (fails.first(), fails.last()) {
-            (Some(first), Some(last)) => {
-                let back = window
-                    .iter()
-                    .find(|p| p.start > *last && p.node.is_some())
-                    .map(|p| p.start)
-                    .unwrap_or(settle);
-                back.saturating_duration_since(*first)
-            }
-            _ => Duration::ZERO,
-        };
-        let new_owner = window.iter().rev().find_map(|p| p.node.clone());
-        let arp = o
-            .arp
-            .iter()
-            .find(|(t, m)| *t >= t0 && m.is_some_and(|m| m != old_mac))
-            .map(|(t, _)| t.saturating_duration_since(t0));
-        (
-            outage,
-            fails.len(),
-            recovered_at.map(|t| t.saturating_duration_since(t0)),
-            arp,
-            new_owner,
-            fails
-                .iter()
-                .map(|f| {
-                    if *f >= t0 {
-                        ms(f.saturating_duration_since(t0))
-                    } else {
-                        -ms(t0.saturating_duration_since(*f))
-                    }
-                })
-                .collect::<Vec<f64>>(),
-        )
-    };
-    // repair
-    let before_repair = Instant::now();
-    match scenario {
-        "hard" => {
-            if let Some(pid) = stopped {
-                wait_gone(pid, Duration::from_secs(5)).await;
-            }
-            // a power loss ends in a reboot: addresses a crashed keepalived left on eth0 are
-            // gone (portico's agent clears stale VIPs from lo itself when it starts)
-            let _ = sh_in(
-                &ns,
-                &["ip", "addr", "del", &format!("{VIP}/32"), "dev", "eth0"],
-            );
-            sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
-            run.start_node(lab, i, args)?;
-        }
-        "graceful" => {
-            if let Some(pid) = stopped {
-                wait_gone(pid, Duration::from_secs(40)).await;
-            }
-            run.start_node(lab, i, args)?;
-        }
-        "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?,
-        "backends" => run.start_backend(lab, i)?,
-        _ => {}
-    }
-    // let the cluster settle (hold-down, keepalived preemption), then check the rules
-    let hold = model::duration::parse(&args.hold_down).unwrap_or(Duration::from_secs(1));
-    tokio::time::sleep(hold + Duration::from_secs(2)).await;
-    let owner_after = wait_stable(obs, Duration::from_millis(1000), Duration::from_secs(20))
-        .await
-        .ok();
-    let return_failed_at_ms: Vec<f64> = {
-        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
-        o.probes
-            .iter()
-            .filter(|p| p.start >= before_repair && p.node.is_none())
-            .map(|p| ms(p.start.saturating_duration_since(before_repair)))
-            .collect()
-    };
-    let return_failed = return_failed_at_ms.len();
-    let owners = arp_owners(lab)?;
-    Ok(Round {
-        system: sys_name.to_string(),
-        scenario: scenario.to_string(),
-        round,
-        old_owner: old,
-        new_owner,
-        outage_ms: ms(outage),
-        failed,
-        takeover_ms: takeover.map(ms),
-        arp_ms: arp.map(ms),
-        arp_owners_after: owners.len(),
-        owner_after,
-        return_failed,
-        failed_at_ms: failed_at,
-        return_failed_at_ms,
-        conflicts_counted: None,
-        inflight_survived,
-    })
-}
-
-/// A connection to the VIP's echo port (81), opened from the client before a graceful stop and
-/// held by a thread in the client namespace until [`Inflight::use_now`].
-struct Inflight {
-    go: tokio::sync::oneshot::Sender<()>,
-    done: std::thread::JoinHandle<anyhow::Result<anyhow::Result<bool>>>,
-}
-
-impl Inflight {
-    /// Connects and checks one echo round trip; returns once the connection is established.
-    async fn open(lab: &Lab) -> anyhow::Result<Self> {
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let done = in_netns(&lab.ns_client(), move || {
-            Box::pin(async move {
-                let setup = async {
-                    let mut s = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        tokio::net::TcpStream::connect((VIP, 81)),
-                    )
-                    .await
-                    .context("connect to the echo port timed out")??;
-                    s.write_all(b"before\n").await?;
-                    let mut buf = [0u8; 7];
-                    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf))
-                        .await
-                        .context("no echo before the stop")??;
-                    anyhow::ensure!(&buf == b"before\n", "wrong echo before the stop");
-                    Ok(s)
-                };
-                let mut s = match setup.await {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let _ = ready_tx.send(Err(e));
-                        anyhow::bail!(msg);
-                    }
-                };
-                // bounded: the round goes on after at most a few seconds
-                let _ = tokio::time::timeout(Duration::from_secs(10), go_rx).await;
-                if s.write_all(b"after!\n").await.is_err() {
-                    return Ok(false);
-                }
-                let mut buf = [0u8; 7];
-                Ok(matches!(
-                    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
-                    Ok(Ok(_)) if &buf == b"after!\n"
-                ))
-            })
-        });
-        match tokio::time::timeout(Duration::from_secs(3), ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Self { go, done }),
-            Ok(Ok(Err(e))) => Err(e),
-            _ => Err(anyhow::anyhow!(
-                "the in-flight connection thread did not report"
-            )),
-        }
-    }
-
-    /// Sends one more round trip on the held connection: did it survive?
-    async fn use_now(self) -> bool {
-        let _ = self.go.send(());
-        matches!(
-            tokio::task::spawn_blocking(move || self.done.join()).await,
-            Ok(Ok(Ok(Ok(true))))
-        )
-    }
-}
-
-fn print_table(rounds: &[Round], args: &LabArgs) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "\nVIP failover, {} nodes, probes every 10 ms with a 50 ms connect timeout, {} rounds each",
-        args.nodes, args.rounds
-    );
-    let _ = writeln!(
-        out,
-        "| system | scenario | outage min / median / max (ms) | failed probes (total) | takeover median (ms) | client ARP updated median (ms) | one ARP owner after repair |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    let mut keys: Vec<(String, String)> = Vec::new();
-    for r in rounds.iter().filter(|r| r.scenario != "ipv6") {
-        let k = (r.system.clone(), r.scenario.clone());
-        if !keys.contains(&k) {
-            keys.push(k);
-        }
-    }
-    let med = |mut v: Vec<f64>| -> Option<f64> {
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(|a, b| a.total_cmp(b));
-        Some(v[v.len() / 2])
-    };
-    let f = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or("-".into());
-    for (s, sc) in keys {
-        let rs: Vec<&Round> = rounds
-            .iter()
-            .filter(|r| r.system == s && r.scenario == sc)
-            .collect();
-        let o: Vec<f64> = rs.iter().map(|r| r.outage_ms).collect();
-        let min = o.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = o.iter().copied().fold(0.0, f64::max);
-        let _ = writeln!(
-            out,
-            "| {s} | {sc} | {:.0} / {} / {max:.0} | {} | {} | {} | {}/{} |",
-            min,
-            f(med(o.clone())),
-            rs.iter().map(|r| r.failed).sum::<usize>(),
-            f(med(rs.iter().filter_map(|r| r.takeover_ms).collect())),
-            f(med(rs.iter().filter_map(|r| r.arp_ms).collect())),
-            rs.iter().filter(|r| r.arp_owners_after == 1).count(),
-            rs.len(),
-        );
-    }
-    let checked: Vec<&Round> = rounds
-        .iter()
-        .filter(|r| r.inflight_survived.is_some())
-        .collect();
-    if !checked.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nA connection open across a graceful stop (used after the client's ARP entry moved):"
-        );
-        let mut systems: Vec<&str> = checked.iter().map(|r| r.system.as_str()).collect();
-        systems.dedup();
-        for s in systems {
-            let rs: Vec<&&Round> = checked.iter().filter(|r| r.system == s).collect();
-            let _ = writeln!(
-                out,
-                "  {s}: survived {}/{}",
-                rs.iter()
-                    .filter(|r| r.inflight_survived == Some(true))
-                    .count(),
-                rs.len()
-            );
-        }
-    }
-}
-
-const FAKE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xee];
-
-/// A forged gratuitous ARP from the bridge claims the VIP for a MAC nobody has: the owner must
-/// count the conflict and announce again, and the client must end up at the owner.
-async fn conflict_round(
-    lab: &Lab,
-    obs: &Arc<Mutex<Observed>>,
-    sys_name: &str,
-    round: usize,
-) -> anyhow::Result<Round> {
-    let old = wait_stable(obs, Duration::from_millis(1500), Duration::from_secs(30)).await?;
-    let i: usize = old
-        .trim_start_matches("node-")
-        .parse()
-        .context("owner name")?;
-    let t0 = Instant::now();
-    let h = in_netns(&lab.ns_br(), || {
-        Box::pin(async {
-            let s = sys::PacketSocket::open(sys::if_index("br0")?, sys::ETH_P_ARP, None)?;
-            s.send(&agent::frames::garp(FAKE_MAC, VIP)).await?;
-            Ok::<_, anyhow::Error>(())
-        })
-    });
-    tokio::task::spawn_blocking(move || h.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("forging thread panicked"))???;
-    // bounded wait for the client's ARP to be back at the owner (or never to have moved)
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (failed, outage, arp_back) = {
-        let o = obs.lock().unwrap_or_else(|e| e.into_inner());
-        let fails: Vec<Instant> = o
-            .probes
-            .iter()
-            .filter(|p| p.start >= t0 && p.node.is_none())
-            .map(|p| p.start)
-            .collect();
-        let outage = match (fails.iter().min(), fails.iter().max()) {
-            (Some(a), Some(b)) => b.saturating_duration_since(*a) + PROBE_EVERY,
-            _ => Duration::ZERO,
-        };
-        let poisoned = o
-            .arp
-            .iter()
-            .find(|(t, m)| *t >= t0 && *m == Some(FAKE_MAC))
-            .map(|(t, _)| *t);
-        let back = poisoned.and_then(|p| {
-            o.arp
-                .iter()
-                .find(|(t, m)| *t > p && *m == Some(node_mac(i)))
-                .map(|(t, _)| t.saturating_duration_since(t0))
-        });
-        (fails.len(), outage, back)
-    };
-    let conflicts = status_conflicts(lab, i).await;
-    let owner_after = wait_stable(obs, Duration::from_millis(500), Duration::from_secs(10))
-        .await
-        .ok();
-    let owners = arp_owners(lab)?;
-    Ok(Round {
-        system: sys_name.to_string(),
-        scenario: "conflict".into(),
-        round,
-        old_owner: old.clone(),
-        new_owner: Some(old),
-        outage_ms: ms(outage),
-        failed,
-        takeover_ms: None,
-        arp_ms: arp_back.map(ms),
-        arp_owners_after: owners.len(),
-        owner_after,
-        return_failed: 0,
-        failed_at_ms: Vec::new(),
-        return_failed_at_ms: Vec::new(),
-        conflicts_counted: conflicts,
-        inflight_survived: None,
-    })
-}
-
-/// Sum of the `conflicts` fields in node `i`'s /status.
-async fn status_conflicts(lab: &Lab, i: usize) -> Option<u64> {
-    let h = in_netns(&lab.ns_node(i), || {
-        Box::pin(async {
-            let mut s = tokio::net::TcpStream::connect("127.0.0.1:9440").await?;
-            s.write_all(b"GET /status HTTP/1.0\r\nHost: x\r\n\r\n")
-                .await?;
-            let mut body = String::new();
-            tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body)).await??;
-            Ok::<_, anyhow::Error>(body)
-        })
-    });
-    let body = tokio::task::spawn_blocking(move || h.join())
-        .await
-        .ok()?
-        .ok()?
-        .ok()?
-        .ok()?;
-    let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
-    fn sum(v: &serde_json::Value) -> u64 {
-        match v {
-            serde_json::Value::Object(m) => m
-                .iter()
-                .map(|(k, v)| {
-                    if k == "conflicts" {
-                        v.as_u64().unwrap_or(0)
-                    } else {
-                        sum(v)
-                    }
-                })
-                .sum(),
-            serde_json::Value::Array(a) => a.iter().map(sum).sum(),
-            _ => 0,
-        }
-    }
-    Some(sum(&json))
-}
-
-/// Checks the IPv6 VIP: every MAC answering a neighbour solicitation from the client, and which
-/// node answers TCP on it.
-async fn ipv6_round(lab: &Lab, sys_name: &str) -> anyhow::Result<Round> {
-    let h = in_netns(&lab.ns_client(), || {
-        Box::pin(async {
-            let s = sys::PacketSocket::open(sys::if_index("eth0")?, sys::ETH_P_IPV6, None)?;
-            let mut macs = BTreeSet::new();
-            let mut buf = [0u8; 2048];
-            for _ in 0..3 {
-                s.send(&agent::frames::ns(CLIENT_MAC, CLIENT_IP6, VIP6))
-                    .await?;
-                let until = Instant::now() + Duration::from_millis(150);
-                for _ in 0..1000 {
-                    match tokio::time::timeout_at(until, s.recv(&mut buf)).await {
-                        Ok(Ok(n)) => {
-                            if let Ok(nd) = agent::frames::parse_nd(&buf[..n])
-                                && nd.kind == 136
-                                && nd.target == VIP6
-                                && let Some(m) = nd.lla
-                            {
-                                macs.insert(m);
-                            }
-                        }
-                        _ => break,
-                    }
-                }
-            }
-            let tcp = probe(SocketAddr::from((VIP6, 80))).await;
-            Ok::<_, anyhow::Error>((macs, tcp))
-        })
-    });
-    let (macs, tcp) = tokio::task::spawn_blocking(move || h.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("IPv6 check thread panicked"))???;
-    Ok(Round {
-        system: sys_name.to_string(),
-        scenario: "ipv6".into(),
-        round: 1,
-        old_owner: String::new(),
-        new_owner: None,
-        outage_ms: 0.0,
-        failed: 0,
-        takeover_ms: None,
-        arp_ms: None,
-        arp_owners_after: macs.len(),
-        owner_after: tcp,
-        return_failed: 0,
-        failed_at_ms: Vec::new(),
-        return_failed_at_ms: Vec::new(),
-        conflicts_counted: None,
-        inflight_survived: None,
-    })
 }

@@ -148,6 +148,28 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    let result = dispatch_inner(command).await;
+    // Whether the run ended on a signal or an error: put back the sysctls the agent changed
+    // (arp_ignore/arp_announce of the announcing interfaces).
+    restore_sysctls();
+    result
+}
+
+/// Writes back every sysctl this process changed and logs each.
+fn restore_sysctls() {
+    for (c, outcome) in sys::sysctl_restore() {
+        match outcome {
+            Ok(true) => tracing::info!(key = %c.key, value = %c.before, "sysctl restored"),
+            Ok(false) => tracing::info!(
+                key = %c.key,
+                "sysctl changed by someone else since portico set it; left as it is"
+            ),
+            Err(e) => tracing::warn!(key = %c.key, value = %c.before, "cannot restore sysctl: {e}"),
+        }
+    }
+}
+
+async fn dispatch_inner(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => run(config).await.map(|()| ExitCode::SUCCESS),
         Command::Check { config } => {

@@ -28,8 +28,8 @@ use tracing::{error, info};
 use crate::metrics::ConfigMetrics;
 use crate::supervise::{Components as Supervised, supervise};
 
-/// How long the data path may drain after the agent has handed over, before exiting anyway.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Beyond `shutdown.drain_timeout`: the balancer's own wait for cancelled connections to end.
+const DRAIN_MARGIN: Duration = Duration::from_secs(6);
 
 /// Extras of [`serve`] for the Kubernetes agent.
 #[derive(Default)]
@@ -378,12 +378,22 @@ pub async fn serve(
     {
         error!("agent did not hand over within 5s; stopping anyway");
     }
-    info!("draining connections (up to {}s)", DRAIN_TIMEOUT.as_secs());
+    // The balancer drains (up to shutdown.drain_timeout) what this node can still serve and
+    // closes connections to VIPs handed over; admin and DNS stop now, so their ports are free
+    // for a restart while it drains.
+    let drain = desired.borrow().config.shutdown.drain_timeout;
+    info!(
+        "draining connections (up to {})",
+        model::duration::format(drain)
+    );
     rest_stop.cancel();
-    if tokio::time::timeout(DRAIN_TIMEOUT, lb_task).await.is_err() {
+    if tokio::time::timeout(drain + DRAIN_MARGIN, lb_task)
+        .await
+        .is_err()
+    {
         error!(
-            "connections still open after {}s; exiting",
-            DRAIN_TIMEOUT.as_secs()
+            "connections still open after {}; exiting",
+            model::duration::format(drain + DRAIN_MARGIN)
         );
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

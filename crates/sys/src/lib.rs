@@ -142,10 +142,64 @@ pub fn sysctl_read(key: &str) -> Result<String, Error> {
         .map_err(|source| Error::Sysctl { path, source })
 }
 
-/// Writes a sysctl.
+/// A sysctl this process changed: its key, the value it had before, the value written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlChange {
+    /// The key (`net/ipv4/conf/eth0/arp_ignore`).
+    pub key: String,
+    /// The value before this process first wrote it.
+    pub before: String,
+    /// The value this process last wrote.
+    pub written: String,
+}
+
+/// Every sysctl changed through [`sysctl_write`], in the order first changed.
+static CHANGED: std::sync::Mutex<Vec<SysctlChange>> = std::sync::Mutex::new(Vec::new());
+
+/// Writes a sysctl, remembering the value it replaces the first time this process changes the
+/// key, so [`sysctl_restore`] can put it back at exit.
 pub fn sysctl_write(key: &str, value: &str) -> Result<(), Error> {
     let path = format!("/proc/sys/{key}");
-    std::fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })
+    let before = sysctl_read(key).ok();
+    std::fs::write(&path, value).map_err(|source| Error::Sysctl { path, source })?;
+    let mut changed = CHANGED.lock().unwrap_or_else(|p| p.into_inner());
+    match changed.iter_mut().find(|c| c.key == key) {
+        Some(c) => c.written = value.to_string(),
+        None => {
+            if let Some(before) = before.filter(|b| b != value) {
+                changed.push(SysctlChange {
+                    key: key.to_string(),
+                    before,
+                    written: value.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts back every sysctl [`sysctl_write`] changed in this process, last changed first, and
+/// forgets them. A key whose value is no longer the one written (someone changed it since) is
+/// left as it is. Returns each change with the outcome: `Ok(true)` restored, `Ok(false)` left.
+pub fn sysctl_restore() -> Vec<(SysctlChange, Result<bool, Error>)> {
+    let changes = std::mem::take(&mut *CHANGED.lock().unwrap_or_else(|p| p.into_inner()));
+    changes
+        .into_iter()
+        .rev()
+        .map(|c| {
+            let outcome = match sysctl_read(&c.key) {
+                Ok(now) if now == c.written => {
+                    let path = format!("/proc/sys/{}", c.key);
+                    std::fs::write(&path, &c.before)
+                        .map(|()| true)
+                        .map_err(|source| Error::Sysctl { path, source })
+                }
+                Ok(_) => Ok(false),
+                Err(e) => Err(e),
+            };
+            (c, outcome)
+        })
+        .collect()
 }
 
 /// Moves the calling thread into the network namespace at `path` (`/run/netns/NAME`).
@@ -603,6 +657,66 @@ fn dump_addrs() -> Result<Vec<DumpedAddr>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deletes the network namespace on drop.
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
+    #[test]
+    fn sysctl_writes_are_restored_and_others_changes_are_left() {
+        if !is_root() {
+            skip_test("needs root (a network namespace)");
+            return;
+        }
+        let name = format!("portico-sys-sysctl-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name}");
+        let ns = Netns(name);
+        let path = format!("/run/netns/{}", ns.0);
+        // /proc/sys/net follows the namespace of the thread that opens it
+        std::thread::spawn(move || {
+            setns_net(&path).unwrap();
+            let (ignore, announce) = (
+                "net/ipv4/conf/lo/arp_ignore",
+                "net/ipv4/conf/lo/arp_announce",
+            );
+            let before = (sysctl_read(ignore).unwrap(), sysctl_read(announce).unwrap());
+            assert_eq!(before, ("0".to_string(), "0".to_string()));
+            sysctl_write(ignore, "1").unwrap();
+            sysctl_write(ignore, "2").unwrap();
+            sysctl_write(announce, "2").unwrap();
+            // someone else changes arp_announce after us: left as they set it
+            std::fs::write(format!("/proc/sys/{announce}"), "1").unwrap();
+            let restored = sysctl_restore();
+            assert_eq!(restored.len(), 2);
+            assert_eq!(
+                sysctl_read(ignore).unwrap(),
+                "0",
+                "restored to the first value"
+            );
+            assert_eq!(
+                sysctl_read(announce).unwrap(),
+                "1",
+                "someone else's value kept"
+            );
+            assert!(
+                sysctl_restore().is_empty(),
+                "restore forgets what it restored"
+            );
+        })
+        .join()
+        .unwrap();
+        drop(ns);
+    }
 
     /// One `RTM_NEWADDR` dump message: ifindex 1, 10.0.0.100/32 with IFA_PROTO 0x70.
     fn dumped_v4() -> Vec<u8> {

@@ -69,6 +69,21 @@ pub(super) fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             }))
         })
         .unwrap_or_default();
+    let shutdown = m
+        .opt(cx, "shutdown", |cx, n, p| {
+            let mut m = cx.map(n, p)?;
+            let mut s = Shutdown::default();
+            if let Some(v) = m.opt(
+                cx,
+                "drain_timeout",
+                dur(Duration::ZERO, Duration::from_secs(3600)),
+            ) {
+                s.drain_timeout = v;
+            }
+            m.finish(cx);
+            Some(s)
+        })
+        .unwrap_or_default();
     m.finish(cx);
     Decoded {
         config: Config {
@@ -77,6 +92,7 @@ pub(super) fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             admin,
             dns,
             services,
+            shutdown,
         },
         pos,
         kept: std::mem::take(&mut cx.kept),
@@ -565,6 +581,21 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
     });
     let expect_status = m.opt(cx, "expect_status", uint(100, 599)).map(|v| v as u16);
     let host = m.opt(cx, "host", string);
+    let user = m.opt(cx, "user", |cx, n, p| {
+        let s = string(cx, n, p)?;
+        if s.is_empty() || s.len() > 80 || s.contains('\0') {
+            cx.err(p, n.pos, "a MySQL user name is 1-80 characters without NUL");
+            return None;
+        }
+        Some(s)
+    });
+    let password_file = m.opt(cx, "password_file", |cx, n, p| {
+        Some((
+            scalar(cx, n, p, "a file path")?.to_string(),
+            n.pos,
+            p.to_string(),
+        ))
+    });
     m.finish(cx);
     let kind = kind.unwrap_or("tcp");
     if kind != "http" && (path.is_some() || expect_status.is_some() || host.is_some()) {
@@ -574,6 +605,23 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
             format!("path, expect_status and host apply to type: http only, not type: {kind}"),
         );
     }
+    if kind != "mysql" && (user.is_some() || password_file.is_some()) {
+        cx.err(
+            p,
+            n.pos,
+            format!("user and password_file apply to type: mysql only, not type: {kind}"),
+        );
+    }
+    if user.is_none() && password_file.is_some() {
+        cx.err(
+            &format!("{p}.user"),
+            n.pos,
+            "password_file needs user (the login is off without it)",
+        );
+    }
+    let password = password_file
+        .as_ref()
+        .and_then(|(path, fpos, fpath)| read_password(cx, path, *fpos, fpath));
     hc.kind = match kind {
         "none" => return Some(None),
         "http" => CheckKind::Http {
@@ -581,7 +629,11 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
             expect_status: expect_status.unwrap_or(200),
             host,
         },
-        "mysql" => CheckKind::Mysql,
+        "mysql" => CheckKind::Mysql {
+            user,
+            password_file: password_file.map(|(path, _, _)| path),
+            password,
+        },
         _ => CheckKind::Tcp,
     };
     hc.port = port;
@@ -601,6 +653,38 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
         );
     }
     Some(Some(hc))
+}
+
+/// Reads a MySQL check's password file: refused when every user may read it; the password is
+/// the file's text without the final line break.
+fn read_password(cx: &mut Cx, path: &str, pos: Pos, p: &str) -> Option<Password> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o004 != 0 {
+            cx.err(
+                p,
+                pos,
+                format!(
+                    "`{path}` is readable by every user (mode {:o}); make it private: chmod o-rwx {path}",
+                    mode & 0o777
+                ),
+            );
+            return None;
+        }
+    }
+    match (cx.env.read_file)(path) {
+        Ok(text) => Some(Password(
+            text.strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text)
+                .to_string(),
+        )),
+        Err(e) => {
+            cx.err(p, pos, format!("cannot read `{path}`: {e}"));
+            None
+        }
+    }
 }
 
 fn default_breaker() -> CircuitBreaker {

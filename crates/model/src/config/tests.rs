@@ -379,3 +379,120 @@ mod bad_input {
         assert!(decode_secret("c2hvcnQ=").is_none());
     }
 }
+
+mod mysql_login_and_shutdown {
+    //! The MySQL check's optional login (password file) and `shutdown.drain_timeout`.
+    use crate::config::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    const SVC: &str = "services:\n  - name: db\n    vips: [10.0.0.1]\n    ports: [{port: 3306}]\n    backends: [{address: 10.0.1.1}]\n";
+
+    struct TempFile(std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    fn temp(name: &str, text: &str, mode: u32) -> TempFile {
+        let p = std::env::temp_dir().join(format!("portico-model-{}-{name}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        TempFile(p)
+    }
+    fn with_check(check: &str) -> String {
+        format!("{SVC}    health_check: {check}\n")
+    }
+    fn errors(src: &str) -> Vec<String> {
+        match parse(src, &Environment::default()) {
+            Ok(_) => panic!("accepted:\n{src}"),
+            Err(e) => e.0.iter().map(|e| e.message.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_default_mysql_check_does_not_log_in() {
+        let cfg = parse(&with_check("{type: mysql}"), &Environment::default()).unwrap();
+        let hc = cfg.services[0].health_check.as_ref().unwrap();
+        assert_eq!(hc.kind, CheckKind::MYSQL);
+    }
+
+    #[test]
+    fn a_password_file_is_read_without_its_line_break_and_never_printed() {
+        let f = temp("pw", "s3cret-pw\n", 0o600);
+        let src = with_check(&format!(
+            "{{type: mysql, user: check, password_file: {}}}",
+            f.0.display()
+        ));
+        let cfg = parse(&src, &Environment::default()).unwrap_or_else(|e| panic!("{e}"));
+        let hc = cfg.services[0].health_check.as_ref().unwrap();
+        match &hc.kind {
+            CheckKind::Mysql { user, password, .. } => {
+                assert_eq!(user.as_deref(), Some("check"));
+                assert_eq!(password.as_ref().unwrap().0, "s3cret-pw");
+            }
+            other => panic!("{other:?}"),
+        }
+        let printed = to_yaml(&cfg);
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+        assert!(printed.contains("password_file"), "{printed}");
+        // the printed config reads back as the same config (the file is read again)
+        assert_eq!(parse(&printed, &Environment::default()).unwrap(), cfg);
+    }
+
+    #[test]
+    fn a_world_readable_password_file_is_refused() {
+        let f = temp("open", "pw\n", 0o644);
+        let path = f.0.display().to_string();
+        let got = errors(&with_check(&format!(
+            "{{type: mysql, user: check, password_file: {path}}}"
+        )));
+        assert_eq!(
+            got,
+            vec![format!(
+                "`{path}` is readable by every user (mode 644); make it private: chmod o-rwx {path}"
+            )]
+        );
+    }
+
+    #[test]
+    fn login_fields_belong_to_mysql_and_password_file_needs_user() {
+        assert_eq!(
+            errors(&with_check("{type: tcp, user: check}")),
+            vec!["user and password_file apply to type: mysql only, not type: tcp"]
+        );
+        let f = temp("nouser", "pw\n", 0o600);
+        assert_eq!(
+            errors(&with_check(&format!(
+                "{{type: mysql, password_file: {}}}",
+                f.0.display()
+            ))),
+            vec!["password_file needs user (the login is off without it)"]
+        );
+        let missing = errors(&with_check(
+            "{type: mysql, user: check, password_file: /nonexistent/pw}",
+        ));
+        assert_eq!(missing.len(), 1);
+        assert!(
+            missing[0].starts_with("cannot read `/nonexistent/pw`"),
+            "{missing:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_drain_timeout_defaults_to_30s_and_is_read() {
+        let cfg = parse("", &Environment::default()).unwrap();
+        assert_eq!(
+            cfg.shutdown.drain_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        let cfg = parse("shutdown: {drain_timeout: 2s}\n", &Environment::default()).unwrap();
+        assert_eq!(
+            cfg.shutdown.drain_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        let got = errors("shutdown: {drain_timeout: 2h}\n");
+        assert_eq!(got.len(), 1);
+        assert!(got[0].contains("out of range"), "{got:?}");
+    }
+}
