@@ -351,6 +351,18 @@ impl Core {
             }
             Event::Config(cfg, facts) => {
                 let det = Detection::of(cfg.cluster.profile);
+                // Peers appear for the first time (a Kubernetes agent: its first desired state
+                // has none, the next has the Nodes and the Services together): owning nothing
+                // yet, listen to them before claiming, as at start. Without this the node
+                // decided alone, before its gossip socket was open, and claimed every VIP.
+                if !self.gossip
+                    && self.cfg.cluster.peers.is_empty()
+                    && !cfg.cluster.peers.is_empty()
+                    && self.owned.is_empty()
+                {
+                    self.settled = false;
+                    self.settle_by = now + self.settle_time();
+                }
                 if self.gossip {
                     self.table.set_peers(
                         cfg.cluster

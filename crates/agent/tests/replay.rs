@@ -439,3 +439,31 @@ fn claim_changes_are_decided_once_per_quarter_interval() {
     }
     assert_eq!(a.decisions(), before + 1, "decided once for all three");
 }
+
+#[test]
+fn a_node_whose_peers_arrive_with_its_first_services_listens_before_claiming() {
+    // A Kubernetes agent: its first desired state has neither peers nor services; the next
+    // brings the Nodes (peers) and the Services together, and only then is the gossip socket
+    // opened. It must not claim anything before it has heard the peers' claims.
+    let t0 = Instant::now();
+    let empty = model::config::parse("node: {name: a}\n", &Default::default()).expect("valid");
+    let mut a = Core::new(Arc::new(empty.clone()), facts(&empty), false, t0);
+    a.handle(Event::Start, t0);
+    let cfg = config("a", "default", "b", true);
+    let f = facts(&cfg);
+    let t1 = t0 + Duration::from_secs(2);
+    let acts = a.handle(Event::Config(Arc::new(cfg), f), t1);
+    assert!(
+        claims(&acts).is_empty(),
+        "claimed before hearing anyone: {acts:?}"
+    );
+    let acts = a.handle(Event::GossipOpen, t1);
+    assert!(claims(&acts).is_empty(), "{acts:?}");
+    // b (the home, owning the VIP) is heard from now on: a never claims.
+    let acts = run(&mut a, t1, t1 + Duration::from_secs(2), Some(&[vip()]));
+    assert!(
+        acts.iter().all(|(_, x)| !matches!(x, Action::Claim { .. })),
+        "{acts:?}"
+    );
+    assert!(a.owned().is_empty());
+}
