@@ -319,11 +319,6 @@ impl Driver {
                     Err(WriteError::Conflict(key)) => {
                         self.failed.insert(key);
                     }
-                    Err(WriteError::Pool(e)) => {
-                        tracing::debug!(error = %e, "pool status write failed");
-                        self.metrics.write_failures.inc();
-                        self.pools_failed = true;
-                    }
                     Err(WriteError::Other(key, e)) => {
                         self.metrics.write_failures.inc();
                         if self.outage.failed() {
@@ -416,18 +411,14 @@ impl Driver {
         self.settle_events().await;
         self.pools_due = None;
         for (name, patch) in std::mem::take(&mut self.pending_pools) {
-            let action = Action::PatchPoolStatus {
-                name: name.clone(),
-                patch,
-            };
-            match self.write(&action).await {
+            match self.write_pool_status(&name, &patch).await {
                 Ok(()) => {
                     self.metrics.pool_status_writes.inc();
                     if let Some(failures) = self.outage.recovered() {
                         tracing::info!(failures, "writes succeed again");
                     }
                 }
-                Err(WriteError::Other(_, e)) | Err(WriteError::Pool(e)) => {
+                Err(e) => {
                     self.metrics.write_failures.inc();
                     if self.outage.failed() {
                         tracing::warn!(error = %e, "write failed; retrying every 10 s (further failures are logged at debug until a write succeeds)");
@@ -437,45 +428,34 @@ impl Driver {
                     self.state.forget_pool_status(&name);
                     self.pools_failed = true;
                 }
-                Err(WriteError::Conflict(_)) => {
-                    self.state.forget_pool_status(&name);
-                    self.pools_failed = true;
-                }
             }
         }
     }
 
-    async fn write(&mut self, action: &Action) -> Result<(), WriteError> {
-        let pp = PatchParams::default();
-        match action {
-            Action::PatchServiceStatus { key, .. } => {
-                let r = send(&self.client, action).await;
-                self.after_service_write(key, "status", r)
+    /// Writes one pool's status (Service writes go out in waves through [`send`]).
+    async fn write_pool_status(
+        &mut self,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<(), Box<Error>> {
+        let api: Api<IPPool> = Api::all(self.client.clone());
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(fresh) => {
+                self.state.observe_pool(fresh);
+                Ok(())
             }
-            Action::PatchService { key, .. } => {
-                let r = send(&self.client, action).await;
-                self.after_service_write(key, "spec.externalIPs", r)
+            // Deleted meanwhile: its deletion event follows, nothing to report on.
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                tracing::debug!(pool = %name, "pool deleted before its status was written");
+                Ok(())
             }
-            // Published concurrently by `publish`.
-            Action::Event { .. } => Ok(()),
-            Action::PatchPoolStatus { name, patch } => {
-                let api: Api<IPPool> = Api::all(self.client.clone());
-                match api.patch_status(name, &pp, &Patch::Merge(patch)).await {
-                    Ok(fresh) => {
-                        self.state.observe_pool(fresh);
-                        Ok(())
-                    }
-                    // Deleted meanwhile: its deletion event follows, nothing to report on.
-                    Err(kube::Error::Api(s)) if s.is_not_found() => {
-                        tracing::debug!(pool = %name, "pool deleted before its status was written");
-                        Ok(())
-                    }
-                    Err(e) => Err(WriteError::Pool(Box::new(Error::Write {
-                        what: format!("IPPool {name} status"),
-                        source: e,
-                    }))),
-                }
-            }
+            Err(e) => Err(Box::new(Error::Write {
+                what: format!("IPPool {name} status"),
+                source: e,
+            })),
         }
     }
 
@@ -570,8 +550,6 @@ fn same_pool(a: &Action, b: &Action) -> bool {
 enum WriteError {
     Conflict(ServiceKey),
     Other(Option<ServiceKey>, Box<Error>),
-    /// A pool status write failed.
-    Pool(Box<Error>),
 }
 
 fn action_key(a: &Action) -> Option<ServiceKey> {
