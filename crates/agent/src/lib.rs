@@ -46,7 +46,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use model::{Config, Desired, FailureProfile, HealthView, MemberStatus, OwnershipView};
+use model::{
+    AgentPriority, Config, Desired, FailureProfile, HealthView, MemberStatus, OwnershipView,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -81,10 +83,14 @@ pub enum Error {
     NoKey,
 }
 
-/// A nice value for [`Agent::with_own_thread`]: the highest priority short of real-time
-/// scheduling, so that busy loops at the default nice 0 neither delay its heartbeats nor its
-/// reading of them. (Measured with `tests/soak.rs`; the binary does not use it yet.)
+/// The nice value of [`model::AgentPriority::High`] (and the fallback of `Realtime`): the
+/// highest priority short of real-time scheduling.
 pub const AGENT_NICE: i32 = -20;
+
+/// The real-time priority of [`model::AgentPriority::Realtime`] (`SCHED_RR`, 1–99): above every
+/// normally scheduled thread, below the kernel's own real-time threads (50) and below the
+/// real-time priorities other daemons usually pick.
+pub const AGENT_RT_PRIORITY: i32 = 10;
 
 /// Failure-detection timing of a profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +129,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabel {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
 }
@@ -140,6 +151,7 @@ struct Metrics {
     handover_windows: Counter,
     handover_off: Gauge,
     stalls: Counter,
+    scheduling: Family<PolicyLabel, Gauge>,
 }
 
 #[derive(Default)]
@@ -181,7 +193,7 @@ pub struct Agent {
     inner: Arc<Inner>,
     dry_run: bool,
     binder: Option<GossipBinder>,
-    nice: Option<i32>,
+    priority: Option<AgentPriority>,
     listeners: Option<ClosedListeners>,
 }
 
@@ -246,6 +258,11 @@ impl Agent {
             "Times this node found itself stalled (an event handled later than its timer by over a quarter heartbeat interval); the stall is not counted as the peers' silence",
             m.stalls.clone(),
         );
+        r.register(
+            "scheduling",
+            "1 for the scheduling policy the agent's thread runs under (realtime, nice, normal; absent: the shared runtime)",
+            m.scheduling.clone(),
+        );
         r.register("vips_owned", "VIPs this node announces", m.owned.clone());
         r.register(
             "members_alive",
@@ -304,9 +321,9 @@ impl Agent {
         ownership: watch::Sender<Arc<OwnershipView>>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        if let Some(nice) = self.nice {
+        if let Some(priority) = self.priority {
             return self
-                .run_on_own_thread(nice, socket, desired, health, ownership, shutdown)
+                .run_on_own_thread(priority, socket, desired, health, ownership, shutdown)
                 .await;
         }
         let mut d = driver::Driver::new(self.clone(), socket, desired, health, ownership)?;
@@ -322,19 +339,22 @@ impl Agent {
         self
     }
 
-    /// Runs the agent (heartbeats, gossip, announcers) on a thread of its own with its own
-    /// single-threaded runtime at nice value `nice` (keepalived's `vrrp_priority`): a host
-    /// busy with other work then delays neither its heartbeats nor their reception, and a
-    /// busy balancer or DNS server in this process does not either. Without the privilege to
-    /// raise its priority (`CAP_SYS_NICE`) it says so once and runs at normal priority.
-    pub fn with_own_thread(mut self, nice: i32) -> Self {
-        self.nice = Some(nice);
+    /// Runs the agent (heartbeats, gossip, announcers, decisions) on a thread of its own with
+    /// its own single-threaded runtime, scheduled as `priority` says (`Realtime`: `SCHED_RR`
+    /// at [`AGENT_RT_PRIORITY`], keepalived's `vrrp_rt_priority`; `High`: nice
+    /// [`AGENT_NICE`], keepalived's `vrrp_priority`; `Normal`: the shared runtime, as without
+    /// this call). A host busy with other work then delays neither its heartbeats nor their
+    /// reception, and a busy balancer or DNS server in this process does not either. Without
+    /// the privilege (`CAP_SYS_NICE`) it says so once and falls back a step. The scheduling
+    /// it got is the gauge `portico_agent_scheduling{policy}`.
+    pub fn with_own_thread(mut self, priority: AgentPriority) -> Self {
+        self.priority = (priority != AgentPriority::Normal).then_some(priority);
         self
     }
 
     async fn run_on_own_thread(
         &self,
-        nice: i32,
+        priority: AgentPriority,
         socket: Option<UdpSocket>,
         desired: watch::Receiver<Arc<Desired>>,
         health: watch::Receiver<Arc<HealthView>>,
@@ -344,16 +364,22 @@ impl Agent {
         // the socket moves to the agent's own runtime (its reactor wakes the agent's thread)
         let socket = socket.map(UdpSocket::into_std).transpose()?;
         let agent = Agent {
-            nice: None,
+            priority: None,
             ..self.clone()
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("portico-agent".into())
             .spawn(move || {
-                if let Err(e) = sys::set_thread_nice(nice) {
-                    tracing::warn!(%e, nice, "cannot raise the agent thread's priority; heartbeats run at normal priority");
-                }
+                let policy = schedule_this_thread(priority);
+                agent
+                    .inner
+                    .metrics
+                    .scheduling
+                    .get_or_create(&PolicyLabel {
+                        policy: policy.into(),
+                    })
+                    .set(1);
                 let r = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -369,6 +395,32 @@ impl Agent {
                 let _ = tx.send(r);
             })?;
         rx.await.unwrap_or(Err(Error::Thread))
+    }
+}
+
+/// Schedules the calling thread as `priority` asks, falling back a step at a time; returns the
+/// policy it got (`realtime`, `nice`, `normal`).
+fn schedule_this_thread(priority: AgentPriority) -> &'static str {
+    if priority == AgentPriority::Realtime {
+        match sys::set_thread_realtime(AGENT_RT_PRIORITY) {
+            Ok(()) => {
+                tracing::info!(
+                    priority = AGENT_RT_PRIORITY,
+                    "the agent runs under real-time scheduling (SCHED_RR)"
+                );
+                return "realtime";
+            }
+            Err(e) => {
+                tracing::warn!(%e, "cannot schedule the agent thread in real time (needs CAP_SYS_NICE and a real-time budget); trying nice {AGENT_NICE}")
+            }
+        }
+    }
+    match sys::set_thread_nice(AGENT_NICE) {
+        Ok(()) => "nice",
+        Err(e) => {
+            tracing::warn!(%e, "cannot raise the agent thread's priority; heartbeats run at normal priority");
+            "normal"
+        }
     }
 }
 

@@ -4,9 +4,9 @@
 //! ```sh
 //! PORTICO_SOAK_SECS=600 cargo test --release -p agent --test soak -- --ignored --nocapture
 //! ```
-//! runs, side by side, 3-node clusters of both profiles with the agent on its own thread at a
-//! raised priority (as the binary runs it) and the same clusters at normal priority on the
-//! shared runtime. Run it with and without busy loops on the host
+//! runs, side by side, 3-node clusters of both profiles with the agent on its own thread under
+//! real-time scheduling (as the binary runs it by default), on its own thread at nice -20, and
+//! at normal priority on the shared runtime. Run it with and without busy loops on the host
 //! (`for i in 1 2 3 4; do timeout 600 sh -c 'while :; do :; done' & done`).
 //! `PORTICO_SOAK_NODES=30` measures the traffic of a 30-node cluster instead.
 
@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use agent::{AGENT_NICE, Agent};
+use agent::Agent;
+use model::AgentPriority;
 use model::{Desired, HealthView, OwnershipView};
 use prometheus_client::registry::Registry;
 use tokio::net::UdpSocket;
@@ -57,7 +58,12 @@ fn owned(v: &OwnershipView) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-async fn cluster(n: usize, profile: &str, own_thread: bool, stop: &CancellationToken) -> Vec<Node> {
+async fn cluster(
+    n: usize,
+    profile: &str,
+    priority: AgentPriority,
+    stop: &CancellationToken,
+) -> Vec<Node> {
     let mut socks = Vec::new();
     for _ in 0..n {
         socks.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -68,10 +74,9 @@ async fn cluster(n: usize, profile: &str, own_thread: bool, stop: &CancellationT
         .collect();
     let mut nodes = Vec::new();
     for (i, s) in socks.into_iter().enumerate() {
-        let mut agent = Agent::new(&mut Registry::default()).dry_run();
-        if own_thread {
-            agent = agent.with_own_thread(AGENT_NICE);
-        }
+        let agent = Agent::new(&mut Registry::default())
+            .dry_run()
+            .with_own_thread(priority);
         let (dtx, drx) = watch::channel(Arc::new(Desired {
             generation: 1,
             config: Arc::new(config(i, &ports, profile, 2)),
@@ -109,18 +114,19 @@ async fn settled(nodes: &[Node]) {
 }
 
 /// Counts every change of a node's owned set from now on.
-fn count_flips(nodes: &[Node]) -> Arc<AtomicU64> {
+fn count_flips(nodes: &[Node], label: String) -> Arc<AtomicU64> {
     let flips = Arc::new(AtomicU64::new(0));
     for n in nodes {
         let mut rx = n.own.clone();
         let mut last = owned(&rx.borrow_and_update());
         let f = flips.clone();
+        let label = label.clone();
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let now = owned(&rx.borrow_and_update());
                 if now != last {
                     f.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("flip: {last:?} -> {now:?}");
+                    eprintln!("flip ({label}): {last:?} -> {now:?}");
                     last = now;
                 }
             }
@@ -143,20 +149,23 @@ async fn soak_counts_false_takeovers_and_traffic() {
     let n = env("PORTICO_SOAK_NODES", 3) as usize;
     let stop = CancellationToken::new();
     let mut runs = Vec::new();
-    let kinds: &[(&str, bool)] = if n == 3 {
+    use AgentPriority::{High, Normal, Realtime};
+    let kinds: &[(&str, AgentPriority)] = if n == 3 {
         &[
-            ("default", true),
-            ("fast", true),
-            ("default", false),
-            ("fast", false),
+            ("default", Realtime),
+            ("fast", Realtime),
+            ("default", High),
+            ("fast", High),
+            ("default", Normal),
+            ("fast", Normal),
         ]
     } else {
-        &[("default", true), ("fast", true)]
+        &[("default", Realtime), ("fast", Realtime)]
     };
     for (profile, own) in kinds {
         let nodes = cluster(n, profile, *own, &stop).await;
         settled(&nodes).await;
-        let flips = count_flips(&nodes);
+        let flips = count_flips(&nodes, format!("{profile}, {own:?}"));
         let before: Vec<agent::Stats> = nodes.iter().map(|x| x.agent.stats()).collect();
         runs.push((*profile, *own, nodes, flips, before));
     }
@@ -174,10 +183,10 @@ async fn soak_counts_false_takeovers_and_traffic() {
         println!(
             "{profile} {} nodes, {}: {} ownership changes in {el:.0} s; per node {:.1} packets/s, {:.0} bytes/s",
             nodes.len(),
-            if *own {
-                "own thread, nice -20"
-            } else {
-                "shared runtime, nice 0"
+            match own {
+                Realtime => "own thread, SCHED_RR 10",
+                High => "own thread, nice -20",
+                Normal => "shared runtime, nice 0",
             },
             flips.load(Ordering::Relaxed),
             p as f64 / per,

@@ -1,5 +1,5 @@
 //! Tests of `deploy/`: every manifest parses, references only resources that exist, and keeps
-//! the security promises (separate accounts, agents with NET_ADMIN, NET_RAW and NET_BIND_SERVICE only).
+//! the security promises (separate accounts, agents with NET_ADMIN, NET_RAW, NET_BIND_SERVICE and SYS_NICE only).
 
 use std::collections::BTreeSet;
 
@@ -165,7 +165,7 @@ fn both_workloads_have_probes_and_the_controller_a_metrics_service() {
 }
 
 #[test]
-fn the_agent_runs_on_the_host_network_with_net_admin_net_raw_and_net_bind_service_only() {
+fn the_agent_runs_on_the_host_network_with_net_admin_net_raw_net_bind_service_and_sys_nice_only() {
     let docs = docs();
     let pod = &workload(&docs, "DaemonSet")["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
@@ -174,7 +174,7 @@ fn the_agent_runs_on_the_host_network_with_net_admin_net_raw_and_net_bind_servic
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(
         sc["capabilities"]["add"],
-        serde_json::json!(["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"])
+        serde_json::json!(["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "SYS_NICE"])
     );
 }
 

@@ -12,6 +12,7 @@ use crate::service::Config;
 /// effect on a restart, as dotted paths in document order (empty: the reload may apply).
 ///
 /// - `cluster.profile`: the membership protocol's (SWIM's) timers are built when gossip starts;
+/// - `cluster.priority`: the agent's thread is made (and scheduled) at start;
 /// - `admin.listen`, `dns.listen`: the sockets are bound at start; adding or removing the
 ///   `dns` section counts as a change of `dns.listen` (the DNS server runs or not from start);
 /// - `node.name`, `cluster.bind`, `cluster.advertise`: the gossip socket and this node's
@@ -34,6 +35,7 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             gossiping && a.cluster.advertise != b.cluster.advertise,
         ),
         ("cluster.profile", a.cluster.profile != b.cluster.profile),
+        ("cluster.priority", a.cluster.priority != b.cluster.priority),
         ("admin.listen", a.admin.listen != b.admin.listen),
         (
             "dns.listen",
@@ -69,6 +71,7 @@ mod tests {
         let base = cfg(&clustered(""));
         let cases: &[(&str, &[&str])] = &[
             ("  profile: fast\n", &["cluster.profile"]),
+            ("  priority: normal\n", &["cluster.priority"]),
             ("  advertise: 10.0.0.99:7946\n", &["cluster.advertise"]),
             ("admin: {listen: 127.0.0.1:9441}\n", &["admin.listen"]),
             (

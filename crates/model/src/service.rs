@@ -88,6 +88,22 @@ pub enum FailureProfile {
     Fast,
 }
 
+/// How the agent (heartbeats, their reception, the owner decisions and ARP/NDP answers) is
+/// scheduled: a node that misses its own timer under load looks dead to its peers, and its
+/// peers' heartbeats look late to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentPriority {
+    /// A thread of its own under real-time round-robin scheduling (keepalived's
+    /// `vrrp_rt_priority`), falling back to `high` without `CAP_SYS_NICE`.
+    #[default]
+    Realtime,
+    /// A thread of its own at nice -20 (keepalived's `vrrp_priority`), falling back to normal.
+    High,
+    /// On the process's shared runtime at the process's priority.
+    Normal,
+}
+
 /// Gossip membership and VIP failover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cluster {
@@ -102,6 +118,8 @@ pub struct Cluster {
     pub keys: Vec<ClusterKey>,
     /// Failure-detection profile.
     pub profile: FailureProfile,
+    /// How the agent's heartbeat thread is scheduled.
+    pub priority: AgentPriority,
     /// Whether a returning preferred node takes its VIPs back.
     pub preemptive: bool,
     /// How long a node must be stably alive before it may take a VIP back.

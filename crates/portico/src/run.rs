@@ -70,7 +70,8 @@ pub async fn serve(
     let lb = lb::LoadBalancer::new(&mut registry);
     let agent = agent::Agent::new(&mut registry)
         .with_binder(agent::udp_binder())
-        .with_listeners(lb.closed_listeners());
+        .with_listeners(lb.closed_listeners())
+        .with_own_thread(cfg.cluster.priority);
     let dns = dns::DnsServer::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
     let observe_metrics = crate::observe::ObserveMetrics::register(&mut registry);

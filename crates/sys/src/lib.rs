@@ -259,6 +259,29 @@ pub fn set_thread_nice(nice: i32) -> Result<(), Error> {
     Ok(())
 }
 
+/// Puts the calling thread under real-time round-robin scheduling (`SCHED_RR`) at `priority`
+/// (1–99): it then runs before every normally scheduled thread of the host, as keepalived's
+/// `vrrp_rt_priority` does for VRRP. The kernel's real-time throttling
+/// (`kernel.sched_rt_runtime_us`, 95 % by default) keeps a runaway thread from starving the
+/// host. Needs `CAP_SYS_NICE`, and inside a cgroup with its own CPU controller a real-time
+/// budget; without them this fails with `EPERM`.
+pub fn set_thread_realtime(priority: i32) -> Result<(), Error> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: sched_setscheduler(2) with pid 0 (the calling thread) reads the parameter struct
+    // we own for the duration of the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) };
+    if rc != 0 {
+        return Err(Error::Io {
+            what: "sched_setscheduler",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// An `AF_PACKET` raw socket on one interface and EtherType, read and written whole frames.
 #[derive(Debug)]
 pub struct PacketSocket {

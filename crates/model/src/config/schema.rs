@@ -136,6 +136,7 @@ fn default_cluster(peers: Vec<Peer>, keys: Vec<ClusterKey>) -> Cluster {
         peers,
         keys,
         profile: FailureProfile::Default,
+        priority: AgentPriority::Realtime,
         preemptive: true,
         hold_down: Duration::from_secs(5),
         announce: AnnounceTiming {
@@ -193,6 +194,17 @@ fn decode_cluster(
         ]),
     ) {
         c.profile = v;
+    }
+    if let Some(v) = m.opt(
+        cx,
+        "priority",
+        one_of(&[
+            ("realtime", AgentPriority::Realtime),
+            ("high", AgentPriority::High),
+            ("normal", AgentPriority::Normal),
+        ]),
+    ) {
+        c.priority = v;
     }
     if let Some(v) = m.opt(cx, "preemptive", boolean) {
         c.preemptive = v;

@@ -28,12 +28,21 @@ pub(super) async fn round_once(
     } else {
         None
     };
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     let mut stopped = None;
     let mut exited = None;
     match scenario {
         "hard" => {
             sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?;
+            // The fault is the link going down, which happens inside that command, after its
+            // process start-up (a few ms, more under load) and just before it exits: time runs
+            // from its exit, not from its spawn.
+            let spawned = t0;
+            t0 = Instant::now();
+            println!(
+                "  link down: `ip link set down` ran {:.1} ms; times below are from its exit",
+                ms(t0 - spawned)
+            );
             stopped = run.kill_node(lab, i, sys::SIGKILL);
         }
         "graceful" => {
@@ -47,7 +56,10 @@ pub(super) async fn round_once(
                 })
             });
         }
-        "partition" => sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?,
+        "partition" => {
+            sh_in(&ns, &["ip", "link", "set", "eth0", "down"])?;
+            t0 = Instant::now();
+        }
         "backends" | "backends-tuned" => {
             if let Some(pid) = run.backend_pids.remove(&i) {
                 let _ = sys::kill(pid, sys::SIGKILL);
