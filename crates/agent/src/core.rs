@@ -107,6 +107,8 @@ pub struct Core {
     wake: Option<Instant>,
     view: OwnershipView,
     stalls: u64,
+    /// The owner function's plan for the current configuration and node names.
+    plan: Option<(Arc<Config>, owner::Plan)>,
     /// The alive peers and settledness at the last decision: a timer tick decides again only
     /// when they changed (or during hold-down), not every interval.
     decided: Option<(BTreeSet<NodeId>, bool)>,
@@ -138,6 +140,7 @@ impl Core {
             wake: None,
             view: OwnershipView::new(),
             stalls: 0,
+            plan: None,
             decided: None,
             decided_alive_for: Duration::ZERO,
             pending: None,
@@ -491,7 +494,17 @@ impl Core {
             preemptive: cfg.cluster.preemptive,
             hold_down: cfg.cluster.hold_down,
         };
-        let decisions = owner::decide(&inputs);
+        // the plan (homes, rankings) depends only on the configuration and the node names
+        let fits = self
+            .plan
+            .as_ref()
+            .is_some_and(|(c, p)| Arc::ptr_eq(c, &cfg) && p.fits(&inputs));
+        if !fits {
+            let plan = owner::Plan::new(&cfg.services, &nodes, alive.keys());
+            self.plan = Some((cfg.clone(), plan));
+        }
+        let plan = &self.plan.as_ref().expect("set above").1;
+        let decisions = owner::decide_with(plan, &inputs);
         let owned: BTreeSet<IpAddr> = if self.leaving {
             // a leaving node keeps what it has (draining) until the leave is over
             self.owned.clone()

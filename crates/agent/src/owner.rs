@@ -152,29 +152,29 @@ pub fn score(node: &str, vip: IpAddr) -> u64 {
 /// A VIP with the placement rules that apply to it (the first service listing it governs
 /// anti-affinity and preferences; selection and local-only rules of every listing service apply).
 #[derive(Debug, Clone)]
-struct Spec<'a> {
+struct Spec {
     vip: IpAddr,
-    group: &'a str,
-    selected: Option<BTreeSet<&'a str>>,
-    preferred: &'a [NodeId],
-    local_only: Vec<&'a str>,
+    group: String,
+    selected: Option<BTreeSet<String>>,
+    preferred: Vec<NodeId>,
+    local_only: Vec<String>,
     /// Every service listing the VIP is withdrawn (no serving endpoint).
     withdrawn: bool,
 }
 
-fn specs(services: &[Service]) -> Vec<Spec<'_>> {
-    let mut by_vip: BTreeMap<IpAddr, Spec<'_>> = BTreeMap::new();
+fn specs(services: &[Service]) -> Vec<Spec> {
+    let mut by_vip: BTreeMap<IpAddr, Spec> = BTreeMap::new();
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     for s in sorted {
-        let sel: Option<BTreeSet<&str>> = (!s.placement.nodes.is_empty())
-            .then(|| s.placement.nodes.iter().map(String::as_str).collect());
+        let sel: Option<BTreeSet<String>> =
+            (!s.placement.nodes.is_empty()).then(|| s.placement.nodes.iter().cloned().collect());
         for vip in &s.vips {
             let e = by_vip.entry(*vip).or_insert_with(|| Spec {
                 vip: *vip,
-                group: &s.name,
+                group: s.name.clone(),
                 selected: None,
-                preferred: &s.placement.preferred,
+                preferred: s.placement.preferred.clone(),
                 local_only: Vec::new(),
                 withdrawn: true,
             });
@@ -182,18 +182,18 @@ fn specs(services: &[Service]) -> Vec<Spec<'_>> {
             if let Some(sel) = &sel {
                 e.selected = Some(match e.selected.take() {
                     None => sel.clone(),
-                    Some(prev) => prev.intersection(sel).copied().collect(),
+                    Some(prev) => prev.intersection(sel).cloned().collect(),
                 });
             }
             if s.placement.local_only {
-                e.local_only.push(&s.name);
+                e.local_only.push(s.name.clone());
             }
         }
     }
     by_vip.into_values().collect()
 }
 
-impl Spec<'_> {
+impl Spec {
     fn selects(&self, node: &str) -> bool {
         self.selected.as_ref().is_none_or(|s| s.contains(node))
     }
@@ -203,11 +203,16 @@ impl Spec<'_> {
     }
 
     fn listening(&self, f: &Facts) -> bool {
-        !f.closed.contains(&self.vip)
+        f.closed.is_empty() || !f.closed.contains(&self.vip)
     }
 
     fn local_ok(&self, f: &Facts) -> bool {
-        self.local_only.iter().all(|s| f.serving.contains(*s))
+        self.local_only.iter().all(|s| f.serving.contains(s))
+    }
+
+    /// Whether a member with facts `f` may own the VIP (selection is in the ranking already).
+    fn eligible(&self, f: &Facts) -> bool {
+        self.family_ok(f) && self.local_ok(f) && self.listening(f)
     }
 
     /// `nodes` ordered best first: preferred nodes in their order, then by score.
@@ -226,7 +231,7 @@ impl Spec<'_> {
 }
 
 /// The home of every VIP: config-only, balanced with a load cap, with anti-affinity.
-fn homes<'a>(specs: &[Spec<'_>], nodes: &'a BTreeSet<NodeId>) -> BTreeMap<IpAddr, &'a str> {
+fn homes<'a>(specs: &[Spec], nodes: &'a BTreeSet<NodeId>) -> BTreeMap<IpAddr, &'a str> {
     let mut out = BTreeMap::new();
     if nodes.is_empty() {
         return out;
@@ -236,11 +241,11 @@ fn homes<'a>(specs: &[Spec<'_>], nodes: &'a BTreeSet<NodeId>) -> BTreeMap<IpAddr
     let mut used: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     // VIPs with preferences first (they do not move for balance), then in score order so that
     // overflow is spread evenly rather than landing on the last VIPs of the address range.
-    let mut order: Vec<&Spec<'_>> = specs.iter().collect();
+    let mut order: Vec<&Spec> = specs.iter().collect();
     order.sort_by_key(|s| (s.preferred.is_empty(), score("", s.vip), s.vip));
     for s in order {
         let ranked = s.rank(nodes.iter().map(String::as_str).filter(|n| s.selects(n)));
-        let taken = used.entry(s.group).or_default();
+        let taken = used.entry(s.group.as_str()).or_default();
         let preferred = ranked
             .first()
             .copied()
@@ -263,55 +268,141 @@ fn homes<'a>(specs: &[Spec<'_>], nodes: &'a BTreeSet<NodeId>) -> BTreeMap<IpAddr
     out
 }
 
+/// What [`decide`] derives from the services and the node names alone: the VIPs' rules, their
+/// homes, and every VIP's ranking of the nodes. Building it hashes every (node, VIP) pair and
+/// sorts, which is most of a decision's cost at scale (100 nodes × 5,000 VIPs: 500,000
+/// scores); it changes only with the configuration or the set of node names, so a node keeps
+/// one per configuration and reuses it while it fits ([`Plan::fits`]) for every decision in between — a heartbeat, an expiry
+/// or a health change then costs one pass over the rankings, with no hashing or sorting.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    specs: Vec<Spec>,
+    /// Every node the plan ranks (configured nodes and any other alive member), sorted.
+    names: Vec<NodeId>,
+    /// The configured nodes the homes were computed over.
+    configured: BTreeSet<NodeId>,
+    /// Per spec: its home (index into `names`).
+    homes: Vec<Option<u32>>,
+    /// Per spec: the nodes that select it, best first (indices into `names`).
+    ranked: Vec<Box<[u32]>>,
+    /// Per service (group): its VIPs.
+    group_of: BTreeMap<String, BTreeSet<IpAddr>>,
+}
+
+impl Plan {
+    /// Builds the plan for `services` over the configured `nodes` plus any `extra` names.
+    pub fn new<'n>(
+        services: &[Service],
+        nodes: &BTreeSet<NodeId>,
+        extra: impl Iterator<Item = &'n NodeId>,
+    ) -> Self {
+        let specs = specs(services);
+        let mut all: BTreeSet<NodeId> = nodes.clone();
+        all.extend(extra.cloned());
+        let names: Vec<NodeId> = all.into_iter().collect();
+        let index: BTreeMap<&str, u32> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i as u32))
+            .collect();
+        let home_names = homes(&specs, nodes);
+        let homes = specs
+            .iter()
+            .map(|s| home_names.get(&s.vip).map(|h| index[h]))
+            .collect();
+        let ranked = specs
+            .iter()
+            .map(|s| {
+                s.rank(names.iter().map(String::as_str).filter(|n| s.selects(n)))
+                    .into_iter()
+                    .map(|n| index[n])
+                    .collect()
+            })
+            .collect();
+        let mut group_of: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        for s in &specs {
+            group_of.entry(s.group.clone()).or_default().insert(s.vip);
+        }
+        Plan {
+            specs,
+            names,
+            configured: nodes.clone(),
+            homes,
+            ranked,
+            group_of,
+        }
+    }
+
+    /// Whether this plan, built for `inp.services`, also fits `inp`'s nodes: the same
+    /// configured nodes, and every alive member ranked. (The caller knows whether the services
+    /// are the same ones: comparing them here would cost as much as a plan at scale.)
+    pub fn fits(&self, inp: &Inputs<'_>) -> bool {
+        self.configured == *inp.nodes
+            && inp
+                .alive
+                .keys()
+                .all(|n| self.names.binary_search(n).is_ok())
+    }
+}
+
 /// Decides the owner of every VIP in `services`, with this node's reason.
 pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
-    let specs = specs(inp.services);
-    let homes = homes(&specs, inp.nodes);
-    let mut group_vips: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
-    for s in &specs {
-        group_vips.entry(s.group).or_default().insert(s.vip);
+    decide_with(&Plan::new(inp.services, inp.nodes, inp.alive.keys()), inp)
+}
+
+/// [`decide`] with a [`Plan`] built for `inp.services` that fits `inp` ([`Plan::fits`]).
+pub fn decide_with(plan: &Plan, inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
+    let names = &plan.names;
+    // alive members by index
+    let alive: Vec<Option<&MemberView>> = names.iter().map(|n| inp.alive.get(n)).collect();
+    // who claims each VIP (indices, ascending)
+    let mut claimed_by: BTreeMap<IpAddr, Vec<u32>> = BTreeMap::new();
+    for (i, m) in alive.iter().enumerate() {
+        if let Some(m) = m {
+            for v in &m.claims {
+                claimed_by.entry(*v).or_default().push(i as u32);
+            }
+        }
     }
+    let me_index = names
+        .binary_search_by(|n| n.as_str().cmp(inp.me))
+        .ok()
+        .map(|i| i as u32);
+    let name = |i: u32| names[i as usize].as_str();
     // Whether `node` claims another VIP of the same service as `s` (anti-affinity).
-    let claims_another = |node: &str, s: &Spec<'_>| {
-        inp.alive[node]
-            .claims
-            .iter()
-            .any(|v| *v != s.vip && group_vips[s.group].contains(v))
+    let claims_another = |node: u32, s: &Spec| {
+        let group = &plan.group_of[&s.group];
+        alive[node as usize]
+            .is_some_and(|m| m.claims.iter().any(|v| *v != s.vip && group.contains(v)))
     };
-    let mut owners: BTreeMap<IpAddr, Option<&str>> = BTreeMap::new();
+    let alive_for = |i: u32| alive[i as usize].map(|m| m.alive_for).unwrap_or_default();
+    let mut owners: Vec<Option<u32>> = vec![None; plan.specs.len()];
     // Per service: how many of its VIPs each node owns.
-    let mut used: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
-    let mut pending: Vec<(&Spec<'_>, Vec<&str>)> = Vec::new();
+    let mut used: BTreeMap<&str, BTreeMap<u32, usize>> = BTreeMap::new();
+    let mut pending: Vec<(usize, Vec<u32>)> = Vec::new();
     // VIPs kept by an incumbent because their home is not a candidate.
-    let mut kept: Vec<(&Spec<'_>, Vec<&str>, &str)> = Vec::new();
-    for s in &specs {
-        let cands = if s.withdrawn {
+    let mut kept: Vec<(usize, Vec<u32>, u32)> = Vec::new();
+    for (k, s) in plan.specs.iter().enumerate() {
+        let cands: Vec<u32> = if s.withdrawn {
             Vec::new()
         } else {
-            s.rank(
-                inp.alive
-                    .iter()
-                    .filter(|(n, m)| {
-                        s.selects(n)
-                            && s.family_ok(&m.facts)
-                            && s.local_ok(&m.facts)
-                            && s.listening(&m.facts)
-                    })
-                    .map(|(n, _)| n.as_str()),
-            )
+            plan.ranked[k]
+                .iter()
+                .copied()
+                .filter(|i| alive[*i as usize].is_some_and(|m| s.eligible(&m.facts)))
+                .collect()
         };
-        let claimants: Vec<&str> = cands
-            .iter()
-            .copied()
-            .filter(|n| inp.alive[*n].claims.contains(&s.vip))
-            .collect();
-        let home = homes.get(&s.vip).copied().filter(|h| cands.contains(h));
+        let claimants: Vec<u32> = match claimed_by.get(&s.vip) {
+            None => Vec::new(),
+            Some(by) => cands.iter().copied().filter(|n| by.contains(n)).collect(),
+        };
+        let home = plan.homes[k].filter(|h| cands.contains(h));
         // A claiming home wins; then a claimant that holds no other VIP of the service (so
         // that a node taking a VIP over for anti-affinity is everybody's incumbent once it
         // claims, as a returning home is); then the best-ranked claimant.
         let incumbent = home
             .filter(|h| claimants.contains(h))
-            .or_else(|| claimants.iter().copied().find(|n| !claims_another(n, s)))
+            .or_else(|| claimants.iter().copied().find(|n| !claims_another(*n, s)))
             .or_else(|| claimants.first().copied());
         let owner = match (home, incumbent) {
             (Some(h), None) => Some(h),
@@ -321,28 +412,32 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
                 // home is the incumbent for everybody), so the incumbent never lets go before
                 // the home has taken over: make-before-break, even if views of `alive_for`
                 // differ between nodes.
-                if inp.preemptive && h == inp.me && inp.alive[h].alive_for >= inp.hold_down {
+                if inp.preemptive && Some(h) == me_index && alive_for(h) >= inp.hold_down {
                     Some(h)
                 } else {
                     Some(i)
                 }
             }
             (None, Some(i)) => {
-                kept.push((s, cands.clone(), i));
+                kept.push((k, cands.clone(), i));
                 Some(i)
             }
             (None, None) => None,
         };
         match owner {
             Some(o) => {
-                *used.entry(s.group).or_default().entry(o).or_default() += 1;
-                owners.insert(s.vip, Some(o));
+                *used
+                    .entry(s.group.as_str())
+                    .or_default()
+                    .entry(o)
+                    .or_default() += 1;
+                owners[k] = Some(o);
             }
-            None => pending.push((s, cands)),
+            None => pending.push((k, cands)),
         }
     }
-    for (s, cands) in pending {
-        let taken = used.entry(s.group).or_default();
+    for (k, cands) in pending {
+        let taken = used.entry(plan.specs[k].group.as_str()).or_default();
         let pick = cands
             .iter()
             .copied()
@@ -351,7 +446,7 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
         if let Some(n) = pick {
             *taken.entry(n).or_default() += 1;
         }
-        owners.insert(s.vip, pick);
+        owners[k] = pick;
     }
     // Anti-affinity is restored when it can be: a VIP kept by an incumbent that also owns
     // another VIP of the service goes to the best-ranked candidate owning none of them (say
@@ -359,26 +454,27 @@ pub fn decide(inp: &Inputs<'_>) -> BTreeMap<IpAddr, Decision> {
     // As for a returning home, only that candidate acts, by claiming it once alive for
     // `hold_down` in preemptive mode; the incumbent lets go when it sees the claim.
     if inp.preemptive {
-        for (s, cands, i) in kept {
-            let taken = used.entry(s.group).or_default();
-            if taken.get(i).copied().unwrap_or(0) < 2 {
+        for (k, cands, i) in kept {
+            let taken = used.entry(plan.specs[k].group.as_str()).or_default();
+            if taken.get(&i).copied().unwrap_or(0) < 2 {
                 continue;
             }
             let Some(t) = cands.iter().copied().find(|n| !taken.contains_key(n)) else {
                 continue;
             };
-            if t == inp.me && inp.alive[t].alive_for >= inp.hold_down {
-                *taken.get_mut(i).expect("the incumbent owns it") -= 1;
+            if Some(t) == me_index && alive_for(t) >= inp.hold_down {
+                *taken.get_mut(&i).expect("the incumbent owns it") -= 1;
                 *taken.entry(t).or_default() += 1;
-                owners.insert(s.vip, Some(t));
+                owners[k] = Some(t);
             }
         }
     }
     let me = inp.alive.get(inp.me);
-    specs
+    plan.specs
         .iter()
-        .map(|s| {
-            let owner = owners.get(&s.vip).copied().flatten();
+        .enumerate()
+        .map(|(k, s)| {
+            let owner = owners[k].map(name);
             let reason = if s.withdrawn {
                 Reason::NoHealthyEndpoints
             } else if owner == Some(inp.me) {
