@@ -28,6 +28,18 @@ use crate::owner::{self, Facts, MemberView, Reason};
 use crate::wire::Heartbeat;
 use crate::{Detection, interface_for, members};
 
+/// How often a node heartbeats the peers that would not take over any of its VIPs (they
+/// scale their dead-after time by it: 2.5 s by default, 3 s with `fast`). Only the peers
+/// that would take over (its VIPs' successors) and those contesting a VIP hear it at the
+/// profile's rate, so the packets a node sends grow with the VIPs it owns, not with the
+/// cluster.
+pub const SLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Clusters of up to this many peers (8 nodes) heartbeat every peer at the profile's rate:
+/// the packets are few, and a failure of several nodes at once (a partition, a rack) is then
+/// detected by everybody at the profile's speed. Larger clusters use the watchers.
+pub const FULL_MESH_PEERS: usize = 7;
+
 /// Something that happened to the agent.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -59,8 +71,11 @@ pub enum Event {
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Send this heartbeat to every peer ([`Core::peer_addresses`]).
-    Heartbeat(Heartbeat),
+    /// Send this heartbeat to these peers (by name; [`Core::peer_address`]). Its interval
+    /// field tells each of them how soon the next one comes: the profile's interval for the
+    /// peers that would take over one of this node's VIPs ([`Core::watchers`]),
+    /// [`SLOW_INTERVAL`] for the others.
+    Heartbeat(Heartbeat, Vec<NodeId>),
     /// Start announcing `vip`; `from` is the previous owner's address on the VIP's link when
     /// it still serves connections (install the handover forwarding to it).
     Claim {
@@ -109,6 +124,14 @@ pub struct Core {
     stalls: u64,
     /// The owner function's plan for the current configuration and node names.
     plan: Option<(Arc<Config>, owner::Plan)>,
+    /// Peers that get heartbeats at the profile's rate: those that would take over one of
+    /// this node's VIPs if it died, and those claiming one of them.
+    watchers: BTreeSet<NodeId>,
+    /// Peers just moved off the fast rate: they get the slow interval at the fast ticks a
+    /// few more times, so one lost packet does not make them expire this node.
+    demoted: BTreeMap<NodeId, u8>,
+    /// When the next heartbeat to the other peers is due.
+    next_slow: Instant,
     /// The alive peers and settledness at the last decision: a timer tick decides again only
     /// when they changed (or during hold-down), not every interval.
     decided: Option<(BTreeSet<NodeId>, bool)>,
@@ -141,6 +164,9 @@ impl Core {
             view: OwnershipView::new(),
             stalls: 0,
             plan: None,
+            watchers: BTreeSet::new(),
+            demoted: BTreeMap::new(),
+            next_slow: now,
             decided: None,
             decided_alive_for: Duration::ZERO,
             pending: None,
@@ -188,11 +214,6 @@ impl Core {
         self.table.peers.iter().map(|(n, p)| (n, p.address))
     }
 
-    /// The peers' gossip addresses (where heartbeats go).
-    pub fn peer_addresses(&self) -> Vec<SocketAddr> {
-        self.table.peers.values().map(|p| p.address).collect()
-    }
-
     /// The configured address of peer `name`.
     pub fn peer_address(&self, name: &str) -> Option<SocketAddr> {
         self.table.peers.get(name).map(|p| p.address)
@@ -228,7 +249,7 @@ impl Core {
     /// When the core wants the next [`Event::Tick`]: the next heartbeat, the next peer expiry,
     /// the end of settling.
     pub fn next_wake(&self, now: Instant) -> Instant {
-        let mut w = self.next_hb;
+        let mut w = self.next_hb.min(self.next_slow);
         if let Some(t) = self.table.next_expiry(now) {
             w = w.min(t);
         }
@@ -278,8 +299,9 @@ impl Core {
                 if self.table.peers.is_empty() && self.cfg.cluster.peers.is_empty() {
                     self.settled = true;
                 }
-                out.push(Action::Heartbeat(self.heartbeat()));
+                self.send_all(&mut out);
                 self.next_hb = now + self.det.interval;
+                self.next_slow = now + SLOW_INTERVAL;
                 true
             }
             Event::Heartbeat { from, epoch, hb } => {
@@ -288,9 +310,18 @@ impl Core {
                 match self.table.heard(&from, epoch, hb, now) {
                     Ok(changed) => {
                         let is = self.table.alive(&from, now);
-                        if !was && is && !self.owned.is_empty() {
-                            // a peer (re)appeared: clients may point at a stand-in
-                            out.push(Action::Reannounce);
+                        if !was && is {
+                            // a peer (re)appeared: answer at once, so that a starting node
+                            // hears every peer's claims before it claims anything itself
+                            // (the others hear it only every SLOW_INTERVAL otherwise)
+                            out.push(Action::Heartbeat(
+                                self.heartbeat_every(self.interval_for(&from)),
+                                vec![from.clone()],
+                            ));
+                            if !self.owned.is_empty() {
+                                // clients may point at a stand-in
+                                out.push(Action::Reannounce);
+                            }
                         }
                         let facts_after = self.table.peers.get(&from).map(|p| p.hb.facts.clone());
                         if changed && was == is && facts_before == facts_after {
@@ -312,10 +343,33 @@ impl Core {
             }
             Event::Tick => {
                 if now >= self.next_hb {
-                    out.push(Action::Heartbeat(self.heartbeat()));
+                    if !self.watchers.is_empty() {
+                        out.push(Action::Heartbeat(
+                            self.heartbeat(),
+                            self.watchers.iter().cloned().collect(),
+                        ));
+                    }
+                    if !self.demoted.is_empty() {
+                        let to: Vec<NodeId> = self.demoted.keys().cloned().collect();
+                        out.push(Action::Heartbeat(self.heartbeat_every(SLOW_INTERVAL), to));
+                        self.demoted.retain(|_, n| {
+                            *n -= 1;
+                            *n > 0
+                        });
+                    }
                     self.next_hb += self.det.interval;
                     if self.next_hb < now {
                         self.next_hb = now + self.det.interval;
+                    }
+                }
+                if now >= self.next_slow {
+                    let to = self.slow_peers();
+                    if !to.is_empty() {
+                        out.push(Action::Heartbeat(self.heartbeat_every(SLOW_INTERVAL), to));
+                    }
+                    self.next_slow += SLOW_INTERVAL;
+                    if self.next_slow < now {
+                        self.next_slow = now + SLOW_INTERVAL;
                     }
                 }
                 // with peers configured but no socket (its bind keeps failing) this node hears
@@ -348,7 +402,7 @@ impl Core {
                 } else {
                     self.facts = f;
                     // tell the others at once: they may have to take over
-                    out.push(Action::Heartbeat(self.heartbeat()));
+                    self.send_all(&mut out);
                     true
                 }
             }
@@ -395,7 +449,7 @@ impl Core {
             Event::Leave => {
                 self.leaving = true;
                 for _ in 0..3 {
-                    out.push(Action::Heartbeat(self.heartbeat()));
+                    self.send_all(&mut out);
                 }
                 out.push(Action::Drain);
                 false
@@ -410,10 +464,10 @@ impl Core {
         if recompute {
             if self.decide(now, &mut out) {
                 // claims changed: tell the peers now rather than at the next tick
-                out.push(Action::Heartbeat(self.heartbeat()));
+                self.send_all(&mut out);
             }
         } else if tick {
-            out.push(Action::Members(self.members(now)));
+            out.push(Action::Members(self.members_at(now)));
         }
         if recompute || tick {
             self.check_contested(now, &mut out);
@@ -422,11 +476,78 @@ impl Core {
         out
     }
 
-    /// The heartbeat this node sends now.
+    /// The heartbeat this node sends its watchers now.
     pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat_every(self.det.interval)
+    }
+
+    /// The peers that get heartbeats at the profile's rate: the successors of this node's
+    /// VIPs (who would own each if this node died) and the peers claiming one of them.
+    pub fn watchers(&self) -> &BTreeSet<NodeId> {
+        &self.watchers
+    }
+
+    /// The interval this node heartbeats `peer` at.
+    fn interval_for(&self, peer: &str) -> Duration {
+        if self.watchers.contains(peer) {
+            self.det.interval
+        } else {
+            SLOW_INTERVAL
+        }
+    }
+
+    /// The peers heartbeaten every [`SLOW_INTERVAL`].
+    fn slow_peers(&self) -> Vec<NodeId> {
+        self.table
+            .peers
+            .keys()
+            .filter(|p| !self.watchers.contains(*p))
+            .cloned()
+            .collect()
+    }
+
+    /// Sends the current heartbeat to every peer now, each with the interval it gets.
+    fn send_all(&self, out: &mut Vec<Action>) {
+        if !self.watchers.is_empty() {
+            out.push(Action::Heartbeat(
+                self.heartbeat(),
+                self.watchers.iter().cloned().collect(),
+            ));
+        }
+        let slow = self.slow_peers();
+        if !slow.is_empty() {
+            out.push(Action::Heartbeat(self.heartbeat_every(SLOW_INTERVAL), slow));
+        }
+    }
+
+    /// Moves the fast rate to `next`: peers leaving it hear the slow interval at once (and at
+    /// the next few fast ticks), peers joining it at once.
+    fn set_watchers(&mut self, next: BTreeSet<NodeId>, out: &mut Vec<Action>) {
+        if next == self.watchers {
+            return;
+        }
+        let gone: Vec<NodeId> = self.watchers.difference(&next).cloned().collect();
+        let new: Vec<NodeId> = next.difference(&self.watchers).cloned().collect();
+        self.watchers = next;
+        for p in &new {
+            self.demoted.remove(p);
+        }
+        if !gone.is_empty() {
+            for p in &gone {
+                self.demoted.insert(p.clone(), 3);
+            }
+            out.push(Action::Heartbeat(self.heartbeat_every(SLOW_INTERVAL), gone));
+        }
+        if !new.is_empty() {
+            out.push(Action::Heartbeat(self.heartbeat(), new));
+        }
+    }
+
+    /// The heartbeat this node sends now, announcing `interval` until the next one.
+    fn heartbeat_every(&self, interval: Duration) -> Heartbeat {
         Heartbeat {
             leaving: self.leaving,
-            interval: self.det.interval,
+            interval,
             facts: self.facts.clone(),
             claims: if self.leaving {
                 BTreeSet::new()
@@ -437,7 +558,7 @@ impl Core {
     }
 
     /// Members as this node sees them.
-    fn members(&self, now: Instant) -> Vec<MemberStatus> {
+    pub fn members_at(&self, now: Instant) -> Vec<MemberStatus> {
         let mut members = vec![MemberStatus {
             name: self.cfg.node.name.clone(),
             address: self.cfg.cluster.advertise,
@@ -538,7 +659,7 @@ impl Core {
             self.view = view.clone();
             out.push(Action::Ownership(view));
         }
-        let members = self.members(now);
+        let members = self.members_at(now);
         self.decisions += 1;
         self.decided_alive_for = self.self_alive_for(now);
         self.pending = None;
@@ -552,6 +673,8 @@ impl Core {
             self.settled,
         ));
         out.push(Action::Members(members));
+        let watchers = self.successors(&me, &alive, &owned, &inputs);
+        self.set_watchers(watchers, out);
         if owned == self.owned {
             return false;
         }
@@ -572,6 +695,50 @@ impl Core {
         self.from.retain(|v, _| owned.contains(v));
         self.owned = owned;
         true
+    }
+
+    /// The peers that must hear this node at the profile's rate: who would own each of
+    /// `owned` if this node died (the owner function run without it) and the peers claiming
+    /// one of them; every peer in clusters of up to [`FULL_MESH_PEERS`] peers.
+    fn successors(
+        &self,
+        me: &str,
+        alive: &BTreeMap<NodeId, MemberView>,
+        owned: &BTreeSet<IpAddr>,
+        inputs: &owner::Inputs<'_>,
+    ) -> BTreeSet<NodeId> {
+        let mut out = BTreeSet::new();
+        // small clusters: everybody (see FULL_MESH_PEERS)
+        if self.table.peers.len() <= FULL_MESH_PEERS {
+            return self.table.peers.keys().cloned().collect();
+        }
+        if owned.is_empty() || self.leaving {
+            return out;
+        }
+        let Some((_, plan)) = &self.plan else {
+            return out;
+        };
+        let mut without = alive.clone();
+        without.remove(me);
+        for (n, m) in &without {
+            if m.claims.iter().any(|v| owned.contains(v)) {
+                out.insert(n.clone());
+            }
+        }
+        let after = owner::decide_with(
+            plan,
+            &owner::Inputs {
+                alive: &without,
+                ..*inputs
+            },
+        );
+        for v in owned {
+            if let Some(o) = after.get(v).and_then(|d| d.owner.as_ref()) {
+                out.insert(o.clone());
+            }
+        }
+        out.retain(|n| self.table.peers.contains_key(n));
+        out
     }
 
     /// Where in-flight connections of `vip` go while we take it over: the previous owner's

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use model::{Config, Desired, FailureProfile, HealthView, OwnershipView};
+use model::{Config, Desired, FailureProfile, HealthView, NodeId, OwnershipView};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -335,10 +335,12 @@ impl Driver {
         }
     }
 
-    async fn send_heartbeat(&mut self, hb: &Heartbeat) {
+    async fn send_heartbeat(&mut self, hb: &Heartbeat, to: &[NodeId]) {
         let body = hb.encode();
-        for p in self.core.peer_addresses() {
-            self.send(Kind::Heartbeat, &body, p).await;
+        for name in to {
+            if let Some(p) = self.core.peer_address(name) {
+                self.send(Kind::Heartbeat, &body, p).await;
+            }
         }
     }
 
@@ -355,7 +357,7 @@ impl Driver {
         let m = &agent.inner.metrics;
         for a in actions {
             match a {
-                Action::Heartbeat(hb) => self.send_heartbeat(&hb).await,
+                Action::Heartbeat(hb, to) => self.send_heartbeat(&hb, &to).await,
                 Action::Claim { vip, from } => {
                     m.takeovers.inc();
                     let iface = interface_for(&cfg, vip).unwrap_or("-");
@@ -699,8 +701,10 @@ impl Driver {
                     self.on_packet(&data, from).await;
                 }
                 () = sleep_until((now + det.interval).min(deadline)) => {
+                    // leaving: every peer hears it at the fast rate (it is gone for them anyway)
                     let hb = self.core.heartbeat();
-                    self.send_heartbeat(&hb).await;
+                    let all: Vec<NodeId> = self.core.peers().map(|(n, _)| n.clone()).collect();
+                    self.send_heartbeat(&hb, &all).await;
                 }
             }
         }

@@ -340,7 +340,7 @@ fn a_leaving_owner_drains_until_a_peer_claims_then_the_peer_forwards_to_it() {
     let leaving: Vec<&Heartbeat> = acts
         .iter()
         .filter_map(|x| match x {
-            Action::Heartbeat(h) => Some(h),
+            Action::Heartbeat(h, _) => Some(h),
             _ => None,
         })
         .collect();
@@ -388,7 +388,7 @@ fn a_closed_listener_makes_the_owner_release_and_the_peer_take_over() {
     let acts = a.handle(Event::Facts(f.clone()), t1);
     assert_eq!(releases(&acts), [vip()], "{acts:?}");
     let sent = acts.iter().find_map(|x| match x {
-        Action::Heartbeat(h) => Some(h.clone()),
+        Action::Heartbeat(h, _) => Some(h.clone()),
         _ => None,
     });
     let sent = sent.expect("tells the peers at once");

@@ -146,13 +146,16 @@ impl Sim {
 
     fn apply(&mut self, i: usize, acts: Vec<Action>) {
         for a in acts {
-            if let Action::Heartbeat(hb) = a {
+            if let Action::Heartbeat(hb, to) = a {
                 let size = (OVERHEAD + name(i).len() + hb.encode().len()) as u64;
-                let n = self.nodes.len();
                 self.seq += 1;
                 let id = self.seq;
                 self.inflight.insert(id, hb);
-                for j in (0..n).filter(|j| *j != i) {
+                let to: Vec<usize> = to
+                    .iter()
+                    .filter_map(|n| n.strip_prefix("node-")?.parse().ok())
+                    .collect();
+                for j in to {
                     self.packets[i] += 1;
                     self.bytes[i] += size;
                     let cut = self.side.as_ref().is_some_and(|s| s[i] != s[j]);
