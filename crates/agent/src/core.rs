@@ -306,19 +306,26 @@ impl Core {
             }
             Event::Heartbeat { from, epoch, hb } => {
                 let was = self.table.alive(&from, now);
+                // a newer epoch: the peer restarted (perhaps before anyone expired it)
+                let restarted = self
+                    .table
+                    .peers
+                    .get(&from)
+                    .is_some_and(|p| p.epoch != 0 && epoch > p.epoch);
                 let facts_before = self.table.peers.get(&from).map(|p| p.hb.facts.clone());
                 match self.table.heard(&from, epoch, hb, now) {
                     Ok(changed) => {
                         let is = self.table.alive(&from, now);
-                        if !was && is {
-                            // a peer (re)appeared: answer at once, so that a starting node
-                            // hears every peer's claims before it claims anything itself
-                            // (the others hear it only every SLOW_INTERVAL otherwise)
+                        if (!was && is) || (restarted && is) {
+                            // a peer (re)appeared or restarted: answer at once, so that a
+                            // starting node hears every peer's claims before it claims
+                            // anything itself (it hears most only every SLOW_INTERVAL
+                            // otherwise)
                             out.push(Action::Heartbeat(
                                 self.heartbeat_every(self.interval_for(&from)),
                                 vec![from.clone()],
                             ));
-                            if !self.owned.is_empty() {
+                            if !was && !self.owned.is_empty() {
                                 // clients may point at a stand-in
                                 out.push(Action::Reannounce);
                             }

@@ -8,7 +8,8 @@
 //! real-time scheduling (as the binary runs it by default), on its own thread at nice -20, and
 //! at normal priority on the shared runtime. Run it with and without busy loops on the host
 //! (`for i in 1 2 3 4; do timeout 600 sh -c 'while :; do :; done' & done`).
-//! `PORTICO_SOAK_NODES=30` measures the traffic of a 30-node cluster instead.
+//! `PORTICO_SOAK_NODES=30` measures the traffic of a 30-node cluster instead;
+//! `PORTICO_SOAK_PRIORITY=realtime` (or `high`, `normal`) runs only the clusters of that priority.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -162,6 +163,15 @@ async fn soak_counts_false_takeovers_and_traffic() {
     } else {
         &[("default", Realtime), ("fast", Realtime)]
     };
+    // PORTICO_SOAK_PRIORITY=realtime|high|normal: only the clusters of that priority
+    let only = std::env::var("PORTICO_SOAK_PRIORITY").ok();
+    let kinds: Vec<&(&str, AgentPriority)> = kinds
+        .iter()
+        .filter(|(_, p)| {
+            only.as_deref()
+                .is_none_or(|o| format!("{p:?}").eq_ignore_ascii_case(o))
+        })
+        .collect();
     for (profile, own) in kinds {
         let nodes = cluster(n, profile, *own, &stop).await;
         settled(&nodes).await;

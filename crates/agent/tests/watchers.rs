@@ -255,3 +255,45 @@ fn a_peer_heard_at_the_slow_interval_expires_only_after_the_scaled_dead_after() 
     assert!(alive(&c, t0 + scaled - Duration::from_millis(1)));
     assert!(!alive(&c, t0 + scaled + Duration::from_millis(1)));
 }
+
+#[test]
+fn a_peer_heard_for_the_first_time_or_restarted_is_answered_at_once() {
+    let n = FULL_MESH_PEERS + 5;
+    let (mut c, now) = owner_of(n);
+    let succ = successor(n);
+    let other = (1..n)
+        .map(name)
+        .find(|p| *p != succ)
+        .expect("a non-watcher");
+    let d = c.detection();
+    // an ordinary heartbeat of a peer already alive: no answer out of turn
+    let acts = c.handle(
+        Event::Heartbeat {
+            from: other.clone(),
+            epoch: 1,
+            hb: peer_hb(d.interval, &[]),
+        },
+        now,
+    );
+    assert!(sent(&acts).iter().all(|(to, _)| *to != other), "{acts:?}");
+    // the same peer restarted (a newer epoch) before anybody expired it: answered at once,
+    // so that it hears this node's claims before its settling ends
+    let acts = c.handle(
+        Event::Heartbeat {
+            from: other.clone(),
+            epoch: 2,
+            hb: peer_hb(d.interval, &[]),
+        },
+        now,
+    );
+    assert_eq!(
+        sent(&acts),
+        [(other.clone(), SLOW_INTERVAL)],
+        "answered with the interval it gets"
+    );
+    let hb = acts.iter().find_map(|a| match a {
+        Action::Heartbeat(hb, _) => Some(hb.clone()),
+        _ => None,
+    });
+    assert!(hb.expect("sent").claims.contains(&vip()));
+}
