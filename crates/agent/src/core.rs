@@ -316,7 +316,7 @@ impl Core {
                 match self.table.heard(&from, epoch, hb, now) {
                     Ok(changed) => {
                         let is = self.table.alive(&from, now);
-                        if (!was && is) || (restarted && is) {
+                        if is && (!was || restarted) {
                             // a peer (re)appeared or restarted: answer at once, so that a
                             // starting node hears every peer's claims before it claims
                             // anything itself (it hears most only every SLOW_INTERVAL
