@@ -471,6 +471,8 @@ fn status_provider(
                         })
                         .collect(),
                     panic_mode: false,
+                    path: Default::default(),
+                    path_reason: String::new(),
                 });
                 st.vips = s
                     .vips
