@@ -207,7 +207,8 @@ pub fn plan(config: &Config, health: &HealthView, table_size: usize) -> Result<R
                 let name = map_name(si, pi, v4);
                 let _ = writeln!(
                     decl,
-                    "\tmap {name} {{\n\t\ttypeof numgen inc mod {table_size} : {k} daddr . tcp dport\n\t}}"
+                    "\tmap {name} {{\n\t\ttypeof numgen inc mod {table_size} : {k} daddr . {} dport\n\t}}",
+                    port.protocol
                 );
                 let slots: Vec<Option<SocketAddr>> = if table.slots().is_empty() {
                     vec![None; table_size]

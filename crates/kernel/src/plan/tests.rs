@@ -37,13 +37,13 @@ fn the_table_is_rendered_as_expected() {
 		typeof numgen inc mod 7 : ip daddr . tcp dport
 	}
 	map s0p1v4 {
-		typeof numgen inc mod 7 : ip daddr . tcp dport
+		typeof numgen inc mod 7 : ip daddr . udp dport
 	}
 	map s0p0v6 {
 		typeof numgen inc mod 7 : ip6 daddr . tcp dport
 	}
 	map s0p1v6 {
-		typeof numgen inc mod 7 : ip6 daddr . tcp dport
+		typeof numgen inc mod 7 : ip6 daddr . udp dport
 	}
 	chain services {
 		ip daddr 10.9.0.1 tcp dport 80 dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 7 seed 0x706f7274 map @s0p0v4
