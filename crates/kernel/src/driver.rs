@@ -95,6 +95,11 @@ pub struct Applied {
     pub took: Duration,
 }
 
+fn empty_config() -> Config {
+    model::config::parse("", &model::config::Environment::default())
+        .expect("the empty configuration is valid")
+}
+
 /// The kernel targets each backend serves in `config` (weight > 0, service on the kernel path).
 fn served(config: &Config) -> BTreeMap<BackendKey, (Vec<Target>, Duration)> {
     let mut out = BTreeMap::new();
@@ -119,18 +124,29 @@ impl Kernel {
         }
     }
 
-    /// Creates the (empty) table, replacing whatever a crashed run left: tells whether this
-    /// node can program nftables at all.
+    /// Whether this node can program nftables (root, `nft` installed, nf_tables): the kernel
+    /// checks a table replacement without applying it (`nft -c`), so nothing changes.
+    pub async fn probe(&self) -> Result<(), Error> {
+        let rs = plan::plan(&empty_config(), &HealthView::new(), self.opts.table_size)?;
+        let mut text = format!(
+            "add table inet {t}\ndelete table inet {t}\n",
+            t = plan::TABLE
+        );
+        text.push_str(&rs.structure);
+        nft::check(&text).await?;
+        Ok(())
+    }
+
+    /// Creates the table without services, replacing whatever a crashed run left (the first
+    /// [`Self::apply`] does the same; a config without kernel services removes it).
     pub async fn start(&self) -> Result<(), Error> {
-        let empty = Config {
-            services: Vec::new(),
-            ..model::config::parse("", &model::config::Environment::default())
-                .expect("the empty config is valid")
-        };
         let mut st = self.state.lock().await;
         st.applied = None;
-        let rs = plan::plan(&empty, &HealthView::new(), self.opts.table_size)?;
-        self.send(&mut st, rs).await?;
+        let rs = plan::plan(&empty_config(), &HealthView::new(), self.opts.table_size)?;
+        let text = plan::diff(None, &plan::Ruleset::default()).map(|b| b.text().to_string());
+        let mut text = text.unwrap_or_default();
+        text.push_str(&rs.structure);
+        nft::apply(&text).await?;
         Ok(())
     }
 
@@ -258,7 +274,7 @@ impl Kernel {
     /// Reads the nft counters into the per-backend metrics.
     pub async fn read_counters(&self) -> Result<(), Error> {
         let mut st = self.state.lock().await;
-        let Some(applied) = st.applied.as_ref() else {
+        let Some(applied) = st.applied.as_ref().filter(|a| !a.counters.is_empty()) else {
             return Ok(());
         };
         let names = applied.counters.clone();

@@ -28,8 +28,17 @@ pub enum NftError {
 
 /// Applies `batch` as one transaction.
 pub async fn apply(batch: &str) -> Result<(), NftError> {
+    run(&["-f", "-"], batch).await
+}
+
+/// Has the kernel check `batch` without applying it (`nft -c`): nothing changes.
+pub async fn check(batch: &str) -> Result<(), NftError> {
+    run(&["-c", "-f", "-"], batch).await
+}
+
+async fn run(args: &[&str], batch: &str) -> Result<(), NftError> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

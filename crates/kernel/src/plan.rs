@@ -63,6 +63,13 @@ pub struct Ruleset {
     pub counters: BTreeMap<String, BackendKey>,
 }
 
+impl Ruleset {
+    /// Whether no service is on the kernel path (then portico keeps no table at all).
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty() && self.counters.is_empty()
+    }
+}
+
 /// What to send to nft to go from one ruleset to the next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Batch {
@@ -302,6 +309,15 @@ fn add_elements(name: &str, els: impl Iterator<Item = (usize, SocketAddr)>, out:
 /// The batch that turns `old` (what the kernel holds, `None` at start) into `new`; `None` when
 /// nothing changed.
 pub fn diff(old: Option<&Ruleset>, new: &Ruleset) -> Option<Batch> {
+    if new.is_empty() {
+        // No kernel service: no table (a stale one from a crash goes too).
+        return match old {
+            Some(o) if o.is_empty() => None,
+            _ => Some(Batch::Replace(format!(
+                "add table inet {TABLE}\ndelete table inet {TABLE}\n"
+            ))),
+        };
+    }
     let Some(old) = old.filter(|o| o.structure == new.structure) else {
         // One transaction: create (so that delete cannot fail), delete, recreate and fill.
         let mut text = format!("add table inet {TABLE}\ndelete table inet {TABLE}\n");

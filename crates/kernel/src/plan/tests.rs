@@ -219,3 +219,25 @@ fn an_empty_backend_set_leaves_an_empty_map() {
         "{err}"
     );
 }
+
+#[test]
+fn without_kernel_services_there_is_no_table() {
+    let cfg = config(
+        "  - name: web\n    vips: [10.9.0.1]\n    ports: [{port: 80}]\n    forwarding: proxy\n    backends: [{address: 10.0.1.1}]\n",
+    );
+    let rs = plan(&cfg, &HealthView::new(), 7).unwrap();
+    assert!(rs.is_empty());
+    // at start a stale table is removed; afterwards nothing is sent
+    assert_eq!(
+        diff(None, &rs),
+        Some(Batch::Replace(
+            "add table inet portico\ndelete table inet portico\n".into()
+        ))
+    );
+    assert_eq!(diff(Some(&rs), &rs), None);
+    // a kernel service leaving removes the table
+    let k = plan(&config(WEB), &HealthView::new(), 7).unwrap();
+    assert!(
+        matches!(diff(Some(&k), &rs), Some(Batch::Replace(t)) if t.ends_with("delete table inet portico\n"))
+    );
+}
