@@ -189,13 +189,13 @@ fn get(lab: &Lab, path: &str) -> Option<String> {
 }
 
 fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -366,10 +366,11 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         for l in &lines {
             if l.contains("backend health changed") && l.contains("service=web") {
                 checked = stamp(l);
-            } else if l.contains("kernel path applied") && l.contains("kind=\"elements\"") {
-                if let (Some(c), Some(a)) = (checked.take(), stamp(l)) {
-                    figures.push(a - c);
-                }
+            } else if l.contains("kernel path applied")
+                && l.contains("kind=\"elements\"")
+                && let (Some(c), Some(a)) = (checked.take(), stamp(l))
+            {
+                figures.push(a - c);
             }
         }
         assert!(
