@@ -6,10 +6,9 @@
 //! to the proxy) loses its map slots at once, so it gets no new flows; conntrack keeps its
 //! established flows on it. When the service's `connection.drain_timeout` ends, its conntrack
 //! entries (original destination = the VIP port, reply source = the backend) are deleted, which
-//! cuts them. The deletes run the `conntrack` tool (package conntrack), which speaks
-//! `NETLINK_NETFILTER` (`IPCTNL_MSG_CT_DELETE` per matching entry); portico does not speak
-//! that netlink protocol itself yet. The drain list is bounded ([`MAX_DRAINS`]); beyond it a
-//! drain is cut at once and counted.
+//! cuts them: `sys::conntrack` dumps the conntrack table over `NETLINK_NETFILTER` and sends an
+//! `IPCTNL_MSG_CT_DELETE` with the original tuple of each matching entry. The drain list is
+//! bounded ([`MAX_DRAINS`]); beyond it a drain is cut at once and counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -381,34 +380,13 @@ impl Kernel {
 }
 
 /// Deletes the conntrack entries of flows DNATed from `t.vip` to `t.backend`; returns how many.
-async fn conntrack_delete(t: &Target) -> Result<u64, NftError> {
-    let proto = t.protocol.to_string();
-    let mut cmd = tokio::process::Command::new("conntrack");
-    if t.vip.is_ipv6() {
-        cmd.args(["-f", "ipv6"]);
-    }
-    let out = cmd
-        .args(["-D", "-p", &proto, "--orig-dst"])
-        .arg(t.vip.ip().to_string())
-        .arg("--dport")
-        .arg(t.vip.port().to_string())
-        .arg("--reply-src")
-        .arg(t.backend.ip().to_string())
-        .arg("--reply-port-src")
-        .arg(t.backend.port().to_string())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(NftError::Spawn)?;
-    // "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted."
-    let text = String::from_utf8_lossy(&out.stderr);
-    let n = text
-        .split(':')
-        .next_back()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok());
-    match n {
-        Some(n) => Ok(n),
-        None => Err(NftError::Failed(format!("conntrack: {}", text.trim()))),
-    }
+/// Runs on the calling thread (its network namespace is the node's; a blocking-pool thread
+/// might not be in it): a dump and one request per entry, each read bounded by 2 s, and only
+/// when a drain ends.
+async fn conntrack_delete(t: &Target) -> Result<u64, sys::conntrack::ConntrackError> {
+    let proto = match t.protocol {
+        model::Protocol::Tcp => 6,
+        model::Protocol::Udp => 17,
+    };
+    sys::conntrack::delete_flows(proto, t.vip, t.backend)
 }

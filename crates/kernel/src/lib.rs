@@ -19,8 +19,8 @@
 //! (`agent::handover`); the kernel path does the same: a batch is one `nft -f -` run, which nft
 //! applies as one netlink transaction (all or nothing). So "via netlink" is honest only in that
 //! sense: nft talks netlink to the kernel, portico talks to nft. Read-back (tests, counters) is
-//! `nft -j list …` parsed with `serde_json`. The conntrack deletes of a drained backend are the
-//! one place that needs to reach the kernel without a ruleset; see [`driver`].
+//! `nft -j list …` parsed with `serde_json`. The conntrack deletes of a drained backend do speak
+//! netlink directly (`sys::conntrack`, `NETLINK_NETFILTER`); see [`driver`].
 //!
 //! # The table
 //! One table, `inet portico`, owned by portico. Start replaces it in one transaction
