@@ -493,7 +493,10 @@ fn start_reload_health_drain_stop_over_real_traffic() {
         // The 50 ms requirement is asserted end to end (check result → batch applied) in
         // crates/portico/tests/kernel_path.rs; here two ports' maps change per batch, so this
         // only guards against a regression to whole-table batches or worse.
-        assert!(took[took.len() / 2] < Duration::from_millis(100), "{took:?}");
+        assert!(
+            took[took.len() / 2] < Duration::from_millis(100),
+            "{took:?}"
+        );
         assert!(
             echoes(&mut kept),
             "established flow survives health changes"
@@ -576,7 +579,7 @@ fn a_backend_change_moves_at_most_its_share_of_udp_flows() {
         k.apply(config(&[1, 2], "1s"), Arc::new(HealthView::new()))
             .await
             .unwrap();
-        sh(&["conntrack", "-F"]);
+        sh(&["ip", "netns", "exec", &lab.node, "conntrack", "-F"]);
         let after: Vec<Option<String>> = flows
             .iter()
             .map(|p| udp_from(&lab, VIP4.parse().unwrap(), *p))
