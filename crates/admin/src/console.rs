@@ -435,6 +435,8 @@ mod tests {
                     bytes_to_client: 1000,
                 }],
                 panic_mode: false,
+                path: Default::default(),
+                path_reason: String::new(),
             }],
             ..Default::default()
         }

@@ -90,6 +90,10 @@ pub struct Options {
     /// [`Budget::from_process`], from the soft `RLIMIT_NOFILE` when the balancer is created;
     /// raise the limit first with `sys::limits::raise_nofile_limit`).
     pub budget: Budget,
+    /// Whether the kernel path (the `kernel` crate's nftables table) runs on this node: a
+    /// service whose [`Service::path`] is then the kernel opens no proxy listener (its checks
+    /// still run and publish health). Default: false (every service on the proxy).
+    pub kernel_path: bool,
 }
 
 impl Default for Options {
@@ -98,6 +102,7 @@ impl Default for Options {
             binder: Arc::new(FreebindBinder),
             splice: true,
             budget: Budget::from_process(),
+            kernel_path: false,
         }
     }
 }
@@ -452,6 +457,9 @@ impl LoadBalancer {
         let mut want: HashMap<ListenerKey, Arc<ServiceRt>> = HashMap::new();
         for rt in services.values() {
             let spec = rt.spec.load();
+            if spec.path(inner.opts.kernel_path).0 == model::Path::Kernel {
+                continue; // the kernel DNATs its VIP:ports; no proxy listener
+            }
             for vip in &spec.vips {
                 for p in &spec.ports {
                     want.insert((SocketAddr::new(*vip, p.port), p.protocol), rt.clone());
@@ -634,6 +642,7 @@ impl LoadBalancer {
         let rt = services.get(service)?;
         let spec = rt.spec.load();
         let max = spec.circuit_breaker.max_connections;
+        let (path, path_reason) = spec.path(self.inner.opts.kernel_path);
         let backends = rt
             .status_backends()
             .into_iter()
@@ -675,6 +684,8 @@ impl LoadBalancer {
                 .collect(),
             backends,
             panic_mode: rt.panic.load(Ordering::Relaxed),
+            path,
+            path_reason: path_reason.to_string(),
         })
     }
 

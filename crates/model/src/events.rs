@@ -395,6 +395,8 @@ mod tests {
                     bytes_to_client: 0,
                 }],
                 panic_mode: false,
+                path: Default::default(),
+                path_reason: String::new(),
             }],
             ..Default::default()
         }

@@ -230,6 +230,103 @@ pub struct Service {
     pub placement: Placement,
     /// DNS publication.
     pub dns: ServiceDns,
+    /// Kernel (nftables DNAT) or user-space proxy; `auto` picks the kernel unless the service
+    /// needs the proxy (see [`Service::path`]).
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// Kernel path only: keep the client's address (no SNAT to the node). Backends must then
+    /// route their replies through this node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_client_address: bool,
+}
+
+/// Which data path a service asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// The kernel unless the service uses something only the proxy does.
+    #[default]
+    Auto,
+    /// nftables DNAT in the kernel (portico's `inet portico` table).
+    Kernel,
+    /// The user-space proxy (`lb`).
+    Proxy,
+}
+
+/// The data path a service runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// The user-space proxy.
+    #[default]
+    Proxy,
+    /// nftables DNAT.
+    Kernel,
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Path::Proxy => "proxy",
+            Path::Kernel => "kernel",
+        })
+    }
+}
+
+impl Service {
+    /// What only the proxy can do for this service, as a reason word, if anything: PROXY
+    /// protocol (`proxyProtocol`), the connect retry of a MySQL service before the client saw
+    /// a byte (`mysqlRetry`), connection limits with their queue (`connectionLimits`),
+    /// connection-aware balancing (`connectionAware`: least-connections, power-of-two), or a
+    /// loopback VIP or backend (`loopback`: the kernel does not route 127/8 or ::1 from the
+    /// prerouting hook).
+    pub fn needs_proxy(&self) -> Option<&'static str> {
+        if self.proxy_protocol.is_some() {
+            return Some("proxyProtocol");
+        }
+        if self.connection.retries > 0
+            && matches!(
+                self.health_check.as_ref().map(|h| &h.kind),
+                Some(CheckKind::Mysql { .. })
+            )
+        {
+            return Some("mysqlRetry");
+        }
+        if self.circuit_breaker.max_connections > 0
+            || self.circuit_breaker.max_service_connections > 0
+        {
+            return Some("connectionLimits");
+        }
+        if matches!(
+            self.balance,
+            Balance::LeastConnections | Balance::PowerOfTwo
+        ) {
+            return Some("connectionAware");
+        }
+        if self.vips.iter().any(IpAddr::is_loopback)
+            || self.backends.iter().any(|b| b.address.is_loopback())
+        {
+            return Some("loopback");
+        }
+        None
+    }
+
+    /// The path this service runs on and the reason word (`/status`, logs and metrics use the
+    /// same): `configured` (as `forwarding` says), `auto` (nothing needs the proxy), one of
+    /// [`Self::needs_proxy`]'s words, or `kernelUnavailable` (this node cannot program
+    /// nftables; the proxy serves instead).
+    pub fn path(&self, kernel_available: bool) -> (Path, &'static str) {
+        match self.forwarding {
+            Forwarding::Proxy => (Path::Proxy, "configured"),
+            Forwarding::Kernel if kernel_available => (Path::Kernel, "configured"),
+            Forwarding::Kernel => (Path::Proxy, "kernelUnavailable"),
+            Forwarding::Auto => match self.needs_proxy() {
+                Some(why) => (Path::Proxy, why),
+                None if kernel_available => (Path::Kernel, "auto"),
+                None => (Path::Proxy, "kernelUnavailable"),
+            },
+        }
+    }
 }
 
 /// TCP or UDP.

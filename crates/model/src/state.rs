@@ -134,6 +134,12 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
     /// Whether the service balances over all backends because too few are healthy.
     pub panic_mode: bool,
+    /// The data path it runs on (kernel nftables DNAT or the user-space proxy).
+    #[serde(default)]
+    pub path: crate::service::Path,
+    /// Why that path ([`crate::Service::path`]'s reason word).
+    #[serde(default)]
+    pub path_reason: String,
 }
 
 /// One port of a service.

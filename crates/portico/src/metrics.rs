@@ -87,6 +87,7 @@ mod tests {
         "crates/admin/src/limits.rs",
         "crates/ipam/src/metrics.rs",
         "crates/portico/src/observe.rs",
+        "crates/kernel/src/metrics.rs",
     ];
 
     fn root() -> std::path::PathBuf {

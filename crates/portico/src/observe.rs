@@ -216,6 +216,8 @@ mod tests {
                 }],
                 backends: vec![],
                 panic_mode: false,
+                path: Default::default(),
+                path_reason: String::new(),
             }],
             ..Default::default()
         }

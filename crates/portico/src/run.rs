@@ -67,7 +67,26 @@ pub async fn serve(
     }
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
-    let lb = lb::LoadBalancer::new(&mut registry);
+    // The kernel path (nftables) runs when this node can program it; otherwise every service
+    // is proxied and `/status` says `kernelUnavailable`.
+    let kernel = kernel::Kernel::new(&mut registry, kernel::Options::default());
+    let kernel_path = match kernel.probe().await {
+        Ok(()) => true,
+        Err(e) => {
+            info!(
+                reason = "kernelUnavailable",
+                "kernel path unavailable, services use the proxy: {e}"
+            );
+            false
+        }
+    };
+    let lb = lb::LoadBalancer::with_options(
+        &mut registry,
+        lb::Options {
+            kernel_path,
+            ..lb::Options::default()
+        },
+    );
     let agent = agent::Agent::new(&mut registry)
         .with_binder(agent::udp_binder())
         .with_listeners(lb.closed_listeners())
@@ -134,6 +153,30 @@ pub async fn serve(
             },
         ))
     };
+    // The kernel path follows desired state and health; on a graceful stop it removes its
+    // table after the agent handed the VIPs over.
+    let kernel_task = kernel_path.then(|| {
+        let (k, d, h, stop) = (
+            kernel,
+            desired.clone(),
+            health_rx.clone(),
+            rest_stop.clone(),
+        );
+        tokio::spawn(supervise(
+            "kernel",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (k, d, h, stop) = (k.clone(), d.clone(), h.clone(), stop.clone());
+                async move {
+                    k.run(d, h, stop)
+                        .await
+                        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+                }
+            },
+        ))
+    });
     let agent_task = {
         let (agent, d, h, stop) = (
             agent.clone(),
@@ -211,6 +254,7 @@ pub async fn serve(
             lb: lb.clone(),
             agent: agent.clone(),
             dns: dns.clone(),
+            kernel_path,
         },
         ready_rx.clone(),
     );
@@ -397,6 +441,13 @@ pub async fn serve(
             model::duration::format(drain + DRAIN_MARGIN)
         );
     }
+    if let Some(task) = kernel_task
+        && tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+    {
+        error!("the kernel path did not remove its table within 5s");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -418,6 +469,8 @@ struct Components {
     lb: lb::LoadBalancer,
     agent: agent::Agent,
     dns: dns::DnsServer,
+    /// Whether the kernel path runs on this node.
+    kernel_path: bool,
 }
 
 /// Assembles `/status` from the spine's snapshots and the components' live counters.
@@ -426,7 +479,12 @@ fn status_provider(
     reload_error: watch::Receiver<Option<String>>,
     health: watch::Receiver<Arc<HealthView>>,
     ownership: watch::Receiver<Arc<OwnershipView>>,
-    Components { lb, agent, dns }: Components,
+    Components {
+        lb,
+        agent,
+        dns,
+        kernel_path,
+    }: Components,
     ready: watch::Receiver<bool>,
 ) -> admin::StatusProvider {
     Arc::new(move || {
@@ -472,7 +530,12 @@ fn status_provider(
                         })
                         .collect(),
                     panic_mode: false,
+                    path: Default::default(),
+                    path_reason: String::new(),
                 });
+                let (path, why) = s.path(kernel_path);
+                st.path = path;
+                st.path_reason = why.to_string();
                 st.vips = s
                     .vips
                     .iter()

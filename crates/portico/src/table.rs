@@ -67,9 +67,14 @@ pub fn render(r: &StatusReport) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "\nSERVICE {}  ports {}{}",
+            "\nSERVICE {}  ports {}{}{}",
             s.name,
             ports.join(","),
+            if s.path_reason.is_empty() {
+                String::new()
+            } else {
+                format!("  path {} ({})", s.path, s.path_reason)
+            },
             if s.panic_mode {
                 "  PANIC MODE (too few healthy: balancing over all)"
             } else {
@@ -208,10 +213,15 @@ mod tests {
                     bytes_to_client: 0,
                 }],
                 panic_mode: false,
+                path: model::Path::Kernel,
+                path_reason: "auto".into(),
             }],
         };
         let t = render(&r);
-        assert!(t.contains("SERVICE web  ports 80/tcp"), "{t}");
+        assert!(
+            t.contains("SERVICE web  ports 80/tcp  path kernel (auto)"),
+            "{t}"
+        );
         assert!(t.contains("10.0.0.1  n2"), "{t}");
         assert!(t.contains("DOWN,ejected  half-open"), "{t}");
         assert!(t.contains("REJECTED"), "{t}");

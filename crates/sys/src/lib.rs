@@ -15,6 +15,7 @@
 //!   eviction of the oldest idle entry under pressure) the listeners share.
 
 pub mod conn_table;
+pub mod conntrack;
 pub mod limits;
 
 use std::io;

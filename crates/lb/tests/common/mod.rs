@@ -68,6 +68,7 @@ impl Harness {
                 binder: binder.clone(),
                 splice,
                 budget,
+                kernel_path: false,
             },
         );
         let (dtx, drx) = watch::channel(Arc::new(Desired {

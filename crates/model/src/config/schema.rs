@@ -514,6 +514,18 @@ fn decode_service(
         m.finish(cx);
         Some((enabled, hostname, zone, ttl, mode, fail_closed))
     });
+    let forwarding = m
+        .opt(
+            cx,
+            "forwarding",
+            one_of(&[
+                ("auto", Forwarding::Auto),
+                ("kernel", Forwarding::Kernel),
+                ("proxy", Forwarding::Proxy),
+            ]),
+        )
+        .unwrap_or_default();
+    let keep_client_address = m.opt(cx, "keep_client_address", boolean).unwrap_or(false);
     m.finish(cx);
     let name = name?;
     let (enabled, hostname, zone, ttl, mode, fail_closed) = dns.unwrap_or_default();
@@ -537,6 +549,8 @@ fn decode_service(
         connection,
         proxy_protocol,
         placement,
+        forwarding,
+        keep_client_address,
     })
 }
 

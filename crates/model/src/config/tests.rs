@@ -133,6 +133,18 @@ mod bad_input {
                 "cluster: {hold_down: 2h}\n",
                 "cluster.hold_down: 2h is out of range 0s-1h (line 1, column 22)",
             ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    forwarding: kernal\n",
+                "services[0].forwarding: `kernal` is not valid (did you mean `kernel`?); use one of auto, kernel, proxy",
+            ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    forwarding: kernel\n    proxy_protocol: v2\n",
+                "services[0].forwarding: forwarding: kernel cannot serve this service: it sends PROXY protocol (proxy_protocol); use forwarding: proxy or auto",
+            ),
+            (
+                "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{port: 80}]\n    backends: [{address: 10.0.1.1}]\n    forwarding: proxy\n    keep_client_address: true\n",
+                "services[0].keep_client_address: keep_client_address applies to the kernel path only",
+            ),
         ];
         for (src, want) in cases {
             let got = errors(src);
@@ -494,5 +506,53 @@ mod mysql_login_and_shutdown {
         let got = errors("shutdown: {drain_timeout: 2h}\n");
         assert_eq!(got.len(), 1);
         assert!(got[0].contains("out of range"), "{got:?}");
+    }
+}
+
+mod forwarding {
+    //! Which path a service runs on, and why.
+    use crate::config::*;
+
+    fn service(extra: &str) -> Service {
+        let src = format!(
+            "services:\n  - name: web\n    vips: [10.0.0.1]\n    ports: [{{port: 80}}]\n    backends: [{{address: 10.0.1.1}}]\n{extra}"
+        );
+        let cfg = parse(&src, &Environment::default()).unwrap_or_else(|e| panic!("{e}"));
+        cfg.services[0].clone()
+    }
+
+    #[test]
+    fn auto_is_the_kernel_unless_the_proxy_is_needed() {
+        assert_eq!(service("").forwarding, Forwarding::Auto);
+        assert_eq!(service("").path(true), (Path::Kernel, "auto"));
+        assert_eq!(service("").path(false), (Path::Proxy, "kernelUnavailable"));
+        let cases = [
+            ("    proxy_protocol: v1\n", "proxyProtocol"),
+            ("    health_check: {type: mysql}\n", "mysqlRetry"),
+            (
+                "    circuit_breaker: {max_connections: 10}\n",
+                "connectionLimits",
+            ),
+            ("    balance: least-connections\n", "connectionAware"),
+        ];
+        for (extra, why) in cases {
+            assert_eq!(service(extra).path(true), (Path::Proxy, why), "{extra}");
+        }
+        // a MySQL service without connect retries has nothing the kernel cannot do
+        let no_retry = service("    health_check: {type: mysql}\n    connection: {retries: 0}\n");
+        assert_eq!(no_retry.path(true), (Path::Kernel, "auto"));
+        let mut lo = service("");
+        lo.vips = vec!["127.0.0.10".parse().unwrap()];
+        assert_eq!(lo.path(true), (Path::Proxy, "loopback"));
+    }
+
+    #[test]
+    fn an_explicit_choice_is_kept() {
+        let k = service("    forwarding: kernel\n    keep_client_address: true\n");
+        assert!(k.keep_client_address);
+        assert_eq!(k.path(true), (Path::Kernel, "configured"));
+        assert_eq!(k.path(false), (Path::Proxy, "kernelUnavailable"));
+        let p = service("    forwarding: proxy\n");
+        assert_eq!(p.path(true), (Path::Proxy, "configured"));
     }
 }

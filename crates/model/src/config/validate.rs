@@ -143,6 +143,36 @@ pub(super) fn validate(cx: &mut Cx, d: &Decoded, decode_errors: &[String]) {
                 "a service needs at least one port",
             );
         }
+        if s.forwarding == Forwarding::Kernel
+            && !tainted(&format!("{sp}.forwarding"))
+            && let Some(why) = s.needs_proxy()
+        {
+            let what = match why {
+                "proxyProtocol" => "sends PROXY protocol (proxy_protocol)",
+                "mysqlRetry" => {
+                    "retries MySQL connects before the client sees a byte (health_check type mysql with connection.retries > 0)"
+                }
+                "connectionLimits" => {
+                    "limits and queues connections (circuit_breaker.max_connections / max_service_connections)"
+                }
+                "connectionAware" => {
+                    "balances by open connections (balance least-connections / power-of-two)"
+                }
+                _ => "has a loopback VIP or backend, which the kernel does not route",
+            };
+            cx.err(
+                &format!("{sp}.forwarding"),
+                at(&sp),
+                format!("forwarding: kernel cannot serve this service: it {what}; use forwarding: proxy or auto, or remove that setting"),
+            );
+        }
+        if s.keep_client_address && s.forwarding == Forwarding::Proxy {
+            cx.err(
+                &format!("{sp}.keep_client_address"),
+                at(&sp),
+                "keep_client_address applies to the kernel path only; remove it or set forwarding: kernel or auto",
+            );
+        }
         if s.backends.is_empty() && !tainted(&format!("{sp}.backends")) {
             cx.err(
                 &format!("{sp}.backends"),

@@ -1,0 +1,392 @@
+//! The thin tokio driver: applies [`plan`](crate::plan) batches through nft on each desired
+//! generation and health change, drains removed backends, reads counters, removes the table on
+//! a graceful stop.
+//!
+//! Drains: a backend that leaves the kernel path (removed, weight 0, its service gone or moved
+//! to the proxy) loses its map slots at once, so it gets no new flows; conntrack keeps its
+//! established flows on it. When the service's `connection.drain_timeout` ends, its conntrack
+//! entries (original destination = the VIP port, reply source = the backend) are deleted, which
+//! cuts them: `sys::conntrack` dumps the conntrack table over `NETLINK_NETFILTER` and sends an
+//! `IPCTNL_MSG_CT_DELETE` with the original tuple of each matching entry. The drain list is
+//! bounded ([`MAX_DRAINS`]); beyond it a drain is cut at once and counted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use model::{BackendKey, Config, Desired, HealthView};
+use prometheus_client::registry::Registry;
+use tokio::sync::{Mutex, watch};
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{BackendLabels, KindLabels, Metrics};
+use crate::nft::{self, NftError};
+use crate::plan::{self, Batch, PlanError, Ruleset, Target};
+
+/// Most backends draining at once.
+pub const MAX_DRAINS: usize = 4096;
+
+/// Errors of the kernel driver.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// nft failed or is missing.
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    /// The plan could not be built.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+/// Tunables of the kernel path.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Slots of each Maglev map (prime); default [`plan::DEFAULT_TABLE_SIZE`].
+    pub table_size: usize,
+    /// How often the nft counters are read into the metrics.
+    pub counter_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            table_size: plan::DEFAULT_TABLE_SIZE,
+            counter_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A backend whose established flows may finish until `deadline`.
+#[derive(Debug, Clone)]
+struct Drain {
+    key: BackendKey,
+    targets: Vec<Target>,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    /// What the kernel holds (`None`: unknown, the next apply replaces the table).
+    applied: Option<Ruleset>,
+    config: Option<Arc<Config>>,
+    health: Arc<HealthView>,
+    drains: Vec<Drain>,
+    /// Last counter readings per backend, for deltas (a reload resets nft counters).
+    counts: BTreeMap<BackendKey, (u64, u64)>,
+}
+
+/// The kernel path: one owner of table `inet portico`.
+#[derive(Clone)]
+pub struct Kernel {
+    opts: Options,
+    metrics: Metrics,
+    state: Arc<Mutex<State>>,
+}
+
+/// What [`Kernel::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// `replace`, `elements`, or `none` (nothing changed).
+    pub kind: &'static str,
+    /// Slots changed (elements batches).
+    pub slots: usize,
+    /// Time nft took.
+    pub took: Duration,
+}
+
+fn empty_config() -> Config {
+    model::config::parse("", &model::config::Environment::default())
+        .expect("the empty configuration is valid")
+}
+
+/// The kernel targets each backend serves in `config` (weight > 0, service on the kernel path).
+fn served(config: &Config) -> BTreeMap<BackendKey, (Vec<Target>, Duration)> {
+    let mut out = BTreeMap::new();
+    for s in config.services.iter().filter(|s| plan::on_kernel(s)) {
+        for b in s.backends.iter().filter(|b| b.weight > 0) {
+            out.insert(
+                BackendKey::new(&s.name, &b.name),
+                (plan::targets(s, b), s.connection.drain_timeout),
+            );
+        }
+    }
+    out
+}
+
+impl Kernel {
+    /// A kernel path registering its metrics under `portico_kernel` in the root `registry`.
+    pub fn new(registry: &mut Registry, opts: Options) -> Self {
+        Self {
+            opts,
+            metrics: Metrics::register(registry),
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
+    /// Whether this node can program nftables (root, `nft` installed, nf_tables): the kernel
+    /// checks a table replacement without applying it (`nft -c`), so nothing changes.
+    pub async fn probe(&self) -> Result<(), Error> {
+        let rs = plan::plan(&empty_config(), &HealthView::new(), self.opts.table_size)?;
+        let mut text = format!(
+            "add table inet {t}\ndelete table inet {t}\n",
+            t = plan::TABLE
+        );
+        text.push_str(&rs.structure);
+        nft::check(&text).await?;
+        Ok(())
+    }
+
+    /// Creates the table without services, replacing whatever a crashed run left (the first
+    /// [`Self::apply`] does the same; a config without kernel services removes it).
+    pub async fn start(&self) -> Result<(), Error> {
+        let mut st = self.state.lock().await;
+        st.applied = None;
+        let rs = plan::plan(&empty_config(), &HealthView::new(), self.opts.table_size)?;
+        let text = plan::diff(None, &plan::Ruleset::default()).map(|b| b.text().to_string());
+        let mut text = text.unwrap_or_default();
+        text.push_str(&rs.structure);
+        nft::apply(&text).await?;
+        Ok(())
+    }
+
+    /// Plans `config` under `health` and applies the difference to what the kernel holds; also
+    /// starts drains for backends that left the kernel path and ends drains of those back.
+    pub async fn apply(
+        &self,
+        config: Arc<Config>,
+        health: Arc<HealthView>,
+    ) -> Result<Applied, Error> {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let new_served = served(&config);
+        if let Some(old) = st.config.as_ref().filter(|o| !Arc::ptr_eq(o, &config)) {
+            for (key, (targets, timeout)) in served(old) {
+                let still = new_served.get(&key).is_some_and(|(t, _)| *t == targets);
+                if !still && !st.drains.iter().any(|d| d.key == key) {
+                    tracing::info!(service = %key.service, backend = %key.backend, ?timeout, reason = "backendRemoved", "kernel path: backend draining");
+                    st.drains.push(Drain {
+                        key,
+                        targets,
+                        deadline: now + timeout,
+                    });
+                }
+            }
+        }
+        // a backend serving again is no longer draining
+        st.drains
+            .retain(|d| new_served.get(&d.key).is_none_or(|(t, _)| *t != d.targets));
+        while st.drains.len() > MAX_DRAINS {
+            let d = st.drains.remove(0);
+            self.metrics.drains_refused.inc();
+            self.cut(&d).await;
+        }
+        self.metrics.draining.set(st.drains.len() as i64);
+        st.config = Some(config.clone());
+        st.health = health.clone();
+        let rs = plan::plan(&config, &health, self.opts.table_size)?;
+        self.send(&mut st, rs).await
+    }
+
+    async fn send(&self, st: &mut State, rs: Ruleset) -> Result<Applied, Error> {
+        let Some(batch) = plan::diff(st.applied.as_ref(), &rs) else {
+            return Ok(Applied {
+                kind: "none",
+                slots: 0,
+                took: Duration::ZERO,
+            });
+        };
+        let started = Instant::now();
+        let result = nft::apply(batch.text()).await;
+        let took = started.elapsed();
+        self.metrics.batch_seconds.observe(took.as_secs_f64());
+        if let Err(e) = result {
+            self.metrics.batch_errors.inc();
+            st.applied = None;
+            return Err(e.into());
+        }
+        self.metrics
+            .batches
+            .get_or_create(&KindLabels {
+                kind: batch.kind().to_string(),
+            })
+            .inc();
+        let slots = match &batch {
+            Batch::Elements { slots, .. } => *slots,
+            Batch::Replace(_) => rs.maps.values().map(Vec::len).sum(),
+        };
+        tracing::debug!(
+            kind = batch.kind(),
+            slots,
+            ?took,
+            "kernel path: batch applied"
+        );
+        st.applied = Some(rs);
+        Ok(Applied {
+            kind: batch.kind(),
+            slots,
+            took,
+        })
+    }
+
+    /// Deletes the conntrack entries of a drain whose time ran out.
+    async fn cut(&self, d: &Drain) {
+        for t in &d.targets {
+            match conntrack_delete(t).await {
+                Ok(n) => {
+                    self.metrics.conntrack_deleted.inc_by(n);
+                }
+                Err(e) => {
+                    tracing::warn!(service = %d.key.service, backend = %d.key.backend, error = %e, reason = "conntrackFailed", "kernel path: cannot cut drained flows")
+                }
+            }
+        }
+        tracing::info!(service = %d.key.service, backend = %d.key.backend, reason = "drainTimeout", "kernel path: drain ended, flows cut");
+    }
+
+    /// Ends the drains whose deadline passed; returns the next deadline.
+    pub async fn expire_drains(&self) -> Option<Instant> {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let (due, keep): (Vec<Drain>, Vec<Drain>) =
+            st.drains.drain(..).partition(|d| d.deadline <= now);
+        st.drains = keep;
+        self.metrics.draining.set(st.drains.len() as i64);
+        let next = st.drains.iter().map(|d| d.deadline).min();
+        drop(st);
+        for d in &due {
+            self.cut(d).await;
+        }
+        next
+    }
+
+    /// Backends draining now.
+    pub async fn draining(&self) -> BTreeSet<BackendKey> {
+        self.state
+            .lock()
+            .await
+            .drains
+            .iter()
+            .map(|d| d.key.clone())
+            .collect()
+    }
+
+    /// Reads the nft counters into the per-backend metrics.
+    pub async fn read_counters(&self) -> Result<(), Error> {
+        let mut st = self.state.lock().await;
+        let Some(applied) = st.applied.as_ref().filter(|a| !a.counters.is_empty()) else {
+            return Ok(());
+        };
+        let names = applied.counters.clone();
+        let values = nft::counters().await?;
+        for (name, key) in names {
+            let Some(&(p, b)) = values.get(&name) else {
+                continue;
+            };
+            let (lp, lb) = st.counts.get(&key).copied().unwrap_or((0, 0));
+            // a replaced table starts its counters at zero again
+            let (dp, db) = if p < lp || b < lb {
+                (p, b)
+            } else {
+                (p - lp, b - lb)
+            };
+            let labels = BackendLabels {
+                service: key.service.clone(),
+                backend: key.backend.clone(),
+            };
+            self.metrics.packets.get_or_create(&labels).inc_by(dp);
+            self.metrics.bytes.get_or_create(&labels).inc_by(db);
+            st.counts.insert(key, (p, b));
+        }
+        Ok(())
+    }
+
+    /// Removes the table (graceful stop).
+    pub async fn stop(&self) -> Result<(), Error> {
+        let mut st = self.state.lock().await;
+        st.applied = None;
+        match nft::apply(&plan::remove()).await {
+            Err(NftError::Failed(e)) if e.contains("No such file or directory") => Ok(()),
+            r => Ok(r?),
+        }
+    }
+
+    /// Runs until `shutdown`: applies each desired generation and health change, ends drains,
+    /// reads counters; on shutdown removes the table. The table must have been created with
+    /// [`Self::start`].
+    pub async fn run(
+        &self,
+        mut desired: watch::Receiver<Arc<Desired>>,
+        mut health: watch::Receiver<Arc<HealthView>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let mut config = desired.borrow_and_update().config.clone();
+        let mut view = health.borrow_and_update().clone();
+        let mut failed = self.report(self.apply(config.clone(), view.clone()).await);
+        let mut counters = tokio::time::interval(self.opts.counter_interval);
+        counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        let mut next_drain: Option<Instant> = None;
+        let (mut desired_open, mut health_open) = (true, true);
+        loop {
+            let drain_at = next_drain.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = desired.changed(), if desired_open => match r {
+                    Ok(()) => {
+                        config = desired.borrow_and_update().config.clone();
+                        failed = self.report(self.apply(config.clone(), view.clone()).await);
+                        next_drain = self.state.lock().await.drains.iter().map(|d| d.deadline).min();
+                    }
+                    Err(_) => desired_open = false,
+                },
+                r = health.changed(), if health_open => match r {
+                    Ok(()) => {
+                        view = health.borrow_and_update().clone();
+                        failed = self.report(self.apply(config.clone(), view.clone()).await);
+                    }
+                    Err(_) => health_open = false,
+                },
+                () = tokio::time::sleep_until(drain_at), if next_drain.is_some() => {
+                    next_drain = self.expire_drains().await;
+                }
+                _ = retry.tick(), if failed => {
+                    failed = self.report(self.apply(config.clone(), view.clone()).await);
+                }
+                _ = counters.tick() => {
+                    if let Err(e) = self.read_counters().await {
+                        tracing::warn!(error = %e, reason = "countersFailed", "kernel path: cannot read counters");
+                    }
+                }
+            }
+        }
+        self.stop().await
+    }
+
+    /// Logs a failed apply; true when it failed.
+    fn report(&self, r: Result<Applied, Error>) -> bool {
+        match r {
+            Ok(a) => {
+                if a.kind != "none" {
+                    tracing::info!(kind = a.kind, slots = a.slots, took = ?a.took, "kernel path applied");
+                }
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reason = "nftFailed", "kernel path: batch refused; retrying with a full replace");
+                true
+            }
+        }
+    }
+}
+
+/// Deletes the conntrack entries of flows DNATed from `t.vip` to `t.backend`; returns how many.
+/// Runs on the calling thread (its network namespace is the node's; a blocking-pool thread
+/// might not be in it): a dump and one request per entry, each read bounded by 2 s, and only
+/// when a drain ends.
+async fn conntrack_delete(t: &Target) -> Result<u64, sys::conntrack::ConntrackError> {
+    let proto = match t.protocol {
+        model::Protocol::Tcp => 6,
+        model::Protocol::Udp => 17,
+    };
+    sys::conntrack::delete_flows(proto, t.vip, t.backend)
+}

@@ -1,0 +1,97 @@
+//! Prometheus metrics of the kernel path, under the prefix `portico_kernel` (labelled like the
+//! proxy's backend metrics: `{service, backend}`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub use lb::metrics::BackendLabels;
+
+/// `{kind}`: `replace` or `elements`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Batch kind.
+    pub kind: String,
+}
+
+/// The kernel path's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Packets through the kernel path per backend (nft counters, both directions).
+    pub packets: Family<BackendLabels, Counter>,
+    /// Bytes through the kernel path per backend (nft counters, both directions).
+    pub bytes: Family<BackendLabels, Counter>,
+    /// Batches applied, by kind.
+    pub batches: Family<KindLabels, Counter>,
+    /// Batches nft refused (the table is then replaced whole at the next try).
+    pub batch_errors: Counter,
+    /// Time to apply one batch (`nft -f -` start to exit).
+    pub batch_seconds: Histogram,
+    /// Backends draining (no new flows; established ones until `drain_timeout`).
+    pub draining: Gauge,
+    /// Drains refused because the bounded drain list was full: their flows were cut at once.
+    pub drains_refused: Counter,
+    /// Conntrack entries deleted when a drain ended.
+    pub conntrack_deleted: Counter,
+}
+
+impl Metrics {
+    /// Registers under `portico_kernel` in the root `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            packets: Family::default(),
+            bytes: Family::default(),
+            batches: Family::default(),
+            batch_errors: Counter::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
+            draining: Gauge::default(),
+            drains_refused: Counter::default(),
+            conntrack_deleted: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("portico_kernel");
+        r.register(
+            "backend_packets",
+            "Packets the kernel path forwarded per backend, both directions (nft counters)",
+            m.packets.clone(),
+        );
+        r.register(
+            "backend_bytes",
+            "Bytes the kernel path forwarded per backend, both directions (nft counters)",
+            m.bytes.clone(),
+        );
+        r.register(
+            "batches",
+            "nftables batches applied to table inet portico, by kind (replace, elements)",
+            m.batches.clone(),
+        );
+        r.register(
+            "batch_errors",
+            "nftables batches nft refused (the next try replaces the whole table)",
+            m.batch_errors.clone(),
+        );
+        r.register(
+            "batch_seconds",
+            "Time to apply one nftables batch",
+            m.batch_seconds.clone(),
+        );
+        r.register(
+            "draining_backends",
+            "Backends removed from the kernel path whose established flows may still finish",
+            m.draining.clone(),
+        );
+        r.register(
+            "drains_refused",
+            "Backend drains refused because the bounded drain list was full (their flows were cut at once)",
+            m.drains_refused.clone(),
+        );
+        r.register(
+            "conntrack_deleted",
+            "Conntrack entries deleted when a drained backend's drain_timeout ended",
+            m.conntrack_deleted.clone(),
+        );
+        m
+    }
+}
