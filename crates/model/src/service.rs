@@ -30,6 +30,9 @@ pub struct Config {
     pub services: Vec<Service>,
     /// What a graceful stop (SIGTERM) does after the VIPs are handed over.
     pub shutdown: Shutdown,
+    /// The BGP speaker, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::bgp::Bgp>,
 }
 
 /// Graceful stop settings.
@@ -212,6 +215,12 @@ pub struct Service {
     pub placement: Placement,
     /// DNS publication.
     pub dns: ServiceDns,
+    /// How the VIPs reach this node: ARP / NDP (`l2`), BGP routes (`bgp`) or both.
+    #[serde(default)]
+    pub announce: crate::bgp::AnnounceMode,
+    /// BGP route settings (with `announce: bgp` or `both`).
+    #[serde(default, skip_serializing_if = "crate::bgp::ServiceBgp::is_default")]
+    pub bgp: crate::bgp::ServiceBgp,
 }
 
 /// TCP or UDP.

@@ -165,7 +165,8 @@ pub(super) fn validate(cx: &mut Cx, d: &Decoded, decode_errors: &[String]) {
                     format!("{vip} cannot be a VIP; use a unicast address"),
                 );
             }
-            if !cfg.node.interfaces.is_empty()
+            if s.announce.l2()
+                && !cfg.node.interfaces.is_empty()
                 && !tainted("node.interfaces")
                 && !cfg.node.interfaces.iter().any(|i| i.serves_family(*vip))
             {
@@ -311,4 +312,5 @@ pub(super) fn validate(cx: &mut Cx, d: &Decoded, decode_errors: &[String]) {
             );
         }
     }
+    super::bgp::validate(cx, cfg, &at, &tainted);
 }
