@@ -1,9 +1,5 @@
-//! Socket options of a BGP speaker: the TCP MD5 signature (RFC 2385, `TCP_MD5SIG`) and the TTL
-//! rules (`IP_TTL` / `IPV6_UNICAST_HOPS` sent, `IP_MINTTL` / `IPV6_MINHOPCOUNT` required on
-//! reception: the Generalized TTL Security Mechanism of RFC 5082 and BFD's RFC 5881 §5).
-//!
-//! Only the MD5 key needs `unsafe` (its structure is not in `libc`); the TTL options are plain
-//! integers set through `setsockopt`.
+//! The TCP MD5 signature option of a BGP session (RFC 2385, `TCP_MD5SIG`); its structure is not
+//! in `libc`, so it is declared here.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -82,51 +78,6 @@ pub fn set_tcp_md5(socket: &impl AsFd, peer: IpAddr, key: &[u8]) -> io::Result<(
     }
 }
 
-fn set_int(socket: &impl AsFd, level: libc::c_int, name: libc::c_int, v: i32) -> io::Result<()> {
-    // SAFETY: the option value is a live `c_int` and its size is passed.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
-            level,
-            name,
-            std::ptr::addr_of!(v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Sets the TTL (hop limit) of what `socket` sends, for its family (`v6`).
-pub fn set_ttl(socket: &impl AsFd, v6: bool, ttl: u8) -> io::Result<()> {
-    let sock = SockRef::from(socket);
-    if v6 {
-        sock.set_unicast_hops_v6(u32::from(ttl))
-    } else {
-        sock.set_ttl_v4(u32::from(ttl))
-    }
-}
-
-/// Makes the kernel drop received packets whose TTL (hop limit) is below `min` (`IP_MINTTL` /
-/// `IPV6_MINHOPCOUNT`): with 255, only a directly connected peer that sends with TTL 255 gets
-/// through (GTSM, RFC 5082; BFD single hop, RFC 5881 §5). TCP and UDP sockets.
-pub fn set_min_ttl(socket: &impl AsFd, v6: bool, min: u8) -> io::Result<()> {
-    if v6 {
-        set_int(
-            socket,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MINHOPCOUNT,
-            i32::from(min),
-        )
-    } else {
-        set_int(socket, libc::IPPROTO_IP, libc::IP_MINTTL, i32::from(min))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -176,13 +127,5 @@ mod tests {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let e = set_tcp_md5(&l, Ipv4Addr::LOCALHOST.into(), &[b'x'; 81]).unwrap_err();
         assert!(e.to_string().contains("81 octets"), "{e}");
-    }
-
-    #[test]
-    fn ttl_options_apply_to_both_families() {
-        let u = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        set_ttl(&u, false, 255).unwrap();
-        set_min_ttl(&u, false, 255).unwrap();
-        assert_eq!(SockRef::from(&u).ttl_v4().unwrap(), 255);
     }
 }
