@@ -7,6 +7,7 @@
 //! [`WRITE_TIMEOUT`] counts as a lost connection.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,8 +27,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// A connection being opened.
-pub type Connecting = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Stream>>> + Send>>;
+/// A connection being opened: the stream and this side's address (the next hop when none is
+/// configured).
+pub type Connecting =
+    Pin<Box<dyn Future<Output = std::io::Result<(Box<dyn Stream>, Option<IpAddr>)>> + Send>>;
 
 /// Opens a connection to the peer (a fresh one per attempt).
 pub type Connector = Box<dyn FnMut() -> Connecting + Send>;
@@ -70,7 +73,8 @@ impl Default for Status {
 
 /// Runs the session until `shutdown` (then sends a Cease and closes). `routes` are the routes
 /// to announce; `bfd_down` turns true when BFD declares the peer down (the session drops at
-/// once; it turns false again when BFD is back up).
+/// once; it turns false again when BFD is back up). A closed `routes` or `bfd_down` channel
+/// keeps its last value.
 pub async fn run(
     mut session: Session,
     mut connect: Connector,
@@ -87,6 +91,8 @@ pub async fn run(
     let mut pending = session.start(Instant::now());
     let mut st = status.borrow().clone();
     let mut up = false;
+    // A closed routes or BFD channel keeps the last value: the session goes on.
+    let (mut routes_open, mut bfd_open) = (true, true);
     loop {
         // Perform the actions so far.
         while !pending.is_empty() {
@@ -175,16 +181,18 @@ pub async fn run(
                 status.send_replace(st);
                 return;
             }
-            r = routes.changed() => {
+            r = routes.changed(), if routes_open => {
                 if r.is_err() {
-                    return;
+                    routes_open = false;
+                    continue;
                 }
                 current = routes.borrow_and_update().clone();
                 pending = session.set_routes(current.clone());
             }
-            r = bfd_down.changed() => {
+            r = bfd_down.changed(), if bfd_open => {
                 if r.is_err() {
-                    return;
+                    bfd_open = false;
+                    continue;
                 }
                 if *bfd_down.borrow_and_update() {
                     pending = session.bfd_down(Instant::now());
@@ -198,8 +206,11 @@ pub async fn run(
             } => {
                 connecting = None;
                 pending = match r {
-                    Ok(s) => {
+                    Ok((s, local)) => {
                         stream = Some(s);
+                        if let Some(ip) = local {
+                            session.set_local_address(ip);
+                        }
                         session.connected(Instant::now())
                     }
                     Err(e) => {
@@ -292,7 +303,7 @@ mod tests {
             let (ours, theirs) = tokio::io::duplex(64 << 10);
             counter.fetch_add(1, Ordering::SeqCst);
             let _ = peers_tx.send(theirs);
-            Box::pin(async move { Ok(Box::new(ours) as Box<dyn Stream>) })
+            Box::pin(async move { Ok((Box::new(ours) as Box<dyn Stream>, None)) })
         });
         let session = Session::new(Config {
             local_as: 65002,

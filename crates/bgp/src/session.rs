@@ -128,6 +128,9 @@ pub struct Session {
     pub updates_received: u64,
     /// UPDATE messages sent (End-of-RIB markers included).
     pub updates_sent: u64,
+    /// This side's address of the current connection: the next hop of its family when none
+    /// is configured.
+    local: Option<IpAddr>,
 }
 
 impl Session {
@@ -149,6 +152,7 @@ impl Session {
             v6: false,
             updates_received: 0,
             updates_sent: 0,
+            local: None,
         }
     }
 
@@ -178,6 +182,29 @@ impl Session {
         self.state = State::Connect;
         self.hold_deadline = Some(now + OPEN_WAIT);
         vec![Action::Connect]
+    }
+
+    /// This side's address of the connection about to be reported [`Session::connected`]: the
+    /// next hop of its family unless one is configured.
+    pub fn set_local_address(&mut self, local: IpAddr) {
+        self.local = Some(match local {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(local, IpAddr::V4),
+            v4 => v4,
+        });
+    }
+
+    fn next_hop_v4(&self) -> Option<Ipv4Addr> {
+        self.cfg.next_hop_v4.or(match self.local {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        })
+    }
+
+    fn next_hop_v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.cfg.next_hop_v6.or(match self.local {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => None,
+        })
     }
 
     /// The TCP connection is up: send our OPEN.
@@ -485,8 +512,8 @@ impl Session {
     /// The routes the peer gets: those of a family it negotiated and has a next hop for,
     /// whose attributes fit in an UPDATE.
     fn wanted(&self) -> Routes {
-        let v4 = self.v4 && self.cfg.next_hop_v4.is_some();
-        let v6 = self.v6 && self.cfg.next_hop_v6.is_some();
+        let v4 = self.v4 && self.next_hop_v4().is_some();
+        let v6 = self.v6 && self.next_hop_v6().is_some();
         self.routes
             .iter()
             .filter(|(p, a)| {
@@ -542,7 +569,7 @@ impl Session {
         for (attrs, prefixes) in &groups {
             let (v4, v6): (Vec<Prefix>, Vec<Prefix>) =
                 prefixes.iter().partition(|p| p.addr().is_ipv4());
-            if let (false, Some(nh)) = (v4.is_empty(), self.cfg.next_hop_v4) {
+            if let (false, Some(nh)) = (v4.is_empty(), self.next_hop_v4()) {
                 let mut attributes = self.attributes(attrs);
                 attributes.push(Attribute::NextHop(nh));
                 attributes.sort_by_key(Attribute::code);
@@ -554,7 +581,7 @@ impl Session {
                     }));
                 }
             }
-            if let (false, Some(nh)) = (v6.is_empty(), self.cfg.next_hop_v6) {
+            if let (false, Some(nh)) = (v6.is_empty(), self.next_hop_v6()) {
                 let base = self.attributes(attrs);
                 for nlri in self.batches(&base, v6) {
                     let mut attributes = base.clone();

@@ -8,6 +8,10 @@
 //! MD5 and the TTL rules, the passive listener, the BFD sockets); tests inject their own
 //! addresses and ports.
 
+mod bfd;
+pub mod metrics;
+pub mod net;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,10 +19,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Prefix;
+use crate::bfd::State as BfdState;
+use crate::driver::{self, Connector};
+use crate::session::{self, Session, State};
+use metrics::{BGP_STATES, Metrics, PeerLabels};
+pub use net::{Binder, SystemBinder};
 
 /// The default hold time proposed (RFC 4271 suggests 90 s).
 pub const DEFAULT_HOLD_TIME: Duration = Duration::from_secs(90);
@@ -201,53 +213,466 @@ pub enum Error {
     },
 }
 
+/// One peer as the speaker runs it.
+struct Running {
+    cfg: PeerConfig,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    /// Connections accepted for a passive peer.
+    accept: Option<mpsc::Sender<TcpStream>>,
+}
+
+/// What `sessions()` reads.
+struct Entry {
+    cfg: PeerConfig,
+    status: watch::Receiver<driver::Status>,
+    bfd: Option<watch::Receiver<BfdState>>,
+}
+
 /// Shared state behind a [`Speaker`].
-#[derive(Debug, Default)]
 struct Inner {
-    sessions: Mutex<Vec<SessionStatus>>,
+    binder: Arc<dyn Binder>,
+    metrics: Metrics,
+    entries: Mutex<Vec<Entry>>,
+    routes: Mutex<Option<watch::Receiver<Arc<Routes>>>>,
 }
 
 /// The speaker. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Speaker {
     inner: Arc<Inner>,
 }
 
+impl fmt::Debug for Speaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Speaker")
+            .field("sessions", &self.sessions())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The state word of a BGP session.
+pub fn state_word(s: State) -> &'static str {
+    match s {
+        State::Idle => "idle",
+        State::Connect => "connect",
+        State::OpenSent => "openSent",
+        State::OpenConfirm => "openConfirm",
+        State::Established => "established",
+    }
+}
+
+/// The session's configuration from the peer's.
+fn session_config(p: &PeerConfig) -> session::Config {
+    let hold = u16::try_from(p.hold_time.as_secs()).unwrap_or(u16::MAX);
+    session::Config {
+        local_as: p.local_asn,
+        peer_as: p.remote_asn,
+        router_id: p.router_id,
+        // RFC 4271 §4.2: zero, or at least three seconds.
+        hold_time: if hold == 0 { 0 } else { hold.max(3) },
+        next_hop_v4: match p.source {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        },
+        next_hop_v6: match p.source {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => None,
+        },
+        communities: Vec::new(),
+        local_pref: None,
+        restart_time: p
+            .graceful_restart
+            .map(|d| u16::try_from(d.as_secs().min(4095)).unwrap_or(4095)),
+    }
+}
+
 impl Speaker {
     /// Registers the `portico_bgp_*` metrics (per session: state, updates sent, flaps,
-    /// prefixes sent; BFD state and transitions).
+    /// prefixes sent; BFD state and transitions) and uses the system's sockets
+    /// ([`SystemBinder::default`]: the listener for passive peers on port 179, BFD on 3784 and
+    /// 4784).
     pub fn new(registry: &mut Registry) -> Self {
-        let _ = registry;
+        Self::with_binder(registry, Arc::new(SystemBinder::default()))
+    }
+
+    /// As [`Speaker::new`], opening sockets through `binder`.
+    pub fn with_binder(registry: &mut Registry, binder: Arc<dyn Binder>) -> Self {
         Self {
-            inner: Arc::new(Inner::default()),
+            inner: Arc::new(Inner {
+                binder,
+                metrics: Metrics::register(registry),
+                entries: Mutex::new(Vec::new()),
+                routes: Mutex::new(None),
+            }),
         }
     }
 
     /// Runs every peer in `peers` (added, removed or changed live), announcing `routes` to
-    /// each, until `shutdown`; then sends a Cease to each and closes.
+    /// each (next hop: the peer's `source`, else the session's local address), until
+    /// `shutdown`; then sends a Cease to each, takes BFD AdminDown and closes. A listener is
+    /// opened only while some peer is passive; when it cannot be, the passive peers wait and
+    /// it is tried again every 5 s.
     pub async fn run(
         &self,
-        peers: watch::Receiver<Arc<Vec<PeerConfig>>>,
+        mut peers: watch::Receiver<Arc<Vec<PeerConfig>>>,
         routes: watch::Receiver<Arc<Routes>>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        let _ = (peers, routes);
-        shutdown.cancelled().await;
+        *lock(&self.inner.routes) = Some(routes.clone());
+        let (bfd_tx, bfd_rx) = mpsc::channel(64);
+        let bfd_stop = CancellationToken::new();
+        let bfd_task = tokio::spawn(bfd::run(
+            self.inner.binder.clone(),
+            self.inner.metrics.clone(),
+            bfd_rx,
+            bfd_stop.clone(),
+        ));
+        let mut running: BTreeMap<String, Running> = BTreeMap::new();
+        let mut listeners = Listeners::default();
+        let mut peers_open = true;
+        loop {
+            let want = peers.borrow_and_update().clone();
+            self.reconcile(&want, &mut running, &routes, &bfd_tx).await;
+            listeners.ensure(&self.inner.binder, &want);
+            let retry = listeners.retry;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = peers.changed(), if peers_open => {
+                    if r.is_err() {
+                        peers_open = false;
+                    }
+                }
+                a = accept(listeners.v4.as_ref()) => self.dispatch(a, &running),
+                a = accept(listeners.v6.as_ref()) => self.dispatch(a, &running),
+                () = async {
+                    match retry {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => listeners.retry = None,
+            }
+        }
+        for r in running.values() {
+            r.stop.cancel();
+        }
+        for (_, r) in running {
+            let _ = r.task.await;
+        }
+        bfd_stop.cancel();
+        let _ = bfd_task.await;
         Ok(())
+    }
+
+    /// Starts, stops and restarts sessions to match `want`.
+    async fn reconcile(
+        &self,
+        want: &[PeerConfig],
+        running: &mut BTreeMap<String, Running>,
+        routes: &watch::Receiver<Arc<Routes>>,
+        bfd_tx: &mpsc::Sender<bfd::Cmd>,
+    ) {
+        let mut seen = std::collections::BTreeSet::new();
+        let want: Vec<&PeerConfig> = want
+            .iter()
+            .filter(|p| {
+                let fresh = seen.insert(p.name.clone());
+                if !fresh {
+                    tracing::warn!(peer = %p.name, "a second BGP peer with this name is ignored");
+                }
+                fresh
+            })
+            .collect();
+        let mut changed = false;
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(n, r)| !want.iter().any(|p| &p.name == *n && **p == r.cfg))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            if let Some(r) = running.remove(&n) {
+                changed = true;
+                tracing::info!(peer = %n, "BGP peer removed or changed: stopping its session");
+                r.stop.cancel();
+                let _ = r.task.await;
+                if r.cfg.bfd.is_some() {
+                    let _ = bfd_tx.send(bfd::Cmd::Remove(n.clone())).await;
+                }
+                if !want.iter().any(|p| p.name == n) {
+                    self.inner.metrics.forget(&n);
+                }
+            }
+        }
+        let mut entries_new = Vec::new();
+        for p in &want {
+            if !running.contains_key(&p.name) {
+                changed = true;
+                let (r, entry) = self.start((*p).clone(), routes.clone(), bfd_tx).await;
+                running.insert(p.name.clone(), r);
+                entries_new.push(entry);
+            }
+        }
+        if changed {
+            let mut entries = lock(&self.inner.entries);
+            let mut old: Vec<Entry> = std::mem::take(&mut *entries);
+            old.extend(entries_new);
+            for p in &want {
+                if let Some(i) = old.iter().position(|e| e.cfg == **p) {
+                    entries.push(old.swap_remove(i));
+                }
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        cfg: PeerConfig,
+        routes: watch::Receiver<Arc<Routes>>,
+        bfd_tx: &mpsc::Sender<bfd::Cmd>,
+    ) -> (Running, Entry) {
+        let (status_tx, status_rx) = watch::channel(driver::Status::default());
+        let (down_tx, down_rx) = watch::channel(false);
+        let mut keep_down_tx = None;
+        let bfd_state = if cfg.bfd.is_some() {
+            let (tx, rx) = watch::channel(BfdState::Down);
+            let _ = bfd_tx
+                .send(bfd::Cmd::Add {
+                    cfg: cfg.clone(),
+                    down: down_tx,
+                    state: tx,
+                })
+                .await;
+            Some(rx)
+        } else {
+            keep_down_tx = Some(down_tx);
+            None
+        };
+        let (accept, connect): (_, Connector) = if cfg.passive {
+            let (tx, rx) = mpsc::channel::<TcpStream>(1);
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            (
+                Some(tx),
+                Box::new(move || {
+                    let rx = rx.clone();
+                    Box::pin(async move {
+                        let mut rx = rx.lock().await;
+                        match rx.recv().await {
+                            Some(s) => {
+                                let local = s.local_addr().ok().map(|a| a.ip());
+                                Ok((Box::new(s) as Box<dyn driver::Stream>, local))
+                            }
+                            None => std::future::pending().await,
+                        }
+                    })
+                }),
+            )
+        } else {
+            let binder = self.inner.binder.clone();
+            let c = cfg.clone();
+            (None, Box::new(move || binder.connect(&c)))
+        };
+        let stop = CancellationToken::new();
+        let session = Session::new(session_config(&cfg));
+        let metrics = self.inner.metrics.clone();
+        let name = cfg.name.clone();
+        let follow = status_rx.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let drive = driver::run(session, connect, routes, down_rx, status_tx, stop);
+                tokio::join!(drive, follow_status(name, follow, metrics));
+                drop(keep_down_tx);
+            }
+        });
+        tracing::info!(peer = %cfg.name, address = %cfg.address, passive = cfg.passive,
+            bfd = cfg.bfd.is_some(), "BGP peer started");
+        let entry = Entry {
+            cfg: cfg.clone(),
+            status: status_rx,
+            bfd: bfd_state,
+        };
+        (
+            Running {
+                cfg,
+                stop,
+                task,
+                accept,
+            },
+            entry,
+        )
+    }
+
+    /// Hands an accepted connection to its passive peer, or closes it.
+    fn dispatch(
+        &self,
+        accepted: std::io::Result<(TcpStream, SocketAddr)>,
+        running: &BTreeMap<String, Running>,
+    ) {
+        let (stream, from) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "BGP accept failed");
+                return;
+            }
+        };
+        let ip = from.ip().to_canonical();
+        let reason = match running.values().find(|r| r.cfg.address == ip) {
+            None => "unknownPeer",
+            Some(r) => match &r.accept {
+                None => "notPassive",
+                Some(tx) => match tx.try_send(stream) {
+                    Ok(()) => return,
+                    Err(_) => "busy",
+                },
+            },
+        };
+        tracing::info!(from = %from, reason, "incoming BGP connection closed");
+        Metrics::count(&self.inner.metrics.refused, reason);
     }
 
     /// Per session, in the order of the peers.
     pub fn sessions(&self) -> Vec<SessionStatus> {
-        self.inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.inner.entries)
+            .iter()
+            .map(|e| {
+                let st = e.status.borrow();
+                SessionStatus {
+                    peer: e.cfg.name.clone(),
+                    address: e.cfg.address,
+                    state: state_word(st.state),
+                    since: Some(st.since),
+                    prefixes_sent: st.routes,
+                    updates_sent: st.updates_sent,
+                    flaps: st.flaps,
+                    last_error: st.last_error.clone(),
+                    bfd: e.bfd.as_ref().map(|b| bfd::word(*b.borrow())),
+                }
+            })
+            .collect()
     }
 
     /// True when every Established session has written everything in the current routes to its
     /// socket: a graceful stop waits for this, then a grace, before draining.
     pub fn in_sync(&self) -> bool {
-        true
+        let Some(routes) = lock(&self.inner.routes)
+            .as_ref()
+            .map(|r| r.borrow().clone())
+        else {
+            return true;
+        };
+        lock(&self.inner.entries).iter().all(|e| {
+            let st = e.status.borrow();
+            st.state != State::Established
+                || st.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &routes))
+        })
     }
 }
+
+/// Keeps a session's metrics in step with its status until the driver ends.
+async fn follow_status(name: String, mut st: watch::Receiver<driver::Status>, m: Metrics) {
+    let labels = PeerLabels { peer: name.clone() };
+    let (mut updates, mut flaps) = (0u64, 0u64);
+    loop {
+        {
+            let s = st.borrow_and_update();
+            Metrics::set_state(&m.state, &BGP_STATES, &name, state_word(s.state));
+            m.prefixes_sent
+                .get_or_create(&labels)
+                .set(i64::try_from(s.routes).unwrap_or(i64::MAX));
+            m.updates_sent
+                .get_or_create(&labels)
+                .inc_by(s.updates_sent.saturating_sub(updates));
+            m.flaps
+                .get_or_create(&labels)
+                .inc_by(s.flaps.saturating_sub(flaps));
+            (updates, flaps) = (s.updates_sent, s.flaps);
+        }
+        if st.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The listeners for passive peers and the MD5 keys set on them.
+#[derive(Default)]
+struct Listeners {
+    v4: Option<TcpListener>,
+    v6: Option<TcpListener>,
+    /// Keys set, by peer address (to remove those of peers that left).
+    keyed: BTreeMap<IpAddr, String>,
+    /// When to try again after a failure.
+    retry: Option<Instant>,
+}
+
+impl Listeners {
+    fn ensure(&mut self, binder: &Arc<dyn Binder>, want: &[PeerConfig]) {
+        let passive: Vec<&PeerConfig> = want.iter().filter(|p| p.passive).collect();
+        if self.retry.is_none() {
+            for v6 in [false, true] {
+                let slot = if v6 { &mut self.v6 } else { &mut self.v4 };
+                if slot.is_none() && passive.iter().any(|p| p.address.is_ipv6() == v6) {
+                    match binder.listen(v6) {
+                        Ok(l) => {
+                            tracing::info!(addr = ?l.local_addr().ok(), "BGP listener open");
+                            *slot = Some(l);
+                            self.keyed.clear();
+                        }
+                        Err(e) => {
+                            tracing::warn!(v6, error = %e, reason = "listenFailed",
+                                "cannot open the BGP listener for passive peers (is another BGP \
+                                 daemon on the port?); trying again in 5 s");
+                            self.retry = Some(Instant::now() + Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        }
+        // TCP MD5 keys on the listener, per passive peer (accepted sockets inherit them).
+        let mut keys: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for p in &passive {
+            if let Some(pw) = &p.password {
+                keys.insert(p.address, pw.clone());
+            }
+        }
+        let stale: Vec<IpAddr> = self
+            .keyed
+            .keys()
+            .filter(|a| !keys.contains_key(a))
+            .copied()
+            .collect();
+        for a in stale {
+            self.keyed.remove(&a);
+            if let Some(l) = if a.is_ipv6() { &self.v6 } else { &self.v4 } {
+                let _ = sys::tcp_md5::set_tcp_md5(l, a, b"");
+            }
+        }
+        for (a, pw) in keys {
+            if self.keyed.get(&a) == Some(&pw) {
+                continue;
+            }
+            if let Some(l) = if a.is_ipv6() { &self.v6 } else { &self.v4 } {
+                match sys::tcp_md5::set_tcp_md5(l, a, pw.as_bytes()) {
+                    Ok(()) => {
+                        self.keyed.insert(a, pw);
+                    }
+                    Err(e) => tracing::warn!(peer = %a, error = %e, reason = "md5Failed",
+                        "cannot set the TCP MD5 password on the BGP listener"),
+                }
+            }
+        }
+    }
+}
+
+async fn accept(l: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;
