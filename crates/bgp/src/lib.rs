@@ -16,5 +16,7 @@ pub mod driver;
 pub mod message;
 mod prefix;
 pub mod session;
+pub mod speaker;
 
 pub use prefix::Prefix;
+pub use speaker::{BfdTimers, PeerConfig, RouteAttrs, Routes, SessionStatus, Speaker};
