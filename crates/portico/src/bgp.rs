@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bgp::{PeerConfig, Prefix, RouteAttrs, Routes};
-use model::bgp::RouteDecisions;
+use model::bgp::{RouteDecisions, RouteReason};
 use model::{
     BgpRouteStatus, BgpSessionStatus, BgpStatus, Config, Desired, HealthView, OwnershipView,
 };
@@ -169,7 +169,8 @@ pub async fn follow_l2(
 }
 
 /// Keeps every announced VIP on `lo` (so the routed packets are delivered locally) until
-/// `stop`, then takes off what it added. Addresses are added with the agent's `IFA_PROTO` mark;
+/// `stop` (the end of the drain: a graceful stop's `stopping` VIPs stay), then takes off what
+/// it added. Addresses are added with the agent's `IFA_PROTO` mark;
 /// one that was there already (the host's, or the agent's for an `announce: both` VIP it owns)
 /// is not ours and is left alone; an address this task added stays while the agent owns the
 /// VIP. Checked on every change and every second (the agent clears marked addresses once when
@@ -195,7 +196,10 @@ pub async fn local_delivery(
         let want: BTreeSet<IpAddr> = decisions
             .borrow_and_update()
             .iter()
-            .filter(|(ip, r)| r.announced() && !ip.is_loopback())
+            // withdrawn for a graceful stop: still delivered here until the drain ends
+            .filter(|(ip, r)| {
+                (r.announced() || r.reason == RouteReason::Stopping) && !ip.is_loopback()
+            })
             .map(|(ip, _)| *ip)
             .collect();
         let owned_here: BTreeSet<IpAddr> = own
@@ -325,7 +329,6 @@ pub fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::bgp::RouteReason;
     use model::config::{Environment, parse};
 
     const SRC: &str = "node: {name: n1, interfaces: [{name: eth0, addresses: [192.0.2.10/24]}]}\nbgp:\n  asn: 64512\n  peers:\n    - {name: tor1, address: 192.0.2.1, asn: 64512, port: 1179, hold_time: 9s, bfd: fast, multihop: 3, graceful_restart: off, passive: true, source: 192.0.2.10}\nservices:\n  - name: web\n    vips: [198.51.100.7, 2001:db8::7]\n    ports: [{port: 80}]\n    backends: [{name: a, address: 10.0.0.1}]\n    announce: bgp\n    bgp: {communities: [\"64512:100\"], large_communities: [\"64512:1:2\"], local_pref: 200, med: 10}\n  - {name: l2, vips: [192.0.2.50], ports: [{port: 80}], backends: [{address: 10.0.0.1}]}\n";
