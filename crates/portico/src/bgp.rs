@@ -94,6 +94,7 @@ pub async fn decide(
     out: Outputs,
     stop: CancellationToken,
 ) {
+    let mut open = [true; 4];
     loop {
         let cfg = desired.borrow_and_update().config.clone();
         let h = health.borrow_and_update().clone();
@@ -128,12 +129,14 @@ pub async fn decide(
             }
             changed
         });
+        // a closed input keeps its last value: the source ends at shutdown, before the
+        // graceful stop's withdrawal has been decided here
         tokio::select! {
             () = stop.cancelled() => return,
-            r = desired.changed() => if r.is_err() { return },
-            r = health.changed() => if r.is_err() { return },
-            r = own.changed() => if r.is_err() { return },
-            r = stopping.changed() => if r.is_err() { return },
+            r = desired.changed(), if open[0] => open[0] = r.is_ok(),
+            r = health.changed(), if open[1] => open[1] = r.is_ok(),
+            r = own.changed(), if open[2] => open[2] = r.is_ok(),
+            r = stopping.changed(), if open[3] => open[3] = r.is_ok(),
         }
     }
 }
@@ -190,6 +193,7 @@ pub async fn local_delivery(
     let prefix = |ip: IpAddr| if ip.is_ipv4() { 32 } else { 128 };
     let mut added: BTreeSet<IpAddr> = BTreeSet::new();
     let mut warned: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut open = [true; 2];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -232,11 +236,12 @@ pub async fn local_delivery(
             remove(lo, ip, prefix(ip));
             added.remove(&ip);
         }
+        // closed inputs keep their last value: only `stop` (after the drain) ends this
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
-            r = decisions.changed() => if r.is_err() { break },
-            r = own.changed() => if r.is_err() { break },
+            r = decisions.changed(), if open[0] => open[0] = r.is_ok(),
+            r = own.changed(), if open[1] => open[1] = r.is_ok(),
         }
     }
     for ip in added {
@@ -384,6 +389,49 @@ mod tests {
         assert_eq!(names, ["l2"]);
         let none = parse("services: []\n", &Environment::default()).unwrap();
         assert!(peers_of(&none).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_withdrawal_is_decided_after_the_source_has_ended() {
+        let cfg = parse(SRC, &Environment::default()).unwrap();
+        let (dtx, drx) = watch::channel(Arc::new(Desired {
+            generation: 1,
+            config: Arc::new(cfg),
+        }));
+        let (htx, hrx) = watch::channel(Arc::new(HealthView::new()));
+        let (otx, orx) = watch::channel(Arc::new(OwnershipView::new()));
+        let (stx, srx) = watch::channel(false);
+        let (peers, _p) = watch::channel(Arc::new(Vec::new()));
+        let (routes, mut rrx) = watch::channel(Arc::new(Routes::new()));
+        let (decisions, _d) = watch::channel(Arc::new(RouteDecisions::new()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(decide(
+            drx,
+            hrx,
+            orx,
+            srx,
+            Outputs {
+                peers,
+                routes,
+                decisions,
+            },
+            stop.clone(),
+        ));
+        let within = Duration::from_secs(5);
+        let r = tokio::time::timeout(within, rrx.wait_for(|r| r.len() == 2))
+            .await
+            .map(|r| r.is_ok());
+        assert_eq!(r, Ok(true), "announced");
+        // at shutdown the source (and later the agent) end first
+        drop((dtx, htx, otx));
+        tokio::task::yield_now().await;
+        stx.send_replace(true);
+        let r = tokio::time::timeout(within, rrx.wait_for(|r| r.is_empty()))
+            .await
+            .map(|r| r.is_ok());
+        assert_eq!(r, Ok(true), "withdrawn after the source ended");
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
