@@ -87,6 +87,7 @@ mod tests {
         "crates/admin/src/limits.rs",
         "crates/ipam/src/metrics.rs",
         "crates/portico/src/observe.rs",
+        "crates/bgp/src/speaker/metrics.rs",
     ];
 
     fn root() -> std::path::PathBuf {
@@ -147,6 +148,7 @@ mod tests {
             "portico_lb_connect_failures",
             "portico_agent_handover_forwarding_off",
             "portico_dns_responses",
+            "portico_bgp_updates_sent",
         ] {
             assert!(
                 names.iter().any(|n| n == want),
