@@ -149,21 +149,21 @@ pub fn l2_desired(d: &Desired) -> Arc<Desired> {
     })
 }
 
-/// Forwards [`l2_desired`] of every generation to `tx` until `stop`.
+/// Forwards [`l2_desired`] of every snapshot after `first` (which `tx` holds already) to `tx`
+/// until `stop`.
 pub async fn follow_l2(
     mut desired: watch::Receiver<Arc<Desired>>,
     tx: watch::Sender<Arc<Desired>>,
+    first: Arc<Desired>,
     stop: CancellationToken,
 ) {
+    let mut last = first;
     loop {
         let d = desired.borrow_and_update().clone();
-        tx.send_if_modified(|cur| {
-            let changed = cur.generation != d.generation;
-            if changed {
-                *cur = l2_desired(&d);
-            }
-            changed
-        });
+        if !Arc::ptr_eq(&d, &last) {
+            tx.send_replace(l2_desired(&d));
+            last = d;
+        }
         tokio::select! {
             () = stop.cancelled() => return,
             r = desired.changed() => if r.is_err() { return },
@@ -430,6 +430,40 @@ mod tests {
             .await
             .map(|r| r.is_ok());
         assert_eq!(r, Ok(true), "withdrawn after the source ended");
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_agent_follows_every_generation_without_bgp_only_services() {
+        let cfg = Arc::new(parse(SRC, &Environment::default()).unwrap());
+        let first = Arc::new(Desired {
+            generation: 1,
+            config: cfg.clone(),
+        });
+        let (dtx, drx) = watch::channel(first.clone());
+        let (tx, mut rx) = watch::channel(l2_desired(&first));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(follow_l2(drx, tx, first, stop.clone()));
+        let mut next = (*cfg).clone();
+        next.services.retain(|s| s.name == "web");
+        next.services[0].announce = model::bgp::AnnounceMode::Both;
+        dtx.send_replace(Arc::new(Desired {
+            generation: 2,
+            config: Arc::new(next),
+        }));
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|d| d.generation == 2))
+            .await
+            .map(|r| {
+                r.map(|d| {
+                    d.config
+                        .services
+                        .iter()
+                        .map(|s| s.name.clone())
+                        .collect::<Vec<_>>()
+                })
+            });
+        assert_eq!(got.ok().and_then(Result::ok), Some(vec!["web".to_string()]));
         stop.cancel();
         task.await.unwrap();
     }

@@ -131,6 +131,7 @@ pub async fn serve(
     tasks.spawn(crate::bgp::follow_l2(
         desired.clone(),
         l2_tx,
+        first.clone(),
         rest_stop.clone(),
     ));
     tasks.spawn(crate::bgp::decide(
