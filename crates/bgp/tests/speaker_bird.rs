@@ -15,186 +15,14 @@
 //! Root only; locally it skips without root, BIRD or nft, in CI (`PORTICO_CI`) it fails.
 //! Namespaces, links, BIRD and the speakers' threads are removed at the end, also on failure.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bgp::speaker::{BfdTimers, PeerConfig, RouteAttrs, Routes, Speaker, SystemBinder};
-use bgp::{Prefix, SessionStatus};
-use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use bgp::speaker::{BfdTimers, RouteAttrs, Routes};
+use common::{Lab, Node, have, peer, poll, silence, vip};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-
-struct Lab {
-    id: u32,
-    dir: PathBuf,
-    bird: Option<Child>,
-}
-
-impl Lab {
-    fn ns(&self, role: &str) -> String {
-        format!("pb-{role}{}", self.id)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Some(mut b) = self.bird.take() {
-            let _ = b.kill();
-            let _ = b.wait();
-        }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- bird.log (last lines) ---");
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-        for role in ["r", "a", "b"] {
-            let _ = Command::new("ip")
-                .args(["netns", "delete", &self.ns(role)])
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().expect("runs");
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A speaker running in a node namespace on its own thread and runtime.
-struct Node {
-    speaker: Speaker,
-    _routes: watch::Sender<Arc<Routes>>,
-    stop: CancellationToken,
-    crash: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Node {
-    fn start(ns: &str, peers: Vec<PeerConfig>, routes: Routes, connect_timeout: Duration) -> Node {
-        let mut registry = Registry::default();
-        let binder = SystemBinder {
-            connect_timeout,
-            ..SystemBinder::default()
-        };
-        let speaker = Speaker::with_binder(&mut registry, Arc::new(binder));
-        let (routes_tx, routes_rx) = watch::channel(Arc::new(routes));
-        let (_peers_tx, peers_rx) = watch::channel(Arc::new(peers));
-        let stop = CancellationToken::new();
-        let crash = CancellationToken::new();
-        let path = format!("/run/netns/{ns}");
-        let thread = std::thread::spawn({
-            let speaker = speaker.clone();
-            let (stop, crash) = (stop.clone(), crash.clone());
-            move || {
-                sys::setns_net(&path).expect("setns");
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                let _keep = _peers_tx;
-                rt.block_on(async {
-                    tokio::select! {
-                        r = speaker.run(peers_rx, routes_rx, stop) => r.expect("speaker"),
-                        // A crash: the runtime goes away with its tasks; the sockets close
-                        // without a NOTIFICATION.
-                        () = crash.cancelled() => {}
-                    }
-                });
-                rt.shutdown_background();
-            }
-        });
-        Node {
-            speaker,
-            _routes: routes_tx,
-            stop,
-            crash,
-            thread: Some(thread),
-        }
-    }
-
-    /// The peer's session (a default one until the speaker has started it).
-    fn session(&self, peer: &str) -> SessionStatus {
-        self.speaker
-            .sessions()
-            .into_iter()
-            .find(|s| s.peer == peer)
-            .unwrap_or(SessionStatus {
-                peer: peer.to_string(),
-                address: IpAddr::from([0, 0, 0, 0]),
-                state: "absent",
-                since: None,
-                prefixes_sent: 0,
-                updates_sent: 0,
-                flaps: 0,
-                last_error: None,
-                bfd: None,
-            })
-    }
-
-    fn crash(mut self) {
-        self.crash.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn poll(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < within, "not within {within:?}: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    t.elapsed()
-}
-
-fn vip(s: &str) -> Prefix {
-    Prefix::host(s.parse().expect("address"))
-}
-
-fn peer(name: &str, address: &str, source: &str) -> PeerConfig {
-    PeerConfig {
-        source: Some(source.parse::<IpAddr>().expect("address")),
-        hold_time: Duration::from_secs(9),
-        ..PeerConfig::new(
-            name,
-            address.parse().expect("address"),
-            65002,
-            65001,
-            "10.98.0.2".parse().expect("id"),
-        )
-    }
-}
 
 #[test]
 fn bird_gets_ecmp_ipv6_md5_graceful_restart_and_bfd_from_the_speaker() {
@@ -206,56 +34,9 @@ fn bird_gets_ecmp_ipv6_md5_graceful_restart_and_bfd_from_the_speaker() {
         sys::skip_test("needs bird, birdc (Debian bird2) and nft");
         return;
     }
-    let id = std::process::id();
-    let dir = std::env::temp_dir().join(format!("portico-speaker-bird-{id}"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut lab = Lab {
-        id,
-        dir: dir.clone(),
-        bird: None,
-    };
+    let mut lab = Lab::new("bird");
+    let dir = lab.dir.clone();
     let (r, a, b) = (lab.ns("r"), lab.ns("a"), lab.ns("b"));
-    for ns in [&r, &a, &b] {
-        run("ip", &["netns", "add", ns]);
-        run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-    }
-    for (node, link, net) in [(&a, "a0", 1), (&b, "b0", 2)] {
-        run(
-            "ip",
-            &[
-                "-n", &r, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
-                node,
-            ],
-        );
-        for (ns, dev, host) in [(&r, link, 1), (node, "eth0", 2)] {
-            run(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("10.98.{net}.{host}/24"),
-                    "dev",
-                    dev,
-                ],
-            );
-            run(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("fd98:{net}::{host}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ],
-            );
-            run("ip", &["-n", ns, "link", "set", dev, "up"]);
-        }
-    }
     std::fs::write(
         dir.join("bird.conf"),
         format!(
@@ -275,7 +56,7 @@ protocol bgp b from node {{ local 10.98.2.1; neighbor 10.98.2.2 as 65002; passwo
         ),
     )
     .expect("config");
-    lab.bird = Some(
+    lab.children.push(
         Command::new("ip")
             .args(["netns", "exec", &r, "bird", "-f", "-c"])
             .arg(dir.join("bird.conf"))
@@ -288,12 +69,7 @@ protocol bgp b from node {{ local 10.98.2.1; neighbor 10.98.2.2 as 65002; passwo
             .spawn()
             .expect("bird starts"),
     );
-    let route = |ns: &str, v6: bool, p: &str| {
-        run(
-            "ip",
-            &["-n", ns, if v6 { "-6" } else { "-4" }, "route", "show", p],
-        )
-    };
+    let route = |_: &str, v6: bool, p: &str| lab.route(v6, p);
     let routes: Routes = [
         (vip("198.51.100.7"), RouteAttrs::default()),
         (vip("2001:db8:100::7"), RouteAttrs::default()),
@@ -365,16 +141,7 @@ protocol bgp b from node {{ local 10.98.2.1; neighbor 10.98.2.2 as 65002; passwo
     );
 
     // BFD: A falls silent (everything it sends dropped, the link stays up).
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &a,
-            "nft",
-            "add table inet pbsilent; add chain inet pbsilent out { type filter hook output priority 0; policy drop; }",
-        ],
-    );
+    silence(&a);
     let gone = poll(
         Duration::from_secs(5),
         "A's next hop out of the FIB",
