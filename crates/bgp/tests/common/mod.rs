@@ -156,7 +156,8 @@ pub fn silence(ns: &str) {
 /// A speaker running in a node namespace on its own thread and runtime.
 pub struct Node {
     pub speaker: Speaker,
-    _routes: watch::Sender<Arc<Routes>>,
+    /// The routes it announces.
+    pub routes: watch::Sender<Arc<Routes>>,
     stop: CancellationToken,
     crash: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -203,7 +204,7 @@ impl Node {
         });
         Node {
             speaker,
-            _routes: routes_tx,
+            routes: routes_tx,
             stop,
             crash,
             thread: Some(thread),
