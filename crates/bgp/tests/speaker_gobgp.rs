@@ -125,7 +125,7 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
     });
     assert_eq!(node_b.session("b").state, "established");
     // A withdrawal reaches GoBGP.
-    node_a._routes.send_replace(Arc::new(
+    node_a.routes.send_replace(Arc::new(
         [(vip("2001:db8:100::7"), RouteAttrs::default())].into(),
     ));
     poll(Duration::from_secs(10), "a's /32 withdrawn", || {
