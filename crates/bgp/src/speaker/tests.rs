@@ -574,7 +574,7 @@ async fn bfd_down_takes_the_bgp_session_down_within_the_detection_time() {
     .expect("BFD up at the router within 10 s")
     .unwrap();
     wait_for(Duration::from_secs(5), "BFD up at the speaker", || {
-        r.speaker.sessions()[0].bfd == Some("up")
+        r.speaker.sessions().first().and_then(|s| s.bfd) == Some("up")
     })
     .await;
     // The router's BFD falls silent: the speaker's BFD goes down after 3 × 100 ms and the BGP
@@ -628,7 +628,36 @@ async fn single_hop_bfd_packets_without_ttl_255_are_dropped() {
         metrics_text(&r.registry).contains("portico_bgp_bfd_packets_dropped_total{reason=\"ttl\"}")
     })
     .await;
+    wait_for(Duration::from_secs(5), "the session listed", || {
+        !r.speaker.sessions().is_empty()
+    })
+    .await;
     assert_eq!(r.speaker.sessions()[0].bfd, Some("down"));
+    r.stop.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn multihop_bfd_comes_up_with_any_ttl() {
+    let router_bfd = tokio::net::UdpSocket::bind((LO, 0)).await.unwrap();
+    sys::ttl::set_ttl(&router_bfd, false, 62).unwrap();
+    let binder = Arc::new(TestBinder::new(router_bfd.local_addr().unwrap().port()));
+    let speaker_bfd = binder.bfd_addr();
+    let mut p = peer("multihop", 9);
+    p.multihop = Some(3);
+    p.bfd = Some(BfdTimers {
+        interval: Duration::from_millis(50),
+        multiplier: 3,
+    });
+    let r = spawn(binder, vec![p], Routes::new());
+    let (_mute_tx, mute) = watch::channel(false);
+    let (state_tx, _state) = watch::channel(crate::bfd::State::Down);
+    tokio::spawn(bfd_router(router_bfd, speaker_bfd, mute, state_tx));
+    wait_for(Duration::from_secs(5), "multihop BFD up", || {
+        r.speaker.sessions().first().and_then(|s| s.bfd) == Some("up")
+    })
+    .await;
+    assert!(!metrics_text(&r.registry).contains("reason=\"ttl\""));
     r.stop.cancel();
     r.task.await.unwrap().unwrap();
 }
