@@ -5,7 +5,8 @@
 //!
 //! - both nodes announce the same /32: one route with two `nexthop via` (ECMP through zebra);
 //! - an IPv6 session announces a /128 with the node's IPv6 next hop;
-//! - node b's session uses a TCP MD5 password;
+//! - node b's session uses a TCP MD5 password; graceful restart keeps its next hop while its
+//!   speaker is dead (FRR as the helper);
 //! - BFD with FRR's bfdd (100 ms × 3): a node that falls silent (its packets dropped, the link
 //!   up) leaves the FIB within the detection time (measured and printed).
 //!
@@ -133,7 +134,7 @@ fn frr_gets_ecmp_ipv6_md5_and_bfd_from_the_speaker() {
     let mut pb = peer("b", "10.98.2.1", "10.98.2.2");
     pb.password = Some("s3cret".into());
     let node_a = Node::start(&a, vec![pa, pa6], routes.clone(), Duration::from_secs(2));
-    let node_b = Node::start(&b, vec![pb], routes, Duration::from_secs(2));
+    let node_b = Node::start(&b, vec![pb.clone()], routes.clone(), Duration::from_secs(2));
 
     let took = poll(Duration::from_secs(60), "two next hops in the FIB", || {
         let s = lab.route(false, "198.51.100.7");
@@ -153,6 +154,20 @@ fn frr_gets_ecmp_ipv6_md5_and_bfd_from_the_speaker() {
     });
     println!("{}", vtysh(&lab, "show bfd peers brief"));
     assert!(node_b.session("b").state == "established");
+
+    // Graceful restart (FRR is a helper by default): B dies without a NOTIFICATION, its next
+    // hop stays in the FIB, and the session comes back.
+    node_b.crash();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.route(false, "198.51.100.7").contains("10.98.2.2"),
+        "B's next hop stays during the restart time:\n{}",
+        lab.route(false, "198.51.100.7")
+    );
+    let node_b = Node::start(&b, vec![pb], routes, Duration::from_secs(2));
+    poll(Duration::from_secs(30), "B back", || {
+        node_b.session("b").state == "established"
+    });
 
     silence(&a);
     let gone = poll(
