@@ -412,3 +412,47 @@ fn the_graceful_restart_capability_keeps_both_families_forwarding() {
         Capability::GracefulRestart(g) if g.restart_time == 120
             && g.families == [(AFI_IPV4, SAFI_UNICAST, true), (AFI_IPV6, SAFI_UNICAST, true)])));
 }
+
+proptest::proptest! {
+    /// Whatever an Established peer sends, in whatever pieces, the session never panics: it
+    /// stays up (the octets are a prefix of a message, or valid messages) or goes down with
+    /// a reason word, and a NOTIFICATION for anything it refused as malformed.
+    #[test]
+    fn hostile_octets_never_panic_and_a_refusal_carries_a_notification(
+        junk in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+        header in proptest::bool::ANY,
+        cut in 1usize..64,
+    ) {
+        let t0 = Instant::now();
+        let (mut s, _) = established(t0);
+        let mut octets = Vec::new();
+        if header {
+            // A valid marker and a length, so the body reaches the message decoders.
+            octets.extend_from_slice(&[0xff; 16]);
+            let len = u16::try_from(19 + junk.len().saturating_sub(1)).unwrap_or(4096);
+            octets.extend_from_slice(&len.to_be_bytes());
+        }
+        octets.extend_from_slice(&junk);
+        let mut actions = Vec::new();
+        for chunk in octets.chunks(cut) {
+            actions.extend(s.received(chunk, t0));
+        }
+        let down = actions.iter().find_map(|a| match a {
+            Action::Down { reason, notification } => Some((*reason, notification.clone())),
+            _ => None,
+        });
+        match down {
+            None => proptest::prop_assert_eq!(s.state(), State::Established),
+            Some(("malformedMessage", n)) => {
+                proptest::prop_assert!(n.is_some());
+                proptest::prop_assert!(
+                    sent(&actions).iter().any(|m| matches!(m, Message::Notification(_)))
+                );
+            }
+            Some((reason, _)) => proptest::prop_assert!(
+                ["peerNotification", "fsmError"].contains(&reason),
+                "{reason}"
+            ),
+        }
+    }
+}
