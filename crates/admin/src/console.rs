@@ -151,6 +151,44 @@ fn word<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+/// The BGP sessions and this node's route decisions.
+fn bgp(h: &mut String, b: &model::BgpStatus) {
+    h.push_str("<section id=\"bgp\"><h2>BGP</h2><div class=\"scroll\"><table><thead><tr><th>peer</th><th>address</th><th>state</th><th>uptime</th><th>prefixes</th><th>updates</th><th>flaps</th><th>BFD</th><th>last error</th></tr></thead><tbody>");
+    for s in &b.sessions {
+        let _ = write!(
+            h,
+            "<tr data-peer=\"{0}\"><td>{0}</td><td>{1}</td><td class=\"{2}\">{3}</td><td>{4}</td><td>{5}</td><td>{6}</td><td>{7}</td><td>{8}</td><td>{9}</td></tr>",
+            esc(&s.peer),
+            s.address,
+            if s.state == "established" {
+                "ok"
+            } else {
+                "bad"
+            },
+            esc(&s.state),
+            s.uptime_seconds
+                .map_or_else(|| "–".to_string(), |u| format!("{u} s")),
+            s.prefixes_sent,
+            s.updates_sent,
+            s.flaps,
+            esc(s.bfd.as_deref().unwrap_or("–")),
+            esc(s.last_error.as_deref().unwrap_or("–")),
+        );
+    }
+    h.push_str("</tbody></table></div><div class=\"scroll\"><table><thead><tr><th>VIP</th><th>service</th><th>route</th></tr></thead><tbody>");
+    for r in &b.routes {
+        let _ = write!(
+            h,
+            "<tr data-route=\"{0}\"><td>{0}</td><td>{1}</td><td class=\"reason {2}\">{3}</td></tr>",
+            r.address,
+            esc(&r.service),
+            if r.reason == "announced" { "ok" } else { "bad" },
+            esc(&r.reason),
+        );
+    }
+    h.push_str("</tbody></table></div></section>");
+}
+
 /// Renders the live part of the page: nodes, VIPs, services with their backends, DNS answers and
 /// the timeline (newest first). Every string from the report is escaped. `rates`: `None` in
 /// the static snapshot (no second reading yet).
@@ -214,6 +252,9 @@ pub fn render(report: &StatusReport, events: &[Event], rates: Option<&Rates>) ->
         }
     }
     h.push_str("</tbody></table></div></section>");
+    if let Some(b) = &report.bgp {
+        bgp(&mut h, b);
+    }
 
     h.push_str("<section id=\"services\"><h2>Services</h2>");
     for s in &report.services {
@@ -456,6 +497,37 @@ mod tests {
             !html.contains('\n'),
             "one line, so it fits one SSE data field"
         );
+    }
+
+    #[test]
+    fn bgp_sessions_and_routes_are_shown_when_configured() {
+        let mut rep = report();
+        assert!(!render(&rep, &[], None).contains("id=\"bgp\""));
+        rep.bgp = Some(model::BgpStatus {
+            sessions: vec![model::BgpSessionStatus {
+                peer: "tor<1>".into(),
+                address: "192.0.2.1".parse().unwrap(),
+                state: "established".into(),
+                uptime_seconds: Some(7),
+                prefixes_sent: 2,
+                updates_sent: 3,
+                flaps: 0,
+                last_error: None,
+                bfd: Some("up".into()),
+            }],
+            routes: vec![model::BgpRouteStatus {
+                service: "web".into(),
+                address: "198.51.100.7".parse().unwrap(),
+                reason: "noHealthyBackend".into(),
+            }],
+        });
+        let html = render(&rep, &[], None);
+        assert!(html.contains("<td>tor&lt;1&gt;</td><td>192.0.2.1</td><td class=\"ok\">established</td><td>7 s</td><td>2</td>"), "{html}");
+        assert!(
+            html.contains("<td class=\"reason bad\">noHealthyBackend</td>"),
+            "{html}"
+        );
+        assert!(!html.contains('\n'));
     }
 
     #[tokio::test(start_paused = true)]

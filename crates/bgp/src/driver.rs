@@ -1,86 +1,122 @@
 //! The tokio driver of one BGP session: connects through an injected connector, feeds octets,
 //! routes and time to the pure [`Session`] and performs its actions. Library code never binds or
-//! dials fixed addresses: the binary passes a connector (TCP to the peer from the configured
-//! source, with MD5 if set); tests pass an in-memory stream.
+//! dials fixed addresses: the speaker passes a connector (TCP to the peer from the configured
+//! source, with MD5 if set, or the next accepted connection of a passive peer); tests pass an
+//! in-memory stream. A connect in progress, a read and every timer wait together, so a
+//! shutdown or a route change never waits for a slow peer; a write that does not finish within
+//! [`WRITE_TIMEOUT`] counts as a lost connection.
 
-use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Prefix;
 use crate::session::{Action, Session, State};
+use crate::speaker::Routes;
+
+/// How long one write may take before the connection counts as lost.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A byte stream to the peer.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// A connection being opened: the stream and this side's address (the next hop when none is
+/// configured).
+pub type Connecting =
+    Pin<Box<dyn Future<Output = std::io::Result<(Box<dyn Stream>, Option<IpAddr>)>> + Send>>;
+
 /// Opens a connection to the peer (a fresh one per attempt).
-pub type Connector = Box<
-    dyn FnMut() -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Stream>>> + Send>> + Send,
->;
+pub type Connector = Box<dyn FnMut() -> Connecting + Send>;
 
 /// What the driver publishes about its session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Status {
     /// The state.
     pub state: State,
+    /// When it entered that state.
+    pub since: SystemTime,
     /// The last reason word it went down with (`None` before the first time).
     pub last_down: Option<&'static str>,
+    /// The last error: the reason word and what happened (a NOTIFICATION, a connect error).
+    pub last_error: Option<String>,
     /// Times it left Established.
     pub flaps: u64,
     /// Routes the peer has from us.
     pub routes: usize,
+    /// UPDATE messages sent.
+    pub updates_sent: u64,
+    /// The routes snapshot the peer has completely (written to the socket), when it does.
+    pub synced: Option<Arc<Routes>>,
 }
 
-/// Runs the session until `shutdown` (then sends a Cease and closes). `routes` are the host
-/// routes to announce; `bfd` turns true when BFD declares the peer down (the session drops at
-/// once and the driver resets the flag's meaning on the next change).
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            state: State::Idle,
+            since: SystemTime::now(),
+            last_down: None,
+            last_error: None,
+            flaps: 0,
+            routes: 0,
+            updates_sent: 0,
+            synced: None,
+        }
+    }
+}
+
+/// Runs the session until `shutdown` (then sends a Cease and closes). `routes` are the routes
+/// to announce; `bfd_down` turns true when BFD declares the peer down (the session drops at
+/// once; it turns false again when BFD is back up). A closed `routes` or `bfd_down` channel
+/// keeps its last value.
 pub async fn run(
     mut session: Session,
     mut connect: Connector,
-    mut routes: watch::Receiver<BTreeSet<Prefix>>,
+    mut routes: watch::Receiver<Arc<Routes>>,
     mut bfd_down: watch::Receiver<bool>,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) {
     let mut stream: Option<Box<dyn Stream>> = None;
+    let mut connecting: Option<Connecting> = None;
     let mut buf = vec![0u8; 4096];
+    let mut current = routes.borrow_and_update().clone();
+    session.set_routes(current.clone());
     let mut pending = session.start(Instant::now());
-    session.set_routes(routes.borrow_and_update().clone());
-    let mut last_down = None;
-    let mut flaps = 0;
+    let mut st = status.borrow().clone();
     let mut up = false;
+    // A closed routes or BFD channel keeps the last value: the session goes on.
+    let (mut routes_open, mut bfd_open) = (true, true);
     loop {
         // Perform the actions so far.
         while !pending.is_empty() {
             let actions = std::mem::take(&mut pending);
             for a in actions {
                 match a {
-                    Action::Connect => match connect().await {
-                        Ok(s) => {
-                            stream = Some(s);
-                            pending.extend(session.connected(Instant::now()));
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "BGP connect failed");
-                            pending.extend(session.disconnected(Instant::now()));
-                        }
-                    },
+                    Action::Connect => connecting = Some(connect()),
                     Action::Send(b) => {
-                        if let Some(s) = stream.as_mut()
-                            && let Err(e) = s.write_all(&b).await
-                        {
+                        let Some(s) = stream.as_mut() else { continue };
+                        let r = tokio::time::timeout(WRITE_TIMEOUT, s.write_all(&b)).await;
+                        if let Err(e) = r.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "write timed out",
+                            ))
+                        }) {
                             tracing::debug!(error = %e, "BGP write failed");
+                            st.last_error = Some(format!("connectionLost: write: {e}"));
                             stream = None;
                             pending.extend(session.disconnected(Instant::now()));
                         }
                     }
                     Action::Close => {
+                        connecting = None;
                         if let Some(mut s) = stream.take() {
                             let _ = s.shutdown().await;
                         }
@@ -99,56 +135,90 @@ pub async fn run(
                         notification,
                     } => {
                         if std::mem::take(&mut up) {
-                            flaps += 1;
+                            st.flaps += 1;
                         }
-                        last_down = Some(reason);
+                        st.last_down = Some(reason);
+                        st.last_error = Some(match &notification {
+                            Some(n) => format!(
+                                "{reason}: NOTIFICATION {}/{} ({})",
+                                n.code,
+                                n.subcode,
+                                crate::message::notification_name(n.code, n.subcode)
+                            ),
+                            None => match st.last_error.take() {
+                                Some(e) if e.starts_with("connectionLost") => e,
+                                _ => reason.to_string(),
+                            },
+                        });
                         tracing::warn!(reason, ?notification, "BGP session down");
                     }
                 }
             }
         }
-        status.send_if_modified(|st| {
-            let new = Status {
-                state: session.state(),
-                last_down,
-                flaps,
-                routes: routes.borrow().len(),
-            };
-            if *st == new {
-                false
-            } else {
-                *st = new;
-                true
-            }
-        });
+        let state = session.state();
+        if state != st.state {
+            st.state = state;
+            st.since = SystemTime::now();
+        }
+        st.routes = session.prefixes_sent();
+        st.updates_sent = session.updates_sent;
+        st.synced = session.in_sync().then(|| current.clone());
+        status.send_replace(st.clone());
         let deadline = session.next_deadline();
         tokio::select! {
             () = shutdown.cancelled() => {
                 let actions = session.stop();
                 for a in actions {
                     if let (Action::Send(b), Some(s)) = (&a, stream.as_mut()) {
-                        let _ = s.write_all(b).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(b)).await;
                     }
                 }
                 if let Some(mut s) = stream.take() {
-                    let _ = s.shutdown().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), s.shutdown()).await;
                 }
+                st.state = State::Idle;
+                st.synced = None;
+                status.send_replace(st);
                 return;
             }
-            r = routes.changed() => {
+            r = routes.changed(), if routes_open => {
                 if r.is_err() {
-                    return;
+                    routes_open = false;
+                    continue;
                 }
-                let want = routes.borrow_and_update().clone();
-                pending = session.set_routes(want);
+                current = routes.borrow_and_update().clone();
+                pending = session.set_routes(current.clone());
             }
-            r = bfd_down.changed() => {
+            r = bfd_down.changed(), if bfd_open => {
                 if r.is_err() {
-                    return;
+                    bfd_open = false;
+                    continue;
                 }
                 if *bfd_down.borrow_and_update() {
                     pending = session.bfd_down(Instant::now());
                 }
+            }
+            r = async {
+                match connecting.as_mut() {
+                    Some(c) => c.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                connecting = None;
+                pending = match r {
+                    Ok((s, local)) => {
+                        stream = Some(s);
+                        if let Some(ip) = local {
+                            session.set_local_address(ip);
+                        }
+                        session.connected(Instant::now())
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "BGP connect failed");
+                        st.last_error = Some(format!("connectionLost: connect: {e}"));
+                        session.disconnected(Instant::now())
+                    }
+                };
             }
             n = async {
                 match stream.as_mut() {
@@ -159,6 +229,10 @@ pub async fn run(
                 pending = match n {
                     Ok(0) | Err(_) => {
                         stream = None;
+                        st.last_error = Some(match n {
+                            Err(e) => format!("connectionLost: read: {e}"),
+                            _ => "connectionLost: the peer closed the connection".to_string(),
+                        });
                         session.disconnected(Instant::now())
                     }
                     Ok(n) => session.received(&buf[..n], Instant::now()),
@@ -179,13 +253,13 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use tokio::io::DuplexStream;
 
     use super::*;
+    use crate::Prefix;
     use crate::message::{
         AFI_IPV4, Capability, Context, Message, Notification, Open, SAFI_UNICAST,
     };
@@ -229,7 +303,7 @@ mod tests {
             let (ours, theirs) = tokio::io::duplex(64 << 10);
             counter.fetch_add(1, Ordering::SeqCst);
             let _ = peers_tx.send(theirs);
-            Box::pin(async move { Ok(Box::new(ours) as Box<dyn Stream>) })
+            Box::pin(async move { Ok((Box::new(ours) as Box<dyn Stream>, None)) })
         });
         let session = Session::new(Config {
             local_as: 65002,
@@ -243,14 +317,12 @@ mod tests {
             restart_time: None,
         });
         let vip = |s: &str| Prefix::host(s.parse().unwrap());
-        let (routes_tx, routes) = watch::channel(BTreeSet::from([vip("198.51.100.7")]));
+        let routes_of = |v: &[&str]| -> Arc<Routes> {
+            Arc::new(v.iter().map(|s| (vip(s), Default::default())).collect())
+        };
+        let (routes_tx, routes) = watch::channel(routes_of(&["198.51.100.7"]));
         let (_bfd_tx, bfd) = watch::channel(false);
-        let (status_tx, mut status) = watch::channel(Status {
-            state: State::Idle,
-            last_down: None,
-            flaps: 0,
-            routes: 0,
-        });
+        let (status_tx, mut status) = watch::channel(Status::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(session, connect, routes, bfd, status_tx, stop.clone()));
 
@@ -284,7 +356,7 @@ mod tests {
             .await
             .unwrap();
         // A new address: one UPDATE with it.
-        routes_tx.send_replace(BTreeSet::from([vip("198.51.100.7"), vip("198.51.100.8")]));
+        routes_tx.send_replace(routes_of(&["198.51.100.7", "198.51.100.8"]));
         assert!(matches!(peer.next().await, Message::Update(u) if u.nlri == [vip("198.51.100.8")]));
         // Keepalives every 3 s (hold 9 s, ours) while the peer keeps quiet …
         let t = Instant::now();

@@ -19,17 +19,19 @@
 //! `malformedMessage`, `badPeerAs`, `connectionLost`, `stopped`, `bfdDown`) that goes to
 //! logs, metrics and status alike.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::Prefix;
 use crate::message::{
-    AFI_IPV4, AFI_IPV6, AsSegment, Attribute, Capability, Context, Error, GracefulRestart, Message,
-    Notification, Open, Origin, SAFI_UNICAST, Update,
+    AFI_IPV4, AFI_IPV6, AsSegment, Attribute, Capability, Context, Error, GracefulRestart,
+    LargeCommunity, Message, Notification, Open, Origin, SAFI_UNICAST, Update,
 };
+use crate::speaker::{RouteAttrs, Routes};
 
 /// The first connect retry; it doubles up to [`MAX_RETRY`].
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -54,9 +56,9 @@ pub struct Config {
     pub next_hop_v4: Option<Ipv4Addr>,
     /// Next hop of IPv6 routes.
     pub next_hop_v6: Option<std::net::Ipv6Addr>,
-    /// Communities on every route.
+    /// Communities on every route (besides each route's own).
     pub communities: Vec<u32>,
-    /// LOCAL_PREF on iBGP sessions.
+    /// LOCAL_PREF on iBGP sessions for routes without their own (100 when `None`).
     pub local_pref: Option<u32>,
     /// Graceful restart time advertised (RFC 4724), if any.
     pub restart_time: Option<u16>,
@@ -116,14 +118,19 @@ pub struct Session {
     retry_deadline: Option<Instant>,
     retry: Duration,
     /// Routes to announce.
-    routes: BTreeSet<Prefix>,
-    /// Routes the peer has from us.
-    sent: BTreeSet<Prefix>,
+    routes: Arc<Routes>,
+    /// Routes the peer has from us, with the attributes it has them with.
+    sent: Routes,
     /// Families the peer accepts.
     v4: bool,
     v6: bool,
     /// Updates received and ignored.
     pub updates_received: u64,
+    /// UPDATE messages sent (End-of-RIB markers included).
+    pub updates_sent: u64,
+    /// This side's address of the current connection: the next hop of its family when none
+    /// is configured.
+    local: Option<IpAddr>,
 }
 
 impl Session {
@@ -139,11 +146,13 @@ impl Session {
             keepalive_deadline: None,
             retry_deadline: None,
             retry: FIRST_RETRY,
-            routes: BTreeSet::new(),
-            sent: BTreeSet::new(),
+            routes: Arc::default(),
+            sent: Routes::new(),
             v4: false,
             v6: false,
             updates_received: 0,
+            updates_sent: 0,
+            local: None,
         }
     }
 
@@ -173,6 +182,29 @@ impl Session {
         self.state = State::Connect;
         self.hold_deadline = Some(now + OPEN_WAIT);
         vec![Action::Connect]
+    }
+
+    /// This side's address of the connection about to be reported [`Session::connected`]: the
+    /// next hop of its family unless one is configured.
+    pub fn set_local_address(&mut self, local: IpAddr) {
+        self.local = Some(match local {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(local, IpAddr::V4),
+            v4 => v4,
+        });
+    }
+
+    fn next_hop_v4(&self) -> Option<Ipv4Addr> {
+        self.cfg.next_hop_v4.or(match self.local {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        })
+    }
+
+    fn next_hop_v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.cfg.next_hop_v6.or(match self.local {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => None,
+        })
     }
 
     /// The TCP connection is up: send our OPEN.
@@ -235,8 +267,19 @@ impl Session {
         self.down("bfdDown", Some(n), now, true)
     }
 
+    /// Routes the peer has from us.
+    pub fn prefixes_sent(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Whether the session is Established and the peer has every route it accepts (those of
+    /// a family it negotiated and has a next hop for) with its current attributes.
+    pub fn in_sync(&self) -> bool {
+        self.state == State::Established && self.sent == self.wanted()
+    }
+
     /// Sets the routes to announce; when Established, sends the difference.
-    pub fn set_routes(&mut self, routes: BTreeSet<Prefix>) -> Vec<Action> {
+    pub fn set_routes(&mut self, routes: Arc<Routes>) -> Vec<Action> {
         self.routes = routes;
         if self.state == State::Established {
             self.sync()
@@ -313,7 +356,12 @@ impl Session {
             capabilities.push(Capability::GracefulRestart(GracefulRestart {
                 restarted: false,
                 restart_time: t.min(4095),
-                families: Vec::new(),
+                // Forwarding state preserved for both families: a peer keeps our routes
+                // while we restart, and keeps them when we come back (RFC 4724 §4.2).
+                families: vec![
+                    (AFI_IPV4, SAFI_UNICAST, true),
+                    (AFI_IPV6, SAFI_UNICAST, true),
+                ],
             }));
         }
         capabilities.push(Capability::FourOctetAs(self.cfg.local_as));
@@ -374,11 +422,13 @@ impl Session {
                 out.extend(self.sync());
                 // End-of-RIB per family (RFC 4724 §2).
                 if self.v4 {
+                    self.updates_sent += 1;
                     out.push(Action::Send(
                         Message::Update(Update::default()).encode(self.cx),
                     ));
                 }
                 if self.v6 {
+                    self.updates_sent += 1;
                     out.push(Action::Send(
                         Message::Update(Update {
                             attributes: vec![Attribute::MpUnreach {
@@ -459,18 +509,42 @@ impl Session {
         out
     }
 
-    /// UPDATEs that bring the peer from `sent` to `routes`.
-    fn sync(&mut self) -> Vec<Action> {
-        let v4_ok = |p: &Prefix| p.addr().is_ipv4() && self.v4 && self.cfg.next_hop_v4.is_some();
-        let v6_ok = |p: &Prefix| p.addr().is_ipv6() && self.v6 && self.cfg.next_hop_v6.is_some();
-        let want: BTreeSet<Prefix> = self
-            .routes
+    /// The routes the peer gets: those of a family it negotiated and has a next hop for,
+    /// whose attributes fit in an UPDATE.
+    fn wanted(&self) -> Routes {
+        let v4 = self.v4 && self.next_hop_v4().is_some();
+        let v6 = self.v6 && self.next_hop_v6().is_some();
+        self.routes
             .iter()
+            .filter(|(p, a)| {
+                (if p.addr().is_ipv4() { v4 } else { v6 })
+                    // 4,096 octets less the header, the fixed attributes, a next hop and one
+                    // prefix leave ~3,900 octets: 4 per community, 12 per large community.
+                    && 4 * (a.communities.len() + self.cfg.communities.len())
+                        + 12 * a.large_communities.len()
+                        <= 3_800
+            })
+            .map(|(p, a)| (*p, a.clone()))
+            .collect()
+    }
+
+    /// UPDATEs that bring the peer from `sent` to `routes`: withdrawals, then announcements
+    /// grouped by identical attributes (a changed attribute is announced again, which
+    /// replaces the route: RFC 4271 §3.1's implicit withdrawal).
+    fn sync(&mut self) -> Vec<Action> {
+        let want = self.wanted();
+        let del: Vec<Prefix> = self
+            .sent
+            .keys()
+            .filter(|p| !want.contains_key(p))
             .copied()
-            .filter(|p| v4_ok(p) || v6_ok(p))
             .collect();
-        let add: Vec<Prefix> = want.difference(&self.sent).copied().collect();
-        let del: Vec<Prefix> = self.sent.difference(&want).copied().collect();
+        let mut groups: BTreeMap<&RouteAttrs, Vec<Prefix>> = BTreeMap::new();
+        for (p, a) in &want {
+            if self.sent.get(p) != Some(a) {
+                groups.entry(a).or_default().push(*p);
+            }
+        }
         let mut out = Vec::new();
         // Small batches keep every UPDATE far below 4,096 octets (a /128 takes 17 octets).
         for chunk in del.chunks(100) {
@@ -492,37 +566,62 @@ impl Session {
                 }));
             }
         }
-        for chunk in add.chunks(100) {
+        for (attrs, prefixes) in &groups {
             let (v4, v6): (Vec<Prefix>, Vec<Prefix>) =
-                chunk.iter().partition(|p| p.addr().is_ipv4());
-            if let (false, Some(nh)) = (v4.is_empty(), self.cfg.next_hop_v4) {
-                let mut attributes = self.attributes();
-                attributes.insert(2, Attribute::NextHop(nh));
-                out.push(self.update(Update {
-                    withdrawn: Vec::new(),
-                    attributes,
-                    nlri: v4,
-                }));
+                prefixes.iter().partition(|p| p.addr().is_ipv4());
+            if let (false, Some(nh)) = (v4.is_empty(), self.next_hop_v4()) {
+                let mut attributes = self.attributes(attrs);
+                attributes.push(Attribute::NextHop(nh));
+                attributes.sort_by_key(Attribute::code);
+                for nlri in self.batches(&attributes, v4) {
+                    out.push(self.update(Update {
+                        withdrawn: Vec::new(),
+                        attributes: attributes.clone(),
+                        nlri,
+                    }));
+                }
             }
-            if let (false, Some(nh)) = (v6.is_empty(), self.cfg.next_hop_v6) {
-                let mut attributes = self.attributes();
-                attributes.push(Attribute::MpReach {
-                    afi: AFI_IPV6,
-                    next_hops: vec![IpAddr::V6(nh)],
-                    nlri: v6,
-                });
-                out.push(self.update(Update {
-                    withdrawn: Vec::new(),
-                    attributes,
-                    nlri: Vec::new(),
-                }));
+            if let (false, Some(nh)) = (v6.is_empty(), self.next_hop_v6()) {
+                let base = self.attributes(attrs);
+                for nlri in self.batches(&base, v6) {
+                    let mut attributes = base.clone();
+                    attributes.push(Attribute::MpReach {
+                        afi: AFI_IPV6,
+                        next_hops: vec![IpAddr::V6(nh)],
+                        nlri,
+                    });
+                    attributes.sort_by_key(Attribute::code);
+                    out.push(self.update(Update {
+                        withdrawn: Vec::new(),
+                        attributes,
+                        nlri: Vec::new(),
+                    }));
+                }
             }
         }
+        self.updates_sent += out.len() as u64;
         self.sent = want;
         out
     }
 
-    fn attributes(&self) -> Vec<Attribute> {
+    /// Splits `prefixes` into batches that fit in one UPDATE with `attributes` (at most 100,
+    /// fewer when the attributes are large).
+    fn batches(&self, attributes: &[Attribute], prefixes: Vec<Prefix>) -> Vec<Vec<Prefix>> {
+        let mut bytes = 0;
+        for a in attributes {
+            bytes += match a {
+                Attribute::Communities(c) => 4 * c.len(),
+                Attribute::LargeCommunities(c) => 12 * c.len(),
+                _ => 16,
+            } + 4;
+        }
+        // 4,096 less header, lengths, MP_REACH overhead and the attributes; 17 octets a route.
+        let room = 4_096usize.saturating_sub(19 + 4 + 48 + bytes);
+        let per = (room / 17).clamp(1, 100);
+        prefixes.chunks(per).map(<[Prefix]>::to_vec).collect()
+    }
+
+    fn attributes(&self, route: &RouteAttrs) -> Vec<Attribute> {
         let ibgp = self.cfg.local_as == self.cfg.peer_as;
         let mut a = vec![
             Attribute::Origin(Origin::Igp),
@@ -536,11 +635,40 @@ impl Session {
                 }]
             }),
         ];
-        if ibgp {
-            a.push(Attribute::LocalPref(self.cfg.local_pref.unwrap_or(100)));
+        if let Some(med) = route.med {
+            a.push(Attribute::Med(med));
         }
-        if !self.cfg.communities.is_empty() {
-            a.push(Attribute::Communities(self.cfg.communities.clone()));
+        if ibgp {
+            a.push(Attribute::LocalPref(
+                route.local_pref.or(self.cfg.local_pref).unwrap_or(100),
+            ));
+        }
+        let mut communities: Vec<u32> = self
+            .cfg
+            .communities
+            .iter()
+            .chain(&route.communities)
+            .copied()
+            .collect();
+        communities.sort_unstable();
+        communities.dedup();
+        if !communities.is_empty() {
+            a.push(Attribute::Communities(communities));
+        }
+        if !route.large_communities.is_empty() {
+            let mut large: Vec<[u32; 3]> = route.large_communities.clone();
+            large.sort_unstable();
+            large.dedup();
+            a.push(Attribute::LargeCommunities(
+                large
+                    .into_iter()
+                    .map(|[global, local1, local2]| LargeCommunity {
+                        global,
+                        local1,
+                        local2,
+                    })
+                    .collect(),
+            ));
         }
         a
     }

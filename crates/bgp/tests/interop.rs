@@ -228,7 +228,9 @@ fn run(cmd: &str, args: &[&str]) -> String {
 
 /// Announce, see, withdraw, see gone, then close with a Cease.
 fn exercise(d: &mut Driver, show4: &dyn Fn() -> String, show6: &dyn Fn() -> String) {
-    let acts = d.s.set_routes([vip4(), vip6()].into());
+    let acts = d.s.set_routes(std::sync::Arc::new(
+        [(vip4(), Default::default()), (vip6(), Default::default())].into(),
+    ));
     let sent = d.apply(acts);
     assert_eq!(sent.len(), 2, "one UPDATE per family: {sent:?}");
     wait_rib(d, "198.51.100.7/32 announced", show4, &|o| {

@@ -671,6 +671,7 @@ fn domain(cx: &mut Cx, node: &Node, path: &str) -> Option<String> {
     }
 }
 
+mod bgp;
 mod schema;
 mod validate;
 

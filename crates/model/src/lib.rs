@@ -9,10 +9,13 @@
 //!   status report served on `/status`.
 //! - [`events`]: the bounded event timeline (`/events`, the console), derived by diffing
 //!   status reports.
+//! - [`bgp`]: the `bgp:` section, each service's announce mode, and the pure decision of which
+//!   VIPs this node announces by BGP.
 //! - [`reload`]: which changed fields a running node can only take on a restart.
 //! - [`yaml`]: a YAML tree that keeps each node's line and column, read with `saphyr-parser`.
 //! - [`duration`]: human durations (`"250ms"`, `"2s"`).
 
+pub mod bgp;
 pub mod config;
 pub mod duration;
 pub mod events;

@@ -20,7 +20,9 @@ use crate::service::Config;
 ///   configuration the gossip started with: while it has no peers nothing uses these three,
 ///   so they may change (a node that gets its first peers by a reload starts gossip then).
 ///
-/// `cluster.peers` is not on the list: peers are applied live.
+/// `cluster.peers` is not on the list: peers are applied live. Nor is anything under `bgp`
+/// (adding or removing the section included): the speaker always runs and a changed peer,
+/// AS or router id restarts only the sessions it changes.
 pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (running, new);
     let gossiping = !a.cluster.peers.is_empty();

@@ -30,6 +30,9 @@ pub struct Config {
     pub services: Vec<Service>,
     /// What a graceful stop (SIGTERM) does after the VIPs are handed over.
     pub shutdown: Shutdown,
+    /// The BGP speaker, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::bgp::Bgp>,
 }
 
 /// Graceful stop settings.
@@ -238,6 +241,12 @@ pub struct Service {
     /// route their replies through this node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_client_address: bool,
+    /// How the VIPs reach this node: ARP / NDP (`l2`), BGP routes (`bgp`) or both.
+    #[serde(default)]
+    pub announce: crate::bgp::AnnounceMode,
+    /// BGP route settings (with `announce: bgp` or `both`).
+    #[serde(default, skip_serializing_if = "crate::bgp::ServiceBgp::is_default")]
+    pub bgp: crate::bgp::ServiceBgp,
 }
 
 /// Which data path a service asks for.

@@ -108,6 +108,55 @@ pub struct StatusReport {
     /// DNS names published now, with their state (healthy, fail-open, fail-closed).
     #[serde(default)]
     pub dns: Vec<DnsNameStatus>,
+    /// BGP sessions and this node's route decisions, when a `bgp` section is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpStatus>,
+}
+
+/// The BGP side of `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BgpStatus {
+    /// One row per configured neighbour.
+    pub sessions: Vec<BgpSessionStatus>,
+    /// Per VIP of a `bgp`/`both` service: announced by this node or why not.
+    pub routes: Vec<BgpRouteStatus>,
+}
+
+/// One BGP session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSessionStatus {
+    /// The neighbour's name.
+    pub peer: String,
+    /// Its address.
+    pub address: IpAddr,
+    /// `idle`, `connect`, `openSent`, `openConfirm` or `established`.
+    pub state: String,
+    /// Seconds in the current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+    /// Routes the neighbour has from this node.
+    pub prefixes_sent: usize,
+    /// UPDATE messages sent.
+    pub updates_sent: u64,
+    /// Times the session left `established`.
+    pub flaps: u64,
+    /// Why it last went down (reason word first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// BFD state (`down`, `init`, `up`, `adminDown`), when BFD is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<String>,
+}
+
+/// One VIP's BGP decision on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpRouteStatus {
+    /// Service name.
+    pub service: String,
+    /// The VIP.
+    pub address: IpAddr,
+    /// `announced`, or why not (`noHealthyBackend`, `notOwner`, `stopping`, …).
+    pub reason: String,
 }
 
 /// One cluster member.

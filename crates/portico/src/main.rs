@@ -1,5 +1,6 @@
 //! The `portico` binary: bare-metal external-IP load balancer.
 
+mod bgp;
 mod demo;
 mod follow;
 mod k8s;

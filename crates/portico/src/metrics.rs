@@ -88,6 +88,7 @@ mod tests {
         "crates/ipam/src/metrics.rs",
         "crates/portico/src/observe.rs",
         "crates/kernel/src/metrics.rs",
+        "crates/bgp/src/speaker/metrics.rs",
     ];
 
     fn root() -> std::path::PathBuf {
@@ -148,6 +149,7 @@ mod tests {
             "portico_lb_connect_failures",
             "portico_agent_handover_forwarding_off",
             "portico_dns_responses",
+            "portico_bgp_updates_sent",
         ] {
             assert!(
                 names.iter().any(|n| n == want),

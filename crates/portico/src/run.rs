@@ -31,6 +31,9 @@ use crate::supervise::{Components as Supervised, supervise};
 /// Beyond `shutdown.drain_timeout`: the balancer's own wait for cancelled connections to end.
 const DRAIN_MARGIN: Duration = Duration::from_secs(6);
 
+/// On a graceful stop, the longest wait for the BGP withdrawals to be written.
+const BGP_WITHDRAW_WAIT: Duration = Duration::from_secs(5);
+
 /// Extras of [`serve`] for the Kubernetes agent.
 #[derive(Default)]
 pub struct Hooks {
@@ -92,6 +95,7 @@ pub async fn serve(
         .with_listeners(lb.closed_listeners())
         .with_own_thread(cfg.cluster.priority);
     let dns = dns::DnsServer::new(&mut registry);
+    let speaker = bgp::Speaker::new(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
     let observe_metrics = crate::observe::ObserveMetrics::register(&mut registry);
     let events = model::events::EventLog::new(model::events::DEFAULT_CAPACITY);
@@ -124,6 +128,14 @@ pub async fn serve(
 
     let (health_tx, health_rx) = watch::channel(Arc::new(HealthView::new()));
     let own_rx = own_tx.subscribe();
+    // BGP (crate::bgp): the agent sees no `bgp`-only service; the decision task feeds the
+    // speaker and the `lo` addresses; `stopping` withdraws every route on a graceful stop.
+    let (l2_tx, l2_rx) = watch::channel(crate::bgp::l2_desired(&first));
+    let (peers_tx, peers_rx) = watch::channel(Arc::new(Vec::new()));
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(bgp::Routes::new()));
+    let routes_rx_stop = routes_rx.clone();
+    let (decisions_tx, decisions_rx) = watch::channel(Arc::new(model::bgp::RouteDecisions::new()));
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let (first_applied_tx, first_applied) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
 
@@ -136,6 +148,49 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
 
     tasks.spawn(config_metrics.follow(desired.clone(), reload_error.clone(), rest_stop.clone()));
+    tasks.spawn(crate::bgp::follow_l2(
+        desired.clone(),
+        l2_tx,
+        first.clone(),
+        rest_stop.clone(),
+    ));
+    tasks.spawn(crate::bgp::decide(
+        desired.clone(),
+        health_rx.clone(),
+        own_rx.clone(),
+        stopping_rx,
+        crate::bgp::Outputs {
+            peers: peers_tx,
+            routes: routes_tx,
+            decisions: decisions_tx,
+        },
+        rest_stop.clone(),
+    ));
+    // the VIPs stay on lo while the balancer drains: connections to them end here
+    let lo_stop = CancellationToken::new();
+    let lo_task = tokio::spawn(crate::bgp::local_delivery(
+        decisions_rx.clone(),
+        own_rx.clone(),
+        lo_stop.clone(),
+    ));
+    {
+        let (speaker, stop) = (speaker.clone(), rest_stop.clone());
+        tasks.spawn(supervise(
+            "bgp",
+            supervised.clone(),
+            stop.clone(),
+            fatal.clone(),
+            move |_| {
+                let (speaker, p, r, stop) = (
+                    speaker.clone(),
+                    peers_rx.clone(),
+                    routes_rx.clone(),
+                    stop.clone(),
+                );
+                async move { speaker.run(p, r, stop).await.map_err(|e| e.to_string()) }
+            },
+        ));
+    }
     let lb_task = {
         let (lb, d, stop) = (lb.clone(), desired.clone(), rest_stop.clone());
         tokio::spawn(supervise(
@@ -178,12 +233,7 @@ pub async fn serve(
         ))
     });
     let agent_task = {
-        let (agent, d, h, stop) = (
-            agent.clone(),
-            desired.clone(),
-            health_rx.clone(),
-            agent_stop.clone(),
-        );
+        let (agent, d, h, stop) = (agent.clone(), l2_rx, health_rx.clone(), agent_stop.clone());
         // the first run gets the socket bound above (so a bad cluster.bind fails start-up);
         // a restarted agent opens its own through the binder
         let mut gossip = gossip;
@@ -255,6 +305,8 @@ pub async fn serve(
             agent: agent.clone(),
             dns: dns.clone(),
             kernel_path,
+            speaker: speaker.clone(),
+            decisions: decisions_rx,
         },
         ready_rx.clone(),
     );
@@ -415,6 +467,16 @@ pub async fn serve(
         () = shutdown.cancelled() => false,
         () = fatal.cancelled() => true,
     };
+    if let Some(grace) = desired
+        .borrow()
+        .config
+        .bgp
+        .as_ref()
+        .map(|b| b.graceful_stop_grace)
+    {
+        let routes = routes_rx_stop;
+        crate::bgp::withdraw(&speaker, &stopping_tx, &routes, grace, BGP_WITHDRAW_WAIT).await;
+    }
     info!("shutting down: handing VIPs over first");
     agent_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), agent_task)
@@ -448,6 +510,8 @@ pub async fn serve(
     {
         error!("the kernel path did not remove its table within 5s");
     }
+    lo_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), lo_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -471,6 +535,8 @@ struct Components {
     dns: dns::DnsServer,
     /// Whether the kernel path runs on this node.
     kernel_path: bool,
+    speaker: bgp::Speaker,
+    decisions: watch::Receiver<Arc<model::bgp::RouteDecisions>>,
 }
 
 /// Assembles `/status` from the spine's snapshots and the components' live counters.
@@ -484,6 +550,8 @@ fn status_provider(
         agent,
         dns,
         kernel_path,
+        speaker,
+        decisions,
     }: Components,
     ready: watch::Receiver<bool>,
 ) -> admin::StatusProvider {
@@ -563,6 +631,7 @@ fn status_provider(
             members: agent.members(),
             services,
             dns: dns.status(),
+            bgp: crate::bgp::status(&d.config, &speaker, &decisions.borrow()),
         }
     })
 }

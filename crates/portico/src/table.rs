@@ -152,7 +152,57 @@ pub fn render(r: &StatusReport) -> String {
         }));
         out.push_str(&columns(&rows));
     }
+    if let Some(b) = &r.bgp {
+        bgp(&mut out, b);
+    }
     out
+}
+
+/// The BGP sessions and this node's route decisions.
+fn bgp(out: &mut String, b: &model::BgpStatus) {
+    let _ = writeln!(out, "\nBGP SESSIONS");
+    let mut rows = vec![
+        [
+            "PEER",
+            "ADDRESS",
+            "STATE",
+            "UPTIME",
+            "PREFIXES",
+            "UPDATES",
+            "FLAPS",
+            "BFD",
+            "LAST ERROR",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    rows.extend(b.sessions.iter().map(|s| {
+        vec![
+            s.peer.clone(),
+            s.address.to_string(),
+            s.state.clone(),
+            s.uptime_seconds.map_or_else(
+                || "-".into(),
+                |u| model::duration::format(std::time::Duration::from_secs(u)),
+            ),
+            s.prefixes_sent.to_string(),
+            s.updates_sent.to_string(),
+            s.flaps.to_string(),
+            s.bfd.clone().unwrap_or_else(|| "-".into()),
+            s.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]
+    }));
+    out.push_str(&columns(&rows));
+    if !b.routes.is_empty() {
+        let _ = writeln!(out, "\nBGP ROUTES (this node)");
+        let mut rows = vec![["VIP", "SERVICE", "REASON"].map(String::from).to_vec()];
+        rows.extend(
+            b.routes
+                .iter()
+                .map(|r| vec![r.address.to_string(), r.service.clone(), r.reason.clone()]),
+        );
+        out.push_str(&columns(&rows));
+    }
 }
 
 /// The serde word of an enum value (`fail-open`, `half-open`), as JSON shows it.
@@ -216,12 +266,35 @@ mod tests {
                 path: model::Path::Kernel,
                 path_reason: "auto".into(),
             }],
+            bgp: Some(BgpStatus {
+                sessions: vec![BgpSessionStatus {
+                    peer: "tor1".into(),
+                    address: "192.0.2.1".parse().unwrap(),
+                    state: "established".into(),
+                    uptime_seconds: Some(90),
+                    prefixes_sent: 2,
+                    updates_sent: 3,
+                    flaps: 1,
+                    last_error: Some("holdTimerExpired".into()),
+                    bfd: Some("up".into()),
+                }],
+                routes: vec![BgpRouteStatus {
+                    service: "web".into(),
+                    address: "198.51.100.7".parse().unwrap(),
+                    reason: "noHealthyBackend".into(),
+                }],
+            }),
         };
         let t = render(&r);
         assert!(
             t.contains("SERVICE web  ports 80/tcp  path kernel (auto)"),
             "{t}"
         );
+        assert!(
+            t.contains("tor1  192.0.2.1  established  90s     2         3        1      up   holdTimerExpired"),
+            "{t}"
+        );
+        assert!(t.contains("198.51.100.7  web      noHealthyBackend"), "{t}");
         assert!(t.contains("10.0.0.1  n2"), "{t}");
         assert!(t.contains("DOWN,ejected  half-open"), "{t}");
         assert!(t.contains("REJECTED"), "{t}");

@@ -13,10 +13,14 @@
 //!   peer failures, and logging a repeating condition once per interval.
 //! * [`conn_table`]: the pure bounded table of connections or sessions (per-client limit,
 //!   eviction of the oldest idle entry under pressure) the listeners share.
+//! * [`tcp_md5`] and [`ttl`]: the BGP speaker's socket options: TCP MD5 signatures (RFC 2385),
+//!   TTL 255 sent, a minimum TTL on TCP reception, the TTL of each received BFD datagram.
 
 pub mod conn_table;
 pub mod conntrack;
 pub mod limits;
+pub mod tcp_md5;
+pub mod ttl;
 
 use std::io;
 use std::net::IpAddr;

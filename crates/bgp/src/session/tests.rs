@@ -57,6 +57,16 @@ fn vip(s: &str) -> Prefix {
     Prefix::host(s.parse().unwrap())
 }
 
+/// Routes with default attributes.
+fn hosts(prefixes: impl IntoIterator<Item = Prefix>) -> Arc<Routes> {
+    Arc::new(
+        prefixes
+            .into_iter()
+            .map(|p| (p, RouteAttrs::default()))
+            .collect(),
+    )
+}
+
 /// A session brought to Established at `t0`, with the actions of the last step.
 fn established(t0: Instant) -> (Session, Vec<Action>) {
     let mut s = Session::new(cfg());
@@ -78,7 +88,7 @@ fn established(t0: Instant) -> (Session, Vec<Action>) {
 fn the_handshake_announces_the_routes_then_end_of_rib_per_family() {
     let t0 = Instant::now();
     let mut s = Session::new(cfg());
-    s.set_routes([vip("198.51.100.7"), vip("2001:db8:100::7")].into());
+    s.set_routes(hosts([vip("198.51.100.7"), vip("2001:db8:100::7")]));
     s.start(t0);
     s.connected(t0);
     s.received(&peer_open(65001, 30), t0);
@@ -116,15 +126,15 @@ fn the_handshake_announces_the_routes_then_end_of_rib_per_family() {
 fn route_changes_send_only_the_difference() {
     let t0 = Instant::now();
     let (mut s, _) = established(t0);
-    let a = s.set_routes([vip("198.51.100.7"), vip("198.51.100.8")].into());
+    let a = s.set_routes(hosts([vip("198.51.100.7"), vip("198.51.100.8")]));
     let m = sent(&a);
     assert!(matches!(&m[..], [Message::Update(u)] if u.nlri.len() == 2));
-    let a = s.set_routes([vip("198.51.100.8")].into());
+    let a = s.set_routes(hosts([vip("198.51.100.8")]));
     let m = sent(&a);
     assert!(
         matches!(&m[..], [Message::Update(u)] if u.withdrawn == [vip("198.51.100.7")] && u.nlri.is_empty())
     );
-    assert!(s.set_routes([vip("198.51.100.8")].into()).is_empty());
+    assert!(s.set_routes(hosts([vip("198.51.100.8")])).is_empty());
     // A route refresh from the peer sends everything again.
     let a = s.received(
         &Message::RouteRefresh {
@@ -136,10 +146,10 @@ fn route_changes_send_only_the_difference() {
     );
     assert!(matches!(&sent(&a)[..], [Message::Update(u)] if u.nlri == [vip("198.51.100.8")]));
     // 1,000 routes fit in UPDATEs under 4,096 octets.
-    let many: BTreeSet<Prefix> = (0..1000u32)
+    let many: Vec<Prefix> = (0..1000u32)
         .map(|i| vip(&format!("10.{}.{}.1", i / 250, i % 250)))
         .collect();
-    let a = s.set_routes(many);
+    let a = s.set_routes(hosts(many));
     assert!(a.iter().all(|x| match x {
         Action::Send(b) => b.len() <= crate::message::MAX_LEN,
         _ => true,
@@ -319,7 +329,7 @@ fn stop_sends_a_cease_and_ibgp_carries_local_pref_and_an_empty_path() {
     let mut c = cfg();
     c.peer_as = c.local_as;
     let mut s = Session::new(c);
-    s.set_routes([vip("198.51.100.7")].into());
+    s.set_routes(hosts([vip("198.51.100.7")]));
     s.start(t0);
     s.connected(t0);
     s.received(&peer_open(65002, 30), t0);
@@ -329,4 +339,120 @@ fn stop_sends_a_cease_and_ibgp_carries_local_pref_and_an_empty_path() {
     };
     assert!(u.attributes.contains(&Attribute::AsPath(vec![])));
     assert!(u.attributes.contains(&Attribute::LocalPref(100)));
+}
+
+#[test]
+fn routes_are_grouped_by_attributes_and_a_changed_attribute_is_announced_again() {
+    let t0 = Instant::now();
+    let (mut s, _) = established(t0);
+    let tagged = RouteAttrs {
+        communities: vec![65002 << 16 | 7],
+        large_communities: vec![[65002, 1, 2]],
+        local_pref: None,
+        med: Some(50),
+    };
+    let routes: Routes = [
+        (vip("198.51.100.7"), RouteAttrs::default()),
+        (vip("198.51.100.8"), RouteAttrs::default()),
+        (vip("198.51.100.9"), tagged.clone()),
+    ]
+    .into();
+    let m = sent(&s.set_routes(Arc::new(routes.clone())));
+    assert_eq!(m.len(), 2, "one UPDATE per set of attributes: {m:?}");
+    let Message::Update(plain) = &m[0] else {
+        panic!("{m:?}")
+    };
+    assert_eq!(plain.nlri, [vip("198.51.100.7"), vip("198.51.100.8")]);
+    assert!(
+        !plain
+            .attributes
+            .iter()
+            .any(|a| matches!(a, Attribute::Med(_)))
+    );
+    let Message::Update(u) = &m[1] else {
+        panic!("{m:?}")
+    };
+    assert_eq!(u.nlri, [vip("198.51.100.9")]);
+    assert!(u.attributes.contains(&Attribute::Med(50)));
+    assert!(
+        u.attributes
+            .contains(&Attribute::Communities(vec![65002 << 16 | 7]))
+    );
+    assert!(
+        u.attributes
+            .contains(&Attribute::LargeCommunities(vec![LargeCommunity {
+                global: 65002,
+                local1: 1,
+                local2: 2
+            }]))
+    );
+    let codes: Vec<u8> = u.attributes.iter().map(Attribute::code).collect();
+    assert!(codes.is_sorted(), "attributes in type order: {codes:?}");
+    assert!(s.in_sync());
+    assert_eq!((s.prefixes_sent(), s.updates_sent), (3, 2 + 1 + 1));
+    // Only the route whose MED changed goes out again.
+    let mut changed = routes;
+    changed.get_mut(&vip("198.51.100.9")).unwrap().med = Some(60);
+    let m = sent(&s.set_routes(Arc::new(changed)));
+    assert!(
+        matches!(&m[..], [Message::Update(u)] if u.nlri == [vip("198.51.100.9")] && u.attributes.contains(&Attribute::Med(60))),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn the_graceful_restart_capability_keeps_both_families_forwarding() {
+    let mut s = Session::new(cfg());
+    s.start(Instant::now());
+    let m = sent(&s.connected(Instant::now()));
+    let Message::Open(o) = &m[0] else {
+        panic!("{m:?}")
+    };
+    assert!(o.capabilities.iter().any(|c| matches!(c,
+        Capability::GracefulRestart(g) if g.restart_time == 120
+            && g.families == [(AFI_IPV4, SAFI_UNICAST, true), (AFI_IPV6, SAFI_UNICAST, true)])));
+}
+
+proptest::proptest! {
+    /// Whatever an Established peer sends, in whatever pieces, the session never panics: it
+    /// stays up (the octets are a prefix of a message, or valid messages) or goes down with
+    /// a reason word, and a NOTIFICATION for anything it refused as malformed.
+    #[test]
+    fn hostile_octets_never_panic_and_a_refusal_carries_a_notification(
+        junk in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+        header in proptest::bool::ANY,
+        cut in 1usize..64,
+    ) {
+        let t0 = Instant::now();
+        let (mut s, _) = established(t0);
+        let mut octets = Vec::new();
+        if header {
+            // A valid marker and a length, so the body reaches the message decoders.
+            octets.extend_from_slice(&[0xff; 16]);
+            let len = u16::try_from(19 + junk.len().saturating_sub(1)).unwrap_or(4096);
+            octets.extend_from_slice(&len.to_be_bytes());
+        }
+        octets.extend_from_slice(&junk);
+        let mut actions = Vec::new();
+        for chunk in octets.chunks(cut) {
+            actions.extend(s.received(chunk, t0));
+        }
+        let down = actions.iter().find_map(|a| match a {
+            Action::Down { reason, notification } => Some((*reason, notification.clone())),
+            _ => None,
+        });
+        match down {
+            None => proptest::prop_assert_eq!(s.state(), State::Established),
+            Some(("malformedMessage", n)) => {
+                proptest::prop_assert!(n.is_some());
+                proptest::prop_assert!(
+                    sent(&actions).iter().any(|m| matches!(m, Message::Notification(_)))
+                );
+            }
+            Some((reason, _)) => proptest::prop_assert!(
+                ["peerNotification", "fsmError"].contains(&reason),
+                "{reason}"
+            ),
+        }
+    }
 }

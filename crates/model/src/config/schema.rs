@@ -69,6 +69,9 @@ pub(super) fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             }))
         })
         .unwrap_or_default();
+    let bgp = m.opt(cx, "bgp", |cx, n, p| {
+        super::bgp::decode_bgp(cx, n, p, &mut pos, &node.interfaces)
+    });
     let shutdown = m
         .opt(cx, "shutdown", |cx, n, p| {
             let mut m = cx.map(n, p)?;
@@ -93,6 +96,7 @@ pub(super) fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             dns,
             services,
             shutdown,
+            bgp,
         },
         pos,
         kept: std::mem::take(&mut cx.kept),
@@ -499,6 +503,12 @@ fn decode_service(
             })
         })
         .unwrap_or_default();
+    let announce = m
+        .opt(cx, "announce", one_of(super::bgp::ANNOUNCE))
+        .unwrap_or_default();
+    let bgp = m
+        .opt(cx, "bgp", super::bgp::decode_service_bgp)
+        .unwrap_or_default();
     let dns = m.opt(cx, "dns", |cx, n, p| {
         let mut m = cx.map(n, p)?;
         let enabled = m.opt(cx, "enabled", boolean);
@@ -551,6 +561,8 @@ fn decode_service(
         placement,
         forwarding,
         keep_client_address,
+        announce,
+        bgp,
     })
 }
 
@@ -683,7 +695,7 @@ fn decode_health_check(cx: &mut Cx, n: &Node, p: &str) -> Option<Option<HealthCh
 
 /// Reads a MySQL check's password file: refused when every user may read it; the password is
 /// the file's text without the final line break.
-fn read_password(cx: &mut Cx, path: &str, pos: Pos, p: &str) -> Option<Password> {
+pub(super) fn read_password(cx: &mut Cx, path: &str, pos: Pos, p: &str) -> Option<Password> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();

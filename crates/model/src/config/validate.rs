@@ -195,7 +195,8 @@ pub(super) fn validate(cx: &mut Cx, d: &Decoded, decode_errors: &[String]) {
                     format!("{vip} cannot be a VIP; use a unicast address"),
                 );
             }
-            if !cfg.node.interfaces.is_empty()
+            if s.announce.l2()
+                && !cfg.node.interfaces.is_empty()
                 && !tainted("node.interfaces")
                 && !cfg.node.interfaces.iter().any(|i| i.serves_family(*vip))
             {
@@ -341,4 +342,5 @@ pub(super) fn validate(cx: &mut Cx, d: &Decoded, decode_errors: &[String]) {
             );
         }
     }
+    super::bgp::validate(cx, cfg, &at, &tainted);
 }
