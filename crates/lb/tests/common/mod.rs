@@ -68,6 +68,8 @@ impl Harness {
                 binder: binder.clone(),
                 splice,
                 budget,
+                // every loopback test runs through two proxy workers (SO_REUSEPORT listeners)
+                workers: 2,
             },
         );
         let (dtx, drx) = watch::channel(Arc::new(Desired {
