@@ -587,9 +587,10 @@ impl LoadBalancer {
                     backoff = ACCEPT_BACKOFF_MIN;
                     self.inner.workers.count_accept(worker);
                     if !node.acquire_tcp() {
-                        // Over the node's budget: accept and close at once (counted).
-                        drop(client);
+                        // Over the node's budget: accept and close at once (counted first,
+                        // so whoever sees the close also sees the count).
                         rt.refuse(Reason::NodeBudget, peer);
+                        drop(client);
                         continue;
                     }
                     let unit = TcpUnit(node.clone());

@@ -532,7 +532,6 @@ impl ServiceRt {
             .ports
             .iter()
             .find(|p| p.port == vip.port() && p.protocol == Protocol::Tcp)
-            .cloned()
         else {
             return;
         };
@@ -550,7 +549,7 @@ impl ServiceRt {
                 }
                 Err(r) => return self.refuse(r, peer),
             };
-            let target = slot.be.target(&port);
+            let target = slot.be.target(port);
             let failure = match connect(target, conn.connect_timeout).await {
                 Ok(backend) => {
                     match first_move(
