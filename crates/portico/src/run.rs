@@ -67,7 +67,20 @@ pub async fn serve(
     }
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
-    let lb = lb::LoadBalancer::new(&mut registry);
+    // One proxy worker thread per CPU unless `proxy.workers` says otherwise (read at start:
+    // changing it needs a restart).
+    let workers = cfg.proxy.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        |n| n as usize,
+    );
+    info!(workers, "proxy workers");
+    let lb = lb::LoadBalancer::with_options(
+        &mut registry,
+        lb::Options {
+            workers,
+            ..lb::Options::default()
+        },
+    );
     let agent = agent::Agent::new(&mut registry)
         .with_binder(agent::udp_binder())
         .with_listeners(lb.closed_listeners());
