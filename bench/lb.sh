@@ -89,6 +89,7 @@ for ns in $CL $NODE $BE1 $BE2; do
   inns "$ns" sysctl -qw net.ipv4.ip_local_port_range="10000 65000"
   inns "$ns" sysctl -qw net.ipv4.tcp_tw_reuse=1
   inns "$ns" sysctl -qw net.core.somaxconn=4096
+  inns "$ns" sysctl -qw net.ipv4.tcp_max_syn_backlog=4096
 done
 BE1_IP=10.211.1.2 BE2_IP=10.211.2.2
 
