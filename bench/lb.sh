@@ -52,9 +52,7 @@ cleanup() {
   # the nginx masters we started and their workers
   for f in "$WORK"/nginx-*/nginx.pid; do
     [[ -f $f ]] || continue
-    m=$(cat "$f" 2>/dev/null) || continue
-    for c in $(ps --ppid "$m" -o pid= 2>/dev/null); do kill -KILL "$c" 2>/dev/null; done
-    kill -KILL "$m" 2>/dev/null
+    kill_nginx "$(cat "$f" 2>/dev/null)"
   done
   for ns in $CL $NODE $BE1 $BE2; do ip netns del "$ns" 2>/dev/null; done
   if [[ -n ${KEEP_WORK:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -63,6 +61,13 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 inns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# kill_nginx MASTER_PID: stopped first, so that it cannot start a new worker for one killed
+kill_nginx() {
+  [[ -n $1 ]] || return 0
+  kill -STOP "$1" 2>/dev/null || return 0
+  for c in $(ps --ppid "$1" -o pid= 2>/dev/null); do kill -KILL "$c" 2>/dev/null; done
+  kill -KILL "$1" 2>/dev/null
+}
 
 # --- the lab ------------------------------------------------------------------------------------
 for ns in $CL $NODE $BE1 $BE2; do
@@ -319,9 +324,7 @@ if ((FAILURE)); then
     ip netns exec $CL wrk -t1 -c"$CONNS" -d"${DURATION}s" "${!u}" >"$WORK/fail-$s.out" 2>&1 &
     w=$!
     sleep 3
-    m=$(cat "$WORK/nginx-be2/nginx.pid")
-    for c in $(ps --ppid "$m" -o pid=); do kill -KILL "$c" 2>/dev/null || true; done
-    kill -KILL "$m" 2>/dev/null || true
+    kill_nginx "$(cat "$WORK/nginx-be2/nginx.pid")" || true
     wait "$w" || true
     python3 - "$s" "$WORK/fail-$s.out" "$(load1)" <<'PY' >>"$FAILS"
 import re, sys
