@@ -14,6 +14,7 @@
 #
 #   sudo bench/lb.sh                          # ROUNDS=3 DURATION=10
 #   sudo ROUNDS=1 DURATION=3 bench/lb.sh      # quick look
+#   sudo ROUNDS=0 bench/lb.sh                 # the failure scenario only
 #   PORTICO_BIN=target/release/portico        # default; built with cargo build --release -p portico
 #
 # Addresses exist only inside the namespaces this script creates (pp-*-PID); every namespace
@@ -367,7 +368,8 @@ ref = {"proxy1": "haproxy1", "proxy2": "haproxy2", "kernel": "haproxy2", "ipvs":
 systems = [s for s in names if any(k[0] == s for k in rows)]
 print(f"\nmedians of {rounds} rounds; wrk -d{dur}s --latency: keepalive -t1 -c{conns}, close -t1 -c{conns} "
       f"(Connection: close), c{many} -t2 -c{many}; iperf3 -t {dur} single stream")
-print(f"load average (1 min) during the rows: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+if loads:
+    print(f"load average (1 min) during the rows: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
 print("cpu/1k = CPU ms per 1,000 requests: proc = the balancer process's utime+stime, machine = /proc/stat busy delta (all processes, incl. wrk and nginx)")
 print("x HA = ratio to HAProxy with the same threads (w1 vs nbthread 1, w2 / kernel / ipvs vs nbthread 2)\n")
 modes = ["keepalive", "close", f"c{many}"]
