@@ -1,217 +1,396 @@
 #!/usr/bin/env bash
-# L4 benchmark: direct vs HAProxy (mode tcp, roundrobin) vs portico's load balancer, in front of
-# the same two nginx origins on loopback. wrk --latency with keep-alive and with
-# "Connection: close", then iperf3 single-stream throughput, alternated over several rounds;
-# prints the medians. A script, not a test: numbers depend on the machine.
+# L4 data-path benchmark in a network-namespace lab (root): client -> node (holds the VIP) ->
+# two backend namespaces running nginx (a small static page) and, in be1, an iperf3 server.
+# Systems, interleaved per round: direct (client -> be1, routed by the node), portico's proxy
+# with proxy.workers 1 and 2, HAProxy 2.6 (mode tcp) with nbthread 1 and 2, IPVS (ipvsadm, rr,
+# masquerading) and portico's kernel path (`forwarding: kernel`; skipped with a message when the
+# portico binary refuses that field). wrk modes: keep-alive (-c50), "Connection: close" (-c50),
+# 400 connections (keep-alive); iperf3 single stream through each. Per row: requests/s,
+# p50/p99, CPU per 1,000 requests of the balancer process (utime+stime from /proc/PID/stat) and
+# of the whole machine (/proc/stat busy delta: what the kernel paths must be judged by), ratio to
+# HAProxy with the same threads, and the 1-minute load average. Then a failure scenario: be2's
+# nginx killed (SIGKILL) under wrk load; failed requests (non-2xx + socket errors) per system.
+# A script, not a test: figures depend on the machine (record its load).
 #
-#   bench/lb.sh                 # ROUNDS=3 DURATION=5 by default
-#   ROUNDS=5 DURATION=10 bench/lb.sh
-#   LB_BIN=path/to/lb-bench LB_ARGS=--copy bench/lb.sh   # the balancer alone, copy relay
+#   sudo bench/lb.sh                          # ROUNDS=3 DURATION=10
+#   sudo ROUNDS=1 DURATION=3 bench/lb.sh      # quick look
+#   sudo ROUNDS=0 bench/lb.sh                 # the failure scenario only
+#   PORTICO_BIN=target/release/portico        # default; built with cargo build --release -p portico
 #
-# portico runs as the real binary (`portico run --config`, built with
-# `cargo build --release -p portico`); LB_BIN=.../examples/lb-bench runs the load balancer alone
-# from the same config (crates/lb/examples/lb-bench.rs).
-# Needs: nginx-light, haproxy, wrk, iperf3, python3. Only 127.0.0.0/8 is used. Every process
-# started here is killed on exit.
+# Addresses exist only inside the namespaces this script creates (pp-*-PID); every namespace
+# and process is removed on exit (trap), whatever happened.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5}
-THREADS=${THREADS:-1}
+DURATION=${DURATION:-10}
 CONNS=${CONNS:-50}
+MANY=${MANY:-400}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 PORTICO_BIN=${PORTICO_BIN:-$TARGET/release/portico}
-LB_BIN=${LB_BIN:-}
-LB_ARGS=${LB_ARGS:-}
+FAILURE=${FAILURE:-1}
 
-for b in nginx haproxy wrk iperf3 python3; do
+if [[ $(id -u) != 0 ]]; then
+  echo "skipped: needs root (network namespaces)" >&2
+  exit 0
+fi
+for b in ip nginx haproxy wrk iperf3 ipvsadm python3; do
   command -v "$b" >/dev/null || { echo "skipped: $b not installed" >&2; exit 0; }
 done
-if [[ -z $LB_BIN && ! -x $PORTICO_BIN ]]; then
-  (cd "$ROOT" && cargo build --release -p portico)
-fi
+[[ -x $PORTICO_BIN ]] || { echo "no portico binary at $PORTICO_BIN: cargo build --release -p portico" >&2; exit 1; }
 
-WORK=$(mktemp -d /tmp/portico-bench.XXXXXX)
+ulimit -n 65536 2>/dev/null || true
+SFX=$$
+CL=pp-client-$SFX NODE=pp-node-$SFX BE1=pp-be1-$SFX BE2=pp-be2-$SFX
+WORK=$(mktemp -d /tmp/portico-lb-bench.XXXXXX)
+chmod 755 "$WORK" # nginx workers (an unprivileged user) read the page
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  # the nginx masters we started and their workers
+  for f in "$WORK"/nginx-*/nginx.pid; do
+    [[ -f $f ]] || continue
+    kill_nginx "$(cat "$f" 2>/dev/null)"
+  done
+  for ns in $CL $NODE $BE1 $BE2; do ip netns del "$ns" 2>/dev/null; done
+  if [[ -n ${KEEP_WORK:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-O1=18081 O2=18082 IPERF=15201
-HA=18090 HA_IPERF=18095
-VIP=127.0.0.20 PT=18091 PT_IPERF=18096
+inns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# kill_nginx MASTER_PID: stopped first, so that it cannot start a new worker for one killed
+kill_nginx() {
+  [[ -n $1 ]] || return 0
+  kill -STOP "$1" 2>/dev/null || return 0
+  for c in $(ps --ppid "$1" -o pid= 2>/dev/null); do kill -KILL "$c" 2>/dev/null; done
+  kill -KILL "$1" 2>/dev/null
+}
 
-# --- origins --------------------------------------------------------------------------------
-for port in $O1 $O2; do
-  d=$WORK/nginx-$port
-  mkdir -p "$d"
+# --- the lab ------------------------------------------------------------------------------------
+for ns in $CL $NODE $BE1 $BE2; do
+  ip netns add "$ns"
+  inns "$ns" ip link set lo up
+done
+VIP=10.211.100.10
+link() { # link NS_A IFA ADDR_A NS_B IFB ADDR_B
+  ip link add "$2" netns "$1" type veth peer name "$5" netns "$4"
+  inns "$1" ip addr add "$3/24" dev "$2"
+  inns "$4" ip addr add "$6/24" dev "$5"
+  inns "$1" ip link set "$2" up
+  inns "$4" ip link set "$5" up
+}
+link $CL c0 10.211.0.2 $NODE n0 10.211.0.1
+link $BE1 b0 10.211.1.2 $NODE n1 10.211.1.1
+link $BE2 b0 10.211.2.2 $NODE n2 10.211.2.1
+inns $CL ip route add default via 10.211.0.1
+inns $BE1 ip route add default via 10.211.1.1
+inns $BE2 ip route add default via 10.211.2.1
+inns $NODE sysctl -qw net.ipv4.ip_forward=1
+inns $NODE ip addr add $VIP/32 dev lo
+for ns in $CL $NODE $BE1 $BE2; do
+  inns "$ns" sysctl -qw net.ipv4.ip_local_port_range="10000 65000"
+  inns "$ns" sysctl -qw net.ipv4.tcp_tw_reuse=1
+  inns "$ns" sysctl -qw net.core.somaxconn=4096
+  inns "$ns" sysctl -qw net.ipv4.tcp_max_syn_backlog=4096
+done
+BE1_IP=10.211.1.2 BE2_IP=10.211.2.2
+
+# --- backends: nginx (static page) in each, iperf3 in be1 ---------------------------------------
+start_nginx() { # NS NAME
+  local d=$WORK/nginx-$2
+  mkdir -p "$d/www"
+  echo "hello from $2" >"$d/www/index.html"
   cat >"$d/nginx.conf" <<NGINX
 worker_processes 1;
 error_log $d/error.log warn;
 pid $d/nginx.pid;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
+worker_rlimit_nofile 20000;
 http {
   access_log off;
   client_body_temp_path $d/body; proxy_temp_path $d/proxy; fastcgi_temp_path $d/fcgi;
   uwsgi_temp_path $d/uwsgi; scgi_temp_path $d/scgi;
   keepalive_requests 1000000;
   server {
-    listen 127.0.0.1:$port backlog=4096;
-    location / { return 200 "hello from $port\n"; }
+    listen 80 backlog=4096 reuseport;
+    root $d/www;
   }
 }
 NGINX
-  nginx -c "$d/nginx.conf" -g 'daemon off;' &
-  PIDS+=($!)
-done
-iperf3 -s -B 127.0.0.1 -p $IPERF >/dev/null 2>&1 &
+  inns "$1" nginx -c "$d/nginx.conf"   # daemonises; the master's pid is in nginx.pid
+}
+start_nginx $BE1 be1
+start_nginx $BE2 be2
+ip netns exec $BE1 iperf3 -s -p 5201 >/dev/null 2>&1 &
 PIDS+=($!)
 
-# --- HAProxy ----------------------------------------------------------------------------------
-cat >"$WORK/haproxy.cfg" <<HAP
+# --- HAProxy, nbthread 1 and 2 ------------------------------------------------------------------
+start_haproxy() { # THREADS HTTP_PORT IPERF_PORT
+  cat >"$WORK/haproxy-$1.cfg" <<HAP
 global
   maxconn 8000
+  nbthread $1
 defaults
   mode tcp
   timeout connect 1s
   timeout client 60s
   timeout server 60s
 frontend web
-  bind 127.0.0.1:$HA
+  bind $VIP:$2
   default_backend origins
 backend origins
   balance roundrobin
-  server o1 127.0.0.1:$O1
-  server o2 127.0.0.1:$O2
+  default-server check inter 100ms fall 1 rise 1
+  server be1 $BE1_IP:80
+  server be2 $BE2_IP:80
 frontend bulk
-  bind 127.0.0.1:$HA_IPERF
+  bind $VIP:$3
   default_backend iperf
 backend iperf
-  server i1 127.0.0.1:$IPERF
+  server i1 $BE1_IP:5201
 HAP
-haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
-PIDS+=($!)
+  ip netns exec $NODE haproxy -f "$WORK/haproxy-$1.cfg" -db >"$WORK/haproxy-$1.log" 2>&1 &
+  PIDS+=($!)
+  eval "HA$1_PID=$!"
+}
+start_haproxy 1 8011 9011
+start_haproxy 2 8012 9012
 
-# --- portico ----------------------------------------------------------------------------------
-cat >"$WORK/portico.yaml" <<PT
-node:
-  name: bench
-admin:
-  listen: 127.0.0.1:19440
+# --- IPVS ---------------------------------------------------------------------------------------
+IPVS=0
+if out=$(inns $NODE ipvsadm -A -t $VIP:8020 -s rr 2>&1); then
+  inns $NODE ipvsadm -a -t $VIP:8020 -r $BE1_IP:80 -m
+  inns $NODE ipvsadm -a -t $VIP:8020 -r $BE2_IP:80 -m
+  inns $NODE ipvsadm -A -t $VIP:9020 -s rr
+  inns $NODE ipvsadm -a -t $VIP:9020 -r $BE1_IP:5201 -m
+  IPVS=1
+else
+  echo "ipvs: not available on this kernel ($(head -1 <<<"$out"))" >&2
+fi
+
+# --- portico: proxy with 1 and 2 workers, kernel path ------------------------------------------
+portico_config() { # NAME WORKERS HTTP_PORT IPERF_PORT ADMIN_PORT [FORWARDING]
+  local fwd=""
+  [[ -n ${6:-} ]] && fwd="    forwarding: $6"
+  cat >"$WORK/portico-$1.yaml" <<PT
+node: {name: bench}
+admin: {listen: 127.0.0.1:$5}
+proxy: {workers: $2}
 services:
   - name: web
     vips: [$VIP]
-    ports:
-      - {name: http, port: $PT}
+    ports: [{name: http, port: $3}]
     backends:
-      - {name: o1, address: 127.0.0.1, port: $O1}
-      - {name: o2, address: 127.0.0.1, port: $O2}
+      - {name: be1, address: $BE1_IP, port: 80}
+      - {name: be2, address: $BE2_IP, port: 80}
     balance: round-robin
-    health_check: {type: tcp, interval: 2s, timeout: 1s}
+    health_check: {type: tcp, interval: 100ms, timeout: 100ms, rise: 1, fall: 1}
+$fwd
   - name: bulk
     vips: [$VIP]
-    ports:
-      - {name: iperf, port: $PT_IPERF}
+    ports: [{name: iperf, port: $4}]
     backends:
-      - {name: i1, address: 127.0.0.1, port: $IPERF}
-    health_check: {type: tcp, interval: 2s, timeout: 1s}
+      - {name: i1, address: $BE1_IP, port: 5201}
+$fwd
 PT
-if [[ -n $LB_BIN ]]; then
-  # shellcheck disable=SC2086
-  "$LB_BIN" "$WORK/portico.yaml" $LB_ARGS >"$WORK/portico.log" 2>&1 &
+  sed -i '/^$/d' "$WORK/portico-$1.yaml"
+}
+start_portico() { # NAME
+  # not through a shell function: $! must be the balancer's own pid (its CPU is read from it)
+  ip netns exec $NODE "$PORTICO_BIN" run --config "$WORK/portico-$1.yaml" >"$WORK/portico-$1.log" 2>&1 &
+  PIDS+=($!)
+  eval "PT_$1_PID=$!"
+}
+portico_config w1 1 8001 9001 19441
+portico_config w2 2 8002 9002 19442
+start_portico w1
+start_portico w2
+KERNEL=0
+portico_config kernel 1 8030 9030 19443 kernel
+if out=$("$PORTICO_BIN" check --config "$WORK/portico-kernel.yaml" 2>&1); then
+  start_portico kernel
+  KERNEL=1
 else
-  "$PORTICO_BIN" run --config "$WORK/portico.yaml" >"$WORK/portico.log" 2>&1 &
+  echo "portico-kernel: not available in this build ($(grep -m1 -o 'forwarding[^(]*' <<<"$out" || echo refused))" >&2
 fi
-PIDS+=($!)
 
-wait_port() {
+wait_http() { # URL
   for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
+    if inns $CL wrk -t1 -c1 -d1s "$1" 2>/dev/null | grep -q '^Requests/sec'; then return 0; fi
+    sleep 0.2
   done
-  echo "nothing listens on $1:$2" >&2
+  echo "nothing answers at $1" >&2
   exit 1
 }
-for p in $O1 $O2 $IPERF $HA $HA_IPERF; do wait_port 127.0.0.1 "$p"; done
-wait_port $VIP $PT
-wait_port $VIP $PT_IPERF
-sleep 0.5
+URL_direct=http://$BE1_IP/
+URL_proxy1=http://$VIP:8001/ URL_proxy2=http://$VIP:8002/
+URL_haproxy1=http://$VIP:8011/ URL_haproxy2=http://$VIP:8012/
+URL_ipvs=http://$VIP:8020/ URL_kernel=http://$VIP:8030/
+IPERF_direct=$BE1_IP:5201
+IPERF_proxy1=$VIP:9001 IPERF_proxy2=$VIP:9002
+IPERF_haproxy1=$VIP:9011 IPERF_haproxy2=$VIP:9012
+IPERF_ipvs=$VIP:9020 IPERF_kernel=$VIP:9030
+PID_direct="" PID_ipvs=""
+PID_proxy1=$PT_w1_PID PID_proxy2=$PT_w2_PID
+PID_haproxy1=$HA1_PID PID_haproxy2=$HA2_PID
+PID_kernel=${PT_kernel_PID:-}
+SYSTEMS=(direct proxy1 haproxy1 proxy2 haproxy2)
+((IPVS)) && SYSTEMS+=(ipvs)
+((KERNEL)) && SYSTEMS+=(kernel)
+for s in "${SYSTEMS[@]}"; do
+  u=URL_$s
+  wait_http "${!u}"
+done
+sleep 1
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 
-# wrk_run NAME MODE URL [header...]
+proc_ticks() { # PID -> utime+stime in clock ticks (0 without a pid)
+  [[ -n $1 && -r /proc/$1/stat ]] || { echo 0; return; }
+  awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"
+}
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
+# wrk_run SYSTEM MODE [wrk args...]
 wrk_run() {
-  local name=$1 mode=$2 url=$3
-  shift 3
-  local out
-  out=$(timeout $((DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$@" "$url" 2>&1)
-  local rps p50 p99 errs
-  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  errs=$(awk '/Socket errors|Non-2xx/ {print}' <<<"$out" | tr '\n' ' ')
-  printf '%s\t%s\trps\t%s\n%s\t%s\tp50\t%s\n%s\t%s\tp99\t%s\n' \
-    "$name" "$mode" "${rps:-0}" "$name" "$mode" "${p50:-nan}" "$name" "$mode" "${p99:-nan}" >>"$RESULTS"
-  echo "  $name $mode: ${rps:-?} req/s p50 ${p50:-?} p99 ${p99:-?} ${errs}" >&2
-}
-
-iperf_run() {
-  local name=$1 port=$2 host=${3:-127.0.0.1}
-  local g
-  g=$(timeout $((DURATION + 30)) iperf3 -c "$host" -p "$port" -t "$DURATION" -f g 2>&1 |
-    awk '/receiver/ {for (i = 1; i <= NF; i++) if ($i == "Gbits/sec") print $(i-1)}')
-  printf '%s\tbulk\tgbps\t%s\n' "$name" "${g:-0}" >>"$RESULTS"
-  echo "  $name iperf3: ${g:-?} Gbit/s" >&2
-}
-
-target_run() {
-  local name=$1 url=$2 iport=$3 ihost=$4
-  wrk_run "$name" keepalive "$url"
-  wrk_run "$name" close "$url" -H 'Connection: close'
-  iperf_run "$name" "$iport" "$ihost"
-}
-
-for r in $(seq "$ROUNDS"); do
-  echo "round $r/$ROUNDS" >&2
-  order=(direct haproxy portico)
-  if ((r % 2 == 0)); then order=(direct portico haproxy); fi
-  for t in "${order[@]}"; do
-    case $t in
-      direct) target_run direct "http://127.0.0.1:$O1/" $IPERF 127.0.0.1 ;;
-      haproxy) target_run haproxy "http://127.0.0.1:$HA/" $HA_IPERF 127.0.0.1 ;;
-      portico) target_run portico "http://$VIP:$PT/" $PT_IPERF $VIP ;;
-    esac
-  done
-done
-
-python3 - "$RESULTS" "$ROUNDS" "$DURATION" "$THREADS" "$CONNS" <<'PY'
-import statistics, sys
-from collections import defaultdict
-path, rounds, dur, t, c = sys.argv[1:]
-vals = defaultdict(list)
+  local sys=$1 mode=$2
+  shift 2
+  local u=URL_$sys p=PID_$sys
+  local pt0 mt0 pt1 mt1
+  pt0=$(proc_ticks "${!p}")
+  mt0=$(machine_ticks)
+  timeout $((DURATION + 30)) ip netns exec $CL wrk -d"${DURATION}s" --latency "$@" "${!u}" >"$WORK/wrk.out" 2>&1 || true
+  pt1=$(proc_ticks "${!p}")
+  mt1=$(machine_ticks)
+  python3 - "$sys" "$mode" "$((pt1 - pt0))" "$((mt1 - mt0))" "$(load1)" "$(getconf CLK_TCK)" "$WORK/wrk.out" <<'PY' >>"$RESULTS"
+import re, sys
+sysname, mode, pt, mt, load, hz, path = sys.argv[1:]
+out = open(path).read()
 def ms(s):
-    if s in ("nan", ""): return float("nan")
     for suf, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if s.endswith(suf): return float(s[: -len(suf)]) * f
     return float(s)
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)) if "Requests/sec" in out else 0.0
+n = int(re.search(r"(\d+) requests in", out).group(1)) if "requests in" in out else 0
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)) if " 50%" in out else float("nan")
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)) if " 99%" in out else float("nan")
+m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+errs = sum(map(int, m.groups())) if m else 0
+m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+errs += int(m.group(1)) if m else 0
+per = lambda t: (int(t) * 1000.0 / int(hz)) / n * 1000 if n else float("nan")
+print(f"{sysname}\t{mode}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{per(pt):.3f}\t{per(mt):.3f}\t{errs}\t{load}\t{n}")
+PY
+  tail -1 "$RESULTS" | awk -F'\t' '{printf "  %-9s %-6s %8s req/s p50 %7s ms p99 %7s ms  cpu/1k: proc %6s ms, machine %6s ms  errors %s  load %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' >&2
+}
+
+iperf_run() { # SYSTEM
+  local s=$1 i=IPERF_$1 g
+  g=$(timeout $((DURATION + 30)) ip netns exec $CL iperf3 -c "${!i%:*}" -p "${!i##*:}" -t "$DURATION" -f g 2>&1 |
+    awk '/receiver/ {for (k = 1; k <= NF; k++) if ($k == "Gbits/sec") print $(k-1)}') || true
+  printf '%s\tiperf3\t%s\t\t\t\t\t\t%s\t\n' "$s" "${g:-0}" "$(load1)" >>"$RESULTS"
+  echo "  $s iperf3: ${g:-?} Gbit/s  load $(load1)" >&2
+}
+
+for r in $(seq "$ROUNDS"); do
+  echo "round $r/$ROUNDS (load $(load1))" >&2
+  order=("${SYSTEMS[@]}")
+  if ((r % 2 == 0)); then
+    # reverse the order every other round
+    for ((k = ${#SYSTEMS[@]} - 1, j = 0; k >= 0; k--, j++)); do order[j]=${SYSTEMS[k]}; done
+  fi
+  for s in "${order[@]}"; do
+    wrk_run "$s" keepalive -t1 -c"$CONNS"
+    wrk_run "$s" close -t1 -c"$CONNS" -H 'Connection: close'
+    wrk_run "$s" c$MANY -t2 -c"$MANY"
+    iperf_run "$s"
+  done
+done
+
+FAILS=$WORK/failure.tsv
+: >"$FAILS"
+if ((FAILURE)); then
+  echo "failure: be2's nginx killed under load (wrk -t1 -c$CONNS -d${DURATION}s, kill at 3 s)" >&2
+  fail_systems=(proxy2 haproxy2)
+  ((IPVS)) && fail_systems+=(ipvs)
+  ((KERNEL)) && fail_systems+=(kernel)
+  for s in "${fail_systems[@]}"; do
+    u=URL_$s
+    ip netns exec $CL wrk -t1 -c"$CONNS" -d"${DURATION}s" "${!u}" >"$WORK/fail-$s.out" 2>&1 &
+    w=$!
+    sleep 3
+    kill_nginx "$(cat "$WORK/nginx-be2/nginx.pid")" || true
+    wait "$w" || true
+    python3 - "$s" "$WORK/fail-$s.out" "$(load1)" <<'PY' >>"$FAILS"
+import re, sys
+s, path, load = sys.argv[1:]
+out = open(path).read()
+n = int(re.search(r"(\d+) requests in", out).group(1)) if "requests in" in out else 0
+m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+sock = sum(map(int, m.groups())) if m else 0
+m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+non2xx = int(m.group(1)) if m else 0
+print(f"{s}\t{n}\t{non2xx}\t{sock}\t{load}")
+PY
+    tail -1 "$FAILS" | awk -F'\t' '{printf "  %-9s requests %s, non-2xx %s, socket errors %s (load %s)\n", $1, $2, $3, $4, $5}' >&2
+    rm -f "$WORK/nginx-be2/nginx.pid"
+    start_nginx $BE2 be2
+    sleep 2 # health checks (100 ms) bring be2 back
+  done
+fi
+
+python3 - "$RESULTS" "$FAILS" "$ROUNDS" "$DURATION" "$CONNS" "$MANY" <<'PY'
+import math, statistics, sys
+from collections import defaultdict
+path, fails, rounds, dur, conns, many = sys.argv[1:]
+rows = defaultdict(lambda: defaultdict(list))
+loads = []
 for line in open(path):
-    name, mode, metric, v = line.rstrip("\n").split("\t")
-    vals[(name, mode, metric)].append(float(v) if metric in ("rps", "gbps") else ms(v))
-med = lambda k: statistics.median(vals[k]) if vals[k] else float("nan")
-print(f"\nmedians of {rounds} rounds, wrk -t{t} -c{c} -d{dur}s --latency, iperf3 -t {dur} (single stream)")
-print("note: 'direct' hits one origin; the proxies balance over both\n")
-hdr = f"{'target':<9} {'keep-alive req/s':>17} {'p50 ms':>7} {'p99 ms':>7} {'close req/s':>12} {'p50 ms':>7} {'p99 ms':>7} {'iperf3 Gbit/s':>14}"
+    f = line.rstrip("\n").split("\t")
+    s, mode = f[0], f[1]
+    if mode == "iperf3":
+        rows[(s, mode)]["gbps"].append(float(f[2] or 0))
+        continue
+    for k, v in zip(("rps", "p50", "p99", "cpu", "mcpu", "err"), f[2:8]):
+        rows[(s, mode)][k].append(float(v))
+    loads.append(float(f[8]))
+med = lambda s, m, k: statistics.median(rows[(s, m)][k]) if rows[(s, m)][k] else float("nan")
+names = {"direct": "direct", "proxy1": "portico-proxy w1", "proxy2": "portico-proxy w2",
+         "haproxy1": "haproxy nbthread 1", "haproxy2": "haproxy nbthread 2", "ipvs": "ipvs (rr, masq)",
+         "kernel": "portico-kernel"}
+ref = {"proxy1": "haproxy1", "proxy2": "haproxy2", "kernel": "haproxy2", "ipvs": "haproxy2"}
+systems = [s for s in names if any(k[0] == s for k in rows)]
+print(f"\nmedians of {rounds} rounds; wrk -d{dur}s --latency: keepalive -t1 -c{conns}, close -t1 -c{conns} "
+      f"(Connection: close), c{many} -t2 -c{many}; iperf3 -t {dur} single stream")
+if loads:
+    print(f"load average (1 min) during the rows: min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}")
+print("cpu/1k = CPU ms per 1,000 requests: proc = the balancer process's utime+stime, machine = /proc/stat busy delta (all processes, incl. wrk and nginx)")
+print("x HA = ratio to HAProxy with the same threads (w1 vs nbthread 1, w2 / kernel / ipvs vs nbthread 2)\n")
+modes = ["keepalive", "close", f"c{many}"]
+hdr = f"{'system':<19} {'mode':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'proc cpu/1k':>11} {'mach cpu/1k':>11} {'errors':>6} {'req/s xHA':>9} {'p99 xHA':>7} {'proc xHA':>8} {'mach xHA':>8}"
 print(hdr); print("-" * len(hdr))
-for n in ("direct", "haproxy", "portico"):
-    print(f"{n:<9} {med((n,'keepalive','rps')):>17.0f} {med((n,'keepalive','p50')):>7.2f} {med((n,'keepalive','p99')):>7.2f} "
-          f"{med((n,'close','rps')):>12.0f} {med((n,'close','p50')):>7.2f} {med((n,'close','p99')):>7.2f} {med((n,'bulk','gbps')):>14.2f}")
-r = lambda m, k: med(("portico", m, k)) / med(("haproxy", m, k))
-print(f"{'ratio':<9} {r('keepalive','rps'):>16.2f}x {r('keepalive','p50'):>6.2f}x {r('keepalive','p99'):>6.2f}x "
-      f"{r('close','rps'):>11.2f}x {r('close','p50'):>6.2f}x {r('close','p99'):>6.2f}x {r('bulk','gbps'):>13.2f}x")
-print("(ratio = portico / HAProxy; > 1 is better for req/s and Gbit/s, < 1 is better for latency)")
+for s in systems:
+    for m in modes:
+        r = ref.get(s)
+        x = lambda k: (med(s, m, k) / med(r, m, k)) if r and med(r, m, k) else float("nan")
+        fmt = lambda v, w, p=2: f"{v:>{w}.{p}f}" if not math.isnan(v) else f"{'-':>{w}}"
+        print(f"{names[s]:<19} {m:<9} {med(s, m, 'rps'):>8.0f} {fmt(med(s, m, 'p50'), 7)} {fmt(med(s, m, 'p99'), 7)} "
+              f"{fmt(med(s, m, 'cpu') if s not in ('direct', 'ipvs') else float('nan'), 11)} {fmt(med(s, m, 'mcpu'), 11)} {med(s, m, 'err'):>6.0f} "
+              f"{fmt(x('rps'), 9)} {fmt(x('p99'), 7)} {fmt(x('cpu') if s not in ('ipvs',) else float('nan'), 8)} {fmt(x('mcpu'), 8)}")
+print()
+print(f"{'system':<19} {'iperf3 Gbit/s':>13}")
+for s in systems:
+    print(f"{names[s]:<19} {med(s, 'iperf3', 'gbps'):>13.2f}")
+fl = [l.rstrip("\n").split("\t") for l in open(fails)] if fails else []
+if fl:
+    print("\nfailure: be2's nginx killed (SIGKILL) 3 s into a wrk run; failed = non-2xx + socket errors")
+    print(f"{'system':<19} {'requests':>9} {'non-2xx':>8} {'socket errors':>13} {'load':>5}")
+    for s, n, a, b, load in fl:
+        print(f"{names[s]:<19} {n:>9} {a:>8} {b:>13} {load:>5}")
 PY

@@ -1,6 +1,6 @@
 //! Runs only the load balancer from a standalone config file, for `bench/lb.sh`:
-//! `lb-bench CONFIG [--copy]`; `LB_THREADS=n` sets the tokio worker threads (default: cores; 0 = a
-//! current-thread runtime). Listens with the freebind binder, relays with splice unless
+//! `lb-bench CONFIG [--copy]`; the proxy runs `proxy.workers` worker threads from the config
+//! (default: one per CPU) beside a current-thread runtime for checks and reloads. Listens with the freebind binder, relays with splice unless
 //! `--copy`, and stops on Ctrl-C / SIGTERM.
 
 use std::sync::Arc;
@@ -16,23 +16,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = args.first().ok_or("usage: lb-bench CONFIG [--copy]")?;
     let splice = !args.iter().any(|a| a == "--copy");
     let config = model::config::load(path, &model::config::Environment::default())?;
-    let threads: Option<usize> = std::env::var("LB_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let mut builder = match threads {
-        Some(0) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if let Some(n @ 1..) = threads {
-        builder.worker_threads(n);
-    }
-    let rt = builder.enable_all().build()?;
+    let workers = config.proxy.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        |n| n as usize,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let mut registry = Registry::default();
         let lb = LoadBalancer::with_options(
             &mut registry,
             Options {
                 splice,
+                workers,
                 ..Options::default()
             },
         );

@@ -12,7 +12,8 @@
 //! - [`budget`]: the node's connection budget from its file-descriptor limit; the UDP session
 //!   table is `sys::conn_table`.
 //!
-//! Thin tokio drivers: [`listen`] (the injectable [`listen::Binder`]), [`relay`] (splice),
+//! Thin tokio drivers: [`listen`] (the injectable [`listen::Binder`]), `worker` (the proxy's
+//! worker threads, one `SO_REUSEPORT` listener each), [`relay`] (splice),
 //! [`check`] (probes and their schedule), `service` (admission, queue, connect retries) and `udp`
 //! (sessions), `node` (the budget in use; local shortages such as `EMFILE`, which are never
 //! counted against a backend). [`LoadBalancer`] ties them to the desired state.
@@ -40,6 +41,7 @@ pub mod proxy_protocol;
 pub mod relay;
 mod service;
 mod udp;
+pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +65,7 @@ use crate::listen::{Binder, FreebindBinder};
 use crate::metrics::{Metrics, Operation};
 use crate::node::{NodeRt, TcpUnit};
 use crate::service::{BackendRt, ServiceRt};
+use crate::worker::Workers;
 
 /// Errors of the load balancer.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,10 @@ pub struct Options {
     /// service whose [`Service::path`] is then the kernel opens no proxy listener (its checks
     /// still run and publish health). Default: false (every service on the proxy).
     pub kernel_path: bool,
+    /// Proxy worker threads, each with its own runtime and its own `SO_REUSEPORT` listener per
+    /// TCP `VIP:port` (`proxy.workers`); 0 (the default): accept and relay on the runtime that
+    /// runs the balancer.
+    pub workers: usize,
 }
 
 impl Default for Options {
@@ -103,6 +110,7 @@ impl Default for Options {
             splice: true,
             budget: Budget::from_process(),
             kernel_path: false,
+            workers: 0,
         }
     }
 }
@@ -151,6 +159,8 @@ struct Inner {
     /// Per VIP address: cancels its relayed TCP connections when the address left this node
     /// during the shutdown drain (they cannot be served any more).
     vip_gone: Mutex<HashMap<IpAddr, CancellationToken>>,
+    /// The proxy's worker threads (none: the caller's runtime).
+    workers: Workers,
 }
 
 /// The balancer: follows desired state, runs health checks, relays connections.
@@ -177,6 +187,7 @@ impl LoadBalancer {
             udp_sessions = opts.budget.udp_sessions,
             "connection budget"
         );
+        let workers = Workers::start(opts.workers);
         Self {
             inner: Arc::new(Inner {
                 metrics,
@@ -192,8 +203,15 @@ impl LoadBalancer {
                 tracker: TaskTracker::new(),
                 shutdown_drain: Mutex::new(model::Shutdown::default().drain_timeout),
                 vip_gone: Mutex::new(HashMap::new()),
+                workers,
             }),
         }
+    }
+
+    /// Connections each proxy worker accepted so far (one entry without workers): the kernel
+    /// spreads them over the workers' `SO_REUSEPORT` listeners.
+    pub fn worker_accepts(&self) -> Vec<u64> {
+        self.inner.workers.accepted()
     }
 
     /// The VIPs with a listener that could not be opened on this node (retried with back-off
@@ -487,10 +505,17 @@ impl LoadBalancer {
             let cancel = inner.tasks_root.child_token();
             let (addr, proto) = key;
             let opened = match proto {
-                Protocol::Tcp => inner.opts.binder.tcp(addr).map(|l| {
-                    let lb = self.clone();
-                    tokio::spawn(lb.accept_loop(rt.clone(), l, addr, cancel.clone()));
-                }),
+                Protocol::Tcp => inner
+                    .opts
+                    .binder
+                    .tcp(addr, inner.workers.listeners())
+                    .map(|ls| {
+                        for (worker, l) in ls.into_iter().enumerate() {
+                            let lb = self.clone();
+                            let task = lb.accept_loop(worker, rt.clone(), l, addr, cancel.clone());
+                            inner.workers.spawn(worker, task);
+                        }
+                    }),
                 Protocol::Udp => inner.opts.binder.udp(addr).map(|s| {
                     inner
                         .tracker
@@ -539,14 +564,26 @@ impl LoadBalancer {
         });
     }
 
+    /// Accepts on one worker's listener; runs on that worker, and so do its connections.
     async fn accept_loop(
         self,
+        worker: usize,
         rt: Arc<ServiceRt>,
-        listener: tokio::net::TcpListener,
+        listener: std::net::TcpListener,
         vip: SocketAddr,
         cancel: CancellationToken,
     ) {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(service = %rt.name, %vip, worker, error = %e, reason = "listenerNotOpen", "cannot register the listener with its worker");
+                return;
+            }
+        };
         let node = self.inner.node.clone();
+        // The listener is cancelled before its VIP leaves the configuration, so this token
+        // stays the VIP's for the loop's life.
+        let gone_vip = self.vip_token(vip.ip());
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let accepted = tokio::select! {
@@ -556,15 +593,17 @@ impl LoadBalancer {
             match accepted {
                 Ok((client, peer)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
+                    self.inner.workers.count_accept(worker);
                     if !node.acquire_tcp() {
-                        // Over the node's budget: accept and close at once (counted).
-                        drop(client);
+                        // Over the node's budget: accept and close at once (counted first,
+                        // so whoever sees the close also sees the count).
                         rt.refuse(Reason::NodeBudget, peer);
+                        drop(client);
                         continue;
                     }
                     let unit = TcpUnit(node.clone());
                     let rt = rt.clone();
-                    let gone = self.vip_token(vip.ip());
+                    let gone = gone_vip.clone();
                     self.inner.tracker.spawn(async move {
                         tokio::select! {
                             () = rt.serve_tcp(client, peer, vip) => {}

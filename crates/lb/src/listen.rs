@@ -5,18 +5,23 @@
 //! `IP_FREEBIND` / `IPV6_FREEBIND` so a node can listen on a VIP before it owns it (a takeover then
 //! needs no bind), `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6, and on TCP listeners `TCP_NODELAY` and
 //! `SO_KEEPALIVE`, which Linux copies to every accepted socket (no per-connection setsockopt).
+//! With several proxy workers each TCP `VIP:port` gets one listener per worker, all bound with
+//! `SO_REUSEPORT` (the kernel spreads new connections over them by their addresses and ports);
+//! a single listener does not set it, so a port another process holds is still refused.
 //! Tests inject a binder that listens on `127.0.0.1:0` and records what it bound.
 
 use std::io;
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol as SockProto, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 
 /// Opens listeners. Called inside the tokio runtime.
 pub trait Binder: Send + Sync + 'static {
-    /// A TCP listener for `addr` (a `VIP:port`).
-    fn tcp(&self, addr: SocketAddr) -> io::Result<TcpListener>;
+    /// `count` (≥ 1) non-blocking TCP listeners for `addr` (a `VIP:port`), sharing it with
+    /// `SO_REUSEPORT` when there are several; each is registered on the worker that accepts
+    /// from it.
+    fn tcp(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>>;
     /// A UDP socket for `addr` (a `VIP:port`); replies are sent from it.
     fn udp(&self, addr: SocketAddr) -> io::Result<UdpSocket>;
 }
@@ -46,14 +51,29 @@ fn socket(addr: SocketAddr, ty: Type, proto: SockProto) -> io::Result<Socket> {
     Ok(s)
 }
 
+fn tcp_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let s = socket(addr, Type::STREAM, SockProto::TCP)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    s.set_tcp_keepalive(&keepalive())?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
 impl Binder for FreebindBinder {
-    fn tcp(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let s = socket(addr, Type::STREAM, SockProto::TCP)?;
-        s.set_tcp_nodelay(true)?;
-        s.set_tcp_keepalive(&keepalive())?;
-        s.bind(&addr.into())?;
-        s.listen(4096)?;
-        TcpListener::from_std(s.into())
+    fn tcp(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+        let reuse_port = count > 1;
+        let first = tcp_one(addr, reuse_port)?;
+        // port 0: the others share the port the first one got
+        let addr = first.local_addr()?;
+        let mut all = vec![first];
+        for _ in 1..count {
+            all.push(tcp_one(addr, reuse_port)?);
+        }
+        Ok(all)
     }
 
     fn udp(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -95,12 +115,13 @@ impl LoopbackBinder {
 }
 
 impl Binder for LoopbackBinder {
-    fn tcp(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let l = FreebindBinder.tcp(Self::loopback(addr))?;
+    fn tcp(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+        let l = FreebindBinder.tcp(Self::loopback(addr), count)?;
+        let local = l[0].local_addr()?;
         self.bound
             .lock()
             .expect("binder lock")
-            .push((addr, model::Protocol::Tcp, l.local_addr()?));
+            .push((addr, model::Protocol::Tcp, local));
         Ok(l)
     }
 
@@ -111,5 +132,31 @@ impl Binder for LoopbackBinder {
             .expect("binder lock")
             .push((addr, model::Protocol::Udp, s.local_addr()?));
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_listeners_share_one_port_and_a_single_one_keeps_it_to_itself() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal");
+        let group = FreebindBinder.tcp(any, 3).expect("three listeners");
+        let port = group[0].local_addr().expect("bound").port();
+        assert_ne!(port, 0);
+        assert!(
+            group
+                .iter()
+                .all(|l| l.local_addr().expect("bound").port() == port)
+        );
+        // A single listener does not set SO_REUSEPORT: its port stays its own, also against
+        // a later group.
+        let one = FreebindBinder.tcp(any, 1).expect("one listener");
+        let taken = one[0].local_addr().expect("bound");
+        let e = FreebindBinder.tcp(taken, 2).expect_err("port is taken");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        let e = FreebindBinder.tcp(taken, 1).expect_err("port is taken");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
     }
 }

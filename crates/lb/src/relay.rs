@@ -10,7 +10,11 @@
 //! (the client gets a reset if the backend reset), when no byte moved for `idle_timeout`, or when
 //! cancelled (drain deadline, shutdown). If the kernel refuses `splice` (`EINVAL`, `ENOSYS`) the
 //! direction falls back to a buffered copy. Pipes are pooled: a pipe is reused only when empty.
+//! Copy buffers are pooled per thread (no allocation and zeroing per connection), and the byte
+//! counters, which every connection of a backend shares across worker threads, are fed once per
+//! 256 KiB and when a direction ends rather than on every write.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
@@ -27,6 +31,66 @@ const CHUNK: usize = 1 << 16;
 /// Copy buffer; a read that fills it marks a bulk transfer (switch to splice).
 const COPY_BUF: usize = 16 << 10;
 const POOL_MAX: usize = 1024;
+/// Copy buffers kept per thread (4 MiB at most).
+const BUF_POOL_MAX: usize = 256;
+/// Bytes a direction moves before it adds them to the shared counters.
+const TALLY_FLUSH: u64 = 256 << 10;
+
+thread_local! {
+    static BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A copy buffer from this thread's pool; back to the pool of the thread that drops it.
+struct Buf(Option<Box<[u8]>>);
+
+impl Buf {
+    fn get() -> Self {
+        let pooled = BUFS.try_with(|p| p.borrow_mut().pop()).ok().flatten();
+        Self(Some(
+            pooled.unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice()),
+        ))
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            let _ = BUFS.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < BUF_POOL_MAX {
+                    p.push(b);
+                }
+            });
+        }
+    }
+}
+
+/// Bytes one direction moved that the shared counter has not seen yet; added on drop.
+struct Tally<'a> {
+    counter: &'a Counter,
+    pending: u64,
+}
+
+impl Tally<'_> {
+    fn add(&mut self, n: u64) {
+        self.pending += n;
+        if self.pending >= TALLY_FLUSH {
+            self.counter.inc_by(std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if self.pending > 0 {
+            self.counter.inc_by(self.pending);
+        }
+    }
+}
 
 static PIPES: Mutex<Vec<(OwnedFd, OwnedFd)>> = Mutex::new(Vec::new());
 static SPLICED: AtomicU64 = AtomicU64::new(0);
@@ -215,37 +279,33 @@ async fn one_way(
     bytes: &Counter,
     use_splice: bool,
 ) -> DirResult {
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut pooled = Buf::get();
+    let buf = pooled.bytes();
+    let bytes = &mut Tally {
+        counter: bytes,
+        pending: 0,
+    };
     if !use_splice {
-        return match copy_way(src, dst, src_side, progress, bytes, 0, &mut buf, false).await {
+        return match copy_way(src, dst, src_side, progress, bytes, 0, buf, false).await {
             Copied::Done(r) => r,
             Copied::Bulk(_) => unreachable!("switching is off"),
         };
     }
     // Small messages are cheaper to copy (one read + one write) than to splice (two splices and
     // a pipe); switch to splice for the rest of this direction once a read fills the buffer.
-    let total = match copy_way(src, dst, src_side, progress, bytes, 0, &mut buf, true).await {
+    let total = match copy_way(src, dst, src_side, progress, bytes, 0, buf, true).await {
         Copied::Done(r) => return r,
         Copied::Bulk(total) => total,
     };
     let mut total_after = total;
     match splice_way(src, dst, src_side, progress, bytes, &mut total_after).await {
         Ok(r) => r,
-        Err(Fallback) => match copy_way(
-            src,
-            dst,
-            src_side,
-            progress,
-            bytes,
-            total_after,
-            &mut buf,
-            false,
-        )
-        .await
-        {
-            Copied::Done(r) => r,
-            Copied::Bulk(_) => unreachable!("switching is off"),
-        },
+        Err(Fallback) => {
+            match copy_way(src, dst, src_side, progress, bytes, total_after, buf, false).await {
+                Copied::Done(r) => r,
+                Copied::Bulk(_) => unreachable!("switching is off"),
+            }
+        }
     }
 }
 
@@ -261,7 +321,7 @@ async fn splice_way(
     dst: &TcpStream,
     src_side: Side,
     progress: &Progress,
-    bytes: &Counter,
+    bytes: &mut Tally<'_>,
     total: &mut u64,
 ) -> Result<DirResult, Fallback> {
     let mut pipe = match Pipe::get() {
@@ -305,7 +365,7 @@ async fn splice_way(
                     pipe.pending -= m;
                     *total += m as u64;
                     SPLICED.fetch_add(m as u64, Ordering::Relaxed);
-                    bytes.inc_by(m as u64);
+                    bytes.add(m as u64);
                     progress.bytes.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -355,7 +415,7 @@ async fn copy_way(
     dst: &TcpStream,
     src_side: Side,
     progress: &Progress,
-    bytes: &Counter,
+    bytes: &mut Tally<'_>,
     mut total: u64,
     buf: &mut [u8],
     switch_on_full: bool,
@@ -383,7 +443,7 @@ async fn copy_way(
                 Ok(m) => {
                     off += m;
                     total += m as u64;
-                    bytes.inc_by(m as u64);
+                    bytes.add(m as u64);
                     progress.bytes.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

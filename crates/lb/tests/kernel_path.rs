@@ -10,18 +10,18 @@ use lb::{LoadBalancer, Options};
 use model::config::{Environment, parse};
 use model::{Desired, Path};
 use prometheus_client::registry::Registry;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 
 /// Records every address it is asked to bind; binds an ephemeral loopback port instead.
 #[derive(Default)]
 struct Recording(Mutex<Vec<SocketAddr>>);
 
 impl Binder for Recording {
-    fn tcp(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+    fn tcp(&self, addr: SocketAddr, _count: usize) -> io::Result<Vec<std::net::TcpListener>> {
         self.0.lock().unwrap().push(addr);
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.set_nonblocking(true)?;
-        TcpListener::from_std(l)
+        Ok(vec![l])
     }
     fn udp(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
         self.0.lock().unwrap().push(addr);

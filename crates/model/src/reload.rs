@@ -18,7 +18,8 @@ use crate::service::Config;
 /// - `node.name`, `cluster.bind`, `cluster.advertise`: the gossip socket and this node's
 ///   identity in the membership protocol, once it gossips. `running` must be the
 ///   configuration the gossip started with: while it has no peers nothing uses these three,
-///   so they may change (a node that gets its first peers by a reload starts gossip then).
+///   so they may change (a node that gets its first peers by a reload starts gossip then);
+/// - `proxy.workers`: the balancer's worker threads start with the process.
 ///
 /// `cluster.peers` is not on the list: peers are applied live. Nor is anything under `bgp`
 /// (adding or removing the section included): the speaker always runs and a changed peer,
@@ -43,6 +44,8 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             "dns.listen",
             a.dns.as_ref().map(|d| d.listen) != b.dns.as_ref().map(|d| d.listen),
         ),
+        // the balancer's worker threads are started once, with the process
+        ("proxy.workers", a.proxy.workers != b.proxy.workers),
     ];
     checks
         .into_iter()
@@ -108,6 +111,15 @@ mod tests {
             needs_restart(&base, &many),
             ["cluster.profile", "admin.listen"]
         );
+    }
+
+    #[test]
+    fn proxy_workers_need_a_restart() {
+        let one = cfg("proxy: {workers: 1}\n");
+        let two = cfg("proxy: {workers: 2}\n");
+        assert_eq!(needs_restart(&one, &two), ["proxy.workers"]);
+        assert_eq!(needs_restart(&cfg(""), &one), ["proxy.workers"]);
+        assert!(needs_restart(&two, &cfg("proxy: {workers: 2}\n")).is_empty());
     }
 
     #[test]

@@ -33,6 +33,23 @@ pub struct Config {
     /// The BGP speaker, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<crate::bgp::Bgp>,
+    /// The user-space proxy's threads.
+    #[serde(default)]
+    pub proxy: Proxy,
+}
+
+/// The user-space proxy (TCP accept and relay) settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proxy {
+    /// Worker threads, each with its own runtime and its own `SO_REUSEPORT` listener per TCP
+    /// `VIP:port` (the kernel spreads new connections over them); `None`: one per CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+}
+
+impl Proxy {
+    /// Most worker threads the config accepts.
+    pub const MAX_WORKERS: u32 = 256;
 }
 
 /// Graceful stop settings.

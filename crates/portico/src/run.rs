@@ -94,10 +94,18 @@ pub async fn serve(
             false
         }
     };
+    // One proxy worker thread per CPU unless `proxy.workers` says otherwise (read at start:
+    // changing it needs a restart).
+    let workers = cfg.proxy.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        |n| n as usize,
+    );
+    info!(workers, "proxy workers");
     let lb = lb::LoadBalancer::with_options(
         &mut registry,
         lb::Options {
             kernel_path,
+            workers,
             ..lb::Options::default()
         },
     );

@@ -69,6 +69,8 @@ impl Harness {
                 splice,
                 budget,
                 kernel_path: false,
+                // every loopback test runs through two proxy workers (SO_REUSEPORT listeners)
+                workers: 2,
             },
         );
         let (dtx, drx) = watch::channel(Arc::new(Desired {

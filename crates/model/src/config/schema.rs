@@ -87,6 +87,7 @@ pub(super) fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             Some(s)
         })
         .unwrap_or_default();
+    let proxy = m.opt(cx, "proxy", decode_proxy).unwrap_or_default();
     m.finish(cx);
     Decoded {
         config: Config {
@@ -97,10 +98,31 @@ pub(super) fn decode_config(cx: &mut Cx, root: &Node) -> Decoded {
             services,
             shutdown,
             bgp,
+            proxy,
         },
         pos,
         kept: std::mem::take(&mut cx.kept),
     }
+}
+
+fn decode_proxy(cx: &mut Cx, n: &Node, p: &str) -> Option<Proxy> {
+    let mut m = cx.map(n, p)?;
+    let workers = m.opt(cx, "workers", |cx, n, p| {
+        match uint(0, u64::from(Proxy::MAX_WORKERS))(cx, n, p)? {
+            0 => {
+                cx.err(
+                    p,
+                    n.pos,
+                    "0 worker threads would accept no connection: set 1 or more, or leave \
+                     `proxy.workers` out for one per CPU",
+                );
+                None
+            }
+            v => u32::try_from(v).ok(),
+        }
+    });
+    m.finish(cx);
+    Some(Proxy { workers })
 }
 
 // `Node` the YAML tree type and `Node` the config type share a name; alias the latter here.

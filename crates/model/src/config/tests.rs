@@ -507,6 +507,24 @@ mod mysql_login_and_shutdown {
         assert_eq!(got.len(), 1);
         assert!(got[0].contains("out of range"), "{got:?}");
     }
+
+    #[test]
+    fn proxy_workers_default_one_per_cpu_and_zero_is_refused_naming_the_field() {
+        let cfg = parse("", &Environment::default()).unwrap();
+        assert_eq!(cfg.proxy.workers, None);
+        let cfg = parse("proxy: {workers: 2}\n", &Environment::default()).unwrap();
+        assert_eq!(cfg.proxy.workers, Some(2));
+        let got = errors("proxy: {workers: 0}\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("`proxy.workers`") && got[0].contains("set 1 or more"),
+            "{got:?}"
+        );
+        let got = errors("proxy: {workers: 1000}\n");
+        assert!(got[0].contains("out of range"), "{got:?}");
+        let got = errors("proxy: {threads: 2}\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
 }
 
 mod forwarding {

@@ -1,0 +1,117 @@
+//! The proxy's worker threads: each runs its own single-threaded tokio runtime, and every TCP
+//! `VIP:port` gets one `SO_REUSEPORT` listener per worker, so the kernel spreads new connections
+//! over the workers and a connection is accepted, connected to its backend and relayed on one
+//! thread (no work stealing, no wake-ups across threads). HAProxy's `nbthread` and nginx's
+//! `reuseport` work the same way.
+//!
+//! With no workers ([`crate::Options::workers`] = 0) the accept loops and connections run on the
+//! runtime that created the balancer, as before.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+/// Errors of the worker threads.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start proxy worker {index}: {source}")]
+    Start {
+        /// The worker's index.
+        index: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running worker threads; they stop when this is dropped.
+pub(crate) struct Workers {
+    handles: Vec<Handle>,
+    /// Connections each worker accepted.
+    accepted: Vec<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `n` workers. A worker that cannot start is logged and left out (the others, or
+    /// with none the caller's runtime, carry the load): a balancer is never refused for it.
+    pub(crate) fn start(n: usize) -> Self {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        for index in 0..n {
+            match start_one(index, stop.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    tracing::error!(error = %e, reason = "workerNotStarted", "proxy worker not started; the others carry its share");
+                }
+            }
+        }
+        let accepted = (0..handles.len().max(1))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        Self {
+            handles,
+            accepted,
+            stop,
+        }
+    }
+
+    /// How many listeners each TCP `VIP:port` needs: one per worker (at least one).
+    pub(crate) fn listeners(&self) -> usize {
+        self.handles.len().max(1)
+    }
+
+    /// Runs `fut` on worker `index` (on the current runtime without workers).
+    pub(crate) fn spawn<F>(&self, index: usize, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match self.handles.get(index) {
+            Some(h) => {
+                h.spawn(fut);
+            }
+            None => {
+                tokio::spawn(fut);
+            }
+        }
+    }
+
+    /// Counts a connection worker `index` accepted.
+    pub(crate) fn count_accept(&self, index: usize) {
+        if let Some(c) = self.accepted.get(index) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections each worker accepted so far.
+    pub(crate) fn accepted(&self) -> Vec<u64> {
+        self.accepted
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Not joined: the last reference may be dropped on a worker itself.
+        self.stop.cancel();
+    }
+}
+
+fn start_one(index: usize, stop: CancellationToken) -> Result<Handle, Error> {
+    let err = |source| Error::Start { index, source };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(err)?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("proxy-{index}"))
+        .spawn(move || rt.block_on(stop.cancelled()))
+        .map_err(err)?;
+    Ok(handle)
+}
