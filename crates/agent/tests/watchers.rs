@@ -73,16 +73,9 @@ fn sent(acts: &[Action]) -> Vec<(String, Duration)> {
         .collect()
 }
 
-/// Node 0 of an `n`-node cluster, every peer heard once (claiming nothing), settled and owning
-/// the VIP, at the returned instant.
-fn owner_of(n: usize) -> (Core, Instant) {
-    let t0 = Instant::now();
-    let cfg = config(0, n);
-    let f = local_facts(&cfg, &HealthView::new());
-    let mut c = Core::new(Arc::new(cfg), f, true, t0);
-    c.handle(Event::Start, t0);
+/// Node 0 hears every peer of an `n`-node cluster at `now` (claiming nothing).
+fn hear_all(c: &mut Core, n: usize, now: Instant) {
     let d = c.detection();
-    let mut now = t0;
     for j in 1..n {
         c.handle(
             Event::Heartbeat {
@@ -93,20 +86,24 @@ fn owner_of(n: usize) -> (Core, Instant) {
             now,
         );
     }
+}
+
+/// Node 0 of an `n`-node cluster, every peer heard once (claiming nothing), settled and owning
+/// the VIP, at the returned instant.
+fn owner_of(n: usize) -> (Core, Instant) {
+    let t0 = Instant::now();
+    let cfg = config(0, n);
+    let f = local_facts(&cfg, &HealthView::new());
+    let mut c = Core::new(Arc::new(cfg), f, true, t0);
+    c.handle(Event::Start, t0);
+    let d = c.detection();
+    let mut now = t0;
+    hear_all(&mut c, n, now);
     // the peers keep heartbeating until node 0 has settled and claimed
     while !c.owned().contains(&vip()) {
         now += d.interval;
         assert!(now < t0 + Duration::from_secs(2), "node 0 never claimed");
-        for j in 1..n {
-            c.handle(
-                Event::Heartbeat {
-                    from: name(j),
-                    epoch: 1,
-                    hb: peer_hb(d.interval, &[]),
-                },
-                now,
-            );
-        }
+        hear_all(&mut c, n, now);
         c.handle(Event::Tick, now);
     }
     (c, now)
@@ -157,16 +154,7 @@ fn a_large_cluster_hears_an_owner_fast_only_at_its_vips_successor() {
     while now < until {
         let next = c.next_wake(now).min(now + d.interval);
         now = next;
-        for j in 1..n {
-            c.handle(
-                Event::Heartbeat {
-                    from: name(j),
-                    epoch: 1,
-                    hb: peer_hb(d.interval, &[]),
-                },
-                now,
-            );
-        }
+        hear_all(&mut c, n, now);
         for (to, every) in sent(&c.handle(Event::Tick, now)) {
             if every == d.interval {
                 *fast.entry(to).or_default() += 1;
