@@ -205,8 +205,8 @@ start_portico() { # NAME
   PIDS+=($!)
   eval "PT_$1_PID=$!"
 }
-portico_config w1 1 8001 9001 19441
-portico_config w2 2 8002 9002 19442
+portico_config w1 1 8001 9001 19441 proxy
+portico_config w2 2 8002 9002 19442 proxy
 start_portico w1
 start_portico w2
 KERNEL=0
