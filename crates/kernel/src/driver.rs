@@ -81,6 +81,8 @@ pub struct Kernel {
     opts: Options,
     metrics: Metrics,
     state: Arc<Mutex<State>>,
+    /// True while the kernel holds what the last desired state and health ask for.
+    synced: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// What [`Kernel::apply`] did.
@@ -120,7 +122,15 @@ impl Kernel {
             opts,
             metrics: Metrics::register(registry),
             state: Arc::new(Mutex::new(State::default())),
+            synced: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// True once [`Self::run`] applied the current desired state and health, false while a
+    /// batch is refused (it retries): the binary's `/readyz` waits for it, so a node does not
+    /// say it is ready before its kernel path forwards.
+    pub fn synced(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.synced.subscribe()
     }
 
     /// Whether this node can program nftables (root, `nft` installed, nf_tables): the kernel
@@ -362,8 +372,9 @@ impl Kernel {
         self.stop().await
     }
 
-    /// Logs a failed apply; true when it failed.
+    /// Logs a failed apply and publishes [`Self::synced`]; true when it failed.
     fn report(&self, r: Result<Applied, Error>) -> bool {
+        self.synced.send_replace(r.is_ok());
         match r {
             Ok(a) => {
                 if a.kind != "none" {

@@ -228,7 +228,12 @@ pub async fn serve(
         ))
     };
     // The kernel path follows desired state and health; on a graceful stop it removes its
-    // table after the agent handed the VIPs over.
+    // table after the agent handed the VIPs over. Readiness waits for its first batch.
+    let kernel_synced = if kernel_path {
+        kernel.synced()
+    } else {
+        watch::channel(true).1
+    };
     let kernel_task = kernel_path.then(|| {
         let (k, d, h, stop) = (
             kernel,
@@ -441,23 +446,16 @@ pub async fn serve(
             },
         ));
     }
-    // Ready once the first configuration is applied and while no component is down.
+    // Ready once the first configuration is applied (and, with the kernel path, its batch is
+    // in the kernel) and while no component is down.
     {
-        let (mut applied, mut healthy, stop) =
-            (first_applied, supervised.healthy(), rest_stop.clone());
-        tasks.spawn(async move {
-            loop {
-                let ready = *applied.borrow_and_update() && *healthy.borrow_and_update();
-                if ready_tx.send_replace(ready) != ready {
-                    info!(ready, "readiness changed");
-                }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    r = applied.changed() => if r.is_err() { return },
-                    r = healthy.changed() => if r.is_err() { return },
-                }
-            }
-        });
+        let (applied, healthy, synced, stop) = (
+            first_applied,
+            supervised.healthy(),
+            kernel_synced,
+            rest_stop.clone(),
+        );
+        tasks.spawn(readiness(applied, healthy, synced, ready_tx, stop));
     }
     info!(node = %cfg.node.name, services = cfg.services.len(), "admin listening on {admin_addr}");
     // Ready once the data path runs every service of the first generation.
@@ -670,4 +668,76 @@ pub fn parse_admin_url(s: &str) -> Result<SocketAddr, String> {
 /// reach backends on other hosts.
 fn ip_forwarding_on() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Publishes readiness: the first configuration applied, no component down, and the kernel
+/// path (if any) holding what it should. A closed input keeps its last value (the
+/// first-applied flag closes once set): readiness still follows the others.
+async fn readiness(
+    mut applied: watch::Receiver<bool>,
+    mut healthy: watch::Receiver<bool>,
+    mut synced: watch::Receiver<bool>,
+    ready_tx: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let (mut applied_open, mut healthy_open, mut synced_open) = (true, true, true);
+    loop {
+        let (a, h, k) = (
+            *applied.borrow_and_update(),
+            *healthy.borrow_and_update(),
+            *synced.borrow_and_update(),
+        );
+        let ready = a && h && k;
+        if ready_tx.send_replace(ready) != ready {
+            info!(ready, "readiness changed");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = applied.changed(), if applied_open => if r.is_err() { applied_open = false },
+            r = healthy.changed(), if healthy_open => if r.is_err() { healthy_open = false },
+            r = synced.changed(), if synced_open => if r.is_err() { synced_open = false },
+        }
+    }
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Readiness kept following the components after the first-applied flag, which closes
+    /// once set, had closed: it used to stop there, so a node whose balancer then failed still
+    /// said it was ready.
+    #[tokio::test]
+    async fn a_component_down_after_start_fails_readiness() {
+        let (applied_tx, applied) = watch::channel(false);
+        let (healthy_tx, healthy) = watch::channel(true);
+        let (synced_tx, synced) = watch::channel(false);
+        let (ready_tx, ready) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(readiness(applied, healthy, synced, ready_tx, stop.clone()));
+        applied_tx.send_replace(true);
+        drop(applied_tx);
+        settle().await;
+        assert!(
+            !*ready.borrow(),
+            "the kernel path has not applied its batch yet"
+        );
+        synced_tx.send_replace(true);
+        settle().await;
+        assert!(*ready.borrow());
+        healthy_tx.send_replace(false);
+        settle().await;
+        assert!(!*ready.borrow(), "a component is down");
+        healthy_tx.send_replace(true);
+        settle().await;
+        assert!(*ready.borrow());
+        stop.cancel();
+        task.await.unwrap();
+    }
 }
