@@ -350,12 +350,7 @@ impl Core {
             }
             Event::Tick => {
                 if now >= self.next_hb {
-                    if !self.watchers.is_empty() {
-                        out.push(Action::Heartbeat(
-                            self.heartbeat(),
-                            self.watchers.iter().cloned().collect(),
-                        ));
-                    }
+                    self.send_fast(&mut out);
                     if !self.demoted.is_empty() {
                         let to: Vec<NodeId> = self.demoted.keys().cloned().collect();
                         out.push(Action::Heartbeat(self.heartbeat_every(SLOW_INTERVAL), to));
@@ -513,14 +508,19 @@ impl Core {
             .collect()
     }
 
-    /// Sends the current heartbeat to every peer now, each with the interval it gets.
-    fn send_all(&self, out: &mut Vec<Action>) {
+    /// Sends the current heartbeat to the watchers (the profile's interval).
+    fn send_fast(&self, out: &mut Vec<Action>) {
         if !self.watchers.is_empty() {
             out.push(Action::Heartbeat(
                 self.heartbeat(),
                 self.watchers.iter().cloned().collect(),
             ));
         }
+    }
+
+    /// Sends the current heartbeat to every peer now, each with the interval it gets.
+    fn send_all(&self, out: &mut Vec<Action>) {
+        self.send_fast(out);
         let slow = self.slow_peers();
         if !slow.is_empty() {
             out.push(Action::Heartbeat(self.heartbeat_every(SLOW_INTERVAL), slow));
