@@ -5,8 +5,9 @@
 //!
 //! - both nodes announce the same /32: one route with two `nexthop via` (ECMP through zebra);
 //! - an IPv6 session announces a /128 with the node's IPv6 next hop;
-//! - node b's session uses a TCP MD5 password; graceful restart keeps its next hop while its
-//!   speaker is dead (FRR as the helper);
+//! - node b's session uses a TCP MD5 password (a wrong one never connects, and the status says
+//!   what that looks like); graceful restart keeps its next hop while its speaker is dead (FRR
+//!   as the helper);
 //! - BFD with FRR's bfdd (100 ms × 3): a node that falls silent (its packets dropped, the link
 //!   up) leaves the FIB within the detection time (measured and printed).
 //!
@@ -131,6 +132,20 @@ fn frr_gets_ecmp_ipv6_md5_and_bfd_from_the_speaker() {
         multiplier: 3,
     });
     let pa6 = peer("a6", "fd98:1::1", "fd98:1::2");
+    // A wrong password: FRR's kernel drops our SYNs; the status says what that looks like.
+    let mut wrong = peer("b", "10.98.2.1", "10.98.2.2");
+    wrong.password = Some("not-it".into());
+    let node_b = Node::start(&b, vec![wrong], routes.clone(), Duration::from_secs(2));
+    poll(Duration::from_secs(15), "the MD5 mismatch reported", || {
+        node_b
+            .session("b")
+            .last_error
+            .is_some_and(|e| e.contains("TCP MD5"))
+    });
+    println!("MD5 mismatch: {:?}", node_b.session("b").last_error);
+    assert_ne!(node_b.session("b").state, "established");
+    drop(node_b);
+
     let mut pb = peer("b", "10.98.2.1", "10.98.2.2");
     pb.password = Some("s3cret".into());
     let node_a = Node::start(&a, vec![pa, pa6], routes.clone(), Duration::from_secs(2));

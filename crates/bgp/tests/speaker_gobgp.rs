@@ -3,7 +3,11 @@
 //! speaker's own listener on port 179 in its namespace) and GoBGP connects to it with a TCP MD5
 //! password. GoBGP's RIB (`gobgp global rib`) must show the /32 from both next hops and the
 //! /128 from node a's IPv6 address, with the communities and MED the routes carry; a route
-//! removed is withdrawn.
+//! removed is withdrawn. Also against GoBGP:
+//!
+//! - a wrong MD5 password never connects, and the status says what that looks like;
+//! - graceful restart (GoBGP as the helper): node a's speaker dies without a NOTIFICATION, its
+//!   route stays in GoBGP's RIB while it is away, and the session comes back when it restarts.
 //!
 //! Root only; locally it skips without root or GoBGP, in CI (`PORTICO_CI`) it fails.
 //! Namespaces, links, gobgpd and the speakers' threads are removed at the end, also on failure.
@@ -50,9 +54,13 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
     peer-as = 65002
   [neighbors.transport.config]
     passive-mode = true
+  [neighbors.graceful-restart.config]
+    enabled = true
   [[neighbors.afi-safis]]
     [neighbors.afi-safis.config]
       afi-safi-name = "ipv4-unicast"
+    [neighbors.afi-safis.mp-graceful-restart.config]
+      enabled = true
 [[neighbors]]
   [neighbors.config]
     neighbor-address = "fd98:1::2"
@@ -98,6 +106,26 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
         (vip("2001:db8:100::7"), attrs),
     ]
     .into();
+    // A wrong password: GoBGP's kernel drops our SYNs; the status says what that looks like.
+    let mut wrong = peer("b", "10.98.2.1", "10.98.2.2");
+    wrong.password = Some("not-it".into());
+    let node_b = Node::start(
+        &lab.ns("b"),
+        vec![wrong],
+        routes.clone(),
+        Duration::from_secs(2),
+    );
+    poll(Duration::from_secs(15), "the MD5 mismatch reported", || {
+        node_b
+            .session("b")
+            .last_error
+            .is_some_and(|e| e.contains("TCP MD5"))
+    });
+    println!("MD5 mismatch: {:?}", node_b.session("b").last_error);
+    assert_ne!(node_b.session("b").state, "established");
+    assert!(!gobgp(&lab, &["global", "rib", "-a", "ipv4"]).contains("10.98.2.2"));
+    drop(node_b);
+
     let pa = peer("a", "10.98.1.1", "10.98.1.2");
     let pa6 = peer("a6", "fd98:1::1", "fd98:1::2");
     let mut pb = peer("b", "10.98.2.1", "10.98.2.2");
@@ -105,11 +133,16 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
     pb.password = Some("s3cret".into());
     let node_a = Node::start(
         &lab.ns("a"),
-        vec![pa, pa6],
+        vec![pa.clone(), pa6.clone()],
         routes.clone(),
         Duration::from_secs(2),
     );
-    let node_b = Node::start(&lab.ns("b"), vec![pb], routes, Duration::from_secs(2));
+    let node_b = Node::start(
+        &lab.ns("b"),
+        vec![pb],
+        routes.clone(),
+        Duration::from_secs(2),
+    );
     let took = poll(Duration::from_secs(60), "both next hops in GoBGP", || {
         let rib = gobgp(&lab, &["global", "rib", "-a", "ipv4"]);
         rib.contains("10.98.1.2") && rib.contains("10.98.2.2")
@@ -124,6 +157,39 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
         gobgp(&lab, &["global", "rib", "-a", "ipv6"]).contains("fd98:1::2")
     });
     assert_eq!(node_b.session("b").state, "established");
+
+    // Graceful restart: A dies without a NOTIFICATION; GoBGP keeps its route (stale).
+    node_a.crash();
+    let crashed = tokio::time::Instant::now();
+    poll(Duration::from_secs(10), "GoBGP sees A's session go", || {
+        !gobgp(&lab, &["neighbor"])
+            .lines()
+            .any(|l| l.contains("10.98.1.2") && l.contains("Establ"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let rib = gobgp(&lab, &["global", "rib", "-a", "ipv4"]);
+    assert!(
+        rib.contains("10.98.1.2"),
+        "A's route stays during the restart time:\n{rib}\n{}",
+        gobgp(&lab, &["neighbor"])
+    );
+    let node_a = Node::start(
+        &lab.ns("a"),
+        vec![pa, pa6],
+        routes.clone(),
+        Duration::from_secs(2),
+    );
+    poll(Duration::from_secs(30), "A back", || {
+        node_a.session("a").state == "established"
+    });
+    poll(Duration::from_secs(10), "A's route in GoBGP", || {
+        gobgp(&lab, &["global", "rib", "-a", "ipv4"]).contains("10.98.1.2")
+    });
+    println!(
+        "graceful restart: A's route kept for the {:?} A was away",
+        crashed.elapsed()
+    );
+
     // A withdrawal reaches GoBGP.
     node_a.routes.send_replace(Arc::new(
         [(vip("2001:db8:100::7"), RouteAttrs::default())].into(),
