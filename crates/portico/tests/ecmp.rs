@@ -208,6 +208,14 @@ async fn run(rescue: bool) -> Run {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 1..=3 {
+        let want = if rescue { 2 } else { 0 };
+        assert_eq!(
+            metric(&lab, i, "portico_ecmp_members"),
+            want,
+            "node {i} copies to the two others"
+        );
+    }
     let copied_before_leave: u64 = (1..=3)
         .map(|i| metric(&lab, i, "portico_ecmp_segments_copied_total"))
         .sum();
