@@ -5,7 +5,8 @@
 //! router re-hash flows, so segments of established connections reach nodes that did not
 //! accept them. With the ECMP rescue (`bgp.ecmp_rescue`, the default) such a node copies them
 //! to the others and the holder continues: no connection to a surviving node breaks. With
-//! `ecmp_rescue: false` the same steps reset some, so the test proves the rescue.
+//! `ecmp_rescue: false` the same steps reset some, so the test proves the rescue. A third run
+//! does it over IPv6 (VIP, clients and gossip), with the rescue.
 //!
 //! The lab is `common::bgplab` (see there). Needs root, `ip`, `bird`, `curl` and `nft`:
 //! without them the test prints `skipped: …` and returns, unless `PORTICO_CI` is set.
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::bgplab::{Lab, VIP4, can_run, in_ns};
+use common::bgplab::{Lab, VIP4, VIP6, can_run, in_ns};
 use tokio::time::Instant;
 
 /// Long-lived client connections.
@@ -60,10 +61,9 @@ struct Clients {
 
 /// One client connection (in the client namespace): reopened when it breaks; bounded by the
 /// stop flag and 150 s.
-fn client(ns: String, c: Arc<Clients>) {
+fn client(ns: String, vip: SocketAddr, c: Arc<Clients>) {
     sys::setns_net(&format!("/run/netns/{ns}")).expect("setns into the client");
     let until = SystemTime::now() + Duration::from_secs(150);
-    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let live = || !c.stop.load(Ordering::Relaxed) && SystemTime::now() < until;
     let broke = |node: &Option<String>, what: String| {
         c.breaks.lock().unwrap().push(Break {
@@ -125,10 +125,10 @@ fn metric(lab: &Lab, i: usize, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn has_table(lab: &Lab, i: usize) -> bool {
+fn has_table(lab: &Lab, i: usize, family: &str) -> bool {
     in_ns(
         &lab.node(i),
-        &["nft", "list", "table", "ip", "portico_ecmp"],
+        &["nft", "list", "table", family, "portico_ecmp"],
     )
     .0
 }
@@ -139,6 +139,10 @@ async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what} within {within:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn strs(h: &[String]) -> Vec<&str> {
+    h.iter().map(String::as_str).collect()
 }
 
 /// What one run saw.
@@ -154,9 +158,33 @@ struct Run {
     took: Duration,
 }
 
-async fn run(rescue: bool) -> Run {
+/// One run over IPv4 (or IPv6: the VIP, the client and the gossip, so the members' addresses
+/// the copies go to are IPv6).
+async fn run(rescue: bool, v6: bool) -> Run {
+    let (vip, family) = if v6 { (VIP6, "ip6") } else { (VIP4, "ip") };
+    let hops = |nodes: &[usize]| -> Vec<String> {
+        nodes
+            .iter()
+            .map(|i| {
+                if v6 {
+                    format!("fd78::1{i}")
+                } else {
+                    format!("10.78.0.1{i}")
+                }
+            })
+            .collect()
+    };
+    let (h12, h123, h23) = (hops(&[1, 2]), hops(&[1, 2, 3]), hops(&[2, 3]));
+    let target: SocketAddr = if v6 {
+        format!("[{vip}]:80")
+    } else {
+        format!("{vip}:80")
+    }
+    .parse()
+    .unwrap();
     let mut lab = Lab::create(3);
     lab.cluster = true;
+    lab.cluster_v6 = v6;
     // a loaded build machine must not fail a check (a withdrawal re-hashes too)
     lab.health = "{type: tcp, interval: 1s, timeout: 1s, rise: 1, fall: 5}".into();
     lab.drain = "2s".into();
@@ -168,18 +196,21 @@ async fn run(rescue: bool) -> Run {
         lab.start_backend(i);
         lab.start_node(i);
     }
-    lab.wait_next_hops(VIP4, &["10.78.0.11", "10.78.0.12"], Duration::from_secs(30))
+    lab.wait_next_hops(vip, &strs(&h12), Duration::from_secs(30))
         .await;
     for i in 1..=2 {
         if rescue {
             wait_for(
                 &format!("node {i}'s rescue table"),
                 Duration::from_secs(10),
-                || has_table(&lab, i),
+                || has_table(&lab, i, family),
             )
             .await;
         } else {
-            assert!(!has_table(&lab, i), "ecmp_rescue: false makes no table");
+            assert!(
+                !has_table(&lab, i, family),
+                "ecmp_rescue: false makes no table"
+            );
         }
     }
 
@@ -187,7 +218,7 @@ async fn run(rescue: bool) -> Run {
     let threads: Vec<_> = (0..CONNS)
         .map(|_| {
             let (ns, c) = (lab.ns("c"), clients.clone());
-            std::thread::spawn(move || client(ns, c))
+            std::thread::spawn(move || client(ns, target, c))
         })
         .collect();
     wait_for("every connection answered", Duration::from_secs(20), || {
@@ -201,12 +232,8 @@ async fn run(rescue: bool) -> Run {
     clients.step.store(1, Ordering::Relaxed);
     lab.start_backend(3);
     lab.start_node(3);
-    lab.wait_next_hops(
-        VIP4,
-        &["10.78.0.11", "10.78.0.12", "10.78.0.13"],
-        Duration::from_secs(30),
-    )
-    .await;
+    lab.wait_next_hops(vip, &strs(&h123), Duration::from_secs(30))
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     for i in 1..=3 {
         let want = if rescue { 2 } else { 0 };
@@ -229,7 +256,7 @@ async fn run(rescue: bool) -> Run {
         "node 1 exits on SIGTERM:\n{}",
         lab.nodes[0].log_tail()
     );
-    lab.wait_next_hops(VIP4, &["10.78.0.12", "10.78.0.13"], Duration::from_secs(10))
+    lab.wait_next_hops(vip, &strs(&h23), Duration::from_secs(10))
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let copied = copied_n1
@@ -255,7 +282,7 @@ async fn run(rescue: bool) -> Run {
     let requests = clients.requests.load(Ordering::Relaxed);
     let first = clients.first.lock().unwrap().clone();
     println!(
-        "ecmp_rescue {rescue}: {CONNS} connections (first answered by {first:?}), {requests} requests over {took:?}; broken to surviving nodes per step {:?}: {broken:?}; node 1's own cut by its drain: {leaving}; segments copied: {copied} ({copied_before_leave} by the end of the join), {:.1}/s",
+        "ecmp_rescue {rescue}, {family}: {CONNS} connections (first answered by {first:?}), {requests} requests over {took:?}; broken to surviving nodes per step {:?}: {broken:?}; node 1's own cut by its drain: {leaving}; segments copied: {copied} ({copied_before_leave} by the end of the join), {:.1}/s",
         STEPS,
         copied as f64 / took.as_secs_f64()
     );
@@ -281,43 +308,58 @@ async fn established_connections_survive_a_node_joining_and_leaving_the_ecmp_set
     if !can_run() {
         return;
     }
-    if !in_ns_ok(&["nft", "--version"]) {
+    if !succeeds(&["nft", "--version"]) {
         sys::skip_test("needs `nft` (the nftables package)");
         return;
     }
-    let with = run(true).await;
-    assert!(with.requests > CONNS * 20, "requests: {}", with.requests);
-    assert_eq!(
-        with.broken,
-        [0, 0, 0],
-        "with the rescue no connection to a surviving node breaks: {:#?}",
-        with.breaks
-    );
-    assert!(
-        with.copied > 0,
-        "the rescue copied segments (the router did re-hash)"
-    );
-    // a copy that is copied again would loop between members: far more copies than segments
-    assert!(
-        with.copied < 5 * with.requests as u64,
-        "copies loop: {} segments copied for {} requests",
-        with.copied,
-        with.requests
-    );
-    let without = run(false).await;
+    let with = run(true, false).await;
+    rescued(&with);
+    let without = run(false, false).await;
     assert!(
         without.broken[1] + without.broken[2] > 0,
         "without the rescue the re-hash resets connections to surviving nodes (else the test proves nothing): {:#?}",
         without.breaks
     );
     assert_eq!(without.copied, 0);
+    // IPv6: the VIP, the clients and the gossip (the members' addresses copies go to)
+    let v6 = run(true, true).await;
+    rescued(&v6);
     println!(
-        "summary: with the rescue {:?} broken (+{} of the leaving node), {} segments copied in {:?}; without {:?} broken (+{} of the leaving node)",
-        with.broken, with.leaving, with.copied, with.took, without.broken, without.leaving
+        "summary: with the rescue {:?} broken (+{} of the leaving node), {} segments copied in {:?}; without {:?} broken (+{} of the leaving node); IPv6 with the rescue {:?} broken, {} segments copied",
+        with.broken,
+        with.leaving,
+        with.copied,
+        with.took,
+        without.broken,
+        without.leaving,
+        v6.broken,
+        v6.copied
     );
 }
 
-fn in_ns_ok(cmd: &[&str]) -> bool {
+/// The rescue's promises for one run.
+fn rescued(r: &Run) {
+    assert!(r.requests > CONNS * 20, "requests: {}", r.requests);
+    assert_eq!(
+        r.broken,
+        [0, 0, 0],
+        "with the rescue no connection to a surviving node breaks: {:#?}",
+        r.breaks
+    );
+    assert!(
+        r.copied > 0,
+        "the rescue copied segments (the router did re-hash)"
+    );
+    // a copy that is copied again would loop between members: far more copies than segments
+    assert!(
+        r.copied < 5 * r.requests as u64,
+        "copies loop: {} segments copied for {} requests",
+        r.copied,
+        r.requests
+    );
+}
+
+fn succeeds(cmd: &[&str]) -> bool {
     std::process::Command::new(cmd[0])
         .args(&cmd[1..])
         .stdout(std::process::Stdio::null())

@@ -194,6 +194,8 @@ pub struct Lab {
     pub bgp_extra: String,
     /// Whether the nodes gossip with each other (`cluster:` with every other node as a peer).
     pub cluster: bool,
+    /// Whether they gossip over IPv6 (their fd78::1<i> addresses) rather than IPv4.
+    pub cluster_v6: bool,
     /// Each node's `health_check` (flow YAML).
     pub health: String,
     /// Each node's `shutdown.drain_timeout`.
@@ -236,6 +238,7 @@ impl Lab {
             size,
             bgp_extra: String::new(),
             cluster: false,
+            cluster_v6: false,
             health: "{type: tcp, interval: 200ms, timeout: 100ms, rise: 1, fall: 1}".into(),
             drain: "5s".into(),
             nodes: Vec::new(),
@@ -371,14 +374,22 @@ impl Lab {
     /// and `bgp_extra` as set).
     pub fn start_node(&mut self, i: usize) {
         let extra = &self.bgp_extra;
+        let addr = |j: usize| {
+            if self.cluster_v6 {
+                format!("[fd78::1{j}]:7946")
+            } else {
+                format!("10.78.0.1{j}:7946")
+            }
+        };
         let cluster = if self.cluster {
             let peers: Vec<String> = (1..=self.size)
                 .filter(|j| *j != i)
-                .map(|j| format!("{{name: n{j}, address: \"10.78.0.1{j}:7946\"}}"))
+                .map(|j| format!("{{name: n{j}, address: \"{}\"}}", addr(j)))
                 .collect();
             format!(
-                "cluster:\n  bind: \"10.78.0.1{i}:7946\"\n  peers: [{}]\n  \
+                "cluster:\n  bind: \"{}\"\n  peers: [{}]\n  \
                  keys: [{{id: 1, secret: q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=}}]\n",
+                addr(i),
                 peers.join(", ")
             )
         } else {
