@@ -2,12 +2,14 @@
 //! with the BGP VIPs and the other live cluster members, and exports the tables' counters as
 //! `portico_ecmp_*`.
 //!
-//! Who gets copies: every configured gossip peer (`cluster.peers`), and every other member the
-//! agent has heard of while it does not count it `down`; never this node. Configured peers
-//! count before they are first heard, so a starting node copies from its first announced
-//! route on (its table is in place before its BGP session can carry the route), and while
-//! they look down (a copy to a dead node is one lost packet; leaving out a live node whose
-//! heartbeats were late would reset its connections). The table
+//! Who gets copies: every configured gossip peer (`cluster.peers`) and every other member the
+//! agent has heard of, while the agent does not count it `down`; never this node. Configured
+//! peers count before they are first heard, so a starting node copies from its first
+//! announced route on (its table is in place before its BGP session can carry the route).
+//! A member counted down gets no copies: a node whose portico stopped but which forwards IP
+//! (the kernel path needs that) would send them back through the router to the others, which
+//! would copy them again; the lab measured 99,000 copies/s when stopped nodes kept getting
+//! copies. The table
 //! stays until the drain of a graceful stop has ended, then it is removed.
 
 use std::collections::BTreeSet;
@@ -114,20 +116,18 @@ pub fn rescue_of(cfg: &Config, members: &[MemberStatus]) -> (Rescue, Reason) {
         .filter(|m| m.state == "down")
         .map(|m| m.name.as_str())
         .collect();
-    // configured peers always (a copy to a dead node is one lost packet; leaving out a live
-    // one whose heartbeats were late resets its connections), learnt members while not down
+    // configured peers until the agent counts them down (a node that stopped and forwards
+    // what reaches it would send the copies back through the router: a loop), and learnt
+    // members while not down
     let peers: BTreeSet<IpAddr> = cfg
         .cluster
         .peers
         .iter()
         .map(|p| (p.name.as_str(), p.address.ip()))
-        .chain(
-            members
-                .iter()
-                .filter(|m| !down.contains(m.name.as_str()))
-                .map(|m| (m.name.as_str(), m.address.ip())),
-        )
-        .filter(|(name, ip)| name != me && *ip != own && !ip.is_unspecified())
+        .chain(members.iter().map(|m| (m.name.as_str(), m.address.ip())))
+        .filter(|(name, ip)| {
+            name != me && !down.contains(name) && *ip != own && !ip.is_unspecified()
+        })
         .map(|(_, ip)| ip)
         .collect();
     let r = Rescue { vips, peers };
@@ -268,7 +268,7 @@ mod tests {
     }
 
     #[test]
-    fn configured_peers_always_learnt_members_while_not_down() {
+    fn configured_peers_count_until_the_agent_says_down() {
         let c = cfg("", "bgp");
         let (r, why) = rescue_of(&c, &[]);
         assert_eq!(why, Reason::On);
@@ -291,18 +291,16 @@ mod tests {
         );
         assert_eq!(
             ips(&r).1,
-            ["10.78.0.12", "10.78.0.13", "10.78.0.14"],
-            "self left out; configured peers kept even when down, a learnt live member added"
+            ["10.78.0.12", "10.78.0.14"],
+            "self and the dead left out; a leaving (draining) member and a learnt one kept"
         );
-        let (r, _) = rescue_of(&c, &[member("n5", "10.78.0.15:7946", "down")]);
-        assert_eq!(
-            ips(&r).1,
-            ["10.78.0.12", "10.78.0.13"],
-            "a learnt member that is down is left out"
+        let (r, why) = rescue_of(
+            &c,
+            &[
+                member("n2", "10.78.0.12:7946", "down"),
+                member("n3", "10.78.0.13:7946", "down"),
+            ],
         );
-        let mut alone = c.clone();
-        alone.cluster.peers.clear();
-        let (r, why) = rescue_of(&alone, &[member("n2", "10.78.0.12:7946", "down")]);
         assert_eq!((r.any(), why), (false, Reason::NoOtherMember));
     }
 

@@ -160,7 +160,7 @@ struct Run {
 
 /// One run over IPv4 (or IPv6: the VIP, the client and the gossip, so the members' addresses
 /// the copies go to are IPv6).
-async fn run(rescue: bool, v6: bool) -> Run {
+async fn run(rescue: bool, v6: bool, kernel: bool) -> Run {
     let (vip, family) = if v6 { (VIP6, "ip6") } else { (VIP4, "ip") };
     let hops = |nodes: &[usize]| -> Vec<String> {
         nodes
@@ -185,6 +185,7 @@ async fn run(rescue: bool, v6: bool) -> Run {
     let mut lab = Lab::create(3);
     lab.cluster = true;
     lab.cluster_v6 = v6;
+    lab.kernel = kernel;
     // a loaded build machine must not fail a check (a withdrawal re-hashes too)
     lab.health = "{type: tcp, interval: 1s, timeout: 1s, rise: 1, fall: 5}".into();
     lab.drain = "2s".into();
@@ -198,6 +199,13 @@ async fn run(rescue: bool, v6: bool) -> Run {
     }
     lab.wait_next_hops(vip, &strs(&h12), Duration::from_secs(30))
         .await;
+    if kernel {
+        let st = lab.status(1);
+        assert_eq!(
+            st["services"][0]["path"], "kernel",
+            "the service runs on the kernel path: {st}"
+        );
+    }
     for i in 1..=2 {
         if rescue {
             wait_for(
@@ -282,7 +290,8 @@ async fn run(rescue: bool, v6: bool) -> Run {
     let requests = clients.requests.load(Ordering::Relaxed);
     let first = clients.first.lock().unwrap().clone();
     println!(
-        "ecmp_rescue {rescue}, {family}: {CONNS} connections (first answered by {first:?}), {requests} requests over {took:?}; broken to surviving nodes per step {:?}: {broken:?}; node 1's own cut by its drain: {leaving}; segments copied: {copied} ({copied_before_leave} by the end of the join), {:.1}/s",
+        "ecmp_rescue {rescue}, {family}{}: {CONNS} connections (first answered by {first:?}), {requests} requests over {took:?}; broken to surviving nodes per step {:?}: {broken:?}; node 1's own cut by its drain: {leaving}; segments copied: {copied} ({copied_before_leave} by the end of the join), {:.1}/s",
+        if kernel { ", kernel path" } else { "" },
         STEPS,
         copied as f64 / took.as_secs_f64()
     );
@@ -312,9 +321,9 @@ async fn established_connections_survive_a_node_joining_and_leaving_the_ecmp_set
         sys::skip_test("needs `nft` (the nftables package)");
         return;
     }
-    let with = run(true, false).await;
+    let with = run(true, false, false).await;
     rescued(&with);
-    let without = run(false, false).await;
+    let without = run(false, false, false).await;
     assert!(
         without.broken[1] + without.broken[2] > 0,
         "without the rescue the re-hash resets connections to surviving nodes (else the test proves nothing): {:#?}",
@@ -322,10 +331,13 @@ async fn established_connections_survive_a_node_joining_and_leaving_the_ecmp_set
     );
     assert_eq!(without.copied, 0);
     // IPv6: the VIP, the clients and the gossip (the members' addresses copies go to)
-    let v6 = run(true, true).await;
+    let v6 = run(true, true, false).await;
     rescued(&v6);
+    // the kernel path: the holder's conntrack DNATs the copy to its backend
+    let kernel = run(true, false, true).await;
+    rescued(&kernel);
     println!(
-        "summary: with the rescue {:?} broken (+{} of the leaving node), {} segments copied in {:?}; without {:?} broken (+{} of the leaving node); IPv6 with the rescue {:?} broken, {} segments copied",
+        "summary: with the rescue {:?} broken (+{} of the leaving node), {} segments copied in {:?}; without {:?} broken (+{} of the leaving node); IPv6 with the rescue {:?} broken, {} segments copied; kernel path with the rescue {:?} broken, {} segments copied",
         with.broken,
         with.leaving,
         with.copied,
@@ -333,7 +345,9 @@ async fn established_connections_survive_a_node_joining_and_leaving_the_ecmp_set
         without.broken,
         without.leaving,
         v6.broken,
-        v6.copied
+        v6.copied,
+        kernel.broken,
+        kernel.copied
     );
 }
 

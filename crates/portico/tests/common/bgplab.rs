@@ -2,8 +2,8 @@
 //! running BIRD 2 (`merge paths on`, `fib_multipath_hash_policy=1`) with bridge `br0`
 //! (10.78.0.1/24, fd78::1/64), `n` node namespaces `-n<i>` on it (10.78.0.1<i>, fd78::1<i>)
 //! each running the shipped binary with one `announce: bgp` service, and a client namespace
-//! `-c` (10.78.9.2/24, fd78:9::2/64) behind the router. Each node's backend (127.0.0.1:8080 in
-//! its namespace) answers an HTTP request with `node-<i>` and closes, or answers every line of
+//! `-c` (10.78.9.2/24, fd78:9::2/64) behind the router. Each node's backend (port 8080 in its
+//! namespace; the service reaches it on 127.0.0.1, or on 10.78.0.1<i> on the kernel path) answers an HTTP request with `node-<i>` and closes, or answers every line of
 //! anything else with `node-<i>` on the same connection (long-lived clients). Every namespace
 //! and process is removed by Drop guards, also on failure.
 
@@ -196,6 +196,9 @@ pub struct Lab {
     pub cluster: bool,
     /// Whether they gossip over IPv6 (their fd78::1<i> addresses) rather than IPv4.
     pub cluster_v6: bool,
+    /// Whether the service runs on the kernel path (`forwarding: kernel`, DNAT to the node's
+    /// own address 10.78.0.1<i>:8080, IP forwarding on) rather than the proxy to 127.0.0.1.
+    pub kernel: bool,
     /// Each node's `health_check` (flow YAML).
     pub health: String,
     /// Each node's `shutdown.drain_timeout`.
@@ -239,6 +242,7 @@ impl Lab {
             bgp_extra: String::new(),
             cluster: false,
             cluster_v6: false,
+            kernel: false,
             health: "{type: tcp, interval: 200ms, timeout: 100ms, rise: 1, fall: 1}".into(),
             drain: "5s".into(),
             nodes: Vec::new(),
@@ -410,14 +414,34 @@ impl Lab {
              \x20   - {{name: tor6, address: \"fd78::1\", asn: 64500, hold_time: 9s}}\n\
              shutdown: {{drain_timeout: {drain}}}\n\
              services:\n  - name: web\n    vips: [{VIP4}, \"{VIP6}\"]\n    ports: [{{port: 80, target_port: 8080}}]\n\
-             \x20   backends: [{{name: local, address: 127.0.0.1}}]\n    announce: bgp\n\
+             \x20   backends: [{{name: local, address: {backend}}}]\n    announce: bgp\n{forwarding}\
              \x20   health_check: {health}\n",
             drain = self.drain,
+            backend = if self.kernel {
+                format!("10.78.0.1{i}")
+            } else {
+                "127.0.0.1".into()
+            },
+            forwarding = if self.kernel {
+                "\x20   forwarding: kernel\n"
+            } else {
+                ""
+            },
             health = self.health,
         );
         let path = self.dir.join(format!("n{i}.yaml"));
         std::fs::write(&path, yaml).expect("node config");
         let node = self.node(i);
+        if self.kernel {
+            ip(&[
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]);
+        }
         let exe = env!("CARGO_BIN_EXE_portico");
         let p = Proc::spawn(
             &node,
@@ -431,7 +455,7 @@ impl Lab {
         }
     }
 
-    /// Starts node `i`'s backend (127.0.0.1:8080 in its namespace, answering `node-<i>`: once
+    /// Starts node `i`'s backend (0.0.0.0:8080 in its namespace, answering `node-<i>`: once
     /// to an HTTP request, to every line otherwise); it stops when [`Lab::stop_backend`] clears
     /// its flag.
     pub fn start_backend(&self, i: usize) {
@@ -445,7 +469,7 @@ impl Lab {
             // the previous server may still hold the port for a moment
             let l = (0..100)
                 .find_map(|_| {
-                    TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 8080)))
+                    TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], 8080)))
                         .map_err(|_| std::thread::sleep(Duration::from_millis(20)))
                         .ok()
                 })
