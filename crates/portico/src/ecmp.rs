@@ -23,11 +23,14 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How often the member list and the counters are read.
 const POLL: Duration = Duration::from_millis(250);
+/// How soon a refused script is tried again (unless what is wanted changes).
+const RETRY: Duration = Duration::from_secs(30);
 
 /// The ECMP rescue's metrics.
 #[derive(Clone, Default)]
@@ -157,6 +160,7 @@ pub async fn run(
     let mut reason: Option<Reason> = None;
     let mut refused: Option<String> = None;
     let mut last = (0u64, 0u64);
+    let mut failed: Option<(Rescue, Instant)> = None;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
@@ -167,7 +171,11 @@ pub async fn run(
             if applied.as_ref().is_some_and(Rescue::any) {
                 read_counters(&metrics, &mut last).await;
             }
-            if applied.as_ref() != Some(&want) {
+            // a refused script is tried again when what is wanted changes, or after RETRY
+            let retry = failed
+                .as_ref()
+                .is_none_or(|(f, at)| *f != want || at.elapsed() >= RETRY);
+            if applied.as_ref() != Some(&want) && retry {
                 match kernel::ecmp::apply(&kernel::ecmp::render(&want)).await {
                     Ok(()) => {
                         // a replaced table counts from zero
@@ -191,6 +199,12 @@ pub async fn run(
                         }
                         reason = Some(why);
                         applied = Some(want);
+                        failed = None;
+                    }
+                    // removing tables that are not there cannot matter (no nft, no root)
+                    Err(e) if !want.any() => {
+                        debug!(%e, "cannot remove the ecmp rescue tables");
+                        failed = Some((want, Instant::now()));
                     }
                     Err(e) => {
                         metrics.off.set(1);
@@ -199,6 +213,7 @@ pub async fn run(
                             warn!(%e, "ecmp rescue is off: connections may be reset when the router re-hashes flows");
                             refused = Some(e);
                         }
+                        failed = Some((want, Instant::now()));
                     }
                 }
             }
