@@ -45,6 +45,7 @@
 //! sees none, so they do not apply on this path (active health checks do).
 
 pub mod driver;
+pub mod ecmp;
 pub mod metrics;
 pub mod nft;
 pub mod plan;

@@ -30,6 +30,14 @@ pub struct Bgp {
     pub graceful_stop_grace: Duration,
     /// Neighbours.
     pub peers: Vec<BgpPeer>,
+    /// Whether segments of connections this node does not hold are copied to the other
+    /// cluster members (the ECMP rescue, `portico::ecmp`); default on.
+    #[serde(default = "yes")]
+    pub ecmp_rescue: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One BGP neighbour.

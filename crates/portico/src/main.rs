@@ -2,6 +2,7 @@
 
 mod bgp;
 mod demo;
+mod ecmp;
 mod follow;
 mod k8s;
 mod lab;

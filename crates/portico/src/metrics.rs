@@ -89,6 +89,7 @@ mod tests {
         "crates/portico/src/observe.rs",
         "crates/kernel/src/metrics.rs",
         "crates/bgp/src/speaker/metrics.rs",
+        "crates/portico/src/ecmp.rs",
     ];
 
     fn root() -> std::path::PathBuf {

@@ -115,6 +115,7 @@ pub async fn serve(
         .with_own_thread(cfg.cluster.priority);
     let dns = dns::DnsServer::new(&mut registry);
     let speaker = bgp::Speaker::new(&mut registry);
+    let ecmp_metrics = crate::ecmp::EcmpMetrics::register(&mut registry);
     let admin_metrics = admin::AdminMetrics::register(&mut registry);
     let observe_metrics = crate::observe::ObserveMetrics::register(&mut registry);
     let events = model::events::EventLog::new(model::events::DEFAULT_CAPACITY);
@@ -192,6 +193,19 @@ pub async fn serve(
         own_rx.clone(),
         lo_stop.clone(),
     ));
+    // the ECMP rescue copies segments of connections held elsewhere until the drain ends
+    // (the speaker starts once its first tables are in place)
+    let (ecmp_ready_tx, ecmp_ready) = watch::channel(false);
+    let ecmp_task = {
+        let agent = agent.clone();
+        tokio::spawn(crate::ecmp::run(
+            desired.clone(),
+            move || agent.members(),
+            ecmp_metrics,
+            ecmp_ready_tx,
+            lo_stop.clone(),
+        ))
+    };
     {
         let (speaker, stop) = (speaker.clone(), rest_stop.clone());
         tasks.spawn(supervise(
@@ -200,13 +214,18 @@ pub async fn serve(
             stop.clone(),
             fatal.clone(),
             move |_| {
-                let (speaker, p, r, stop) = (
+                let (speaker, p, r, stop, mut ready) = (
                     speaker.clone(),
                     peers_rx.clone(),
                     routes_rx.clone(),
                     stop.clone(),
+                    ecmp_ready.clone(),
                 );
-                async move { speaker.run(p, r, stop).await.map_err(|e| e.to_string()) }
+                async move {
+                    // a closed channel (the rescue task ended) does not hold the speaker
+                    let _ = ready.wait_for(|r| *r).await;
+                    speaker.run(p, r, stop).await.map_err(|e| e.to_string())
+                }
             },
         ));
     }
@@ -529,6 +548,7 @@ pub async fn serve(
     }
     lo_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), lo_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(11), ecmp_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while tasks.join_next().await.is_some() {}
     })

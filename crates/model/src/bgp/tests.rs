@@ -45,6 +45,7 @@ fn defaults_fill_in_and_the_effective_config_reads_back() {
         "first IPv4 of node"
     );
     assert_eq!(b.graceful_stop_grace, Duration::from_secs(2));
+    assert!(b.ecmp_rescue, "the ECMP rescue is on by default");
     let p = &b.peers[0];
     assert_eq!((p.port, p.asn, p.passive), (179, 64500, false));
     assert_eq!(p.hold_time, Duration::from_secs(90));
@@ -67,7 +68,7 @@ fn every_field_is_read() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o600)).unwrap();
     let src = format!(
-        "{NODE}bgp:\n  asn: 4200000000\n  router_id: 10.9.9.9\n  graceful_stop_grace: 500ms\n  peers:\n    - name: tor1\n      address: 192.0.2.1\n      asn: 64500\n      port: 1179\n      source: 192.0.2.10\n      password_file: {}\n      hold_time: 9s\n      passive: true\n      multihop: 2\n      bfd: {{interval: 50ms, multiplier: 4}}\n      graceful_restart: off\n    - {{name: tor2, address: 2001:db8::1, asn: 64500, bfd: fast}}\n{}",
+        "{NODE}bgp:\n  asn: 4200000000\n  router_id: 10.9.9.9\n  graceful_stop_grace: 500ms\n  ecmp_rescue: false\n  peers:\n    - name: tor1\n      address: 192.0.2.1\n      asn: 64500\n      port: 1179\n      source: 192.0.2.10\n      password_file: {}\n      hold_time: 9s\n      passive: true\n      multihop: 2\n      bfd: {{interval: 50ms, multiplier: 4}}\n      graceful_restart: off\n    - {{name: tor2, address: 2001:db8::1, asn: 64500, bfd: fast}}\n{}",
         dir.display(),
         service(
             "    announce: both\n    bgp: {owner_only: true, communities: [\"64512:100\"], large_communities: [\"64512:1:2\"], local_pref: 200, med: 10}\n"
@@ -79,6 +80,7 @@ fn every_field_is_read() {
     assert_eq!(b.asn, 4_200_000_000);
     assert_eq!(b.router_id, Some(Ipv4Addr::new(10, 9, 9, 9)));
     assert_eq!(b.graceful_stop_grace, Duration::from_millis(500));
+    assert!(!b.ecmp_rescue);
     let p = &b.peers[0];
     assert_eq!(p.port, 1179);
     assert_eq!(p.source, Some("192.0.2.10".parse().unwrap()));

@@ -56,6 +56,7 @@ pub(super) fn decode_bgp(
             dur(Duration::ZERO, Duration::from_secs(300)),
         )
         .unwrap_or(Duration::from_secs(2));
+    let ecmp_rescue = m.opt(cx, "ecmp_rescue", boolean).unwrap_or(true);
     let peers = m
         .opt(cx, "peers", |cx, n, p| {
             Some(cx.list(n, p, |cx, n, p| {
@@ -70,6 +71,7 @@ pub(super) fn decode_bgp(
         router_id,
         graceful_stop_grace: grace,
         peers,
+        ecmp_rescue,
     })
 }
 
