@@ -165,10 +165,13 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // Per-address status for kubectl (`ServiceAnnouncement`) follows the agent's ownership view.
     let (own_tx, own_rx) = watch::channel(Arc::new(model::OwnershipView::new()));
     let (alive_tx, alive_rx) = watch::channel(None);
+    let (bgp_tx, bgp_rx) = watch::channel(ipam::announce::BgpView::default());
     {
         let (receivers, stop) = (receivers.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = ipam::entry::announcer(node, &receivers, own_rx, alive_rx, stop).await {
+            if let Err(e) =
+                ipam::entry::announcer(node, &receivers, own_rx, alive_rx, bgp_rx, stop).await
+            {
                 tracing::error!(
                     "ServiceAnnouncement writer stopped: {:#}",
                     anyhow::Error::from(e)
@@ -185,10 +188,35 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         crate::run::Hooks {
             probes,
             alive: Some(alive_tx),
+            bgp: Some(bgp_tx),
         },
         shutdown,
     )
     .await
+}
+
+/// This node's BGP sessions and route decisions as the `ServiceAnnouncement` entries show
+/// them.
+pub fn bgp_view(
+    speaker: &bgp::Speaker,
+    routes: Arc<model::bgp::RouteDecisions>,
+) -> ipam::announce::BgpView {
+    ipam::announce::BgpView {
+        sessions: speaker
+            .sessions()
+            .into_iter()
+            .map(|s| ipam::crd::BgpSession {
+                peer: s.peer,
+                address: s.address.to_string(),
+                state: s.state.to_string(),
+                since: s.since.and_then(ipam::crd::bgp::time),
+                prefixes_sent: s.prefixes_sent as u64,
+                last_error: s.last_error,
+                bfd: s.bfd.map(str::to_string),
+            })
+            .collect(),
+        routes,
+    }
 }
 
 /// The host's interfaces other than loopback, with their addresses: without `--config` the
