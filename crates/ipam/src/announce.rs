@@ -463,18 +463,31 @@ fn status_body(origin: &Origin, entry: &NodeAnnouncement) -> Value {
 /// published a view).
 pub type Alive = Option<Arc<BTreeSet<String>>>;
 
-/// Writes this node's view whenever the config, the ownership or the liveness of the nodes
-/// changed and then stayed put for [`SETTLE`]; failed writes are retried 10 s later.
-pub async fn run(
-    client: Client,
-    me: String,
-    mut desired: watch::Receiver<Arc<model::Desired>>,
-    mut origins: watch::Receiver<Arc<Origins>>,
-    mut ownership: watch::Receiver<Arc<OwnershipView>>,
-    mut alive: watch::Receiver<Alive>,
-    mut bgp: watch::Receiver<BgpView>,
-    shutdown: CancellationToken,
-) {
+/// What [`run`] follows.
+pub struct Inputs {
+    /// The desired state from the source.
+    pub desired: watch::Receiver<Arc<model::Desired>>,
+    /// Which Kubernetes Service each model service came from.
+    pub origins: watch::Receiver<Arc<Origins>>,
+    /// The agent's ownership view.
+    pub ownership: watch::Receiver<Arc<OwnershipView>>,
+    /// The nodes the gossip sees up.
+    pub alive: watch::Receiver<Alive>,
+    /// This node's BGP sessions and route decisions.
+    pub bgp: watch::Receiver<BgpView>,
+}
+
+/// Writes this node's view whenever the config, the ownership, the BGP view or the liveness
+/// of the nodes changed and then stayed put for [`SETTLE`]; failed writes are retried 10 s
+/// later.
+pub async fn run(client: Client, me: String, inputs: Inputs, shutdown: CancellationToken) {
+    let Inputs {
+        mut desired,
+        mut origins,
+        mut ownership,
+        mut alive,
+        mut bgp,
+    } = inputs;
     let mut planner = Planner::new(me.clone());
     // Nothing is decided before the source has published the cluster's state (generation 0 is
     // the placeholder): an empty config would read as "every Service is gone".

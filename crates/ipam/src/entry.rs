@@ -143,11 +143,13 @@ pub async fn announcer(
     crate::announce::run(
         client,
         node,
-        receivers.desired.clone(),
-        receivers.origins.clone(),
-        ownership,
-        alive,
-        bgp,
+        crate::announce::Inputs {
+            desired: receivers.desired.clone(),
+            origins: receivers.origins.clone(),
+            ownership,
+            alive,
+            bgp,
+        },
         shutdown,
     )
     .await;

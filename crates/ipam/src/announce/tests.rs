@@ -481,11 +481,13 @@ async fn each_agent_applies_its_entry_with_its_own_field_manager() {
     let task = tokio::spawn(run(
         client,
         "n1".into(),
-        desired,
-        origins,
-        ownership,
-        alive,
-        bgp,
+        Inputs {
+            desired,
+            origins,
+            ownership,
+            alive,
+            bgp,
+        },
         shutdown.clone(),
     ));
     timeout_after_1s(server).await;
