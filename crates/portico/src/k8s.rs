@@ -242,3 +242,34 @@ pub fn crds(_args: CrdsArgs) -> anyhow::Result<()> {
     print!("{}", ipam::crd::yaml());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use model::config::{Environment, parse};
+
+    /// What the agent's source produces for a Service of an advertisement with
+    /// `aggregationLength: 24` and a `BGPPeer` with its own `myASN`, through the binary's
+    /// wiring: one route for two VIPs of one /24, and the peer's local AS on its session.
+    #[test]
+    fn aggregated_vips_make_one_route_and_each_peer_keeps_its_local_asn() {
+        let src = "node: {name: n1, interfaces: [{name: eth0, addresses: [192.0.2.10/24]}]}\n\
+                   bgp:\n  asn: 64512\n  peers:\n    - {name: a, address: 192.0.2.1, asn: 64500, local_asn: 65001}\n    - {name: b, address: 192.0.2.2, asn: 64500}\n\
+                   services:\n  - name: web\n    vips: [198.51.100.7, 198.51.100.200, 2001:db8::7]\n    ports: [{port: 80}]\n    backends: [{name: a, address: 10.0.0.1}]\n    announce: bgp\n    bgp: {aggregation_length: 24}\n";
+        let cfg = parse(src, &Environment::default()).unwrap();
+        let peers = crate::bgp::peers_of(&cfg);
+        let asns: Vec<(u32, u32)> = peers.iter().map(|p| (p.local_asn, p.remote_asn)).collect();
+        assert_eq!(asns, [(65001, 64500), (64512, 64500)]);
+        let d = model::bgp::decide(
+            &cfg,
+            &cfg.node.name,
+            &model::HealthView::new(),
+            &model::OwnershipView::new(),
+            false,
+        );
+        let routes: Vec<String> = crate::bgp::routes_of(&d)
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(routes, ["198.51.100.0/24", "2001:db8::7/128"]);
+    }
+}
