@@ -1551,6 +1551,7 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
     c.server
         .apply_yaml(BGP_YAML)
         .expect("BGPPeer and BGPAdvertisement");
+    let created = Instant::now();
     c.service("shop", "web", true);
     let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
 
@@ -1560,7 +1561,8 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
         let (hops, route) = next_hops(&router, &vip);
         if hops == ["10.77.0.11", "10.77.0.12"] {
             println!(
-                "router: {}",
+                "router after {:?} from the Service's creation: {}",
+                created.elapsed(),
                 route.split_whitespace().collect::<Vec<_>>().join(" ")
             );
             break;
@@ -1621,6 +1623,37 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
             sva["status"]
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // a bad edit (hold time too short) is reported by resource and field, and the session
+    // keeps running with the last valid settings: the route stays, with both next hops
+    c.server
+        .apply_yaml(&BGP_YAML.replace("holdTime: 9s", "holdTime: 1s"))
+        .expect("edited BGPPeer");
+    let until = Instant::now() + Duration::from_secs(20);
+    let said = "BGPPeer/tor: spec.holdTime: 1s is too short";
+    while !c
+        .agents
+        .iter()
+        .all(|a| std::fs::read_to_string(&a.log).is_ok_and(|l| l.contains(said)))
+    {
+        assert!(Instant::now() < until, "agents did not log `{said}`");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (hops, route) = next_hops(&router, &vip);
+    assert_eq!(
+        hops,
+        ["10.77.0.11", "10.77.0.12"],
+        "after the bad edit: {route}"
+    );
+    let sva = c.announcement("shop", "web").unwrap_or_default();
+    for e in sva["status"]["nodes"].as_array().into_iter().flatten() {
+        assert_eq!(
+            e["bgp"]["sessions"][0]["state"], "established",
+            "after the bad edit: {}",
+            sva["status"]
+        );
     }
     c.assert_rbac_was_enough();
     bird.kill(sys::SIGKILL);
