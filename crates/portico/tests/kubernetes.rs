@@ -1624,6 +1624,30 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // `portico status` on a node shows the session and the route
+    let (ok, table) = in_ns(
+        &c.net.node(1),
+        &[
+            env!("CARGO_BIN_EXE_portico"),
+            "status",
+            "--admin",
+            "127.0.0.1:9440",
+        ],
+    );
+    let session = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("tor "))
+        .unwrap_or_default();
+    assert!(
+        ok && session.contains("10.77.0.2") && session.contains("established"),
+        "portico status on node-1:\n{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with(vip.as_str()) && l.contains("announced")),
+        "portico status on node-1:\n{table}"
+    );
 
     // a bad edit (hold time too short) is reported by resource and field, and the session
     // keeps running with the last valid settings: the route stays, with both next hops
