@@ -18,6 +18,10 @@
 //!   a dead first node does not silence the reports. A node seen down that comes back (a healed
 //!   partition) makes every node write its own entries again, in case they were removed.
 //!
+//! Services announced by BGP add a `bgp` part to the entry of every node that has a decision
+//! about their addresses other than `notSelected`: per address `announced` or why not, and the
+//! node's sessions (state, since, prefixes sent, last error) from [`BgpView`].
+//!
 //! The object is owned by its Service, so it is deleted with it. [`Planner`] is pure; [`run`]
 //! performs its writes.
 
@@ -32,7 +36,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::{AddressReason, NodeAnnouncement, ServiceAnnouncement};
+use crate::crd::{AddressReason, BgpSession, NodeAnnouncement, NodeBgp, ServiceAnnouncement};
 
 /// How long the ownership view must stay unchanged before the changes are written.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -55,6 +59,20 @@ pub struct Origin {
     pub uid: String,
     /// No endpoint is ready or serving: its addresses are withdrawn (`noHealthyEndpoints`).
     pub no_endpoints: bool,
+}
+
+/// This node's BGP sessions and route decisions (published by the binary's speaker).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BgpView {
+    /// The sessions, as the entries show them.
+    pub sessions: Vec<BgpSession>,
+    /// Every BGP VIP's decision on this node.
+    pub routes: Arc<model::bgp::RouteDecisions>,
+}
+
+/// Whether an entry says nothing (so it is not written, or it is removed).
+fn silent(e: &NodeAnnouncement) -> bool {
+    e.addresses.is_empty() && e.bgp.is_none()
 }
 
 /// Model service name → its Kubernetes Service.
@@ -227,12 +245,23 @@ impl Planner {
         }
     }
 
-    /// The writes that bring the API in line with this node's view.
+    /// The writes that bring the API in line with this node's view (without BGP).
     pub fn plan(
         &mut self,
         config: &Config,
         ownership: &OwnershipView,
         origins: &Origins,
+    ) -> Vec<Write> {
+        self.plan_with(config, ownership, origins, &BgpView::default())
+    }
+
+    /// The writes that bring the API in line with this node's view, BGP included.
+    pub fn plan_with(
+        &mut self,
+        config: &Config,
+        ownership: &OwnershipView,
+        origins: &Origins,
+        bgp: &BgpView,
     ) -> Vec<Write> {
         let mut nodes: BTreeSet<&str> = config
             .cluster
@@ -259,14 +288,18 @@ impl Planner {
             present.insert(key.clone());
             // Until the agent has decided about every address of the Service (at start), what
             // was written stays as it is.
-            if svc.vips.iter().any(|ip| !ownership.contains_key(ip)) {
+            let l2 = svc.announce.l2();
+            if l2 && svc.vips.iter().any(|ip| !ownership.contains_key(ip)) {
+                continue;
+            }
+            if svc.announce.bgp() && svc.vips.iter().any(|ip| !bgp.routes.contains_key(ip)) {
                 continue;
             }
             let mut entry = NodeAnnouncement {
                 node: self.me.clone(),
                 ..NodeAnnouncement::default()
             };
-            for ip in &svc.vips {
+            for ip in svc.vips.iter().filter(|_| l2) {
                 let Some(view) = ownership.get(ip) else {
                     continue; // not reached: checked above
                 };
@@ -295,17 +328,36 @@ impl Planner {
                     None => remember(&mut self.may_have, &reporter, &key, origin),
                 }
             }
+            if svc.announce.bgp() {
+                let routes: Vec<AddressReason> = svc
+                    .vips
+                    .iter()
+                    .filter_map(|ip| {
+                        let r = bgp.routes.get(ip)?;
+                        (r.reason != model::bgp::RouteReason::NotSelected).then(|| AddressReason {
+                            address: ip.to_string(),
+                            reason: r.reason.as_str().to_string(),
+                        })
+                    })
+                    .collect();
+                if !routes.is_empty() {
+                    entry.bgp = Some(NodeBgp {
+                        routes,
+                        sessions: bgp.sessions.clone(),
+                    });
+                }
+            }
             let before = self.applied.get(&key);
             let unchanged = match before {
                 Some((uid, e)) => *uid == origin.uid && *e == entry,
                 // Nothing written, nothing to say: no write.
-                None => entry.addresses.is_empty(),
+                None => silent(&entry),
             };
             let dirty = self.dirty.remove(&key);
             if unchanged && !dirty {
                 continue;
             }
-            if entry.addresses.is_empty() {
+            if silent(&entry) {
                 self.applied.remove(&key);
             } else {
                 let object = (key.0.clone(), key.1.clone(), origin.uid.clone());
@@ -395,7 +447,7 @@ fn object_body(origin: &Origin) -> Value {
 
 /// The status apply body of one node: its entry, or an empty list to remove it.
 fn status_body(origin: &Origin, entry: &NodeAnnouncement) -> Value {
-    let nodes = if entry.addresses.is_empty() {
+    let nodes = if silent(entry) {
         json!([])
     } else {
         json!([entry])
@@ -411,17 +463,31 @@ fn status_body(origin: &Origin, entry: &NodeAnnouncement) -> Value {
 /// published a view).
 pub type Alive = Option<Arc<BTreeSet<String>>>;
 
-/// Writes this node's view whenever the config, the ownership or the liveness of the nodes
-/// changed and then stayed put for [`SETTLE`]; failed writes are retried 10 s later.
-pub async fn run(
-    client: Client,
-    me: String,
-    mut desired: watch::Receiver<Arc<model::Desired>>,
-    mut origins: watch::Receiver<Arc<Origins>>,
-    mut ownership: watch::Receiver<Arc<OwnershipView>>,
-    mut alive: watch::Receiver<Alive>,
-    shutdown: CancellationToken,
-) {
+/// What [`run`] follows.
+pub struct Inputs {
+    /// The desired state from the source.
+    pub desired: watch::Receiver<Arc<model::Desired>>,
+    /// Which Kubernetes Service each model service came from.
+    pub origins: watch::Receiver<Arc<Origins>>,
+    /// The agent's ownership view.
+    pub ownership: watch::Receiver<Arc<OwnershipView>>,
+    /// The nodes the gossip sees up.
+    pub alive: watch::Receiver<Alive>,
+    /// This node's BGP sessions and route decisions.
+    pub bgp: watch::Receiver<BgpView>,
+}
+
+/// Writes this node's view whenever the config, the ownership, the BGP view or the liveness
+/// of the nodes changed and then stayed put for [`SETTLE`]; failed writes are retried 10 s
+/// later.
+pub async fn run(client: Client, me: String, inputs: Inputs, shutdown: CancellationToken) {
+    let Inputs {
+        mut desired,
+        mut origins,
+        mut ownership,
+        mut alive,
+        mut bgp,
+    } = inputs;
     let mut planner = Planner::new(me.clone());
     // Nothing is decided before the source has published the cluster's state (generation 0 is
     // the placeholder): an empty config would read as "every Service is gone".
@@ -442,10 +508,12 @@ pub async fn run(
         if let Some(a) = alive.borrow_and_update().clone() {
             planner.set_alive((*a).clone(), tokio::time::Instant::now());
         }
-        let writes = planner.plan(
+        let view = bgp.borrow_and_update().clone();
+        let writes = planner.plan_with(
             &desired.borrow().config,
             &ownership.borrow(),
             &origins.borrow(),
+            &view,
         );
         let mut retry = false;
         for w in writes {
@@ -471,6 +539,7 @@ pub async fn run(
             r = origins.changed() => if r.is_err() { return },
             r = ownership.changed() => if r.is_err() { return },
             r = alive.changed() => if r.is_err() { return },
+            r = bgp.changed() => if r.is_err() { return },
             // A node never heard from counts as down once the grace has passed.
             () = tokio::time::sleep(DOWN_GRACE) => {}
             () = tokio::time::sleep(Duration::from_secs(10)), if retry => {}
@@ -482,6 +551,7 @@ pub async fn run(
                 r = origins.changed() => if r.is_err() { return },
                 r = ownership.changed() => if r.is_err() { return },
                 r = alive.changed() => if r.is_err() { return },
+                r = bgp.changed() => if r.is_err() { return },
                 () = tokio::time::sleep(SETTLE) => break,
             }
         }

@@ -1,4 +1,5 @@
-//! The custom resources of group `portico.dev/v1alpha1`: `IPPool`, `L2Announcement`, `ServiceAnnouncement`.
+//! The custom resources of group `portico.dev/v1alpha1`: `IPPool`, `L2Announcement`,
+//! `ServiceAnnouncement`, and the BGP ones (`BGPPeer`, `BGPAdvertisement`, in [`bgp`]).
 //!
 //! Field names follow MetalLB's `IPAddressPool` and `L2Advertisement` on purpose, so a MetalLB
 //! user recognises them. The API server checks the shape and the CEL rules below when a
@@ -12,6 +13,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
+
+pub mod bgp;
+pub use bgp::{BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec, BgpSession, NodeBgp};
 
 /// The API group of every portico resource.
 pub const GROUP: &str = "portico.dev";
@@ -232,6 +236,9 @@ pub struct NodeAnnouncement {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
     pub addresses: Vec<AddressReason>,
+    /// For Services announced by BGP: this node's routes and sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<NodeBgp>,
 }
 
 /// A reason word for one address.
@@ -252,6 +259,8 @@ pub fn all()
         IPPool::crd(),
         L2Announcement::crd(),
         ServiceAnnouncement::crd(),
+        BGPPeer::crd(),
+        BGPAdvertisement::crd(),
     ]
 }
 
@@ -336,7 +345,7 @@ mod tests {
     fn the_crds_yaml_parses_back() {
         let y = yaml();
         let docs: Vec<&str> = y.split("---\n").skip(1).collect();
-        assert_eq!(docs.len(), 3);
+        assert_eq!(docs.len(), 5);
         for doc in docs {
             let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
                 serde_saphyr::from_str(doc).unwrap();

@@ -130,22 +130,26 @@ pub async fn agent_source(
 
 /// Writes this node's per-address announcement status ([`crate::announce`]) until `shutdown`;
 /// `ownership` is the agent's published [`model::OwnershipView`], `alive` the nodes its gossip
-/// sees up.
+/// sees up, `bgp` this node's BGP sessions and route decisions.
 pub async fn announcer(
     node: String,
     receivers: &source::Receivers,
     ownership: watch::Receiver<Arc<model::OwnershipView>>,
     alive: watch::Receiver<crate::announce::Alive>,
+    bgp: watch::Receiver<crate::announce::BgpView>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let client = Client::try_default().await.map_err(Error::Client)?;
     crate::announce::run(
         client,
         node,
-        receivers.desired.clone(),
-        receivers.origins.clone(),
-        ownership,
-        alive,
+        crate::announce::Inputs {
+            desired: receivers.desired.clone(),
+            origins: receivers.origins.clone(),
+            ownership,
+            alive,
+            bgp,
+        },
         shutdown,
     )
     .await;

@@ -94,6 +94,8 @@ pub const AGENT: &[Rule] = &[
     rule("", "nodes", &["list", "watch"], true),
     rule("portico.dev", "ippools", &["list", "watch"], true),
     rule("portico.dev", "l2announcements", &["list", "watch"], true),
+    rule("portico.dev", "bgppeers", &["list", "watch"], true),
+    rule("portico.dev", "bgpadvertisements", &["list", "watch"], true),
     rule("", "secrets", &["list", "watch"], false),
 ];
 

@@ -1,5 +1,5 @@
-//! The agent's source: Services, EndpointSlices, Nodes, IPPools, L2Announcements and the gossip
-//! Secret, turned into the same [`model::Desired`] the standalone config produces.
+//! The agent's source: Services, EndpointSlices, Nodes, IPPools, L2Announcements, BGPPeers,
+//! BGPAdvertisements (see [`bgp`]) and the gossip Secret, turned into the same [`model::Desired`] the standalone config produces.
 //!
 //! [`build`] is pure: a [`Snapshot`] of the caches in, a [`model::Config`] out. [`spawn`] keeps the
 //! caches from watches and publishes a new [`Desired`] whenever the config changes. When the API
@@ -23,13 +23,14 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
+use model::bgp::{AnnounceMode, ServiceBgp};
 use model::{Backend, Config, Desired, Peer, Placement, Port, Protocol};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::allocator::{AddrRange, parse_pool};
 use crate::announce::{Origin, Origins};
-use crate::crd::{IPPool, L2Announcement};
+use crate::crd::{BGPAdvertisement, BGPPeer, IPPool, L2Announcement};
 use crate::intent::{self, HOSTNAME, Mode, Scope};
 use crate::selector::{Selector, any_matches};
 
@@ -49,6 +50,7 @@ pub fn model_name(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+pub mod bgp;
 mod gossip;
 use gossip::{SecretSeen, secret_messages};
 pub use gossip::{gossip_keys, refused_gossip_keys};
@@ -93,6 +95,12 @@ pub struct Snapshot {
     pub l2: BTreeMap<String, L2Announcement>,
     /// The gossip Secret.
     pub secret: Option<Secret>,
+    /// BGP peers by name.
+    pub bgp_peers: BTreeMap<String, BGPPeer>,
+    /// BGP advertisements by name.
+    pub bgp_ads: BTreeMap<String, BGPAdvertisement>,
+    /// The last valid spec of each BGP resource (kept by [`Source`]).
+    pub bgp_last_good: bgp::LastGood,
 }
 
 /// The model service every Kubernetes Service starts from: the standalone defaults.
@@ -135,12 +143,44 @@ pub fn build(snap: &Snapshot, settings: &Settings, template: &model::Service) ->
                 .map(|pool| (p.name_any(), pool.ranges, p.labels().clone()))
         })
         .collect();
+    let resolved = bgp::resolve(snap);
+    let mut errors = Vec::new();
+    if let Some(b) = bgp::section(
+        snap,
+        &resolved,
+        &settings.node,
+        settings.base.bgp.as_ref(),
+        &mut errors,
+    ) {
+        cfg.bgp = Some(b);
+    }
     cfg.services = snap
         .services
         .values()
-        .filter_map(|svc| service(snap, settings, template, &pools, svc))
+        .filter_map(|svc| service(snap, settings, template, &pools, &resolved, svc))
         .collect();
     cfg
+}
+
+/// The problems found in the BGP resources for this node (what [`Source`] logs): each names
+/// the resource and the field.
+pub fn bgp_errors(snap: &Snapshot, settings: &Settings) -> (Vec<String>, bgp::LastGood) {
+    let resolved = bgp::resolve(snap);
+    let mut errors = resolved.errors.clone();
+    bgp::section(
+        snap,
+        &resolved,
+        &settings.node,
+        settings.base.bgp.as_ref(),
+        &mut errors,
+    );
+    (
+        errors,
+        bgp::LastGood {
+            peers: resolved.good_peers,
+            advertisements: resolved.good_advertisements,
+        },
+    )
 }
 
 /// The host interfaces that carry `ip` (the Node's `InternalIP`): where the node's neighbours,
@@ -182,6 +222,7 @@ fn service(
     settings: &Settings,
     template: &model::Service,
     pools: &[(String, Vec<AddrRange>, BTreeMap<String, String>)],
+    resolved: &bgp::Resolved,
     svc: &Service,
 ) -> Option<model::Service> {
     let mode = intent::mode(svc, &settings.scope)?;
@@ -194,7 +235,35 @@ fn service(
     }
     let spec = svc.spec.as_ref()?;
     let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-    let placement_nodes = without_excluded(snap, announcing_nodes(snap, pools, svc, &vips)?);
+    let my_pools: Vec<&(String, Vec<AddrRange>, BTreeMap<String, String>)> = pools
+        .iter()
+        .filter(|(_, ranges, _)| vips.iter().any(|ip| ranges.iter().any(|r| r.contains(*ip))))
+        .collect();
+    let by_bgp = bgp::selection(snap, resolved, &my_pools);
+    // Without any L2Announcement every Service is announced by L2, unless BGP announces it.
+    let by_l2 = if snap.l2.is_empty() && by_bgp.is_some() {
+        None
+    } else {
+        announcing_nodes(snap, pools, svc, &vips)
+    };
+    let (announce, nodes, attrs) = match (by_l2, by_bgp) {
+        (None, None) => return None,
+        (Some(n), None) => (AnnounceMode::L2, n, ServiceBgp::default()),
+        // `ownerOnly` announces from the L2 owner, so the owner function must run: both.
+        (None, Some((a, n))) if a.owner_only => (AnnounceMode::Both, n, a),
+        (None, Some((a, n))) => (AnnounceMode::Bgp, n, a),
+        // either list empty means every node
+        (Some(l), Some((a, b))) if l.is_empty() || b.is_empty() => {
+            (AnnounceMode::Both, Vec::new(), a)
+        }
+        (Some(mut l), Some((a, b))) => {
+            l.extend(b);
+            l.sort();
+            l.dedup();
+            (AnnounceMode::Both, l, a)
+        }
+    };
+    let placement_nodes = without_excluded(snap, nodes);
     let endpoints = endpoints(snap, &ns, &name);
     let ports: Vec<Port> = spec
         .ports
@@ -250,6 +319,8 @@ fn service(
         withdrawn: withdraw,
     };
     out.dns.hostname = hostname;
+    out.announce = announce;
+    out.bgp = attrs;
     Some(out)
 }
 
@@ -443,6 +514,8 @@ pub struct Source {
     last: Option<Arc<Config>>,
     /// What was last said about the gossip Secret, so each change is logged once.
     secret_seen: SecretSeen,
+    /// The BGP resources' problems last logged, so each is logged once.
+    bgp_seen: Vec<String>,
 }
 
 #[derive(Default)]
@@ -453,6 +526,8 @@ struct Buffers {
     pools: Option<Vec<IPPool>>,
     l2: Option<Vec<L2Announcement>>,
     secret: Option<Vec<Secret>>,
+    bgp_peers: Option<Vec<BGPPeer>>,
+    bgp_ads: Option<Vec<BGPAdvertisement>>,
 }
 
 /// One decoded watch event of any kind the agent watches.
@@ -472,16 +547,22 @@ pub enum Input {
     L2(Event<L2Announcement>),
     /// The gossip Secret.
     Secret(Event<Secret>),
+    /// BGPPeers.
+    BgpPeer(Event<BGPPeer>),
+    /// BGPAdvertisements.
+    BgpAdvertisement(Event<BGPAdvertisement>),
 }
 
 /// The kinds that must be listed before the first config is published.
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 8] = [
     "services",
     "endpointslices",
     "nodes",
     "ippools",
     "l2announcements",
     "secret",
+    "bgppeers",
+    "bgpadvertisements",
 ];
 
 fn apply_event<K: kube::Resource + Clone>(
@@ -540,6 +621,7 @@ impl Source {
             generation: 0,
             last: None,
             secret_seen: SecretSeen::default(),
+            bgp_seen: Vec::new(),
         })
     }
 
@@ -559,6 +641,25 @@ impl Source {
             }
         }
         self.secret_seen = now;
+    }
+
+    /// Logs each new problem of the BGP resources once (and when they are all fixed), and
+    /// remembers the valid specs, which stay in force when a later edit is bad.
+    fn log_bgp(&mut self) {
+        let (errors, good) = bgp_errors(&self.snap, &self.settings);
+        for e in errors.iter().filter(|e| !self.bgp_seen.contains(e)) {
+            tracing::error!("{e}");
+        }
+        if errors.is_empty() && !self.bgp_seen.is_empty() {
+            tracing::info!("the BGP resources are valid again");
+        }
+        self.bgp_seen = errors;
+        self.snap.bgp_last_good = good;
+    }
+
+    /// The problems of the BGP resources last found (each names the resource and the field).
+    pub fn bgp_problems(&self) -> &[String] {
+        &self.bgp_seen
     }
 
     /// Which Kubernetes Service each service of the last published config came from.
@@ -611,6 +712,26 @@ impl Source {
                 s.l2 = by_name(&m);
                 ("l2announcements", d)
             }
+            Input::BgpPeer(ev) => {
+                let mut m = s
+                    .bgp_peers
+                    .iter()
+                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.bgp_peers, &mut m);
+                s.bgp_peers = by_name(&m);
+                ("bgppeers", d)
+            }
+            Input::BgpAdvertisement(ev) => {
+                let mut m = s
+                    .bgp_ads
+                    .iter()
+                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.bgp_ads, &mut m);
+                s.bgp_ads = by_name(&m);
+                ("bgpadvertisements", d)
+            }
             Input::Secret(ev) => {
                 // Keyed as `apply_event` keys watch events: by the object's own namespace.
                 let mut m: BTreeMap<(String, String), Secret> = s
@@ -633,6 +754,7 @@ impl Source {
             return None;
         }
         let cfg = build(&self.snap, &self.settings, &self.template);
+        self.log_bgp();
         if self.last.as_deref() == Some(&cfg) {
             return None;
         }
@@ -687,6 +809,16 @@ pub fn inputs(
             "l2announcements",
         )
         .map(Input::L2)
+        .boxed(),
+        w(Api::<BGPPeer>::all(c.clone()), cfg.clone(), "bgppeers")
+            .map(Input::BgpPeer)
+            .boxed(),
+        w(
+            Api::<BGPAdvertisement>::all(c.clone()),
+            cfg.clone(),
+            "bgpadvertisements",
+        )
+        .map(Input::BgpAdvertisement)
         .boxed(),
         w(
             Api::<Secret>::namespaced(c, namespace),

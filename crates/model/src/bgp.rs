@@ -47,8 +47,11 @@ pub struct BgpPeer {
     pub name: String,
     /// The neighbour's address.
     pub address: IpAddr,
-    /// The neighbour's AS (equal to `bgp.asn`: iBGP).
+    /// The neighbour's AS (equal to the local AS: iBGP).
     pub asn: u32,
+    /// The local AS of this session; `None`: `bgp.asn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_asn: Option<u32>,
     /// TCP port (179).
     pub port: u16,
     /// Local address of the session (and BFD).
@@ -213,12 +216,40 @@ pub struct ServiceBgp {
     /// MULTI_EXIT_DISC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub med: Option<u32>,
+    /// Prefix length of the route announced for an IPv4 VIP; `None`: 32 (a host route).
+    /// Shorter: the VIP masked to it, so several VIPs in one aggregate make one route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation_length: Option<u8>,
+    /// The same for IPv6 VIPs; `None`: 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation_length_v6: Option<u8>,
 }
 
 impl ServiceBgp {
     /// Whether nothing is set (the effective config leaves it out).
     pub fn is_default(&self) -> bool {
         *self == ServiceBgp::default()
+    }
+}
+
+/// The prefix announced for `vip`: the VIP masked to the service's aggregation length for its
+/// family (a host route by default). Lengths beyond the family's are clamped (validation
+/// refuses them). Pure.
+pub fn announced_prefix(vip: IpAddr, attrs: &ServiceBgp) -> (IpAddr, u8) {
+    match vip {
+        IpAddr::V4(a) => {
+            let len = attrs.aggregation_length.unwrap_or(32).min(32);
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            (IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)), len)
+        }
+        IpAddr::V6(a) => {
+            let len = attrs.aggregation_length_v6.unwrap_or(128).min(128);
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            (
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & mask)),
+                len,
+            )
+        }
     }
 }
 

@@ -38,7 +38,8 @@ pub fn peers_of(cfg: &Config) -> Vec<PeerConfig> {
     b.peers
         .iter()
         .map(|p| {
-            let mut c = PeerConfig::new(&p.name, p.address, b.asn, p.asn, router_id);
+            let local_asn = p.local_asn.unwrap_or(b.asn);
+            let mut c = PeerConfig::new(&p.name, p.address, local_asn, p.asn, router_id);
             c.port = p.port;
             c.source = p.source;
             c.password = p.password.as_ref().map(|pw| pw.0.clone());
@@ -55,13 +56,16 @@ pub fn peers_of(cfg: &Config) -> Vec<PeerConfig> {
         .collect()
 }
 
-/// The routes to announce: a host route per announced VIP, with its service's attributes.
+/// The routes to announce: per announced VIP its prefix (a host route, or the VIP masked to
+/// the service's aggregation length: VIPs of one aggregate make one route), with its
+/// service's attributes.
 pub fn routes_of(d: &RouteDecisions) -> Routes {
     d.iter()
         .filter(|(_, r)| r.announced())
         .map(|(vip, r)| {
+            let (addr, len) = model::bgp::announced_prefix(*vip, &r.attrs);
             (
-                Prefix::host(*vip),
+                Prefix::new(addr, len).unwrap_or_else(|| Prefix::host(*vip)),
                 RouteAttrs {
                     communities: r.attrs.communities.iter().map(|c| c.0).collect(),
                     large_communities: r.attrs.large_communities.iter().map(|c| c.0).collect(),

@@ -165,10 +165,13 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // Per-address status for kubectl (`ServiceAnnouncement`) follows the agent's ownership view.
     let (own_tx, own_rx) = watch::channel(Arc::new(model::OwnershipView::new()));
     let (alive_tx, alive_rx) = watch::channel(None);
+    let (bgp_tx, bgp_rx) = watch::channel(ipam::announce::BgpView::default());
     {
         let (receivers, stop) = (receivers.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = ipam::entry::announcer(node, &receivers, own_rx, alive_rx, stop).await {
+            if let Err(e) =
+                ipam::entry::announcer(node, &receivers, own_rx, alive_rx, bgp_rx, stop).await
+            {
                 tracing::error!(
                     "ServiceAnnouncement writer stopped: {:#}",
                     anyhow::Error::from(e)
@@ -185,10 +188,35 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         crate::run::Hooks {
             probes,
             alive: Some(alive_tx),
+            bgp: Some(bgp_tx),
         },
         shutdown,
     )
     .await
+}
+
+/// This node's BGP sessions and route decisions as the `ServiceAnnouncement` entries show
+/// them.
+pub fn bgp_view(
+    speaker: &bgp::Speaker,
+    routes: Arc<model::bgp::RouteDecisions>,
+) -> ipam::announce::BgpView {
+    ipam::announce::BgpView {
+        sessions: speaker
+            .sessions()
+            .into_iter()
+            .map(|s| ipam::crd::BgpSession {
+                peer: s.peer,
+                address: s.address.to_string(),
+                state: s.state.to_string(),
+                since: s.since.and_then(ipam::crd::bgp::time),
+                prefixes_sent: s.prefixes_sent as u64,
+                last_error: s.last_error,
+                bfd: s.bfd.map(str::to_string),
+            })
+            .collect(),
+        routes,
+    }
 }
 
 /// The host's interfaces other than loopback, with their addresses: without `--config` the
@@ -213,4 +241,35 @@ fn host_interfaces() -> anyhow::Result<Vec<model::Interface>> {
 pub fn crds(_args: CrdsArgs) -> anyhow::Result<()> {
     print!("{}", ipam::crd::yaml());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use model::config::{Environment, parse};
+
+    /// What the agent's source produces for a Service of an advertisement with
+    /// `aggregationLength: 24` and a `BGPPeer` with its own `myASN`, through the binary's
+    /// wiring: one route for two VIPs of one /24, and the peer's local AS on its session.
+    #[test]
+    fn aggregated_vips_make_one_route_and_each_peer_keeps_its_local_asn() {
+        let src = "node: {name: n1, interfaces: [{name: eth0, addresses: [192.0.2.10/24]}]}\n\
+                   bgp:\n  asn: 64512\n  peers:\n    - {name: a, address: 192.0.2.1, asn: 64500, local_asn: 65001}\n    - {name: b, address: 192.0.2.2, asn: 64500}\n\
+                   services:\n  - name: web\n    vips: [198.51.100.7, 198.51.100.200, 2001:db8::7]\n    ports: [{port: 80}]\n    backends: [{name: a, address: 10.0.0.1}]\n    announce: bgp\n    bgp: {aggregation_length: 24}\n";
+        let cfg = parse(src, &Environment::default()).unwrap();
+        let peers = crate::bgp::peers_of(&cfg);
+        let asns: Vec<(u32, u32)> = peers.iter().map(|p| (p.local_asn, p.remote_asn)).collect();
+        assert_eq!(asns, [(65001, 64500), (64512, 64500)]);
+        let d = model::bgp::decide(
+            &cfg,
+            &cfg.node.name,
+            &model::HealthView::new(),
+            &model::OwnershipView::new(),
+            false,
+        );
+        let routes: Vec<String> = crate::bgp::routes_of(&d)
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(routes, ["198.51.100.0/24", "2001:db8::7/128"]);
+    }
 }

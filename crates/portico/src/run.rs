@@ -43,6 +43,9 @@ pub struct Hooks {
     /// Receives the names of the nodes the gossip sees up (states other than `down`, this
     /// node included), for `ServiceAnnouncement` clean-up.
     pub alive: Option<watch::Sender<ipam::announce::Alive>>,
+    /// Receives this node's BGP sessions and route decisions (on change, sessions checked
+    /// every second), for `ServiceAnnouncement` status.
+    pub bgp: Option<watch::Sender<ipam::announce::BgpView>>,
 }
 
 /// Serves everything from `desired` until `shutdown`. Listen addresses come from the first
@@ -58,7 +61,11 @@ pub async fn serve(
     hooks: Hooks,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Hooks { probes, alive } = hooks;
+    let Hooks {
+        probes,
+        alive,
+        bgp: bgp_view,
+    } = hooks;
     let first = desired.borrow().clone();
     let cfg = &first.config;
 
@@ -349,7 +356,7 @@ pub async fn serve(
             dns: dns.clone(),
             kernel_path,
             speaker: speaker.clone(),
-            decisions: decisions_rx,
+            decisions: decisions_rx.clone(),
         },
         ready_rx.clone(),
     );
@@ -365,6 +372,28 @@ pub async fn serve(
         ready: ready_rx,
         events,
     };
+    if let Some(tx) = bgp_view {
+        let (speaker, mut decisions, stop) =
+            (speaker.clone(), decisions_rx.clone(), rest_stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let view = crate::k8s::bgp_view(&speaker, decisions.borrow_and_update().clone());
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != view;
+                    if changed {
+                        *cur = view;
+                    }
+                    changed
+                });
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                    r = decisions.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
     if let Some(tx) = alive {
         // The agent keeps its member list behind a lock; a coarse poll is enough for clean-up.
         let (agent, stop) = (agent.clone(), rest_stop.clone());

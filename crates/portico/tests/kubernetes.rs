@@ -1393,3 +1393,292 @@ async fn rolling_update_hands_the_lease_over_at_once() {
     c.wait_address("shop", "b", Duration::from_secs(5)).await;
     println!("allocated {:?} after the leader's SIGTERM", t0.elapsed());
 }
+
+/// BGP as a user sets it up: a top-of-rack router peering with every node, and an
+/// advertisement of the default pool.
+const BGP_YAML: &str = "\
+apiVersion: portico.dev/v1alpha1
+kind: BGPPeer
+metadata: {name: tor}
+spec:
+  myASN: 64512
+  peerASN: 64500
+  peerAddress: 10.77.0.2
+  holdTime: 9s
+---
+apiVersion: portico.dev/v1alpha1
+kind: BGPAdvertisement
+metadata: {name: default}
+spec:
+  ipAddressPools: [default]
+";
+
+/// The router's address on the cluster bridge, and the client network behind it.
+const ROUTER_IP: &str = "10.77.0.2";
+const ROUTED_CLIENT: &str = "10.79.0.2";
+
+impl Cluster {
+    /// A router namespace on the bridge (eth0 10.77.0.2/24, forwarding) with a client namespace
+    /// behind it (10.79.0.2/24, default route through the router); the nodes route the client
+    /// network through it. Returns (router, client) namespaces.
+    fn routed_client(&mut self) -> (String, String) {
+        let (r, c) = (
+            format!("{}-r", self.net.prefix),
+            format!("{}-rc", self.net.prefix),
+        );
+        self.net.attach(&r, "rt", &format!("{ROUTER_IP}/24"));
+        ip(&[
+            "netns",
+            "exec",
+            &r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        ip(&[
+            "netns",
+            "exec",
+            &r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.fib_multipath_hash_policy=1",
+        ]);
+        self.net.add_ns(&c);
+        ip(&[
+            "-n", &r, "link", "add", "cl", "type", "veth", "peer", "name", "eth0", "netns", &c,
+        ]);
+        ip(&["-n", &r, "addr", "add", "10.79.0.1/24", "dev", "cl"]);
+        ip(&["-n", &r, "link", "set", "cl", "up"]);
+        ip(&[
+            "-n",
+            &c,
+            "addr",
+            "add",
+            &format!("{ROUTED_CLIENT}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &c, "link", "set", "eth0", "up"]);
+        ip(&["-n", &c, "route", "add", "default", "via", "10.79.0.1"]);
+        for i in 1..=self.agents.len() {
+            ip(&[
+                "-n",
+                &self.net.node(i),
+                "route",
+                "add",
+                "10.79.0.0/24",
+                "via",
+                ROUTER_IP,
+            ]);
+        }
+        (r, c)
+    }
+
+    /// BIRD 2 in the router namespace, peering with every node (AS 64500 to 64512) and
+    /// installing what it learns into the kernel with ECMP (`merge paths`).
+    fn start_bird(&self, router: &str) -> Proc {
+        let mut conf = format!(
+            "log stderr all;\nrouter id {ROUTER_IP};\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+             template bgp node {{ local as 64500; hold time 9; connect retry time 1; error wait time 1, 5; }}\n"
+        );
+        for i in 1..=self.agents.len() {
+            conf.push_str(&format!(
+                "protocol bgp n{i} from node {{ neighbor 10.77.0.{} as 64512; ipv4 {{ import all; export none; }}; }}\n",
+                10 + i
+            ));
+        }
+        let path = self.dir.join("bird.conf");
+        std::fs::write(&path, conf).expect("bird.conf");
+        let log = self.dir.join("bird.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let (sock, pid) = (self.dir.join("bird.ctl"), self.dir.join("bird.pid"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", router, "bird", "-f", "-c"])
+            .arg(&path)
+            .arg("-s")
+            .arg(&sock)
+            .arg("-P")
+            .arg(&pid)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("bird starts");
+        Proc {
+            name: "bird".into(),
+            child: Some(child),
+            log,
+        }
+    }
+}
+
+/// The next hops of `router`'s route to `vip` (sorted).
+fn next_hops(router: &str, vip: &str) -> (Vec<String>, String) {
+    let route = in_ns(router, &["ip", "-4", "route", "show", vip]).1;
+    let words: Vec<&str> = route.split_whitespace().collect();
+    let mut hops: Vec<String> = words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].to_string())
+        .collect();
+    hops.sort();
+    (hops, route)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
+    if !can_run() {
+        return;
+    }
+    let has_bird = Command::new("sh")
+        .args(["-c", "command -v bird"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_bird {
+        if std::env::var_os("PORTICO_CI").is_some() {
+            panic!("needs `bird` (bird2; scripts/test-all installs it)");
+        }
+        println!("skipped: needs `bird` (bird2)");
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::start(2).await;
+    let (router, client) = c.routed_client();
+    let mut bird = c.start_bird(&router);
+    // as a user would: kubectl apply -f bgp.yaml, then a LoadBalancer Service
+    c.server
+        .apply_yaml(BGP_YAML)
+        .expect("BGPPeer and BGPAdvertisement");
+    let created = Instant::now();
+    c.service("shop", "web", true);
+    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
+
+    // the router's FIB: one route, a next hop per node
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (hops, route) = next_hops(&router, &vip);
+        if hops == ["10.77.0.11", "10.77.0.12"] {
+            println!(
+                "router after {:?} from the Service's creation: {}",
+                created.elapsed(),
+                route.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "router route to {vip}: want a next hop per node, got {hops:?} ({route})\nbird:\n{}",
+            bird.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // nobody answers ARP for a BGP-only address
+    assert!(c.arp_answers(&vip).is_empty(), "ARP answered for {vip}");
+
+    // a client behind the router reaches the Service
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut answers = Vec::new();
+    while answers.len() < 10 {
+        let (ok, out) = in_ns(
+            &client,
+            &["curl", "-s", "-m", "2", &format!("http://{vip}/")],
+        );
+        if ok && out.starts_with("node-") {
+            answers.push(out.trim().to_string());
+        }
+        assert!(
+            Instant::now() < until,
+            "curl from behind the router to {vip}: {answers:?}"
+        );
+    }
+
+    // every node's entry: the route announced and its session established
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sva = c.announcement("shop", "web").unwrap_or_default();
+        let nodes = sva["status"]["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let good = |node: &str| {
+            nodes.iter().any(|e| {
+                e["node"] == node
+                    && e["bgp"]["routes"][0]["address"] == vip.as_str()
+                    && e["bgp"]["routes"][0]["reason"] == "announced"
+                    && e["bgp"]["sessions"][0]["peer"] == "tor"
+                    && e["bgp"]["sessions"][0]["state"] == "established"
+                    && e["bgp"]["sessions"][0]["prefixesSent"] == 1
+                    && e["bgp"]["sessions"][0]["since"].is_string()
+            })
+        };
+        if good("node-1") && good("node-2") {
+            println!("answers: {answers:?}\nstatus: {}", sva["status"]);
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "want both nodes' sessions established in the ServiceAnnouncement: {}",
+            sva["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // `portico status` on a node shows the session and the route
+    let (ok, table) = in_ns(
+        &c.net.node(1),
+        &[
+            env!("CARGO_BIN_EXE_portico"),
+            "status",
+            "--admin",
+            "127.0.0.1:9440",
+        ],
+    );
+    let session = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("tor "))
+        .unwrap_or_default();
+    assert!(
+        ok && session.contains("10.77.0.2") && session.contains("established"),
+        "portico status on node-1:\n{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with(vip.as_str()) && l.contains("announced")),
+        "portico status on node-1:\n{table}"
+    );
+
+    // a bad edit (hold time too short) is reported by resource and field, and the session
+    // keeps running with the last valid settings: the route stays, with both next hops
+    c.server
+        .apply_yaml(&BGP_YAML.replace("holdTime: 9s", "holdTime: 1s"))
+        .expect("edited BGPPeer");
+    let until = Instant::now() + Duration::from_secs(20);
+    let said = "BGPPeer/tor: spec.holdTime: 1s is too short";
+    while !c
+        .agents
+        .iter()
+        .all(|a| std::fs::read_to_string(&a.log).is_ok_and(|l| l.contains(said)))
+    {
+        assert!(Instant::now() < until, "agents did not log `{said}`");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (hops, route) = next_hops(&router, &vip);
+    assert_eq!(
+        hops,
+        ["10.77.0.11", "10.77.0.12"],
+        "after the bad edit: {route}"
+    );
+    let sva = c.announcement("shop", "web").unwrap_or_default();
+    for e in sva["status"]["nodes"].as_array().into_iter().flatten() {
+        assert_eq!(
+            e["bgp"]["sessions"][0]["state"], "established",
+            "after the bad edit: {}",
+            sva["status"]
+        );
+    }
+    c.assert_rbac_was_enough();
+    bird.kill(sys::SIGKILL);
+}

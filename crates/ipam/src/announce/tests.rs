@@ -477,16 +477,87 @@ async fn each_agent_applies_its_entry_with_its_own_field_manager() {
     let (_w, ownership) = watch::channel(Arc::new(view(1, |_| Some("n1".into()))));
     let shutdown = CancellationToken::new();
     let (_a, alive) = watch::channel(None);
+    let (_b, bgp) = watch::channel(BgpView::default());
     let task = tokio::spawn(run(
         client,
         "n1".into(),
-        desired,
-        origins,
-        ownership,
-        alive,
+        Inputs {
+            desired,
+            origins,
+            ownership,
+            alive,
+            bgp,
+        },
         shutdown.clone(),
     ));
     timeout_after_1s(server).await;
     shutdown.cancel();
     task.await.unwrap();
+}
+
+fn decision(reason: model::bgp::RouteReason) -> model::bgp::RouteDecision {
+    model::bgp::RouteDecision {
+        service: "shop/s0".into(),
+        reason,
+        attrs: model::bgp::ServiceBgp::default(),
+    }
+}
+
+fn session(state: &str, prefixes: u64) -> BgpSession {
+    BgpSession {
+        peer: "tor".into(),
+        address: "192.0.2.1".into(),
+        state: state.into(),
+        since: None,
+        prefixes_sent: prefixes,
+        last_error: None,
+        bfd: Some("up".into()),
+    }
+}
+
+#[test]
+fn a_bgp_service_is_reported_by_every_announcing_node_with_its_sessions() {
+    use model::bgp::{AnnounceMode, RouteReason};
+    let mut cfg = config(&["n1", "n2"], 1);
+    cfg.services[0].announce = AnnounceMode::Bgp;
+    // no ownership for a bgp-only VIP (the agent never sees it)
+    let ownership = OwnershipView::new();
+    let mut n1 = Planner::new("n1");
+    // nothing decided yet: nothing written
+    let empty = BgpView::default();
+    assert!(
+        n1.plan_with(&cfg, &ownership, &origins(1), &empty)
+            .is_empty()
+    );
+    let mut routes = model::bgp::RouteDecisions::new();
+    routes.insert(vip(0), decision(RouteReason::Announced));
+    let bgp = BgpView {
+        sessions: vec![session("established", 1)],
+        routes: Arc::new(routes.clone()),
+    };
+    let w = n1.plan_with(&cfg, &ownership, &origins(1), &bgp);
+    let st = statuses(&w);
+    assert_eq!(st.len(), 1, "{w:?}");
+    let e = &st[0].1[0];
+    assert_eq!(e["node"], "n1");
+    assert_eq!(e["bgp"]["routes"][0]["address"], "198.18.0.0");
+    assert_eq!(e["bgp"]["routes"][0]["reason"], "announced");
+    assert_eq!(e["bgp"]["sessions"][0]["state"], "established");
+    assert_eq!(e["bgp"]["sessions"][0]["prefixesSent"], 1);
+    // unchanged: no write; a session change: one write
+    assert!(n1.plan_with(&cfg, &ownership, &origins(1), &bgp).is_empty());
+    let down = BgpView {
+        sessions: vec![session("idle", 0)],
+        routes: Arc::new(routes.clone()),
+    };
+    let w = n1.plan_with(&cfg, &ownership, &origins(1), &down);
+    assert_eq!(statuses(&w)[0].1[0]["bgp"]["sessions"][0]["state"], "idle");
+    // not selected on this node: the entry is removed
+    routes.insert(vip(0), decision(RouteReason::NotSelected));
+    let gone = BgpView {
+        sessions: vec![session("idle", 0)],
+        routes: Arc::new(routes),
+    };
+    let w = n1.plan_with(&cfg, &ownership, &origins(1), &gone);
+    assert_eq!(statuses(&w), vec![("n1", &serde_json::json!([]))]);
 }

@@ -20,7 +20,7 @@ fn settings() -> Settings {
     }
 }
 
-fn node(name: &str, ip: &str, l: &[(&str, &str)]) -> Node {
+pub(super) fn node(name: &str, ip: &str, l: &[(&str, &str)]) -> Node {
     Node {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -86,7 +86,7 @@ fn web() -> Service {
         .ingress(&["192.0.2.10"])
 }
 
-fn snapshot() -> Snapshot {
+pub(super) fn snapshot() -> Snapshot {
     let mut s = Snapshot::default();
     s.services.insert(("shop".into(), "web".into()), web());
     s.slices.insert(
@@ -255,6 +255,8 @@ fn list_all(src: &mut Source, snap: &Snapshot) -> Option<Desired> {
     feed(Input::Node(Event::InitDone));
     feed(Input::Pool(Event::InitDone));
     feed(Input::L2(Event::InitDone));
+    feed(Input::BgpPeer(Event::InitDone));
+    feed(Input::BgpAdvertisement(Event::InitDone));
     feed(Input::Secret(Event::InitDone));
     last
 }
@@ -580,6 +582,8 @@ fn list_all_but_secret(src: &mut Source, snap: &Snapshot) -> Option<Desired> {
         Input::Slice(Event::InitDone),
         Input::Pool(Event::InitDone),
         Input::L2(Event::InitDone),
+        Input::BgpPeer(Event::InitDone),
+        Input::BgpAdvertisement(Event::InitDone),
     ] {
         last = src.handle(i).or(last);
     }

@@ -68,10 +68,10 @@ fn every_field_is_read() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o600)).unwrap();
     let src = format!(
-        "{NODE}bgp:\n  asn: 4200000000\n  router_id: 10.9.9.9\n  graceful_stop_grace: 500ms\n  ecmp_rescue: false\n  peers:\n    - name: tor1\n      address: 192.0.2.1\n      asn: 64500\n      port: 1179\n      source: 192.0.2.10\n      password_file: {}\n      hold_time: 9s\n      passive: true\n      multihop: 2\n      bfd: {{interval: 50ms, multiplier: 4}}\n      graceful_restart: off\n    - {{name: tor2, address: 2001:db8::1, asn: 64500, bfd: fast}}\n{}",
+        "{NODE}bgp:\n  asn: 4200000000\n  router_id: 10.9.9.9\n  graceful_stop_grace: 500ms\n  ecmp_rescue: false\n  peers:\n    - name: tor1\n      address: 192.0.2.1\n      asn: 64500\n      local_asn: 65001\n      port: 1179\n      source: 192.0.2.10\n      password_file: {}\n      hold_time: 9s\n      passive: true\n      multihop: 2\n      bfd: {{interval: 50ms, multiplier: 4}}\n      graceful_restart: off\n    - {{name: tor2, address: 2001:db8::1, asn: 64500, bfd: fast}}\n{}",
         dir.display(),
         service(
-            "    announce: both\n    bgp: {owner_only: true, communities: [\"64512:100\"], large_communities: [\"64512:1:2\"], local_pref: 200, med: 10}\n"
+            "    announce: both\n    bgp: {owner_only: true, communities: [\"64512:100\"], large_communities: [\"64512:1:2\"], local_pref: 200, med: 10, aggregation_length: 24, aggregation_length_v6: 64}\n"
         )
     );
     let c = cfg(&src);
@@ -107,8 +107,12 @@ fn every_field_is_read() {
             large_communities: vec![LargeCommunity([64512, 1, 2])],
             local_pref: Some(200),
             med: Some(10),
+            aggregation_length: Some(24),
+            aggregation_length_v6: Some(64),
         }
     );
+    assert_eq!(b.peers[0].local_asn, Some(65001));
+    assert_eq!(b.peers[1].local_asn, None, "bgp.asn");
     let printed = crate::config::to_yaml(&c);
     assert!(
         printed.contains("64512:100") && printed.contains("64512:1:2"),
@@ -127,13 +131,14 @@ fn mistakes_are_reported_at_their_field() {
         ]
     );
     let got = errors(&format!(
-        "{NODE}bgp:\n  asn: 0\n  peers:\n    - {{name: tor1, address: 192.0.2.1, asn: 64500, hold_time: 1s, bfd: slow, multihop: 0, source: 2001:db8::10}}\n    - {{name: tor1, address: 192.0.2.1}}\n{}",
+        "{NODE}bgp:\n  asn: 0\n  peers:\n    - {{name: tor1, address: 192.0.2.1, asn: 64500, local_asn: 0, hold_time: 1s, bfd: slow, multihop: 0, source: 2001:db8::10}}\n    - {{name: tor1, address: 192.0.2.1}}\n{}",
         service(
-            "    announce: bgpp\n    bgp: {communities: [\"70000:1\"], large_communities: [\"1:2\"]}\n"
+            "    announce: bgpp\n    bgp: {communities: [\"70000:1\"], large_communities: [\"1:2\"], aggregation_length: 33, aggregation_length_v6: 129}\n"
         )
     ));
     let want = [
         "bgp.asn: 0 is out of range 1-4294967295",
+        "bgp.peers[0].local_asn: 0 is out of range 1-4294967295",
         "bgp.peers[0].hold_time: 1s is too short",
         "bgp.peers[0].bfd: `slow` is not valid",
         "bgp.peers[0].multihop: 0 is out of range 1-255",
@@ -142,6 +147,8 @@ fn mistakes_are_reported_at_their_field() {
         "services[0].announce: `bgpp` is not valid (did you mean `bgp`?)",
         "services[0].bgp.communities[0]: `70000:1` is not a community",
         "services[0].bgp.large_communities[0]: `1:2` is not a large community",
+        "services[0].bgp.aggregation_length: 33 is out of range 0-32",
+        "services[0].bgp.aggregation_length_v6: 129 is out of range 0-128",
     ];
     for w in want {
         assert!(
@@ -368,4 +375,56 @@ fn l2_services_are_neither_routed_nor_hidden_from_the_agent() {
     assert_eq!(vips, ["192.0.2.51", "198.51.100.8"]);
     let names: Vec<String> = l2_view(&c).services.into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["l2", "both"]);
+}
+
+#[test]
+fn the_announced_prefix_is_the_vip_masked_to_the_aggregation_length() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let host = ServiceBgp::default();
+    assert_eq!(
+        announced_prefix(ip("198.51.100.7"), &host),
+        (ip("198.51.100.7"), 32)
+    );
+    assert_eq!(
+        announced_prefix(ip("2001:db8:1::7"), &host),
+        (ip("2001:db8:1::7"), 128)
+    );
+    let agg = ServiceBgp {
+        aggregation_length: Some(24),
+        aggregation_length_v6: Some(64),
+        ..ServiceBgp::default()
+    };
+    // two VIPs of one /24 make one route; the v6 length applies to v6 only
+    assert_eq!(
+        announced_prefix(ip("198.51.100.7"), &agg),
+        (ip("198.51.100.0"), 24)
+    );
+    assert_eq!(
+        announced_prefix(ip("198.51.100.200"), &agg),
+        (ip("198.51.100.0"), 24)
+    );
+    assert_eq!(
+        announced_prefix(ip("2001:db8:1::7"), &agg),
+        (ip("2001:db8:1::"), 64)
+    );
+    let zero = ServiceBgp {
+        aggregation_length: Some(0),
+        aggregation_length_v6: Some(0),
+        ..ServiceBgp::default()
+    };
+    assert_eq!(
+        announced_prefix(ip("198.51.100.7"), &zero),
+        (ip("0.0.0.0"), 0)
+    );
+    assert_eq!(announced_prefix(ip("2001:db8::1"), &zero), (ip("::"), 0));
+    // out-of-range lengths (refused by validation) clamp instead of panicking
+    let big = ServiceBgp {
+        aggregation_length: Some(200),
+        aggregation_length_v6: Some(200),
+        ..ServiceBgp::default()
+    };
+    assert_eq!(
+        announced_prefix(ip("198.51.100.7"), &big),
+        (ip("198.51.100.7"), 32)
+    );
 }

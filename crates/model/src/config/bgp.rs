@@ -80,6 +80,7 @@ fn decode_peer(cx: &mut Cx, n: &Node, p: &str) -> Option<BgpPeer> {
     let name = m.req(cx, "name", label);
     let address = m.req(cx, "address", ip);
     let remote_asn = m.req(cx, "asn", asn);
+    let local_asn = m.opt(cx, "local_asn", asn);
     let port = m.opt(cx, "port", uint(1, 65535)).map_or(179, |v| v as u16);
     let source = m.opt(cx, "source", ip);
     let password_file = m.opt(cx, "password_file", |cx, n, p| {
@@ -135,6 +136,7 @@ fn decode_peer(cx: &mut Cx, n: &Node, p: &str) -> Option<BgpPeer> {
         name: name?,
         address,
         asn: remote_asn?,
+        local_asn,
         port,
         source,
         password_file: password_file.map(|(path, _, _)| path),
@@ -206,6 +208,12 @@ pub(super) fn decode_service_bgp(cx: &mut Cx, n: &Node, p: &str) -> Option<Servi
     let med = m
         .opt(cx, "med", uint(0, u64::from(u32::MAX)))
         .map(|v| v as u32);
+    let aggregation_length = m
+        .opt(cx, "aggregation_length", uint(0, 32))
+        .map(|v| v as u8);
+    let aggregation_length_v6 = m
+        .opt(cx, "aggregation_length_v6", uint(0, 128))
+        .map(|v| v as u8);
     m.finish(cx);
     Some(ServiceBgp {
         owner_only,
@@ -213,6 +221,8 @@ pub(super) fn decode_service_bgp(cx: &mut Cx, n: &Node, p: &str) -> Option<Servi
         large_communities,
         local_pref,
         med,
+        aggregation_length,
+        aggregation_length_v6,
     })
 }
 

@@ -1,0 +1,474 @@
+//! `BGPPeer` and `BGPAdvertisement` into the model's `bgp` section for this node and each
+//! Service's `announce` mode and `bgp` attributes (pure).
+//!
+//! - Peers: every `BGPPeer` whose `nodeSelectors` select this Node becomes a neighbour with
+//!   `local_asn = myASN`; the section's AS is the first such peer's `myASN` and the router id
+//!   the first peer's `routerID`, else the Node's IPv4 `InternalIP`.
+//! - A Service whose pool a `BGPAdvertisement` selects is announced by BGP from the nodes its
+//!   `nodeSelectors` select; by L2 as well (`both`) when an `L2Announcement` selects it too.
+//!   Several advertisements: communities are merged, nodes united, and the first by name gives
+//!   the aggregation lengths and LOCAL_PREF.
+//! - Every field is validated here; a resource with a bad value is reported (resource, field,
+//!   fix) and its last valid version, if any, stays in force ([`LastGood`]): a typo never
+//!   tears down a session that runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use model::bgp::{BfdProfile, Bgp, BgpPeer, Community, LargeCommunity, ServiceBgp};
+
+use super::{Snapshot, internal_ip};
+use crate::allocator::AddrRange;
+use crate::crd::{BGPAdvertisementSpec, BGPPeerSpec};
+use crate::selector::{Selector, any_matches};
+
+/// The last valid spec of each resource by name, so a bad edit keeps the previous one running.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LastGood {
+    /// `BGPPeer` specs by name.
+    pub peers: BTreeMap<String, BGPPeerSpec>,
+    /// `BGPAdvertisement` specs by name.
+    pub advertisements: BTreeMap<String, BGPAdvertisementSpec>,
+}
+
+/// Graceful restart time advertised when `gracefulRestart` is on (the standalone default).
+const GRACEFUL_RESTART: Duration = Duration::from_secs(120);
+
+fn selectors(v: &[LabelSelector], field: &str) -> Result<Vec<Selector>, String> {
+    v.iter()
+        .enumerate()
+        .map(|(i, s)| Selector::parse(s).map_err(|e| format!("{field}[{i}]: {e}")))
+        .collect()
+}
+
+/// A `BGPPeer` checked field by field: the neighbour and its node selectors, or every error.
+pub fn peer(name: &str, spec: &BGPPeerSpec) -> Result<(BgpPeer, Vec<Selector>), Vec<String>> {
+    let mut errs = Vec::new();
+    let mut err = |field: &str, msg: String| errs.push(format!("spec.{field}: {msg}"));
+    if spec.my_asn == 0 {
+        err("myASN", "0 is not an AS number; use 1-4294967295".into());
+    }
+    if spec.peer_asn == 0 {
+        err("peerASN", "0 is not an AS number; use 1-4294967295".into());
+    }
+    let address = spec.peer_address.trim().parse::<IpAddr>().map_err(|_| {
+        format!(
+            "`{}` is not an IP address; write e.g. 192.0.2.1 or 2001:db8::1",
+            spec.peer_address
+        )
+    });
+    let address = match address {
+        Ok(a) => Some(a),
+        Err(e) => {
+            err("peerAddress", e);
+            None
+        }
+    };
+    let source = match spec.source_address.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(src) if address.is_some_and(|a| a.is_ipv4() != src.is_ipv4()) => {
+                err(
+                    "sourceAddress",
+                    format!(
+                        "{src} and peerAddress {} are of different families; use a source of the peer's family",
+                        spec.peer_address
+                    ),
+                );
+                None
+            }
+            Ok(src) => Some(src),
+            Err(_) => {
+                err(
+                    "sourceAddress",
+                    format!("`{s}` is not an IP address; write e.g. 192.0.2.10"),
+                );
+                None
+            }
+        },
+    };
+    if let Some(r) = &spec.router_id
+        && r.trim().parse::<Ipv4Addr>().is_err()
+    {
+        err(
+            "routerID",
+            format!("`{r}` is not an IPv4 address; a router id is written e.g. 192.0.2.10"),
+        );
+    }
+    let port = match spec.peer_port {
+        Some(0) => {
+            err("peerPort", "0 is not a port; use 1-65535 (179)".into());
+            179
+        }
+        Some(p) => p,
+        None => 179,
+    };
+    let hold_time = match spec.hold_time.as_deref() {
+        None => Duration::from_secs(90),
+        Some(s) => match model::duration::parse(s) {
+            Ok(d) if d != Duration::ZERO && d < Duration::from_secs(3) => {
+                err(
+                    "holdTime",
+                    format!(
+                        "{s} is too short; a hold time is 0 (no keepalives) or at least 3s (RFC 4271)"
+                    ),
+                );
+                Duration::from_secs(90)
+            }
+            Ok(d) if d > Duration::from_secs(65535) => {
+                err("holdTime", format!("{s} is too long; at most 65535s"));
+                Duration::from_secs(90)
+            }
+            Ok(d) => d,
+            Err(e) => {
+                err("holdTime", e);
+                Duration::from_secs(90)
+            }
+        },
+    };
+    let bfd = match bfd(spec.bfd_profile.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            err("bfdProfile", e);
+            None
+        }
+    };
+    if spec.password.as_deref().is_some_and(|p| p.len() > 80) {
+        err(
+            "password",
+            "longer than 80 bytes, the TCP MD5 key limit; use a shorter one".into(),
+        );
+    }
+    let sel = match selectors(&spec.node_selectors, "spec.nodeSelectors") {
+        Ok(s) => s,
+        Err(e) => {
+            errs.push(e);
+            Vec::new()
+        }
+    };
+    let Some(address) = address else {
+        return Err(errs);
+    };
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok((
+        BgpPeer {
+            name: name.to_string(),
+            address,
+            asn: spec.peer_asn,
+            local_asn: Some(spec.my_asn),
+            port,
+            source,
+            password_file: None,
+            password: spec
+                .password
+                .clone()
+                .filter(|p| !p.is_empty())
+                .map(model::Password),
+            hold_time,
+            passive: spec.passive,
+            multihop: spec.ebgp_multi_hop.then_some(255),
+            bfd,
+            graceful_restart: spec
+                .graceful_restart
+                .unwrap_or(true)
+                .then_some(GRACEFUL_RESTART),
+        },
+        sel,
+    ))
+}
+
+/// `bfdProfile`: absent or `off`, `default`, `fast`, or `<interval>x<multiplier>`.
+fn bfd(s: Option<&str>) -> Result<Option<BfdProfile>, String> {
+    let bad = |s: &str| {
+        format!(
+            "`{s}` is not a BFD profile; use off, default (300ms x 3), fast (10ms x 3) or timers such as 50msx3"
+        )
+    };
+    match s.map(str::trim) {
+        None | Some("") | Some("off") => Ok(None),
+        Some("default") => Ok(Some(BfdProfile::DEFAULT)),
+        Some("fast") => Ok(Some(BfdProfile::FAST)),
+        Some(t) => {
+            let (i, m) = t.rsplit_once('x').ok_or_else(|| bad(t))?;
+            let interval = model::duration::parse(i).map_err(|_| bad(t))?;
+            let multiplier: u8 = m.parse().map_err(|_| bad(t))?;
+            if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&interval)
+                || multiplier == 0
+            {
+                return Err(format!(
+                    "`{t}`: the interval must be 10ms-60s and the multiplier 1-255"
+                ));
+            }
+            Ok(Some(BfdProfile {
+                interval,
+                multiplier,
+            }))
+        }
+    }
+}
+
+/// A `BGPAdvertisement` checked: the attributes, the pool and node selectors.
+pub struct Advertisement {
+    /// Route attributes for the Services it selects.
+    pub attrs: ServiceBgp,
+    /// Pools by name.
+    pub pools: Vec<String>,
+    /// Pools by label.
+    pub pool_selectors: Vec<Selector>,
+    /// Nodes that announce.
+    pub node_selectors: Vec<Selector>,
+}
+
+/// A `BGPAdvertisement` checked field by field.
+pub fn advertisement(spec: &BGPAdvertisementSpec) -> Result<Advertisement, Vec<String>> {
+    let mut errs = Vec::new();
+    if let Some(l) = spec.aggregation_length
+        && l > 32
+    {
+        errs.push(format!(
+            "spec.aggregationLength: {l} is out of range 0-32 (32: host routes)"
+        ));
+    }
+    if let Some(l) = spec.aggregation_length_v6
+        && l > 128
+    {
+        errs.push(format!(
+            "spec.aggregationLengthV6: {l} is out of range 0-128 (128: host routes)"
+        ));
+    }
+    let mut communities = Vec::new();
+    for (i, c) in spec.communities.iter().enumerate() {
+        match c.parse::<Community>() {
+            Ok(c) => communities.push(c),
+            Err(e) => errs.push(format!("spec.communities[{i}]: {e}")),
+        }
+    }
+    let mut large = Vec::new();
+    for (i, c) in spec.large_communities.iter().enumerate() {
+        match c.parse::<LargeCommunity>() {
+            Ok(c) => large.push(c),
+            Err(e) => errs.push(format!("spec.largeCommunities[{i}]: {e}")),
+        }
+    }
+    if !spec.peers.is_empty() {
+        errs.push(format!(
+            "spec.peers: announcing to some peers only ({}) is not supported yet; leave peers empty to announce to every peer",
+            spec.peers.join(", ")
+        ));
+    }
+    let pool_selectors = selectors(
+        &spec.ip_address_pool_selectors,
+        "spec.ipAddressPoolSelectors",
+    )
+    .map_err(|e| errs.push(e))
+    .unwrap_or_default();
+    let node_selectors = selectors(&spec.node_selectors, "spec.nodeSelectors")
+        .map_err(|e| errs.push(e))
+        .unwrap_or_default();
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Advertisement {
+        attrs: ServiceBgp {
+            owner_only: spec.owner_only,
+            communities,
+            large_communities: large,
+            local_pref: spec.local_pref,
+            med: None,
+            aggregation_length: spec.aggregation_length,
+            aggregation_length_v6: spec.aggregation_length_v6,
+        },
+        pools: spec.ip_address_pools.clone(),
+        pool_selectors,
+        node_selectors,
+    })
+}
+
+/// What the BGP resources say, with the errors found and the specs that are valid now.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// `BGPPeer` specs valid now (the next [`LastGood`] peers).
+    pub good_peers: BTreeMap<String, BGPPeerSpec>,
+    /// `BGPAdvertisement` specs valid now.
+    pub good_advertisements: BTreeMap<String, BGPAdvertisementSpec>,
+    /// `Kind/name: field: problem; fix` for every bad resource, sorted.
+    pub errors: Vec<String>,
+}
+
+/// Validates every BGP resource; a bad one falls back to its last valid spec.
+pub fn resolve(snap: &Snapshot) -> Resolved {
+    let mut out = Resolved::default();
+    for (name, p) in &snap.bgp_peers {
+        match peer(name, &p.spec) {
+            Ok(_) => {
+                out.good_peers.insert(name.clone(), p.spec.clone());
+            }
+            Err(e) => {
+                let kept = snap.bgp_last_good.peers.get(name);
+                for e in e {
+                    out.errors.push(format!(
+                        "BGPPeer/{name}: {e}{}",
+                        if kept.is_some() {
+                            " (the last valid version stays in force)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                if let Some(k) = kept {
+                    out.good_peers.insert(name.clone(), k.clone());
+                }
+            }
+        }
+    }
+    for (name, a) in &snap.bgp_ads {
+        match advertisement(&a.spec) {
+            Ok(_) => {
+                out.good_advertisements.insert(name.clone(), a.spec.clone());
+            }
+            Err(e) => {
+                let kept = snap.bgp_last_good.advertisements.get(name);
+                for e in e {
+                    out.errors.push(format!(
+                        "BGPAdvertisement/{name}: {e}{}",
+                        if kept.is_some() {
+                            " (the last valid version stays in force)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                if let Some(k) = kept {
+                    out.good_advertisements.insert(name.clone(), k.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The `bgp` section for `node`: the valid peers that select it. `None` when none does (the
+/// base config's section, if any, stays). Peers on an address already taken are refused
+/// (reported in `errors`), as is a node without a router id.
+pub fn section(
+    snap: &Snapshot,
+    resolved: &Resolved,
+    node: &str,
+    base: Option<&Bgp>,
+    errors: &mut Vec<String>,
+) -> Option<Bgp> {
+    let n = snap.nodes.get(node);
+    let labels = n.map(|n| n.labels().clone()).unwrap_or_default();
+    let mut peers: Vec<BgpPeer> = Vec::new();
+    let mut router_id = None;
+    let mut seen = BTreeSet::new();
+    for (name, spec) in &resolved.good_peers {
+        let Ok((p, sel)) = peer(name, spec) else {
+            continue;
+        };
+        if !any_matches(&sel, &labels) {
+            continue;
+        }
+        if !seen.insert((p.address, p.port)) {
+            errors.push(format!(
+                "BGPPeer/{name}: spec.peerAddress: {} is already a peer of node {node}; one session per neighbour",
+                p.address
+            ));
+            continue;
+        }
+        if router_id.is_none() {
+            router_id = spec
+                .router_id
+                .as_deref()
+                .and_then(|r| r.trim().parse().ok());
+        }
+        peers.push(p);
+    }
+    let first = peers.first()?;
+    let router_id = router_id.or(match internal_ip(n) {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    });
+    if router_id.is_none() {
+        errors.push(format!(
+            "node {node} has no IPv4 InternalIP to take the BGP router id from; set spec.routerID on its BGPPeers"
+        ));
+        return None;
+    }
+    Some(Bgp {
+        asn: first.local_asn.unwrap_or(first.asn),
+        router_id,
+        graceful_stop_grace: base
+            .map(|b| b.graceful_stop_grace)
+            .unwrap_or(Duration::from_secs(2)),
+        // the node-local file's switch (`bgp.ecmp_rescue` in --config), on without one
+        ecmp_rescue: base.is_none_or(|b| b.ecmp_rescue),
+        peers,
+    })
+}
+
+/// How a Service is announced by BGP: the attributes and the nodes that announce (empty:
+/// every node), or `None` when no advertisement selects its pool.
+pub fn selection(
+    snap: &Snapshot,
+    resolved: &Resolved,
+    my_pools: &[&(String, Vec<AddrRange>, BTreeMap<String, String>)],
+) -> Option<(ServiceBgp, Vec<String>)> {
+    let mut attrs: Option<ServiceBgp> = None;
+    let mut nodes = BTreeSet::new();
+    let mut every_node = false;
+    for spec in resolved.good_advertisements.values() {
+        let Ok(a) = advertisement(spec) else {
+            continue;
+        };
+        let pool_ok = (a.pools.is_empty() && a.pool_selectors.is_empty())
+            || my_pools.iter().any(|(n, _, labels)| {
+                a.pools.contains(n)
+                    || (!a.pool_selectors.is_empty() && any_matches(&a.pool_selectors, labels))
+            });
+        if !pool_ok {
+            continue;
+        }
+        if a.node_selectors.is_empty() {
+            every_node = true;
+        }
+        for n in snap.nodes.values() {
+            if any_matches(&a.node_selectors, n.labels()) {
+                nodes.insert(n.name_any());
+            }
+        }
+        match &mut attrs {
+            None => attrs = Some(a.attrs),
+            Some(have) => {
+                have.owner_only |= a.attrs.owner_only;
+                for c in a.attrs.communities {
+                    if !have.communities.contains(&c) {
+                        have.communities.push(c);
+                    }
+                }
+                for c in a.attrs.large_communities {
+                    if !have.large_communities.contains(&c) {
+                        have.large_communities.push(c);
+                    }
+                }
+            }
+        }
+    }
+    let attrs = attrs?;
+    Some((
+        attrs,
+        if every_node {
+            Vec::new()
+        } else {
+            nodes.into_iter().collect()
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,281 @@
+//! Tests of the BGP resources in the agent's source.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::runtime::watcher::Event;
+use model::bgp::AnnounceMode;
+
+use super::*;
+use crate::crd::{BGPAdvertisement, BGPPeer, L2Announcement, L2AnnouncementSpec};
+use crate::fixtures::{self, labels};
+use crate::intent::Scope;
+use crate::source::tests::{node, snapshot};
+use crate::source::{Input, Settings, Source, build, template};
+
+fn settings() -> Settings {
+    Settings {
+        node: "n1".into(),
+        scope: Scope::default(),
+        base: model::config::parse("", &model::config::Environment::default()).unwrap(),
+        gossip_port: 7946,
+        host_interfaces: Vec::new(),
+    }
+}
+
+fn zone(z: &str) -> Vec<LabelSelector> {
+    vec![LabelSelector {
+        match_labels: Some(labels(&[("zone", z)])),
+        match_expressions: None,
+    }]
+}
+
+fn tor(name: &str, address: &str, nodes: Vec<LabelSelector>) -> BGPPeer {
+    BGPPeer::new(
+        name,
+        BGPPeerSpec {
+            my_asn: 64512,
+            peer_asn: 64500,
+            peer_address: address.into(),
+            hold_time: Some("9s".into()),
+            bfd_profile: Some("fast".into()),
+            node_selectors: nodes,
+            ..BGPPeerSpec::default()
+        },
+    )
+}
+
+fn with_pools(mut snap: Snapshot) -> Snapshot {
+    let mut p = fixtures::pool("lb", &["192.0.2.0/24"]);
+    p.metadata.labels = Some(labels(&[("tier", "bgp")]));
+    snap.pools.insert("lb".into(), p);
+    snap.pools
+        .insert("other".into(), fixtures::pool("other", &["203.0.113.0/24"]));
+    snap
+}
+
+fn ad(spec: BGPAdvertisementSpec) -> BGPAdvertisement {
+    BGPAdvertisement::new("ad", spec)
+}
+
+#[test]
+fn peers_that_select_this_node_make_its_bgp_section() {
+    let mut snap = snapshot();
+    snap.bgp_peers
+        .insert("tor-a".into(), tor("tor-a", "10.0.0.254", zone("a")));
+    snap.bgp_peers
+        .insert("tor-b".into(), tor("tor-b", "10.0.1.254", zone("b")));
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    let b = cfg.bgp.expect("n1 is in zone a");
+    assert_eq!(b.asn, 64512);
+    assert_eq!(b.router_id, Some("10.0.0.1".parse().unwrap()), "InternalIP");
+    let names: Vec<&str> = b.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["tor-a"], "tor-b selects zone b only");
+    let p = &b.peers[0];
+    assert_eq!((p.asn, p.local_asn, p.port), (64500, Some(64512), 179));
+    assert_eq!(p.hold_time, Duration::from_secs(9));
+    assert_eq!(p.bfd, Some(BfdProfile::FAST));
+    assert_eq!(p.graceful_restart, Some(GRACEFUL_RESTART));
+    // no peer for this node: no section
+    snap.bgp_peers.remove("tor-a");
+    assert!(
+        build(&snap, &settings(), &template().unwrap())
+            .bgp
+            .is_none()
+    );
+    // an IPv6-only node needs routerID
+    snap.nodes
+        .insert("n1".into(), node("n1", "2001:db8::1", &[("zone", "b")]));
+    let (errors, _) = crate::source::bgp_errors(&snap, &settings());
+    assert!(errors[0].contains("set spec.routerID"), "{errors:?}");
+}
+
+#[test]
+fn a_pool_selected_by_an_advertisement_is_announced_by_bgp_and_by_both_with_l2() {
+    let mut snap = with_pools(snapshot());
+    snap.bgp_peers
+        .insert("tor".into(), tor("tor", "10.0.0.254", Vec::new()));
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    assert_eq!(
+        cfg.services[0].announce,
+        AnnounceMode::L2,
+        "no advertisement"
+    );
+    snap.bgp_ads.insert(
+        "ad".into(),
+        ad(BGPAdvertisementSpec {
+            ip_address_pool_selectors: vec![LabelSelector {
+                match_labels: Some(labels(&[("tier", "bgp")])),
+                match_expressions: None,
+            }],
+            node_selectors: zone("b"),
+            aggregation_length: Some(24),
+            communities: vec!["64512:100".into()],
+            local_pref: Some(200),
+            ..BGPAdvertisementSpec::default()
+        }),
+    );
+    let cfg = build(&snap, &settings(), &template().unwrap());
+    let s = &cfg.services[0];
+    assert_eq!(s.announce, AnnounceMode::Bgp);
+    assert_eq!(s.placement.nodes, ["n2"]);
+    assert_eq!(s.bgp.aggregation_length, Some(24));
+    assert_eq!(s.bgp.local_pref, Some(200));
+    assert_eq!(s.bgp.communities, vec![Community(64512 << 16 | 100)]);
+    // an L2Announcement that selects it too: both, from the nodes of either
+    snap.l2.insert(
+        "l2".into(),
+        L2Announcement::new(
+            "l2",
+            L2AnnouncementSpec {
+                node_selectors: zone("a"),
+                ..L2AnnouncementSpec::default()
+            },
+        ),
+    );
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(s.announce, AnnounceMode::Both);
+    assert_eq!(s.placement.nodes, ["n1", "n2"]);
+    // an advertisement of another pool: L2 only
+    snap.bgp_ads.get_mut("ad").unwrap().spec = BGPAdvertisementSpec {
+        ip_address_pools: vec!["other".into()],
+        ..BGPAdvertisementSpec::default()
+    };
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(s.announce, AnnounceMode::L2);
+    assert!(s.bgp.is_default());
+    // ownerOnly needs the L2 owner: both, even without an L2Announcement
+    snap.l2.clear();
+    snap.bgp_ads.get_mut("ad").unwrap().spec = BGPAdvertisementSpec {
+        ip_address_pools: vec!["lb".into()],
+        owner_only: true,
+        ..BGPAdvertisementSpec::default()
+    };
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(s.announce, AnnounceMode::Both);
+    assert!(s.bgp.owner_only);
+}
+
+#[test]
+fn bad_values_name_the_resource_and_field() {
+    let bad = BGPPeerSpec {
+        my_asn: 0,
+        peer_asn: 64500,
+        peer_address: "10.0.0.300".into(),
+        source_address: Some("2001:db8::1".into()),
+        hold_time: Some("1s".into()),
+        bfd_profile: Some("slow".into()),
+        router_id: Some("2001:db8::1".into()),
+        ..BGPPeerSpec::default()
+    };
+    let errs = peer("tor", &bad).unwrap_err();
+    for want in [
+        "spec.myASN: 0 is not an AS number",
+        "spec.peerAddress: `10.0.0.300` is not an IP address",
+        "spec.routerID: `2001:db8::1` is not an IPv4 address",
+        "spec.holdTime: 1s is too short",
+        "spec.bfdProfile: `slow` is not a BFD profile",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "{want}: {errs:#?}"
+        );
+    }
+    assert_eq!(
+        bfd(Some("50msx4")),
+        Ok(Some(BfdProfile {
+            interval: Duration::from_millis(50),
+            multiplier: 4
+        }))
+    );
+    assert!(bfd(Some("1msx3")).is_err());
+    assert_eq!(bfd(None), Ok(None));
+    let errs = match advertisement(&BGPAdvertisementSpec {
+        aggregation_length: Some(33),
+        aggregation_length_v6: Some(129),
+        communities: vec!["70000:1".into()],
+        large_communities: vec!["1:2".into()],
+        peers: vec!["tor".into()],
+        ..BGPAdvertisementSpec::default()
+    }) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e,
+    };
+    for want in [
+        "spec.aggregationLength: 33 is out of range",
+        "spec.aggregationLengthV6: 129 is out of range",
+        "spec.communities[0]: `70000:1` is not a community",
+        "spec.largeCommunities[0]: `1:2` is not a large community",
+        "spec.peers: announcing to some peers only",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "{want}: {errs:#?}"
+        );
+    }
+}
+
+/// Feeds a listing of everything in `snap` (nodes, pools, BGP resources; no Services).
+fn list(src: &mut Source, snap: &Snapshot) -> Option<model::Desired> {
+    let mut last = None;
+    let mut feed = |i: Input| {
+        if let Some(d) = src.handle(i) {
+            last = Some(d);
+        }
+    };
+    for i in [
+        Input::Service(Event::InitDone),
+        Input::Slice(Event::InitDone),
+        Input::L2(Event::InitDone),
+        Input::Secret(Event::InitDone),
+        Input::Pool(Event::InitDone),
+        Input::BgpAdvertisement(Event::InitDone),
+    ] {
+        feed(i);
+    }
+    feed(Input::Node(Event::Init));
+    for n in snap.nodes.values() {
+        feed(Input::Node(Event::InitApply(n.clone())));
+    }
+    feed(Input::Node(Event::InitDone));
+    feed(Input::BgpPeer(Event::Init));
+    for p in snap.bgp_peers.values() {
+        feed(Input::BgpPeer(Event::InitApply(p.clone())));
+    }
+    feed(Input::BgpPeer(Event::InitDone));
+    last
+}
+
+#[test]
+fn a_bad_edit_keeps_the_last_valid_peer_running_and_is_reported_once() {
+    let mut snap = snapshot();
+    snap.bgp_peers
+        .insert("tor".into(), tor("tor", "10.0.0.254", Vec::new()));
+    let mut src = Source::new(settings()).unwrap();
+    let d = list(&mut src, &snap).expect("published");
+    let running = d.config.bgp.clone().expect("a peer");
+    assert!(src.bgp_problems().is_empty());
+    // a typo in the address: reported, and the session keeps its last valid settings
+    let mut typo = tor("tor", "10.0.0.2544", Vec::new());
+    typo.spec.hold_time = Some("30s".into());
+    assert!(src.handle(Input::BgpPeer(Event::Apply(typo))).is_none());
+    assert_eq!(src.bgp_problems().len(), 1, "{:?}", src.bgp_problems());
+    assert!(
+        src.bgp_problems()[0].starts_with("BGPPeer/tor: spec.peerAddress: `10.0.0.2544`"),
+        "{:?}",
+        src.bgp_problems()
+    );
+    assert!(src.bgp_problems()[0].ends_with("(the last valid version stays in force)"));
+    // fixed: the new settings apply
+    let mut fixed = tor("tor", "10.0.0.253", Vec::new());
+    fixed.spec.hold_time = Some("30s".into());
+    let d = src
+        .handle(Input::BgpPeer(Event::Apply(fixed)))
+        .expect("changed");
+    let now = d.config.bgp.clone().unwrap();
+    assert_ne!(now, running);
+    assert_eq!(now.peers[0].hold_time, Duration::from_secs(30));
+    assert!(src.bgp_problems().is_empty());
+    // a new peer that is bad from the start is left out
+    let d = src.handle(Input::BgpPeer(Event::Apply(tor("bad", "nope", Vec::new()))));
+    assert!(d.is_none(), "nothing changes");
+    assert!(src.bgp_problems()[0].starts_with("BGPPeer/bad: spec.peerAddress"));
+}
