@@ -17,6 +17,7 @@
 #   sudo ROUNDS=0 bench/lb.sh                 # the failure scenario only
 #   PORTICO_BIN=target/release/portico        # default; built with cargo build --release -p portico
 #   sudo ONLY="direct kernel" MODES="close" bench/lb.sh   # a row filter: systems and modes
+#   sudo SHARED_PORT=1 bench/lb.sh           # the kernel path uses backend port 80 as the proxies do
 #   sudo CT_TIME_WAIT=10 bench/lb.sh         # conntrack's TCP time-wait timeout in the node
 #   sudo DIAG=1 bench/lb.sh                   # per row: conntrack -S deltas, conntrack -C and
 #                                             # nf_conntrack_max (node), SYN retransmits (client),
@@ -131,6 +132,7 @@ http {
   keepalive_requests 1000000;
   server {
     listen 80 backlog=4096 reuseport;
+    listen 81 backlog=4096 reuseport;
     root $d/www;
   }
 }
@@ -188,7 +190,16 @@ fi
 
 # --- portico: proxy with 1 and 2 workers, kernel path ------------------------------------------
 portico_config() { # NAME WORKERS HTTP_PORT IPERF_PORT ADMIN_PORT [FORWARDING]
-  local fwd=""
+  local fwd="" BE_PORT=80
+  # The kernel path SNATs to the node's address and keeps the client's source port, so its
+  # flows reach a backend as node:client-port -> backend:80, the same 4-tuples the proxies'
+  # own connections from the node use. nginx closes first (TIME_WAIT on the backend), and a
+  # SYN that lands on a TIME_WAIT socket left by another sender's connection carries an
+  # unrelated TCP timestamp: PAWS rejects it (TcpExtPAWSTimewait on the backend), the client
+  # retransmits the SYN a second later. Measured with DIAG=1: 2,131 client SYN retransmits in
+  # one 10 s `Connection: close` kernel row right after the proxy rows, none for the others.
+  # Port 81 keeps the kernel path's backend 4-tuples apart from the proxies'.
+  [[ ${6:-} == kernel && -z ${SHARED_PORT:-} ]] && BE_PORT=81
   [[ -n ${6:-} ]] && fwd="    forwarding: $6"
   cat >"$WORK/portico-$1.yaml" <<PT
 node: {name: bench}
@@ -199,8 +210,8 @@ services:
     vips: [$VIP]
     ports: [{name: http, port: $3}]
     backends:
-      - {name: be1, address: $BE1_IP, port: 80}
-      - {name: be2, address: $BE2_IP, port: 80}
+      - {name: be1, address: $BE1_IP, port: $BE_PORT}
+      - {name: be2, address: $BE2_IP, port: $BE_PORT}
     balance: round-robin
     health_check: {type: tcp, interval: 100ms, timeout: 100ms, rise: 1, fall: 1}
 $fwd
