@@ -151,8 +151,8 @@ impl Kernel {
     /// Whether this node can run the kernel path: it can program nftables (root, libnftables
     /// or `nft`, nf_tables: the kernel checks a table replacement without applying it, so
     /// nothing changes) and forwards IPv4 (`net.ipv4.ip_forward`; DNAT to a backend on another
-    /// host is forwarding, and with it off the kernel drops every such packet). The caller
-    /// logs an error with the reason `kernelUnavailable` and proxies every service. IPv6
+    /// host is forwarding, and with it off the kernel drops every such packet). The binary
+    /// logs a refusal with the reason `kernelUnavailable` and proxies every service. IPv6
     /// forwarding off is logged here (reason `ipv6ForwardingOff`) but does not fail the
     /// probe: it matters only to services with IPv6 backends on other hosts.
     pub async fn probe(&self) -> Result<(), Error> {
