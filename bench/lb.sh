@@ -16,6 +16,12 @@
 #   sudo ROUNDS=1 DURATION=3 bench/lb.sh      # quick look
 #   sudo ROUNDS=0 bench/lb.sh                 # the failure scenario only
 #   PORTICO_BIN=target/release/portico        # default; built with cargo build --release -p portico
+#   sudo ONLY="direct kernel" MODES="close" bench/lb.sh   # a row filter: systems and modes
+#   sudo SHARED_PORT=1 bench/lb.sh           # the kernel path uses backend port 80 as the proxies do
+#   sudo CT_TIME_WAIT=10 bench/lb.sh         # conntrack's TCP time-wait timeout in the node
+#   sudo DIAG=1 bench/lb.sh                   # per row: conntrack -S deltas, conntrack -C and
+#                                             # nf_conntrack_max (node), SYN retransmits (client),
+#                                             # TIME_WAIT sockets (be1)
 #
 # Addresses exist only inside the namespaces this script creates (pp-*-PID); every namespace
 # and process is removed on exit (trap), whatever happened.
@@ -29,6 +35,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 PORTICO_BIN=${PORTICO_BIN:-$TARGET/release/portico}
 FAILURE=${FAILURE:-1}
+ONLY=${ONLY:-}
+MODES=${MODES:-keepalive close c$MANY iperf3}
+DIAG=${DIAG:-0}
 
 if [[ $(id -u) != 0 ]]; then
   echo "skipped: needs root (network namespaces)" >&2
@@ -90,6 +99,12 @@ inns $CL ip route add default via 10.211.0.1
 inns $BE1 ip route add default via 10.211.1.1
 inns $BE2 ip route add default via 10.211.2.1
 inns $NODE sysctl -qw net.ipv4.ip_forward=1
+# CT_TIME_WAIT=S: conntrack's TCP time-wait timeout in the node (default 120 s), to test whether
+# tracked TIME_WAIT entries limit new connections
+if [[ -n ${CT_TIME_WAIT:-} ]]; then
+  inns $NODE modprobe nf_conntrack 2>/dev/null || true
+  inns $NODE sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_time_wait="$CT_TIME_WAIT"
+fi
 inns $NODE ip addr add $VIP/32 dev lo
 for ns in $CL $NODE $BE1 $BE2; do
   inns "$ns" sysctl -qw net.ipv4.ip_local_port_range="10000 65000"
@@ -117,6 +132,7 @@ http {
   keepalive_requests 1000000;
   server {
     listen 80 backlog=4096 reuseport;
+    listen 81 backlog=4096 reuseport;
     root $d/www;
   }
 }
@@ -174,7 +190,16 @@ fi
 
 # --- portico: proxy with 1 and 2 workers, kernel path ------------------------------------------
 portico_config() { # NAME WORKERS HTTP_PORT IPERF_PORT ADMIN_PORT [FORWARDING]
-  local fwd=""
+  local fwd="" BE_PORT=80
+  # The kernel path SNATs to the node's address and keeps the client's source port, so its
+  # flows reach a backend as node:client-port -> backend:80, the same 4-tuples the proxies'
+  # own connections from the node use. nginx closes first (TIME_WAIT on the backend), and a
+  # SYN that lands on a TIME_WAIT socket left by another sender's connection carries an
+  # unrelated TCP timestamp: PAWS rejects it (TcpExtPAWSTimewait on the backend), the client
+  # retransmits the SYN a second later. Measured with DIAG=1: 2,131 client SYN retransmits in
+  # one 10 s `Connection: close` kernel row right after the proxy rows, none for the others.
+  # Port 81 keeps the kernel path's backend 4-tuples apart from the proxies'.
+  [[ ${6:-} == kernel && -z ${SHARED_PORT:-} ]] && BE_PORT=81
   [[ -n ${6:-} ]] && fwd="    forwarding: $6"
   cat >"$WORK/portico-$1.yaml" <<PT
 node: {name: bench}
@@ -185,8 +210,8 @@ services:
     vips: [$VIP]
     ports: [{name: http, port: $3}]
     backends:
-      - {name: be1, address: $BE1_IP, port: 80}
-      - {name: be2, address: $BE2_IP, port: 80}
+      - {name: be1, address: $BE1_IP, port: $BE_PORT}
+      - {name: be2, address: $BE2_IP, port: $BE_PORT}
     balance: round-robin
     health_check: {type: tcp, interval: 100ms, timeout: 100ms, rise: 1, fall: 1}
 $fwd
@@ -241,6 +266,12 @@ PID_kernel=${PT_kernel_PID:-}
 SYSTEMS=(direct proxy1 haproxy1 proxy2 haproxy2)
 ((IPVS)) && SYSTEMS+=(ipvs)
 ((KERNEL)) && SYSTEMS+=(kernel)
+if [[ -n $ONLY ]]; then
+  kept=()
+  for s in "${SYSTEMS[@]}"; do [[ " $ONLY " == *" $s "* ]] && kept+=("$s"); done
+  SYSTEMS=("${kept[@]}")
+fi
+has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 for s in "${SYSTEMS[@]}"; do
   u=URL_$s
   wait_http "${!u}"
@@ -254,6 +285,15 @@ proc_ticks() { # PID -> utime+stime in clock ticks (0 without a pid)
   [[ -n $1 && -r /proc/$1/stat ]] || { echo 0; return; }
   awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"
 }
+# conntrack -S summed over CPUs (node namespace): insert_failed drop early_drop
+ct_stats() {
+  inns $NODE conntrack -S 2>/dev/null | awk '{for (k = 1; k <= NF; k++) {split($k, a, "="); s[a[1]] += a[2]}}
+    END {printf "%d %d %d", s["insert_failed"], s["drop"], s["early_drop"]}'
+}
+# a netstat counter of a namespace (absolute; nstat -s does not touch its history file)
+ns_counter() { inns "$1" nstat -asz "$2" 2>/dev/null | awk -v k="$2" '$1 == k {print $2; f = 1} END {if (!f) print 0}'; }
+DIAGS=$WORK/diag.tsv
+: >"$DIAGS"
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
@@ -262,15 +302,32 @@ wrk_run() {
   local sys=$1 mode=$2
   shift 2
   local u=URL_$sys p=PID_$sys
-  local pt0 mt0 pt1 mt1
+  local pt0 mt0 pt1 mt1 ct0 ct1 syn0 syn1
+  if ((DIAG)); then
+    ct0=$(ct_stats)
+    syn0=$(ns_counter $CL TcpExtTCPSynRetrans)
+  fi
   pt0=$(proc_ticks "${!p}")
   mt0=$(machine_ticks)
   timeout $((DURATION + 30)) ip netns exec $CL wrk -d"${DURATION}s" --latency "$@" "${!u}" >"$WORK/wrk.out" 2>&1 || true
   pt1=$(proc_ticks "${!p}")
   mt1=$(machine_ticks)
-  python3 - "$sys" "$mode" "$((pt1 - pt0))" "$((mt1 - mt0))" "$(load1)" "$(getconf CLK_TCK)" "$WORK/wrk.out" <<'PY' >>"$RESULTS"
+  if ((DIAG)); then
+    ct1=$(ct_stats)
+    syn1=$(ns_counter $CL TcpExtTCPSynRetrans)
+    local count max tw
+    count=$(inns $NODE conntrack -C 2>/dev/null || echo "?")
+    max=$(inns $NODE cat /proc/sys/net/netfilter/nf_conntrack_max 2>/dev/null || echo "?")
+    tw=$(inns $BE1 ss -Htan state time-wait 2>/dev/null | wc -l)
+    read -r a0 b0 c0 <<<"$ct0"
+    read -r a1 b1 c1 <<<"$ct1"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$mode" "$((a1 - a0))" "$((b1 - b0))" "$((c1 - c0))" \
+      "$count" "$max" "$((syn1 - syn0))" "$tw" >>"$DIAGS"
+    tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' >&2
+  fi
+  python3 - "$sys" "$mode" "$((pt1 - pt0))" "$((mt1 - mt0))" "$(load1)" "$(getconf CLK_TCK)" "$WORK/wrk.out" "$ROUND" <<'PY' >>"$RESULTS"
 import re, sys
-sysname, mode, pt, mt, load, hz, path = sys.argv[1:]
+sysname, mode, pt, mt, load, hz, path, rnd = sys.argv[1:]
 out = open(path).read()
 def ms(s):
     for suf, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
@@ -285,7 +342,7 @@ errs = sum(map(int, m.groups())) if m else 0
 m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 errs += int(m.group(1)) if m else 0
 per = lambda t: (int(t) * 1000.0 / int(hz)) / n * 1000 if n else float("nan")
-print(f"{sysname}\t{mode}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{per(pt):.3f}\t{per(mt):.3f}\t{errs}\t{load}\t{n}")
+print(f"{sysname}\t{mode}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{per(pt):.3f}\t{per(mt):.3f}\t{errs}\t{load}\t{n}\t{rnd}")
 PY
   tail -1 "$RESULTS" | awk -F'\t' '{printf "  %-9s %-6s %8s req/s p50 %7s ms p99 %7s ms  cpu/1k: proc %6s ms, machine %6s ms  errors %s  load %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' >&2
 }
@@ -299,6 +356,7 @@ iperf_run() { # SYSTEM
 }
 
 for r in $(seq "$ROUNDS"); do
+  ROUND=$r
   echo "round $r/$ROUNDS (load $(load1))" >&2
   order=("${SYSTEMS[@]}")
   if ((r % 2 == 0)); then
@@ -306,10 +364,10 @@ for r in $(seq "$ROUNDS"); do
     for ((k = ${#SYSTEMS[@]} - 1, j = 0; k >= 0; k--, j++)); do order[j]=${SYSTEMS[k]}; done
   fi
   for s in "${order[@]}"; do
-    wrk_run "$s" keepalive -t1 -c"$CONNS"
-    wrk_run "$s" close -t1 -c"$CONNS" -H 'Connection: close'
-    wrk_run "$s" c$MANY -t2 -c"$MANY"
-    iperf_run "$s"
+    if has_mode keepalive; then wrk_run "$s" keepalive -t1 -c"$CONNS"; fi
+    if has_mode close; then wrk_run "$s" close -t1 -c"$CONNS" -H 'Connection: close'; fi
+    if has_mode "c$MANY"; then wrk_run "$s" c$MANY -t2 -c"$MANY"; fi
+    if has_mode iperf3; then iperf_run "$s"; fi
   done
 done
 
@@ -321,6 +379,7 @@ if ((FAILURE)); then
   ((IPVS)) && fail_systems+=(ipvs)
   ((KERNEL)) && fail_systems+=(kernel)
   for s in "${fail_systems[@]}"; do
+    [[ -z $ONLY || " $ONLY " == *" $s "* ]] || continue
     u=URL_$s
     ip netns exec $CL wrk -t1 -c"$CONNS" -d"${DURATION}s" "${!u}" >"$WORK/fail-$s.out" 2>&1 &
     w=$!
@@ -345,11 +404,12 @@ PY
   done
 fi
 
-python3 - "$RESULTS" "$FAILS" "$ROUNDS" "$DURATION" "$CONNS" "$MANY" <<'PY'
+python3 - "$RESULTS" "$FAILS" "$ROUNDS" "$DURATION" "$CONNS" "$MANY" "$DIAGS" <<'PY'
 import math, statistics, sys
 from collections import defaultdict
-path, fails, rounds, dur, conns, many = sys.argv[1:]
+path, fails, rounds, dur, conns, many, diags = sys.argv[1:]
 rows = defaultdict(lambda: defaultdict(list))
+per_round = {}  # (system, mode, round) -> machine cpu/1k
 loads = []
 for line in open(path):
     f = line.rstrip("\n").split("\t")
@@ -360,6 +420,7 @@ for line in open(path):
     for k, v in zip(("rps", "p50", "p99", "cpu", "mcpu", "err"), f[2:8]):
         rows[(s, mode)][k].append(float(v))
     loads.append(float(f[8]))
+    per_round[(s, mode, f[10])] = float(f[6])
 med = lambda s, m, k: statistics.median(rows[(s, m)][k]) if rows[(s, m)][k] else float("nan")
 names = {"direct": "direct", "proxy1": "portico-proxy w1", "proxy2": "portico-proxy w2",
          "haproxy1": "haproxy nbthread 1", "haproxy2": "haproxy nbthread 2", "ipvs": "ipvs (rr, masq)",
@@ -387,6 +448,32 @@ print()
 print(f"{'system':<19} {'iperf3 Gbit/s':>13}")
 for s in systems:
     print(f"{names[s]:<19} {med(s, 'iperf3', 'gbps'):>13.2f}")
+# CPU a path adds per 1,000 requests over direct: the machine-wide busy delta per request of
+# the row minus the same of the direct row of the same round and mode (wrk, nginx and the
+# kernel's own work cost the same per request in both), median over rounds.
+added = defaultdict(list)
+for (s, m, r), v in per_round.items():
+    d = per_round.get(("direct", m, r))
+    if s != "direct" and d is not None and not math.isnan(v) and not math.isnan(d):
+        added[(s, m)].append(v - d)
+if added:
+    print(f"\nadded cpu/1k = machine CPU ms per 1,000 requests minus direct's in the same round and mode (median of rounds); x HA as above")
+    print(f"{'system':<19} " + " ".join(f"{m:>10}" for m in modes) + " " + " ".join(f"{m + ' xHA':>14}" for m in modes))
+    amed = lambda s, m: statistics.median(added[(s, m)]) if added[(s, m)] else float("nan")
+    for s in systems:
+        if s == "direct":
+            continue
+        r = ref.get(s)
+        vals = [amed(s, m) for m in modes]
+        xs = [(amed(s, m) / amed(r, m)) if r and amed(r, m) and not math.isnan(amed(r, m)) else float("nan") for m in modes]
+        f1 = lambda v, w: f"{v:>{w}.2f}" if not math.isnan(v) else f"{'-':>{w}}"
+        print(f"{names[s]:<19} " + " ".join(f1(v, 10) for v in vals) + " " + " ".join(f1(x, 14) for x in xs))
+dl = [l.rstrip("\n").split("\t") for l in open(diags)] if diags else []
+if dl:
+    print("\ndiagnostics per row (DIAG=1): conntrack -S deltas in the node, conntrack -C / nf_conntrack_max after the row, client TcpExtTCPSynRetrans delta, be1 TIME_WAIT sockets")
+    print(f"{'system':<19} {'mode':<9} {'ins_failed':>10} {'drop':>6} {'early_drop':>10} {'entries':>8} {'max':>7} {'SYN rtx':>7} {'be1 TW':>7}")
+    for s, m, a, b, c, n, mx, syn, tw in dl:
+        print(f"{names[s]:<19} {m:<9} {a:>10} {b:>6} {c:>10} {n:>8} {mx:>7} {syn:>7} {tw:>7}")
 fl = [l.rstrip("\n").split("\t") for l in open(fails)] if fails else []
 if fl:
     print("\nfailure: be2's nginx killed (SIGKILL) 3 s into a wrk run; failed = non-2xx + socket errors")

@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{BackendLabels, KindLabels, Metrics};
+use crate::metrics::{BackendLabels, EngineLabels, KindLabels, Metrics};
 use crate::nft::{self, NftError};
 use crate::plan::{self, Batch, PlanError, Ruleset, Target};
 
@@ -36,6 +36,12 @@ pub enum Error {
     /// The plan could not be built.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// IPv4 forwarding is off: DNAT to a backend on another host would be dropped.
+    #[error(
+        "net.ipv4.ip_forward is {0} here (the kernel path forwards to backends on other hosts; \
+         enable it with `sysctl -w net.ipv4.ip_forward=1`, and net.ipv6.conf.all.forwarding for IPv6)"
+    )]
+    Forwarding(String),
 }
 
 /// Tunables of the kernel path.
@@ -94,6 +100,8 @@ pub struct Applied {
     pub slots: usize,
     /// Time nft took.
     pub took: Duration,
+    /// Time from the change received to nft called (planning and diffing).
+    pub planned: Duration,
 }
 
 fn empty_config() -> Config {
@@ -118,9 +126,16 @@ fn served(config: &Config) -> BTreeMap<BackendKey, (Vec<Target>, Duration)> {
 impl Kernel {
     /// A kernel path registering its metrics under `portico_kernel` in the root `registry`.
     pub fn new(registry: &mut Registry, opts: Options) -> Self {
+        let metrics = Metrics::register(registry);
+        metrics
+            .engine
+            .get_or_create(&EngineLabels {
+                engine: nft::engine().0.as_str().to_string(),
+            })
+            .set(1);
         Self {
             opts,
-            metrics: Metrics::register(registry),
+            metrics,
             state: Arc::new(Mutex::new(State::default())),
             synced: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
@@ -133,9 +148,23 @@ impl Kernel {
         self.synced.subscribe()
     }
 
-    /// Whether this node can program nftables (root, `nft` installed, nf_tables): the kernel
-    /// checks a table replacement without applying it (`nft -c`), so nothing changes.
+    /// Whether this node can run the kernel path: it can program nftables (root, libnftables
+    /// or `nft`, nf_tables: the kernel checks a table replacement without applying it, so
+    /// nothing changes) and forwards IPv4 (`net.ipv4.ip_forward`; DNAT to a backend on another
+    /// host is forwarding, and with it off the kernel drops every such packet). The binary
+    /// logs a refusal with the reason `kernelUnavailable` and proxies every service. IPv6
+    /// forwarding off is logged here (reason `ipv6ForwardingOff`) but does not fail the
+    /// probe: it matters only to services with IPv6 backends on other hosts.
     pub async fn probe(&self) -> Result<(), Error> {
+        let (engine, why) = nft::engine();
+        tracing::info!(
+            engine = engine.as_str(),
+            "kernel path: nft commands run through the {}: {why}",
+            match engine {
+                nft::Engine::Library => "library",
+                nft::Engine::Command => "nft binary (nft -f - per batch)",
+            }
+        );
         let rs = plan::plan(&empty_config(), &HealthView::new(), self.opts.table_size)?;
         let mut text = format!(
             "add table inet {t}\ndelete table inet {t}\n",
@@ -143,6 +172,18 @@ impl Kernel {
         );
         text.push_str(&rs.structure);
         nft::check(&text).await?;
+        let v4 = sys::sysctl_read("net/ipv4/ip_forward").unwrap_or_else(|e| e.to_string());
+        if v4 != "1" {
+            return Err(Error::Forwarding(v4));
+        }
+        if sys::sysctl_read("net/ipv6/conf/all/forwarding").is_ok_and(|v| v != "1") {
+            tracing::warn!(
+                reason = "ipv6ForwardingOff",
+                "kernel path: net.ipv6.conf.all.forwarding is 0 here: IPv6 kernel-path services \
+                 reach only backends on this host; enable it with \
+                 `sysctl -w net.ipv6.conf.all.forwarding=1`"
+            );
+        }
         Ok(())
     }
 
@@ -166,6 +207,7 @@ impl Kernel {
         config: Arc<Config>,
         health: Arc<HealthView>,
     ) -> Result<Applied, Error> {
+        let received = Instant::now();
         let mut st = self.state.lock().await;
         let now = Instant::now();
         let new_served = served(&config);
@@ -194,21 +236,26 @@ impl Kernel {
         st.config = Some(config.clone());
         st.health = health.clone();
         let rs = plan::plan(&config, &health, self.opts.table_size)?;
-        self.send(&mut st, rs).await
+        self.send(&mut st, rs, received).await
     }
 
-    async fn send(&self, st: &mut State, rs: Ruleset) -> Result<Applied, Error> {
+    async fn send(&self, st: &mut State, rs: Ruleset, received: Instant) -> Result<Applied, Error> {
         let Some(batch) = plan::diff(st.applied.as_ref(), &rs) else {
             return Ok(Applied {
                 kind: "none",
                 slots: 0,
                 took: Duration::ZERO,
+                planned: received.elapsed(),
             });
         };
         let started = Instant::now();
+        let planned = started - received;
         let result = nft::apply(batch.text()).await;
         let took = started.elapsed();
         self.metrics.batch_seconds.observe(took.as_secs_f64());
+        self.metrics
+            .update_seconds
+            .observe(received.elapsed().as_secs_f64());
         if let Err(e) = result {
             self.metrics.batch_errors.inc();
             st.applied = None;
@@ -224,17 +271,12 @@ impl Kernel {
             Batch::Elements { slots, .. } => *slots,
             Batch::Replace(_) => rs.maps.values().map(Vec::len).sum(),
         };
-        tracing::debug!(
-            kind = batch.kind(),
-            slots,
-            ?took,
-            "kernel path: batch applied"
-        );
         st.applied = Some(rs);
         Ok(Applied {
             kind: batch.kind(),
             slots,
             took,
+            planned,
         })
     }
 
@@ -378,7 +420,14 @@ impl Kernel {
         match r {
             Ok(a) => {
                 if a.kind != "none" {
-                    tracing::info!(kind = a.kind, slots = a.slots, took = ?a.took, "kernel path applied");
+                    tracing::info!(
+                        kind = a.kind,
+                        slots = a.slots,
+                        engine = nft::engine().0.as_str(),
+                        plan_us = a.planned.as_micros() as u64,
+                        nft_us = a.took.as_micros() as u64,
+                        "kernel path applied"
+                    );
                 }
                 false
             }

@@ -17,6 +17,13 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// `{engine}`: `library` (libnftables in-process) or `command` (`nft -f -`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    /// How nft commands run.
+    pub engine: String,
+}
+
 /// The kernel path's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -28,8 +35,12 @@ pub struct Metrics {
     pub batches: Family<KindLabels, Counter>,
     /// Batches nft refused (the table is then replaced whole at the next try).
     pub batch_errors: Counter,
-    /// Time to apply one batch (`nft -f -` start to exit).
+    /// Time to apply one batch (the nft call: library or `nft -f -` start to exit).
     pub batch_seconds: Histogram,
+    /// Time from a desired or health change received to its batch applied (plan, diff, nft).
+    pub update_seconds: Histogram,
+    /// 1 for the engine that runs nft commands in this process.
+    pub engine: Family<EngineLabels, Gauge>,
     /// Backends draining (no new flows; established ones until `drain_timeout`).
     pub draining: Gauge,
     /// Drains refused because the bounded drain list was full: their flows were cut at once.
@@ -47,6 +58,8 @@ impl Metrics {
             batches: Family::default(),
             batch_errors: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
+            update_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
+            engine: Family::default(),
             draining: Gauge::default(),
             drains_refused: Counter::default(),
             conntrack_deleted: Counter::default(),
@@ -76,6 +89,16 @@ impl Metrics {
             "batch_seconds",
             "Time to apply one nftables batch",
             m.batch_seconds.clone(),
+        );
+        r.register(
+            "update_seconds",
+            "Time from a desired-state or health change received to its nftables batch applied (plan, diff and the nft call)",
+            m.update_seconds.clone(),
+        );
+        r.register(
+            "nft_engine",
+            "1 for how this process runs nft commands: library (libnftables in-process) or command (nft -f -, when the library is absent)",
+            m.engine.clone(),
         );
         r.register(
             "draining_backends",

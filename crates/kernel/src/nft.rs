@@ -1,15 +1,34 @@
-//! Runs `nft`: one batch per `nft -f -` (nft applies a file as one netlink transaction), and
-//! reads portico's table back as JSON (`nft -j list table inet portico`). Only ever names table
+//! Runs nft commands: one batch per call, applied as one netlink transaction, and reads
+//! portico's table back as JSON (`list table inet portico`). Only ever names table
 //! `inet portico`.
+//!
+//! Two engines, chosen once per process ([`engine`]):
+//! - `library` (preferred): libnftables in-process through `sys::nftables` (`dlopen`, no
+//!   link-time dependency). No fork, exec and dynamic linking of a process per batch: measured
+//!   in `crates/portico/tests/kernel_path.rs`, this is most of a health change's latency. One
+//!   context per network namespace (normally one for the process; tests drive several
+//!   namespaces from one process), created on the calling thread so that its netlink socket is
+//!   in that thread's namespace; calls run on one thread of their own, one at a time
+//!   (libnftables has process-global state), at a raised priority (nice -10) so that a
+//!   health change's batch does not queue for the CPU behind other work on a busy node.
+//! - `command`: `nft -f -` per batch, when the library cannot be loaded, or when the
+//!   environment variable `PORTICO_NFT=command` asks for it (to compare the two).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use sys::nftables::{Ctx, NftablesError, RunOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::plan::TABLE;
+
+/// Most libnftables contexts kept (one per network namespace that ran a batch); the oldest
+/// goes first.
+pub const MAX_CONTEXTS: usize = 8;
 
 /// Errors of running nft.
 #[derive(Debug, thiserror::Error)]
@@ -24,62 +43,222 @@ pub enum NftError {
     /// nft's JSON output could not be read.
     #[error("cannot read nft's JSON output: {0}")]
     Json(String),
+    /// libnftables could not be used (no context, bad input).
+    #[error(transparent)]
+    Library(NftablesError),
+    /// The nft thread could not take or answer the call.
+    #[error("libnftables: {0}")]
+    Task(String),
 }
 
-/// Applies `batch` as one transaction.
-pub async fn apply(batch: &str) -> Result<(), NftError> {
-    run(&["-f", "-"], batch).await
+/// How nft commands are run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// libnftables in-process.
+    Library,
+    /// `nft -f -` per batch.
+    Command,
 }
 
-/// Has the kernel check `batch` without applying it (`nft -c`): nothing changes.
-pub async fn check(batch: &str) -> Result<(), NftError> {
-    run(&["-c", "-f", "-"], batch).await
+impl Engine {
+    /// `library` or `command` (the log word and metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Library => "library",
+            Engine::Command => "command",
+        }
+    }
 }
 
-async fn run(args: &[&str], batch: &str) -> Result<(), NftError> {
+/// The engine of this process and why (decided at the first call).
+pub fn engine() -> (Engine, &'static str) {
+    static ENGINE: OnceLock<(Engine, String)> = OnceLock::new();
+    let (e, why) = ENGINE.get_or_init(|| {
+        if std::env::var("PORTICO_NFT").is_ok_and(|v| v == "command") {
+            return (Engine::Command, "PORTICO_NFT=command".to_string());
+        }
+        match sys::nftables::available() {
+            Ok(()) => (
+                Engine::Library,
+                format!("{} loaded in-process", sys::nftables::LIBRARY),
+            ),
+            Err(e) => (Engine::Command, e.to_string()),
+        }
+    });
+    (*e, why.as_str())
+}
+
+/// The network namespace of the calling thread (inode of `/proc/thread-self/ns/net`).
+fn netns() -> u64 {
+    std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
+}
+
+type Shared = Arc<Mutex<Ctx>>;
+
+/// The context of the calling thread's network namespace, created here when missing.
+fn context() -> Result<Shared, NftError> {
+    static CONTEXTS: Mutex<Vec<(u64, Shared)>> = Mutex::new(Vec::new());
+    let ns = netns();
+    let mut all = CONTEXTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, c)) = all.iter().find(|(n, _)| *n == ns) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(Mutex::new(Ctx::new().map_err(NftError::Library)?));
+    if all.len() >= MAX_CONTEXTS {
+        all.remove(0);
+    }
+    all.push((ns, c.clone()));
+    Ok(c)
+}
+
+/// Runs `commands` with `opts`; returns what nft printed.
+async fn run(commands: &str, opts: RunOptions) -> Result<String, NftError> {
+    match engine().0 {
+        Engine::Library => {
+            let ctx = context()?;
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            worker()?
+                .try_send(Job {
+                    ctx,
+                    commands: commands.to_string(),
+                    opts,
+                    reply,
+                })
+                .map_err(|_| NftError::Task(format!("more than {QUEUE} nft calls waiting")))?;
+            answer
+                .await
+                .map_err(|_| NftError::Task("the nft thread ended".to_string()))?
+                .map_err(|e| match e {
+                    NftablesError::Refused(t) => NftError::Failed(first_lines(&t)),
+                    e => NftError::Library(e),
+                })
+        }
+        Engine::Command => run_command(commands, opts).await,
+    }
+}
+
+/// Most nft calls waiting for the nft thread (the driver makes one at a time; a full queue
+/// fails the call, which the driver counts and retries).
+const QUEUE: usize = 16;
+
+/// Nice value of the nft thread: a health change waits for its batch, so on a busy node the
+/// batch should not wait behind batch jobs for the CPU.
+const NICE: i32 = -10;
+
+/// One libnftables call for the nft thread.
+struct Job {
+    ctx: Shared,
+    commands: String,
+    opts: RunOptions,
+    reply: tokio::sync::oneshot::Sender<Result<String, NftablesError>>,
+}
+
+/// The thread that runs every libnftables call of the process, one at a time (the library has
+/// process-global state), at nice [`NICE`] when allowed.
+fn worker() -> Result<&'static std::sync::mpsc::SyncSender<Job>, NftError> {
+    static WORKER: OnceLock<Result<std::sync::mpsc::SyncSender<Job>, String>> = OnceLock::new();
+    WORKER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+            std::thread::Builder::new()
+                .name("portico-nft".to_string())
+                .spawn(move || {
+                    if let Err(e) = sys::set_thread_nice(NICE) {
+                        tracing::info!(error = %e, "kernel path: the nft thread keeps the default priority");
+                    }
+                    for job in rx {
+                        let mut ctx = job.ctx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let _ = job.reply.send(ctx.run(&job.commands, job.opts));
+                    }
+                })
+                .map(|_| tx)
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| NftError::Task(format!("cannot start the nft thread: {e}")))
+}
+
+/// First lines only: a failed element batch echoes the whole line.
+fn first_lines(err: &str) -> String {
+    err.trim().lines().take(4).collect::<Vec<_>>().join(" | ")
+}
+
+async fn run_command(commands: &str, opts: RunOptions) -> Result<String, NftError> {
+    let mut args = Vec::new();
+    if opts.dry_run {
+        args.push("-c");
+    }
+    if opts.json {
+        // `nft -j -f -` prints nothing for list commands: they go on the command line (one
+        // command, words without quoting, as the list commands here are)
+        args.push("-j");
+        args.extend(commands.split_whitespace());
+    } else {
+        args.extend(["-f", "-"]);
+    }
     let mut child = Command::new("nft")
-        .args(args)
+        .args(&args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(NftError::Spawn)?;
     let mut stdin = child.stdin.take().expect("piped stdin");
-    let write = stdin.write_all(batch.as_bytes()).await;
+    let write = stdin.write_all(commands.as_bytes()).await;
     drop(stdin);
     let out = child.wait_with_output().await.map_err(NftError::Spawn)?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let err = err.trim();
-        return Err(NftError::Failed(if err.is_empty() {
+        return Err(NftError::Failed(if err.trim().is_empty() {
             format!("{}: {:?}", out.status, write.err())
         } else {
-            // first lines only: a failed element batch echoes the whole line
-            err.lines().take(4).collect::<Vec<_>>().join(" | ")
+            first_lines(&err)
         }));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Applies `batch` as one transaction.
+pub async fn apply(batch: &str) -> Result<(), NftError> {
+    run(batch, RunOptions::default()).await.map(drop)
+}
+
+/// Has the kernel check `batch` without applying it (`nft -c`): nothing changes.
+pub async fn check(batch: &str) -> Result<(), NftError> {
+    run(
+        batch,
+        RunOptions {
+            dry_run: true,
+            json: false,
+        },
+    )
+    .await
+    .map(drop)
+}
+
+/// Runs a list command with JSON output and parses it.
+async fn list_json(command: &str) -> Result<serde_json::Value, NftError> {
+    let out = run(
+        command,
+        RunOptions {
+            dry_run: false,
+            json: true,
+        },
+    )
+    .await?;
+    serde_json::from_str(&out).map_err(|e| NftError::Json(e.to_string()))
 }
 
 /// `nft -j list table inet portico` parsed, or `None` when the table does not exist.
 pub async fn list() -> Result<Option<serde_json::Value>, NftError> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(NftError::Spawn)?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("No such file or directory") {
-            return Ok(None);
-        }
-        return Err(NftError::Failed(err.trim().to_string()));
+    match list_json(&format!("list table inet {TABLE}")).await {
+        Ok(v) => Ok(Some(v)),
+        Err(NftError::Failed(e)) if e.contains("No such file or directory") => Ok(None),
+        Err(e) => Err(e),
     }
-    serde_json::from_slice(&out.stdout)
-        .map(Some)
-        .map_err(|e| NftError::Json(e.to_string()))
 }
 
 /// What a read-back table holds, in the shapes the plan uses.
@@ -145,18 +324,6 @@ pub async fn read() -> Result<Option<Table>, NftError> {
 
 /// The named counters of the table: `nft -j list counters table inet portico`.
 pub async fn counters() -> Result<BTreeMap<String, (u64, u64)>, NftError> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "counters", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(NftError::Spawn)?;
-    if !out.status.success() {
-        return Err(NftError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| NftError::Json(e.to_string()))?;
+    let v = list_json(&format!("list counters table inet {TABLE}")).await?;
     Ok(parse_table(&v).counters)
 }

@@ -600,3 +600,49 @@ fn a_backend_change_moves_at_most_its_share_of_udp_flows() {
         k.stop().await.unwrap();
     });
 }
+
+/// The probe refuses the kernel path while IPv4 forwarding is off in the node's namespace (a
+/// new namespace starts with it off) and accepts it once on; it changes no table either way.
+#[test]
+fn the_probe_needs_ipv4_forwarding() {
+    if !usable() {
+        return;
+    }
+    let lab = Lab::new("pr", 0);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=0",
+    ]);
+    on_node(&lab, || async {
+        let k = Kernel::new(&mut Registry::default(), Options::default());
+        let e = k.probe().await.expect_err("forwarding is off");
+        assert!(matches!(e, kernel::driver::Error::Forwarding(_)), "{e}");
+        assert!(e.to_string().contains("net.ipv4.ip_forward=1"), "{e}");
+        assert!(
+            nft::read().await.unwrap().is_none(),
+            "a probe creates no table"
+        );
+    });
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    on_node(&lab, || async {
+        let k = Kernel::new(&mut Registry::default(), Options::default());
+        k.probe().await.expect("forwarding on");
+        assert!(
+            nft::read().await.unwrap().is_none(),
+            "a probe creates no table"
+        );
+    });
+}

@@ -80,18 +80,8 @@ pub async fn serve(
     // The kernel path (nftables) runs when this node can program it; otherwise every service
     // is proxied and `/status` says `kernelUnavailable`.
     let kernel = kernel::Kernel::new(&mut registry, kernel::Options::default());
+    // The probe checks nftables and IPv4 forwarding (kernel::Kernel::probe).
     let kernel_path = match kernel.probe().await {
-        // DNAT to a backend on another host is forwarding: with it off the kernel drops
-        // every such packet, so the proxy serves instead (Kubernetes nodes have it on)
-        Ok(()) if !ip_forwarding_on() => {
-            info!(
-                reason = "kernelUnavailable",
-                "kernel path unavailable, services use the proxy: net.ipv4.ip_forward is 0 here \
-                 (the kernel path forwards to backends on other hosts; enable it with \
-                 `sysctl -w net.ipv4.ip_forward=1`, and net.ipv6.conf.all.forwarding for IPv6)"
-            );
-            false
-        }
         Ok(()) => true,
         Err(e) => {
             info!(
@@ -711,12 +701,6 @@ pub fn parse_admin_url(s: &str) -> Result<SocketAddr, String> {
     t.parse().map_err(|_| {
         format!("`{s}` is not an admin address; write e.g. 127.0.0.1:9440 or http://127.0.0.1:9440")
     })
-}
-
-/// Whether this host forwards IPv4 (`net.ipv4.ip_forward`), which the kernel path needs to
-/// reach backends on other hosts.
-fn ip_forwarding_on() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
 }
 
 /// Publishes readiness: the first configuration applied, no component down, and the kernel

@@ -248,6 +248,20 @@ fn backend_via_vip(lab: &Lab) -> Option<String> {
     })
 }
 
+/// The median the test asserts for check result → batch applied with libnftables, in
+/// seconds (issue 11's target; see the assertion for the figures).
+const ASSERTED_MEDIAN: f64 = 0.050;
+/// The maximum the test asserts (3× the largest measured).
+const ASSERTED_MAX: f64 = 0.150;
+
+/// A numeric `key=value` field of a log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
+        .parse()
+        .ok()
+}
+
 /// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-…T16:09:43.123456Z`).
 fn stamp(line: &str) -> Option<f64> {
     let t = line.split_whitespace().next()?.split_once('T')?.1;
@@ -339,7 +353,9 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
     // one batch; the time from the check result to the applied batch comes from the log
     let b2 = lab.names[3].clone();
     let mut figures = Vec::new();
-    for round in 0..5 {
+    let mut nft_us = Vec::new();
+    let mut engines = std::collections::BTreeSet::new();
+    for round in 0..10 {
         while p.logs.try_recv().is_ok() {}
         sh(&[
             "ip",
@@ -363,17 +379,24 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         wait_for("b2 back in the map", 10, || {
             (map_backends(&lab)?.len() == 2).then_some(())
         });
-        // pair each health change with the next kernel batch
+        // pair each kernel batch with the first health change it carries (a batch applies
+        // every change since the previous one: the first waited longest)
         let lines: Vec<String> = p.logs.try_iter().collect();
         let mut checked: Option<f64> = None;
         for l in &lines {
             if l.contains("backend health changed") && l.contains("service=web") {
-                checked = stamp(l);
+                checked = checked.or_else(|| stamp(l));
             } else if l.contains("kernel path applied")
                 && l.contains("kind=\"elements\"")
                 && let (Some(c), Some(a)) = (checked.take(), stamp(l))
             {
                 figures.push(a - c);
+                if let Some(us) = field(l, "nft_us") {
+                    nft_us.push(us);
+                }
+                if let Some(e) = l.split("engine=").nth(1) {
+                    engines.insert(e.split_whitespace().next().unwrap_or("").to_string());
+                }
             }
         }
         assert!(
@@ -382,17 +405,40 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         );
     }
     figures.sort_by(f64::total_cmp);
+    nft_us.sort_unstable();
     println!(
-        "check result → nft batch applied (portico's log stamps), {} changes: min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        "check result → nft batch applied (portico's log stamps), {} changes, engine {engines:?}: \
+         min {:.1} ms, median {:.1} ms, max {:.1} ms; of which the nft call: median {:.1} ms, max {:.1} ms",
         figures.len(),
         figures[0] * 1e3,
         figures[figures.len() / 2] * 1e3,
-        figures[figures.len() - 1] * 1e3
+        figures[figures.len() - 1] * 1e3,
+        nft_us.get(nft_us.len() / 2).copied().unwrap_or(0) as f64 / 1e3,
+        nft_us.last().copied().unwrap_or(0) as f64 / 1e3,
     );
-    // The target is 50 ms (issue 11); on this shared 2-core machine the median was 35-41 ms
-    // alone and above 50 ms under the whole suite's load, so the test asserts a margin that
-    // only a regression (whole-table batches, polling) breaks, and prints the figure.
-    assert!(figures[figures.len() / 2] < 0.100, "{figures:?}");
+    // In-process libnftables unless the library is missing or PORTICO_NFT=command asks for
+    // the nft binary (to compare the two).
+    let want = if sys::nftables::available().is_ok()
+        && std::env::var("PORTICO_NFT").map_or(true, |v| v != "command")
+    {
+        "\"library\""
+    } else {
+        "\"command\""
+    };
+    assert_eq!(engines, [want.to_string()].into(), "engine used");
+    // Issue 11: within 50 ms of the check result. Measured here (shared 2-core VM, load 8,
+    // 20 changes per run): libnftables in-process median 12-17 ms, max 33-45 ms; `nft -f -`
+    // median 52-65 ms, max 78-113 ms. Asserted with a margin for a loaded CI machine; the
+    // median bound fails with the nft binary per batch, which is why it is the library's.
+    let (median, max) = (figures[figures.len() / 2], figures[figures.len() - 1]);
+    if want == "\"library\"" {
+        assert!(
+            median < ASSERTED_MEDIAN && max < ASSERTED_MAX,
+            "{figures:?}"
+        );
+    } else {
+        assert!(median < 0.100, "{figures:?}");
+    }
 
     // the per-backend counters reach /metrics (read every 5 s)
     wait_for("kernel counters in /metrics", 15, || {
