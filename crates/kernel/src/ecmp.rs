@@ -44,16 +44,14 @@
 //! reached through a router gets a copy the router forwards by its own hash (TTL 254 then:
 //! treated as a normal segment, bounded by the TTL).
 //!
-//! Each render creates, deletes and re-creates the tables in one `nft -f -` transaction, so
-//! other tables are never touched and stale state is repaired; counters restart at zero then
-//! (the driver accounts for that).
+//! Each render creates, deletes and re-creates the tables in one nft transaction (the kernel
+//! path's engine: libnftables in-process, or `nft -f -`), so other tables are never touched and
+//! stale state is repaired; counters restart at zero then (the driver accounts for that).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::time::Duration;
 
-use tokio::io::AsyncWriteExt as _;
-use tokio::process::Command;
+use crate::nft::NftError;
 
 /// The tables' name (one per family, `ip` and `ip6`).
 pub const TABLE: &str = "portico_ecmp";
@@ -163,59 +161,37 @@ pub fn parse_counters(json: &serde_json::Value) -> (u64, u64) {
     (copied, dropped)
 }
 
-/// Applies `script` with `nft -f -` (one transaction), within 10 s.
+/// Applies `script` as one transaction, through the same engine as the kernel path's batches
+/// (libnftables in-process, or `nft -f -` without the library: [`crate::nft::engine`]).
 pub async fn apply(script: &str) -> Result<(), EcmpError> {
-    run(&["-f", "-"], Some(script)).await.map(drop)
+    crate::nft::apply(script).await.map_err(EcmpError::from)
 }
 
 /// The `(copied, dropped)` packet counters of both families' tables (0 for a missing table).
 pub async fn counters() -> Result<(u64, u64), EcmpError> {
     let (mut copied, mut dropped) = (0, 0);
     for family in ["ip", "ip6"] {
-        match run(&["-j", "list", "counters", "table", family, TABLE], None).await {
-            Ok(out) => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+        match crate::nft::list_json(&format!("list counters table {family} {TABLE}")).await {
+            Ok(v) => {
                 let (c, d) = parse_counters(&v);
                 copied += c;
                 dropped += d;
             }
             // no table of this family: nothing counted
-            Err(EcmpError::Refused(e)) if e.contains("No such file") => {}
-            Err(e) => return Err(e),
+            Err(NftError::Failed(e)) if e.contains("No such file") => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok((copied, dropped))
 }
 
-async fn run(args: &[&str], stdin: Option<&str>) -> Result<String, EcmpError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(EcmpError::Spawn)?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .await
-            .map_err(EcmpError::Spawn)?;
-    }
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .map_err(|_| EcmpError::Refused("nft did not finish within 10 s".into()))?
-        .map_err(EcmpError::Spawn)?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(EcmpError::Refused(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+impl From<NftError> for EcmpError {
+    fn from(e: NftError) -> Self {
+        match e {
+            NftError::Spawn(io) => EcmpError::Spawn(io),
+            NftError::Failed(why) => EcmpError::Refused(why),
+            other => EcmpError::Refused(other.to_string()),
+        }
     }
 }
 

@@ -240,7 +240,7 @@ pub async fn check(batch: &str) -> Result<(), NftError> {
 }
 
 /// Runs a list command with JSON output and parses it.
-async fn list_json(command: &str) -> Result<serde_json::Value, NftError> {
+pub(crate) async fn list_json(command: &str) -> Result<serde_json::Value, NftError> {
     let out = run(
         command,
         RunOptions {

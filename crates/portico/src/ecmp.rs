@@ -29,9 +29,9 @@ use tracing::{debug, info, warn};
 
 /// How often the member list is read.
 const POLL: Duration = Duration::from_millis(250);
-/// How often the kernel's counters are read into the metrics. Each read runs `nft` twice, so
-/// not at [`POLL`]'s pace (that was 8 processes a second on every node); a scrape every 15 s
-/// or more sees no difference.
+/// How often the kernel's counters are read into the metrics. Each read is two nft listings
+/// (two processes each time without libnftables), so not at [`POLL`]'s pace; a scrape every
+/// 15 s or more sees no difference.
 const COUNTERS: Duration = Duration::from_secs(2);
 /// How soon a refused script is tried again (unless what is wanted changes).
 const RETRY: Duration = Duration::from_secs(30);
