@@ -21,7 +21,7 @@ use super::*;
 /// The VIP the nodes announce.
 pub(super) const BGP_VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 /// The router's address on the nodes' bridge.
-const ROUTER_IP: &str = "10.77.0.1";
+pub(super) const ROUTER_IP: &str = "10.77.0.1";
 const ROUTER_ASN: u32 = 64500;
 const NODE_ASN: u32 = 64512;
 
@@ -333,6 +333,68 @@ impl BgpRunning {
             }
         }
     }
+}
+
+impl BgpRunning {
+    /// Waits until the router has a BFD session up with every node (no-op without BFD or
+    /// with GoBGP, which has none): a fault before that would be timed by the hold timer.
+    pub(super) async fn wait_bfd_up(&self, lab: &Lab, within: Duration) -> anyhow::Result<()> {
+        if self.system.bfd_ms.is_none() || self.router == "gobgp" {
+            return Ok(());
+        }
+        let until = Instant::now() + within;
+        loop {
+            let up = router_bfd_up(lab, &self.router).await;
+            if up >= lab.nodes {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "{}: the router has {up} BFD sessions up, not {}, after {within:?}",
+                    self.name,
+                    lab.nodes
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// BFD sessions up in the router (BIRD: `show bfd sessions`; FRR: `show bfd peers brief`).
+async fn router_bfd_up(lab: &Lab, router: &str) -> usize {
+    let r = lab.ns_router();
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", &r]);
+    let col = if router == "bird" {
+        cmd.arg("birdc")
+            .arg("-s")
+            .arg(lab.dir.join("bird.ctl"))
+            .args(["show", "bfd", "sessions"]);
+        2
+    } else {
+        cmd.arg("vtysh")
+            .arg("--vty_socket")
+            .arg(lab.dir.join("router"))
+            .args(["-c", "show bfd peers brief"]);
+        3
+    };
+    let Ok(out) = cmd.stdin(Stdio::null()).output().await else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.starts_with("10.77.0.")
+                || l.split_whitespace()
+                    .nth(2)
+                    .is_some_and(|a| a.starts_with("10.77.0.1"))
+        })
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(col)
+                .is_some_and(|w| w.eq_ignore_ascii_case("up"))
+        })
+        .count()
 }
 
 /// The shipped binary's configuration on node `i`.

@@ -9,7 +9,7 @@
 
 use tokio::io::AsyncBufReadExt;
 
-use super::bgp::{BGP_VIP, BgpRunning, node_ip};
+use super::bgp::{BGP_VIP, BgpRunning, ROUTER_IP, node_ip};
 use super::*;
 
 /// Each change of the next hops: when, and the next hops after it (sorted).
@@ -414,6 +414,7 @@ pub(super) async fn round_bgp(
     let node = format!("node-{i}");
     let hop = node_ip(i);
     watch.wait_hops(n, Duration::from_secs(60)).await?;
+    run.wait_bfd_up(lab, Duration::from_secs(30)).await?;
     if scenario == "join" {
         run.stop_node(i).await;
         watch.wait_hops(n - 1, Duration::from_secs(30)).await?;
@@ -495,6 +496,11 @@ pub(super) async fn round_bgp(
     match scenario {
         "power" => {
             sh_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
+            // the link going down took the default route with it
+            sh_in(
+                &ns,
+                &["ip", "route", "replace", "default", "via", ROUTER_IP],
+            )?;
             run.start_backend(lab, i)?;
             run.start_node(lab, i)?;
         }
