@@ -9,8 +9,9 @@
 //!   VIP 10.77.100.1 (port 80: the node's name; port 81: echo, after a hello with the name)
 //! ```
 //! The router forwards, hashes multipath flows by ports (`fib_multipath_hash_policy=1`) and
-//! runs BIRD 2 (`merge paths on`), FRR (zebra + bgpd + bfdd, `maximum-paths 8`) or GoBGP
-//! (gobgpd with zebra installing its routes). Each node runs a backend (`lab backend`) and
+//! runs BIRD 2 (`merge paths on`) or FRR (zebra + bgpd + bfdd, `maximum-paths 8`). GoBGP is
+//! not offered: it has no BFD, and its FIB path is FRR's zebra, whose API in FRR 8.4 the
+//! gobgpd 3.10 here cannot decode (it panics on zebra's messages). Each node runs a backend (`lab backend`) and
 //! either the shipped binary with `announce: bgp` (`portico-*` systems) or FRR's bgpd + bfdd
 //! announcing the VIP from `lo` (`frr-speaker`, the reference). Graceful restart is off on
 //! both speakers, so a session that drops takes its routes with it (see bench/bgp-results.md).
@@ -111,7 +112,6 @@ pub(super) async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     }
     let needs: Vec<&str> = match args.router.as_str() {
         "bird" => vec!["bird"],
-        "gobgp" => vec!["gobgpd", "/usr/lib/frr/zebra"],
         _ => vec![
             "/usr/lib/frr/zebra",
             "/usr/lib/frr/bgpd",
@@ -120,27 +120,7 @@ pub(super) async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     };
     for n in needs {
         if !have(n) {
-            bail!(
-                "--router {} needs {n} (Debian bird2, frr, gobgpd)",
-                args.router
-            );
-        }
-    }
-    if args.router == "gobgp" {
-        let with_bfd: Vec<&String> = args
-            .systems
-            .iter()
-            .filter(|s| BgpSystem::parse(s).is_some_and(|s| s.bfd_ms.is_some()))
-            .collect();
-        if !with_bfd.is_empty() {
-            println!(
-                "GoBGP has no BFD: {} run(s) without BFD on the router's side (the hold timer decides)",
-                with_bfd
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            bail!("--router {} needs {n} (Debian bird2, frr)", args.router);
         }
     }
     if args.systems.iter().any(|s| s == "frr-speaker") && !have("/usr/lib/frr/bgpd") {
@@ -336,10 +316,10 @@ impl BgpRunning {
 }
 
 impl BgpRunning {
-    /// Waits until the router has a BFD session up with every node (no-op without BFD or
-    /// with GoBGP, which has none): a fault before that would be timed by the hold timer.
+    /// Waits until the router has a BFD session up with every node (no-op without BFD): a
+    /// fault before that would be timed by the hold timer.
     pub(super) async fn wait_bfd_up(&self, lab: &Lab, within: Duration) -> anyhow::Result<()> {
-        if self.system.bfd_ms.is_none() || self.router == "gobgp" {
+        if self.system.bfd_ms.is_none() {
             return Ok(());
         }
         let until = Instant::now() + within;
@@ -514,7 +494,7 @@ async fn start_router(lab: &Lab, router: &str, s: &BgpSystem) -> anyhow::Result<
                 ));
             }
             conf.push_str(&format!(
-                "template bgp node {{ local {ROUTER_IP} as {ROUTER_ASN}; hold time {hold}; connect retry time 1; error wait time 1, 5; \
+                "template bgp node {{ local {ROUTER_IP} as {ROUTER_ASN}; hold time {hold}; connect retry time 1; error wait time 1, 1; \
                  ipv4 {{ import all; export none; }}; {bfd} }}\n",
                 hold = s.hold_s,
                 bfd = if s.bfd_ms.is_some() { "bfd on;" } else { "" },
@@ -564,66 +544,7 @@ async fn start_router(lab: &Lab, router: &str, s: &BgpSystem) -> anyhow::Result<
             );
             start_frr(lab, &r, "router", &bgpd, &frr_bfdd(s))?;
         }
-        _ => {
-            // GoBGP keeps its RIB; FRR's zebra installs what it selects (multipath) in the FIB
-            let dir = lab.dir.join("router");
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir)?;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
-            }
-            let d = |n: &str| dir.join(n).display().to_string();
-            std::fs::write(dir.join("zebra.conf"), "hostname r\n")?;
-            lab.spawn_exe(
-                &r,
-                "router-zebra.out",
-                &format!("{FRR}/zebra"),
-                &[
-                    "-i",
-                    &d("zebra.pid"),
-                    "-z",
-                    &d("zserv.api"),
-                    "--vty_socket",
-                    &d(""),
-                    "-f",
-                    &d("zebra.conf"),
-                    "--log",
-                    &format!("file:{}", d("zebra.log")),
-                ],
-            )?;
-            let mut conf = format!(
-                "[global.config]\n  as = {ROUTER_ASN}\n  router-id = \"{ROUTER_IP}\"\n\
-                 [global.use-multiple-paths.config]\n  enabled = true\n\
-                 [zebra.config]\n  enabled = true\n  url = \"unix:{zs}\"\n  version = 6\n  software-name = \"frr8.2\"\n",
-                zs = d("zserv.api"),
-            );
-            for i in 1..=lab.nodes {
-                conf.push_str(&format!(
-                    "[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {NODE_ASN}\n\
-                     \x20 [neighbors.timers.config]\n    connect-retry = 1\n    hold-time = {hold}\n    keepalive-interval = {ka}\n\
-                     \x20 [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"ipv4-unicast\"\n",
-                    node_ip(i),
-                    hold = s.hold_s,
-                    ka = (s.hold_s / 3).max(1),
-                ));
-            }
-            std::fs::write(dir.join("gobgpd.toml"), conf)?;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            lab.spawn_exe(
-                &r,
-                "router-gobgpd.out",
-                "gobgpd",
-                &[
-                    "-f",
-                    &d("gobgpd.toml"),
-                    "-t",
-                    "toml",
-                    "--api-hosts",
-                    "127.0.0.1:50051",
-                ],
-            )?;
-        }
+        _ => bail!("unknown router {router}"),
     }
     Ok(())
 }
@@ -642,49 +563,60 @@ async fn run_all_bgp(lab: &Lab, args: &LabArgs) -> anyhow::Result<(Vec<BgpRound>
     let watch = RouteWatch::start(lab).await?;
     let mut all = Vec::new();
     let r = async {
-        for name in &args.systems {
-            let system = BgpSystem::parse(name).context("system")?;
-            let mut run = BgpRunning {
-                name: name.clone(),
-                system,
-                router: args.router.clone(),
-                speakers: BTreeMap::new(),
-                backends: BTreeMap::new(),
-            };
-            start_router(lab, &args.router, &system).await?;
-            for i in 1..=lab.nodes {
-                run.start_backend(lab, i)?;
-                run.start_node(lab, i)?;
-            }
-            let t = Instant::now();
-            watch
-                .wait_hops(lab.nodes, Duration::from_secs(60))
-                .await
-                .with_context(|| format!("{name}: the router never had a next hop per node"))?;
-            println!(
-                "{name} ({}): {} next hops in the router's FIB {:.1} s after the start",
-                system.timers(),
-                lab.nodes,
-                t.elapsed().as_secs_f64()
-            );
-            for scenario in &args.scenarios {
-                if system.speaker == Speaker::Frr && scenario == "backend" {
-                    println!(
-                        "{name}: backend skipped (FRR announces its network statement whatever the backend does)"
-                    );
-                    continue;
+        // rounds interleave the systems: round 1 of every system, then round 2, …
+        for round in 1..=args.rounds {
+            for name in &args.systems {
+                let system = BgpSystem::parse(name).context("system")?;
+                let mut run = BgpRunning {
+                    name: name.clone(),
+                    system,
+                    router: args.router.clone(),
+                    speakers: BTreeMap::new(),
+                    backends: BTreeMap::new(),
+                };
+                start_router(lab, &args.router, &system).await?;
+                for i in 1..=lab.nodes {
+                    run.start_backend(lab, i)?;
+                    run.start_node(lab, i)?;
                 }
-                for round in 1..=args.rounds {
+                let t = Instant::now();
+                watch
+                    .wait_hops(lab.nodes, Duration::from_secs(60))
+                    .await
+                    .with_context(|| {
+                        format!("{name}: the router never had a next hop per node")
+                    })?;
+                println!(
+                    "{name} ({}): {} next hops in the router's FIB {:.1} s after the start",
+                    system.timers(),
+                    lab.nodes,
+                    t.elapsed().as_secs_f64()
+                );
+                for scenario in &args.scenarios {
+                    if system.speaker == Speaker::Frr && scenario == "backend" {
+                        if round == 1 {
+                            println!(
+                                "{name}: backend skipped (FRR announces its network statement whatever the backend does)"
+                            );
+                        }
+                        continue;
+                    }
                     let r = round_bgp(lab, &mut run, &obs, &held, &watch, scenario, round).await?;
                     println!("{}", r.line());
                     all.push(r);
                 }
+                for i in 1..=lab.nodes {
+                    run.stop_node(i).await;
+                    if system.speaker == Speaker::Frr {
+                        let _ = sh_in(
+                            &lab.ns_node(i),
+                            &["ip", "addr", "del", &format!("{BGP_VIP}/32"), "dev", "lo"],
+                        );
+                    }
+                }
+                lab.stop_all();
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            for i in 1..=lab.nodes {
-                run.stop_node(i).await;
-            }
-            lab.stop_all();
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let cpu = if args.cpu_seconds > 0 {
             Some(cpu_measure(lab, args, &watch).await?)
@@ -741,7 +673,7 @@ async fn cpu_measure(lab: &Lab, args: &LabArgs, watch: &RouteWatch) -> anyhow::R
     let hz = 100.0; // USER_HZ on Linux
     let cpu_s = (c1 - c0) as f64 / hz;
     let out = format!(
-        "CPU and packets of node-1 with BFD 10 ms x 3 ({}, router {}), over {took:.1} s: portico utime+stime {cpu_s:.2} s = {:.1}% of one core; \
+        "CPU and packets of node-1 with BFD 10 ms x 3 ({} nodes, router {}), over {took:.1} s: portico utime+stime {cpu_s:.2} s = {:.1}% of one core; \
          BFD+BGP packets on the router's side of its link: {:.0} received/s, {:.0} sent/s",
         lab.nodes,
         args.router,
@@ -774,8 +706,10 @@ fn count_bfd_bgp(lab: &Lab) -> anyhow::Result<()> {
     let r = lab.ns_router();
     {
         let rules = format!(
-            "table inet lab {{ chain in {{ type filter hook input priority 0; ip saddr {n} udp dport {{3784, 4784}} counter; ip saddr {n} tcp dport 179 counter; ip saddr {n} tcp sport 179 counter; }}\n\
-             chain out {{ type filter hook output priority 0; ip daddr {n} udp dport {{3784, 4784}} counter; ip daddr {n} tcp dport 179 counter; ip daddr {n} tcp sport 179 counter; }} }}",
+            "table inet lab {{\n\
+             chain in {{\n type filter hook input priority 0;\n ip saddr {n} udp dport {{ 3784, 4784 }} counter\n ip saddr {n} tcp dport 179 counter\n ip saddr {n} tcp sport 179 counter\n }}\n\
+             chain out {{\n type filter hook output priority 0;\n ip daddr {n} udp dport {{ 3784, 4784 }} counter\n ip daddr {n} tcp dport 179 counter\n ip daddr {n} tcp sport 179 counter\n }}\n\
+             }}\n",
             n = node_ip(1)
         );
         let mut c = std::process::Command::new("ip")
