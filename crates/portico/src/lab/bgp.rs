@@ -618,29 +618,31 @@ async fn run_all_bgp(lab: &Lab, args: &LabArgs) -> anyhow::Result<(Vec<BgpRound>
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-        let cpu = if args.cpu_seconds > 0 {
-            Some(cpu_measure(lab, args, &watch).await?)
-        } else {
-            None
-        };
-        Ok::<_, anyhow::Error>(cpu)
+        Ok::<_, anyhow::Error>(())
     }
     .await;
+    // the client stops before the CPU measurement: node-1 then only speaks BGP and BFD
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || {
         let _ = prober.join();
         held.join();
     })
     .await;
-    r.map(|cpu| (all, cpu))
+    r?;
+    let cpu = if args.cpu_seconds > 0 {
+        Some(cpu_measure(lab, args, &watch).await?)
+    } else {
+        None
+    };
+    Ok((all, cpu))
 }
 
 /// The held connections: each does a request every 100 ms.
 const HELD_CONNECTIONS: usize = 20;
 
-/// CPU and packets of node-1 with BFD at 10 ms × 3 over `args.cpu_seconds` (probes and held
-/// connections run on: their packets are not on node-1's BGP link counters only if hashed
-/// elsewhere, so they are stopped for the measurement by measuring the BFD/BGP packets only).
+/// CPU and packets of node-1 with BFD at 10 ms × 3 over `args.cpu_seconds`, with no client
+/// traffic (the probes and held connections have stopped); packets are counted for BFD and
+/// BGP only.
 async fn cpu_measure(lab: &Lab, args: &LabArgs, watch: &RouteWatch) -> anyhow::Result<String> {
     let system = BgpSystem::parse("portico-bfd-10ms").context("system")?;
     let mut run = BgpRunning {

@@ -425,6 +425,7 @@ pub(super) async fn round_bgp(
     let (open, open_on_node) = held.open(&node);
     let ns = lab.ns_node(i);
     let mut t0 = Instant::now();
+    let fault_started = t0;
     let mut exited = None;
     match scenario {
         "power" => {
@@ -490,7 +491,13 @@ pub(super) async fn round_bgp(
         (w.len(), (failed, outage))
     };
     let (failed, outage) = failed_at;
-    let (broken_on_node, broken_on_others) = held.broken(t0, settle, &node);
+    // the fault happened between `fault_started` and `t0` (a power loss: inside `ip link set
+    // down`, which can take 100 ms to exit under load); a request sent up to one interval
+    // before it may be the one the fault breaks
+    let from = fault_started
+        .checked_sub(HELD_EVERY)
+        .unwrap_or(fault_started);
+    let (broken_on_node, broken_on_others) = held.broken(from, settle, &node);
     // repair
     let mut exit_ms = None;
     match scenario {
