@@ -37,6 +37,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+mod backend;
 mod bgp;
 mod bgp_rounds;
 mod probe;
@@ -178,7 +179,7 @@ pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
             listen,
             echo,
             hello,
-        }) => return backend(name, listen, echo, hello).await,
+        }) => return backend::backend(name, listen, echo, hello).await,
         Some(Helper::Check { addr }) => {
             let ok = matches!(
                 tokio::time::timeout(
@@ -265,43 +266,6 @@ async fn signalled() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-async fn backend(
-    name: String,
-    listen: SocketAddr,
-    echo: Option<SocketAddr>,
-    hello: bool,
-) -> anyhow::Result<()> {
-    let l = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("backend cannot listen on {listen}"))?;
-    if let Some(addr) = echo {
-        let e = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("echo backend cannot listen on {addr}"))?;
-        let greeting = format!("{name}\n");
-        tokio::spawn(async move {
-            while let Ok((s, _)) = e.accept().await {
-                let greeting = greeting.clone();
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    if hello && w.write_all(greeting.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-    }
-    loop {
-        let (mut s, _) = l.accept().await?;
-        let msg = format!("{name}\n");
-        tokio::spawn(async move {
-            let _ = s.write_all(msg.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
     }
 }
 
