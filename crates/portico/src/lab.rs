@@ -37,6 +37,9 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+mod backend;
+mod bgp;
+mod bgp_rounds;
 mod probe;
 mod report;
 mod rounds;
@@ -52,28 +55,41 @@ use systems::Running;
 pub struct LabArgs {
     #[command(subcommand)]
     helper: Option<Helper>,
+    /// How the VIP reaches the nodes: `l2` (ARP, the failover lab: portico against keepalived)
+    /// or `bgp` (every serving node announces a host route to a router namespace: ECMP, BFD;
+    /// portico against FRR as the reference speaker, see `--router`).
+    #[arg(long, default_value = "l2", value_parser = ["l2", "bgp"])]
+    announce: String,
+    /// `--announce bgp`: the router the nodes peer with: bird (BIRD 2, `merge paths on`) or frr
+    /// (zebra + bgpd + bfdd, `maximum-paths 8`). (GoBGP has no BFD, and gobgpd 3.10 cannot
+    /// drive FRR 8.4's zebra to install its routes, so it is not offered.)
+    #[arg(long, default_value = "bird", value_parser = ["bird", "frr"])]
+    router: String,
+    /// `--announce bgp`: after the rounds, measure node-1's CPU (utime + stime of its portico)
+    /// and the packets/s on the router's side of its link for this many seconds, with BFD at
+    /// 10 ms x 3 (0: off).
+    #[arg(long, default_value_t = 0)]
+    cpu_seconds: u64,
     /// Node namespaces (2-9).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Rounds per scenario.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Scenarios: hard (owner link down + agent SIGKILL), graceful (SIGTERM), partition
-    /// (owner link down, then healed), backends (owner's backend killed; default health
-    /// checks), backends-tuned (the same with tuned checks; portico only), conflict (a forged
-    /// gratuitous ARP claims the VIP for another MAC; portico only).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "hard,graceful,partition,backends,backends-tuned"
-    )]
+    /// Scenarios. `l2` (default: hard,graceful,partition,backends,backends-tuned): hard (owner
+    /// link down + agent SIGKILL), graceful (SIGTERM), partition (owner link down, then
+    /// healed), backends (owner's backend killed; default health checks), backends-tuned (the
+    /// same with tuned checks; portico only), conflict (a forged gratuitous ARP claims the VIP
+    /// for another MAC; portico only). `bgp` (default: power,graceful,backend,join): power
+    /// (a node's link down + SIGKILL), graceful (SIGTERM), backend (the node's backend killed),
+    /// join (a stopped node starts and joins the ECMP set).
+    #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Systems: portico-default, portico-fast, keepalived-1s, keepalived-fastest (advert_int 0.01).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "portico-default,portico-fast,keepalived-1s,keepalived-fastest"
-    )]
+    /// Systems. `l2` (default: all): portico-default, portico-fast, keepalived-1s,
+    /// keepalived-fastest (advert_int 0.01). `bgp` (default: all): portico-bfd (BFD 300 ms x 3),
+    /// portico-bfd-fast (50 ms x 3), portico-nobfd (hold time 3 s), frr-speaker (FRR's bgpd +
+    /// bfdd on each node, 300 ms x 3: the reference speaker).
+    #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// portico: non-preemptive mode (a returning node does not take its VIP back).
     #[arg(long)]
@@ -103,6 +119,9 @@ enum Helper {
         /// Also echo every byte back on this address (the in-flight connection check).
         #[arg(long)]
         echo: Option<SocketAddr>,
+        /// On the echo address, first send NAME and a newline (tells the client its node).
+        #[arg(long)]
+        hello: bool,
     },
     /// Exit 0 if a TCP connection to ADDR succeeds within 500 ms (keepalived's check script).
     #[command(hide = true)]
@@ -153,9 +172,14 @@ fn mac_str(m: &[u8; 6]) -> String {
 }
 
 /// Runs the lab (or one of its hidden helpers).
-pub async fn run(args: LabArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     match args.helper {
-        Some(Helper::Backend { name, listen, echo }) => return backend(name, listen, echo).await,
+        Some(Helper::Backend {
+            name,
+            listen,
+            echo,
+            hello,
+        }) => return backend::backend(name, listen, echo, hello).await,
         Some(Helper::Check { addr }) => {
             let ok = matches!(
                 tokio::time::timeout(
@@ -176,6 +200,30 @@ pub async fn run(args: LabArgs) -> anyhow::Result<()> {
     }
     if !(2..=9).contains(&args.nodes) {
         bail!("--nodes must be 2-9");
+    }
+    if args.announce == "bgp" {
+        return bgp::run(args).await;
+    }
+    if args.scenarios.is_empty() {
+        args.scenarios = [
+            "hard",
+            "graceful",
+            "partition",
+            "backends",
+            "backends-tuned",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
+    if args.systems.is_empty() {
+        args.systems = [
+            "portico-default",
+            "portico-fast",
+            "keepalived-1s",
+            "keepalived-fastest",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     for s in &args.scenarios {
         if !SCENARIOS.contains(&s.as_str()) {
@@ -218,33 +266,6 @@ async fn signalled() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-async fn backend(name: String, listen: SocketAddr, echo: Option<SocketAddr>) -> anyhow::Result<()> {
-    let l = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("backend cannot listen on {listen}"))?;
-    if let Some(addr) = echo {
-        let e = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("echo backend cannot listen on {addr}"))?;
-        tokio::spawn(async move {
-            while let Ok((s, _)) = e.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-    }
-    loop {
-        let (mut s, _) = l.accept().await?;
-        let msg = format!("{name}\n");
-        tokio::spawn(async move {
-            let _ = s.write_all(msg.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
     }
 }
 
@@ -327,7 +348,8 @@ impl Lab {
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
-    fn create(nodes: usize, keep_logs: bool) -> anyhow::Result<Self> {
+    /// A lab with no namespaces yet: its prefix and log directory.
+    fn empty(nodes: usize, keep_logs: bool) -> anyhow::Result<Self> {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_micros())
@@ -335,14 +357,18 @@ impl Lab {
         let prefix = format!("pl{}{}", std::process::id() % 10000, nonce % 100);
         let dir = std::env::temp_dir().join(format!("portico-lab-{prefix}"));
         std::fs::create_dir_all(&dir)?;
-        let lab = Lab {
+        Ok(Lab {
             prefix,
             nodes,
             dir,
             keep_logs,
             made: Mutex::new(Vec::new()),
             procs: Mutex::new(Vec::new()),
-        };
+        })
+    }
+
+    fn create(nodes: usize, keep_logs: bool) -> anyhow::Result<Self> {
+        let lab = Self::empty(nodes, keep_logs)?;
         let br = lab.ns_br();
         lab.add_ns(&br)?;
         ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
@@ -606,7 +632,12 @@ async fn wait_stable(
 async fn run_all(lab: &Lab, args: &LabArgs) -> anyhow::Result<Vec<Round>> {
     let obs = Arc::new(Mutex::new(Observed::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let prober = start_prober(&lab.ns_client(), obs.clone(), stop.clone());
+    let prober = start_prober(
+        &lab.ns_client(),
+        SocketAddr::from((VIP, 80)),
+        obs.clone(),
+        stop.clone(),
+    );
     let mut all = Vec::new();
     // the interface sysctls before any node ran, to check that a stopped portico put them back
     let sysctls_before: BTreeMap<usize, (String, String)> = (1..=lab.nodes)

@@ -96,7 +96,9 @@ enum Command {
     Agent(k8s::AgentArgs),
     /// Print portico's CustomResourceDefinitions as YAML.
     Crds(k8s::CrdsArgs),
-    /// Build a network-namespace lab and measure VIP failover against keepalived (root only).
+    /// Build a network-namespace lab and measure VIP failover (root only): by ARP against
+    /// keepalived (`--announce l2`), or by BGP with BFD through BIRD or FRR against FRR as the
+    /// reference speaker (`--announce bgp --router bird|frr`).
     Lab(lab::LabArgs),
 }
 

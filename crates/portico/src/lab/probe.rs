@@ -38,12 +38,16 @@ pub(super) struct Observed {
 /// The client's view: sequential probes and ARP-cache changes, until `stop`.
 pub(super) fn start_prober(
     ns: &str,
+    target: SocketAddr,
     obs: Arc<Mutex<Observed>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<anyhow::Result<()>> {
     in_netns(ns, move || {
         Box::pin(async move {
-            let target = SocketAddr::from((VIP, 80));
+            let watched = match target.ip() {
+                std::net::IpAddr::V4(v4) => v4,
+                std::net::IpAddr::V6(_) => VIP,
+            };
             let arp = {
                 let (obs, stop) = (obs.clone(), stop.clone());
                 tokio::spawn(async move {
@@ -57,7 +61,7 @@ pub(super) fn start_prober(
                         }
                         tick.tick().await;
                         let at = Instant::now();
-                        let mac = read_arp(VIP);
+                        let mac = read_arp(watched);
                         if mac != last_mac {
                             last_mac = mac;
                             obs.lock()
