@@ -367,3 +367,24 @@ pub fn be(name: &str, addr: SocketAddr) -> String {
         addr.port()
     )
 }
+
+/// A blocking backend on its own thread: greets each of `n` connections with `b\n` and closes.
+pub fn blocking_backend(n: usize) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().take(n).flatten() {
+            let _ = std::io::Write::write_all(&mut s, b"b\n");
+        }
+    });
+    addr
+}
+
+/// Connects with blocking sockets and reads the greeting, bounded by timeouts.
+pub fn blocking_greeting(addr: SocketAddr) -> std::io::Result<String> {
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line)?;
+    Ok(line.trim_end().to_string())
+}

@@ -11,10 +11,12 @@
 //! The router forwards, hashes multipath flows by ports (`fib_multipath_hash_policy=1`) and
 //! runs BIRD 2 (`merge paths on`) or FRR (zebra + bgpd + bfdd, `maximum-paths 8`). GoBGP is
 //! not offered: it has no BFD, and its FIB path is FRR's zebra, whose API in FRR 8.4 the
-//! gobgpd 3.10 here cannot decode (it panics on zebra's messages). Each node runs a backend (`lab backend`) and
-//! either the shipped binary with `announce: bgp` (`portico-*` systems) or FRR's bgpd + bfdd
-//! announcing the VIP from `lo` (`frr-speaker`, the reference). Graceful restart is off on
-//! both speakers, so a session that drops takes its routes with it (see bench/bgp-results.md).
+//! gobgpd 3.10 here cannot decode (it panics on zebra's messages). Each node runs a backend
+//! (`lab backend`) and either the shipped binary with `announce: bgp` (`portico-*` systems;
+//! the nodes gossip with each other, so the ECMP rescue knows where to copy re-hashed segments)
+//! or FRR's bgpd + bfdd announcing the VIP from `lo` (`frr-speaker`, the reference). Graceful
+//! restart is off on both speakers, so a session that drops takes its routes with it (see
+//! bench/bgp-results.md).
 
 use super::bgp_rounds::{BgpRound, Held, RouteWatch, print_bgp_table, round_bgp};
 use super::*;
@@ -248,7 +250,7 @@ impl BgpRunning {
         let pids = match self.system.speaker {
             Speaker::Portico => {
                 let path = lab.dir.join(format!("node-{i}.yaml"));
-                std::fs::write(&path, portico_config(i, &self.system))?;
+                std::fs::write(&path, portico_config(i, lab.nodes, &self.system))?;
                 vec![lab.spawn(
                     &ns,
                     &format!("node-{i}.log"),
@@ -377,17 +379,25 @@ async fn router_bfd_up(lab: &Lab, router: &str) -> usize {
         .count()
 }
 
-/// The shipped binary's configuration on node `i`.
-fn portico_config(i: usize, s: &BgpSystem) -> String {
+/// The shipped binary's configuration on node `i` of `n`: the nodes gossip with each other
+/// (`cluster:`), as a BGP deployment should, so that the ECMP rescue (`bgp.ecmp_rescue`, on by
+/// default) knows the members to copy re-hashed segments to.
+fn portico_config(i: usize, n: usize, s: &BgpSystem) -> String {
     let bfd = match s.bfd_ms {
         None => "off".to_string(),
         Some(300) => "default".to_string(),
         Some(10) => "fast".to_string(),
         Some(ms) => format!("{{interval: {ms}ms, multiplier: 3}}"),
     };
+    let peers: Vec<String> = (1..=n)
+        .filter(|j| *j != i)
+        .map(|j| format!("{{name: node-{j}, address: \"{}:7946\"}}", node_ip(j)))
+        .collect();
     format!(
-        "node: {{name: node-{i}}}\n\
+        "node: {{name: node-{i}, interfaces: [{{name: eth0, addresses: [{ip}/24]}}]}}\n\
          admin: {{listen: \"127.0.0.1:9440\"}}\n\
+         cluster:\n  bind: \"{ip}:7946\"\n  peers: [{peers}]\n  \
+         keys: [{{id: 1, secret: q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=}}]\n\
          bgp:\n  asn: {NODE_ASN}\n  router_id: {ip}\n  peers:\n\
          \x20   - {{name: router, address: {ROUTER_IP}, asn: {ROUTER_ASN}, source: {ip}, hold_time: {hold}s, bfd: {bfd}, graceful_restart: off}}\n\
          shutdown: {{drain_timeout: 5s}}\n\
@@ -398,6 +408,7 @@ fn portico_config(i: usize, s: &BgpSystem) -> String {
          connection: {{connect_timeout: 50ms, retries: 0}}\n    outlier: {{consecutive_failures: 0}}\n",
         ip = node_ip(i),
         hold = s.hold_s,
+        peers = peers.join(", "),
     )
 }
 
