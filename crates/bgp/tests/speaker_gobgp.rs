@@ -107,24 +107,8 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
     ]
     .into();
     // A wrong password: GoBGP's kernel drops our SYNs; the status says what that looks like.
-    let mut wrong = peer("b", "10.98.2.1", "10.98.2.2");
-    wrong.password = Some("not-it".into());
-    let node_b = Node::start(
-        &lab.ns("b"),
-        vec![wrong],
-        routes.clone(),
-        Duration::from_secs(2),
-    );
-    poll(Duration::from_secs(15), "the MD5 mismatch reported", || {
-        node_b
-            .session("b")
-            .last_error
-            .is_some_and(|e| e.contains("TCP MD5"))
-    });
-    println!("MD5 mismatch: {:?}", node_b.session("b").last_error);
-    assert_ne!(node_b.session("b").state, "established");
+    common::wrong_password_is_reported(&lab.ns("b"), "10.98.2.1", "10.98.2.2", routes.clone());
     assert!(!gobgp(&lab, &["global", "rib", "-a", "ipv4"]).contains("10.98.2.2"));
-    drop(node_b);
 
     let pa = peer("a", "10.98.1.1", "10.98.1.2");
     let pa6 = peer("a6", "fd98:1::1", "fd98:1::2");

@@ -409,6 +409,25 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Starts node `i`'s backend (`portico lab backend`): its name on `listen`, an echo on
+    /// `echo` (after a hello line with the name when `hello`); returns its pid.
+    fn spawn_backend(
+        &self,
+        i: usize,
+        listen: &str,
+        echo: &str,
+        hello: bool,
+    ) -> anyhow::Result<u32> {
+        let name = format!("node-{i}");
+        let mut args = vec![
+            "lab", "backend", "--name", &name, "--listen", listen, "--echo", echo,
+        ];
+        if hello {
+            args.push("--hello");
+        }
+        self.spawn(&self.ns_node(i), &format!("backend-{i}.log"), &args)
+    }
+
     fn spawn(&self, ns: &str, log: &str, args: &[&str]) -> anyhow::Result<u32> {
         let exe = std::env::current_exe()?;
         self.spawn_exe(ns, log, exe.to_str().unwrap_or("portico"), args)

@@ -273,3 +273,19 @@ pub fn peer(name: &str, address: &str, source: &str) -> PeerConfig {
         )
     }
 }
+
+/// Starts a speaker in `ns` whose session `peer` (source `source`) has a wrong TCP MD5 password,
+/// waits until the session's status says that a password mismatch looks like this, checks that
+/// it never came up, and stops it.
+pub fn wrong_password_is_reported(ns: &str, peer_addr: &str, source: &str, routes: Routes) {
+    let mut wrong = peer("b", peer_addr, source);
+    wrong.password = Some("not-it".into());
+    let node = Node::start(ns, vec![wrong], routes, Duration::from_secs(2));
+    poll(Duration::from_secs(15), "the MD5 mismatch reported", || {
+        node.session("b")
+            .last_error
+            .is_some_and(|e| e.contains("TCP MD5"))
+    });
+    println!("MD5 mismatch: {:?}", node.session("b").last_error);
+    assert_ne!(node.session("b").state, "established");
+}

@@ -278,21 +278,7 @@ impl BgpRunning {
             Speaker::Portico => ("127.0.0.1:8080", "127.0.0.1:9090"),
             Speaker::Frr => ("0.0.0.0:80", "0.0.0.0:81"),
         };
-        let pid = lab.spawn(
-            &lab.ns_node(i),
-            &format!("backend-{i}.log"),
-            &[
-                "lab",
-                "backend",
-                "--name",
-                &format!("node-{i}"),
-                "--listen",
-                listen,
-                "--echo",
-                echo,
-                "--hello",
-            ],
-        )?;
+        let pid = lab.spawn_backend(i, listen, echo, true)?;
         self.backends.insert(i, pid);
         Ok(())
     }

@@ -140,20 +140,7 @@ impl Running {
             System::Portico { .. } => ("127.0.0.1:8080", "127.0.0.1:9090"),
             System::Keepalived { .. } => ("0.0.0.0:80", "0.0.0.0:81"),
         };
-        let pid = lab.spawn(
-            &lab.ns_node(i),
-            &format!("backend-{i}.log"),
-            &[
-                "lab",
-                "backend",
-                "--name",
-                &format!("node-{i}"),
-                "--listen",
-                listen,
-                "--echo",
-                echo,
-            ],
-        )?;
+        let pid = lab.spawn_backend(i, listen, echo, false)?;
         self.backend_pids.insert(i, pid);
         Ok(())
     }
