@@ -660,15 +660,22 @@ fn status_provider(
                 let (path, why) = s.path(kernel_path);
                 st.path = path;
                 st.path_reason = why.to_string();
+                let routes = decisions.borrow().clone();
                 st.vips = s
                     .vips
                     .iter()
                     .map(|v| {
                         let o = own.get(v);
+                        // a `bgp`-only VIP has no L2 owner: its row says the route decision
+                        let reason = match (o, routes.get(v)) {
+                            (Some(o), _) => o.reason.clone(),
+                            (None, Some(r)) if !s.announce.l2() => r.reason.as_str().to_string(),
+                            (None, _) => "pending".to_string(),
+                        };
                         VipStatus {
                             address: *v,
                             owner: o.and_then(|o| o.owner.clone()),
-                            reason: o.map_or_else(|| "pending".to_string(), |o| o.reason.clone()),
+                            reason,
                             conflicts: agent.conflicts(*v),
                         }
                     })

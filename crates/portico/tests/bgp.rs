@@ -69,6 +69,15 @@ async fn ecmp_across_serving_nodes_withdraw_and_graceful_stop() {
                 .all(|s| s["state"] == "established" && s["prefixes_sent"] == 1),
             "{st}"
         );
+        // the service's VIP rows give the route decision (a `bgp`-only VIP has no L2 owner)
+        let vips = st["services"][0]["vips"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            !vips.is_empty() && vips.iter().all(|v| v["reason"] == "announced"),
+            "{st}"
+        );
     }
 
     // 2. client connections spread over both nodes, IPv4 and IPv6
