@@ -520,6 +520,7 @@ mod tests {
                 address: "198.51.100.7".parse().unwrap(),
                 reason: "noHealthyBackend".into(),
             }],
+            ecmp_rescue: None,
         });
         let html = render(&rep, &[], None);
         assert!(html.contains("<td>tor&lt;1&gt;</td><td>192.0.2.1</td><td class=\"ok\">established</td><td>7 s</td><td>2</td>"), "{html}");

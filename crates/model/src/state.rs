@@ -120,6 +120,18 @@ pub struct BgpStatus {
     pub sessions: Vec<BgpSessionStatus>,
     /// Per VIP of a `bgp`/`both` service: announced by this node or why not.
     pub routes: Vec<BgpRouteStatus>,
+    /// The ECMP rescue on this node (none until its first tables were applied or refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecmp_rescue: Option<EcmpRescueStatus>,
+}
+
+/// The ECMP rescue's state on this node (`bgp.ecmp_rescue`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EcmpRescueStatus {
+    /// `on`, `noBgpVip`, `disabled`, `noOtherMember`, or `refused` while nft refuses the tables.
+    pub reason: String,
+    /// The members' addresses that segments of connections held elsewhere are copied to.
+    pub members: Vec<std::net::IpAddr>,
 }
 
 /// One BGP session.

@@ -332,6 +332,7 @@ pub fn status(
                 reason: r.reason.as_str().to_string(),
             })
             .collect(),
+        ecmp_rescue: None,
     })
 }
 

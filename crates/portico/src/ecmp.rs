@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kernel::ecmp::Rescue;
-use model::{Config, Desired, MemberStatus};
+use model::{Config, Desired, EcmpRescueStatus, MemberStatus};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -35,6 +35,14 @@ const POLL: Duration = Duration::from_millis(250);
 const COUNTERS: Duration = Duration::from_secs(2);
 /// How soon a refused script is tried again (unless what is wanted changes).
 const RETRY: Duration = Duration::from_secs(30);
+
+/// What the driver publishes besides its metrics.
+pub struct Outputs {
+    /// Set once the first tables were applied (or there was nothing to apply).
+    pub ready: watch::Sender<bool>,
+    /// The state `/status` shows: the reason word and the members copies go to.
+    pub status: watch::Sender<Option<EcmpRescueStatus>>,
+}
 
 /// The ECMP rescue's metrics.
 #[derive(Clone, Default)]
@@ -156,7 +164,7 @@ pub async fn run(
     mut desired: watch::Receiver<Arc<Desired>>,
     members: impl Fn() -> Vec<MemberStatus>,
     metrics: EcmpMetrics,
-    ready: watch::Sender<bool>,
+    Outputs { ready, status }: Outputs,
     stop: CancellationToken,
 ) {
     // None: nothing applied yet (a crashed predecessor's tables are replaced on first apply)
@@ -204,6 +212,14 @@ pub async fn run(
                             );
                         }
                         reason = Some(why);
+                        status.send_replace(Some(EcmpRescueStatus {
+                            reason: why.as_str().to_string(),
+                            members: if want.any() {
+                                want.peers.iter().copied().collect()
+                            } else {
+                                Vec::new()
+                            },
+                        }));
                         applied = Some(want);
                         failed = None;
                     }
@@ -214,6 +230,10 @@ pub async fn run(
                     }
                     Err(e) => {
                         metrics.off.set(1);
+                        status.send_replace(Some(EcmpRescueStatus {
+                            reason: "refused".to_string(),
+                            members: Vec::new(),
+                        }));
                         let e = e.to_string();
                         if refused.as_deref() != Some(e.as_str()) {
                             warn!(%e, "ecmp rescue is off: connections may be reset when the router re-hashes flows");

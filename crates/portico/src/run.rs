@@ -193,13 +193,17 @@ pub async fn serve(
     // the ECMP rescue copies segments of connections held elsewhere until the drain ends
     // (the speaker starts once its first tables are in place)
     let (ecmp_ready_tx, ecmp_ready) = watch::channel(false);
+    let (ecmp_status_tx, ecmp_status) = watch::channel(None);
     let ecmp_task = {
         let agent = agent.clone();
         tokio::spawn(crate::ecmp::run(
             desired.clone(),
             move || agent.members(),
             ecmp_metrics,
-            ecmp_ready_tx,
+            crate::ecmp::Outputs {
+                ready: ecmp_ready_tx,
+                status: ecmp_status_tx,
+            },
             lo_stop.clone(),
         ))
     };
@@ -347,6 +351,7 @@ pub async fn serve(
             kernel_path,
             speaker: speaker.clone(),
             decisions: decisions_rx.clone(),
+            ecmp: ecmp_status,
         },
         ready_rx.clone(),
     );
@@ -593,6 +598,7 @@ struct Components {
     kernel_path: bool,
     speaker: bgp::Speaker,
     decisions: watch::Receiver<Arc<model::bgp::RouteDecisions>>,
+    ecmp: watch::Receiver<Option<model::EcmpRescueStatus>>,
 }
 
 /// Assembles `/status` from the spine's snapshots and the components' live counters.
@@ -608,6 +614,7 @@ fn status_provider(
         kernel_path,
         speaker,
         decisions,
+        ecmp,
     }: Components,
     ready: watch::Receiver<bool>,
 ) -> admin::StatusProvider {
@@ -694,7 +701,10 @@ fn status_provider(
             members: agent.members(),
             services,
             dns: dns.status(),
-            bgp: crate::bgp::status(&d.config, &speaker, &decisions.borrow()),
+            bgp: crate::bgp::status(&d.config, &speaker, &decisions.borrow()).map(|mut b| {
+                b.ecmp_rescue = ecmp.borrow().clone();
+                b
+            }),
         }
     })
 }

@@ -203,6 +203,19 @@ fn bgp(out: &mut String, b: &model::BgpStatus) {
         );
         out.push_str(&columns(&rows));
     }
+    if let Some(e) = &b.ecmp_rescue {
+        let members: Vec<String> = e.members.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "\nECMP RESCUE  {}  members {}",
+            e.reason,
+            if members.is_empty() {
+                "-".to_string()
+            } else {
+                members.join(", ")
+            }
+        );
+    }
 }
 
 /// The serde word of an enum value (`fail-open`, `half-open`), as JSON shows it.
@@ -283,6 +296,10 @@ mod tests {
                     address: "198.51.100.7".parse().unwrap(),
                     reason: "noHealthyBackend".into(),
                 }],
+                ecmp_rescue: Some(model::EcmpRescueStatus {
+                    reason: "on".into(),
+                    members: vec!["192.0.2.12".parse().unwrap(), "192.0.2.13".parse().unwrap()],
+                }),
             }),
         };
         let t = render(&r);
@@ -295,6 +312,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("198.51.100.7  web      noHealthyBackend"), "{t}");
+        assert!(
+            t.contains("ECMP RESCUE  on  members 192.0.2.12, 192.0.2.13"),
+            "{t}"
+        );
         assert!(t.contains("10.0.0.1  n2"), "{t}");
         assert!(t.contains("DOWN,ejected  half-open"), "{t}");
         assert!(t.contains("REJECTED"), "{t}");

@@ -250,6 +250,17 @@ async fn run(rescue: bool, v6: bool, kernel: bool) -> Run {
             want,
             "node {i} copies to the two others"
         );
+        // the same state, with its reason word, in /status
+        let st = lab.status(i);
+        let e = &st["bgp"]["ecmp_rescue"];
+        assert_eq!(
+            (
+                e["reason"].as_str(),
+                e["members"].as_array().map_or(0, |m| m.len() as u64)
+            ),
+            (Some(if rescue { "on" } else { "disabled" }), want),
+            "node {i}: {st}"
+        );
     }
     let copied_before_leave: u64 = (1..=3)
         .map(|i| metric(&lab, i, "portico_ecmp_segments_copied_total"))
