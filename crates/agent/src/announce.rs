@@ -148,7 +148,8 @@ fn lo_del(lo: u32, vip: IpAddr) -> Result<(), sys::Error> {
 
 /// Removes the VIPs a crashed predecessor left on `lo`: exactly the addresses marked with
 /// [`sys::ADDR_PROTO`], never the host's own (kernels before 6.3 do not record the mark, and
-/// then nothing is removed).
+/// then nothing is removed). The binary calls it once at start, before the agent or the BGP
+/// task can put this process's own VIPs there with the same mark.
 pub fn clear_stale() {
     let Ok(lo) = sys::if_index("lo") else { return };
     match sys::addrs_with_proto(lo, sys::ADDR_PROTO) {

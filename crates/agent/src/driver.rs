@@ -40,7 +40,7 @@ pub(crate) struct Driver {
     swim: Option<swim::Swim>,
     epoch: u64,
     bind_failed_logged: Option<Instant>,
-    cleared_stale: bool,
+    handover_synced: bool,
     l2_timing_running: Option<announce::Timing>,
     l2: BTreeMap<String, L2Task>,
     handover: crate::handover::Handover,
@@ -84,7 +84,7 @@ impl Driver {
             health,
             ownership,
             bind_failed_logged: None,
-            cleared_stale: false,
+            handover_synced: false,
             l2_timing_running: None,
             l2: BTreeMap::new(),
             handover,
@@ -205,17 +205,18 @@ impl Driver {
         }
     }
 
-    /// Opens an announcer on each of `names` (and, the first time any is opened, removes the
-    /// VIPs a crashed predecessor left on `lo`).
+    /// Opens an announcer on each of `names` (and, the first time any is opened, brings the
+    /// handover rules in line: the binary removed a crashed predecessor's VIPs from `lo` with
+    /// [`announce::clear_stale`] before anything put new ones there).
     fn open_announcers(&mut self, names: &[String]) -> Result<(), Error> {
         if names.is_empty() {
             return Ok(());
         }
-        // Only an agent that announces puts VIPs on lo, so only then can a crashed
-        // predecessor have left some there.
-        if !self.cleared_stale {
-            self.cleared_stale = true;
-            announce::clear_stale();
+        // Not `announce::clear_stale` here: by now the BGP task may have put this process's
+        // own VIPs on lo with the same mark, and taking them off left a joining node
+        // announcing a route it could not deliver for up to a second.
+        if !self.handover_synced {
+            self.handover_synced = true;
             let h = self.handover.clone();
             tokio::spawn(async move { h.sync().await });
         }

@@ -180,8 +180,8 @@ pub async fn follow_l2(
 /// it added. Addresses are added with the agent's `IFA_PROTO` mark;
 /// one that was there already (the host's, or the agent's for an `announce: both` VIP it owns)
 /// is not ours and is left alone; an address this task added stays while the agent owns the
-/// VIP. Checked on every change and every second (the agent clears marked addresses once when
-/// it starts). Loopback VIPs are never touched.
+/// VIP. Checked on every change and every second (the binary clears marked addresses once at
+/// start, before this task runs). Loopback VIPs are never touched.
 pub async fn local_delivery(
     mut decisions: watch::Receiver<Arc<RouteDecisions>>,
     mut own: watch::Receiver<Arc<OwnershipView>>,

@@ -75,6 +75,9 @@ pub async fn serve(
         Ok(n) => info!(nofile = n, "file descriptor limit"),
         Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
     }
+    // VIPs a crashed predecessor left on lo go now, before the agent or the BGP task puts
+    // this process's own there with the same mark.
+    agent::announce::clear_stale();
     let mut registry = Registry::default();
     let config_metrics = ConfigMetrics::register(&mut registry);
     // The kernel path (nftables) runs when this node can program it; otherwise every service
