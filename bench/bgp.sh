@@ -1,6 +1,7 @@
 #!/bin/sh
 # Measures BGP failover in the routed network-namespace lab (`portico lab --announce bgp`):
-# portico's own speaker with BFD 300 ms x 3 (default), 50 ms x 3 and without BFD (hold 3 s)
+# portico's own speaker with BFD 300 ms x 3 (default), 50 ms x 3, 10 ms x 3 (`fast`) and without
+# BFD (hold 3 s)
 # against FRR's bgpd + bfdd as the reference speaker on the same nodes, interleaved in one run,
 # for each router (BIRD 2, then FRR); scenarios power (link down + SIGKILL), graceful
 # (SIGTERM), backend (killed) and join; then node-1's CPU and BFD/BGP packets/s at BFD
@@ -23,7 +24,7 @@ for router in ${ROUTERS:-bird frr}; do
   # (children, the routers and speakers included, inherit the priority)
   nice -n -10 "$BIN" lab --announce bgp --router "$router" --nodes "${NODES:-3}" \
     --rounds "${ROUNDS:-5}" \
-    --systems "${SYSTEMS:-portico-bfd,frr-speaker,portico-bfd-fast,portico-nobfd}" \
+    --systems "${SYSTEMS:-portico-bfd,frr-speaker,portico-bfd-fast,portico-bfd-10ms,portico-nobfd}" \
     --scenarios "${SCENARIOS:-power,graceful,backend,join}" \
     --cpu-seconds "${CPU_SECONDS:-30}" --json "$OUT-$router.json" "$@"
   echo "load after $router: $(cat /proc/loadavg)"

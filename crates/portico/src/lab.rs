@@ -87,7 +87,8 @@ pub struct LabArgs {
     scenarios: Vec<String>,
     /// Systems. `l2` (default: all): portico-default, portico-fast, keepalived-1s,
     /// keepalived-fastest (advert_int 0.01). `bgp` (default: all): portico-bfd (BFD 300 ms x 3),
-    /// portico-bfd-fast (50 ms x 3), portico-nobfd (hold time 3 s), frr-speaker (FRR's bgpd +
+    /// portico-bfd-fast (50 ms x 3), portico-bfd-10ms (the `fast` profile, 10 ms x 3),
+    /// portico-nobfd (hold time 3 s), frr-speaker (FRR's bgpd +
     /// bfdd on each node, 300 ms x 3: the reference speaker).
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,

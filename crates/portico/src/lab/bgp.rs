@@ -34,9 +34,10 @@ pub(super) fn node_ip(i: usize) -> String {
 }
 
 const BGP_SCENARIOS: [&str; 4] = ["power", "graceful", "backend", "join"];
-const BGP_SYSTEMS: [&str; 4] = [
+const BGP_SYSTEMS: [&str; 5] = [
     "portico-bfd",
     "portico-bfd-fast",
+    "portico-bfd-10ms",
     "portico-nobfd",
     "frr-speaker",
 ];
@@ -68,7 +69,7 @@ impl BgpSystem {
             "portico-bfd-fast" => (Speaker::Portico, Some(50), 9),
             "portico-nobfd" => (Speaker::Portico, None, 3),
             "frr-speaker" => (Speaker::Frr, Some(300), 9),
-            // only for --cpu-seconds
+            // the `fast` profile (also --cpu-seconds)
             "portico-bfd-10ms" => (Speaker::Portico, Some(10), 9),
             _ => return None,
         };
