@@ -305,6 +305,48 @@ impl BgpRunning {
 }
 
 impl BgpRunning {
+    /// Starts system `name`: the router with its timers, then every node's backend and
+    /// speaker; returns once the router has a next hop per node.
+    pub(super) async fn start(
+        lab: &Lab,
+        args: &LabArgs,
+        name: &str,
+        watch: &RouteWatch,
+    ) -> anyhow::Result<Self> {
+        let system = BgpSystem::parse(name).context("system")?;
+        let mut run = BgpRunning {
+            name: name.to_string(),
+            system,
+            router: args.router.clone(),
+            speakers: BTreeMap::new(),
+            backends: BTreeMap::new(),
+        };
+        start_router(lab, &args.router, &system).await?;
+        for i in 1..=lab.nodes {
+            run.start_backend(lab, i)?;
+            run.start_node(lab, i)?;
+        }
+        watch
+            .wait_hops(lab.nodes, Duration::from_secs(60))
+            .await
+            .with_context(|| format!("{name}: the router never had a next hop per node"))?;
+        Ok(run)
+    }
+
+    /// Stops every node's speaker (FRR's VIP comes off `lo`), then everything the lab runs.
+    pub(super) async fn stop(mut self, lab: &Lab) {
+        for i in 1..=lab.nodes {
+            self.stop_node(i).await;
+            if self.system.speaker == Speaker::Frr {
+                let _ = sh_in(
+                    &lab.ns_node(i),
+                    &["ip", "addr", "del", &format!("{BGP_VIP}/32"), "dev", "lo"],
+                );
+            }
+        }
+        lab.stop_all();
+    }
+
     /// Waits until the router has a BFD session up with every node (no-op without BFD): a
     /// fault before that would be timed by the hold timer.
     pub(super) async fn wait_bfd_up(&self, lab: &Lab, within: Duration) -> anyhow::Result<()> {
@@ -564,26 +606,9 @@ async fn run_all_bgp(lab: &Lab, args: &LabArgs) -> anyhow::Result<(Vec<BgpRound>
         // rounds interleave the systems: round 1 of every system, then round 2, …
         for round in 1..=args.rounds {
             for name in &args.systems {
-                let system = BgpSystem::parse(name).context("system")?;
-                let mut run = BgpRunning {
-                    name: name.clone(),
-                    system,
-                    router: args.router.clone(),
-                    speakers: BTreeMap::new(),
-                    backends: BTreeMap::new(),
-                };
-                start_router(lab, &args.router, &system).await?;
-                for i in 1..=lab.nodes {
-                    run.start_backend(lab, i)?;
-                    run.start_node(lab, i)?;
-                }
                 let t = Instant::now();
-                watch
-                    .wait_hops(lab.nodes, Duration::from_secs(60))
-                    .await
-                    .with_context(|| {
-                        format!("{name}: the router never had a next hop per node")
-                    })?;
+                let mut run = BgpRunning::start(lab, args, name, &watch).await?;
+                let system = run.system;
                 println!(
                     "{name} ({}): {} next hops in the router's FIB {:.1} s after the start",
                     system.timers(),
@@ -603,16 +628,7 @@ async fn run_all_bgp(lab: &Lab, args: &LabArgs) -> anyhow::Result<(Vec<BgpRound>
                     println!("{}", r.line());
                     all.push(r);
                 }
-                for i in 1..=lab.nodes {
-                    run.stop_node(i).await;
-                    if system.speaker == Speaker::Frr {
-                        let _ = sh_in(
-                            &lab.ns_node(i),
-                            &["ip", "addr", "del", &format!("{BGP_VIP}/32"), "dev", "lo"],
-                        );
-                    }
-                }
-                lab.stop_all();
+                run.stop(lab).await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -642,20 +658,7 @@ const HELD_CONNECTIONS: usize = 20;
 /// traffic (the probes and held connections have stopped); packets are counted for BFD and
 /// BGP only.
 async fn cpu_measure(lab: &Lab, args: &LabArgs, watch: &RouteWatch) -> anyhow::Result<String> {
-    let system = BgpSystem::parse("portico-bfd-10ms").context("system")?;
-    let mut run = BgpRunning {
-        name: "portico-bfd-10ms".into(),
-        system,
-        router: args.router.clone(),
-        speakers: BTreeMap::new(),
-        backends: BTreeMap::new(),
-    };
-    start_router(lab, &args.router, &system).await?;
-    for i in 1..=lab.nodes {
-        run.start_backend(lab, i)?;
-        run.start_node(lab, i)?;
-    }
-    watch.wait_hops(lab.nodes, Duration::from_secs(60)).await?;
+    let run = BgpRunning::start(lab, args, "portico-bfd-10ms", watch).await?;
     // settle: sessions and BFD up
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = run
@@ -681,10 +684,7 @@ async fn cpu_measure(lab: &Lab, args: &LabArgs, watch: &RouteWatch) -> anyhow::R
         (p1.0 - p0.0) as f64 / took,
         (p1.1 - p0.1) as f64 / took,
     );
-    for i in 1..=lab.nodes {
-        run.stop_node(i).await;
-    }
-    lab.stop_all();
+    run.stop(lab).await;
     Ok(out)
 }
 
