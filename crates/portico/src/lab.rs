@@ -40,6 +40,7 @@ use tokio::time::Instant;
 mod backend;
 mod bgp;
 mod bgp_rounds;
+mod gobgp;
 mod probe;
 mod report;
 mod rounds;
@@ -60,10 +61,11 @@ pub struct LabArgs {
     /// portico against FRR as the reference speaker, see `--router`).
     #[arg(long, default_value = "l2", value_parser = ["l2", "bgp"])]
     announce: String,
-    /// `--announce bgp`: the router the nodes peer with: bird (BIRD 2, `merge paths on`) or frr
-    /// (zebra + bgpd + bfdd, `maximum-paths 8`). (GoBGP has no BFD, and gobgpd 3.10 cannot
-    /// drive FRR 8.4's zebra to install its routes, so it is not offered.)
-    #[arg(long, default_value = "bird", value_parser = ["bird", "frr"])]
+    /// `--announce bgp`: the router the nodes peer with: bird (BIRD 2, `merge paths on`), frr
+    /// (zebra + bgpd + bfdd, `maximum-paths 8`) or gobgp (gobgpd; it has no BFD, so only
+    /// portico-nobfd runs against it, and the lab copies its RIB into the FIB because gobgpd
+    /// 3.10 cannot drive FRR 8.4's zebra).
+    #[arg(long, default_value = "bird", value_parser = ["bird", "frr", "gobgp"])]
     router: String,
     /// `--announce bgp`: after the rounds, measure node-1's CPU (utime + stime of its portico)
     /// and the packets/s on the router's side of its link for this many seconds, with BFD at

@@ -184,44 +184,14 @@ fn non_preemptive_keeps_the_stand_in() {
     assert_eq!(r["arp_owners_after"], 1, "{r}");
 }
 
-/// `portico lab --announce bgp --router bird`, one power-loss round with BFD 300 ms x 3: the
-/// router's FIB drops the node's next hop at the BFD detection time (not the hold timer, not
-/// at once), the client's probes recover right after, and every held connection to the
-/// powered-off node is counted broken.
-#[test]
-fn bgp_lab_power_loss_smoke() {
-    if !sys::is_root() {
-        sys::skip_test("needs root (network namespaces, veth pairs)");
-        return;
-    }
-    let have_bird = Command::new("sh")
-        .args(["-c", "command -v bird && command -v birdc"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have_bird {
-        sys::skip_test("needs bird and birdc (Debian bird2)");
-        return;
-    }
+/// Runs `portico lab --announce bgp` with `args` (bounded at 5 minutes) and returns its rounds.
+fn bgp_lab(args: &[&str]) -> Vec<serde_json::Value> {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::env::temp_dir().join(format!("portico-lab-bgp-{}.json", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
-        .args([
-            "lab",
-            "--announce",
-            "bgp",
-            "--router",
-            "bird",
-            "--nodes",
-            "3",
-            "--rounds",
-            "1",
-            "--systems",
-            "portico-bfd",
-            "--scenarios",
-            "power",
-            "--json",
-        ])
+        .args(["lab", "--announce", "bgp", "--nodes", "3", "--rounds", "1"])
+        .args(args)
+        .arg("--json")
         .arg(&out)
         .spawn()
         .expect("portico lab starts");
@@ -236,17 +206,54 @@ fn bgp_lab_power_loss_smoke() {
     }
     let Some(status) = status else {
         let _ = child.kill();
-        panic!("portico lab --announce bgp did not finish within 5 minutes");
+        panic!("portico lab --announce bgp {args:?} did not finish within 5 minutes");
     };
     assert!(
         status.success(),
-        "portico lab --announce bgp failed: {status}"
+        "portico lab --announce bgp {args:?} failed: {status}"
     );
     let text = std::fs::read_to_string(&out).expect("lab wrote its JSON");
     let _ = std::fs::remove_file(&out);
     let json: serde_json::Value = serde_json::from_str(&text).expect("lab JSON parses");
-    let rounds = json["rounds"].as_array().expect("rounds");
+    let rounds = json["rounds"].as_array().expect("rounds").clone();
     assert_eq!(rounds.len(), 1, "{json:#}");
+    rounds
+}
+
+/// Whether every command in `cmds` is on the PATH.
+fn have_all(cmds: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("for c in {cmds}; do command -v $c || exit 1; done"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `portico lab --announce bgp --router bird`, one power-loss round with BFD 300 ms x 3: the
+/// router's FIB drops the node's next hop at the BFD detection time (not the hold timer, not
+/// at once), the client's probes recover right after, and every held connection to the
+/// powered-off node is counted broken.
+#[test]
+fn bgp_lab_power_loss_smoke() {
+    if !sys::is_root() {
+        sys::skip_test("needs root (network namespaces, veth pairs)");
+        return;
+    }
+    if !have_all("bird birdc") {
+        sys::skip_test("needs bird and birdc (Debian bird2)");
+        return;
+    }
+    let rounds = bgp_lab(&[
+        "--router",
+        "bird",
+        "--systems",
+        "portico-bfd",
+        "--scenarios",
+        "power",
+    ]);
     let r = &rounds[0];
     assert_eq!(s(r, "scenario"), "power", "{r}");
     // BFD 300 ms x 3 detects in ~900 ms: well above an instant drop (the link's carrier is not
@@ -265,4 +272,37 @@ fn bgp_lab_power_loss_smoke() {
     let on_node = r["held_on_node"].as_u64().unwrap_or(0);
     assert!(on_node >= 1, "no held connection on the node: {r}");
     assert_eq!(r["broken_on_node"].as_u64(), Some(on_node), "{r}");
+}
+
+/// `portico lab --announce bgp --router gobgp`, one graceful stop without BFD: gobgpd takes
+/// the withdrawal, the lab's copy of its RIB drops the node's next hop from the FIB, no probe
+/// fails and no connection held on another node breaks.
+#[test]
+fn bgp_lab_gobgp_graceful_smoke() {
+    if !sys::is_root() {
+        sys::skip_test("needs root (network namespaces, veth pairs)");
+        return;
+    }
+    if !have_all("gobgpd gobgp") {
+        sys::skip_test("needs gobgpd and gobgp (Debian gobgpd)");
+        return;
+    }
+    let rounds = bgp_lab(&[
+        "--router",
+        "gobgp",
+        "--systems",
+        "portico-nobfd",
+        "--scenarios",
+        "graceful",
+        "--cpu-seconds",
+        "0",
+    ]);
+    let r = &rounds[0];
+    assert_eq!(s(r, "scenario"), "graceful", "{r}");
+    assert_eq!(s(r, "router"), "gobgp", "{r}");
+    // the withdrawal reaches the FIB long before the 3 s hold timer could have
+    let fib = r["fib_ms"].as_f64().expect("the next hop left the FIB");
+    assert!(fib < 2000.0, "FIB change {fib} ms: {r}");
+    assert_eq!(r["failed_probes"].as_u64(), Some(0), "{r}");
+    assert_eq!(r["broken_on_others"].as_u64(), Some(0), "{r}");
 }

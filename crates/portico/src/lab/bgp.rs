@@ -9,9 +9,8 @@
 //!   VIP 10.77.100.1 (port 80: the node's name; port 81: echo, after a hello with the name)
 //! ```
 //! The router forwards, hashes multipath flows by ports (`fib_multipath_hash_policy=1`) and
-//! runs BIRD 2 (`merge paths on`) or FRR (zebra + bgpd + bfdd, `maximum-paths 8`). GoBGP is
-//! not offered: it has no BFD, and its FIB path is FRR's zebra, whose API in FRR 8.4 the
-//! gobgpd 3.10 here cannot decode (it panics on zebra's messages). Each node runs a backend
+//! runs BIRD 2 (`merge paths on`), FRR (zebra + bgpd + bfdd, `maximum-paths 8`) or GoBGP
+//! (gobgpd, no BFD, its RIB copied into the FIB by the lab: see `gobgp.rs`). Each node runs a backend
 //! (`lab backend`) and either the shipped binary with `announce: bgp` (`portico-*` systems;
 //! the nodes gossip with each other, so the ECMP rescue knows where to copy re-hashed segments)
 //! or FRR's bgpd + bfdd announcing the VIP from `lo` (`frr-speaker`, the reference). Graceful
@@ -25,8 +24,8 @@ use super::*;
 pub(super) const BGP_VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 /// The router's address on the nodes' bridge.
 pub(super) const ROUTER_IP: &str = "10.77.0.1";
-const ROUTER_ASN: u32 = 64500;
-const NODE_ASN: u32 = 64512;
+pub(super) const ROUTER_ASN: u32 = 64500;
+pub(super) const NODE_ASN: u32 = 64512;
 
 /// Node `i`'s address on the bridge.
 pub(super) fn node_ip(i: usize) -> String {
@@ -95,7 +94,11 @@ pub(super) async fn run(mut args: LabArgs) -> anyhow::Result<()> {
         args.scenarios = BGP_SCENARIOS.map(String::from).to_vec();
     }
     if args.systems.is_empty() {
-        args.systems = BGP_SYSTEMS.map(String::from).to_vec();
+        args.systems = if args.router == "gobgp" {
+            vec!["portico-nobfd".to_string()]
+        } else {
+            BGP_SYSTEMS.map(String::from).to_vec()
+        };
     }
     for s in &args.scenarios {
         if !BGP_SCENARIOS.contains(&s.as_str()) {
@@ -115,6 +118,7 @@ pub(super) async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     }
     let needs: Vec<&str> = match args.router.as_str() {
         "bird" => vec!["bird"],
+        "gobgp" => vec!["gobgpd", "gobgp"],
         _ => vec![
             "/usr/lib/frr/zebra",
             "/usr/lib/frr/bgpd",
@@ -123,7 +127,26 @@ pub(super) async fn run(mut args: LabArgs) -> anyhow::Result<()> {
     };
     for n in needs {
         if !have(n) {
-            bail!("--router {} needs {n} (Debian bird2, frr)", args.router);
+            bail!(
+                "--router {} needs {n} (Debian bird2, frr, gobgpd)",
+                args.router
+            );
+        }
+    }
+    if args.router == "gobgp" {
+        if let Some(s) = args
+            .systems
+            .iter()
+            .find(|s| BgpSystem::parse(s).is_some_and(|s| s.bfd_ms.is_some()))
+        {
+            bail!(
+                "GoBGP has no BFD: system {s} cannot run against --router gobgp; use portico-nobfd"
+            );
+        }
+        if args.cpu_seconds > 0 {
+            bail!(
+                "--cpu-seconds measures BFD at 10 ms x 3, which GoBGP does not speak; pass --cpu-seconds 0 with --router gobgp"
+            );
         }
     }
     if args.systems.iter().any(|s| s == "frr-speaker") && !have("/usr/lib/frr/bgpd") {
@@ -584,7 +607,8 @@ async fn start_router(lab: &Lab, router: &str, s: &BgpSystem) -> anyhow::Result<
             );
             start_frr(lab, &r, "router", &bgpd, &frr_bfdd(s))?;
         }
-        _ => bail!("unknown router {router}"),
+        "gobgp" => super::gobgp::start(lab, s).await?,
+        _ => bail!("unknown router {router}; use bird, frr or gobgp"),
     }
     Ok(())
 }
