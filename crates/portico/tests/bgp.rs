@@ -80,6 +80,17 @@ async fn ecmp_across_serving_nodes_withdraw_and_graceful_stop() {
         );
     }
 
+    // no predecessor left VIPs on lo, so nothing of this process's was taken off it (the
+    // agent used to clear marked addresses after the BGP task had put the VIP there: a node
+    // announced a route it could not deliver for up to 1 s)
+    for n in &lab.nodes {
+        let log = n.log();
+        assert!(
+            !log.contains("a previous agent left on lo"),
+            "a VIP of this process was removed from lo as stale:\n{log}"
+        );
+    }
+
     // 2. client connections spread over both nodes, IPv4 and IPv6
     for vip in [VIP4, VIP6] {
         let (seen, failed) = lab.spread(vip, 40);
