@@ -437,7 +437,14 @@ impl Driver {
                 )
             })
             .collect();
-        for (v, from) in &self.l2_vips {
+        // a `bgp`-only VIP (`owner_only`) has an owner but is never announced on a link
+        let l2: BTreeSet<IpAddr> = cfg
+            .services
+            .iter()
+            .filter(|s| s.announce.l2())
+            .flat_map(|s| s.vips.iter().copied())
+            .collect();
+        for (v, from) in self.l2_vips.iter().filter(|(v, _)| l2.contains(v)) {
             if let Some(i) = interface_for(&cfg, *v)
                 && let Some(m) = per_if.get_mut(i)
             {

@@ -377,11 +377,12 @@ fn reason(
     RouteReason::Announced
 }
 
-/// The configuration the L2 agent works from: `bgp`-only services left out, so no node
-/// answers ARP / NDP for their VIPs (the BGP side puts them on `lo` itself).
+/// The configuration the agent works from: `bgp`-only services left out, except those with
+/// `owner_only`, whose owner the agent elects (their VIPs are never announced by ARP / NDP:
+/// the agent's announcers take only `l2`/`both` VIPs, and the BGP side puts them on `lo`).
 pub fn l2_view(cfg: &Config) -> Config {
     let mut c = cfg.clone();
-    c.services.retain(|s| s.announce.l2());
+    c.services.retain(|s| s.announce.l2() || s.bgp.owner_only);
     c
 }
 

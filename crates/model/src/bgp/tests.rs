@@ -170,10 +170,10 @@ fn cross_field_rules() {
             .any(|g| g.starts_with("bgp.router_id: no IPv4 address")),
         "{got:#?}"
     );
+    // owner_only without L2: the agent elects the owner, nobody answers ARP
     assert!(
-        got.iter()
-            .any(|g| g
-                .starts_with("services[0].bgp.owner_only: owner_only announces from the L2 owner")),
+        !got.iter()
+            .any(|g| g.starts_with("services[0].bgp.owner_only")),
         "{got:#?}"
     );
     let got = errors(&format!(
@@ -368,13 +368,14 @@ fn owner_only_follows_the_l2_owner() {
 #[test]
 fn l2_services_are_neither_routed_nor_hidden_from_the_agent() {
     let c = cfg(&format!(
-        "{NODE}{BGP}services:\n  - {{name: l2, vips: [192.0.2.50], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}]}}\n  - {{name: r, vips: [198.51.100.8], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}], announce: bgp}}\n  - {{name: both, vips: [192.0.2.51], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}], announce: both}}\n"
+        "{NODE}{BGP}services:\n  - {{name: l2, vips: [192.0.2.50], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}]}}\n  - {{name: r, vips: [198.51.100.8], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}], announce: bgp}}\n  - {{name: both, vips: [192.0.2.51], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}], announce: both}}\n  - {{name: one, vips: [198.51.100.9], ports: [{{port: 80}}], backends: [{{address: 10.0.0.1}}], announce: bgp, bgp: {{owner_only: true}}}}\n"
     ));
     let d = decide(&c, &me(), &HealthView::new(), &OwnershipView::new(), false);
     let vips: Vec<String> = d.keys().map(ToString::to_string).collect();
-    assert_eq!(vips, ["192.0.2.51", "198.51.100.8"]);
+    assert_eq!(vips, ["192.0.2.51", "198.51.100.8", "198.51.100.9"]);
+    // the agent sees `one` too: it elects its owner (and its announcers skip it)
     let names: Vec<String> = l2_view(&c).services.into_iter().map(|s| s.name).collect();
-    assert_eq!(names, ["l2", "both"]);
+    assert_eq!(names, ["l2", "both", "one"]);
 }
 
 #[test]

@@ -227,7 +227,7 @@ pub(super) fn decode_service_bgp(cx: &mut Cx, n: &Node, p: &str) -> Option<Servi
 }
 
 /// Cross-field checks of the BGP settings: a `bgp`/`both` service needs the `bgp:` section,
-/// service `bgp:` settings need a BGP mode, `owner_only` needs the L2 owner (`both`), peer
+/// service `bgp:` settings need a BGP mode, peer
 /// names and addresses are unique, and a router id exists.
 pub(super) fn validate(
     cx: &mut Cx,
@@ -256,13 +256,6 @@ pub(super) fn validate(
                 &format!("{p}.bgp"),
                 at(&p),
                 "bgp settings apply to announce: bgp or both; add announce: bgp",
-            );
-        }
-        if s.bgp.owner_only && s.announce == AnnounceMode::Bgp {
-            cx.err(
-                &format!("{p}.bgp.owner_only"),
-                at(&p),
-                "owner_only announces from the L2 owner; write announce: both, or drop owner_only to announce from every serving node",
             );
         }
     }

@@ -203,6 +203,8 @@ pub struct Lab {
     pub health: String,
     /// Each node's `shutdown.drain_timeout`.
     pub drain: String,
+    /// The service's `bgp:` settings (flow YAML, empty: none), e.g. `{owner_only: true}`.
+    pub service_bgp: String,
     // dropped before the namespaces (fields drop in order): processes first
     /// Per node: its `portico` process.
     pub nodes: Vec<Proc>,
@@ -245,6 +247,7 @@ impl Lab {
             kernel: false,
             health: "{type: tcp, interval: 200ms, timeout: 100ms, rise: 1, fall: 1}".into(),
             drain: "5s".into(),
+            service_bgp: String::new(),
             nodes: Vec::new(),
             bird: None,
         };
@@ -414,7 +417,7 @@ impl Lab {
              \x20   - {{name: tor6, address: \"fd78::1\", asn: 64500, hold_time: 9s}}\n\
              shutdown: {{drain_timeout: {drain}}}\n\
              services:\n  - name: web\n    vips: [{VIP4}, \"{VIP6}\"]\n    ports: [{{port: 80, target_port: 8080}}]\n\
-             \x20   backends: [{{name: local, address: {backend}}}]\n    announce: bgp\n{forwarding}\
+             \x20   backends: [{{name: local, address: {backend}}}]\n    announce: bgp\n{forwarding}{service_bgp}\
              \x20   health_check: {health}\n",
             drain = self.drain,
             backend = if self.kernel {
@@ -428,6 +431,11 @@ impl Lab {
                 ""
             },
             health = self.health,
+            service_bgp = if self.service_bgp.is_empty() {
+                String::new()
+            } else {
+                format!("    bgp: {}\n", self.service_bgp)
+            },
         );
         let path = self.dir.join(format!("n{i}.yaml"));
         std::fs::write(&path, yaml).expect("node config");
