@@ -1629,7 +1629,8 @@ fn next_hops(router: &str, vip: &str) -> (Vec<String>, String) {
 /// BGPPeers (IPv4 and IPv6, the TCP MD5 password in a Secret) and a BGPAdvertisement of a
 /// dual-stack pool: a peer whose Secret is missing is not configured and the error says so;
 /// with the Secret the sessions establish (BIRD requires the password), the router has a
-/// next hop per node for both addresses, and clients behind it reach both.
+/// next hop per node for both addresses, and clients behind it reach both; an advertisement
+/// limited to the IPv4 `BGPPeer` (`peers`) takes the IPv6 route out of the router's FIB.
 async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
     if !can_run() {
         return;
@@ -1850,6 +1851,42 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
                 "after the bad edit: {}",
                 sva["status"]
             );
+        }
+    }
+
+    // the advertisement limited to the BGPPeer `tor` (`peers`, the IPv4 session): the IPv6
+    // route, which only `tor6` carries, leaves the router's FIB; the IPv4 one keeps both next
+    // hops and every session stays up
+    c.server
+        .apply_yaml(&BGP_YAML.replace(
+            "ipAddressPools: [default]\n",
+            "ipAddressPools: [default]\n  peers: [tor]\n",
+        ))
+        .expect("BGPAdvertisement with peers");
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs(20);
+    loop {
+        let (_, route6) = next_hops(&router, &vip6);
+        if route6.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "peers: [tor]: the IPv6 route stays: {route6}\nbird:\n{}",
+            bird.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "peers: [tor]: IPv6 route withdrawn after {:?}",
+        t0.elapsed()
+    );
+    let (hops, route) = next_hops(&router, &vip);
+    assert_eq!(hops, ["10.77.0.11", "10.77.0.12"], "peers: [tor]: {route}");
+    let sva = c.announcement("shop", "web").unwrap_or_default();
+    for e in sva["status"]["nodes"].as_array().into_iter().flatten() {
+        for s in e["bgp"]["sessions"].as_array().into_iter().flatten() {
+            assert_eq!(s["state"], "established", "peers: [tor]: {}", sva["status"]);
         }
     }
     c.assert_rbac_was_enough();
