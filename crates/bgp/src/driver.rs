@@ -315,6 +315,7 @@ mod tests {
             communities: vec![],
             local_pref: None,
             restart_time: None,
+            name: "r1".into(),
         });
         let vip = |s: &str| Prefix::host(s.parse().unwrap());
         let routes_of = |v: &[&str]| -> Arc<Routes> {

@@ -62,6 +62,8 @@ pub struct Config {
     pub local_pref: Option<u32>,
     /// Graceful restart time advertised (RFC 4724), if any.
     pub restart_time: Option<u16>,
+    /// The peer's name: routes limited to other peers ([`RouteAttrs::peers`]) are not sent.
+    pub name: String,
 }
 
 /// Session states (RFC 4271 §8.2.2; Connect and Active are one here: the driver connects or
@@ -509,22 +511,33 @@ impl Session {
         out
     }
 
-    /// The routes the peer gets: those of a family it negotiated and has a next hop for,
-    /// whose attributes fit in an UPDATE.
+    /// The routes the peer gets: those for every peer or for this one by name, of a family it
+    /// negotiated and has a next hop for, whose attributes fit in an UPDATE. The peer set is
+    /// left out of the result, so a route that stays with this peer when its set changes is
+    /// not announced again.
     fn wanted(&self) -> Routes {
         let v4 = self.v4 && self.next_hop_v4().is_some();
         let v6 = self.v6 && self.next_hop_v6().is_some();
         self.routes
             .iter()
             .filter(|(p, a)| {
-                (if p.addr().is_ipv4() { v4 } else { v6 })
+                a.peers.as_ref().is_none_or(|set| set.contains(&self.cfg.name))
+                    && (if p.addr().is_ipv4() { v4 } else { v6 })
                     // 4,096 octets less the header, the fixed attributes, a next hop and one
                     // prefix leave ~3,900 octets: 4 per community, 12 per large community.
                     && 4 * (a.communities.len() + self.cfg.communities.len())
                         + 12 * a.large_communities.len()
                         <= 3_800
             })
-            .map(|(p, a)| (*p, a.clone()))
+            .map(|(p, a)| {
+                (
+                    *p,
+                    RouteAttrs {
+                        peers: None,
+                        ..a.clone()
+                    },
+                )
+            })
             .collect()
     }
 

@@ -12,7 +12,7 @@ mod bfd;
 pub mod metrics;
 pub mod net;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -162,6 +162,10 @@ pub struct RouteAttrs {
     pub local_pref: Option<u32>,
     /// MULTI_EXIT_DISC.
     pub med: Option<u32>,
+    /// The peers (by [`PeerConfig::name`]) the route goes to; `None`: every peer. A session
+    /// whose peer is not in the set never gets the route (and withdraws it when the set
+    /// changes).
+    pub peers: Option<BTreeSet<String>>,
 }
 
 /// The routes announced: host routes /32 and /128 (aggregation may give shorter ones).
@@ -285,6 +289,7 @@ fn session_config(p: &PeerConfig) -> session::Config {
         },
         communities: Vec::new(),
         local_pref: None,
+        name: p.name.clone(),
         restart_time: p
             .graceful_restart
             .map(|d| u16::try_from(d.as_secs().min(4095)).unwrap_or(4095)),

@@ -122,6 +122,7 @@ impl Driver {
             communities: vec![(OURS << 16) | 100],
             local_pref: None,
             restart_time: Some(120),
+            name: "peer".into(),
         });
         assert_eq!(s.start(Instant::now()), [Action::Connect]);
         let stream = connect(port);

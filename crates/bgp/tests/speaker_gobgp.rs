@@ -100,6 +100,7 @@ fn gobgp_gets_routes_from_an_active_and_a_passive_md5_speaker() {
         large_communities: vec![[65002, 1, 2]],
         local_pref: None,
         med: Some(20),
+        peers: None,
     };
     let routes: Routes = [
         (vip("198.51.100.7"), attrs.clone()),

@@ -1,5 +1,5 @@
 //! The agent's source: Services, EndpointSlices, Nodes, IPPools, L2Announcements, BGPPeers,
-//! BGPAdvertisements (see [`bgp`]) and the gossip Secret, turned into the same [`model::Desired`] the standalone config produces.
+//! BGPAdvertisements (see [`bgp`]), the gossip Secret and the Secrets `BGPPeer`s name, turned into the same [`model::Desired`] the standalone config produces.
 //!
 //! [`build`] is pure: a [`Snapshot`] of the caches in, a [`model::Config`] out. [`spawn`] keeps the
 //! caches from watches and publishes a new [`Desired`] whenever the config changes. When the API
@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub bgp_peers: BTreeMap<String, BGPPeer>,
     /// BGP advertisements by name.
     pub bgp_ads: BTreeMap<String, BGPAdvertisement>,
+    /// The Secrets in portico's namespace by name (a `BGPPeer`'s `passwordSecret`).
+    pub bgp_secrets: BTreeMap<String, Secret>,
     /// The last valid spec of each BGP resource (kept by [`Source`]).
     pub bgp_last_good: bgp::LastGood,
 }
@@ -528,6 +530,7 @@ struct Buffers {
     secret: Option<Vec<Secret>>,
     bgp_peers: Option<Vec<BGPPeer>>,
     bgp_ads: Option<Vec<BGPAdvertisement>>,
+    bgp_secrets: Option<Vec<Secret>>,
 }
 
 /// One decoded watch event of any kind the agent watches.
@@ -551,10 +554,12 @@ pub enum Input {
     BgpPeer(Event<BGPPeer>),
     /// BGPAdvertisements.
     BgpAdvertisement(Event<BGPAdvertisement>),
+    /// Secrets in portico's namespace (`BGPPeer.passwordSecret`).
+    BgpSecret(Event<Secret>),
 }
 
 /// The kinds that must be listed before the first config is published.
-const KINDS: [&str; 8] = [
+const KINDS: [&str; 9] = [
     "services",
     "endpointslices",
     "nodes",
@@ -563,6 +568,7 @@ const KINDS: [&str; 8] = [
     "secret",
     "bgppeers",
     "bgpadvertisements",
+    "secrets",
 ];
 
 fn apply_event<K: kube::Resource + Clone>(
@@ -732,6 +738,17 @@ impl Source {
                 s.bgp_ads = by_name(&m);
                 ("bgpadvertisements", d)
             }
+            Input::BgpSecret(ev) => {
+                // namespaced: keyed as `apply_event` keys watch events
+                let mut m = s
+                    .bgp_secrets
+                    .iter()
+                    .map(|(k, v)| ((v.namespace().unwrap_or_default(), k.clone()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.bgp_secrets, &mut m);
+                s.bgp_secrets = by_name(&m);
+                ("secrets", d)
+            }
             Input::Secret(ev) => {
                 // Keyed as `apply_event` keys watch events: by the object's own namespace.
                 let mut m: BTreeMap<(String, String), Secret> = s
@@ -819,6 +836,14 @@ pub fn inputs(
             "bgpadvertisements",
         )
         .map(Input::BgpAdvertisement)
+        .boxed(),
+        // every Secret of the namespace: a BGPPeer's passwordSecret may name any of them
+        w(
+            Api::<Secret>::namespaced(c.clone(), namespace),
+            cfg.clone(),
+            "secrets",
+        )
+        .map(Input::BgpSecret)
         .boxed(),
         w(
             Api::<Secret>::namespaced(c, namespace),

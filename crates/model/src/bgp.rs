@@ -223,6 +223,9 @@ pub struct ServiceBgp {
     /// The same for IPv6 VIPs; `None`: 128.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregation_length_v6: Option<u8>,
+    /// The peers (`bgp.peers[].name`) the routes go to; empty: every peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 impl ServiceBgp {

@@ -58,23 +58,40 @@ pub fn peers_of(cfg: &Config) -> Vec<PeerConfig> {
 
 /// The routes to announce: per announced VIP its prefix (a host route, or the VIP masked to
 /// the service's aggregation length: VIPs of one aggregate make one route), with its
-/// service's attributes.
+/// service's attributes and the peers it goes to (`bgp.peers` of the service; none named:
+/// every peer). An aggregate of several services goes to the peers of each of them.
 pub fn routes_of(d: &RouteDecisions) -> Routes {
-    d.iter()
-        .filter(|(_, r)| r.announced())
-        .map(|(vip, r)| {
-            let (addr, len) = model::bgp::announced_prefix(*vip, &r.attrs);
-            (
-                Prefix::new(addr, len).unwrap_or_else(|| Prefix::host(*vip)),
-                RouteAttrs {
-                    communities: r.attrs.communities.iter().map(|c| c.0).collect(),
-                    large_communities: r.attrs.large_communities.iter().map(|c| c.0).collect(),
-                    local_pref: r.attrs.local_pref,
-                    med: r.attrs.med,
-                },
-            )
-        })
-        .collect()
+    let mut out = Routes::new();
+    for (vip, r) in d.iter().filter(|(_, r)| r.announced()) {
+        let (addr, len) = model::bgp::announced_prefix(*vip, &r.attrs);
+        let prefix = Prefix::new(addr, len).unwrap_or_else(|| Prefix::host(*vip));
+        let peers: Option<BTreeSet<String>> =
+            (!r.attrs.peers.is_empty()).then(|| r.attrs.peers.iter().cloned().collect());
+        let attrs = RouteAttrs {
+            communities: r.attrs.communities.iter().map(|c| c.0).collect(),
+            large_communities: r.attrs.large_communities.iter().map(|c| c.0).collect(),
+            local_pref: r.attrs.local_pref,
+            med: r.attrs.med,
+            peers,
+        };
+        match out.get_mut(&prefix) {
+            None => {
+                out.insert(prefix, attrs);
+            }
+            Some(have) => {
+                // the last VIP's attributes (as before), the union of the peers
+                let peers = match (have.peers.take(), attrs.peers.clone()) {
+                    (Some(mut a), Some(b)) => {
+                        a.extend(b);
+                        Some(a)
+                    }
+                    _ => None,
+                };
+                *have = RouteAttrs { peers, ..attrs };
+            }
+        }
+    }
+    out
 }
 
 /// The channels the decision task writes.
@@ -375,6 +392,7 @@ mod tests {
         assert_eq!(a.communities, vec![64512 << 16 | 100]);
         assert_eq!(a.large_communities, vec![[64512, 1, 2]]);
         assert_eq!((a.local_pref, a.med), (Some(200), Some(10)));
+        assert_eq!(a.peers, None, "no peers named: every peer");
         // stopping withdraws every route
         let d = model::bgp::decide(
             &cfg,
@@ -394,6 +412,38 @@ mod tests {
         assert_eq!(names, ["l2"]);
         let none = parse("services: []\n", &Environment::default()).unwrap();
         assert!(peers_of(&none).is_empty());
+    }
+
+    #[test]
+    fn routes_go_to_the_named_peers_and_an_aggregate_to_the_union() {
+        let src = "node: {name: n1, interfaces: [{name: eth0, addresses: [192.0.2.10/24]}]}\nbgp:\n  asn: 64512\n  peers:\n    - {name: tor1, address: 192.0.2.1, asn: 64512}\n    - {name: tor2, address: 192.0.2.2, asn: 64512}\n    - {name: tor3, address: 192.0.2.3, asn: 64512}\nservices:\n  - {name: one, vips: [198.51.100.7], ports: [{port: 80}], backends: [{address: 10.0.0.1}], announce: bgp, bgp: {peers: [tor1]}}\n  - {name: agg1, vips: [203.0.113.1], ports: [{port: 80}], backends: [{address: 10.0.0.1}], announce: bgp, bgp: {peers: [tor2], aggregation_length: 24}}\n  - {name: agg2, vips: [203.0.113.2], ports: [{port: 80}], backends: [{address: 10.0.0.1}], announce: bgp, bgp: {peers: [tor3], aggregation_length: 24}}\n  - {name: all, vips: [192.0.2.99], ports: [{port: 80}], backends: [{address: 10.0.0.1}], announce: bgp}\n";
+        let cfg = parse(src, &Environment::default()).unwrap();
+        let d = model::bgp::decide(
+            &cfg,
+            &cfg.node.name,
+            &HealthView::new(),
+            &OwnershipView::new(),
+            false,
+        );
+        let routes = routes_of(&d);
+        let got: Vec<(String, Option<Vec<String>>)> = routes
+            .iter()
+            .map(|(p, a)| {
+                (
+                    p.to_string(),
+                    a.peers.as_ref().map(|s| s.iter().cloned().collect()),
+                )
+            })
+            .collect();
+        let set = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            got,
+            [
+                ("192.0.2.99/32".to_string(), None),
+                ("198.51.100.7/32".to_string(), set(&["tor1"])),
+                ("203.0.113.0/24".to_string(), set(&["tor2", "tor3"])),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,11 @@
 //! 127.0.0.1:8080 inside the node's namespace answering `node-<i>`. Every namespace and
 //! process is removed by Drop guards.
 //!
+//! A second test peers one node with two routers (BIRD in each of two router namespaces) and
+//! limits one service to one of them (`services[].bgp.peers`): the VIP reaches only that
+//! router's RIB and FIB, and a live reload that moves the limit withdraws it there and
+//! announces it to the other, while an unlimited service stays with both.
+//!
 //! Needs root, `ip`, `bird` and `curl`: without them the test prints `skipped: …` and returns,
 //! unless `PORTICO_CI` is set, when it fails.
 
@@ -25,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::bgplab::{Lab, VIP4, VIP6, can_run};
+use common::bgplab::{Lab, Proc, VIP4, VIP6, can_run, in_ns, ip};
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,4 +210,204 @@ async fn ecmp_across_serving_nodes_withdraw_and_graceful_stop() {
     lab.wait_next_hops(VIP4, &["10.78.0.12"], Duration::from_secs(10))
         .await;
     println!("graceful stop: {ok} requests, 0 failed; node 1 exited after {took:?}");
+}
+
+/// Namespaces and a directory removed on drop (after the processes, declared later so
+/// dropped first).
+struct Namespaces(Vec<String>, std::path::PathBuf);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in self.0.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+/// The node's config: peers `tor-a` and `tor-b`, service `limited` (VIP 10.79.100.1) sent to
+/// `limit` only, service `every` (10.79.100.2) to every peer.
+fn two_router_config(limit: &str) -> String {
+    format!(
+        "node: {{name: n1}}\n\
+         bgp:\n  asn: 64512\n  router_id: 10.79.1.2\n  graceful_stop_grace: 0s\n  peers:\n\
+         \x20   - {{name: tor-a, address: 10.79.1.1, asn: 64500, source: 10.79.1.2, hold_time: 9s}}\n\
+         \x20   - {{name: tor-b, address: 10.79.2.1, asn: 64501, source: 10.79.2.2, hold_time: 9s}}\n\
+         services:\n\
+         \x20 - {{name: limited, vips: [10.79.100.1], ports: [{{port: 80}}], backends: [{{address: 127.0.0.1}}], health_check: {{type: none}}, announce: bgp, bgp: {{peers: [{limit}]}}}}\n\
+         \x20 - {{name: every, vips: [10.79.100.2], ports: [{{port: 80}}], backends: [{{address: 127.0.0.1}}], health_check: {{type: none}}, announce: bgp}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_limited_to_one_peer_reaches_only_that_router_and_moves_on_reload() {
+    if !can_run() {
+        return;
+    }
+    let prefix = format!("pp{}", std::process::id() % 100_000);
+    let (node, ra, rb) = (
+        format!("{prefix}-n"),
+        format!("{prefix}-ra"),
+        format!("{prefix}-rb"),
+    );
+    let dir = std::env::temp_dir().join(format!("portico-bgp-{prefix}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut made = Namespaces(Vec::new(), dir.clone());
+    for ns in [&node, &ra, &rb] {
+        ip(&["netns", "add", ns]);
+        made.0.push(ns.clone());
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    // router X (a: 10.79.1.0/24, b: 10.79.2.0/24) <-> the node's eth-X
+    let mut procs: Vec<Proc> = Vec::new();
+    for (x, r, net, asn) in [("a", &ra, 1, 64500), ("b", &rb, 2, 64501)] {
+        let dev = format!("eth-{x}");
+        ip(&[
+            "-n", r, "link", "add", "eth0", "type", "veth", "peer", "name", &dev, "netns", &node,
+        ]);
+        ip(&[
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("10.79.{net}.1/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", r, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("10.79.{net}.2/24"),
+            "dev",
+            &dev,
+        ]);
+        ip(&["-n", &node, "link", "set", &dev, "up"]);
+        let conf = format!(
+            "log stderr all;\nrouter id 10.79.{net}.1;\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel k4 {{ ipv4 {{ import none; export all; }}; }}\n\
+             protocol bgp n1 {{ local as {asn}; neighbor 10.79.{net}.2 as 64512; hold time 9; connect retry time 1; error wait time 1, 5; ipv4 {{ import all; export none; }}; }}\n"
+        );
+        let path = dir.join(format!("bird-{x}.conf"));
+        std::fs::write(&path, conf).expect("bird.conf");
+        let sock = dir.join(format!("bird-{x}.ctl"));
+        procs.push(Proc::spawn(
+            r,
+            &[
+                "bird",
+                "-f",
+                "-c",
+                path.to_str().unwrap(),
+                "-s",
+                sock.to_str().unwrap(),
+                "-P",
+                dir.join(format!("bird-{x}.pid")).to_str().unwrap(),
+            ],
+            dir.join(format!("bird-{x}.log")),
+        ));
+    }
+    let cfg = dir.join("n1.yaml");
+    std::fs::write(&cfg, two_router_config("tor-a")).expect("node config");
+    let exe = env!("CARGO_BIN_EXE_portico");
+    procs.push(Proc::spawn(
+        &node,
+        &[exe, "run", "--config", cfg.to_str().unwrap()],
+        dir.join("n1.log"),
+    ));
+    let fib = |r: &str, vip: &str| in_ns(r, &["ip", "-4", "route", "show", vip]).1;
+    let rib = |x: &str| {
+        let sock = dir.join(format!("bird-{x}.ctl"));
+        let r = if x == "a" { &ra } else { &rb };
+        in_ns(
+            r,
+            &[
+                "birdc",
+                "-s",
+                sock.to_str().unwrap(),
+                "show",
+                "route",
+                "all",
+            ],
+        )
+        .1
+    };
+    let logs = |procs: &[Proc]| {
+        procs
+            .iter()
+            .map(Proc::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let (limited, every) = ("10.79.100.1", "10.79.100.2");
+
+    // 1. limited to tor-a: a has both VIPs; b has `every` (its session is up and in sync) and,
+    //    checked at every poll and once more after a further second, never `limited`
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a1, a2, b1, b2) = (
+            fib(&ra, limited),
+            fib(&ra, every),
+            fib(&rb, limited),
+            fib(&rb, every),
+        );
+        assert!(
+            b1.is_empty(),
+            "router b got the limited VIP: {b1}\n{}",
+            rib("b")
+        );
+        if a1.contains("via 10.79.1.2")
+            && a2.contains("via 10.79.1.2")
+            && b2.contains("via 10.79.2.2")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a: {a1:?} {a2:?}, b: {b1:?} {b2:?}\n{}",
+            logs(&procs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(fib(&rb, limited).is_empty());
+    let (rib_a, rib_b) = (rib("a"), rib("b"));
+    assert!(rib_a.contains("10.79.100.1/32"), "{rib_a}");
+    assert!(!rib_b.contains("10.79.100.1/32"), "{rib_b}");
+    assert!(rib_b.contains("10.79.100.2/32"), "{rib_b}");
+
+    // 2. a live reload moves the limit to tor-b: withdrawn from a, announced to b; `every`
+    //    stays on both
+    let tmp = dir.join("n1.yaml.new");
+    std::fs::write(&tmp, two_router_config("tor-b")).expect("node config");
+    std::fs::rename(&tmp, &cfg).expect("replace config");
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(20);
+    loop {
+        let (a1, b1) = (fib(&ra, limited), fib(&rb, limited));
+        if a1.is_empty() && b1.contains("via 10.79.2.2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the reload: a {a1:?}, b {b1:?}\n{}",
+            logs(&procs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "limit moved from tor-a to tor-b {:?} after the reload",
+        t0.elapsed()
+    );
+    assert!(fib(&ra, every).contains("via 10.79.1.2"));
+    assert!(fib(&rb, every).contains("via 10.79.2.2"));
+    assert!(
+        procs[2].log().contains("generation=2"),
+        "{}",
+        procs[2].log_tail()
+    );
+    drop(procs);
+    drop(made);
 }

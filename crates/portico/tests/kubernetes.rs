@@ -6,7 +6,9 @@
 //! Network: namespace `<p>-br` holds bridge `br0`; nodes `<p>-n1..3` (eth0 10.77.0.11-13/24),
 //! controller replicas' pod networks `<p>-k0..` (10.77.0.50+/24), client `<p>-c`
 //! (10.77.0.100/24) and a veth into the root namespace (10.77.0.1/24, where the API server
-//! listens) are its ports. Every namespace, link and process is removed by Drop guards.
+//! listens) are its ports. The BGP test adds a router `<p>-r` on the bridge (10.77.0.2/24,
+//! fd77::2/64; the nodes get fd77::1<i>/64) with a client `<p>-rc` behind it (10.79.0.2/24,
+//! fd79::2/64). Every namespace, link and process is removed by Drop guards.
 //!
 //! Needs root, `ip`, `arping` and `curl`: without them the tests print `skipped: …` and return,
 //! unless `PORTICO_CI` is set, when they fail.
@@ -578,19 +580,28 @@ impl Cluster {
     /// Like [`Cluster::service`] with an `externalTrafficPolicy` and endpoints only on the
     /// given nodes `(node, ready)`.
     fn service_with(&self, ns: &str, name: &str, etp: &str, on: &[(usize, bool)]) {
+        self.service_families(ns, name, etp, on, false);
+    }
+
+    /// Like [`Cluster::service_with`]; `dual`: `ipFamilyPolicy: RequireDualStack` with
+    /// `ipFamilies: [IPv4, IPv6]` (the endpoints stay IPv4: the balancer proxies).
+    fn service_families(&self, ns: &str, name: &str, etp: &str, on: &[(usize, bool)], dual: bool) {
         if self.server.get("v1", "Namespace", None, ns).is_none() {
             self.server
                 .inject(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
                 .expect("namespace");
         }
-        self.server
-            .inject(json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {"type": "LoadBalancer", "loadBalancerClass": LB_CLASS, "selector": {"app": name}, "externalTrafficPolicy": etp,
-                         "ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT, "protocol": "TCP"}]},
-            }))
-            .expect("Service");
+        let mut svc = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": LB_CLASS, "selector": {"app": name}, "externalTrafficPolicy": etp,
+                     "ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT, "protocol": "TCP"}]},
+        });
+        if dual {
+            svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+            svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        }
+        self.server.inject(svc).expect("Service");
         let endpoints: Vec<Value> = on
             .iter()
             .map(|&(i, ready)| {
@@ -1394,8 +1405,9 @@ async fn rolling_update_hands_the_lease_over_at_once() {
     println!("allocated {:?} after the leader's SIGTERM", t0.elapsed());
 }
 
-/// BGP as a user sets it up: a top-of-rack router peering with every node, and an
-/// advertisement of the default pool.
+/// BGP as a user sets it up: a top-of-rack router peering with every node over IPv4 and
+/// IPv6 (TCP MD5, the password in a Secret as MetalLB has it), and an advertisement of the
+/// default pool.
 const BGP_YAML: &str = "\
 apiVersion: portico.dev/v1alpha1
 kind: BGPPeer
@@ -1405,6 +1417,17 @@ spec:
   peerASN: 64500
   peerAddress: 10.77.0.2
   holdTime: 9s
+  passwordSecret: {name: tor-md5, namespace: portico-system}
+---
+apiVersion: portico.dev/v1alpha1
+kind: BGPPeer
+metadata: {name: tor6}
+spec:
+  myASN: 64512
+  peerASN: 64500
+  peerAddress: fd77::2
+  holdTime: 9s
+  passwordSecret: {name: tor-md5, namespace: portico-system}
 ---
 apiVersion: portico.dev/v1alpha1
 kind: BGPAdvertisement
@@ -1413,14 +1436,37 @@ spec:
   ipAddressPools: [default]
 ";
 
+/// The TCP MD5 password of both sessions, as `kubectl create secret generic tor-md5
+/// --type=kubernetes.io/basic-auth --from-literal=password=…` makes it.
+const BGP_SECRET_YAML: &str = "\
+apiVersion: v1
+kind: Secret
+metadata: {name: tor-md5, namespace: portico-system}
+type: kubernetes.io/basic-auth
+stringData: {password: t0r-md5-Secret}
+";
+
+/// The default pool with an IPv6 range as well, for the dual-stack Service of the BGP test.
+const DUAL_POOL_YAML: &str = "\
+apiVersion: portico.dev/v1alpha1
+kind: IPPool
+metadata: {name: default}
+spec:
+  addresses: [10.77.0.200-10.77.0.220, fd77:100::10-fd77:100::20]
+";
+
 /// The router's address on the cluster bridge, and the client network behind it.
 const ROUTER_IP: &str = "10.77.0.2";
 const ROUTED_CLIENT: &str = "10.79.0.2";
+/// The same over IPv6 (the nodes get fd77::1<i>/64 next to their IPv4 address).
+const ROUTER_IP6: &str = "fd77::2";
+const ROUTED_CLIENT6: &str = "fd79::2";
 
 impl Cluster {
-    /// A router namespace on the bridge (eth0 10.77.0.2/24, forwarding) with a client namespace
-    /// behind it (10.79.0.2/24, default route through the router); the nodes route the client
-    /// network through it. Returns (router, client) namespaces.
+    /// A router namespace on the bridge (eth0 10.77.0.2/24 and fd77::2/64, forwarding) with a
+    /// client namespace behind it (10.79.0.2/24 and fd79::2/64, default routes through the
+    /// router); the nodes get fd77::1<i>/64 and route the client networks through it. Returns
+    /// (router, client) namespaces.
     fn routed_client(&mut self) -> (String, String) {
         let (r, c) = (
             format!("{}-r", self.net.prefix),
@@ -1443,11 +1489,28 @@ impl Cluster {
             "-qw",
             "net.ipv4.fib_multipath_hash_policy=1",
         ]);
+        for k in [
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ] {
+            ip(&["netns", "exec", &r, "sysctl", "-qw", k]);
+        }
+        ip(&[
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("{ROUTER_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         self.net.add_ns(&c);
         ip(&[
             "-n", &r, "link", "add", "cl", "type", "veth", "peer", "name", "eth0", "netns", &c,
         ]);
         ip(&["-n", &r, "addr", "add", "10.79.0.1/24", "dev", "cl"]);
+        ip(&["-n", &r, "addr", "add", "fd79::1/64", "dev", "cl", "nodad"]);
         ip(&["-n", &r, "link", "set", "cl", "up"]);
         ip(&[
             "-n",
@@ -1458,9 +1521,41 @@ impl Cluster {
             "dev",
             "eth0",
         ]);
+        ip(&[
+            "-n",
+            &c,
+            "addr",
+            "add",
+            &format!("{ROUTED_CLIENT6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", &c, "link", "set", "eth0", "up"]);
         ip(&["-n", &c, "route", "add", "default", "via", "10.79.0.1"]);
+        ip(&["-n", &c, "-6", "route", "add", "default", "via", "fd79::1"]);
         for i in 1..=self.agents.len() {
+            let node = self.net.node(i);
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("fd77::{}/64", 10 + i),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            ip(&[
+                "-n",
+                &node,
+                "-6",
+                "route",
+                "add",
+                "fd79::/64",
+                "via",
+                ROUTER_IP6,
+            ]);
             ip(&[
                 "-n",
                 &self.net.node(i),
@@ -1474,18 +1569,21 @@ impl Cluster {
         (r, c)
     }
 
-    /// BIRD 2 in the router namespace, peering with every node (AS 64500 to 64512) and
-    /// installing what it learns into the kernel with ECMP (`merge paths`).
-    fn start_bird(&self, router: &str) -> Proc {
+    /// BIRD 2 in the router namespace, peering with every node over IPv4 and IPv6 (AS 64500
+    /// to 64512, TCP MD5 with `password`) and installing what it learns into the kernel with
+    /// ECMP (`merge paths`).
+    fn start_bird(&self, router: &str, password: &str) -> Proc {
         let mut conf = format!(
             "log stderr all;\nrouter id {ROUTER_IP};\nprotocol device {{ scan time 1; }}\n\
              protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
-             template bgp node {{ local as 64500; hold time 9; connect retry time 1; error wait time 1, 5; }}\n"
+             protocol kernel k6 {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
+             template bgp node {{ local as 64500; hold time 9; connect retry time 1; error wait time 1, 5; password \"{password}\"; }}\n"
         );
         for i in 1..=self.agents.len() {
             conf.push_str(&format!(
-                "protocol bgp n{i} from node {{ neighbor 10.77.0.{} as 64512; ipv4 {{ import all; export none; }}; }}\n",
-                10 + i
+                "protocol bgp n{i} from node {{ neighbor 10.77.0.{n} as 64512; ipv4 {{ import all; export none; }}; }}\n\
+                 protocol bgp n{i}v6 from node {{ neighbor fd77::{n} as 64512; ipv6 {{ import all; export none; }}; }}\n",
+                n = 10 + i
             ));
         }
         let path = self.dir.join("bird.conf");
@@ -1513,9 +1611,10 @@ impl Cluster {
     }
 }
 
-/// The next hops of `router`'s route to `vip` (sorted).
+/// The next hops of `router`'s route to `vip` (sorted; IPv4 or IPv6 by the address).
 fn next_hops(router: &str, vip: &str) -> (Vec<String>, String) {
-    let route = in_ns(router, &["ip", "-4", "route", "show", vip]).1;
+    let fam = if vip.contains(':') { "-6" } else { "-4" };
+    let route = in_ns(router, &["ip", fam, "route", "show", vip]).1;
     let words: Vec<&str> = route.split_whitespace().collect();
     let mut hops: Vec<String> = words
         .windows(2)
@@ -1527,6 +1626,11 @@ fn next_hops(router: &str, vip: &str) -> (Vec<String>, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// BGPPeers (IPv4 and IPv6, the TCP MD5 password in a Secret) and a BGPAdvertisement of a
+/// dual-stack pool: a peer whose Secret is missing is not configured and the error says so;
+/// with the Secret the sessions establish (BIRD requires the password), the router has a
+/// next hop per node for both addresses, and clients behind it reach both; an advertisement
+/// limited to the IPv4 `BGPPeer` (`peers`) takes the IPv6 route out of the router's FIB.
 async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
     if !can_run() {
         return;
@@ -1546,52 +1650,105 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
     let _one = SERIAL.lock().await;
     let mut c = Cluster::start(2).await;
     let (router, client) = c.routed_client();
-    let mut bird = c.start_bird(&router);
-    // as a user would: kubectl apply -f bgp.yaml, then a LoadBalancer Service
+    let password = "t0r-md5-Secret";
+    let mut bird = c.start_bird(&router, password);
+    // a dual-stack pool; as a user would: kubectl apply -f bgp.yaml, forgetting the Secret
+    c.server
+        .apply_yaml(DUAL_POOL_YAML)
+        .expect("dual-stack pool");
     c.server
         .apply_yaml(BGP_YAML)
-        .expect("BGPPeer and BGPAdvertisement");
+        .expect("BGPPeers and BGPAdvertisement");
+    // no peer is configured without its password, and every agent says what to create
+    let said =
+        "BGPPeer/tor: spec.passwordSecret: no Secret `tor-md5` in portico's namespace; create it";
+    let until = Instant::now() + Duration::from_secs(20);
+    while !c
+        .agents
+        .iter()
+        .all(|a| std::fs::read_to_string(&a.log).is_ok_and(|l| l.contains(said)))
+    {
+        assert!(Instant::now() < until, "agents did not log `{said}`");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // the Secret (kubernetes.io/basic-auth, key password), then a dual-stack Service
+    c.server
+        .apply_yaml(BGP_SECRET_YAML)
+        .expect("password Secret");
     let created = Instant::now();
-    c.service("shop", "web", true);
-    let vip = c.wait_address("shop", "web", Duration::from_secs(30)).await;
-
-    // the router's FIB: one route, a next hop per node
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (hops, route) = next_hops(&router, &vip);
-        if hops == ["10.77.0.11", "10.77.0.12"] {
-            println!(
-                "router after {:?} from the Service's creation: {}",
-                created.elapsed(),
-                route.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
-            break;
+    c.service_families("shop", "web", "Cluster", &[(1, true), (2, true)], true);
+    let until = Instant::now() + Duration::from_secs(30);
+    let (vip, vip6) = loop {
+        let svc = c
+            .server
+            .get("v1", "Service", Some("shop"), "web")
+            .expect("Service exists");
+        let ips: Vec<String> = svc["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["ip"].as_str().map(String::from))
+            .collect();
+        if let (Some(v4), Some(v6)) = (
+            ips.iter().find(|a| !a.contains(':')),
+            ips.iter().find(|a| a.contains(':')),
+        ) {
+            break (v4.clone(), v6.clone());
         }
         assert!(
             Instant::now() < until,
-            "router route to {vip}: want a next hop per node, got {hops:?} ({route})\nbird:\n{}",
-            bird.log_tail()
+            "shop/web got no IPv4 and IPv6 address: {svc}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // the router's FIBs (IPv4 and IPv6): one route each, a next hop per node; the sessions
+    // are up, so both took the password from the Secret (BIRD requires TCP MD5)
+    let until = Instant::now() + Duration::from_secs(60);
+    for (addr, want) in [
+        (&vip, ["10.77.0.11", "10.77.0.12"]),
+        (&vip6, ["fd77::11", "fd77::12"]),
+    ] {
+        loop {
+            let (hops, route) = next_hops(&router, addr);
+            if hops == want {
+                println!(
+                    "router after {:?} from the Service's creation: {}",
+                    created.elapsed(),
+                    route.split_whitespace().collect::<Vec<_>>().join(" ")
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "router route to {addr}: want a next hop per node, got {hops:?} ({route})\nbird:\n{}",
+                bird.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     // nobody answers ARP for a BGP-only address
     assert!(c.arp_answers(&vip).is_empty(), "ARP answered for {vip}");
 
-    // a client behind the router reaches the Service
+    // a client behind the router reaches the Service, over IPv4 and IPv6
     let until = Instant::now() + Duration::from_secs(20);
     let mut answers = Vec::new();
-    while answers.len() < 10 {
-        let (ok, out) = in_ns(
-            &client,
-            &["curl", "-s", "-m", "2", &format!("http://{vip}/")],
-        );
-        if ok && out.starts_with("node-") {
-            answers.push(out.trim().to_string());
+    for (url, flag) in [
+        (format!("http://{vip}/"), "-4"),
+        (format!("http://[{vip6}]/"), "-6"),
+    ] {
+        let mut got = 0;
+        while got < 10 {
+            let (ok, out) = in_ns(&client, &["curl", flag, "-sg", "-m", "2", &url]);
+            if ok && out.starts_with("node-") {
+                answers.push(format!("{flag} {}", out.trim()));
+                got += 1;
+            }
+            assert!(
+                Instant::now() < until,
+                "curl {flag} from behind the router to {url}: {answers:?}"
+            );
         }
-        assert!(
-            Instant::now() < until,
-            "curl from behind the router to {vip}: {answers:?}"
-        );
     }
 
     // every node's entry: the route announced and its session established
@@ -1604,13 +1761,22 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
             .unwrap_or_default();
         let good = |node: &str| {
             nodes.iter().any(|e| {
+                let routes = e["bgp"]["routes"].as_array().cloned().unwrap_or_default();
+                let sessions = e["bgp"]["sessions"].as_array().cloned().unwrap_or_default();
                 e["node"] == node
-                    && e["bgp"]["routes"][0]["address"] == vip.as_str()
-                    && e["bgp"]["routes"][0]["reason"] == "announced"
-                    && e["bgp"]["sessions"][0]["peer"] == "tor"
-                    && e["bgp"]["sessions"][0]["state"] == "established"
-                    && e["bgp"]["sessions"][0]["prefixesSent"] == 1
-                    && e["bgp"]["sessions"][0]["since"].is_string()
+                    && [&vip, &vip6].iter().all(|a| {
+                        routes
+                            .iter()
+                            .any(|r| r["address"] == a.as_str() && r["reason"] == "announced")
+                    })
+                    && ["tor", "tor6"].iter().all(|p| {
+                        sessions.iter().any(|s| {
+                            s["peer"] == *p
+                                && s["state"] == "established"
+                                && s["prefixesSent"] == 1
+                                && s["since"].is_string()
+                        })
+                    })
             })
         };
         if good("node-1") && good("node-2") {
@@ -1671,13 +1837,57 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
         ["10.77.0.11", "10.77.0.12"],
         "after the bad edit: {route}"
     );
+    let (hops, route) = next_hops(&router, &vip6);
+    assert_eq!(
+        hops,
+        ["fd77::11", "fd77::12"],
+        "after the bad edit: {route}"
+    );
     let sva = c.announcement("shop", "web").unwrap_or_default();
     for e in sva["status"]["nodes"].as_array().into_iter().flatten() {
-        assert_eq!(
-            e["bgp"]["sessions"][0]["state"], "established",
-            "after the bad edit: {}",
-            sva["status"]
+        for s in e["bgp"]["sessions"].as_array().into_iter().flatten() {
+            assert_eq!(
+                s["state"], "established",
+                "after the bad edit: {}",
+                sva["status"]
+            );
+        }
+    }
+
+    // the advertisement limited to the BGPPeer `tor` (`peers`, the IPv4 session): the IPv6
+    // route, which only `tor6` carries, leaves the router's FIB; the IPv4 one keeps both next
+    // hops and every session stays up
+    c.server
+        .apply_yaml(&BGP_YAML.replace(
+            "ipAddressPools: [default]\n",
+            "ipAddressPools: [default]\n  peers: [tor]\n",
+        ))
+        .expect("BGPAdvertisement with peers");
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs(20);
+    loop {
+        let (_, route6) = next_hops(&router, &vip6);
+        if route6.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "peers: [tor]: the IPv6 route stays: {route6}\nbird:\n{}",
+            bird.log_tail()
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "peers: [tor]: IPv6 route withdrawn after {:?}",
+        t0.elapsed()
+    );
+    let (hops, route) = next_hops(&router, &vip);
+    assert_eq!(hops, ["10.77.0.11", "10.77.0.12"], "peers: [tor]: {route}");
+    let sva = c.announcement("shop", "web").unwrap_or_default();
+    for e in sva["status"]["nodes"].as_array().into_iter().flatten() {
+        for s in e["bgp"]["sessions"].as_array().into_iter().flatten() {
+            assert_eq!(s["state"], "established", "peers: [tor]: {}", sva["status"]);
+        }
     }
     c.assert_rbac_was_enough();
     bird.kill(sys::SIGKILL);

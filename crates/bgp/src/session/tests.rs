@@ -15,6 +15,7 @@ fn cfg() -> Config {
         communities: vec![],
         local_pref: None,
         restart_time: Some(120),
+        name: "r1".into(),
     }
 }
 
@@ -350,6 +351,7 @@ fn routes_are_grouped_by_attributes_and_a_changed_attribute_is_announced_again()
         large_communities: vec![[65002, 1, 2]],
         local_pref: None,
         med: Some(50),
+        peers: None,
     };
     let routes: Routes = [
         (vip("198.51.100.7"), RouteAttrs::default()),
@@ -455,4 +457,91 @@ proptest::proptest! {
             ),
         }
     }
+}
+
+/// A route limited to some peers by name.
+fn for_peers(names: &[&str]) -> RouteAttrs {
+    RouteAttrs {
+        peers: Some(names.iter().map(|n| n.to_string()).collect()),
+        ..RouteAttrs::default()
+    }
+}
+
+#[test]
+fn a_route_limited_to_other_peers_is_never_sent_and_withdrawn_when_the_limit_changes() {
+    let t0 = Instant::now();
+    // Routes for every peer, for this one (r1) only, and for another (r2) only.
+    let routes: Routes = [
+        (vip("198.51.100.7"), RouteAttrs::default()),
+        (vip("198.51.100.8"), for_peers(&["r1", "r3"])),
+        (vip("198.51.100.9"), for_peers(&["r2"])),
+        (vip("2001:db8:100::9"), for_peers(&["r2"])),
+    ]
+    .into();
+    let mut s = Session::new(cfg());
+    s.set_routes(Arc::new(routes.clone()));
+    s.start(t0);
+    s.connected(t0);
+    s.received(&peer_open(65001, 30), t0);
+    let m = sent(&s.received(&Message::Keepalive.encode(FOUR), t0));
+    let nlri: Vec<Prefix> = m
+        .iter()
+        .flat_map(|m| match m {
+            Message::Update(u) => u.nlri.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(nlri, [vip("198.51.100.7"), vip("198.51.100.8")], "{m:?}");
+    // one UPDATE for both (the peer set is not an attribute), then End-of-RIB per family
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert!(s.in_sync());
+    assert_eq!(s.prefixes_sent(), 2);
+
+    // The limit of .8 moves to r2 only: withdrawn from r1; .9 now for r1 as well: announced.
+    // .7 limited to r1 (still sent here): nothing goes out for it.
+    let mut changed = routes.clone();
+    changed.insert(vip("198.51.100.7"), for_peers(&["r1"]));
+    changed.insert(vip("198.51.100.8"), for_peers(&["r2"]));
+    changed.insert(vip("198.51.100.9"), for_peers(&["r1", "r2"]));
+    let m = sent(&s.set_routes(Arc::new(changed)));
+    assert_eq!(m.len(), 2, "one withdrawal, one announcement: {m:?}");
+    let Message::Update(w) = &m[0] else {
+        panic!("{m:?}")
+    };
+    assert_eq!(
+        (&w.withdrawn[..], &w.nlri[..]),
+        (&[vip("198.51.100.8")][..], &[][..])
+    );
+    let Message::Update(a) = &m[1] else {
+        panic!("{m:?}")
+    };
+    assert_eq!(a.nlri, [vip("198.51.100.9")]);
+    assert!(s.in_sync());
+    assert_eq!(s.prefixes_sent(), 2);
+
+    // Back to every peer: .8 returns, the IPv6 route for r2 stays away.
+    let mut every = changed_all(&routes);
+    every.insert(vip("2001:db8:100::9"), for_peers(&["r2"]));
+    let m = sent(&s.set_routes(Arc::new(every)));
+    assert!(
+        matches!(&m[..], [Message::Update(u)] if u.nlri == [vip("198.51.100.8")] && u.withdrawn.is_empty()),
+        "{m:?}"
+    );
+    assert_eq!(s.prefixes_sent(), 3);
+}
+
+/// `routes` with every limit removed.
+fn changed_all(routes: &Routes) -> Routes {
+    routes
+        .iter()
+        .map(|(p, a)| {
+            (
+                *p,
+                RouteAttrs {
+                    peers: None,
+                    ..a.clone()
+                },
+            )
+        })
+        .collect()
 }

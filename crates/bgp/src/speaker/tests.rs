@@ -239,6 +239,7 @@ async fn an_active_session_announces_routes_with_their_attributes_and_the_local_
         large_communities: vec![[65002, 7, 8]],
         local_pref: None,
         med: Some(10),
+        peers: None,
     };
     let r = spawn(
         Arc::new(TestBinder::new(9)),

@@ -57,6 +57,11 @@ pub struct BGPPeerSpec {
     /// TCP MD5 password (RFC 2385), inline as MetalLB's `password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// TCP MD5 password from a Secret in portico's namespace, as MetalLB's `passwordSecret`:
+    /// a `kubernetes.io/basic-auth` Secret whose key `password` holds it. Not together with
+    /// `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<k8s_openapi::api::core::v1::SecretReference>,
     /// BFD: `off` (the default), `default` (300 ms × 3), `fast` (10 ms × 3), or timers written
     /// `<interval>x<multiplier>`, e.g. `50msx3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,8 +127,8 @@ pub struct BGPAdvertisementSpec {
     /// answers ARP / NDP for it), not from every node that serves it.
     #[serde(default)]
     pub owner_only: bool,
-    /// Peers (`BGPPeer` names) to announce to; empty: every peer. Per-peer announcement is not
-    /// supported yet: an advertisement naming peers is refused with an error.
+    /// Peers (`BGPPeer` names) to announce the selected pools' addresses to; empty: every
+    /// peer. A name that is no peer of a node announces nothing to anyone from that node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
 }

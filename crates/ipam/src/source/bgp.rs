@@ -6,16 +6,22 @@
 //!   the first peer's `routerID`, else the Node's IPv4 `InternalIP`.
 //! - A Service whose pool a `BGPAdvertisement` selects is announced by BGP from the nodes its
 //!   `nodeSelectors` select; by L2 as well (`both`) when an `L2Announcement` selects it too.
-//!   Several advertisements: communities are merged, nodes united, and the first by name gives
-//!   the aggregation lengths and LOCAL_PREF.
+//!   Several advertisements: communities are merged, nodes united, peers united (`peers`:
+//!   `BGPPeer` names the routes go to; any advertisement without `peers` sends them to every
+//!   peer), and the first by name gives the aggregation lengths and LOCAL_PREF.
 //! - Every field is validated here; a resource with a bad value is reported (resource, field,
 //!   fix) and its last valid version, if any, stays in force ([`LastGood`]): a typo never
 //!   tears down a session that runs.
+//! - A `passwordSecret` is read from the Secrets of portico's namespace (type
+//!   `kubernetes.io/basic-auth`, key `password`, as MetalLB has it); a missing Secret or key
+//!   is a bad value like any other: a new peer is not configured, a running one keeps its last
+//!   valid password.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use model::bgp::{BfdProfile, Bgp, BgpPeer, Community, LargeCommunity, ServiceBgp};
@@ -182,6 +188,81 @@ pub fn peer(name: &str, spec: &BGPPeerSpec) -> Result<(BgpPeer, Vec<Selector>), 
     ))
 }
 
+/// The Secret type `passwordSecret` must have (MetalLB's rule).
+pub const PASSWORD_SECRET_TYPE: &str = "kubernetes.io/basic-auth";
+/// The key of that Secret holding the password.
+pub const PASSWORD_SECRET_KEY: &str = "password";
+
+/// `spec` with its `passwordSecret` read from `secrets` (portico's namespace, by name) into
+/// `password`, so the result stands on its own (and stays in force as the last valid version
+/// when the Secret later goes). A spec without `passwordSecret` comes back as it is.
+pub fn inline_password(
+    spec: &BGPPeerSpec,
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<BGPPeerSpec, String> {
+    let Some(r) = &spec.password_secret else {
+        return Ok(spec.clone());
+    };
+    let fix = format!(
+        "create it in portico's namespace with type {PASSWORD_SECRET_TYPE} and key {PASSWORD_SECRET_KEY}, e.g. kubectl -n <portico's namespace> create secret generic <name> --type={PASSWORD_SECRET_TYPE} --from-literal={PASSWORD_SECRET_KEY}=<password>"
+    );
+    if spec.password.is_some() {
+        return Err(
+            "spec.passwordSecret: set together with spec.password; keep one of them".to_string(),
+        );
+    }
+    let name = r.name.as_deref().map(str::trim).unwrap_or_default();
+    if name.is_empty() {
+        return Err(format!(
+            "spec.passwordSecret.name: missing; name the Secret holding the password ({fix})"
+        ));
+    }
+    let Some(secret) = secrets.get(name) else {
+        return Err(format!(
+            "spec.passwordSecret: no Secret `{name}` in portico's namespace; {fix}"
+        ));
+    };
+    let ns = secret.metadata.namespace.as_deref().unwrap_or_default();
+    if let Some(want) = r.namespace.as_deref().filter(|n| !n.is_empty())
+        && want != ns
+    {
+        return Err(format!(
+            "spec.passwordSecret.namespace: `{want}` is not portico's namespace `{ns}`; the agent reads Secrets of its own namespace only: move the Secret to `{ns}`"
+        ));
+    }
+    let kind = secret.type_.as_deref().unwrap_or("Opaque");
+    if kind != PASSWORD_SECRET_TYPE {
+        return Err(format!(
+            "spec.passwordSecret: Secret `{name}` has type {kind}, not {PASSWORD_SECRET_TYPE}; {fix}"
+        ));
+    }
+    let Some(value) = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(PASSWORD_SECRET_KEY))
+    else {
+        return Err(format!(
+            "spec.passwordSecret: Secret `{name}` has no key `{PASSWORD_SECRET_KEY}`; {fix}"
+        ));
+    };
+    let Ok(password) = String::from_utf8(value.0.clone()) else {
+        return Err(format!(
+            "spec.passwordSecret: key `{PASSWORD_SECRET_KEY}` of Secret `{name}` is not UTF-8 text; store the password as text"
+        ));
+    };
+    if password.is_empty() || password.len() > 80 {
+        return Err(format!(
+            "spec.passwordSecret: key `{PASSWORD_SECRET_KEY}` of Secret `{name}` holds {} bytes; a TCP MD5 key is 1-80 bytes",
+            password.len()
+        ));
+    }
+    Ok(BGPPeerSpec {
+        password: Some(password),
+        password_secret: None,
+        ..spec.clone()
+    })
+}
+
 /// `bfdProfile`: absent or `off`, `default`, `fast`, or `<interval>x<multiplier>`.
 fn bfd(s: Option<&str>) -> Result<Option<BfdProfile>, String> {
     let bad = |s: &str| {
@@ -255,11 +336,16 @@ pub fn advertisement(spec: &BGPAdvertisementSpec) -> Result<Advertisement, Vec<S
             Err(e) => errs.push(format!("spec.largeCommunities[{i}]: {e}")),
         }
     }
-    if !spec.peers.is_empty() {
-        errs.push(format!(
-            "spec.peers: announcing to some peers only ({}) is not supported yet; leave peers empty to announce to every peer",
-            spec.peers.join(", ")
-        ));
+    let mut peers: Vec<String> = Vec::new();
+    for (i, p) in spec.peers.iter().enumerate() {
+        let p = p.trim();
+        if p.is_empty() {
+            errs.push(format!(
+                "spec.peers[{i}]: empty; name a BGPPeer, or leave peers empty to announce to every peer"
+            ));
+        } else if !peers.iter().any(|have| have == p) {
+            peers.push(p.to_string());
+        }
     }
     let pool_selectors = selectors(
         &spec.ip_address_pool_selectors,
@@ -282,6 +368,7 @@ pub fn advertisement(spec: &BGPAdvertisementSpec) -> Result<Advertisement, Vec<S
             med: None,
             aggregation_length: spec.aggregation_length,
             aggregation_length_v6: spec.aggregation_length_v6,
+            peers,
         },
         pools: spec.ip_address_pools.clone(),
         pool_selectors,
@@ -289,7 +376,8 @@ pub fn advertisement(spec: &BGPAdvertisementSpec) -> Result<Advertisement, Vec<S
     })
 }
 
-/// What the BGP resources say, with the errors found and the specs that are valid now.
+/// What the BGP resources say, with the errors found and the specs that are valid now (a
+/// `passwordSecret` read into `password`, see [`inline_password`]).
 #[derive(Debug, Clone, Default)]
 pub struct Resolved {
     /// `BGPPeer` specs valid now (the next [`LastGood`] peers).
@@ -304,9 +392,12 @@ pub struct Resolved {
 pub fn resolve(snap: &Snapshot) -> Resolved {
     let mut out = Resolved::default();
     for (name, p) in &snap.bgp_peers {
-        match peer(name, &p.spec) {
-            Ok(_) => {
-                out.good_peers.insert(name.clone(), p.spec.clone());
+        let checked = inline_password(&p.spec, &snap.bgp_secrets)
+            .map_err(|e| vec![e])
+            .and_then(|spec| peer(name, &spec).map(|_| spec));
+        match checked {
+            Ok(spec) => {
+                out.good_peers.insert(name.clone(), spec);
             }
             Err(e) => {
                 let kept = snap.bgp_last_good.peers.get(name);
@@ -446,6 +537,17 @@ pub fn selection(
             None => attrs = Some(a.attrs),
             Some(have) => {
                 have.owner_only |= a.attrs.owner_only;
+                // every peer (empty) when either says so, else the union
+                if a.attrs.peers.is_empty() {
+                    have.peers.clear();
+                } else if !have.peers.is_empty() {
+                    for p in a.attrs.peers {
+                        if !have.peers.contains(&p) {
+                            have.peers.push(p);
+                        }
+                    }
+                    have.peers.sort();
+                }
                 for c in a.attrs.communities {
                     if !have.communities.contains(&c) {
                         have.communities.push(c);

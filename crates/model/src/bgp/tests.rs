@@ -71,7 +71,7 @@ fn every_field_is_read() {
         "{NODE}bgp:\n  asn: 4200000000\n  router_id: 10.9.9.9\n  graceful_stop_grace: 500ms\n  ecmp_rescue: false\n  peers:\n    - name: tor1\n      address: 192.0.2.1\n      asn: 64500\n      local_asn: 65001\n      port: 1179\n      source: 192.0.2.10\n      password_file: {}\n      hold_time: 9s\n      passive: true\n      multihop: 2\n      bfd: {{interval: 50ms, multiplier: 4}}\n      graceful_restart: off\n    - {{name: tor2, address: 2001:db8::1, asn: 64500, bfd: fast}}\n{}",
         dir.display(),
         service(
-            "    announce: both\n    bgp: {owner_only: true, communities: [\"64512:100\"], large_communities: [\"64512:1:2\"], local_pref: 200, med: 10, aggregation_length: 24, aggregation_length_v6: 64}\n"
+            "    announce: both\n    bgp: {owner_only: true, communities: [\"64512:100\"], large_communities: [\"64512:1:2\"], local_pref: 200, med: 10, aggregation_length: 24, aggregation_length_v6: 64, peers: [tor2]}\n"
         )
     );
     let c = cfg(&src);
@@ -109,6 +109,7 @@ fn every_field_is_read() {
             med: Some(10),
             aggregation_length: Some(24),
             aggregation_length_v6: Some(64),
+            peers: vec!["tor2".into()],
         }
     );
     assert_eq!(b.peers[0].local_asn, Some(65001));
@@ -157,6 +158,27 @@ fn mistakes_are_reported_at_their_field() {
         );
     }
     assert_eq!(got.len(), want.len(), "{got:#?}");
+}
+
+#[test]
+fn a_service_names_only_configured_peers() {
+    let got = errors(&format!(
+        "{NODE}{BGP}{}",
+        service("    announce: bgp\n    bgp: {peers: [tor1, tor9]}\n")
+    ));
+    assert_eq!(
+        got,
+        vec![
+            "services[0].bgp.peers[1]: no peer `tor9` in bgp.peers; name one of: tor1 (line 15, column 5)"
+        ]
+    );
+    let c = cfg(&format!(
+        "{NODE}{BGP}{}",
+        service("    announce: bgp\n    bgp: {peers: [tor1]}\n")
+    ));
+    assert_eq!(c.services[0].bgp.peers, vec!["tor1".to_string()]);
+    let printed = crate::config::to_yaml(&c);
+    assert!(printed.contains("    peers:\n    - tor1\n"), "{printed}");
 }
 
 #[test]

@@ -214,6 +214,9 @@ pub(super) fn decode_service_bgp(cx: &mut Cx, n: &Node, p: &str) -> Option<Servi
     let aggregation_length_v6 = m
         .opt(cx, "aggregation_length_v6", uint(0, 128))
         .map(|v| v as u8);
+    let peers = m
+        .opt(cx, "peers", |cx, n, p| Some(cx.list(n, p, label)))
+        .unwrap_or_default();
     m.finish(cx);
     Some(ServiceBgp {
         owner_only,
@@ -223,6 +226,7 @@ pub(super) fn decode_service_bgp(cx: &mut Cx, n: &Node, p: &str) -> Option<Servi
         med,
         aggregation_length,
         aggregation_length_v6,
+        peers,
     })
 }
 
@@ -266,6 +270,22 @@ pub(super) fn validate(
             at("bgp"),
             "no IPv4 address under node.interfaces to take the router id from; set router_id, e.g. 192.0.2.10",
         );
+    }
+    let known: BTreeSet<&str> = bgp.peers.iter().map(|p| p.name.as_str()).collect();
+    for (i, s) in cfg.services.iter().enumerate() {
+        for (j, name) in s.bgp.peers.iter().enumerate() {
+            if !known.contains(name.as_str()) && !tainted("bgp.peers") {
+                let p = format!("services[{i}].bgp.peers[{j}]");
+                cx.err(
+                    &p,
+                    at(&format!("services[{i}]")),
+                    format!(
+                        "no peer `{name}` in bgp.peers; name one of: {}",
+                        known.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
     }
     let mut names = BTreeSet::new();
     let mut addrs = BTreeSet::new();

@@ -155,6 +155,41 @@ fn a_pool_selected_by_an_advertisement_is_announced_by_bgp_and_by_both_with_l2()
 }
 
 #[test]
+fn advertisement_peers_limit_the_routes_to_those_bgp_peers_and_unite() {
+    let mut snap = with_pools(snapshot());
+    snap.bgp_peers
+        .insert("tor-a".into(), tor("tor-a", "10.0.0.254", Vec::new()));
+    snap.bgp_peers
+        .insert("tor-b".into(), tor("tor-b", "10.0.1.254", Vec::new()));
+    let limited = |name: &str, peers: &[&str]| {
+        BGPAdvertisement::new(
+            name,
+            BGPAdvertisementSpec {
+                ip_address_pools: vec!["lb".into()],
+                peers: peers.iter().map(|p| p.to_string()).collect(),
+                ..BGPAdvertisementSpec::default()
+            },
+        )
+    };
+    snap.bgp_ads
+        .insert("ad1".into(), limited("ad1", &["tor-b"]));
+    let (errors, _) = crate::source::bgp_errors(&snap, &settings());
+    assert!(errors.is_empty(), "{errors:?}");
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(s.announce, AnnounceMode::Bgp);
+    assert_eq!(s.bgp.peers, ["tor-b"]);
+    // a second advertisement for another peer: the union
+    snap.bgp_ads
+        .insert("ad2".into(), limited("ad2", &["tor-a", "tor-b"]));
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(s.bgp.peers, ["tor-a", "tor-b"]);
+    // one without peers: every peer
+    snap.bgp_ads.insert("ad3".into(), limited("ad3", &[]));
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert!(s.bgp.peers.is_empty(), "{:?}", s.bgp.peers);
+}
+
+#[test]
 fn bad_values_name_the_resource_and_field() {
     let bad = BGPPeerSpec {
         my_asn: 0,
@@ -193,7 +228,7 @@ fn bad_values_name_the_resource_and_field() {
         aggregation_length_v6: Some(129),
         communities: vec!["70000:1".into()],
         large_communities: vec!["1:2".into()],
-        peers: vec!["tor".into()],
+        peers: vec!["tor".into(), " ".into()],
         ..BGPAdvertisementSpec::default()
     }) {
         Ok(_) => panic!("accepted"),
@@ -204,7 +239,7 @@ fn bad_values_name_the_resource_and_field() {
         "spec.aggregationLengthV6: 129 is out of range",
         "spec.communities[0]: `70000:1` is not a community",
         "spec.largeCommunities[0]: `1:2` is not a large community",
-        "spec.peers: announcing to some peers only",
+        "spec.peers[1]: empty; name a BGPPeer",
     ] {
         assert!(
             errs.iter().any(|e| e.starts_with(want)),
@@ -226,6 +261,7 @@ fn list(src: &mut Source, snap: &Snapshot) -> Option<model::Desired> {
         Input::Slice(Event::InitDone),
         Input::L2(Event::InitDone),
         Input::Secret(Event::InitDone),
+        Input::BgpSecret(Event::InitDone),
         Input::Pool(Event::InitDone),
         Input::BgpAdvertisement(Event::InitDone),
     ] {
@@ -278,4 +314,124 @@ fn a_bad_edit_keeps_the_last_valid_peer_running_and_is_reported_once() {
     let d = src.handle(Input::BgpPeer(Event::Apply(tor("bad", "nope", Vec::new()))));
     assert!(d.is_none(), "nothing changes");
     assert!(src.bgp_problems()[0].starts_with("BGPPeer/bad: spec.peerAddress"));
+}
+
+fn password_secret(name: &str, kind: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("portico-system".into()),
+            ..Default::default()
+        },
+        type_: Some(kind.into()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_password_secret_is_read_and_its_problems_name_the_field_and_the_fix() {
+    let mut snap = snapshot();
+    let mut p = tor("tor", "10.0.0.254", Vec::new());
+    p.spec.password_secret = Some(k8s_openapi::api::core::v1::SecretReference {
+        name: Some("tor-md5".into()),
+        namespace: Some("portico-system".into()),
+    });
+    snap.bgp_peers.insert("tor".into(), p.clone());
+    let mut src = Source::new(settings()).unwrap();
+    // no such Secret: the peer is not configured, and the error says what to create
+    assert!(list(&mut src, &snap).is_some_and(|d| d.config.bgp.is_none()));
+    let e = &src.bgp_problems()[0];
+    assert!(
+        e.starts_with("BGPPeer/tor: spec.passwordSecret: no Secret `tor-md5` in portico's namespace; create it in portico's namespace with type kubernetes.io/basic-auth and key password"),
+        "{e}"
+    );
+    // the Secret appears: the session gets the password
+    let d = src
+        .handle(Input::BgpSecret(Event::Apply(password_secret(
+            "tor-md5",
+            "kubernetes.io/basic-auth",
+            &[("username", "x"), ("password", "s3cret")],
+        ))))
+        .expect("changed");
+    let b = d.config.bgp.clone().expect("configured");
+    assert_eq!(
+        b.peers[0].password.as_ref().map(|p| p.0.as_str()),
+        Some("s3cret")
+    );
+    assert!(src.bgp_problems().is_empty(), "{:?}", src.bgp_problems());
+    // the key goes away: reported, and the running session keeps its password
+    let d = src.handle(Input::BgpSecret(Event::Apply(password_secret(
+        "tor-md5",
+        "kubernetes.io/basic-auth",
+        &[("username", "x")],
+    ))));
+    assert!(d.is_none(), "nothing changes: {d:?}");
+    assert_eq!(
+        src.bgp_problems(),
+        [
+            "BGPPeer/tor: spec.passwordSecret: Secret `tor-md5` has no key `password`; create it in portico's namespace with type kubernetes.io/basic-auth and key password, e.g. kubectl -n <portico's namespace> create secret generic <name> --type=kubernetes.io/basic-auth --from-literal=password=<password> (the last valid version stays in force)"
+        ]
+    );
+    // deleted: the same
+    let d = src.handle(Input::BgpSecret(Event::Delete(password_secret(
+        "tor-md5",
+        "kubernetes.io/basic-auth",
+        &[],
+    ))));
+    assert!(d.is_none());
+    assert!(src.bgp_problems()[0].contains("no Secret `tor-md5`"));
+    // the other mistakes, one by one
+    let secrets: BTreeMap<String, Secret> = [
+        (
+            "opaque".to_string(),
+            password_secret("opaque", "Opaque", &[("password", "x")]),
+        ),
+        (
+            "ok".to_string(),
+            password_secret("ok", "kubernetes.io/basic-auth", &[("password", "x")]),
+        ),
+    ]
+    .into();
+    let with = |name: Option<&str>, ns: Option<&str>, inline: Option<&str>| {
+        let mut spec = p.spec.clone();
+        spec.password = inline.map(String::from);
+        spec.password_secret = Some(k8s_openapi::api::core::v1::SecretReference {
+            name: name.map(String::from),
+            namespace: ns.map(String::from),
+        });
+        inline_password(&spec, &secrets)
+    };
+    for (got, want) in [
+        (
+            with(Some("ok"), None, Some("pw")),
+            "spec.passwordSecret: set together with spec.password; keep one of them",
+        ),
+        (with(None, None, None), "spec.passwordSecret.name: missing"),
+        (
+            with(Some("opaque"), None, None),
+            "spec.passwordSecret: Secret `opaque` has type Opaque, not kubernetes.io/basic-auth",
+        ),
+        (
+            with(Some("ok"), Some("metallb-system"), None),
+            "spec.passwordSecret.namespace: `metallb-system` is not portico's namespace `portico-system`",
+        ),
+    ] {
+        let e = got.expect_err(want);
+        assert!(e.starts_with(want), "{e}");
+    }
+    let ok = with(Some("ok"), Some("portico-system"), None).expect("valid");
+    assert_eq!(
+        (ok.password.as_deref(), ok.password_secret),
+        (Some("x"), None)
+    );
 }
