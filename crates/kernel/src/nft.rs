@@ -172,7 +172,7 @@ const QUEUE: usize = 16;
 
 /// Nice value of the nft thread: a health change waits for its batch, so on a busy node the
 /// batch should not wait behind batch jobs for the CPU.
-const NICE: i32 = -10;
+pub(crate) const NICE: i32 = -10;
 
 /// One libnftables call for the nft thread.
 struct Job {

@@ -155,7 +155,8 @@ fn start(lab: &Lab, config: &std::path::Path) -> Portico {
     let mut child = Command::new("ip")
         .args(["netns", "exec", lab.node(), BIN, "run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        // lb=debug: the stamp of each published health view (splits the latency)
+        .env("RUST_LOG", "info,lb=debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -281,6 +282,8 @@ fn stamp(line: &str) -> Option<f64> {
 /// wake-up after the answer.
 struct Stages {
     total: f64,
+    /// Check result → `HealthView` published by the balancer (its debug log line).
+    publish: Option<f64>,
     upstream: f64,
     plan: f64,
     queue: f64,
@@ -289,10 +292,11 @@ struct Stages {
 }
 
 impl Stages {
-    fn of(total: f64, line: &str) -> Self {
+    fn of(total: f64, publish: Option<f64>, line: &str) -> Self {
         let ms = |k: &str| field(line, k).unwrap_or(0) as f64 / 1e3;
         Self {
             total: total * 1e3,
+            publish,
             upstream: total * 1e3 - ms("total_us"),
             plan: ms("plan_us"),
             queue: ms("queue_us"),
@@ -304,9 +308,12 @@ impl Stages {
 
 impl std::fmt::Display for Stages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let publish = self
+            .publish
+            .map_or_else(|| "?".to_string(), |p| format!("{p:.1}"));
         write!(
             f,
-            "{:.1} ms = before the driver {:.1} + plan {:.1} + queue {:.1} + nft {:.1} + resume {:.1}",
+            "{:.1} ms = before the driver {:.1} (of which published after {publish}) + plan {:.1} + queue {:.1} + nft {:.1} + resume {:.1}",
             self.total, self.upstream, self.plan, self.queue, self.nft, self.resume
         )
     }
@@ -423,9 +430,12 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         // every change since the previous one: the first waited longest)
         let lines: Vec<String> = p.logs.try_iter().collect();
         let mut checked: Option<f64> = None;
+        let mut published: Option<f64> = None;
         for l in &lines {
             if l.contains("backend health changed") && l.contains("service=web") {
                 checked = checked.or_else(|| stamp(l));
+            } else if l.contains("health view published") && checked.is_some() {
+                published = published.or_else(|| stamp(l));
             } else if l.contains("kernel path applied")
                 && l.contains("kind=\"elements\"")
                 && let (Some(c), Some(a)) = (checked.take(), stamp(l))
@@ -434,7 +444,8 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
                 if let Some(us) = field(l, "nft_us") {
                     nft_us.push(us);
                 }
-                stages.push(Stages::of(a - c, l));
+                let p = published.take().map(|p| (p - c) * 1e3);
+                stages.push(Stages::of(a - c, p, l));
                 if let Some(e) = l.split("engine=").nth(1) {
                     engines.insert(e.split_whitespace().next().unwrap_or("").to_string());
                 }
