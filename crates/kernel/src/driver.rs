@@ -501,9 +501,11 @@ impl Kernel {
                     failed = self.report(self.apply(config.clone(), view.clone()).await);
                 }
                 _ = counters.tick() => {
+                    let started = Instant::now();
                     if let Err(e) = self.read_counters().await {
                         tracing::warn!(error = %e, reason = "countersFailed", "kernel path: cannot read counters");
                     }
+                    tracing::debug!(took_us = started.elapsed().as_micros() as u64, "kernel path counters read");
                 }
             }
         }

@@ -156,7 +156,7 @@ fn start(lab: &Lab, config: &std::path::Path) -> Portico {
         .args(["netns", "exec", lab.node(), BIN, "run", "--config"])
         .arg(config)
         // lb=debug: the stamp of each published health view (splits the latency)
-        .env("RUST_LOG", "info,lb=debug")
+        .env("RUST_LOG", "info,lb=debug,kernel=debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -254,8 +254,8 @@ fn backend_via_vip(lab: &Lab) -> Option<String> {
 /// The median the test asserts for check result → batch applied with libnftables, in
 /// seconds (issue 11's target; see the assertion for the figures).
 const ASSERTED_MEDIAN: f64 = 0.050;
-/// The maximum the test asserts (3× the largest measured).
-const ASSERTED_MAX: f64 = 0.150;
+/// The maximum the test asserts (1.35× the largest measured, see the assertion).
+const ASSERTED_MAX: f64 = 0.100;
 
 /// A numeric `key=value` field of a log line.
 fn field(line: &str, key: &str) -> Option<u64> {
@@ -432,7 +432,14 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         let mut checked: Option<f64> = None;
         let mut published: Option<f64> = None;
         for l in &lines {
-            if l.contains("backend health changed") && l.contains("service=web") {
+            // b2's changes only, and not a first verdict `Unknown → Up`: unknown already
+            // counts as serving, so it changes no map (pairing it with the next batch once
+            // gave a false 89-160 ms "latency" in round 0, when b1's first check came late)
+            if l.contains("backend health changed")
+                && l.contains("service=web")
+                && l.contains("backend=b2")
+                && !l.contains("from=Unknown to=Up")
+            {
                 checked = checked.or_else(|| stamp(l));
             } else if l.contains("health view published") && checked.is_some() {
                 published = published.or_else(|| stamp(l));
@@ -445,6 +452,12 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
                     nft_us.push(us);
                 }
                 let p = published.take().map(|p| (p - c) * 1e3);
+                if a - c > ASSERTED_MEDIAN {
+                    println!(
+                        "slow change in round {round}; its log lines:\n{}",
+                        lines.join("\n")
+                    );
+                }
                 stages.push(Stages::of(a - c, p, l));
                 if let Some(e) = l.split("engine=").nth(1) {
                     engines.insert(e.split_whitespace().next().unwrap_or("").to_string());
@@ -483,10 +496,14 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         "\"command\""
     };
     assert_eq!(engines, [want.to_string()].into(), "engine used");
-    // Issue 11: within 50 ms of the check result. Measured here (shared 2-core VM, load 8,
-    // 20 changes per run): libnftables in-process median 12-17 ms, max 33-45 ms; `nft -f -`
-    // median 52-65 ms, max 78-113 ms. Asserted with a margin for a loaded CI machine; the
-    // median bound fails with the nft binary per batch, which is why it is the library's.
+    // Issue 11: within 50 ms of the check result. Measured here (shared 2-core VM, 20 changes
+    // per run, libnftables, the driver on its own thread at nice -10): at load 5-6, 12 runs,
+    // median 5.5-18 ms, max 15-37 ms; at load 8-10 (a build alongside), 11 runs, max 20-74 ms
+    // (the worst: 49 ms before the nice -10 nft thread ran). An earlier max of 89-160 ms was
+    // the test pairing b1's first `Unknown → Up` (no batch) with b2's next batch. `nft -f -`:
+    // median 52-65 ms, max 78-113 ms at load 8. The max is asserted with a 1.35× margin over
+    // the worst seen; the median bound fails with the nft binary per batch, which is why it
+    // is the library's.
     let (median, max) = (figures[figures.len() / 2], figures[figures.len() - 1]);
     if want == "\"library\"" {
         assert!(
