@@ -4,7 +4,8 @@
 //! a Kubernetes node). A Service annotated `portico.dev/forwarding: kernel` is served by
 //! nftables DNAT: the client reaches its address, the owning agent's `/status` says `kernel`,
 //! its node's table `inet portico` maps the address to the EndpointSlice's endpoints, and an
-//! endpoint removed from the slice leaves the map.
+//! endpoint removed from the slice leaves the map; a value that names no data path is refused
+//! (`InvalidRequest`, naming the annotation).
 //!
 //! Network (its own subnet, 10.76.0.0/24, so that it never meets `tests/kubernetes.rs`):
 //! namespace `<p>-br` holds bridge `br0`; nodes `<p>-n1..2` (eth0 10.76.0.11-12/24), the
@@ -612,8 +613,30 @@ async fn an_annotated_service_runs_on_the_kernel_path_and_follows_its_endpoint_s
         json!({"portico.dev/forwarding": "kernel"}),
         &[1, 2],
     );
+    // a value that names no data path is refused, and the refusal names the annotation
+    c.service(
+        "shop",
+        "bad",
+        json!({"portico.dev/forwarding": "fast"}),
+        &[1],
+    );
     let vip = c.wait_address("shop", "web").await;
     let owner = c.wait_owner(&vip).await;
+    let refusal = wait_for("shop/bad refused", 20, || {
+        let svc = c.server.get("v1", "Service", Some("shop"), "bad")?;
+        svc["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|k| k["type"] == "portico.dev/AddressAllocated" && k["status"] == "False")
+            .cloned()
+    })
+    .await;
+    assert_eq!(refusal["reason"], "InvalidRequest", "{refusal}");
+    let message = refusal["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("portico.dev/forwarding") && message.contains("`fast`"),
+        "{refusal}"
+    );
 
     // the owning agent runs it on the kernel path, as the annotation asked
     let status = wait_for("the owner's /status naming shop/web", 20, || {
