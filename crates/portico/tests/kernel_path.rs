@@ -254,7 +254,7 @@ fn backend_via_vip(lab: &Lab) -> Option<String> {
 /// The median the test asserts for check result → batch applied with libnftables, in
 /// seconds (issue 11's target; see the assertion for the figures).
 const ASSERTED_MEDIAN: f64 = 0.050;
-/// The maximum the test asserts (1.35× the largest measured, see the assertion).
+/// The maximum the test asserts (1.47× the largest measured, see the assertion).
 const ASSERTED_MAX: f64 = 0.100;
 
 /// A numeric `key=value` field of a log line.
@@ -497,13 +497,13 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
     };
     assert_eq!(engines, [want.to_string()].into(), "engine used");
     // Issue 11: within 50 ms of the check result. Measured here (shared 2-core VM, 20 changes
-    // per run, libnftables, the driver on its own thread at nice -10): at load 5-6, 12 runs,
-    // median 5.5-18 ms, max 15-37 ms; at load 8-10 (a build alongside), 11 runs, max 20-74 ms
-    // (the worst: 49 ms before the nice -10 nft thread ran). An earlier max of 89-160 ms was
-    // the test pairing b1's first `Unknown → Up` (no batch) with b2's next batch. `nft -f -`:
-    // median 52-65 ms, max 78-113 ms at load 8. The max is asserted with a 1.35× margin over
-    // the worst seen; the median bound fails with the nft binary per batch, which is why it
-    // is the library's.
+    // per run, libnftables, the driver on its own thread at nice -10): at load 4.6-6.3, 29
+    // runs, median 5.5-18 ms, max 11-68 ms (68: libnftables itself took 61 ms); at load 8.6-10
+    // (a build alongside), 11 runs, median 6.5-20 ms, max 20-43 ms. An earlier max of 89-160
+    // ms was the test pairing b1's first `Unknown → Up` (no batch) with b2's next batch.
+    // `nft -f -`: median 52-65 ms, max 78-113 ms at load 8. The max is asserted with a 1.47×
+    // margin over the worst seen; the median bound fails with the nft binary per batch, which
+    // is why it is the library's.
     let (median, max) = (figures[figures.len() / 2], figures[figures.len() - 1]);
     if want == "\"library\"" {
         assert!(
