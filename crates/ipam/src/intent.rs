@@ -29,6 +29,9 @@ pub const HOSTNAME: &str = "portico.dev/hostname";
 /// `"true"`: keep announcing the Service's addresses while it has no ready endpoint (by default
 /// they are withdrawn, reason `noHealthyEndpoints`, as MetalLB does).
 pub const ANNOUNCE_WITHOUT_ENDPOINTS: &str = "portico.dev/announce-without-endpoints";
+/// `kernel`, `proxy` or `auto` (default): the data path the agents run the Service on (the
+/// standalone `forwarding` setting).
+pub const FORWARDING: &str = "portico.dev/forwarding";
 /// The addresses the controller wrote into `spec.externalIPs` (so it can take back only its own).
 pub const ALLOCATED: &str = "portico.dev/allocated";
 /// MetalLB: requested addresses.
@@ -141,6 +144,19 @@ fn addresses(source: &str, value: &str) -> Result<Vec<IpAddr>, String> {
         .collect()
 }
 
+/// The data path a Service asks for with [`FORWARDING`] (default `auto`); the error names the
+/// annotation and the values it takes.
+pub fn forwarding(svc: &Service) -> Result<model::Forwarding, String> {
+    match svc.annotations().get(FORWARDING).map(|v| v.trim()) {
+        None | Some("auto") => Ok(model::Forwarding::Auto),
+        Some("kernel") => Ok(model::Forwarding::Kernel),
+        Some("proxy") => Ok(model::Forwarding::Proxy),
+        Some(v) => Err(format!(
+            "{FORWARDING}: `{v}` is not a data path; expected `kernel`, `proxy` or `auto`"
+        )),
+    }
+}
+
 /// One value from several sources that must agree.
 fn agree<T: PartialEq + std::fmt::Debug>(found: Vec<(&str, T)>) -> Result<Option<T>, String> {
     let mut it = found.into_iter();
@@ -237,6 +253,7 @@ fn request(svc: &Service, mode: Mode, namespace_labels: &Labels) -> Result<Reque
             }
         },
     };
+    forwarding(svc)?;
     if count > 1 && !addresses.is_empty() {
         return Err(format!(
             "{ADDRESS_COUNT} cannot be combined with requested addresses"
@@ -485,6 +502,29 @@ mod tests {
             vec![Family::V6],
             "the family follows the requested address"
         );
+    }
+
+    #[test]
+    fn the_forwarding_annotation_chooses_the_data_path_and_a_bad_value_is_refused() {
+        let scope = Scope::default();
+        assert_eq!(forwarding(&lb()), Ok(model::Forwarding::Auto));
+        for (v, f) in [
+            ("kernel", model::Forwarding::Kernel),
+            (" proxy ", model::Forwarding::Proxy),
+            ("auto", model::Forwarding::Auto),
+        ] {
+            let s = lb().annotate(FORWARDING, v);
+            assert_eq!(forwarding(&s), Ok(f), "{v}");
+            want(intent(&s, &scope, &Labels::new()));
+        }
+        let s = lb().annotate(FORWARDING, "ipvs");
+        match intent(&s, &scope, &Labels::new()) {
+            Intent::Invalid(_, msg) => {
+                assert!(msg.contains(FORWARDING), "{msg}");
+                assert!(msg.contains("`ipvs`") && msg.contains("`kernel`"), "{msg}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]

@@ -321,6 +321,9 @@ fn service(
         withdrawn: withdraw,
     };
     out.dns.hostname = hostname;
+    // a bad value makes the controller refuse the Service (`InvalidRequest` names the
+    // annotation); a Service that still holds addresses keeps the default here
+    out.forwarding = intent::forwarding(svc).unwrap_or_default();
     out.announce = announce;
     out.bgp = attrs;
     Some(out)

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sys::nftables::{Ctx, NftablesError, RunOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
+use tokio::time::{Duration, Instant};
 
 use crate::plan::TABLE;
 
@@ -113,8 +114,21 @@ fn context() -> Result<Shared, NftError> {
     Ok(c)
 }
 
-/// Runs `commands` with `opts`; returns what nft printed.
-async fn run(commands: &str, opts: RunOptions) -> Result<String, NftError> {
+/// Where the time of one nft call went (the stages of a health change's latency that are
+/// the nft call's: the "kernel path applied" log line carries them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// From the call to the nft thread starting it (queued behind another call, or the
+    /// thread waiting to be scheduled).
+    pub queued: Duration,
+    /// libnftables itself (`nft -f -` with the command engine: the whole process).
+    pub ran: Duration,
+    /// From the nft thread's answer to the caller running again (its task scheduled).
+    pub resumed: Duration,
+}
+
+/// Runs `commands` with `opts`; returns what nft printed and where the time went.
+async fn run(commands: &str, opts: RunOptions) -> Result<(String, Timing), NftError> {
     match engine().0 {
         Engine::Library => {
             let ctx = context()?;
@@ -124,18 +138,31 @@ async fn run(commands: &str, opts: RunOptions) -> Result<String, NftError> {
                     ctx,
                     commands: commands.to_string(),
                     opts,
+                    sent: Instant::now(),
                     reply,
                 })
                 .map_err(|_| NftError::Task(format!("more than {QUEUE} nft calls waiting")))?;
-            answer
+            let (out, mut timing, done) = answer
                 .await
-                .map_err(|_| NftError::Task("the nft thread ended".to_string()))?
-                .map_err(|e| match e {
-                    NftablesError::Refused(t) => NftError::Failed(first_lines(&t)),
-                    e => NftError::Library(e),
-                })
+                .map_err(|_| NftError::Task("the nft thread ended".to_string()))?;
+            timing.resumed = done.elapsed();
+            let out = out.map_err(|e| match e {
+                NftablesError::Refused(t) => NftError::Failed(first_lines(&t)),
+                e => NftError::Library(e),
+            })?;
+            Ok((out, timing))
         }
-        Engine::Command => run_command(commands, opts).await,
+        Engine::Command => {
+            let started = Instant::now();
+            let out = run_command(commands, opts).await?;
+            Ok((
+                out,
+                Timing {
+                    ran: started.elapsed(),
+                    ..Timing::default()
+                },
+            ))
+        }
     }
 }
 
@@ -145,14 +172,17 @@ const QUEUE: usize = 16;
 
 /// Nice value of the nft thread: a health change waits for its batch, so on a busy node the
 /// batch should not wait behind batch jobs for the CPU.
-const NICE: i32 = -10;
+pub(crate) const NICE: i32 = -10;
 
 /// One libnftables call for the nft thread.
 struct Job {
     ctx: Shared,
     commands: String,
     opts: RunOptions,
-    reply: tokio::sync::oneshot::Sender<Result<String, NftablesError>>,
+    /// When the caller queued it.
+    sent: Instant,
+    /// The output, the call's timing, and when the thread answered.
+    reply: tokio::sync::oneshot::Sender<(Result<String, NftablesError>, Timing, Instant)>,
 }
 
 /// The thread that runs every libnftables call of the process, one at a time (the library has
@@ -169,8 +199,16 @@ fn worker() -> Result<&'static std::sync::mpsc::SyncSender<Job>, NftError> {
                         tracing::info!(error = %e, "kernel path: the nft thread keeps the default priority");
                     }
                     for job in rx {
+                        let started = Instant::now();
                         let mut ctx = job.ctx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let _ = job.reply.send(ctx.run(&job.commands, job.opts));
+                        let out = ctx.run(&job.commands, job.opts);
+                        let done = Instant::now();
+                        let timing = Timing {
+                            queued: started - job.sent,
+                            ran: done - started,
+                            resumed: Duration::ZERO,
+                        };
+                        let _ = job.reply.send((out, timing, done));
                     }
                 })
                 .map(|_| tx)
@@ -223,7 +261,12 @@ async fn run_command(commands: &str, opts: RunOptions) -> Result<String, NftErro
 
 /// Applies `batch` as one transaction.
 pub async fn apply(batch: &str) -> Result<(), NftError> {
-    run(batch, RunOptions::default()).await.map(drop)
+    apply_timed(batch).await.map(drop)
+}
+
+/// Applies `batch` as one transaction; says where the time went.
+pub async fn apply_timed(batch: &str) -> Result<Timing, NftError> {
+    run(batch, RunOptions::default()).await.map(|(_, t)| t)
 }
 
 /// Has the kernel check `batch` without applying it (`nft -c`): nothing changes.
@@ -248,7 +291,8 @@ pub(crate) async fn list_json(command: &str) -> Result<serde_json::Value, NftErr
             json: true,
         },
     )
-    .await?;
+    .await?
+    .0;
     serde_json::from_str(&out).map_err(|e| NftError::Json(e.to_string()))
 }
 

@@ -93,10 +93,10 @@ pub struct Options {
     /// [`Budget::from_process`], from the soft `RLIMIT_NOFILE` when the balancer is created;
     /// raise the limit first with `sys::limits::raise_nofile_limit`).
     pub budget: Budget,
-    /// Whether the kernel path (the `kernel` crate's nftables table) runs on this node: a
-    /// service whose [`Service::path`] is then the kernel opens no proxy listener (its checks
-    /// still run and publish health). Default: false (every service on the proxy).
-    pub kernel_path: bool,
+    /// Whether the kernel path (the `kernel` crate's nftables table) runs on this node, and for
+    /// IPv6 too: a service whose [`Service::path`] is then the kernel opens no proxy listener
+    /// (its checks still run and publish health). Default: none (every service on the proxy).
+    pub kernel_path: model::KernelSupport,
     /// Proxy worker threads, each with its own runtime and its own `SO_REUSEPORT` listener per
     /// TCP `VIP:port` (`proxy.workers`); 0 (the default): accept and relay on the runtime that
     /// runs the balancer.
@@ -109,7 +109,7 @@ impl Default for Options {
             binder: Arc::new(FreebindBinder),
             splice: true,
             budget: Budget::from_process(),
-            kernel_path: false,
+            kernel_path: model::KernelSupport::default(),
             workers: 0,
         }
     }
@@ -655,7 +655,7 @@ impl LoadBalancer {
         for rt in self.inner.services.load().values() {
             rt.health_view(&mut view);
         }
-        tx.send_if_modified(|cur| {
+        let sent = tx.send_if_modified(|cur| {
             if **cur == view {
                 false
             } else {
@@ -663,6 +663,10 @@ impl LoadBalancer {
                 true
             }
         });
+        if sent {
+            // its stamp splits a health change's latency (tests/kernel_path.rs)
+            tracing::debug!("health view published");
+        }
     }
 
     /// The current health of every backend (what `run` publishes).

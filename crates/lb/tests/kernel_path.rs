@@ -51,7 +51,7 @@ async fn run(kernel_path: bool) -> (Vec<SocketAddr>, Vec<(Path, String)>) {
         &mut Registry::default(),
         Options {
             binder: binder.clone(),
-            kernel_path,
+            kernel_path: kernel_path.into(),
             ..Options::default()
         },
     );

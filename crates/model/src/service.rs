@@ -299,6 +299,26 @@ impl std::fmt::Display for Path {
     }
 }
 
+/// What this node's kernel path can do (`kernel::Kernel::probe` finds out at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelSupport {
+    /// The node programs nftables and forwards IPv4: the kernel path runs.
+    pub available: bool,
+    /// The node forwards IPv6 (`net.ipv6.conf.all.forwarding` 1): services with IPv6 VIPs may
+    /// run on the kernel path.
+    pub ipv6: bool,
+}
+
+impl From<bool> for KernelSupport {
+    /// The kernel path with both families (`true`) or none (`false`).
+    fn from(available: bool) -> Self {
+        Self {
+            available,
+            ipv6: available,
+        }
+    }
+}
+
 impl Service {
     /// What only the proxy can do for this service, as a reason word, if anything: PROXY
     /// protocol (`proxyProtocol`), the connect retry of a MySQL service before the client saw
@@ -339,16 +359,22 @@ impl Service {
 
     /// The path this service runs on and the reason word (`/status`, logs and metrics use the
     /// same): `configured` (as `forwarding` says), `auto` (nothing needs the proxy), one of
-    /// [`Self::needs_proxy`]'s words, or `kernelUnavailable` (this node cannot program
-    /// nftables; the proxy serves instead).
-    pub fn path(&self, kernel_available: bool) -> (Path, &'static str) {
+    /// [`Self::needs_proxy`]'s words, `kernelUnavailable` (this node cannot program
+    /// nftables; the proxy serves instead), or `ipv6ForwardingOff` (the service has an IPv6
+    /// VIP and this node does not forward IPv6: DNAT to a backend on another host would be
+    /// dropped, so the proxy serves, also with `forwarding: kernel`, as without a kernel path).
+    pub fn path(&self, kernel: impl Into<KernelSupport>) -> (Path, &'static str) {
+        let kernel: KernelSupport = kernel.into();
+        let v6_off = kernel.available && !kernel.ipv6 && self.vips.iter().any(IpAddr::is_ipv6);
         match self.forwarding {
             Forwarding::Proxy => (Path::Proxy, "configured"),
-            Forwarding::Kernel if kernel_available => (Path::Kernel, "configured"),
+            Forwarding::Kernel if v6_off => (Path::Proxy, "ipv6ForwardingOff"),
+            Forwarding::Kernel if kernel.available => (Path::Kernel, "configured"),
             Forwarding::Kernel => (Path::Proxy, "kernelUnavailable"),
             Forwarding::Auto => match self.needs_proxy() {
                 Some(why) => (Path::Proxy, why),
-                None if kernel_available => (Path::Kernel, "auto"),
+                None if v6_off => (Path::Proxy, "ipv6ForwardingOff"),
+                None if kernel.available => (Path::Kernel, "auto"),
                 None => (Path::Proxy, "kernelUnavailable"),
             },
         }

@@ -85,13 +85,13 @@ pub async fn serve(
     let kernel = kernel::Kernel::new(&mut registry, kernel::Options::default());
     // The probe checks nftables and IPv4 forwarding (kernel::Kernel::probe).
     let kernel_path = match kernel.probe().await {
-        Ok(()) => true,
+        Ok(support) => support,
         Err(e) => {
             info!(
                 reason = "kernelUnavailable",
                 "kernel path unavailable, services use the proxy: {e}"
             );
-            false
+            model::KernelSupport::default()
         }
     };
     // One proxy worker thread per CPU unless `proxy.workers` says otherwise (read at start:
@@ -252,12 +252,12 @@ pub async fn serve(
     };
     // The kernel path follows desired state and health; on a graceful stop it removes its
     // table after the agent handed the VIPs over. Readiness waits for its first batch.
-    let kernel_synced = if kernel_path {
+    let kernel_synced = if kernel_path.available {
         kernel.synced()
     } else {
         watch::channel(true).1
     };
-    let kernel_task = kernel_path.then(|| {
+    let kernel_task = kernel_path.available.then(|| {
         let (k, d, h, stop) = (
             kernel,
             desired.clone(),
@@ -597,8 +597,8 @@ struct Components {
     lb: lb::LoadBalancer,
     agent: agent::Agent,
     dns: dns::DnsServer,
-    /// Whether the kernel path runs on this node.
-    kernel_path: bool,
+    /// Whether the kernel path runs on this node, and for IPv6.
+    kernel_path: model::KernelSupport,
     speaker: bgp::Speaker,
     decisions: watch::Receiver<Arc<model::bgp::RouteDecisions>>,
     ecmp: watch::Receiver<Option<model::EcmpRescueStatus>>,

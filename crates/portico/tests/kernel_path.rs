@@ -2,8 +2,9 @@
 //! client → node (portico, `forwarding: auto`) → two backends. `/status` names the path and
 //! its reason; traffic flows through the nft maps; a failing health check is reflected in the
 //! map (the time from the check result to the applied batch is read from portico's own log
-//! lines and printed); the per-backend counters reach `/metrics`; a SIGKILL leaves the table,
-//! the next start repairs it; SIGTERM removes it.
+//! lines and printed, split into stages); the per-backend counters reach `/metrics`; a SIGKILL
+//! leaves the table, the next start repairs it; SIGTERM removes it. A node that does not
+//! forward IPv6 serves its IPv6 services through the proxy (`ipv6ForwardingOff`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -58,13 +59,14 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
     .expect("thread in namespace")
 }
 
-/// Client 10.78.0.2 → node → backends 10.78.K.2 (TCP :8080 answers the backend's name).
-fn lab() -> Lab {
+/// Client 10.78.0.2 → node → backends 10.78.K.2 (TCP :8080 answers the backend's name);
+/// `tag` tells the namespaces of tests running at once apart.
+fn lab(tag: &str) -> Lab {
     let pid = std::process::id();
     let lab = Lab {
         names: ["c", "n", "b1", "b2"]
             .iter()
-            .map(|r| format!("pk-{pid}-kp-{r}"))
+            .map(|r| format!("pk-{pid}-{tag}-{r}"))
             .collect(),
     };
     for ns in &lab.names {
@@ -153,7 +155,8 @@ fn start(lab: &Lab, config: &std::path::Path) -> Portico {
     let mut child = Command::new("ip")
         .args(["netns", "exec", lab.node(), BIN, "run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        // lb=debug: the stamp of each published health view (splits the latency)
+        .env("RUST_LOG", "info,lb=debug,kernel=debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -251,8 +254,8 @@ fn backend_via_vip(lab: &Lab) -> Option<String> {
 /// The median the test asserts for check result → batch applied with libnftables, in
 /// seconds (issue 11's target; see the assertion for the figures).
 const ASSERTED_MEDIAN: f64 = 0.050;
-/// The maximum the test asserts (3× the largest measured).
-const ASSERTED_MAX: f64 = 0.150;
+/// The maximum the test asserts (1.47× the largest measured, see the assertion).
+const ASSERTED_MAX: f64 = 0.100;
 
 /// A numeric `key=value` field of a log line.
 fn field(line: &str, key: &str) -> Option<u64> {
@@ -273,6 +276,49 @@ fn stamp(line: &str) -> Option<f64> {
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
+/// One health change's latency split into its stages (milliseconds): before the kernel
+/// driver took the change (the check task, the balancer publishing `HealthView`, the watch,
+/// the driver's loop), planning, waiting for the nft thread, libnftables, and the driver's
+/// wake-up after the answer.
+struct Stages {
+    total: f64,
+    /// Check result → `HealthView` published by the balancer (its debug log line).
+    publish: Option<f64>,
+    upstream: f64,
+    plan: f64,
+    queue: f64,
+    nft: f64,
+    resume: f64,
+}
+
+impl Stages {
+    fn of(total: f64, publish: Option<f64>, line: &str) -> Self {
+        let ms = |k: &str| field(line, k).unwrap_or(0) as f64 / 1e3;
+        Self {
+            total: total * 1e3,
+            publish,
+            upstream: total * 1e3 - ms("total_us"),
+            plan: ms("plan_us"),
+            queue: ms("queue_us"),
+            nft: ms("nft_us"),
+            resume: ms("resume_us"),
+        }
+    }
+}
+
+impl std::fmt::Display for Stages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let publish = self
+            .publish
+            .map_or_else(|| "?".to_string(), |p| format!("{p:.1}"));
+        write!(
+            f,
+            "{:.1} ms = before the driver {:.1} (of which published after {publish}) + plan {:.1} + queue {:.1} + nft {:.1} + resume {:.1}",
+            self.total, self.upstream, self.plan, self.queue, self.nft, self.resume
+        )
+    }
+}
+
 #[test]
 fn a_service_runs_on_the_kernel_path_end_to_end() {
     if !sys::is_root() {
@@ -283,7 +329,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         sys::skip_test("needs nft");
         return;
     }
-    let lab = lab();
+    let lab = lab("kp");
     let dir = std::env::temp_dir().join(format!("pk-{}-kernel-path", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("portico.yaml");
@@ -354,6 +400,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
     let b2 = lab.names[3].clone();
     let mut figures = Vec::new();
     let mut nft_us = Vec::new();
+    let mut stages = Vec::new();
     let mut engines = std::collections::BTreeSet::new();
     for round in 0..10 {
         while p.logs.try_recv().is_ok() {}
@@ -383,9 +430,19 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         // every change since the previous one: the first waited longest)
         let lines: Vec<String> = p.logs.try_iter().collect();
         let mut checked: Option<f64> = None;
+        let mut published: Option<f64> = None;
         for l in &lines {
-            if l.contains("backend health changed") && l.contains("service=web") {
+            // b2's changes only, and not a first verdict `Unknown → Up`: unknown already
+            // counts as serving, so it changes no map (pairing it with the next batch once
+            // gave a false 89-160 ms "latency" in round 0, when b1's first check came late)
+            if l.contains("backend health changed")
+                && l.contains("service=web")
+                && l.contains("backend=b2")
+                && !l.contains("from=Unknown to=Up")
+            {
                 checked = checked.or_else(|| stamp(l));
+            } else if l.contains("health view published") && checked.is_some() {
+                published = published.or_else(|| stamp(l));
             } else if l.contains("kernel path applied")
                 && l.contains("kind=\"elements\"")
                 && let (Some(c), Some(a)) = (checked.take(), stamp(l))
@@ -394,6 +451,14 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
                 if let Some(us) = field(l, "nft_us") {
                     nft_us.push(us);
                 }
+                let p = published.take().map(|p| (p - c) * 1e3);
+                if a - c > ASSERTED_MEDIAN {
+                    println!(
+                        "slow change in round {round}; its log lines:\n{}",
+                        lines.join("\n")
+                    );
+                }
+                stages.push(Stages::of(a - c, p, l));
                 if let Some(e) = l.split("engine=").nth(1) {
                     engines.insert(e.split_whitespace().next().unwrap_or("").to_string());
                 }
@@ -416,6 +481,11 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         nft_us.get(nft_us.len() / 2).copied().unwrap_or(0) as f64 / 1e3,
         nft_us.last().copied().unwrap_or(0) as f64 / 1e3,
     );
+    // where the slowest changes spent their time
+    stages.sort_by(|a: &Stages, b| b.total.total_cmp(&a.total));
+    for s in stages.iter().take(5) {
+        println!("  {s}");
+    }
     // In-process libnftables unless the library is missing or PORTICO_NFT=command asks for
     // the nft binary (to compare the two).
     let want = if sys::nftables::available().is_ok()
@@ -426,10 +496,14 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         "\"command\""
     };
     assert_eq!(engines, [want.to_string()].into(), "engine used");
-    // Issue 11: within 50 ms of the check result. Measured here (shared 2-core VM, load 8,
-    // 20 changes per run): libnftables in-process median 12-17 ms, max 33-45 ms; `nft -f -`
-    // median 52-65 ms, max 78-113 ms. Asserted with a margin for a loaded CI machine; the
-    // median bound fails with the nft binary per batch, which is why it is the library's.
+    // Issue 11: within 50 ms of the check result. Measured here (shared 2-core VM, 20 changes
+    // per run, libnftables, the driver on its own thread at nice -10): at load 4.6-6.3, 29
+    // runs, median 5.5-18 ms, max 11-68 ms (68: libnftables itself took 61 ms); at load 8.6-10
+    // (a build alongside), 11 runs, median 6.5-20 ms, max 20-43 ms. An earlier max of 89-160
+    // ms was the test pairing b1's first `Unknown → Up` (no batch) with b2's next batch.
+    // `nft -f -`: median 52-65 ms, max 78-113 ms at load 8. The max is asserted with a 1.47×
+    // margin over the worst seen; the median bound fails with the nft binary per batch, which
+    // is why it is the library's.
     let (median, max) = (figures[figures.len() / 2], figures[figures.len() - 1]);
     if want == "\"library\"" {
         assert!(
@@ -473,5 +547,180 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
         map_backends(&lab).is_none(),
         "a graceful stop removes the table"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Adds IPv6 to [`lab`]: fd78:K::1 on the node's links, fd78:K::2 on the peers (default
+/// routes through the node), and a listener on [fd78:K::2]:8080 in each backend.
+fn add_ipv6(lab: &Lab) {
+    let n = lab.node().to_string();
+    for (k, peer) in [lab.client(), &lab.names[2], &lab.names[3]]
+        .into_iter()
+        .enumerate()
+    {
+        let dev = format!("v{k}");
+        let (node_ip, peer_ip) = (format!("fd78:{k}::1/64"), format!("fd78:{k}::2/64"));
+        sh(&[
+            "ip", "-n", &n, "addr", "add", &node_ip, "dev", &dev, "nodad",
+        ]);
+        sh(&[
+            "ip", "-n", peer, "addr", "add", &peer_ip, "dev", "eth0", "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            peer,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd78:{k}::1"),
+        ]);
+    }
+    for k in 1..=2 {
+        // [::] would clash with the IPv4 listener on 0.0.0.0 (dual-stack socket)
+        let l = in_ns(&lab.names[k + 1], move || {
+            TcpListener::bind(format!("[fd78:{k}::2]:8080")).expect("bind [fd78:K::2]:8080")
+        });
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut s = s;
+                let _ = s.write_all(format!("b{k}\n").as_bytes());
+            }
+        });
+    }
+}
+
+/// The names of the maps in the node's table (empty without the table).
+fn map_names(lab: &Lab) -> Vec<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.node(),
+            "nft",
+            "-j",
+            "list",
+            "table",
+            "inet",
+            "portico",
+        ])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| Some(i["map"]["name"].as_str()?.to_string()))
+        .collect()
+}
+
+#[test]
+fn ipv6_services_use_the_proxy_when_the_node_does_not_forward_ipv6() {
+    if !sys::is_root() {
+        sys::skip_test("needs root (network namespaces, nftables)");
+        return;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        sys::skip_test("needs nft");
+        return;
+    }
+    let lab = lab("v6");
+    add_ipv6(&lab);
+    // a new namespace forwards no IPv6; say so explicitly (the lab forwards IPv4)
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        lab.node(),
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=0",
+    ]);
+    let dir = std::env::temp_dir().join(format!("pk-{}-kernel-v6", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("portico.yaml");
+    std::fs::write(
+        &config,
+        "node: {name: n1}\nservices:\n  - name: web4\n    vips: [10.78.100.1]\n    ports: [{port: 80, target_port: 8080}]\n    \
+         backends: [{name: b1, address: 10.78.1.2}]\n  \
+         - name: web6\n    vips: [\"fd78:100::1\"]\n    ports: [{port: 80, target_port: 8080}]\n    \
+         backends: [{name: b1, address: \"fd78:1::2\"}]\n  \
+         - name: web6k\n    forwarding: kernel\n    vips: [\"fd78:100::2\"]\n    ports: [{port: 80, target_port: 8080}]\n    \
+         backends: [{name: b2, address: \"fd78:2::2\"}]\n",
+    )
+    .unwrap();
+    let p = start(&lab, &config);
+    let status: serde_json::Value = wait_for("/status", 20, || {
+        let v: serde_json::Value = serde_json::from_str(&get(&lab, "/status")?).ok()?;
+        v["ready"].as_bool()?.then_some(v)
+    });
+    let path = |i: usize| {
+        (
+            status["services"][i]["path"].as_str().unwrap_or_default(),
+            status["services"][i]["path_reason"]
+                .as_str()
+                .unwrap_or_default(),
+        )
+    };
+    assert_eq!(path(0), ("kernel", "auto"), "{status:#}");
+    assert_eq!(path(1), ("proxy", "ipv6ForwardingOff"), "{status:#}");
+    assert_eq!(path(2), ("proxy", "ipv6ForwardingOff"), "{status:#}");
+    // only the IPv4 service has a map; the IPv6 ones are served by the proxy
+    wait_for("the IPv4 map", 10, || {
+        let maps = map_names(&lab);
+        (!maps.is_empty()).then_some(maps)
+    });
+    let maps = map_names(&lab);
+    assert!(
+        maps.iter().all(|m| m.ends_with("v4")),
+        "no IPv6 map: {maps:?}"
+    );
+    // a standalone node without announcing interfaces announces nothing: the host delivers
+    // the proxied VIPs locally (the kernel path's DNAT needs no address)
+    for vip in ["fd78:100::1/128", "fd78:100::2/128"] {
+        sh(&[
+            "ip",
+            "-n",
+            lab.node(),
+            "addr",
+            "add",
+            vip,
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+    }
+    for (vip, want) in [("fd78:100::1", "b1"), ("fd78:100::2", "b2")] {
+        let got = wait_for(&format!("[{vip}]:80 answers through the proxy"), 10, || {
+            let vip: std::net::IpAddr = vip.parse().unwrap();
+            in_ns(lab.client(), move || {
+                let s =
+                    TcpStream::connect_timeout(&SocketAddr::new(vip, 80), Duration::from_secs(1))
+                        .ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line).ok()?;
+                Some(line.trim().to_string()).filter(|l| !l.is_empty())
+            })
+        });
+        assert_eq!(got, want, "{vip}");
+    }
+    assert_eq!(
+        backend_via_vip(&lab).as_deref(),
+        Some("b1"),
+        "IPv4 on the kernel path"
+    );
+    let logs: Vec<String> = p.logs.try_iter().collect();
+    assert!(
+        logs.iter().any(
+            |l| l.contains("ipv6ForwardingOff") && l.contains("net.ipv6.conf.all.forwarding=1")
+        ),
+        "the log says how to turn IPv6 forwarding on"
+    );
+    drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }

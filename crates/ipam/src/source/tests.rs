@@ -165,6 +165,24 @@ fn external_traffic_policy_local_makes_placement_local_only() {
 }
 
 #[test]
+fn the_forwarding_annotation_sets_the_model_services_forwarding() {
+    let cfg = build(&snapshot(), &settings(), &template().unwrap());
+    assert_eq!(cfg.services[0].forwarding, model::Forwarding::Auto);
+    for (v, f) in [
+        ("kernel", model::Forwarding::Kernel),
+        ("proxy", model::Forwarding::Proxy),
+        // refused by the controller (InvalidRequest); the agent keeps the default
+        ("fast", model::Forwarding::Auto),
+    ] {
+        let mut snap = snapshot();
+        let svc = web().annotate(intent::FORWARDING, v);
+        snap.services.insert(("shop".into(), "web".into()), svc);
+        let cfg = build(&snap, &settings(), &template().unwrap());
+        assert_eq!(cfg.services[0].forwarding, f, "{v}");
+    }
+}
+
+#[test]
 fn nodes_excluded_from_external_load_balancers_never_announce() {
     let mut snap = snapshot();
     snap.nodes

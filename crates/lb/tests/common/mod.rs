@@ -68,7 +68,7 @@ impl Harness {
                 binder: binder.clone(),
                 splice,
                 budget,
-                kernel_path: false,
+                kernel_path: false.into(),
                 // every loopback test runs through two proxy workers (SO_REUSEPORT listeners)
                 workers: 2,
             },

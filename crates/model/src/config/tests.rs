@@ -529,6 +529,7 @@ mod mysql_login_and_shutdown {
 
 mod forwarding {
     //! Which path a service runs on, and why.
+    use crate::KernelSupport;
     use crate::config::*;
 
     fn service(extra: &str) -> Service {
@@ -572,5 +573,30 @@ mod forwarding {
         assert_eq!(k.path(false), (Path::Proxy, "kernelUnavailable"));
         let p = service("    forwarding: proxy\n");
         assert_eq!(p.path(true), (Path::Proxy, "configured"));
+    }
+
+    #[test]
+    fn ipv6_vips_leave_the_kernel_path_when_the_node_does_not_forward_ipv6() {
+        let v4_only = KernelSupport {
+            available: true,
+            ipv6: false,
+        };
+        // IPv4 services keep the kernel path
+        assert_eq!(service("").path(v4_only), (Path::Kernel, "auto"));
+        for forwarding in ["auto", "kernel"] {
+            let mut s = service(&format!("    forwarding: {forwarding}\n"));
+            s.vips.push("2001:db8::10".parse().unwrap());
+            assert_eq!(
+                s.path(v4_only),
+                (Path::Proxy, "ipv6ForwardingOff"),
+                "{forwarding}"
+            );
+            assert_ne!(s.path(true).0, Path::Proxy, "{forwarding}");
+            assert_eq!(s.path(false), (Path::Proxy, "kernelUnavailable"));
+        }
+        // what only the proxy does is named first, as without IPv6
+        let mut pp = service("    proxy_protocol: v1\n");
+        pp.vips.push("2001:db8::10".parse().unwrap());
+        assert_eq!(pp.path(v4_only), (Path::Proxy, "proxyProtocol"));
     }
 }
