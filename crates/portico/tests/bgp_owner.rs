@@ -57,16 +57,7 @@ async fn owner_only_announces_from_the_elected_owner_without_arp() {
     if !can_run() {
         return;
     }
-    let have_arping = std::process::Command::new("sh")
-        .args(["-c", "command -v arping"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have_arping {
-        if std::env::var_os("PORTICO_CI").is_some() {
-            panic!("needs arping (Debian arping)");
-        }
-        sys::skip_test("needs arping (Debian arping)");
+    if !common::require("network namespaces", &["arping"]) {
         return;
     }
     let mut lab = Lab::create(2);

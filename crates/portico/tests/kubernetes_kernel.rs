@@ -89,16 +89,7 @@ async fn an_annotated_service_runs_on_the_kernel_path_and_follows_its_endpoint_s
     if !can_run() {
         return;
     }
-    let have_nft = std::process::Command::new("sh")
-        .args(["-c", "command -v nft"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have_nft {
-        if std::env::var_os("PORTICO_CI").is_some() {
-            panic!("needs nft (Debian nftables)");
-        }
-        sys::skip_test("needs nft (Debian nftables)");
+    if !common::require("network namespaces", &["nft"]) {
         return;
     }
     let _one = SERIAL.lock().await;

@@ -7,7 +7,7 @@
 //! anything else with `node-<i>` on the same connection (long-lived clients). Every namespace
 //! and process is removed by Drop guards, also on failure.
 
-#![allow(dead_code)]
+pub use super::{in_ns, ip};
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,51 +27,7 @@ pub const VIP6: &str = "fd78:100::1";
 /// Whether the lab can run here (root, `ip`, `bird`, `curl`); prints `skipped: …` (or fails
 /// under `PORTICO_CI`) when not.
 pub fn can_run() -> bool {
-    let missing = if !sys::is_root() {
-        Some("needs root (network namespaces, veth pairs)".to_string())
-    } else {
-        ["ip", "bird", "curl"]
-            .iter()
-            .find(|t| {
-                Command::new("sh")
-                    .args(["-c", &format!("command -v {t}")])
-                    .stdout(Stdio::null())
-                    .status()
-                    .map_or(true, |s| !s.success())
-            })
-            .map(|t| format!("needs `{t}` (scripts/test-all installs it)"))
-    };
-    match missing {
-        None => true,
-        Some(why) => {
-            sys::skip_test(&why);
-            false
-        }
-    }
-}
-
-/// Runs `ip` with `args`; panics with its error when it fails.
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Output of a command run inside namespace `ns` (bounded by the command's own timeout flags).
-pub fn in_ns(ns: &str, cmd: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .output()
-        .expect("ip netns exec runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    super::require("network namespaces, veth pairs", &["ip", "bird", "curl"])
 }
 
 /// A child process killed (and reaped) on drop.

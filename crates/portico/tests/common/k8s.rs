@@ -4,7 +4,7 @@
 //! a client namespace and HTTP endpoints on the nodes. See `tests/kubernetes.rs` for the
 //! network. Every namespace, link and process is removed by Drop guards.
 
-#![allow(dead_code)]
+pub use super::{in_ns, ip};
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
@@ -34,53 +34,12 @@ pub const LB_CLASS: &str = "portico.dev/lb";
 /// One cluster at a time: they share the 10.77.0.0/24 addresses and two CPUs.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `true` when the test can run; `false` (after printing why) when it should skip; panics
-/// when it cannot run under `PORTICO_CI`.
+/// `true` when the test can run (root, `ip`, `arping`, `curl`); `false` (after printing why)
+/// when it should skip; panics when it cannot run under `PORTICO_CI`.
 pub fn can_run() -> bool {
-    let missing = if !sys::is_root() {
-        Some("needs root (network namespaces, veth pairs, raw sockets)".to_string())
-    } else {
-        ["ip", "arping", "curl"]
-            .iter()
-            .find(|t| {
-                Command::new("sh")
-                    .args(["-c", &format!("command -v {t}")])
-                    .stdout(Stdio::null())
-                    .status()
-                    .map_or(true, |s| !s.success())
-            })
-            .map(|t| format!("needs `{t}` (scripts/test-all installs it)"))
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("PORTICO_CI").is_some() => panic!("{why}"),
-        Some(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
-
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Output of a command run inside namespace `ns` (bounded by the command's own timeout flags).
-pub fn in_ns(ns: &str, cmd: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .output()
-        .expect("ip netns exec runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
+    super::require(
+        "network namespaces, veth pairs, raw sockets",
+        &["ip", "arping", "curl"],
     )
 }
 
