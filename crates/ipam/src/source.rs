@@ -251,8 +251,8 @@ fn service(
     let (announce, nodes, attrs) = match (by_l2, by_bgp) {
         (None, None) => return None,
         (Some(n), None) => (AnnounceMode::L2, n, ServiceBgp::default()),
-        // `ownerOnly` announces from the L2 owner, so the owner function must run: both.
-        (None, Some((a, n))) if a.owner_only => (AnnounceMode::Both, n, a),
+        // `ownerOnly` without an L2Announcement: BGP from the elected owner only, and nobody
+        // answers ARP / NDP (the agents elect the owner of `owner_only` services anyway).
         (None, Some((a, n))) => (AnnounceMode::Bgp, n, a),
         // either list empty means every node
         (Some(l), Some((a, b))) if l.is_empty() || b.is_empty() => {

@@ -123,8 +123,9 @@ pub struct BGPAdvertisementSpec {
     /// LOCAL_PREF (iBGP only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_pref: Option<u32>,
-    /// Announce from the node that owns the address only (the L2 owner, which then also
-    /// answers ARP / NDP for it), not from every node that serves it.
+    /// Announce from the node that owns the address only (elected as for L2), not from every
+    /// node that serves it. The owner answers ARP / NDP only when an `L2Announcement` selects
+    /// the pool too.
     #[serde(default)]
     pub owner_only: bool,
     /// Peers (`BGPPeer` names) to announce the selected pools' addresses to; empty: every

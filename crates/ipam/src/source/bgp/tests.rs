@@ -142,13 +142,25 @@ fn a_pool_selected_by_an_advertisement_is_announced_by_bgp_and_by_both_with_l2()
     let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
     assert_eq!(s.announce, AnnounceMode::L2);
     assert!(s.bgp.is_default());
-    // ownerOnly needs the L2 owner: both, even without an L2Announcement
+    // ownerOnly without an L2Announcement: BGP from the owner only, no ARP / NDP
     snap.l2.clear();
     snap.bgp_ads.get_mut("ad").unwrap().spec = BGPAdvertisementSpec {
         ip_address_pools: vec!["lb".into()],
         owner_only: true,
         ..BGPAdvertisementSpec::default()
     };
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(
+        s.announce,
+        AnnounceMode::Bgp,
+        "ownerOnly alone answers no ARP"
+    );
+    assert!(s.bgp.owner_only);
+    // with an L2Announcement that selects the pool too: both (the owner answers ARP as well)
+    snap.l2.insert(
+        "l2".into(),
+        L2Announcement::new("l2", L2AnnouncementSpec::default()),
+    );
     let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
     assert_eq!(s.announce, AnnounceMode::Both);
     assert!(s.bgp.owner_only);
