@@ -1,5 +1,6 @@
 //! The custom resources of group `portico.dev/v1alpha1`: `IPPool`, `L2Announcement`,
-//! `ServiceAnnouncement`, and the BGP ones (`BGPPeer`, `BGPAdvertisement`, in [`bgp`]).
+//! `ServiceAnnouncement`, and the BGP ones (`BGPPeer`, `BGPAdvertisement`, `BFDProfile`, in
+//! [`bgp`]).
 //!
 //! Field names follow MetalLB's `IPAddressPool` and `L2Advertisement` on purpose, so a MetalLB
 //! user recognises them. The API server checks the shape and the CEL rules below when a
@@ -15,7 +16,10 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 pub mod bgp;
-pub use bgp::{BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec, BgpSession, NodeBgp};
+pub use bgp::{
+    BFDProfile, BFDProfileSpec, BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec,
+    BgpSession, NodeBgp,
+};
 
 /// The API group of every portico resource.
 pub const GROUP: &str = "portico.dev";
@@ -261,6 +265,7 @@ pub fn all()
         ServiceAnnouncement::crd(),
         BGPPeer::crd(),
         BGPAdvertisement::crd(),
+        BFDProfile::crd(),
     ]
 }
 
@@ -345,7 +350,7 @@ mod tests {
     fn the_crds_yaml_parses_back() {
         let y = yaml();
         let docs: Vec<&str> = y.split("---\n").skip(1).collect();
-        assert_eq!(docs.len(), 5);
+        assert_eq!(docs.len(), 6);
         for doc in docs {
             let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
                 serde_saphyr::from_str(doc).unwrap();

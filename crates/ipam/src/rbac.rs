@@ -96,6 +96,7 @@ pub const AGENT: &[Rule] = &[
     rule("portico.dev", "l2announcements", &["list", "watch"], true),
     rule("portico.dev", "bgppeers", &["list", "watch"], true),
     rule("portico.dev", "bgpadvertisements", &["list", "watch"], true),
+    rule("portico.dev", "bfdprofiles", &["list", "watch"], true),
     // In portico's namespace only: the gossip key Secret and the Secrets that BGPPeers'
     // `passwordSecret` name.
     rule("", "secrets", &["list", "watch"], false),

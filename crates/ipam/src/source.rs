@@ -1,5 +1,5 @@
 //! The agent's source: Services, EndpointSlices, Nodes, IPPools, L2Announcements, BGPPeers,
-//! BGPAdvertisements (see [`bgp`]), the gossip Secret and the Secrets `BGPPeer`s name, turned into the same [`model::Desired`] the standalone config produces.
+//! BGPAdvertisements, BFDProfiles (see [`bgp`]), the gossip Secret and the Secrets `BGPPeer`s name, turned into the same [`model::Desired`] the standalone config produces.
 //!
 //! [`build`] is pure: a [`Snapshot`] of the caches in, a [`model::Config`] out. [`spawn`] keeps the
 //! caches from watches and publishes a new [`Desired`] whenever the config changes. When the API
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::allocator::{AddrRange, parse_pool};
 use crate::announce::{Origin, Origins};
-use crate::crd::{BGPAdvertisement, BGPPeer, IPPool, L2Announcement};
+use crate::crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPPool, L2Announcement};
 use crate::intent::{self, HOSTNAME, Mode, Scope};
 use crate::selector::{Selector, any_matches};
 
@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub bgp_peers: BTreeMap<String, BGPPeer>,
     /// BGP advertisements by name.
     pub bgp_ads: BTreeMap<String, BGPAdvertisement>,
+    /// BFD profiles by name.
+    pub bfd_profiles: BTreeMap<String, BFDProfile>,
     /// The Secrets in portico's namespace by name (a `BGPPeer`'s `passwordSecret`).
     pub bgp_secrets: BTreeMap<String, Secret>,
     /// The last valid spec of each BGP resource (kept by [`Source`]).
@@ -181,6 +183,7 @@ pub fn bgp_errors(snap: &Snapshot, settings: &Settings) -> (Vec<String>, bgp::La
         bgp::LastGood {
             peers: resolved.good_peers,
             advertisements: resolved.good_advertisements,
+            bfd_profiles: resolved.good_bfd_profiles,
         },
     )
 }
@@ -251,8 +254,8 @@ fn service(
     let (announce, nodes, attrs) = match (by_l2, by_bgp) {
         (None, None) => return None,
         (Some(n), None) => (AnnounceMode::L2, n, ServiceBgp::default()),
-        // `ownerOnly` announces from the L2 owner, so the owner function must run: both.
-        (None, Some((a, n))) if a.owner_only => (AnnounceMode::Both, n, a),
+        // `ownerOnly` without an L2Announcement: BGP from the elected owner only, and nobody
+        // answers ARP / NDP (the agents elect the owner of `owner_only` services anyway).
         (None, Some((a, n))) => (AnnounceMode::Bgp, n, a),
         // either list empty means every node
         (Some(l), Some((a, b))) if l.is_empty() || b.is_empty() => {
@@ -533,6 +536,7 @@ struct Buffers {
     secret: Option<Vec<Secret>>,
     bgp_peers: Option<Vec<BGPPeer>>,
     bgp_ads: Option<Vec<BGPAdvertisement>>,
+    bfd_profiles: Option<Vec<BFDProfile>>,
     bgp_secrets: Option<Vec<Secret>>,
 }
 
@@ -557,12 +561,14 @@ pub enum Input {
     BgpPeer(Event<BGPPeer>),
     /// BGPAdvertisements.
     BgpAdvertisement(Event<BGPAdvertisement>),
+    /// BFDProfiles.
+    BfdProfile(Event<BFDProfile>),
     /// Secrets in portico's namespace (`BGPPeer.passwordSecret`).
     BgpSecret(Event<Secret>),
 }
 
 /// The kinds that must be listed before the first config is published.
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "services",
     "endpointslices",
     "nodes",
@@ -571,6 +577,7 @@ const KINDS: [&str; 9] = [
     "secret",
     "bgppeers",
     "bgpadvertisements",
+    "bfdprofiles",
     "secrets",
 ];
 
@@ -741,6 +748,16 @@ impl Source {
                 s.bgp_ads = by_name(&m);
                 ("bgpadvertisements", d)
             }
+            Input::BfdProfile(ev) => {
+                let mut m = s
+                    .bfd_profiles
+                    .iter()
+                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
+                    .collect();
+                let d = apply_event(ev, &mut b.bfd_profiles, &mut m);
+                s.bfd_profiles = by_name(&m);
+                ("bfdprofiles", d)
+            }
             Input::BgpSecret(ev) => {
                 // namespaced: keyed as `apply_event` keys watch events
                 let mut m = s
@@ -839,6 +856,13 @@ pub fn inputs(
             "bgpadvertisements",
         )
         .map(Input::BgpAdvertisement)
+        .boxed(),
+        w(
+            Api::<BFDProfile>::all(c.clone()),
+            cfg.clone(),
+            "bfdprofiles",
+        )
+        .map(Input::BfdProfile)
         .boxed(),
         // every Secret of the namespace: a BGPPeer's passwordSecret may name any of them
         w(

@@ -623,9 +623,18 @@ async fn rolling_update_hands_the_lease_over_at_once() {
 }
 
 /// BGP as a user sets it up: a top-of-rack router peering with every node over IPv4 and
-/// IPv6 (TCP MD5, the password in a Secret as MetalLB has it), and an advertisement of the
-/// default pool.
+/// IPv6 (TCP MD5, the password in a Secret as MetalLB has it; BFD on IPv4 with the timers of
+/// a `BFDProfile`), and an advertisement of the default pool.
 const BGP_YAML: &str = "\
+apiVersion: portico.dev/v1alpha1
+kind: BFDProfile
+metadata: {name: tor-bfd}
+spec:
+  receiveInterval: 200
+  transmitInterval: 200
+  detectMultiplier: 4
+  echoMode: false
+---
 apiVersion: portico.dev/v1alpha1
 kind: BGPPeer
 metadata: {name: tor}
@@ -634,6 +643,7 @@ spec:
   peerASN: 64500
   peerAddress: 10.77.0.2
   holdTime: 9s
+  bfdProfile: tor-bfd
   passwordSecret: {name: tor-md5, namespace: portico-system}
 ---
 apiVersion: portico.dev/v1alpha1
@@ -791,14 +801,14 @@ impl Cluster {
     /// ECMP (`merge paths`).
     fn start_bird(&self, router: &str, password: &str) -> Proc {
         let mut conf = format!(
-            "log stderr all;\nrouter id {ROUTER_IP};\nprotocol device {{ scan time 1; }}\n\
+            "log stderr all;\nrouter id {ROUTER_IP};\nprotocol device {{ scan time 1; }}\nprotocol bfd {{ }}\n\
              protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
              protocol kernel k6 {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
              template bgp node {{ local as 64500; hold time 9; connect retry time 1; error wait time 1, 5; password \"{password}\"; }}\n"
         );
         for i in 1..=self.agents.len() {
             conf.push_str(&format!(
-                "protocol bgp n{i} from node {{ neighbor 10.77.0.{n} as 64512; ipv4 {{ import all; export none; }}; }}\n\
+                "protocol bgp n{i} from node {{ neighbor 10.77.0.{n} as 64512; bfd on; ipv4 {{ import all; export none; }}; }}\n\
                  protocol bgp n{i}v6 from node {{ neighbor fd77::{n} as 64512; ipv6 {{ import all; export none; }}; }}\n",
                 n = 10 + i
             ));
@@ -853,15 +863,15 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
         return;
     }
     let has_bird = Command::new("sh")
-        .args(["-c", "command -v bird"])
+        .args(["-c", "command -v bird && command -v birdc"])
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !has_bird {
         if std::env::var_os("PORTICO_CI").is_some() {
-            panic!("needs `bird` (bird2; scripts/test-all installs it)");
+            panic!("needs `bird` and `birdc` (bird2; scripts/test-all installs it)");
         }
-        println!("skipped: needs `bird` (bird2)");
+        println!("skipped: needs `bird` and `birdc` (bird2)");
         return;
     }
     let _one = SERIAL.lock().await;
@@ -869,6 +879,34 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
     let (router, client) = c.routed_client();
     let password = "t0r-md5-Secret";
     let mut bird = c.start_bird(&router, password);
+    // BIRD's BFD sessions to the nodes that are Up with the BFDProfile's timers: BIRD sends
+    // every 0.200 s (our receive interval) and times out after 0.800 s (our multiplier 4 x our
+    // transmit interval); its defaults are 0.100 s and multiplier 5
+    let bird_ctl = c.dir.join("bird.ctl");
+    let bird_bfd = || {
+        let out = in_ns(
+            &router,
+            &[
+                "birdc",
+                "-s",
+                bird_ctl.to_str().unwrap_or_default(),
+                "show",
+                "bfd",
+                "sessions",
+            ],
+        )
+        .1;
+        let up = out
+            .lines()
+            .filter(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.first().is_some_and(|a| a.starts_with("10.77.0.1"))
+                    && w.get(2) == Some(&"Up")
+                    && w.ends_with(&["0.200", "0.800"])
+            })
+            .count();
+        (up, out)
+    };
     // a dual-stack pool; as a user would: kubectl apply -f bgp.yaml, forgetting the Secret
     c.server
         .apply_yaml(DUAL_POOL_YAML)
@@ -947,6 +985,22 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
     // nobody answers ARP for a BGP-only address
     assert!(c.arp_answers(&vip).is_empty(), "ARP answered for {vip}");
 
+    // BFD runs with the BFDProfile's timers (`bfdProfile: tor-bfd` on the IPv4 peer)
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (up, out) = bird_bfd();
+        if up == 2 {
+            println!("BIRD's BFD sessions:\n{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "want BIRD's BFD sessions to both nodes Up at 0.200 s / 0.800 s (BFDProfile tor-bfd: 200 ms x 4):\n{out}\nbird:\n{}",
+            bird.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // a client behind the router reaches the Service, over IPv4 and IPv6
     let until = Instant::now() + Duration::from_secs(20);
     let mut answers = Vec::new();
@@ -992,6 +1046,8 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
                                 && s["state"] == "established"
                                 && s["prefixesSent"] == 1
                                 && s["since"].is_string()
+                                // BFD on the peer with a BFDProfile only
+                                && s["bfd"] == if *p == "tor" { "up".into() } else { Value::Null }
                         })
                     })
             })
@@ -1032,22 +1088,33 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
         "portico status on node-1:\n{table}"
     );
 
-    // a bad edit (hold time too short) is reported by resource and field, and the session
-    // keeps running with the last valid settings: the route stays, with both next hops
+    // bad edits (hold time too short; echo mode in the BFDProfile) are reported by resource
+    // and field, and the session keeps running with the last valid settings: the route stays,
+    // with both next hops, and BFD keeps its timers
     c.server
-        .apply_yaml(&BGP_YAML.replace("holdTime: 9s", "holdTime: 1s"))
-        .expect("edited BGPPeer");
+        .apply_yaml(
+            &BGP_YAML
+                .replace("holdTime: 9s", "holdTime: 1s")
+                .replace("echoMode: false", "echoMode: true"),
+        )
+        .expect("edited BGPPeer and BFDProfile");
     let until = Instant::now() + Duration::from_secs(20);
-    let said = "BGPPeer/tor: spec.holdTime: 1s is too short";
-    while !c
-        .agents
-        .iter()
-        .all(|a| std::fs::read_to_string(&a.log).is_ok_and(|l| l.contains(said)))
-    {
-        assert!(Instant::now() < until, "agents did not log `{said}`");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    for said in [
+        "BGPPeer/tor: spec.holdTime: 1s is too short",
+        "BFDProfile/tor-bfd: spec.echoMode: portico does not do BFD echo mode; remove it or set it to false (the last valid version stays in force)",
+    ] {
+        while !c
+            .agents
+            .iter()
+            .all(|a| std::fs::read_to_string(&a.log).is_ok_and(|l| l.contains(said)))
+        {
+            assert!(Instant::now() < until, "agents did not log `{said}`");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let (up, out) = bird_bfd();
+    assert_eq!(up, 2, "after the bad edits, BIRD's BFD sessions:\n{out}");
     let (hops, route) = next_hops(&router, &vip);
     assert_eq!(
         hops,
@@ -1106,6 +1173,35 @@ async fn bgp_peer_and_advertisement_give_the_router_one_next_hop_per_node() {
             assert_eq!(s["state"], "established", "peers: [tor]: {}", sva["status"]);
         }
     }
+
+    // `ownerOnly` without an L2Announcement: only the address's owner announces it (one next
+    // hop at the router), and nobody answers ARP for it (was: the owner did, as `both`)
+    c.server
+        .apply_yaml(&BGP_YAML.replace(
+            "ipAddressPools: [default]\n",
+            "ipAddressPools: [default]\n  ownerOnly: true\n",
+        ))
+        .expect("BGPAdvertisement with ownerOnly");
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (hops, route) = next_hops(&router, &vip);
+        if hops.len() == 1 {
+            println!("ownerOnly: {route}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "ownerOnly: want one next hop, got {hops:?} ({route})\nbird:\n{}",
+            bird.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.arp_answers(&vip).is_empty(),
+        "ownerOnly without an L2Announcement: ARP answered for {vip}"
+    );
+    let (hops, route) = next_hops(&router, &vip);
+    assert_eq!(hops.len(), 1, "ownerOnly, 2 s later: {route}");
     c.assert_rbac_was_enough();
     bird.kill(sys::SIGKILL);
 }

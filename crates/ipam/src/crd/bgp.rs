@@ -1,9 +1,10 @@
-//! The BGP resources, shaped like MetalLB's `BGPPeer` (v1beta2) and `BGPAdvertisement`
-//! (v1beta1) so a MetalLB user recognises them: `BGPPeer` (a neighbour, for the nodes its
-//! `nodeSelectors` select) and `BGPAdvertisement` (which pools' addresses are announced by
-//! BGP, from which nodes, with which attributes).
+//! The BGP resources, shaped like MetalLB's `BGPPeer` (v1beta2), `BGPAdvertisement` and
+//! `BFDProfile` (v1beta1) so a MetalLB user recognises them: `BGPPeer` (a neighbour, for the
+//! nodes its `nodeSelectors` select), `BGPAdvertisement` (which pools' addresses are announced
+//! by BGP, from which nodes, with which attributes) and `BFDProfile` (BFD timers a `BGPPeer`
+//! names).
 //!
-//! Both are cluster-scoped. The agent turns them into the `bgp` section of its node
+//! All are cluster-scoped. The agent turns them into the `bgp` section of its node
 //! ([`crate::source::bgp`]) and re-validates every field there: a bad value is logged with the
 //! resource and field, and the last valid version of that peer keeps running.
 
@@ -62,8 +63,9 @@ pub struct BGPPeerSpec {
     /// `password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<k8s_openapi::api::core::v1::SecretReference>,
-    /// BFD: `off` (the default), `default` (300 ms × 3), `fast` (10 ms × 3), or timers written
-    /// `<interval>x<multiplier>`, e.g. `50msx3`.
+    /// BFD: `off` (the default), `default` (300 ms × 3), `fast` (10 ms × 3), timers written
+    /// `<interval>x<multiplier>`, e.g. `50msx3`, or the name of a `BFDProfile` (those words
+    /// and timers win over a `BFDProfile` of the same name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bfd_profile: Option<String>,
     /// A multihop eBGP session (TTL 255 instead of a directly connected neighbour).
@@ -123,14 +125,65 @@ pub struct BGPAdvertisementSpec {
     /// LOCAL_PREF (iBGP only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_pref: Option<u32>,
-    /// Announce from the node that owns the address only (the L2 owner, which then also
-    /// answers ARP / NDP for it), not from every node that serves it.
+    /// Announce from the node that owns the address only (elected as for L2), not from every
+    /// node that serves it. The owner answers ARP / NDP only when an `L2Announcement` selects
+    /// the pool too.
     #[serde(default)]
     pub owner_only: bool,
     /// Peers (`BGPPeer` names) to announce the selected pools' addresses to; empty: every
     /// peer. A name that is no peer of a node announces nothing to anyone from that node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+}
+
+/// BFD timers a `BGPPeer` names in `bfdProfile`, shaped like MetalLB's `BFDProfile`
+/// (metallb.io/v1beta1; cluster-scoped here like the other BGP resources). Portico's BFD
+/// sends and requires one interval, runs in the active role and has no echo mode: the agent
+/// refuses `echoMode: true`, `echoInterval`, `passiveMode: true`, `minimumTtl` and different
+/// receive and transmit intervals, naming the field.
+#[allow(clippy::duplicated_attributes)]
+#[derive(
+    CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema,
+)]
+#[kube(
+    group = "portico.dev",
+    version = "v1alpha1",
+    kind = "BFDProfile",
+    plural = "bfdprofiles",
+    shortname = "bfdp",
+    derive = "PartialEq",
+    doc = "BFD timers that BGPPeers name in bfdProfile.",
+    printcolumn(name = "RX", type_ = "integer", json_path = ".spec.receiveInterval"),
+    printcolumn(name = "TX", type_ = "integer", json_path = ".spec.transmitInterval"),
+    printcolumn(name = "Mult", type_ = "integer", json_path = ".spec.detectMultiplier")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BFDProfileSpec {
+    /// Required minimum receive interval in milliseconds (300); equal to `transmitInterval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub receive_interval: Option<u32>,
+    /// Desired minimum transmit interval in milliseconds (300); equal to `receiveInterval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub transmit_interval: Option<u32>,
+    /// Detection multiplier: packets missed before the session is down (3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
+    pub detect_multiplier: Option<u32>,
+    /// Echo interval (MetalLB's); refused: portico does not do echo mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_interval: Option<u32>,
+    /// Echo mode (MetalLB's); only `false`: portico does not do echo mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_mode: Option<bool>,
+    /// Passive mode (MetalLB's); only `false`: portico's BFD always sends first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_mode: Option<bool>,
+    /// Minimum TTL of multihop packets (MetalLB's); refused: portico checks TTL 255 on single
+    /// hop sessions (RFC 5881) and no minimum on multihop ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ttl: Option<u32>,
 }
 
 /// A node's BGP view of a Service in its `ServiceAnnouncement` entry (Services announced by

@@ -12,6 +12,10 @@
 //! - Every field is validated here; a resource with a bad value is reported (resource, field,
 //!   fix) and its last valid version, if any, stays in force ([`LastGood`]): a typo never
 //!   tears down a session that runs.
+//! - `bfdProfile` names a built-in profile (`off`, `default`, `fast`, timers such as
+//!   `50msx3`), which wins, or a `BFDProfile` ([`bfd_profile`] checks it; a bad edit keeps its
+//!   last valid version). The timers are written into the peer's valid spec
+//!   ([`inline_bfd`]), so a running session keeps them when the profile later goes or breaks.
 //! - A `passwordSecret` is read from the Secrets of portico's namespace (type
 //!   `kubernetes.io/basic-auth`, key `password`, as MetalLB has it); a missing Secret or key
 //!   is a bad value like any other: a new peer is not configured, a running one keeps its last
@@ -28,7 +32,7 @@ use model::bgp::{BfdProfile, Bgp, BgpPeer, Community, LargeCommunity, ServiceBgp
 
 use super::{Snapshot, internal_ip};
 use crate::allocator::AddrRange;
-use crate::crd::{BGPAdvertisementSpec, BGPPeerSpec};
+use crate::crd::{BFDProfileSpec, BGPAdvertisementSpec, BGPPeerSpec};
 use crate::selector::{Selector, any_matches};
 
 /// The last valid spec of each resource by name, so a bad edit keeps the previous one running.
@@ -38,6 +42,8 @@ pub struct LastGood {
     pub peers: BTreeMap<String, BGPPeerSpec>,
     /// `BGPAdvertisement` specs by name.
     pub advertisements: BTreeMap<String, BGPAdvertisementSpec>,
+    /// `BFDProfile` specs by name.
+    pub bfd_profiles: BTreeMap<String, BFDProfileSpec>,
 }
 
 /// Graceful restart time advertised when `gracefulRestart` is on (the standalone default).
@@ -263,11 +269,12 @@ pub fn inline_password(
     })
 }
 
-/// `bfdProfile`: absent or `off`, `default`, `fast`, or `<interval>x<multiplier>`.
+/// `bfdProfile`: absent or `off`, `default`, `fast`, or `<interval>x<multiplier>` (the
+/// built-in profiles; a `BFDProfile` name was replaced by its timers in [`inline_bfd`]).
 fn bfd(s: Option<&str>) -> Result<Option<BfdProfile>, String> {
     let bad = |s: &str| {
         format!(
-            "`{s}` is not a BFD profile; use off, default (300ms x 3), fast (10ms x 3) or timers such as 50msx3"
+            "`{s}` is no BFDProfile and no built-in profile; create a BFDProfile named `{s}`, or use off, default (300ms x 3), fast (10ms x 3) or timers such as 50msx3"
         )
     };
     match s.map(str::trim) {
@@ -291,6 +298,116 @@ fn bfd(s: Option<&str>) -> Result<Option<BfdProfile>, String> {
             }))
         }
     }
+}
+
+/// MetalLB's default BFD interval (ms) when `receiveInterval` / `transmitInterval` is absent.
+const BFD_INTERVAL_MS: u32 = 300;
+/// MetalLB's default detection multiplier.
+const BFD_MULTIPLIER: u32 = 3;
+
+/// A `BFDProfile` checked field by field: its timers, or every error (`spec.<field>: problem;
+/// fix`). Portico's BFD has one interval for sending and receiving, always sends (active
+/// role), has no echo mode and checks no minimum TTL on multihop sessions: those fields are
+/// refused rather than ignored.
+pub fn bfd_profile(spec: &BFDProfileSpec) -> Result<BfdProfile, Vec<String>> {
+    let mut errs = Vec::new();
+    let interval = |field: &str, v: Option<u32>, errs: &mut Vec<String>| {
+        let ms = v.unwrap_or(BFD_INTERVAL_MS);
+        if !(10..=60_000).contains(&ms) {
+            errs.push(format!(
+                "spec.{field}: {ms} is out of range 10-60000 (milliseconds); use e.g. 300"
+            ));
+        }
+        ms
+    };
+    let rx = interval("receiveInterval", spec.receive_interval, &mut errs);
+    let tx = interval("transmitInterval", spec.transmit_interval, &mut errs);
+    if rx != tx {
+        let said = |v: Option<u32>| if v.is_some() { "" } else { " (the default)" };
+        errs.push(format!(
+            "spec.transmitInterval: {tx}{} differs from spec.receiveInterval {rx}{}; portico's BFD sends and requires one interval: set both to the same value",
+            said(spec.transmit_interval),
+            said(spec.receive_interval),
+        ));
+    }
+    let multiplier = spec.detect_multiplier.unwrap_or(BFD_MULTIPLIER);
+    let multiplier = match u8::try_from(multiplier) {
+        Ok(m) if m > 0 => m,
+        _ => {
+            errs.push(format!(
+                "spec.detectMultiplier: {multiplier} is out of range 1-255; use e.g. 3"
+            ));
+            3
+        }
+    };
+    if spec.echo_mode == Some(true) {
+        errs.push(
+            "spec.echoMode: portico does not do BFD echo mode; remove it or set it to false".into(),
+        );
+    }
+    if let Some(e) = spec.echo_interval {
+        errs.push(format!(
+            "spec.echoInterval: {e}: portico does not do BFD echo mode, so there is no echo interval; remove it"
+        ));
+    }
+    if spec.passive_mode == Some(true) {
+        errs.push(
+            "spec.passiveMode: portico's BFD always sends (active role); remove it or set it to false"
+                .into(),
+        );
+    }
+    if let Some(t) = spec.minimum_ttl {
+        errs.push(format!(
+            "spec.minimumTtl: {t}: portico requires TTL 255 on single hop BFD (RFC 5881) and checks no minimum on multihop; remove it"
+        ));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(BfdProfile {
+        interval: Duration::from_millis(u64::from(rx)),
+        multiplier,
+    })
+}
+
+/// `spec` with a `bfdProfile` that names a `BFDProfile` replaced by its timers
+/// (`<ms>msx<multiplier>`), so the result stands on its own (and stays in force as the last
+/// valid version when the profile later goes or breaks). The built-in words and timers win
+/// over a `BFDProfile` of the same name; those come back as they are. `profiles`: the valid
+/// `BFDProfile`s; `exist`: the names of all of them, valid or not (for the message).
+pub fn inline_bfd(
+    spec: &BGPPeerSpec,
+    profiles: &BTreeMap<String, BFDProfileSpec>,
+    exist: &BTreeSet<String>,
+) -> Result<BGPPeerSpec, String> {
+    let Some(name) = spec.bfd_profile.as_deref().map(str::trim) else {
+        return Ok(spec.clone());
+    };
+    let builtin = bfd(Some(name));
+    if builtin.is_ok() {
+        return Ok(spec.clone());
+    }
+    let Some(p) = profiles.get(name) else {
+        if exist.contains(name) {
+            return Err(format!(
+                "spec.bfdProfile: BFDProfile `{name}` has no valid version (its errors are logged as BFDProfile/{name}); fix it"
+            ));
+        }
+        return Err(format!(
+            "spec.bfdProfile: {}",
+            builtin.err().unwrap_or_default()
+        ));
+    };
+    let t = bfd_profile(p).map_err(|e| {
+        format!(
+            "spec.bfdProfile: BFDProfile `{name}` is not valid: {}",
+            e.join("; ")
+        )
+    })?;
+    Ok(BGPPeerSpec {
+        bfd_profile: Some(format!("{}msx{}", t.interval.as_millis(), t.multiplier)),
+        ..spec.clone()
+    })
 }
 
 /// A `BGPAdvertisement` checked: the attributes, the pool and node selectors.
@@ -384,6 +501,8 @@ pub struct Resolved {
     pub good_peers: BTreeMap<String, BGPPeerSpec>,
     /// `BGPAdvertisement` specs valid now.
     pub good_advertisements: BTreeMap<String, BGPAdvertisementSpec>,
+    /// `BFDProfile` specs valid now.
+    pub good_bfd_profiles: BTreeMap<String, BFDProfileSpec>,
     /// `Kind/name: field: problem; fix` for every bad resource, sorted.
     pub errors: Vec<String>,
 }
@@ -391,8 +510,42 @@ pub struct Resolved {
 /// Validates every BGP resource; a bad one falls back to its last valid spec.
 pub fn resolve(snap: &Snapshot) -> Resolved {
     let mut out = Resolved::default();
+    for (name, p) in &snap.bfd_profiles {
+        if let Ok(b) = bfd(Some(name)) {
+            let what = b.map_or("off".to_string(), |b| {
+                format!("{}ms x {}", b.interval.as_millis(), b.multiplier)
+            });
+            out.errors.push(format!(
+                "BFDProfile/{name}: metadata.name: `{name}` is a built-in profile ({what}), which BGPPeers naming it get; give this BFDProfile another name to use it"
+            ));
+            continue;
+        }
+        match bfd_profile(&p.spec) {
+            Ok(_) => {
+                out.good_bfd_profiles.insert(name.clone(), p.spec.clone());
+            }
+            Err(e) => {
+                let kept = snap.bgp_last_good.bfd_profiles.get(name);
+                for e in e {
+                    out.errors.push(format!(
+                        "BFDProfile/{name}: {e}{}",
+                        if kept.is_some() {
+                            " (the last valid version stays in force)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                if let Some(k) = kept {
+                    out.good_bfd_profiles.insert(name.clone(), k.clone());
+                }
+            }
+        }
+    }
+    let exist: BTreeSet<String> = snap.bfd_profiles.keys().cloned().collect();
     for (name, p) in &snap.bgp_peers {
         let checked = inline_password(&p.spec, &snap.bgp_secrets)
+            .and_then(|spec| inline_bfd(&spec, &out.good_bfd_profiles, &exist))
             .map_err(|e| vec![e])
             .and_then(|spec| peer(name, &spec).map(|_| spec));
         match checked {

@@ -275,6 +275,7 @@ fn list_all(src: &mut Source, snap: &Snapshot) -> Option<Desired> {
     feed(Input::L2(Event::InitDone));
     feed(Input::BgpPeer(Event::InitDone));
     feed(Input::BgpAdvertisement(Event::InitDone));
+    feed(Input::BfdProfile(Event::InitDone));
     feed(Input::BgpSecret(Event::InitDone));
     feed(Input::Secret(Event::InitDone));
     last
@@ -603,6 +604,7 @@ fn list_all_but_secret(src: &mut Source, snap: &Snapshot) -> Option<Desired> {
         Input::L2(Event::InitDone),
         Input::BgpPeer(Event::InitDone),
         Input::BgpAdvertisement(Event::InitDone),
+        Input::BfdProfile(Event::InitDone),
         Input::BgpSecret(Event::InitDone),
     ] {
         last = src.handle(i).or(last);

@@ -5,7 +5,7 @@ use kube::runtime::watcher::Event;
 use model::bgp::AnnounceMode;
 
 use super::*;
-use crate::crd::{BGPAdvertisement, BGPPeer, L2Announcement, L2AnnouncementSpec};
+use crate::crd::{BFDProfile, BGPAdvertisement, BGPPeer, L2Announcement, L2AnnouncementSpec};
 use crate::fixtures::{self, labels};
 use crate::intent::Scope;
 use crate::source::tests::{node, snapshot};
@@ -142,13 +142,25 @@ fn a_pool_selected_by_an_advertisement_is_announced_by_bgp_and_by_both_with_l2()
     let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
     assert_eq!(s.announce, AnnounceMode::L2);
     assert!(s.bgp.is_default());
-    // ownerOnly needs the L2 owner: both, even without an L2Announcement
+    // ownerOnly without an L2Announcement: BGP from the owner only, no ARP / NDP
     snap.l2.clear();
     snap.bgp_ads.get_mut("ad").unwrap().spec = BGPAdvertisementSpec {
         ip_address_pools: vec!["lb".into()],
         owner_only: true,
         ..BGPAdvertisementSpec::default()
     };
+    let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
+    assert_eq!(
+        s.announce,
+        AnnounceMode::Bgp,
+        "ownerOnly alone answers no ARP"
+    );
+    assert!(s.bgp.owner_only);
+    // with an L2Announcement that selects the pool too: both (the owner answers ARP as well)
+    snap.l2.insert(
+        "l2".into(),
+        L2Announcement::new("l2", L2AnnouncementSpec::default()),
+    );
     let s = build(&snap, &settings(), &template().unwrap()).services[0].clone();
     assert_eq!(s.announce, AnnounceMode::Both);
     assert!(s.bgp.owner_only);
@@ -207,7 +219,7 @@ fn bad_values_name_the_resource_and_field() {
         "spec.peerAddress: `10.0.0.300` is not an IP address",
         "spec.routerID: `2001:db8::1` is not an IPv4 address",
         "spec.holdTime: 1s is too short",
-        "spec.bfdProfile: `slow` is not a BFD profile",
+        "spec.bfdProfile: `slow` is no BFDProfile and no built-in profile; create a BFDProfile named `slow`",
     ] {
         assert!(
             errs.iter().any(|e| e.starts_with(want)),
@@ -264,6 +276,7 @@ fn list(src: &mut Source, snap: &Snapshot) -> Option<model::Desired> {
         Input::BgpSecret(Event::InitDone),
         Input::Pool(Event::InitDone),
         Input::BgpAdvertisement(Event::InitDone),
+        Input::BfdProfile(Event::InitDone),
     ] {
         feed(i);
     }
@@ -434,4 +447,225 @@ fn a_password_secret_is_read_and_its_problems_name_the_field_and_the_fix() {
         (ok.password.as_deref(), ok.password_secret),
         (Some("x"), None)
     );
+}
+
+fn profile(name: &str, spec: BFDProfileSpec) -> BFDProfile {
+    BFDProfile::new(name, spec)
+}
+
+#[test]
+fn a_bfd_profile_checks_each_field_and_refuses_what_portico_does_not_do() {
+    // MetalLB's defaults: 300 ms x 3
+    assert_eq!(
+        bfd_profile(&BFDProfileSpec::default()),
+        Ok(BfdProfile::DEFAULT)
+    );
+    let ok = BFDProfileSpec {
+        receive_interval: Some(50),
+        transmit_interval: Some(50),
+        detect_multiplier: Some(4),
+        echo_mode: Some(false),
+        passive_mode: Some(false),
+        ..BFDProfileSpec::default()
+    };
+    assert_eq!(
+        bfd_profile(&ok),
+        Ok(BfdProfile {
+            interval: Duration::from_millis(50),
+            multiplier: 4
+        })
+    );
+    let errs = bfd_profile(&BFDProfileSpec {
+        receive_interval: Some(5),
+        transmit_interval: Some(70000),
+        detect_multiplier: Some(256),
+        echo_interval: Some(50),
+        echo_mode: Some(true),
+        passive_mode: Some(true),
+        minimum_ttl: Some(254),
+    })
+    .unwrap_err();
+    for want in [
+        "spec.receiveInterval: 5 is out of range 10-60000",
+        "spec.transmitInterval: 70000 is out of range 10-60000",
+        "spec.transmitInterval: 70000 differs from spec.receiveInterval 5; portico's BFD sends and requires one interval",
+        "spec.detectMultiplier: 256 is out of range 1-255",
+        "spec.echoInterval: 50: portico does not do BFD echo mode",
+        "spec.echoMode: portico does not do BFD echo mode",
+        "spec.passiveMode: portico's BFD always sends",
+        "spec.minimumTtl: 254: portico requires TTL 255 on single hop BFD",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "{want}: {errs:#?}"
+        );
+    }
+    // one interval given: the other is MetalLB's default, and they differ
+    let errs = bfd_profile(&BFDProfileSpec {
+        receive_interval: Some(100),
+        ..BFDProfileSpec::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        errs,
+        [
+            "spec.transmitInterval: 300 (the default) differs from spec.receiveInterval 100; portico's BFD sends and requires one interval: set both to the same value"
+        ]
+    );
+}
+
+#[test]
+fn a_bgp_peer_names_a_bfd_profile_and_the_built_in_words_win() {
+    let mut snap = snapshot();
+    let mut p = tor("tor", "10.0.0.254", Vec::new());
+    p.spec.bfd_profile = Some("tor-bfd".into());
+    snap.bgp_peers.insert("tor".into(), p.clone());
+    // missing: the peer is not configured, and the error says what to create
+    let (errors, good) = crate::source::bgp_errors(&snap, &settings());
+    assert_eq!(
+        errors,
+        [
+            "BGPPeer/tor: spec.bfdProfile: `tor-bfd` is no BFDProfile and no built-in profile; create a BFDProfile named `tor-bfd`, or use off, default (300ms x 3), fast (10ms x 3) or timers such as 50msx3"
+        ]
+    );
+    assert!(good.peers.is_empty());
+    assert!(
+        build(&snap, &settings(), &template().unwrap())
+            .bgp
+            .is_none()
+    );
+    // the profile: the session gets its timers
+    snap.bfd_profiles.insert(
+        "tor-bfd".into(),
+        profile(
+            "tor-bfd",
+            BFDProfileSpec {
+                receive_interval: Some(200),
+                transmit_interval: Some(200),
+                detect_multiplier: Some(5),
+                ..BFDProfileSpec::default()
+            },
+        ),
+    );
+    let b = build(&snap, &settings(), &template().unwrap())
+        .bgp
+        .expect("configured");
+    let want = BfdProfile {
+        interval: Duration::from_millis(200),
+        multiplier: 5,
+    };
+    assert_eq!(b.peers[0].bfd, Some(want));
+    let (errors, good) = crate::source::bgp_errors(&snap, &settings());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        good.peers["tor"].bfd_profile.as_deref(),
+        Some("200msx5"),
+        "the last valid peer carries the timers"
+    );
+    // a BFDProfile named like a built-in word is reported; the peer naming it gets the word
+    snap.bfd_profiles
+        .insert("fast".into(), profile("fast", BFDProfileSpec::default()));
+    snap.bgp_peers.get_mut("tor").unwrap().spec.bfd_profile = Some("fast".into());
+    let b = build(&snap, &settings(), &template().unwrap()).bgp.unwrap();
+    assert_eq!(b.peers[0].bfd, Some(BfdProfile::FAST));
+    let (errors, _) = crate::source::bgp_errors(&snap, &settings());
+    assert_eq!(
+        errors,
+        [
+            "BFDProfile/fast: metadata.name: `fast` is a built-in profile (10ms x 3), which BGPPeers naming it get; give this BFDProfile another name to use it"
+        ]
+    );
+    // a profile that was never valid: the peer says so
+    snap.bfd_profiles.remove("fast");
+    snap.bgp_peers.get_mut("tor").unwrap().spec.bfd_profile = Some("tor-bfd".into());
+    snap.bfd_profiles.get_mut("tor-bfd").unwrap().spec.echo_mode = Some(true);
+    let (errors, _) = crate::source::bgp_errors(&snap, &settings());
+    assert_eq!(
+        errors,
+        [
+            "BFDProfile/tor-bfd: spec.echoMode: portico does not do BFD echo mode; remove it or set it to false",
+            "BGPPeer/tor: spec.bfdProfile: BFDProfile `tor-bfd` has no valid version (its errors are logged as BFDProfile/tor-bfd); fix it",
+        ]
+    );
+}
+
+#[test]
+fn a_bad_bfd_profile_edit_or_its_deletion_keeps_the_running_timers() {
+    let mut snap = snapshot();
+    let mut p = tor("tor", "10.0.0.254", Vec::new());
+    p.spec.bfd_profile = Some("tor-bfd".into());
+    snap.bgp_peers.insert("tor".into(), p);
+    let mut src = Source::new(settings()).unwrap();
+    // listed without the profile: nothing configured yet
+    assert!(list(&mut src, &snap).is_some_and(|d| d.config.bgp.is_none()));
+    assert!(
+        src.bgp_problems()[0]
+            .starts_with("BGPPeer/tor: spec.bfdProfile: `tor-bfd` is no BFDProfile")
+    );
+    let good = BFDProfileSpec {
+        receive_interval: Some(100),
+        transmit_interval: Some(100),
+        ..BFDProfileSpec::default()
+    };
+    let d = src
+        .handle(Input::BfdProfile(Event::Apply(profile(
+            "tor-bfd",
+            good.clone(),
+        ))))
+        .expect("configured");
+    let want = Some(BfdProfile {
+        interval: Duration::from_millis(100),
+        multiplier: 3,
+    });
+    assert_eq!(d.config.bgp.as_ref().unwrap().peers[0].bfd, want);
+    assert!(src.bgp_problems().is_empty(), "{:?}", src.bgp_problems());
+    // a bad edit: reported by resource and field, the timers stay
+    let bad = BFDProfileSpec {
+        transmit_interval: Some(50),
+        ..good.clone()
+    };
+    assert!(
+        src.handle(Input::BfdProfile(Event::Apply(profile(
+            "tor-bfd",
+            bad.clone()
+        ))))
+        .is_none(),
+        "nothing changes"
+    );
+    assert_eq!(
+        src.bgp_problems(),
+        [
+            "BFDProfile/tor-bfd: spec.transmitInterval: 50 differs from spec.receiveInterval 100; portico's BFD sends and requires one interval: set both to the same value (the last valid version stays in force)"
+        ]
+    );
+    // deleted: the peer reports it, and the running session keeps its timers
+    assert!(
+        src.handle(Input::BfdProfile(Event::Delete(profile("tor-bfd", bad))))
+            .is_none(),
+        "nothing changes"
+    );
+    assert_eq!(src.bgp_problems().len(), 1, "{:?}", src.bgp_problems());
+    assert!(
+        src.bgp_problems()[0]
+            .starts_with("BGPPeer/tor: spec.bfdProfile: `tor-bfd` is no BFDProfile")
+            && src.bgp_problems()[0].ends_with("(the last valid version stays in force)"),
+        "{:?}",
+        src.bgp_problems()
+    );
+    // a faster valid profile: the new timers apply
+    let fast = BFDProfileSpec {
+        receive_interval: Some(20),
+        transmit_interval: Some(20),
+        ..BFDProfileSpec::default()
+    };
+    let d = src
+        .handle(Input::BfdProfile(Event::Apply(profile("tor-bfd", fast))))
+        .expect("changed");
+    assert_eq!(
+        d.config.bgp.as_ref().unwrap().peers[0]
+            .bfd
+            .map(|b| b.interval),
+        Some(Duration::from_millis(20))
+    );
+    assert!(src.bgp_problems().is_empty(), "{:?}", src.bgp_problems());
 }
