@@ -60,6 +60,7 @@ pub mod driver;
 pub mod ecmp;
 pub mod metrics;
 pub mod nft;
+pub mod passive;
 pub mod plan;
 
 pub use driver::{Kernel, Options};
