@@ -58,6 +58,7 @@
 
 pub mod driver;
 pub mod ecmp;
+mod feed;
 pub mod metrics;
 pub mod nft;
 pub mod passive;
