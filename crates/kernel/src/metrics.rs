@@ -56,7 +56,7 @@ pub struct Metrics {
     pub batch_errors: Counter,
     /// Time to apply one batch (the nft call: library or `nft -f -` start to exit).
     pub batch_seconds: Histogram,
-    /// Time from a desired or health change received to its batch applied (plan, diff, nft).
+    /// Time from a desired, health or ejection change received to its batch applied.
     pub update_seconds: Histogram,
     /// 1 for the engine that runs nft commands in this process.
     pub engine: Family<EngineLabels, Gauge>,
@@ -137,7 +137,7 @@ impl Metrics {
         );
         r.register(
             "update_seconds",
-            "Time from a desired-state or health change received to its nftables batch applied (plan, diff and the nft call)",
+            "Time from a desired-state, health or outlier-ejection change received to its nftables batch applied (plan, diff and the nft call)",
             m.update_seconds.clone(),
         );
         r.register(
