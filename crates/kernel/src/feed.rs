@@ -67,3 +67,108 @@ pub(crate) async fn run(
     }
     metrics.passive.set(0);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::process::Command;
+
+    use prometheus_client::registry::Registry;
+    use tokio::time::{Duration, Instant};
+
+    use super::*;
+    use crate::metrics::ReasonLabels;
+
+    /// A network namespace, deleted on drop (also when the test fails).
+    struct Ns(String);
+
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .status();
+        }
+    }
+
+    fn sh(args: &[&str]) {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    /// `n` new UDP flows to 127.0.0.1:9, each a new conntrack entry.
+    fn burst(n: usize) {
+        for _ in 0..n {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let _ = s.send_to(b"x", "127.0.0.1:9");
+        }
+    }
+
+    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn an_overrun_is_counted_and_the_feed_goes_on() {
+        if !sys::is_root() {
+            sys::skip_test("needs root (a network namespace, conntrack events)");
+            return;
+        }
+        let ns = Ns(format!("pk-{}-feed", std::process::id()));
+        sh(&["ip", "netns", "add", &ns.0]);
+        sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+        // a rule that needs conntrack, so the namespace tracks flows
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "add table inet t; add chain inet t c { type filter hook output priority 0; }; add rule inet t c ct state new counter",
+        ]);
+        let path = format!("/run/netns/{}", ns.0);
+        std::thread::spawn(move || {
+            sys::setns_net(&path).expect("setns");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let metrics = Metrics::register(&mut Registry::default());
+                let overruns = metrics.events_dropped.get_or_create(&ReasonLabels {
+                    reason: "overrun".into(),
+                });
+                // the smallest receive buffer: a burst read late overruns it
+                let sock = EventSocket::subscribe(0).expect("subscribe");
+                let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+                let (_watched_tx, watched) =
+                    watch::channel(Arc::new(Watched::from([(17, dst, dst)])));
+                let (tx, mut rx) = mpsc::channel(QUEUE);
+                let stop = CancellationToken::new();
+                burst(500);
+                let task = tokio::spawn(run(sock, watched, tx, metrics.clone(), stop.clone()));
+                wait("an overrun counted", || overruns.get() >= 1).await;
+                // the feed goes on: later flows still arrive
+                while rx.try_recv().is_ok() {}
+                let before = metrics.conntrack_events.get();
+                // one at a time: the feed reads each before the next (the buffer holds few)
+                for _ in 0..3 {
+                    burst(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                wait("events after the overrun", || {
+                    metrics.conntrack_events.get() >= before + 3
+                })
+                .await;
+                assert!(rx.recv().await.is_some());
+                stop.cancel();
+                task.await.unwrap();
+            });
+        })
+        .join()
+        .expect("the test thread");
+    }
+}
