@@ -5,7 +5,8 @@
 //! and after `consecutive_failures` refusals b2 leaves the nft map (read back), `/status` says
 //! it is ejected, and every connection succeeds; once the ejection time is over b2 is back in
 //! the map, half-open, and its next flow closes the breaker. Without the conntrack event feed
-//! nothing ejects b2 and the test fails.
+//! nothing ejects b2 and the test fails. A second test black-holes b2 (its SYNs dropped): it is
+//! ejected after `consecutive_failures` flows unanswered for `connection.connect_timeout`.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -81,12 +82,12 @@ fn serve(ns: &str, port: u16, name: &'static str) -> Arc<AtomicBool> {
 }
 
 /// Client 10.79.0.2 → node → backends 10.79.K.2.
-fn lab() -> Lab {
+fn lab(tag: &str) -> Lab {
     let pid = std::process::id();
     let lab = Lab {
         names: ["c", "n", "b1", "b2"]
             .iter()
-            .map(|r| format!("pk-{pid}-ko-{r}"))
+            .map(|r| format!("pk-{pid}-{tag}-{r}"))
             .collect(),
     };
     for ns in &lab.names {
@@ -247,57 +248,13 @@ fn a_refusing_backend_is_ejected_from_the_kernel_map_and_readmitted() {
         sys::skip_test("needs nft");
         return;
     }
-    let lab = lab();
+    let lab = lab("ko");
     let (client, node) = (lab.names[0].clone(), lab.names[1].clone());
     let _b1 = serve(&lab.names[2], 8080, "b1");
     let _b1_check = serve(&lab.names[2], 9090, "b1");
     let b2 = serve(&lab.names[3], 8080, "b2");
     let _b2_check = serve(&lab.names[3], 9090, "b2");
-
-    let dir = std::env::temp_dir().join(format!("pk-{}-kernel-outlier", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("portico.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "node: {{name: n1}}\nservices:\n  - name: web\n    vips: [{VIP}]\n    \
-             ports: [{{port: 80, target_port: 8080}}]\n    forwarding: kernel\n    \
-             health_check: {{type: tcp, port: 9090, interval: 200ms, timeout: 100ms, rise: 1, fall: 1}}\n    \
-             connection: {{connect_timeout: 1s}}\n    \
-             outlier: {{consecutive_failures: 3, base_ejection_time: {}s, max_ejection_percent: 50}}\n    \
-             backends: [{{name: b1, address: 10.79.1.2}}, {{name: b2, address: 10.79.2.2}}]\n",
-            EJECTION.as_secs()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node, BIN, "run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn portico");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, logs) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let p = Portico { child, logs };
-    wait_for("/status ready", 20, || {
-        let v: serde_json::Value = serde_json::from_str(&get(&node, "/status")?).ok()?;
-        v["ready"].as_bool()?.then_some(())
-    });
-    wait_for("both backends in the map", 10, || {
-        (map_backends(&node)?.len() == 2).then_some(())
-    });
-    assert_eq!(
-        metric(&node, "portico_kernel_passive_detection "),
-        1.0,
-        "the conntrack event feed runs"
-    );
+    let (p, dir) = start(&lab, "ko");
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
         seen.insert(via_vip(&client).expect("both backends serve"));
@@ -393,6 +350,128 @@ fn a_refusing_backend_is_ejected_from_the_kernel_map_and_readmitted() {
         (b2_status(&node)?["breaker"] == "closed").then_some(())
     });
 
+    sys::kill(p.child.id(), sys::SIGTERM).unwrap();
+    let mut p = p;
+    wait_for("graceful exit", 20, || p.child.try_wait().ok().flatten());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts portico in the node namespace on the test's configuration, waits until it is ready
+/// with both backends in the map and its conntrack event feed running.
+fn start(lab: &Lab, tag: &str) -> (Portico, std::path::PathBuf) {
+    let node = lab.names[1].clone();
+    let dir = std::env::temp_dir().join(format!("pk-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("portico.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "node: {{name: n1}}\nservices:\n  - name: web\n    vips: [{VIP}]\n    \
+             ports: [{{port: 80, target_port: 8080}}]\n    forwarding: kernel\n    \
+             health_check: {{type: tcp, port: 9090, interval: 200ms, timeout: 100ms, rise: 1, fall: 1}}\n    \
+             connection: {{connect_timeout: 1s}}\n    \
+             outlier: {{consecutive_failures: 3, base_ejection_time: {}s, max_ejection_percent: 50}}\n    \
+             backends: [{{name: b1, address: 10.79.1.2}}, {{name: b2, address: 10.79.2.2}}]\n",
+            EJECTION.as_secs()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node, BIN, "run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn portico");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, logs) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let p = Portico { child, logs };
+    wait_for("/status ready", 20, || {
+        let v: serde_json::Value = serde_json::from_str(&get(&node, "/status")?).ok()?;
+        v["ready"].as_bool()?.then_some(())
+    });
+    wait_for("both backends in the map", 10, || {
+        (map_backends(&node)?.len() == 2).then_some(())
+    });
+    assert_eq!(
+        metric(&node, "portico_kernel_passive_detection "),
+        1.0,
+        "the conntrack event feed runs"
+    );
+    (p, dir)
+}
+
+#[test]
+fn a_black_holed_backend_is_ejected_after_connect_timeouts() {
+    if !sys::is_root() {
+        sys::skip_test("needs root (network namespaces, nftables, conntrack events)");
+        return;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        sys::skip_test("needs nft");
+        return;
+    }
+    let lab = lab("kb");
+    let (client, node) = (lab.names[0].clone(), lab.names[1].clone());
+    let _b1 = serve(&lab.names[2], 8080, "b1");
+    let _b1_check = serve(&lab.names[2], 9090, "b1");
+    let _b2 = serve(&lab.names[3], 8080, "b2");
+    let _b2_check = serve(&lab.names[3], 9090, "b2");
+    let (p, dir) = start(&lab, "kb");
+    // b2 drops every SYN to its service port (no answer at all); its check port answers
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.names[3],
+        "nft",
+        "add table inet pkdrop; add chain inet pkdrop in { type filter hook input priority 0; }; add rule inet pkdrop in tcp dport 8080 drop",
+    ]);
+    let mut timed_out = 0;
+    let mut rounds = 0;
+    while map_backends(&node) != Some(["10.79.1.2".to_string()].into()) {
+        rounds += 1;
+        assert!(
+            rounds <= 10,
+            "b2 was not ejected after {timed_out} unanswered connections"
+        );
+        // 6 clients at once: those hashed to b2 wait for their 2 s connect timeout
+        let clients: Vec<_> = (0..6)
+            .map(|_| {
+                let c = client.clone();
+                std::thread::spawn(move || via_vip(&c))
+            })
+            .collect();
+        timed_out += clients
+            .into_iter()
+            .map(|c| c.join().map_or(true, |r| r.is_err()))
+            .filter(|&failed| failed)
+            .count();
+    }
+    assert!(timed_out >= 3, "ejected after {timed_out} timeouts");
+    let st = b2_status(&node).expect("b2 in /status");
+    assert_eq!(st["ejected"], true, "{st}");
+    assert_eq!(st["health"], "up", "its check still passes: {st}");
+    assert!(
+        metric(
+            &node,
+            "portico_kernel_backend_flow_outcomes_total{service=\"web\",backend=\"b2\",outcome=\"timeout\"}"
+        ) >= 3.0
+    );
+    println!("b2 ejected after {timed_out} unanswered connections ({rounds} rounds of 6)");
+    for _ in 0..10 {
+        assert_eq!(
+            via_vip(&client).as_deref(),
+            Ok("b1"),
+            "all traffic succeeds"
+        );
+    }
     sys::kill(p.child.id(), sys::SIGTERM).unwrap();
     let mut p = p;
     wait_for("graceful exit", 20, || p.child.try_wait().ok().flatten());
