@@ -545,7 +545,7 @@ impl Kernel {
                     tracing::warn!(service = %key.service, backend = %key.backend, ejected_for = ?until.saturating_duration_since(now), reason = "outlierEjected", "backend ejected");
                 }
                 Change::Limited(key) => {
-                    tracing::info!(service = %key.service, backend = %key.backend, reason = "ejectionLimited", "backend not ejected: max_ejection_percent reached");
+                    tracing::debug!(service = %key.service, backend = %key.backend, reason = "ejectionLimited", "backend not ejected: max_ejection_percent reached");
                 }
                 Change::Readmitted(key) => {
                     tracing::info!(service = %key.service, backend = %key.backend, reason = "ejectionEnded", "backend re-admitted (half-open)");
