@@ -225,3 +225,36 @@ fn a_reload_keeps_the_record_of_a_backend_that_stays_and_detection_can_be_off() 
     assert!(p.ejected().is_empty());
     assert_eq!((p.pending(), p.next_deadline()), (0, None));
 }
+
+/// The driver's use under tokio's paused clock: events replayed as they arrive, `on_tick` at
+/// `next_deadline`, the ejection ending after `base_ejection_time`.
+#[tokio::test(start_paused = true)]
+async fn replayed_events_under_paused_time_eject_then_readmit() {
+    let mut p = Passive::new(16);
+    p.configure(&default_config());
+    let start = Instant::now();
+    // a black-holed flow, then two refused ones, 100 ms apart
+    p.on_event(
+        Instant::now(),
+        &ev(EventKind::New, 1, 4, Some(TcpState::SynSent)),
+    );
+    for port in 2..4 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        refused(&mut p, Instant::now(), port, 4);
+    }
+    assert!(p.ejected().is_empty());
+    let due = p.next_deadline().expect("the connect timeout");
+    tokio::time::sleep_until(due).await;
+    let r = p.on_tick(Instant::now());
+    assert_eq!(r.outcomes, [(key("d"), Outcome::Timeout)]);
+    assert!(r.ejections_changed(), "the third failure ejects");
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    let due = p.next_deadline().expect("the ejection's end");
+    tokio::time::sleep_until(due).await;
+    assert_eq!(
+        p.on_tick(Instant::now()).changes,
+        [Change::Readmitted(key("d"))]
+    );
+    assert_eq!(Instant::now() - start, Duration::from_secs(31));
+    assert_eq!(p.next_deadline(), None);
+}
