@@ -12,7 +12,7 @@
 //!
 //! Passive outlier detection: at start the driver subscribes to conntrack's events in its
 //! network namespace (`sys::conntrack::events`); a feed task keeps those of portico's flows and
-//! queues them (bounded, [`crate::feed::QUEUE`]); the driver hands them to the pure
+//! queues them (bounded, 4096 events); the driver hands them to the pure
 //! [`Passive`] detector, plans ejected backends as down, and applies the changed slots in one
 //! batch at once (an ejection or its end is one batch, like a health change). Without the
 //! subscription (no `CAP_NET_ADMIN`, no `nf_conntrack_netlink`) the path runs without passive
