@@ -413,7 +413,8 @@ impl Kernel {
         let mut passive = Passive::new(self.opts.max_flows);
         passive.configure(&config);
         let (watched_tx, watched_rx) = watch::channel(Arc::new(passive.watched()));
-        let (mut events, feed) = self.start_feed(watched_rx, &shutdown);
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut events, feed) = self.start_feed(watched_rx, lost.clone(), &shutdown);
         let mut events_open = feed.is_some();
         let mut failed = self.report(self.apply(config.clone(), view.clone()).await);
         let mut counters = tokio::time::interval(self.opts.counter_interval);
@@ -428,6 +429,7 @@ impl Kernel {
                 () = shutdown.cancelled() => break,
                 ev = events.recv(), if events_open => match ev {
                     Some(ev) => {
+                        forget_if_lost(&lost, &mut passive);
                         let now = Instant::now();
                         let mut report = passive.on_event(now, &ev);
                         // take what is queued too: one batch for all of it
@@ -441,6 +443,7 @@ impl Kernel {
                     None => events_open = false,
                 },
                 () = tokio::time::sleep_until(passive_at.unwrap_or(drain_at)), if passive_at.is_some() => {
+                    forget_if_lost(&lost, &mut passive);
                     let report = passive.on_tick(Instant::now());
                     if self.passive_report(&passive, report).await {
                         failed = self.report(self.apply(config.clone(), view.clone()).await);
@@ -489,6 +492,7 @@ impl Kernel {
     fn start_feed(
         &self,
         watched: watch::Receiver<Arc<Watched>>,
+        lost: Arc<std::sync::atomic::AtomicBool>,
         shutdown: &CancellationToken,
     ) -> (
         tokio::sync::mpsc::Receiver<sys::conntrack::events::Event>,
@@ -502,6 +506,7 @@ impl Kernel {
                     sock,
                     watched,
                     tx,
+                    lost,
                     self.metrics.clone(),
                     shutdown.child_token(),
                 ));
@@ -552,7 +557,16 @@ impl Kernel {
                 }
             }
         }
-        if !report.outcomes.is_empty() || !report.changes.is_empty() {
+        // /status changes with a failure, an ejection change, or a breaker closing
+        let published = self.outliers.borrow().clone();
+        if !report.changes.is_empty()
+            || report.outcomes.iter().any(|(k, o)| {
+                *o != crate::passive::Outcome::Connected
+                    || published
+                        .get(k)
+                        .is_none_or(|b| b.breaker != model::BreakerState::Closed)
+            })
+        {
             self.publish_outliers(passive);
         }
         if !report.ejections_changed() {
@@ -589,6 +603,18 @@ impl Kernel {
                 true
             }
         }
+    }
+}
+
+/// After lost events, forgets the flows awaiting an outcome (their answer may have been lost).
+fn forget_if_lost(lost: &std::sync::atomic::AtomicBool, passive: &mut Passive) {
+    if lost.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        let n = passive.forget_pending();
+        tracing::debug!(
+            flows = n,
+            reason = "eventsLost",
+            "kernel path: conntrack events lost; flows awaiting an outcome forgotten"
+        );
     }
 }
 

@@ -3,8 +3,9 @@
 //! socket buffer, a full queue, malformed messages) and never stops for them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use sys::conntrack::events::{self, Event, EventSocket};
+use sys::conntrack::events::{self, Event, EventKind, EventSocket, TcpState};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -17,11 +18,23 @@ pub const QUEUE: usize = 4096;
 /// Receive buffer asked for the event socket (bytes).
 pub const RCVBUF: usize = 4 << 20;
 
-/// Reads events until `stop` or the driver goes away.
+/// Whether an event can decide a flow's outcome: not the updates after the handshake (the flow
+/// was decided at `SYN_RECV` or `ESTABLISHED`), which are most of a connection's events.
+fn decisive(e: &Event) -> bool {
+    e.kind != EventKind::Update
+        || !matches!(
+            e.tcp_state,
+            Some(TcpState::FinWait | TcpState::CloseWait | TcpState::LastAck | TcpState::TimeWait)
+        )
+}
+
+/// Reads events until `stop` or the driver goes away; sets `lost` whenever events were lost
+/// (the driver then forgets the flows awaiting an outcome).
 pub(crate) async fn run(
     sock: EventSocket,
     watched: watch::Receiver<Arc<Watched>>,
     tx: mpsc::Sender<Event>,
+    lost: Arc<AtomicBool>,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
@@ -36,6 +49,7 @@ pub(crate) async fn run(
             Ok(n) => n,
             Err(e) if events::is_overrun(&e) => {
                 metrics.dropped("overrun", 1);
+                lost.store(true, Ordering::Release);
                 tracing::debug!(reason = "overrun", "kernel path: conntrack events lost");
                 continue;
             }
@@ -51,13 +65,16 @@ pub(crate) async fn run(
         }
         let w = watched.borrow().clone();
         for e in batch.drain(..) {
-            if !w.contains(&(e.proto, e.orig_dst, e.reply_src)) {
+            if !w.contains(&(e.proto, e.orig_dst, e.reply_src)) || !decisive(&e) {
                 continue;
             }
             metrics.conntrack_events.inc();
             match tx.try_send(e) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => metrics.dropped("queueFull", 1),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    metrics.dropped("queueFull", 1);
+                    lost.store(true, Ordering::Release);
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     metrics.passive.set(0);
                     return;
@@ -149,8 +166,17 @@ mod tests {
                 let (tx, mut rx) = mpsc::channel(QUEUE);
                 let stop = CancellationToken::new();
                 burst(500);
-                let task = tokio::spawn(run(sock, watched, tx, metrics.clone(), stop.clone()));
+                let lost = Arc::new(AtomicBool::new(false));
+                let task = tokio::spawn(run(
+                    sock,
+                    watched,
+                    tx,
+                    lost.clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                ));
                 wait("an overrun counted", || overruns.get() >= 1).await;
+                assert!(lost.load(Ordering::Acquire), "the driver is told");
                 // the feed goes on: later flows still arrive
                 while rx.try_recv().is_ok() {}
                 let before = metrics.conntrack_events.get();

@@ -22,7 +22,9 @@
 //! Not detected: UDP flows (no handshake), failures after the handshake (a backend that
 //! accepts and then resets or stalls), and a client that resets its own unanswered SYN (counted
 //! as refused: conntrack does not say which side sent a RST that destroys an unanswered
-//! entry). Flows whose new event was lost (an overrun) are not counted.
+//! entry). Flows whose new event was lost (an overrun) are not counted, and when events are lost
+//! the flows awaiting an outcome are forgotten ([`Passive::forget_pending`]) rather than timed
+//! out: their answer may have been among the lost events.
 //!
 //! Bounded: at most `max_flows` flows awaiting an outcome; beyond it a new flow is not tracked
 //! and [`Report::untracked`] counts it.
@@ -340,6 +342,15 @@ impl Passive {
             .filter(|(_, r)| r.until.is_some())
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Forgets every flow awaiting an outcome (events were lost: a connected flow whose answer
+    /// was among them would otherwise count as a timeout); returns how many.
+    pub fn forget_pending(&mut self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        self.deadlines.clear();
+        n
     }
 
     /// Flows awaiting an outcome.

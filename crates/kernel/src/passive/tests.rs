@@ -258,3 +258,17 @@ async fn replayed_events_under_paused_time_eject_then_readmit() {
     assert_eq!(Instant::now() - start, Duration::from_secs(31));
     assert_eq!(p.next_deadline(), None);
 }
+
+#[test]
+fn flows_forgotten_after_lost_events_never_time_out() {
+    let t0 = Instant::now();
+    let mut p = Passive::new(16);
+    p.configure(&default_config());
+    for port in 0..3 {
+        p.on_event(t0, &ev(EventKind::New, port, 1, Some(TcpState::SynSent)));
+    }
+    assert_eq!(p.forget_pending(), 3);
+    assert_eq!(p.next_deadline(), None);
+    assert!(p.on_tick(t0 + Duration::from_secs(5)).outcomes.is_empty());
+    assert!(p.ejected().is_empty());
+}
