@@ -233,6 +233,28 @@ impl EventSocket {
         Ok(Self { fd })
     }
 
+    /// Waits until events are readable, then hands every read that is ready now (at most
+    /// `max_reads`) to `each` without waiting again: the bytes read, or an overrun error
+    /// ([`is_overrun`]). Other errors end the call. A reader that calls this, then sleeps a
+    /// little, wakes once per batch rather than once per event.
+    pub async fn recv_batch(
+        &self,
+        buf: &mut [u8],
+        max_reads: usize,
+        mut each: impl FnMut(Result<&[u8], io::Error>),
+    ) -> io::Result<()> {
+        let mut guard = self.fd.readable().await?;
+        for _ in 0..max_reads {
+            match guard.try_io(|s| io::Read::read(&mut s.get_ref(), buf)) {
+                Ok(Ok(n)) => each(Ok(&buf[..n])),
+                Ok(Err(e)) if is_overrun(&e) => each(Err(e)),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
     /// Receives one read of events (one or more messages). An overrun comes back as an error
     /// with `raw_os_error() == Some(libc::ENOBUFS)`; the socket stays usable.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
