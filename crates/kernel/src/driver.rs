@@ -9,6 +9,14 @@
 //! cuts them: `sys::conntrack` dumps the conntrack table over `NETLINK_NETFILTER` and sends an
 //! `IPCTNL_MSG_CT_DELETE` with the original tuple of each matching entry. The drain list is
 //! bounded ([`MAX_DRAINS`]); beyond it a drain is cut at once and counted.
+//!
+//! Passive outlier detection: at start the driver subscribes to conntrack's events in its
+//! network namespace (`sys::conntrack::events`); a feed task keeps those of portico's flows and
+//! queues them (bounded, 4096 events); the driver hands them to the pure
+//! [`Passive`] detector, plans ejected backends as down, and applies the changed slots in one
+//! batch at once (an ejection or its end is one batch, like a health change). Without the
+//! subscription (no `CAP_NET_ADMIN`, no `nf_conntrack_netlink`) the path runs without passive
+//! detection and says so (`conntrackEventsUnavailable`, `portico_kernel_passive_detection 0`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,8 +28,9 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{BackendLabels, EngineLabels, KindLabels, Metrics};
+use crate::metrics::{BackendLabels, EngineLabels, KindLabels, Metrics, OutcomeLabels};
 use crate::nft::{self, NftError};
+use crate::passive::{BackendOutlier, Change, Passive, Report, Watched};
 use crate::plan::{self, Batch, PlanError, Ruleset, Target};
 
 /// Most backends draining at once.
@@ -55,6 +64,8 @@ pub struct Options {
     pub table_size: usize,
     /// How often the nft counters are read into the metrics.
     pub counter_interval: Duration,
+    /// Most TCP flows awaiting an outcome in passive outlier detection.
+    pub max_flows: usize,
 }
 
 impl Default for Options {
@@ -62,6 +73,7 @@ impl Default for Options {
         Self {
             table_size: plan::DEFAULT_TABLE_SIZE,
             counter_interval: Duration::from_secs(5),
+            max_flows: crate::passive::DEFAULT_MAX_FLOWS,
         }
     }
 }
@@ -86,7 +98,12 @@ struct State {
     /// Without IPv6 forwarding: the last desired configuration and the same with its services
     /// that have IPv6 VIPs moved to the proxy (see [`for_node`]).
     v4_only: Option<(Arc<Config>, Arc<Config>)>,
+    /// Backends passive outlier detection has ejected (planned as down).
+    ejected: BTreeSet<BackendKey>,
 }
+
+/// Passive outlier state of each watched kernel-path backend, for `/status`.
+pub type Outliers = BTreeMap<BackendKey, BackendOutlier>;
 
 /// The kernel path: one owner of table `inet portico`.
 #[derive(Clone)]
@@ -98,6 +115,8 @@ pub struct Kernel {
     synced: Arc<tokio::sync::watch::Sender<bool>>,
     /// Set by [`Self::probe`] when the node does not forward IPv6.
     ipv6_off: Arc<AtomicBool>,
+    /// Passive outlier state per watched backend.
+    outliers: Arc<watch::Sender<Arc<Outliers>>>,
 }
 
 /// What [`Kernel::apply`] did.
@@ -171,7 +190,15 @@ impl Kernel {
             state: Arc::new(Mutex::new(State::default())),
             synced: Arc::new(tokio::sync::watch::Sender::new(false)),
             ipv6_off: Arc::new(AtomicBool::new(false)),
+            outliers: Arc::new(watch::Sender::new(Arc::default())),
         }
+    }
+
+    /// The passive outlier state of each kernel-path backend with outlier detection on
+    /// (ejected, breaker, failed flows), updated with every outcome: `/status` shows it with
+    /// the same fields as the proxy's ejections.
+    pub fn outliers(&self) -> watch::Receiver<Arc<Outliers>> {
+        self.outliers.subscribe()
     }
 
     /// True once [`Self::run`] applied the current desired state and health, false while a
@@ -287,7 +314,17 @@ impl Kernel {
         self.metrics.draining.set(st.drains.len() as i64);
         st.config = Some(config.clone());
         st.health = health.clone();
-        let rs = plan::plan(&config, &health, self.opts.table_size)?;
+        // an ejected backend is planned as down (panic mode counts it out, as the proxy does)
+        let planned = if st.ejected.is_empty() {
+            health
+        } else {
+            let mut h = (*health).clone();
+            for k in &st.ejected {
+                h.insert(k.clone(), model::Health::Down);
+            }
+            Arc::new(h)
+        };
+        let rs = plan::plan(&config, &planned, self.opts.table_size)?;
         self.send(&mut st, rs, received).await
     }
 
@@ -469,6 +506,12 @@ impl Kernel {
     ) -> Result<(), Error> {
         let mut config = desired.borrow_and_update().config.clone();
         let mut view = health.borrow_and_update().clone();
+        let mut passive = Passive::new(self.opts.max_flows);
+        passive.configure(&config);
+        let (watched_tx, watched_rx) = watch::channel(Arc::new(passive.watched()));
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut events, feed) = self.start_feed(watched_rx, lost.clone(), &shutdown);
+        let mut events_open = feed.is_some();
         let mut failed = self.report(self.apply(config.clone(), view.clone()).await);
         let mut counters = tokio::time::interval(self.opts.counter_interval);
         counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -477,11 +520,38 @@ impl Kernel {
         let (mut desired_open, mut health_open) = (true, true);
         loop {
             let drain_at = next_drain.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let passive_at = passive.next_deadline();
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                ev = events.recv(), if events_open => match ev {
+                    Some(ev) => {
+                        forget_if_lost(&lost, &mut passive);
+                        let now = Instant::now();
+                        let mut report = passive.on_event(now, &ev);
+                        // take what is queued too: one batch for all of it
+                        while let Ok(ev) = events.try_recv() {
+                            report.merge(passive.on_event(now, &ev));
+                        }
+                        if self.passive_report(&passive, report).await {
+                            failed = self.report(self.apply(config.clone(), view.clone()).await);
+                        }
+                    }
+                    None => events_open = false,
+                },
+                () = tokio::time::sleep_until(passive_at.unwrap_or(drain_at)), if passive_at.is_some() => {
+                    forget_if_lost(&lost, &mut passive);
+                    let report = passive.on_tick(Instant::now());
+                    if self.passive_report(&passive, report).await {
+                        failed = self.report(self.apply(config.clone(), view.clone()).await);
+                    }
+                }
                 r = desired.changed(), if desired_open => match r {
                     Ok(()) => {
                         config = desired.borrow_and_update().config.clone();
+                        passive.configure(&config);
+                        watched_tx.send_replace(Arc::new(passive.watched()));
+                        self.state.lock().await.ejected = passive.ejected();
+                        self.publish_outliers(&passive);
                         failed = self.report(self.apply(config.clone(), view.clone()).await);
                         next_drain = self.state.lock().await.drains.iter().map(|d| d.deadline).min();
                     }
@@ -509,7 +579,104 @@ impl Kernel {
                 }
             }
         }
+        if let Some(f) = feed {
+            f.abort();
+        }
         self.stop().await
+    }
+
+    /// Subscribes to conntrack events in the calling thread's network namespace and starts the
+    /// feed task; without the subscription passive detection is off (logged, metric 0).
+    fn start_feed(
+        &self,
+        watched: watch::Receiver<Arc<Watched>>,
+        lost: Arc<std::sync::atomic::AtomicBool>,
+        shutdown: &CancellationToken,
+    ) -> (
+        tokio::sync::mpsc::Receiver<sys::conntrack::events::Event>,
+        Option<tokio::task::JoinHandle<()>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::feed::QUEUE);
+        match sys::conntrack::events::EventSocket::subscribe(crate::feed::RCVBUF) {
+            Ok(sock) => {
+                self.metrics.passive.set(1);
+                let task = tokio::spawn(crate::feed::run(
+                    sock,
+                    watched,
+                    tx,
+                    lost,
+                    self.metrics.clone(),
+                    shutdown.child_token(),
+                ));
+                (rx, Some(task))
+            }
+            Err(e) => {
+                self.metrics.passive.set(0);
+                tracing::warn!(error = %e, reason = "conntrackEventsUnavailable", "kernel path: no conntrack events; outlier ejection is off on the kernel path");
+                (rx, None)
+            }
+        }
+    }
+
+    /// Counts and logs what passive detection saw and decided, publishes the outlier state;
+    /// true when the ejected set changed (the maps must be replanned).
+    async fn passive_report(&self, passive: &Passive, report: Report) -> bool {
+        if report.untracked > 0 {
+            self.metrics.dropped("flowTableFull", report.untracked);
+        }
+        for (key, outcome) in &report.outcomes {
+            self.metrics
+                .flow_outcomes
+                .get_or_create(&OutcomeLabels {
+                    service: key.service.clone(),
+                    backend: key.backend.clone(),
+                    outcome: outcome.as_str().to_string(),
+                })
+                .inc();
+        }
+        let now = Instant::now();
+        for c in &report.changes {
+            match c {
+                Change::Ejected(key, until) => {
+                    self.metrics
+                        .ejections
+                        .get_or_create(&BackendLabels {
+                            service: key.service.clone(),
+                            backend: key.backend.clone(),
+                        })
+                        .inc();
+                    tracing::warn!(service = %key.service, backend = %key.backend, ejected_for = ?until.saturating_duration_since(now), reason = "outlierEjected", "backend ejected");
+                }
+                Change::Limited(key) => {
+                    tracing::debug!(service = %key.service, backend = %key.backend, reason = "ejectionLimited", "backend not ejected: max_ejection_percent reached");
+                }
+                Change::Readmitted(key) => {
+                    tracing::info!(service = %key.service, backend = %key.backend, reason = "ejectionEnded", "backend re-admitted (half-open)");
+                }
+            }
+        }
+        // /status changes with a failure, an ejection change, or a breaker closing
+        let published = self.outliers.borrow().clone();
+        if !report.changes.is_empty()
+            || report.outcomes.iter().any(|(k, o)| {
+                *o != crate::passive::Outcome::Connected
+                    || published
+                        .get(k)
+                        .is_none_or(|b| b.breaker != model::BreakerState::Closed)
+            })
+        {
+            self.publish_outliers(passive);
+        }
+        if !report.ejections_changed() {
+            return false;
+        }
+        self.state.lock().await.ejected = passive.ejected();
+        true
+    }
+
+    fn publish_outliers(&self, passive: &Passive) {
+        self.outliers
+            .send_replace(Arc::new(passive.status(Instant::now())));
     }
 
     /// Logs a failed apply and publishes [`Self::synced`]; true when it failed.
@@ -537,6 +704,18 @@ impl Kernel {
                 true
             }
         }
+    }
+}
+
+/// After lost events, forgets the flows awaiting an outcome (their answer may have been lost).
+fn forget_if_lost(lost: &std::sync::atomic::AtomicBool, passive: &mut Passive) {
+    if lost.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        let n = passive.forget_pending();
+        tracing::debug!(
+            flows = n,
+            reason = "eventsLost",
+            "kernel path: conntrack events lost; flows awaiting an outcome forgotten"
+        );
     }
 }
 

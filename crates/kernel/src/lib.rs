@@ -9,9 +9,13 @@
 //!   libnftables (`sys::nftables`, loaded with `dlopen`) or, without the library, `nft -f -`;
 //!   reads the table back as JSON.
 //! - [`driver`]: the thin tokio driver: applies batches on each desired generation and health
-//!   change, drains removed backends (their conntrack entries are deleted after
-//!   `connection.drain_timeout`), reads the per-backend counters into [`metrics`], and removes
-//!   the table on a graceful stop.
+//!   change and each outlier ejection or its end, drains removed backends (their conntrack
+//!   entries are deleted after `connection.drain_timeout`), reads the per-backend counters into
+//!   [`metrics`], and removes the table on a graceful stop.
+//! - [`passive`] (pure): passive outlier detection from conntrack events: each new TCP flow's
+//!   outcome (connected, refused, timeout) fed to the proxy's outlier state machine
+//!   ([`lb::outlier`]); a feed task reads the events (`sys::conntrack::events`) into a bounded
+//!   queue.
 //!
 //! # Why nft's own syntax through libnftables
 //! `rustables` (netlink directly) is GPL-3.0, which `deny.toml` refuses. The `nftables` crate
@@ -57,13 +61,17 @@
 //! node's address on the way to the backend), unless the service sets
 //! `keep_client_address`, whose backends must route replies through the node.
 //!
-//! Outlier ejection and circuit breaking need the proxy's view of each connection; the kernel
-//! sees none, so they do not apply on this path (active health checks do).
+//! Outlier ejection: the kernel relays no connection, but conntrack sees each flow's handshake;
+//! [`passive`] turns its events into outcomes and ejections, which leave the maps in one batch
+//! (ejected backends are planned as down). Circuit breaking (connection limits and their queue)
+//! needs the proxy: a service that sets it runs there (`connectionLimits`).
 
 pub mod driver;
 pub mod ecmp;
+mod feed;
 pub mod metrics;
 pub mod nft;
+pub mod passive;
 pub mod plan;
 
 pub use driver::{Kernel, Options};

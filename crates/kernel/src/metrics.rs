@@ -24,6 +24,25 @@ pub struct EngineLabels {
     pub engine: String,
 }
 
+/// `{service, backend, outcome}`: a flow's outcome (`connected`, `refused`, `timeout`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Service name.
+    pub service: String,
+    /// Backend name.
+    pub backend: String,
+    /// The outcome.
+    pub outcome: String,
+}
+
+/// `{reason}`: why conntrack events were lost (`overrun`, `queueFull`, `malformed`,
+/// `flowTableFull`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason word.
+    pub reason: String,
+}
+
 /// The kernel path's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -37,7 +56,7 @@ pub struct Metrics {
     pub batch_errors: Counter,
     /// Time to apply one batch (the nft call: library or `nft -f -` start to exit).
     pub batch_seconds: Histogram,
-    /// Time from a desired or health change received to its batch applied (plan, diff, nft).
+    /// Time from a desired, health or ejection change received to its batch applied.
     pub update_seconds: Histogram,
     /// 1 for the engine that runs nft commands in this process.
     pub engine: Family<EngineLabels, Gauge>,
@@ -47,6 +66,27 @@ pub struct Metrics {
     pub drains_refused: Counter,
     /// Conntrack entries deleted when a drain ended.
     pub conntrack_deleted: Counter,
+    /// Outcomes of new TCP flows seen in conntrack events (passive outlier detection).
+    pub flow_outcomes: Family<OutcomeLabels, Counter>,
+    /// Outlier ejections on the kernel path.
+    pub ejections: Family<BackendLabels, Counter>,
+    /// Conntrack events of portico's flows passed to the detector.
+    pub conntrack_events: Counter,
+    /// Conntrack events lost or not used, by reason.
+    pub events_dropped: Family<ReasonLabels, Counter>,
+    /// 1 while the conntrack event feed runs (passive outlier detection on the kernel path).
+    pub passive: Gauge,
+}
+
+impl Metrics {
+    /// Counts `n` events lost for `reason`.
+    pub fn dropped(&self, reason: &str, n: u64) {
+        self.events_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
 }
 
 impl Metrics {
@@ -63,6 +103,11 @@ impl Metrics {
             draining: Gauge::default(),
             drains_refused: Counter::default(),
             conntrack_deleted: Counter::default(),
+            flow_outcomes: Family::default(),
+            ejections: Family::default(),
+            conntrack_events: Counter::default(),
+            events_dropped: Family::default(),
+            passive: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("portico_kernel");
         r.register(
@@ -92,7 +137,7 @@ impl Metrics {
         );
         r.register(
             "update_seconds",
-            "Time from a desired-state or health change received to its nftables batch applied (plan, diff and the nft call)",
+            "Time from a desired-state, health or outlier-ejection change received to its nftables batch applied (plan, diff and the nft call)",
             m.update_seconds.clone(),
         );
         r.register(
@@ -114,6 +159,31 @@ impl Metrics {
             "conntrack_deleted",
             "Conntrack entries deleted when a drained backend's drain_timeout ended",
             m.conntrack_deleted.clone(),
+        );
+        r.register(
+            "backend_flow_outcomes",
+            "Outcomes of new TCP flows through the kernel path seen in conntrack events: connected, refused (reset before an answer), timeout (no answer within connect_timeout)",
+            m.flow_outcomes.clone(),
+        );
+        r.register(
+            "backend_ejections",
+            "Outlier ejections of kernel-path backends (from conntrack flow outcomes)",
+            m.ejections.clone(),
+        );
+        r.register(
+            "conntrack_events",
+            "Conntrack events of kernel-path flows passed to passive outlier detection",
+            m.conntrack_events.clone(),
+        );
+        r.register(
+            "conntrack_events_dropped",
+            "Conntrack events lost, by reason: overrun (the socket buffer overflowed, ENOBUFS: one or more events each), queueFull (the bounded queue to the driver), malformed, flowTableFull (a new flow not tracked: the bounded table of flows awaiting an outcome was full)",
+            m.events_dropped.clone(),
+        );
+        r.register(
+            "passive_detection",
+            "1 while the conntrack event feed of passive outlier detection runs on the kernel path",
+            m.passive.clone(),
         );
         m
     }

@@ -252,6 +252,8 @@ pub async fn serve(
     };
     // The kernel path follows desired state and health; on a graceful stop it removes its
     // table after the agent handed the VIPs over. Readiness waits for its first batch.
+    // passive outlier state of kernel-path backends (conntrack flow outcomes), for /status
+    let kernel_outliers = kernel.outliers();
     let kernel_synced = if kernel_path.available {
         kernel.synced()
     } else {
@@ -352,6 +354,7 @@ pub async fn serve(
             agent: agent.clone(),
             dns: dns.clone(),
             kernel_path,
+            kernel_outliers,
             speaker: speaker.clone(),
             decisions: decisions_rx.clone(),
             ecmp: ecmp_status,
@@ -599,6 +602,8 @@ struct Components {
     dns: dns::DnsServer,
     /// Whether the kernel path runs on this node, and for IPv6.
     kernel_path: model::KernelSupport,
+    /// Passive outlier state of kernel-path backends.
+    kernel_outliers: watch::Receiver<Arc<kernel::driver::Outliers>>,
     speaker: bgp::Speaker,
     decisions: watch::Receiver<Arc<model::bgp::RouteDecisions>>,
     ecmp: watch::Receiver<Option<model::EcmpRescueStatus>>,
@@ -615,6 +620,7 @@ fn status_provider(
         agent,
         dns,
         kernel_path,
+        kernel_outliers,
         speaker,
         decisions,
         ecmp,
@@ -670,6 +676,17 @@ fn status_provider(
                 let (path, why) = s.path(kernel_path);
                 st.path = path;
                 st.path_reason = why.to_string();
+                if path == model::Path::Kernel {
+                    // the kernel path's ejections come from conntrack, not from the proxy
+                    let outliers = kernel_outliers.borrow().clone();
+                    for b in &mut st.backends {
+                        if let Some(o) = outliers.get(&model::BackendKey::new(&s.name, &b.name)) {
+                            b.ejected = o.ejected;
+                            b.breaker = o.breaker;
+                            b.connect_failures = o.failures;
+                        }
+                    }
+                }
                 let routes = decisions.borrow().clone();
                 st.vips = s
                     .vips

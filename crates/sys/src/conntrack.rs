@@ -1,7 +1,8 @@
 //! Conntrack deletes over `NETLINK_NETFILTER` (ctnetlink): dump the table, pick the entries
 //! whose original destination is a `VIP:port` and whose reply source is a backend, and send an
 //! `IPCTNL_MSG_CT_DELETE` for each with its original tuple. The kernel path uses it to cut a
-//! drained backend's flows. No `unsafe`: plain netlink through socket2.
+//! drained backend's flows. No `unsafe`: plain netlink through socket2. [`events`] subscribes to
+//! conntrack's event groups.
 //!
 //! Message layout (host byte order except where noted):
 //! ```text
@@ -15,6 +16,8 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+pub mod events;
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
