@@ -397,6 +397,8 @@ impl Lab {
         std::fs::write(&path, yaml).expect("node config");
         let node = self.node(i);
         if self.kernel {
+            // both families: a service with an IPv6 VIP on a node that does not forward IPv6
+            // runs on the proxy (`ipv6ForwardingOff`)
             ip(&[
                 "netns",
                 "exec",
@@ -404,6 +406,7 @@ impl Lab {
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
             ]);
         }
         let exe = env!("CARGO_BIN_EXE_portico");
