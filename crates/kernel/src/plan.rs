@@ -230,12 +230,9 @@ pub fn plan(config: &Config, health: &HealthView, table_size: usize) -> Result<R
                 let p = port.protocol;
                 for vip in &vips {
                     let v = addr(*vip);
-                    // `ct event set`: these flows report only their start, first reply and
-                    // end to ctnetlink listeners (the passive outlier feed needs no more; a
-                    // TCP connection's every state change was ~8 events for portico to read)
                     let _ = writeln!(
                         dnat,
-                        "\t\t{k} daddr {v} {p} dport {dport} ct event set new,reply,destroy dnat {k} to jhash {k} saddr . {p} sport . {k} daddr . {p} dport mod {table_size} seed {SEED} map @{name}",
+                        "\t\t{k} daddr {v} {p} dport {dport} dnat {k} to jhash {k} saddr . {p} sport . {k} daddr . {p} dport mod {table_size} seed {SEED} map @{name}",
                         dport = port.port
                     );
                     if !svc.keep_client_address {

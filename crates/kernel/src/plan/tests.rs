@@ -46,10 +46,10 @@ fn the_table_is_rendered_as_expected() {
 		typeof numgen inc mod 7 : ip6 daddr . udp dport
 	}
 	chain services {
-		ip daddr 10.9.0.1 tcp dport 80 ct event set new,reply,destroy dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 7 seed 0x706f7274 map @s0p0v4
-		ip daddr 10.9.0.1 udp dport 53 ct event set new,reply,destroy dnat ip to jhash ip saddr . udp sport . ip daddr . udp dport mod 7 seed 0x706f7274 map @s0p1v4
-		ip6 daddr fd00::1 tcp dport 80 ct event set new,reply,destroy dnat ip6 to jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 7 seed 0x706f7274 map @s0p0v6
-		ip6 daddr fd00::1 udp dport 53 ct event set new,reply,destroy dnat ip6 to jhash ip6 saddr . udp sport . ip6 daddr . udp dport mod 7 seed 0x706f7274 map @s0p1v6
+		ip daddr 10.9.0.1 tcp dport 80 dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 7 seed 0x706f7274 map @s0p0v4
+		ip daddr 10.9.0.1 udp dport 53 dnat ip to jhash ip saddr . udp sport . ip daddr . udp dport mod 7 seed 0x706f7274 map @s0p1v4
+		ip6 daddr fd00::1 tcp dport 80 dnat ip6 to jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 7 seed 0x706f7274 map @s0p0v6
+		ip6 daddr fd00::1 udp dport 53 dnat ip6 to jhash ip6 saddr . udp sport . ip6 daddr . udp dport mod 7 seed 0x706f7274 map @s0p1v6
 	}
 	chain prerouting {
 		type nat hook prerouting priority dstnat; policy accept;
