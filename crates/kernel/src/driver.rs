@@ -508,9 +508,15 @@ impl Kernel {
         let mut view = health.borrow_and_update().clone();
         let mut passive = Passive::new(self.opts.max_flows);
         passive.configure(&config);
-        let (watched_tx, watched_rx) = watch::channel(Arc::new(passive.watched()));
+        let (watched_tx, _) = watch::channel(Arc::new(passive.watched()));
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (mut events, feed) = self.start_feed(watched_rx, lost.clone(), &shutdown);
+        // the event socket is open only while a service asks for it (`outlier.conntrack_events`):
+        // reading every tracked flow's events costs CPU on every connection of the node
+        let (mut events, mut feed) = (tokio::sync::mpsc::channel(1).1, None);
+        self.metrics.passive.set(0);
+        if !passive.watched().is_empty() {
+            (events, feed) = self.start_feed(watched_tx.subscribe(), lost.clone(), &shutdown);
+        }
         let mut events_open = feed.is_some();
         let mut failed = self.report(self.apply(config.clone(), view.clone()).await);
         let mut counters = tokio::time::interval(self.opts.counter_interval);
@@ -549,7 +555,18 @@ impl Kernel {
                     Ok(()) => {
                         config = desired.borrow_and_update().config.clone();
                         passive.configure(&config);
-                        watched_tx.send_replace(Arc::new(passive.watched()));
+                        let watched = passive.watched();
+                        let want = !watched.is_empty();
+                        watched_tx.send_replace(Arc::new(watched));
+                        if want && feed.is_none() {
+                            (events, feed) =
+                                self.start_feed(watched_tx.subscribe(), lost.clone(), &shutdown);
+                            events_open = feed.is_some();
+                        } else if !want && let Some(f) = feed.take() {
+                            f.abort();
+                            events_open = false;
+                            self.metrics.passive.set(0);
+                        }
                         self.state.lock().await.ejected = passive.ejected();
                         self.publish_outliers(&passive);
                         failed = self.report(self.apply(config.clone(), view.clone()).await);

@@ -165,14 +165,14 @@ impl Passive {
     }
 
     /// Follows a new configuration: watches the TCP targets of each kernel-path service with
-    /// `outlier.consecutive_failures` > 0. A backend that stays with the same targets keeps its
+    /// `outlier.consecutive_failures` > 0 and `outlier.conntrack_events`. A backend that stays with the same targets keeps its
     /// record (ejection included); others start afresh; flows of backends gone are forgotten.
     pub fn configure(&mut self, config: &Config) {
         let mut targets = HashMap::new();
         let mut services = BTreeMap::new();
         let mut records = BTreeMap::new();
         for s in config.services.iter().filter(|s| plan::on_kernel(s)) {
-            if s.outlier.consecutive_failures == 0 {
+            if s.outlier.consecutive_failures == 0 || !s.outlier.conntrack_events {
                 continue;
             }
             let mut keys = Vec::new();

@@ -138,6 +138,7 @@ mod tests {
             max_ejection_time: Duration::from_secs(75),
             max_ejection_percent: 50,
             panic_threshold_percent: 50,
+            conntrack_events: false,
         }
     }
 

@@ -552,6 +552,10 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
     /// Below this share of healthy backends, balance over all (panic mode).
     pub panic_threshold_percent: u32,
+    /// Kernel path: follow conntrack events to see refused and unanswered connections (off by
+    /// default: the node then reads an event per state change of every flow it tracks).
+    #[serde(default)]
+    pub conntrack_events: bool,
 }
 
 /// Connection handling.

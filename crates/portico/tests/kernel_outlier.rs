@@ -370,7 +370,7 @@ fn start(lab: &Lab, tag: &str) -> (Portico, std::path::PathBuf) {
              ports: [{{port: 80, target_port: 8080}}]\n    forwarding: kernel\n    \
              health_check: {{type: tcp, port: 9090, interval: 200ms, timeout: 100ms, rise: 1, fall: 1}}\n    \
              connection: {{connect_timeout: 1s}}\n    \
-             outlier: {{consecutive_failures: 3, base_ejection_time: {}s, max_ejection_percent: 50}}\n    \
+             outlier: {{conntrack_events: true, consecutive_failures: 3, base_ejection_time: {}s, max_ejection_percent: 50}}\n    \
              backends: [{{name: b1, address: 10.79.1.2}}, {{name: b2, address: 10.79.2.2}}]\n",
             EJECTION.as_secs()
         ),

@@ -19,7 +19,7 @@ fn config(outlier: &str) -> Config {
 
 fn default_config() -> Config {
     config(
-        "consecutive_failures: 3, base_ejection_time: 30s, max_ejection_time: 300s, max_ejection_percent: 50",
+        "conntrack_events: true, consecutive_failures: 3, base_ejection_time: 30s, max_ejection_time: 300s, max_ejection_percent: 50",
     )
 }
 
@@ -221,6 +221,9 @@ fn a_reload_keeps_the_record_of_a_backend_that_stays_and_detection_can_be_off() 
     assert_eq!(p.ejected(), [key("a")].into(), "kept across the reload");
     assert_eq!(p.pending(), 1);
     p.configure(&config("consecutive_failures: 0"));
+    assert!(p.watched().is_empty());
+    // detection on the kernel path is opt-in: without conntrack_events nothing is watched
+    p.configure(&config("consecutive_failures: 3"));
     assert!(p.watched().is_empty());
     assert!(p.ejected().is_empty());
     assert_eq!((p.pending(), p.next_deadline()), (0, None));

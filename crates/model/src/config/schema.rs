@@ -786,6 +786,7 @@ fn default_outlier() -> Outlier {
         max_ejection_time: Duration::from_secs(300),
         max_ejection_percent: 50,
         panic_threshold_percent: 50,
+        conntrack_events: false,
     }
 }
 
@@ -794,6 +795,9 @@ fn decode_outlier(cx: &mut Cx, n: &Node, p: &str) -> Option<Outlier> {
     let mut o = default_outlier();
     if let Some(v) = m.opt(cx, "consecutive_failures", uint(0, 1000)) {
         o.consecutive_failures = v as u32;
+    }
+    if let Some(v) = m.opt(cx, "conntrack_events", boolean) {
+        o.conntrack_events = v;
     }
     if let Some(v) = m.opt(
         cx,
