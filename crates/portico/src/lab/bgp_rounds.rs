@@ -141,8 +141,22 @@ struct HeldState {
     generation: u64,
     /// Per connection: the node it is open to and its generation (`None`: reconnecting).
     conns: Vec<Option<(String, u64)>>,
-    /// Each break: when the failed request started, and the connection's node.
-    breaks: Vec<(Instant, String)>,
+    /// Each break: when the failed request started, the connection's node, and how it broke.
+    breaks: Vec<(Instant, String, Break)>,
+}
+
+/// How a held connection broke: the word tells a reset (the node or one in between answered
+/// with RST, or closed) from a stall (no answer within [`HELD_ANSWER`]: segments lost or held
+/// up while the router's next hops changed), which need different fixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Break {
+    /// The write failed, or the read ended in an error or EOF.
+    Reset,
+    /// No answer within [`HELD_ANSWER`].
+    Stalled,
+    /// An answer that was not the echo.
+    Garbled,
 }
 
 /// Long-lived connections from the client to the VIP's echo port, each sending a request every
@@ -227,16 +241,42 @@ impl Held {
         }
     }
 
-    /// Breaks in `[from, to]`: (to `node`, to other nodes).
-    fn broken(&self, from: Instant, to: Instant, node: &str) -> (usize, usize) {
+    /// Breaks in `[from, to]`: (to `node`, to other nodes, each break on other nodes as
+    /// `(node, how, ms after `t0`)`).
+    fn broken(
+        &self,
+        from: Instant,
+        to: Instant,
+        t0: Instant,
+        node: &str,
+    ) -> (usize, Vec<OtherBreak>) {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let w: Vec<&(Instant, String)> = s
+        let w: Vec<&(Instant, String, Break)> = s
             .breaks
             .iter()
-            .filter(|(t, _)| *t >= from && *t <= to)
+            .filter(|(t, _, _)| *t >= from && *t <= to)
             .collect();
-        let on = w.iter().filter(|(_, n)| n == node).count();
-        (on, w.len() - on)
+        let on = w.iter().filter(|(_, n, _)| n == node).count();
+        // wall-clock time of each break, to find it in the nodes' logs and packet captures
+        let (wall, now) = (std::time::SystemTime::now(), Instant::now());
+        let others = w
+            .iter()
+            .filter(|(_, n, _)| n != node)
+            .map(|(t, n, how)| OtherBreak {
+                node: n.clone(),
+                how: *how,
+                unix_s: wall
+                    .checked_sub(now.saturating_duration_since(*t))
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                at_ms: if *t >= t0 {
+                    ms(t.saturating_duration_since(t0))
+                } else {
+                    -ms(t0.saturating_duration_since(*t))
+                },
+            })
+            .collect();
+        (on, others)
     }
 
     pub(super) fn join(self) {
@@ -274,16 +314,21 @@ async fn held_one(slot: usize, state: Arc<Mutex<HeldState>>, stop: Arc<AtomicBoo
             }
             let at = Instant::now();
             let mut buf = [0u8; 5];
-            let ok = s.write_all(b"ping\n").await.is_ok()
-                && matches!(
-                    tokio::time::timeout(HELD_ANSWER, s.read_exact(&mut buf)).await,
-                    Ok(Ok(_)) if &buf == b"ping\n"
-                );
-            if !ok {
+            let broke = if s.write_all(b"ping\n").await.is_err() {
+                Some(Break::Reset)
+            } else {
+                match tokio::time::timeout(HELD_ANSWER, s.read_exact(&mut buf)).await {
+                    Ok(Ok(_)) if &buf == b"ping\n" => None,
+                    Ok(Ok(_)) => Some(Break::Garbled),
+                    Ok(Err(_)) => Some(Break::Reset),
+                    Err(_) => Some(Break::Stalled),
+                }
+            };
+            if let Some(how) = broke {
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 if st.generation == generation {
                     st.conns[slot] = None;
-                    st.breaks.push((at, node));
+                    st.breaks.push((at, node, how));
                 }
                 break;
             }
@@ -347,16 +392,30 @@ pub(super) struct BgpRound {
     /// Held connections broken in the round: to the node, to the other nodes.
     pub(super) broken_on_node: usize,
     pub(super) broken_on_others: usize,
+    /// How and when each connection to another node broke.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(super) others_broken: Vec<OtherBreak>,
     /// Graceful stop: SIGTERM to the speaker's exit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) exit_ms: Option<f64>,
+}
+
+/// A held connection to a node other than the round's that broke.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct OtherBreak {
+    pub(super) node: String,
+    pub(super) how: Break,
+    /// When its failed request started, ms after the fault (negative: before).
+    pub(super) at_ms: f64,
+    /// The same instant as seconds since the Unix epoch (`date -d @<s>`).
+    pub(super) unix_s: f64,
 }
 
 impl BgpRound {
     /// The round as one log line.
     pub(super) fn line(&self) -> String {
         format!(
-            "{:>16} {:>9} #{} {}: outage {:>7.1} ms, FIB {} ms, failed probes {}/{}, held connections broken {} on {} ({} held there) + {} on others (of {}){}",
+            "{:>16} {:>9} #{} {}: outage {:>7.1} ms, FIB {} ms, failed probes {}/{}, held connections broken {} on {} ({} held there) + {} on others (of {}){}{}",
             self.system,
             self.scenario,
             self.round,
@@ -370,6 +429,15 @@ impl BgpRound {
             self.held_on_node,
             self.broken_on_others,
             self.held,
+            self.others_broken
+                .iter()
+                .map(|b| {
+                    format!(
+                        " [{} {:?} at {:.0} ms, @{:.3}]",
+                        b.node, b.how, b.at_ms, b.unix_s
+                    )
+                })
+                .collect::<String>(),
             self.exit_ms
                 .map_or(String::new(), |t| format!(", exit {t:.0} ms after SIGTERM")),
         )
@@ -497,7 +565,7 @@ pub(super) async fn round_bgp(
     let from = fault_started
         .checked_sub(HELD_EVERY)
         .unwrap_or(fault_started);
-    let (broken_on_node, broken_on_others) = held.broken(from, settle, &node);
+    let (broken_on_node, others_broken) = held.broken(from, settle, t0, &node);
     // repair
     let mut exit_ms = None;
     match scenario {
@@ -550,7 +618,8 @@ pub(super) async fn round_bgp(
         held: open,
         held_on_node: open_on_node,
         broken_on_node,
-        broken_on_others,
+        broken_on_others: others_broken.len(),
+        others_broken,
         exit_ms,
     })
 }
