@@ -136,8 +136,24 @@ fn apply_event<K: kube::Resource + Clone>(
     }
 }
 
-fn by_name<K: Clone>(m: &BTreeMap<(String, String), K>) -> BTreeMap<String, K> {
-    m.iter().map(|((_, n), v)| (n.clone(), v.clone())).collect()
+/// [`apply_event`] on a cache keyed by name alone (the cluster-scoped kinds, and the Secrets of
+/// portico's namespace): keyed for it as `apply_event` keys watch events, by each object's own
+/// namespace (none for a cluster-scoped object).
+fn apply_by_name<K: kube::Resource + Clone>(
+    ev: Event<K>,
+    buffer: &mut Option<Vec<K>>,
+    cache: &mut BTreeMap<String, K>,
+) -> bool {
+    let mut m = cache
+        .iter()
+        .map(|(k, v)| {
+            let ns = v.meta().namespace.clone().unwrap_or_default();
+            ((ns, k.clone()), v.clone())
+        })
+        .collect();
+    let done = apply_event(ev, buffer, &mut m);
+    *cache = m.into_iter().map(|((_, n), v)| (n, v)).collect();
+    done
 }
 
 impl Source {
@@ -214,76 +230,25 @@ impl Source {
                 "endpointslices",
                 apply_event(ev, &mut b.slices, &mut s.slices),
             ),
-            Input::Node(ev) => {
-                let mut m = s
-                    .nodes
-                    .iter()
-                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
-                    .collect();
-                let d = apply_event(ev, &mut b.nodes, &mut m);
-                s.nodes = by_name(&m);
-                ("nodes", d)
-            }
-            Input::Pool(ev) => {
-                let mut m = s
-                    .pools
-                    .iter()
-                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
-                    .collect();
-                let d = apply_event(ev, &mut b.pools, &mut m);
-                s.pools = by_name(&m);
-                ("ippools", d)
-            }
-            Input::L2(ev) => {
-                let mut m =
-                    s.l2.iter()
-                        .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
-                        .collect();
-                let d = apply_event(ev, &mut b.l2, &mut m);
-                s.l2 = by_name(&m);
-                ("l2announcements", d)
-            }
-            Input::BgpPeer(ev) => {
-                let mut m = s
-                    .bgp_peers
-                    .iter()
-                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
-                    .collect();
-                let d = apply_event(ev, &mut b.bgp_peers, &mut m);
-                s.bgp_peers = by_name(&m);
-                ("bgppeers", d)
-            }
-            Input::BgpAdvertisement(ev) => {
-                let mut m = s
-                    .bgp_ads
-                    .iter()
-                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
-                    .collect();
-                let d = apply_event(ev, &mut b.bgp_ads, &mut m);
-                s.bgp_ads = by_name(&m);
-                ("bgpadvertisements", d)
-            }
-            Input::BfdProfile(ev) => {
-                let mut m = s
-                    .bfd_profiles
-                    .iter()
-                    .map(|(k, v)| ((String::new(), k.clone()), v.clone()))
-                    .collect();
-                let d = apply_event(ev, &mut b.bfd_profiles, &mut m);
-                s.bfd_profiles = by_name(&m);
-                ("bfdprofiles", d)
-            }
-            Input::BgpSecret(ev) => {
-                // namespaced: keyed as `apply_event` keys watch events
-                let mut m = s
-                    .bgp_secrets
-                    .iter()
-                    .map(|(k, v)| ((v.namespace().unwrap_or_default(), k.clone()), v.clone()))
-                    .collect();
-                let d = apply_event(ev, &mut b.bgp_secrets, &mut m);
-                s.bgp_secrets = by_name(&m);
-                ("secrets", d)
-            }
+            Input::Node(ev) => ("nodes", apply_by_name(ev, &mut b.nodes, &mut s.nodes)),
+            Input::Pool(ev) => ("ippools", apply_by_name(ev, &mut b.pools, &mut s.pools)),
+            Input::L2(ev) => ("l2announcements", apply_by_name(ev, &mut b.l2, &mut s.l2)),
+            Input::BgpPeer(ev) => (
+                "bgppeers",
+                apply_by_name(ev, &mut b.bgp_peers, &mut s.bgp_peers),
+            ),
+            Input::BgpAdvertisement(ev) => (
+                "bgpadvertisements",
+                apply_by_name(ev, &mut b.bgp_ads, &mut s.bgp_ads),
+            ),
+            Input::BfdProfile(ev) => (
+                "bfdprofiles",
+                apply_by_name(ev, &mut b.bfd_profiles, &mut s.bfd_profiles),
+            ),
+            Input::BgpSecret(ev) => (
+                "secrets",
+                apply_by_name(ev, &mut b.bgp_secrets, &mut s.bgp_secrets),
+            ),
             Input::Secret(ev) => {
                 // Keyed as `apply_event` keys watch events: by the object's own namespace.
                 let mut m: BTreeMap<(String, String), Secret> = s
