@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use model::bgp::{AnnounceMode, ServiceBgp};
-use model::{Backend, Config, Placement, Port, Protocol};
+use model::{Backend, Config, Placement, Port};
 
 use super::l2::{announcing_nodes, without_excluded};
 use super::{SERVICE_NAME_LABEL, Settings, Snapshot, bgp, model_name};
@@ -70,11 +70,7 @@ pub(super) fn service(
         .iter()
         .flatten()
         .filter_map(|p| {
-            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                _ => return None,
-            };
+            let protocol = intent::protocol(p)?;
             let port = u16::try_from(p.port).ok()?;
             let target = endpoints
                 .ports
