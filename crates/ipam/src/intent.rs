@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use kube::ResourceExt;
 use model::Protocol;
 
@@ -400,17 +400,22 @@ fn ports(svc: &Service) -> Vec<PortSpec> {
         .into_iter()
         .flatten()
         .filter_map(|p| {
-            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                _ => return None,
-            };
             Some(PortSpec {
-                protocol,
+                protocol: protocol(p)?,
                 port: u16::try_from(p.port).ok()?,
             })
         })
         .collect()
+}
+
+/// The model protocol of a Service port: TCP (also when unset) or UDP; `None` for any other
+/// (SCTP), which portico does not serve.
+pub fn protocol(port: &ServicePort) -> Option<Protocol> {
+    match port.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
 }
 
 /// The addresses a Service records as given by portico: `status.loadBalancer.ingress` for

@@ -8,55 +8,22 @@
 //! nothing ejects b2 and the test fails. A second test black-holes b2 (its SYNs dropped): it is
 //! ejected after `consecutive_failures` flows unanswered for `connection.connect_timeout`.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use common::kernellab::{
+    Lab, Portico, can_run, first_line, get, in_ns, map_backends, sh, stamp, wait_for,
+};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_portico");
 const VIP: &str = "10.79.100.1";
 const EJECTION: Duration = Duration::from_secs(3);
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The namespaces, deleted on drop (also when the test fails).
-struct Lab {
-    names: Vec<String>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        sys::setns_net(&path).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace")
-}
 
 /// A listener in namespace `ns` answering its name on each connection until `stop`; closing
 /// it (drop) makes the backend's kernel refuse the port with a RST.
@@ -81,132 +48,46 @@ fn serve(ns: &str, port: u16, name: &'static str) -> Arc<AtomicBool> {
     stop
 }
 
-/// Client 10.79.0.2 → node → backends 10.79.K.2.
-fn lab(tag: &str) -> Lab {
-    let pid = std::process::id();
-    let lab = Lab {
-        names: ["c", "n", "b1", "b2"]
-            .iter()
-            .map(|r| format!("pk-{pid}-{tag}-{r}"))
-            .collect(),
-    };
-    for ns in &lab.names {
-        sh(&["ip", "netns", "add", ns]);
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
-    let n = lab.names[1].clone();
-    for (k, peer) in [&lab.names[0], &lab.names[2], &lab.names[3]]
-        .into_iter()
-        .enumerate()
-    {
-        let dev = format!("v{k}");
-        sh(&[
-            "ip", "-n", &n, "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns",
-            peer,
-        ]);
-        let node_addr = format!("10.79.{k}.1/24");
-        sh(&["ip", "-n", &n, "addr", "add", &node_addr, "dev", &dev]);
-        sh(&["ip", "-n", &n, "link", "set", &dev, "up"]);
-        let peer_addr = format!("10.79.{k}.2/24");
-        sh(&["ip", "-n", peer, "addr", "add", &peer_addr, "dev", "eth0"]);
-        sh(&["ip", "-n", peer, "link", "set", "eth0", "up"]);
-        let gw = format!("10.79.{k}.1");
-        sh(&["ip", "-n", peer, "route", "add", "default", "via", &gw]);
-    }
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &n,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
-    lab
-}
-
-/// portico, killed on drop.
-struct Portico {
-    child: Child,
-    logs: mpsc::Receiver<String>,
-}
-
-impl Drop for Portico {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn get(node: &str, path: &str) -> Option<String> {
-    let path = path.to_string();
-    in_ns(node, move || {
-        let mut s = TcpStream::connect_timeout(
-            &"127.0.0.1:9440".parse().unwrap(),
-            Duration::from_millis(500),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out.split_once("\r\n\r\n")?.1.to_string())
-    })
-}
-
-fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The backend addresses in the VIP's map (`nft -j`), `None` without the table.
-fn map_backends(node: &str) -> Option<BTreeSet<String>> {
-    let out = Command::new("ip")
-        .args([
-            "netns", "exec", node, "nft", "-j", "list", "map", "inet", "portico", "s0p0v4",
-        ])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let mut set = BTreeSet::new();
-    for item in v["nftables"].as_array()? {
-        for el in item["map"]["elem"].as_array().into_iter().flatten() {
-            if let Some(ip) = el[1]["concat"][0].as_str() {
-                set.insert(ip.to_string());
-            }
-        }
-    }
-    Some(set)
-}
-
 /// One connection through the VIP from the client: the backend's name, or the error.
 fn via_vip(client: &str) -> Result<String, String> {
-    in_ns(client, || {
-        let s = TcpStream::connect_timeout(
-            &SocketAddr::new(VIP.parse().unwrap(), 80),
-            Duration::from_secs(2),
-        )
-        .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(s)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        Ok(line.trim().to_string())
-    })
+    first_line(
+        client,
+        SocketAddr::new(VIP.parse().unwrap(), 80),
+        Duration::from_secs(2),
+    )
+}
+
+/// Connects through the VIP from the client, `at_once` connections at a time, until b2 has
+/// left the map (only b1's address in it); after `max_rounds` rounds panics with
+/// `b2 was not ejected after <n> <failed>`. The failed connections and the rounds it took.
+fn until_b2_ejected(
+    client: &str,
+    node: &str,
+    at_once: usize,
+    max_rounds: usize,
+    failed: &str,
+) -> (usize, usize) {
+    let mut failures = 0;
+    let mut round = 0;
+    while map_backends(node) != Some(["10.79.1.2".to_string()].into()) {
+        round += 1;
+        assert!(
+            round <= max_rounds,
+            "b2 was not ejected after {failures} {failed}"
+        );
+        let clients: Vec<_> = (0..at_once)
+            .map(|_| {
+                let c = client.to_string();
+                std::thread::spawn(move || via_vip(&c))
+            })
+            .collect();
+        failures += clients
+            .into_iter()
+            .map(|c| c.join().map_or(true, |r| r.is_err()))
+            .filter(|&failed| failed)
+            .count();
+    }
+    (failures, round)
 }
 
 /// b2's row in `/status`.
@@ -217,16 +98,6 @@ fn b2_status(node: &str) -> Option<serde_json::Value> {
         .iter()
         .find(|b| b["name"] == "b2")
         .cloned()
-}
-
-/// Seconds since midnight of a log line's RFC 3339 timestamp.
-fn stamp(line: &str) -> Option<f64> {
-    let t = line.split_whitespace().next()?.split_once('T')?.1;
-    let mut parts = t.trim_end_matches('Z').split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 fn metric(node: &str, prefix: &str) -> f64 {
@@ -240,15 +111,10 @@ fn metric(node: &str, prefix: &str) -> f64 {
 
 #[test]
 fn a_refusing_backend_is_ejected_from_the_kernel_map_and_readmitted() {
-    if !sys::is_root() {
-        sys::skip_test("needs root (network namespaces, nftables, conntrack events)");
+    if !can_run("network namespaces, nftables, conntrack events") {
         return;
     }
-    if Command::new("nft").arg("--version").output().is_err() {
-        sys::skip_test("needs nft");
-        return;
-    }
-    let lab = lab("ko");
+    let lab = Lab::new("ko", "10.79");
     let (client, node) = (lab.names[0].clone(), lab.names[1].clone());
     let _b1 = serve(&lab.names[2], 8080, "b1");
     let _b1_check = serve(&lab.names[2], 9090, "b1");
@@ -265,18 +131,13 @@ fn a_refusing_backend_is_ejected_from_the_kernel_map_and_readmitted() {
     b2.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(50));
     while p.logs.try_recv().is_ok() {}
-    let mut refused = 0;
-    let mut attempts = 0;
-    while map_backends(&node) != Some(["10.79.1.2".to_string()].into()) {
-        attempts += 1;
-        assert!(
-            attempts <= 200,
-            "b2 was not ejected after {refused} refused connections (no conntrack feed?)"
-        );
-        if via_vip(&client).is_err() {
-            refused += 1;
-        }
-    }
+    let (refused, attempts) = until_b2_ejected(
+        &client,
+        &node,
+        1,
+        200,
+        "refused connections (no conntrack feed?)",
+    );
     let ejected_at = Instant::now();
     assert!(
         refused >= 3,
@@ -376,22 +237,7 @@ fn start(lab: &Lab, tag: &str) -> (Portico, std::path::PathBuf) {
         ),
     )
     .unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node, BIN, "run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn portico");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, logs) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let p = Portico { child, logs };
+    let p = Portico::spawn(&node, &config, "info");
     wait_for("/status ready", 20, || {
         let v: serde_json::Value = serde_json::from_str(&get(&node, "/status")?).ok()?;
         v["ready"].as_bool()?.then_some(())
@@ -409,15 +255,10 @@ fn start(lab: &Lab, tag: &str) -> (Portico, std::path::PathBuf) {
 
 #[test]
 fn a_black_holed_backend_is_ejected_after_connect_timeouts() {
-    if !sys::is_root() {
-        sys::skip_test("needs root (network namespaces, nftables, conntrack events)");
+    if !can_run("network namespaces, nftables, conntrack events") {
         return;
     }
-    if Command::new("nft").arg("--version").output().is_err() {
-        sys::skip_test("needs nft");
-        return;
-    }
-    let lab = lab("kb");
+    let lab = Lab::new("kb", "10.79");
     let (client, node) = (lab.names[0].clone(), lab.names[1].clone());
     let _b1 = serve(&lab.names[2], 8080, "b1");
     let _b1_check = serve(&lab.names[2], 9090, "b1");
@@ -433,27 +274,8 @@ fn a_black_holed_backend_is_ejected_after_connect_timeouts() {
         "nft",
         "add table inet pkdrop; add chain inet pkdrop in { type filter hook input priority 0; }; add rule inet pkdrop in tcp dport 8080 drop",
     ]);
-    let mut timed_out = 0;
-    let mut rounds = 0;
-    while map_backends(&node) != Some(["10.79.1.2".to_string()].into()) {
-        rounds += 1;
-        assert!(
-            rounds <= 10,
-            "b2 was not ejected after {timed_out} unanswered connections"
-        );
-        // 6 clients at once: those hashed to b2 wait for their 2 s connect timeout
-        let clients: Vec<_> = (0..6)
-            .map(|_| {
-                let c = client.clone();
-                std::thread::spawn(move || via_vip(&c))
-            })
-            .collect();
-        timed_out += clients
-            .into_iter()
-            .map(|c| c.join().map_or(true, |r| r.is_err()))
-            .filter(|&failed| failed)
-            .count();
-    }
+    // 6 clients at once: those hashed to b2 wait for their 2 s connect timeout
+    let (timed_out, rounds) = until_b2_ejected(&client, &node, 6, 10, "unanswered connections");
     assert!(timed_out >= 3, "ejected after {timed_out} timeouts");
     let st = b2_status(&node).expect("b2 in /status");
     assert_eq!(st["ejected"], true, "{st}");

@@ -6,125 +6,23 @@
 //! leaves the table, the next start repairs it; SIGTERM removes it. A node that does not
 //! forward IPv6 serves its IPv6 services through the proxy (`ipv6ForwardingOff`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_portico");
+use common::kernellab::{
+    Lab, Portico, can_run, first_line, get, in_ns, map_backends, sh, stamp, wait_for,
+};
+
 const VIP: &str = "10.78.100.1";
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Lab {
-    names: Vec<String>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
-impl Lab {
-    fn client(&self) -> &str {
-        &self.names[0]
-    }
-    fn node(&self) -> &str {
-        &self.names[1]
-    }
-}
-
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        sys::setns_net(&path).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace")
-}
 
 /// Client 10.78.0.2 → node → backends 10.78.K.2 (TCP :8080 answers the backend's name);
 /// `tag` tells the namespaces of tests running at once apart.
 fn lab(tag: &str) -> Lab {
-    let pid = std::process::id();
-    let lab = Lab {
-        names: ["c", "n", "b1", "b2"]
-            .iter()
-            .map(|r| format!("pk-{pid}-{tag}-{r}"))
-            .collect(),
-    };
-    for ns in &lab.names {
-        sh(&["ip", "netns", "add", ns]);
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
-    let n = lab.node().to_string();
-    for (k, peer) in [lab.client(), &lab.names[2], &lab.names[3]]
-        .into_iter()
-        .enumerate()
-    {
-        let dev = format!("v{k}");
-        sh(&[
-            "ip", "-n", &n, "link", "add", &dev, "type", "veth", "peer", "name", "eth0", "netns",
-            peer,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &n,
-            "addr",
-            "add",
-            &format!("10.78.{k}.1/24"),
-            "dev",
-            &dev,
-        ]);
-        sh(&["ip", "-n", &n, "link", "set", &dev, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            peer,
-            "addr",
-            "add",
-            &format!("10.78.{k}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", peer, "link", "set", "eth0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            peer,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.78.{k}.1"),
-        ]);
-    }
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &n,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
+    let lab = Lab::new(tag, "10.78");
     for k in 1..=2 {
         let l = in_ns(&lab.names[k + 1], || {
             TcpListener::bind("0.0.0.0:8080").expect("bind")
@@ -139,116 +37,19 @@ fn lab(tag: &str) -> Lab {
     lab
 }
 
-struct Portico {
-    child: Child,
-    logs: mpsc::Receiver<String>,
-}
-
-impl Drop for Portico {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(lab: &Lab, config: &std::path::Path) -> Portico {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", lab.node(), BIN, "run", "--config"])
-        .arg(config)
-        // lb=debug: the stamp of each published health view (splits the latency)
-        .env("RUST_LOG", "info,lb=debug,kernel=debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn portico");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, logs) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    Portico { child, logs }
+    // lb=debug: the stamp of each published health view (splits the latency)
+    Portico::spawn(lab.node(), config, "info,lb=debug,kernel=debug")
 }
 
-/// `GET path` on the admin address inside the node namespace.
-fn get(lab: &Lab, path: &str) -> Option<String> {
-    let path = path.to_string();
-    in_ns(lab.node(), move || {
-        let mut s = TcpStream::connect_timeout(
-            &"127.0.0.1:9440".parse().unwrap(),
-            Duration::from_millis(500),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out.split_once("\r\n\r\n")?.1.to_string())
-    })
-}
-
-fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The backends in the VIP's map (from `nft -j`), `None` without the table.
-fn map_backends(lab: &Lab) -> Option<std::collections::BTreeSet<String>> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.node(),
-            "nft",
-            "-j",
-            "list",
-            "map",
-            "inet",
-            "portico",
-            "s0p0v4",
-        ])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let mut set = std::collections::BTreeSet::new();
-    for item in v["nftables"].as_array()? {
-        for el in item["map"]["elem"].as_array().into_iter().flatten() {
-            if let Some(ip) = el[1]["concat"][0].as_str() {
-                set.insert(ip.to_string());
-            }
-        }
-    }
-    Some(set)
-}
-
+/// The backend answering one connection through the VIP from the client.
 fn backend_via_vip(lab: &Lab) -> Option<String> {
-    in_ns(lab.client(), || {
-        let s = TcpStream::connect_timeout(
-            &SocketAddr::new(VIP.parse().unwrap(), 80),
-            Duration::from_secs(1),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        Some(line.trim().to_string())
-    })
+    first_line(
+        lab.client(),
+        SocketAddr::new(VIP.parse().unwrap(), 80),
+        Duration::from_secs(1),
+    )
+    .ok()
 }
 
 /// The median the test asserts for check result → batch applied with libnftables, in
@@ -263,17 +64,6 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
         .parse()
         .ok()
-}
-
-/// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-…T16:09:43.123456Z`).
-fn stamp(line: &str) -> Option<f64> {
-    let t = line.split_whitespace().next()?.split_once('T')?.1;
-    let t = t.trim_end_matches('Z');
-    let mut parts = t.split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 /// One health change's latency split into its stages (milliseconds): before the kernel
@@ -321,12 +111,7 @@ impl std::fmt::Display for Stages {
 
 #[test]
 fn a_service_runs_on_the_kernel_path_end_to_end() {
-    if !sys::is_root() {
-        sys::skip_test("needs root (network namespaces, nftables)");
-        return;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        sys::skip_test("needs nft");
+    if !can_run("network namespaces, nftables") {
         return;
     }
     let lab = lab("kp");
@@ -356,7 +141,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
     ]);
     let p = start(&lab, &config);
     let status: serde_json::Value = wait_for("/status", 20, || {
-        let v: serde_json::Value = serde_json::from_str(&get(&lab, "/status")?).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&get(lab.node(), "/status")?).ok()?;
         v["ready"].as_bool()?.then_some(v)
     });
     let web = &status["services"][0];
@@ -381,7 +166,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
     });
 
     wait_for("both backends in the map", 10, || {
-        (map_backends(&lab)?.len() == 2).then_some(())
+        (map_backends(lab.node())?.len() == 2).then_some(())
     });
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
@@ -413,7 +198,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
             "add table inet pkdrop; add chain inet pkdrop in { type filter hook input priority 0; }; add rule inet pkdrop in tcp dport 8080 drop",
         ]);
         wait_for("b2 out of the map", 10, || {
-            (map_backends(&lab)? == ["10.78.1.2".to_string()].into()).then_some(())
+            (map_backends(lab.node())? == ["10.78.1.2".to_string()].into()).then_some(())
         });
         sh(&[
             "ip",
@@ -424,7 +209,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
             "delete table inet pkdrop",
         ]);
         wait_for("b2 back in the map", 10, || {
-            (map_backends(&lab)?.len() == 2).then_some(())
+            (map_backends(lab.node())?.len() == 2).then_some(())
         });
         // pair each kernel batch with the first health change it carries (a batch applies
         // every change since the previous one: the first waited longest)
@@ -516,7 +301,7 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
 
     // the per-backend counters reach /metrics (read every 5 s)
     wait_for("kernel counters in /metrics", 15, || {
-        let m = get(&lab, "/metrics")?;
+        let m = get(lab.node(), "/metrics")?;
         m.lines()
             .any(|l| {
                 l.starts_with("portico_kernel_backend_packets_total{")
@@ -530,21 +315,24 @@ fn a_service_runs_on_the_kernel_path_end_to_end() {
     let mut p = p;
     p.child.kill().unwrap();
     p.child.wait().unwrap();
-    assert!(map_backends(&lab).is_some(), "a crash leaves the table");
+    assert!(
+        map_backends(lab.node()).is_some(),
+        "a crash leaves the table"
+    );
     let p2 = start(&lab, &config);
     wait_for("second run ready", 20, || {
-        let v: serde_json::Value = serde_json::from_str(&get(&lab, "/status")?).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&get(lab.node(), "/status")?).ok()?;
         v["ready"].as_bool()?.then_some(())
     });
     wait_for("map repaired", 10, || {
-        (map_backends(&lab)?.len() == 2).then_some(())
+        (map_backends(lab.node())?.len() == 2).then_some(())
     });
     assert!(backend_via_vip(&lab).is_some());
     sys::kill(p2.child.id(), sys::SIGTERM).unwrap();
     let mut p2 = p2;
     wait_for("graceful exit", 20, || p2.child.try_wait().ok().flatten());
     assert!(
-        map_backends(&lab).is_none(),
+        map_backends(lab.node()).is_none(),
         "a graceful stop removes the table"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -620,12 +408,7 @@ fn map_names(lab: &Lab) -> Vec<String> {
 
 #[test]
 fn ipv6_services_use_the_proxy_when_the_node_does_not_forward_ipv6() {
-    if !sys::is_root() {
-        sys::skip_test("needs root (network namespaces, nftables)");
-        return;
-    }
-    if Command::new("nft").arg("--version").output().is_err() {
-        sys::skip_test("needs nft");
+    if !can_run("network namespaces, nftables") {
         return;
     }
     let lab = lab("v6");
@@ -655,7 +438,7 @@ fn ipv6_services_use_the_proxy_when_the_node_does_not_forward_ipv6() {
     .unwrap();
     let p = start(&lab, &config);
     let status: serde_json::Value = wait_for("/status", 20, || {
-        let v: serde_json::Value = serde_json::from_str(&get(&lab, "/status")?).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&get(lab.node(), "/status")?).ok()?;
         v["ready"].as_bool()?.then_some(v)
     });
     let path = |i: usize| {

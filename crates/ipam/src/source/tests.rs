@@ -1,14 +1,20 @@
 //! Tests of the agent's source.
 
+use std::time::Duration;
+
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus, ObjectReference};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::runtime::watcher::Event;
+use model::Desired;
+use tokio_util::sync::CancellationToken;
 
+use super::gossip::{SecretSeen, secret_messages};
 use super::*;
 use crate::crd::L2AnnouncementSpec;
 use crate::fixtures::{self, ServiceExt as _, labels};
-use crate::intent::LB_CLASS;
+use crate::intent::{self, LB_CLASS};
 
 fn settings() -> Settings {
     Settings {

@@ -373,9 +373,11 @@ impl Cluster {
     /// (as Kubernetes nodes do; the kernel path DNATs to endpoints on other nodes).
     pub async fn start_with(nodes: usize, forward: bool) -> Self {
         let net = Net::create(nodes);
-        for i in (1..=nodes).filter(|_| forward) {
-            let (ok, _) = in_ns(&net.node(i), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-            assert!(ok, "ip_forward on node {i}");
+        if forward {
+            for i in 1..=nodes {
+                let (ok, _) = in_ns(&net.node(i), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+                assert!(ok, "ip_forward on node {i}");
+            }
         }
         let server = ApiServer::start(Options {
             bind: format!("{API_IP}:0").parse().expect("address"),

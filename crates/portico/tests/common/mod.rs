@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 
 pub mod bgplab;
 pub mod k8s;
+pub mod kernellab;
 
 /// Whether `cmd` is on the PATH.
 pub fn have(cmd: &str) -> bool {
