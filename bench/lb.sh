@@ -451,10 +451,11 @@ for s in systems:
         print(f"{names[s]:<19} {m:<9} {med(s, m, 'rps'):>8.0f} {fmt(med(s, m, 'p50'), 7)} {fmt(med(s, m, 'p99'), 7)} "
               f"{fmt(med(s, m, 'cpu') if s not in ('direct', 'ipvs') else float('nan'), 11)} {fmt(med(s, m, 'mcpu'), 11)} {med(s, m, 'err'):>6.0f} "
               f"{fmt(x('rps'), 9)} {fmt(x('p99'), 7)} {fmt(x('cpu') if s not in ('ipvs',) else float('nan'), 8)} {fmt(x('mcpu'), 8)}")
-print()
-print(f"{'system':<19} {'iperf3 Gbit/s':>13}")
-for s in systems:
-    print(f"{names[s]:<19} {med(s, 'iperf3', 'gbps'):>13.2f}")
+if any(rows[(s, "iperf3")]["gbps"] for s in systems):
+    print()
+    print(f"{'system':<19} {'iperf3 Gbit/s':>13}")
+    for s in systems:
+        print(f"{names[s]:<19} {med(s, 'iperf3', 'gbps'):>13.2f}")
 # CPU a path adds per 1,000 requests over direct: the machine-wide busy delta per request of
 # the row minus the same of the direct row of the same round and mode (wrk, nginx and the
 # kernel's own work cost the same per request in both), median over rounds.
