@@ -21,7 +21,8 @@
 #   sudo CT_TIME_WAIT=10 bench/lb.sh         # conntrack's TCP time-wait timeout in the node
 #   sudo DIAG=1 bench/lb.sh                   # per row: conntrack -S deltas, conntrack -C and
 #                                             # nf_conntrack_max (node), SYN retransmits (client),
-#                                             # TIME_WAIT sockets (be1)
+#                                             # TIME_WAIT sockets (be1), TCP segments the node
+#                                             # sent per request and retransmitted
 #
 # Addresses exist only inside the namespaces this script creates (pp-*-PID); every namespace
 # and process is removed on exit (trap), whatever happened.
@@ -302,10 +303,12 @@ wrk_run() {
   local sys=$1 mode=$2
   shift 2
   local u=URL_$sys p=PID_$sys
-  local pt0 mt0 pt1 mt1 ct0 ct1 syn0 syn1
+  local pt0 mt0 pt1 mt1 ct0 ct1 syn0 syn1 seg0 seg1 rtx0 rtx1
   if ((DIAG)); then
     ct0=$(ct_stats)
     syn0=$(ns_counter $CL TcpExtTCPSynRetrans)
+    seg0=$(ns_counter $NODE TcpOutSegs)
+    rtx0=$(ns_counter $NODE TcpRetransSegs)
   fi
   pt0=$(proc_ticks "${!p}")
   mt0=$(machine_ticks)
@@ -315,15 +318,19 @@ wrk_run() {
   if ((DIAG)); then
     ct1=$(ct_stats)
     syn1=$(ns_counter $CL TcpExtTCPSynRetrans)
-    local count max tw
+    seg1=$(ns_counter $NODE TcpOutSegs)
+    rtx1=$(ns_counter $NODE TcpRetransSegs)
+    local count max tw n
+    n=$(grep -o '[0-9]* requests in' "$WORK/wrk.out" | cut -d' ' -f1)
     count=$(inns $NODE conntrack -C 2>/dev/null || echo "?")
     max=$(inns $NODE cat /proc/sys/net/netfilter/nf_conntrack_max 2>/dev/null || echo "?")
     tw=$(inns $BE1 ss -Htan state time-wait 2>/dev/null | wc -l)
     read -r a0 b0 c0 <<<"$ct0"
     read -r a1 b1 c1 <<<"$ct1"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$mode" "$((a1 - a0))" "$((b1 - b0))" "$((c1 - c0))" \
-      "$count" "$max" "$((syn1 - syn0))" "$tw" >>"$DIAGS"
-    tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$mode" "$((a1 - a0))" "$((b1 - b0))" "$((c1 - c0))" \
+      "$count" "$max" "$((syn1 - syn0))" "$tw" \
+      "$(awk -v s=$((seg1 - seg0)) -v n="${n:-0}" 'BEGIN {printf (n ? "%.2f" : "-"), (n ? s / n : 0)}')" "$((rtx1 - rtx0))" >>"$DIAGS"
+    tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s; node segments sent per request %s, retransmitted %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11}' >&2
   fi
   python3 - "$sys" "$mode" "$((pt1 - pt0))" "$((mt1 - mt0))" "$(load1)" "$(getconf CLK_TCK)" "$WORK/wrk.out" "$ROUND" <<'PY' >>"$RESULTS"
 import re, sys
@@ -444,10 +451,11 @@ for s in systems:
         print(f"{names[s]:<19} {m:<9} {med(s, m, 'rps'):>8.0f} {fmt(med(s, m, 'p50'), 7)} {fmt(med(s, m, 'p99'), 7)} "
               f"{fmt(med(s, m, 'cpu') if s not in ('direct', 'ipvs') else float('nan'), 11)} {fmt(med(s, m, 'mcpu'), 11)} {med(s, m, 'err'):>6.0f} "
               f"{fmt(x('rps'), 9)} {fmt(x('p99'), 7)} {fmt(x('cpu') if s not in ('ipvs',) else float('nan'), 8)} {fmt(x('mcpu'), 8)}")
-print()
-print(f"{'system':<19} {'iperf3 Gbit/s':>13}")
-for s in systems:
-    print(f"{names[s]:<19} {med(s, 'iperf3', 'gbps'):>13.2f}")
+if any(rows[(s, "iperf3")]["gbps"] for s in systems):
+    print()
+    print(f"{'system':<19} {'iperf3 Gbit/s':>13}")
+    for s in systems:
+        print(f"{names[s]:<19} {med(s, 'iperf3', 'gbps'):>13.2f}")
 # CPU a path adds per 1,000 requests over direct: the machine-wide busy delta per request of
 # the row minus the same of the direct row of the same round and mode (wrk, nginx and the
 # kernel's own work cost the same per request in both), median over rounds.
@@ -470,10 +478,11 @@ if added:
         print(f"{names[s]:<19} " + " ".join(f1(v, 10) for v in vals) + " " + " ".join(f1(x, 14) for x in xs))
 dl = [l.rstrip("\n").split("\t") for l in open(diags)] if diags else []
 if dl:
-    print("\ndiagnostics per row (DIAG=1): conntrack -S deltas in the node, conntrack -C / nf_conntrack_max after the row, client TcpExtTCPSynRetrans delta, be1 TIME_WAIT sockets")
-    print(f"{'system':<19} {'mode':<9} {'ins_failed':>10} {'drop':>6} {'early_drop':>10} {'entries':>8} {'max':>7} {'SYN rtx':>7} {'be1 TW':>7}")
-    for s, m, a, b, c, n, mx, syn, tw in dl:
-        print(f"{names[s]:<19} {m:<9} {a:>10} {b:>6} {c:>10} {n:>8} {mx:>7} {syn:>7} {tw:>7}")
+    print("\ndiagnostics per row (DIAG=1): conntrack -S deltas in the node, conntrack -C / nf_conntrack_max after the row, client TcpExtTCPSynRetrans delta, be1 TIME_WAIT sockets,")
+    print("TCP segments the node sent per request (TcpOutSegs: the balancer's sockets, both sides) and retransmitted (TcpRetransSegs)")
+    print(f"{'system':<19} {'mode':<9} {'ins_failed':>10} {'drop':>6} {'early_drop':>10} {'entries':>8} {'max':>7} {'SYN rtx':>7} {'be1 TW':>7} {'segs/req':>8} {'rtx':>6}")
+    for s, m, a, b, c, n, mx, syn, tw, sg, rt in dl:
+        print(f"{names[s]:<19} {m:<9} {a:>10} {b:>6} {c:>10} {n:>8} {mx:>7} {syn:>7} {tw:>7} {sg:>8} {rt:>6}")
 fl = [l.rstrip("\n").split("\t") for l in open(fails)] if fails else []
 if fl:
     print("\nfailure: be2's nginx killed (SIGKILL) 3 s into a wrk run; failed = non-2xx + socket errors")

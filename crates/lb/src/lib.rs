@@ -31,6 +31,7 @@
 pub mod balance;
 pub mod budget;
 pub mod check;
+mod connect;
 pub mod health;
 pub mod listen;
 pub mod maglev;

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Candidate, Picker, Reason};
+use crate::connect::{Early, FirstMove, connect, first_move};
 use crate::health::RiseFall;
 use crate::maglev::{self, Maglev};
 use crate::metrics::{BackendMetrics, Metrics, Operation, RefusedLabels, ServiceLabels};
@@ -541,7 +542,9 @@ impl ServiceRt {
             .proxy_protocol
             .map(|pp| crate::proxy_protocol::encode(pp, Protocol::Tcp, peer, vip));
         let mut tried: Vec<Arc<BackendRt>> = Vec::new();
-        let (slot, backend) = loop {
+        // The client's first bytes, read once and kept until a backend has taken them.
+        let mut early = Early::new();
+        let (slot, backend, moved) = loop {
             let slot = match self.admit_or_wait(hash, &tried).await {
                 Ok(s) => s,
                 Err(Reason::NoHealthyBackend) if !tried.is_empty() => {
@@ -556,12 +559,13 @@ impl ServiceRt {
                         &client,
                         &backend,
                         header.as_deref(),
+                        &mut early,
                         conn.idle_timeout,
                         &slot.be.drain,
                     )
                     .await
                     {
-                        FirstMove::Go => break (slot, backend),
+                        FirstMove::Go(moved) => break (slot, backend, moved),
                         FirstMove::End => return,
                         FirstMove::BackendGone(e) => e,
                     }
@@ -581,10 +585,17 @@ impl ServiceRt {
             }
             self.retries.inc();
         };
+        drop(early);
         let be = slot.be.clone();
         self.record_success(&be);
         be.total.fetch_add(1, Ordering::Relaxed);
         be.metrics.connections.inc();
+        if moved.to_backend > 0 {
+            be.metrics.bytes_to_backend.inc_by(moved.to_backend);
+        }
+        if moved.to_client > 0 {
+            be.metrics.bytes_to_client.inc_by(moved.to_client);
+        }
         let (end, _) = relay::relay(
             &client,
             &backend,
@@ -651,101 +662,4 @@ impl ServiceRt {
             out.insert(model::BackendKey::new(&self.name, &b.name), b.health());
         }
     }
-}
-
-/// How a fresh backend connection starts.
-enum FirstMove {
-    /// Either side has something to say: relay.
-    Go,
-    /// The backend closed or reset before either side sent a byte: it has seen nothing of this
-    /// client (typically it died with the connection still in its accept queue), so another
-    /// backend can take the client exactly as after a refused connect — nothing to replay.
-    BackendGone(std::io::Error),
-    /// Neither side spoke within the idle timeout, or the backend is being drained away.
-    End,
-}
-
-/// Sends the PROXY header (if any), then waits for the first byte in either direction without
-/// consuming it (`recv(MSG_PEEK)` on both sides; readiness alone is not enough, it can be
-/// reported before any byte, and on the backend a failed connect shows as readiness: the peek
-/// tells its error). Adds no wait: it returns as soon as either side has a byte.
-async fn first_move(
-    client: &TcpStream,
-    backend: &TcpStream,
-    header: Option<&[u8]>,
-    idle: std::time::Duration,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> FirstMove {
-    if let Some(h) = header
-        && let Err(e) = write_all(backend, h).await
-    {
-        return FirstMove::BackendGone(e);
-    }
-    let mut one = [0u8; 1];
-    let mut from_client = [0u8; 1];
-    let idle = async {
-        if idle.is_zero() {
-            std::future::pending::<()>().await
-        } else {
-            tokio::time::sleep(idle).await
-        }
-    };
-    tokio::select! {
-        biased;
-        r = backend.peek(&mut one) => match r {
-            Ok(0) => FirstMove::BackendGone(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "backend closed before its first byte",
-            )),
-            Ok(_) => FirstMove::Go,
-            Err(e) => FirstMove::BackendGone(e),
-        },
-        // data or EOF from the client (or an error): the relay handles each
-        _ = client.peek(&mut from_client) => FirstMove::Go,
-        () = idle => FirstMove::End,
-        () = cancel.cancelled() => FirstMove::End,
-    }
-}
-
-/// Opens the backend connection: a non-blocking `connect` and a wait for writability. The
-/// outcome is not read with `getsockopt(SO_ERROR)` (one syscall per connection saved): a refused
-/// or reset connect shows as readiness too, and [`first_move`]'s peek (or the PROXY header's
-/// write) returns its error, which is then handled as a failed connect.
-async fn connect(target: SocketAddr, timeout: std::time::Duration) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM.nonblocking().cloexec(),
-        Some(socket2::Protocol::TCP),
-    )?;
-    sock.set_tcp_nodelay(true)?;
-    // SO_KEEPALIVE and the idle time only (kernel defaults for interval and count): two
-    // setsockopt calls instead of four on every connect.
-    sock.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(60)),
-    )?;
-    match sock.connect(&target.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
-    match tokio::time::timeout(timeout, stream.writable()).await {
-        Ok(r) => r.map(|()| stream),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        )),
-    }
-}
-
-async fn write_all(s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        s.writable().await?;
-        match s.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Relay correctness through the balancer on loopback: byte-exact large transfers (splice and
-//! copy), half-close in both directions, idle timeout, PROXY protocol headers.
+//! copy), half-close in both directions, idle timeout, PROXY protocol headers, the first bytes of
+//! either side (client first, backend first) and what they cost.
 
 mod common;
 
@@ -176,5 +177,110 @@ async fn ipv6_vip_relays_to_ipv6_backend() {
     let addr = h.addr("[fd00::10]:8080");
     assert!(addr.is_ipv6());
     assert_eq!(roundtrip(addr, b"ping6").await.unwrap(), "a6");
+    h.stop().await;
+}
+
+/// An echo backend that waits for the client to speak first (HTTP-like): echoes what it reads
+/// until EOF, then closes. Serves every connection; stops with the test's runtime.
+async fn echo_backend() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client that speaks first: its first bytes are read once (no `MSG_PEEK`), handed to the
+/// backend, counted, and the rest is relayed; a refused backend before it costs the client
+/// nothing (it is moved to the next one with its bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_speaks_first_is_relayed_and_counted_also_after_a_refused_backend() {
+    // a port nothing listens on: the connect is refused
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let raddr = refused.local_addr().unwrap();
+    drop(refused);
+    let echo = echo_backend().await;
+    let h = Harness::start(&service(
+        &format!(
+            "      - {{name: dead, address: 127.0.0.1, port: {}, weight: 1000}}\n{}",
+            raddr.port(),
+            be("e", echo)
+        ),
+        "    health_check: {type: none}\n    outlier: {consecutive_failures: 0}\n    connection: {retries: 2}\n",
+    ))
+    .await;
+    let mut total = 0u64;
+    for i in 0..10u32 {
+        let mut s = TcpStream::connect(h.addr("127.0.0.10:8080")).await.unwrap();
+        let first = format!("request {i}\r\n");
+        s.write_all(first.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; first.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut back))
+            .await
+            .expect("first echo in time")
+            .unwrap();
+        assert_eq!(back, first.as_bytes());
+        let second = b"and more\r\n";
+        s.write_all(second).await.unwrap();
+        let mut back = vec![0u8; second.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut back))
+            .await
+            .expect("second echo in time")
+            .unwrap();
+        assert_eq!(&back, second);
+        total += (first.len() + second.len()) as u64;
+    }
+    let series = |d: &str| {
+        format!("portico_lb_bytes_total{{service=\"web\",backend=\"e\",direction=\"{d}\"}}")
+    };
+    wait_until("every byte counted both ways", || {
+        h.metric(&series("to_backend")) == total && h.metric(&series("to_client")) == total
+    })
+    .await;
+    assert!(
+        h.metric("portico_lb_retries_total{service=\"web\"}") >= 1,
+        "the refused backend was tried first at least once"
+    );
+    h.stop().await;
+}
+
+/// The backend connection is opened with `TCP_QUICKACK` off (the ACK of its SYN-ACK rides on
+/// the client's first bytes). A backend that speaks first (MySQL, SMTP; the test backends greet)
+/// must not wait for that ACK: the balancer sends it at once when the client has said nothing.
+/// Without that, every greeting waits for the kernel's delayed-ACK timer (200 ms after a
+/// SYN-ACK): 20 connections would take at least 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_speaks_first_greets_without_waiting_for_a_delayed_ack() {
+    let a = Backend::start("a").await;
+    let h = Harness::start(&service(&be("a", a.addr), "")).await;
+    let addr = h.addr("127.0.0.10:8080");
+    // one connection first: workers and timers are up
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_line(&mut s).await.unwrap(), "a");
+    drop(s);
+    let started = tokio::time::Instant::now();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let line = tokio::time::timeout(WAIT, read_line(&mut s))
+            .await
+            .expect("greeted in time")
+            .unwrap();
+        assert_eq!(line, "a");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "20 greetings took {took:?}: the ACK of the backend's SYN-ACK waited for the delayed-ACK timer"
+    );
     h.stop().await;
 }
