@@ -75,4 +75,4 @@ pub mod passive;
 pub mod plan;
 
 pub use driver::{Kernel, Options};
-pub use plan::{Batch, Ruleset, diff, plan};
+pub use plan::{Batch, MapChange, Ruleset, diff, plan};

@@ -81,7 +81,21 @@ pub enum Batch {
         text: String,
         /// How many slots changed.
         slots: usize,
+        /// The same changes as data, per map (sent as one netlink batch, see [`crate::nft`]).
+        changes: Vec<MapChange>,
     },
+}
+
+/// The slots of one map that an elements batch changes: deleted first, then added (a slot
+/// that moves to another backend is in both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapChange {
+    /// The map's name.
+    pub map: String,
+    /// Slots whose element goes.
+    pub delete: Vec<u32>,
+    /// Slots and their new backend.
+    pub add: Vec<(u32, SocketAddr)>,
 }
 
 impl Batch {
@@ -327,6 +341,7 @@ pub fn diff(old: Option<&Ruleset>, new: &Ruleset) -> Option<Batch> {
     };
     let mut text = String::new();
     let mut slots = 0;
+    let mut changes = Vec::new();
     for (name, new_slots) in &new.maps {
         let old_slots = old.maps.get(name).map(Vec::as_slice).unwrap_or(&[]);
         let changed: Vec<usize> = new_slots
@@ -356,8 +371,24 @@ pub fn diff(old: Option<&Ruleset>, new: &Ruleset) -> Option<Batch> {
             changed.iter().filter_map(|&i| new_slots[i].map(|a| (i, a))),
             &mut text,
         );
+        changes.push(MapChange {
+            map: name.clone(),
+            delete: changed
+                .iter()
+                .filter(|i| old_slots.get(**i).copied().flatten().is_some())
+                .map(|&i| i as u32)
+                .collect(),
+            add: changed
+                .iter()
+                .filter_map(|&i| new_slots[i].map(|a| (i as u32, a)))
+                .collect(),
+        });
     }
-    (slots > 0).then_some(Batch::Elements { text, slots })
+    (slots > 0).then_some(Batch::Elements {
+        text,
+        slots,
+        changes,
+    })
 }
 
 #[cfg(test)]
