@@ -261,9 +261,12 @@ pub fn plan(config: &Config, health: &HealthView, table_size: usize) -> Result<R
                             continue;
                         }
                         let t = b.target(port);
+                        // the backend first (a packet of another backend fails at its
+                        // address), then the VIP port; `return`: a flow has one counter.
+                        // Only DNATed flows get here (`ct status dnat` gates the jump).
                         let _ = writeln!(
                             count,
-                            "\t\tmeta l4proto {p} ct status dnat ct original {k} daddr {v} ct original proto-dst {dport} ct reply {k} saddr {ba} ct reply proto-src {bp} counter name \"c{si}b{bi}\"",
+                            "\t\tmeta l4proto {p} ct reply {k} saddr {ba} ct reply proto-src {bp} ct original {k} daddr {v} ct original proto-dst {dport} counter name \"c{si}b{bi}\" return",
                             dport = port.port,
                             ba = addr(t.ip()),
                             bp = t.port(),
@@ -284,8 +287,8 @@ pub fn plan(config: &Config, health: &HealthView, table_size: usize) -> Result<R
          \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tjump services\n\t}}\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{snat}\t}}\n\
          \tchain counters {{\n{count}\t}}\n\
-         \tchain count_forward {{\n\t\ttype filter hook postrouting priority filter; policy accept;\n\t\tjump counters\n\t}}\n\
-         \tchain count_local {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tjump counters\n\t}}\n\
+         \tchain count_forward {{\n\t\ttype filter hook postrouting priority filter; policy accept;\n\t\tct status dnat jump counters\n\t}}\n\
+         \tchain count_local {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tct status dnat jump counters\n\t}}\n\
          }}\n"
     );
     Ok(Ruleset {

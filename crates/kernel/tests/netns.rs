@@ -469,6 +469,23 @@ fn start_reload_health_drain_stop_over_real_traffic() {
         k.read_counters().await.unwrap();
         let c = nft::counters().await.unwrap();
         assert!(c.values().map(|v| v.0).sum::<u64>() > 0, "{c:?}");
+        // each backend counts its own flows (b1 is c0b0, b2 c0b2), and only those
+        let before = nft::counters().await.unwrap();
+        let mut flows = std::collections::BTreeMap::<String, u64>::new();
+        for _ in 0..16 {
+            *flows
+                .entry(connect(&lab, VIP4.parse().unwrap()).1)
+                .or_default() += 1;
+        }
+        let after = nft::counters().await.unwrap();
+        for (b, name) in [("b1", "c0b0"), ("b2", "c0b2")] {
+            let counted = after[name].0 - before[name].0;
+            assert_eq!(
+                counted > 0,
+                flows.contains_key(b),
+                "{b}: {flows:?} {before:?} {after:?}"
+            );
+        }
 
         // an established connection, kept through the changes below
         let (mut kept, on) = connect(&lab, VIP4.parse().unwrap());

@@ -67,20 +67,20 @@ fn the_table_is_rendered_as_expected() {
 		meta l4proto udp ct status dnat ct original ip6 daddr fd00::1 ct original proto-dst 53 masquerade
 	}
 	chain counters {
-		meta l4proto tcp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 80 ct reply ip saddr 10.0.1.1 ct reply proto-src 8080 counter name "c0b0"
-		meta l4proto tcp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 80 ct reply ip saddr 10.0.1.2 ct reply proto-src 8080 counter name "c0b1"
-		meta l4proto udp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 53 ct reply ip saddr 10.0.1.1 ct reply proto-src 53 counter name "c0b0"
-		meta l4proto udp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 53 ct reply ip saddr 10.0.1.2 ct reply proto-src 53 counter name "c0b1"
-		meta l4proto tcp ct status dnat ct original ip6 daddr fd00::1 ct original proto-dst 80 ct reply ip6 saddr fd01::3 ct reply proto-src 8080 counter name "c0b2"
-		meta l4proto udp ct status dnat ct original ip6 daddr fd00::1 ct original proto-dst 53 ct reply ip6 saddr fd01::3 ct reply proto-src 53 counter name "c0b2"
+		meta l4proto tcp ct reply ip saddr 10.0.1.1 ct reply proto-src 8080 ct original ip daddr 10.9.0.1 ct original proto-dst 80 counter name "c0b0" return
+		meta l4proto tcp ct reply ip saddr 10.0.1.2 ct reply proto-src 8080 ct original ip daddr 10.9.0.1 ct original proto-dst 80 counter name "c0b1" return
+		meta l4proto udp ct reply ip saddr 10.0.1.1 ct reply proto-src 53 ct original ip daddr 10.9.0.1 ct original proto-dst 53 counter name "c0b0" return
+		meta l4proto udp ct reply ip saddr 10.0.1.2 ct reply proto-src 53 ct original ip daddr 10.9.0.1 ct original proto-dst 53 counter name "c0b1" return
+		meta l4proto tcp ct reply ip6 saddr fd01::3 ct reply proto-src 8080 ct original ip6 daddr fd00::1 ct original proto-dst 80 counter name "c0b2" return
+		meta l4proto udp ct reply ip6 saddr fd01::3 ct reply proto-src 53 ct original ip6 daddr fd00::1 ct original proto-dst 53 counter name "c0b2" return
 	}
 	chain count_forward {
 		type filter hook postrouting priority filter; policy accept;
-		jump counters
+		ct status dnat jump counters
 	}
 	chain count_local {
 		type filter hook input priority filter; policy accept;
-		jump counters
+		ct status dnat jump counters
 	}
 }
 "#;
