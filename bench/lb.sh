@@ -22,7 +22,9 @@
 #   sudo DIAG=1 bench/lb.sh                   # per row: conntrack -S deltas, conntrack -C and
 #                                             # nf_conntrack_max (node), SYN retransmits (client),
 #                                             # TIME_WAIT sockets (be1), TCP segments the node
-#                                             # sent per request and retransmitted
+#                                             # sent per request and retransmitted, SYNs PAWS
+#                                             # refused on a TIME_WAIT socket (be1 + be2,
+#                                             # TcpExtPAWSTimewait)
 #
 # Addresses exist only inside the namespaces this script creates (pp-*-PID); every namespace
 # and process is removed on exit (trap), whatever happened.
@@ -309,6 +311,7 @@ wrk_run() {
     syn0=$(ns_counter $CL TcpExtTCPSynRetrans)
     seg0=$(ns_counter $NODE TcpOutSegs)
     rtx0=$(ns_counter $NODE TcpRetransSegs)
+    paws0=$(($(ns_counter $BE1 TcpExtPAWSTimewait) + $(ns_counter $BE2 TcpExtPAWSTimewait)))
   fi
   pt0=$(proc_ticks "${!p}")
   mt0=$(machine_ticks)
@@ -320,6 +323,7 @@ wrk_run() {
     syn1=$(ns_counter $CL TcpExtTCPSynRetrans)
     seg1=$(ns_counter $NODE TcpOutSegs)
     rtx1=$(ns_counter $NODE TcpRetransSegs)
+    paws1=$(($(ns_counter $BE1 TcpExtPAWSTimewait) + $(ns_counter $BE2 TcpExtPAWSTimewait)))
     local count max tw n
     n=$(grep -o '[0-9]* requests in' "$WORK/wrk.out" | cut -d' ' -f1)
     count=$(inns $NODE conntrack -C 2>/dev/null || echo "?")
@@ -327,10 +331,10 @@ wrk_run() {
     tw=$(inns $BE1 ss -Htan state time-wait 2>/dev/null | wc -l)
     read -r a0 b0 c0 <<<"$ct0"
     read -r a1 b1 c1 <<<"$ct1"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$mode" "$((a1 - a0))" "$((b1 - b0))" "$((c1 - c0))" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$mode" "$((a1 - a0))" "$((b1 - b0))" "$((c1 - c0))" \
       "$count" "$max" "$((syn1 - syn0))" "$tw" \
-      "$(awk -v s=$((seg1 - seg0)) -v n="${n:-0}" 'BEGIN {printf (n ? "%.2f" : "-"), (n ? s / n : 0)}')" "$((rtx1 - rtx0))" >>"$DIAGS"
-    tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s; node segments sent per request %s, retransmitted %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11}' >&2
+      "$(awk -v s=$((seg1 - seg0)) -v n="${n:-0}" 'BEGIN {printf (n ? "%.2f" : "-"), (n ? s / n : 0)}')" "$((rtx1 - rtx0))" "$((paws1 - paws0))" >>"$DIAGS"
+    tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s; node segments sent per request %s, retransmitted %s; backends PAWS-refused SYNs %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12}' >&2
   fi
   python3 - "$sys" "$mode" "$((pt1 - pt0))" "$((mt1 - mt0))" "$(load1)" "$(getconf CLK_TCK)" "$WORK/wrk.out" "$ROUND" <<'PY' >>"$RESULTS"
 import re, sys
@@ -479,10 +483,10 @@ if added:
 dl = [l.rstrip("\n").split("\t") for l in open(diags)] if diags else []
 if dl:
     print("\ndiagnostics per row (DIAG=1): conntrack -S deltas in the node, conntrack -C / nf_conntrack_max after the row, client TcpExtTCPSynRetrans delta, be1 TIME_WAIT sockets,")
-    print("TCP segments the node sent per request (TcpOutSegs: the balancer's sockets, both sides) and retransmitted (TcpRetransSegs)")
-    print(f"{'system':<19} {'mode':<9} {'ins_failed':>10} {'drop':>6} {'early_drop':>10} {'entries':>8} {'max':>7} {'SYN rtx':>7} {'be1 TW':>7} {'segs/req':>8} {'rtx':>6}")
-    for s, m, a, b, c, n, mx, syn, tw, sg, rt in dl:
-        print(f"{names[s]:<19} {m:<9} {a:>10} {b:>6} {c:>10} {n:>8} {mx:>7} {syn:>7} {tw:>7} {sg:>8} {rt:>6}")
+    print("TCP segments the node sent per request (TcpOutSegs: the balancer's sockets, both sides) and retransmitted (TcpRetransSegs), backends' TcpExtPAWSTimewait delta")
+    print(f"{'system':<19} {'mode':<9} {'ins_failed':>10} {'drop':>6} {'early_drop':>10} {'entries':>8} {'max':>7} {'SYN rtx':>7} {'be1 TW':>7} {'segs/req':>8} {'rtx':>6} {'PAWS TW':>7}")
+    for s, m, a, b, c, n, mx, syn, tw, sg, rt, paws in dl:
+        print(f"{names[s]:<19} {m:<9} {a:>10} {b:>6} {c:>10} {n:>8} {mx:>7} {syn:>7} {tw:>7} {sg:>8} {rt:>6} {paws:>7}")
 fl = [l.rstrip("\n").split("\t") for l in open(fails)] if fails else []
 if fl:
     print("\nfailure: be2's nginx killed (SIGKILL) 3 s into a wrk run; failed = non-2xx + socket errors")

@@ -124,6 +124,9 @@ pub struct Kernel {
 pub struct Applied {
     /// `replace`, `elements`, or `none` (nothing changed).
     pub kind: &'static str,
+    /// How the batch went: `netlink` (elements straight to the kernel), `library`
+    /// (libnftables), `command` (`nft -f -`), or `none`.
+    pub engine: &'static str,
     /// Slots changed (elements batches).
     pub slots: usize,
     /// Time nft took (from the call to its answer received).
@@ -332,6 +335,7 @@ impl Kernel {
         let Some(batch) = plan::diff(st.applied.as_ref(), &rs) else {
             return Ok(Applied {
                 kind: "none",
+                engine: "none",
                 slots: 0,
                 took: Duration::ZERO,
                 planned: received.elapsed(),
@@ -341,7 +345,15 @@ impl Kernel {
         };
         let started = Instant::now();
         let planned = started - received;
-        let result = nft::apply_timed(batch.text()).await;
+        let (engine, result) = match &batch {
+            Batch::Elements { changes, .. } if nft::elements_by_netlink() => {
+                ("netlink", nft::apply_elements(changes))
+            }
+            _ => (
+                nft::engine().0.as_str(),
+                nft::apply_timed(batch.text()).await,
+            ),
+        };
         let took = started.elapsed();
         let total = received.elapsed();
         self.metrics.batch_seconds.observe(took.as_secs_f64());
@@ -369,6 +381,7 @@ impl Kernel {
         st.applied = Some(rs);
         Ok(Applied {
             kind: batch.kind(),
+            engine,
             slots,
             took,
             planned,
@@ -419,14 +432,19 @@ impl Kernel {
             .collect()
     }
 
-    /// Reads the nft counters into the per-backend metrics.
+    /// Reads the nft counters into the per-backend metrics. The state is not locked while nft
+    /// lists them (a libnftables call that takes milliseconds, more on a busy node), so a
+    /// health change is not held behind it.
     pub async fn read_counters(&self) -> Result<(), Error> {
-        let mut st = self.state.lock().await;
-        let Some(applied) = st.applied.as_ref().filter(|a| !a.counters.is_empty()) else {
-            return Ok(());
+        let names = {
+            let st = self.state.lock().await;
+            match st.applied.as_ref().filter(|a| !a.counters.is_empty()) {
+                Some(applied) => applied.counters.clone(),
+                None => return Ok(()),
+            }
         };
-        let names = applied.counters.clone();
         let values = nft::counters().await?;
+        let mut st = self.state.lock().await;
         for (name, key) in names {
             let Some(&(p, b)) = values.get(&name) else {
                 continue;
@@ -524,6 +542,7 @@ impl Kernel {
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         let mut next_drain: Option<Instant> = None;
         let (mut desired_open, mut health_open) = (true, true);
+        let mut reading: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let drain_at = next_drain.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let passive_at = passive.next_deadline();
@@ -588,16 +607,26 @@ impl Kernel {
                     failed = self.report(self.apply(config.clone(), view.clone()).await);
                 }
                 _ = counters.tick() => {
-                    let started = Instant::now();
-                    if let Err(e) = self.read_counters().await {
-                        tracing::warn!(error = %e, reason = "countersFailed", "kernel path: cannot read counters");
+                    // a task of its own on this thread: the loop takes health changes meanwhile
+                    // (a change waited behind the listing before)
+                    if reading.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                        let me = self.clone();
+                        reading = Some(tokio::spawn(async move {
+                            let started = Instant::now();
+                            if let Err(e) = me.read_counters().await {
+                                tracing::warn!(error = %e, reason = "countersFailed", "kernel path: cannot read counters");
+                            }
+                            tracing::debug!(took_us = started.elapsed().as_micros() as u64, "kernel path counters read");
+                        }));
                     }
-                    tracing::debug!(took_us = started.elapsed().as_micros() as u64, "kernel path counters read");
                 }
             }
         }
         if let Some(f) = feed {
             f.abort();
+        }
+        if let Some(r) = reading {
+            r.abort();
         }
         self.stop().await
     }
@@ -705,7 +734,7 @@ impl Kernel {
                     tracing::info!(
                         kind = a.kind,
                         slots = a.slots,
-                        engine = nft::engine().0.as_str(),
+                        engine = a.engine,
                         plan_us = a.planned.as_micros() as u64,
                         queue_us = a.timing.queued.as_micros() as u64,
                         nft_us = a.timing.ran.as_micros() as u64,

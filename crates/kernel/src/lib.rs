@@ -7,7 +7,8 @@
 //!   changed map elements on a health change, the whole table on start and reload.
 //! - [`nft`]: runs nft commands, one atomic transaction per batch, in-process through
 //!   libnftables (`sys::nftables`, loaded with `dlopen`) or, without the library, `nft -f -`;
-//!   reads the table back as JSON.
+//!   sends a health change's map elements as one raw netlink batch (`sys::nft_set`); reads
+//!   the table back as JSON.
 //! - [`driver`]: the thin tokio driver: applies batches on each desired generation and health
 //!   change and each outlier ejection or its end, drains removed backends (their conntrack
 //!   entries are deleted after `connection.drain_timeout`), reads the per-backend counters into
@@ -32,15 +33,19 @@
 //! # Latency of a health change
 //! Measured from the check result to the batch applied (log stamps,
 //! `crates/portico/tests/kernel_path.rs`, 20 down/up changes of one backend of two, 1021-slot
-//! maps, shared 2-core VM at load ~8, the two engines back to back): `nft -f -` per batch
-//! median 52-65 ms, max 78-113 ms (a fork, an exec and the loading of nft and its libraries
-//! each time, and a process that queues for the CPU); libnftables in-process on its own thread
-//! at nice -10 median 12-17 ms, max 33-45 ms, nearly all of it the nft call (parse, cache
-//! refresh, the netlink transaction). The "kernel path applied" log line splits each batch
-//! into planning, waiting for the nft thread, libnftables and the driver's wake-up; with the
-//! driver's loop on its own nice -10 thread too (the wake-up took up to 72 ms on the shared
-//! runtime at load 8-10), 29 runs at load 4.6-6.3 gave median 5.5-18 ms, max 11-68 ms (68:
-//! libnftables itself took 61 ms), 11 runs at load 8.6-10 median 6.5-20 ms, max 20-43 ms.
+//! maps, shared 2-core VM). The "kernel path applied" log line splits each batch into
+//! planning, waiting for the nft thread, the nft call and the driver's wake-up.
+//! - `nft -f -` per batch (`PORTICO_NFT=command`): median 52-65 ms, max 78-113 ms at load 8 (a
+//!   fork, an exec and the loading of nft and its libraries each time).
+//! - libnftables in-process (`PORTICO_NFT=library`), the driver's loop and the nft thread at
+//!   nice -10: median 5.5-20 ms, max 11-68 ms at load 4.6-10 (68: libnftables itself took
+//!   61 ms: it parses and evaluates every element and refreshes its cache first).
+//! - Now: a health change's slots go to the kernel as one raw netlink batch
+//!   ([`nft::apply_elements`], `sys::nft_set`), on a socket kept open per namespace (closing
+//!   one right after a batch waited 5-32 ms for nf_tables to release the transaction, an RCU
+//!   grace period). 24 runs of the test at load 2.9-6.1, 12 of them beside a release build:
+//!   median 2.1-5.8 ms, max 3.7-28.8 ms (libnftables interleaved with them: max 8-39 ms).
+//!   Counters are read in a task of their own, so a change never waits behind that listing.
 //!
 //! # The table
 //! One table, `inet portico`, owned by portico. Start replaces it in one transaction
@@ -75,4 +80,4 @@ pub mod passive;
 pub mod plan;
 
 pub use driver::{Kernel, Options};
-pub use plan::{Batch, Ruleset, diff, plan};
+pub use plan::{Batch, MapChange, Ruleset, diff, plan};

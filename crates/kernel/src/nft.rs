@@ -13,6 +13,15 @@
 //!   health change's batch does not queue for the CPU behind other work on a busy node.
 //! - `command`: `nft -f -` per batch, when the library cannot be loaded, or when the
 //!   environment variable `PORTICO_NFT=command` asks for it (to compare the two).
+//!
+//! A health change's batch (map elements only, [`crate::plan::Batch::Elements`]) skips nft's
+//! parser altogether: [`apply_elements`] sends it as one netlink transaction of
+//! `NFT_MSG_DELSETELEM` / `NFT_MSG_NEWSETELEM` messages (`sys::nft_set`), the keys and
+//! backends encoded as the kernel stores them. libnftables parsed and evaluated each of the
+//! ~500 elements and refreshed its cache first: most of a health change's time (a median
+//! 12-17 ms and up to 61 ms on the loaded 2-core machine; `crates/portico/tests/kernel_path.rs`
+//! prints the figures). `PORTICO_NFT=library` (or `command`) sends them as nft text again, to
+//! compare. Table replacements (start, reload) and read-backs stay with nft.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -267,6 +276,106 @@ pub async fn apply(batch: &str) -> Result<(), NftError> {
 /// Applies `batch` as one transaction; says where the time went.
 pub async fn apply_timed(batch: &str) -> Result<Timing, NftError> {
     run(batch, RunOptions::default()).await.map(|(_, t)| t)
+}
+
+/// `NFPROTO_INET`: the family of table `inet portico`.
+const NFPROTO_INET: u8 = 1;
+
+/// Whether map element batches go straight to netlink ([`apply_elements`]): yes unless
+/// `PORTICO_NFT` names an nft engine (`library` or `command`) to compare with.
+pub fn elements_by_netlink() -> bool {
+    static NETLINK: OnceLock<bool> = OnceLock::new();
+    *NETLINK.get_or_init(|| {
+        std::env::var("PORTICO_NFT").map_or(true, |v| v != "library" && v != "command")
+    })
+}
+
+/// A map slot as the kernel stores a `numgen … mod N` key: a 32-bit integer in host byte
+/// order.
+fn push_slot(out: &mut Vec<u8>, slot: u32) {
+    out.extend_from_slice(&slot.to_ne_bytes());
+}
+
+/// A backend as the kernel stores `ip daddr . tcp dport` (or `ip6 …`) data: the address in
+/// network byte order, then the port in network byte order padded to 4 bytes (each field of a
+/// concatenation takes whole 32-bit registers).
+fn push_backend(out: &mut Vec<u8>, a: SocketAddr) {
+    match a.ip() {
+        std::net::IpAddr::V4(ip) => out.extend_from_slice(&ip.octets()),
+        std::net::IpAddr::V6(ip) => out.extend_from_slice(&ip.octets()),
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+}
+
+/// `changes` as `sys::nft_set` sends them.
+pub fn set_changes(changes: &[crate::plan::MapChange]) -> Vec<sys::nft_set::SetChange> {
+    changes
+        .iter()
+        .map(|c| {
+            let data_len = match c.add.first() {
+                Some((_, a)) if a.is_ipv6() => 20,
+                _ => 8,
+            };
+            let mut delete = Vec::with_capacity(4 * c.delete.len());
+            for &i in &c.delete {
+                push_slot(&mut delete, i);
+            }
+            let mut add = Vec::with_capacity((4 + data_len) * c.add.len());
+            for &(i, a) in &c.add {
+                push_slot(&mut add, i);
+                push_backend(&mut add, a);
+            }
+            sys::nft_set::SetChange {
+                set: c.map.clone(),
+                key_len: 4,
+                data_len,
+                delete,
+                add,
+            }
+        })
+        .collect()
+}
+
+type SharedSocket = Arc<Mutex<sys::nft_set::Socket>>;
+
+/// The element socket of the calling thread's network namespace, opened here when missing
+/// (kept open: see [`sys::nft_set::Socket`]).
+fn element_socket() -> Result<SharedSocket, NftError> {
+    static SOCKETS: Mutex<Vec<(u64, SharedSocket)>> = Mutex::new(Vec::new());
+    let ns = netns();
+    let mut all = SOCKETS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, s)) = all.iter().find(|(n, _)| *n == ns) {
+        return Ok(s.clone());
+    }
+    let s = Arc::new(Mutex::new(
+        sys::nft_set::Socket::open().map_err(|e| NftError::Failed(e.to_string()))?,
+    ));
+    if all.len() >= MAX_CONTEXTS {
+        all.remove(0);
+    }
+    all.push((ns, s.clone()));
+    Ok(s)
+}
+
+/// Applies map element changes as one netlink transaction (`sys::nft_set`), on the calling
+/// thread (its network namespace): the kernel applies the batch within the send, so this
+/// blocks only for that (about a millisecond for a thousand slots here).
+pub fn apply_elements(changes: &[crate::plan::MapChange]) -> Result<Timing, NftError> {
+    let started = Instant::now();
+    let sets = set_changes(changes);
+    let sock = element_socket()?;
+    let mut sock = sock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    sock.apply(NFPROTO_INET, TABLE, &sets)
+        .map_err(|e| NftError::Failed(e.to_string()))?;
+    Ok(Timing {
+        ran: started.elapsed(),
+        ..Timing::default()
+    })
 }
 
 /// Has the kernel check `batch` without applying it (`nft -c`): nothing changes.

@@ -81,7 +81,21 @@ pub enum Batch {
         text: String,
         /// How many slots changed.
         slots: usize,
+        /// The same changes as data, per map (sent as one netlink batch, see [`crate::nft`]).
+        changes: Vec<MapChange>,
     },
+}
+
+/// The slots of one map that an elements batch changes: deleted first, then added (a slot
+/// that moves to another backend is in both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapChange {
+    /// The map's name.
+    pub map: String,
+    /// Slots whose element goes.
+    pub delete: Vec<u32>,
+    /// Slots and their new backend.
+    pub add: Vec<(u32, SocketAddr)>,
 }
 
 impl Batch {
@@ -247,9 +261,12 @@ pub fn plan(config: &Config, health: &HealthView, table_size: usize) -> Result<R
                             continue;
                         }
                         let t = b.target(port);
+                        // the backend first (a packet of another backend fails at its
+                        // address), then the VIP port; `return`: a flow has one counter.
+                        // Only DNATed flows get here (`ct status dnat` gates the jump).
                         let _ = writeln!(
                             count,
-                            "\t\tmeta l4proto {p} ct status dnat ct original {k} daddr {v} ct original proto-dst {dport} ct reply {k} saddr {ba} ct reply proto-src {bp} counter name \"c{si}b{bi}\"",
+                            "\t\tmeta l4proto {p} ct reply {k} saddr {ba} ct reply proto-src {bp} ct original {k} daddr {v} ct original proto-dst {dport} counter name \"c{si}b{bi}\" return",
                             dport = port.port,
                             ba = addr(t.ip()),
                             bp = t.port(),
@@ -270,8 +287,8 @@ pub fn plan(config: &Config, health: &HealthView, table_size: usize) -> Result<R
          \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tjump services\n\t}}\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{snat}\t}}\n\
          \tchain counters {{\n{count}\t}}\n\
-         \tchain count_forward {{\n\t\ttype filter hook postrouting priority filter; policy accept;\n\t\tjump counters\n\t}}\n\
-         \tchain count_local {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tjump counters\n\t}}\n\
+         \tchain count_forward {{\n\t\ttype filter hook postrouting priority filter; policy accept;\n\t\tct status dnat jump counters\n\t}}\n\
+         \tchain count_local {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\tct status dnat jump counters\n\t}}\n\
          }}\n"
     );
     Ok(Ruleset {
@@ -327,6 +344,7 @@ pub fn diff(old: Option<&Ruleset>, new: &Ruleset) -> Option<Batch> {
     };
     let mut text = String::new();
     let mut slots = 0;
+    let mut changes = Vec::new();
     for (name, new_slots) in &new.maps {
         let old_slots = old.maps.get(name).map(Vec::as_slice).unwrap_or(&[]);
         let changed: Vec<usize> = new_slots
@@ -356,8 +374,24 @@ pub fn diff(old: Option<&Ruleset>, new: &Ruleset) -> Option<Batch> {
             changed.iter().filter_map(|&i| new_slots[i].map(|a| (i, a))),
             &mut text,
         );
+        changes.push(MapChange {
+            map: name.clone(),
+            delete: changed
+                .iter()
+                .filter(|i| old_slots.get(**i).copied().flatten().is_some())
+                .map(|&i| i as u32)
+                .collect(),
+            add: changed
+                .iter()
+                .filter_map(|&i| new_slots[i].map(|a| (i as u32, a)))
+                .collect(),
+        });
     }
-    (slots > 0).then_some(Batch::Elements { text, slots })
+    (slots > 0).then_some(Batch::Elements {
+        text,
+        slots,
+        changes,
+    })
 }
 
 #[cfg(test)]

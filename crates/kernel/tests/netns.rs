@@ -340,6 +340,24 @@ fn on_node<F: std::future::Future<Output = ()>>(
     .unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
+/// Every slot of every map read back equals the plan for `cfg` under `h` (the element batches
+/// go to the kernel as raw netlink: this reads back what nft sees).
+fn assert_maps_as_planned(t: &nft::Table, cfg: &Config, h: &HealthView) {
+    let rs = kernel::plan(cfg, h, kernel::plan::DEFAULT_TABLE_SIZE).unwrap();
+    assert_eq!(
+        t.maps.keys().collect::<Vec<_>>(),
+        rs.maps.keys().collect::<Vec<_>>()
+    );
+    for (name, slots) in &rs.maps {
+        let want: std::collections::BTreeMap<u32, SocketAddr> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (i as u32, s)))
+            .collect();
+        assert_eq!(t.maps[name], want, "map {name}");
+    }
+}
+
 fn backends_in(t: &nft::Table, map: &str) -> std::collections::BTreeSet<IpAddr> {
     t.maps[map].values().map(SocketAddr::ip).collect()
 }
@@ -451,6 +469,23 @@ fn start_reload_health_drain_stop_over_real_traffic() {
         k.read_counters().await.unwrap();
         let c = nft::counters().await.unwrap();
         assert!(c.values().map(|v| v.0).sum::<u64>() > 0, "{c:?}");
+        // each backend counts its own flows (b1 is c0b0, b2 c0b2), and only those
+        let before = nft::counters().await.unwrap();
+        let mut flows = std::collections::BTreeMap::<String, u64>::new();
+        for _ in 0..16 {
+            *flows
+                .entry(connect(&lab, VIP4.parse().unwrap()).1)
+                .or_default() += 1;
+        }
+        let after = nft::counters().await.unwrap();
+        for (b, name) in [("b1", "c0b0"), ("b2", "c0b2")] {
+            let counted = after[name].0 - before[name].0;
+            assert_eq!(
+                counted > 0,
+                flows.contains_key(b),
+                "{b}: {flows:?} {before:?} {after:?}"
+            );
+        }
 
         // an established connection, kept through the changes below
         let (mut kept, on) = connect(&lab, VIP4.parse().unwrap());
@@ -463,10 +498,19 @@ fn start_reload_health_drain_stop_over_real_traffic() {
             let mut h = HealthView::new();
             h.insert(BackendKey::new("web", format!("b{other}")), Health::Down);
             let t0 = tokio::time::Instant::now();
-            let a = k.apply(cfg.clone(), Arc::new(h)).await.unwrap();
+            let a = k.apply(cfg.clone(), Arc::new(h.clone())).await.unwrap();
             took.push(t0.elapsed());
             assert_eq!(a.kind, "elements", "round {round}");
+            assert_eq!(
+                a.engine,
+                if nft::elements_by_netlink() {
+                    "netlink"
+                } else {
+                    nft::engine().0.as_str()
+                }
+            );
             let t = nft::read().await.unwrap().unwrap();
+            assert_maps_as_planned(&t, &cfg, &h);
             assert_eq!(
                 backends_in(&t, "s0p0v4"),
                 [format!("10.77.{mine}.2").parse().unwrap()].into()
@@ -477,10 +521,9 @@ fn start_reload_health_drain_stop_over_real_traffic() {
                 .await
                 .unwrap();
             took.push(t0.elapsed());
-            assert_eq!(
-                backends_in(&nft::read().await.unwrap().unwrap(), "s0p0v4").len(),
-                2
-            );
+            let t = nft::read().await.unwrap().unwrap();
+            assert_eq!(backends_in(&t, "s0p0v4").len(), 2);
+            assert_maps_as_planned(&t, &cfg, &HealthView::new());
         }
         took.sort();
         println!(

@@ -15,12 +15,15 @@
 //!   eviction of the oldest idle entry under pressure) the listeners share.
 //! * [`tcp_md5`] and [`ttl`]: the BGP speaker's socket options: TCP MD5 signatures (RFC 2385),
 //!   TTL 255 sent, a minimum TTL on TCP reception, the TTL of each received BFD datagram.
+//! * [`nft_set`]: nftables map element changes as one netlink batch, without nft's parser
+//!   (the kernel path's health changes).
 //! * [`nftables`]: libnftables loaded with `dlopen` (no link-time dependency), one context
 //!   running nft batches in-process for the kernel path.
 
 pub mod conn_table;
 pub mod conntrack;
 pub mod limits;
+pub mod nft_set;
 pub mod nftables;
 pub mod tcp_md5;
 pub mod ttl;

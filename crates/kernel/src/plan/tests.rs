@@ -67,20 +67,20 @@ fn the_table_is_rendered_as_expected() {
 		meta l4proto udp ct status dnat ct original ip6 daddr fd00::1 ct original proto-dst 53 masquerade
 	}
 	chain counters {
-		meta l4proto tcp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 80 ct reply ip saddr 10.0.1.1 ct reply proto-src 8080 counter name "c0b0"
-		meta l4proto tcp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 80 ct reply ip saddr 10.0.1.2 ct reply proto-src 8080 counter name "c0b1"
-		meta l4proto udp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 53 ct reply ip saddr 10.0.1.1 ct reply proto-src 53 counter name "c0b0"
-		meta l4proto udp ct status dnat ct original ip daddr 10.9.0.1 ct original proto-dst 53 ct reply ip saddr 10.0.1.2 ct reply proto-src 53 counter name "c0b1"
-		meta l4proto tcp ct status dnat ct original ip6 daddr fd00::1 ct original proto-dst 80 ct reply ip6 saddr fd01::3 ct reply proto-src 8080 counter name "c0b2"
-		meta l4proto udp ct status dnat ct original ip6 daddr fd00::1 ct original proto-dst 53 ct reply ip6 saddr fd01::3 ct reply proto-src 53 counter name "c0b2"
+		meta l4proto tcp ct reply ip saddr 10.0.1.1 ct reply proto-src 8080 ct original ip daddr 10.9.0.1 ct original proto-dst 80 counter name "c0b0" return
+		meta l4proto tcp ct reply ip saddr 10.0.1.2 ct reply proto-src 8080 ct original ip daddr 10.9.0.1 ct original proto-dst 80 counter name "c0b1" return
+		meta l4proto udp ct reply ip saddr 10.0.1.1 ct reply proto-src 53 ct original ip daddr 10.9.0.1 ct original proto-dst 53 counter name "c0b0" return
+		meta l4proto udp ct reply ip saddr 10.0.1.2 ct reply proto-src 53 ct original ip daddr 10.9.0.1 ct original proto-dst 53 counter name "c0b1" return
+		meta l4proto tcp ct reply ip6 saddr fd01::3 ct reply proto-src 8080 ct original ip6 daddr fd00::1 ct original proto-dst 80 counter name "c0b2" return
+		meta l4proto udp ct reply ip6 saddr fd01::3 ct reply proto-src 53 ct original ip6 daddr fd00::1 ct original proto-dst 53 counter name "c0b2" return
 	}
 	chain count_forward {
 		type filter hook postrouting priority filter; policy accept;
-		jump counters
+		ct status dnat jump counters
 	}
 	chain count_local {
 		type filter hook input priority filter; policy accept;
-		jump counters
+		ct status dnat jump counters
 	}
 }
 "#;
@@ -132,7 +132,12 @@ fn a_health_change_sends_only_the_moved_slots() {
     let mut down = HealthView::new();
     down.insert(BackendKey::new("web", "a"), Health::Down);
     let new = plan(&cfg, &down, 1021).unwrap();
-    let Some(Batch::Elements { text, slots }) = diff(Some(&up), &new) else {
+    let Some(Batch::Elements {
+        text,
+        slots,
+        changes,
+    }) = diff(Some(&up), &new)
+    else {
         panic!("a health change must be an element batch")
     };
     // a owned a quarter of each v4 map; only those slots move (two v4 maps)
@@ -144,6 +149,20 @@ fn a_health_change_sends_only_the_moved_slots() {
     assert!(!text.contains("table inet portico {"));
     assert!(!text.contains("s0p0v6"), "the v6 map did not change");
     assert!(text.contains("delete element inet portico s0p0v4 {"));
+    // the same change as data: each of a's slots deleted and added again with another backend
+    assert_eq!(
+        changes.iter().map(|c| c.map.as_str()).collect::<Vec<_>>(),
+        ["s0p0v4", "s0p1v4"]
+    );
+    for c in &changes {
+        assert_eq!(c.delete.len(), a_slots);
+        let added: Vec<u32> = c.add.iter().map(|(i, _)| *i).collect();
+        assert_eq!(added, c.delete);
+        for (i, to) in &c.add {
+            assert_eq!(Some(*to), new.maps[&c.map][*i as usize]);
+            assert_ne!(to.ip().to_string(), "10.0.1.1");
+        }
+    }
 }
 
 #[test]
