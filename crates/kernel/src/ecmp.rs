@@ -81,20 +81,36 @@ pub struct Rescue {
 }
 
 impl Rescue {
-    /// Whether a family has both a VIP and a member to copy to (else it gets no table).
+    /// Whether a family has a VIP: it gets a table, with or without members. The table's `ct`
+    /// rules are what keeps conntrack tracking in this network namespace: the kernel registers
+    /// conntrack's hooks in a namespace only while some rule uses them, so a node left without
+    /// any table stops tracking, the connections it accepts meanwhile have no entry, and once a
+    /// member comes back its own segments look `new` and would be copied away (seen in
+    /// `tests/ecmp_stale.rs`: a two-node cluster black-holed the surviving node's connection).
     pub fn active(&self, v4: bool) -> bool {
-        self.vips.iter().any(|v| v.is_ipv4() == v4) && self.peers.iter().any(|p| p.is_ipv4() == v4)
+        self.vips.iter().any(|v| v.is_ipv4() == v4)
+    }
+
+    /// Whether a family has both a VIP and a member to copy to (else its table only drops
+    /// copies it does not hold).
+    pub fn copies(&self, v4: bool) -> bool {
+        self.active(v4) && self.peers.iter().any(|p| p.is_ipv4() == v4)
     }
 
     /// Whether any family gets a table.
     pub fn any(&self) -> bool {
         self.active(true) || self.active(false)
     }
+
+    /// Whether any family copies segments to a member.
+    pub fn copying(&self) -> bool {
+        self.copies(true) || self.copies(false)
+    }
 }
 
 /// The nft script that makes the kernel's state exactly `r`: both tables are created (so
-/// deleting them cannot fail), deleted, and re-created only for a family with VIPs and
-/// members. `Rescue::default()` renders the removal.
+/// deleting them cannot fail), deleted, and re-created for a family with VIPs (the copy rules
+/// only when it has members too). `Rescue::default()` renders the removal.
 pub fn render(r: &Rescue) -> String {
     let mut s = String::new();
     for (family, v4) in [("ip", true), ("ip6", false)] {
@@ -128,7 +144,7 @@ pub fn render(r: &Rescue) -> String {
             ));
         }
         // a segment of a connection not held here: to every other member, marked
-        for m in [new, invalid] {
+        for m in [new, invalid].into_iter().filter(|_| r.copies(v4)) {
             s.push_str(&format!(
                 "{head} {m} counter name \"{COPIED}\" {ttl} set 0{dups} drop\n"
             ));
@@ -212,11 +228,25 @@ mod tests {
     #[test]
     fn nothing_to_rescue_removes_both_tables() {
         assert_eq!(render(&Rescue::default()), REMOVE);
-        // VIPs without members, members without VIPs, or of the other family: no table
-        assert_eq!(render(&rescue(&["10.78.100.1"], &[])), REMOVE);
+        // members without VIPs: no table
         assert_eq!(render(&rescue(&[], &["10.78.0.12"])), REMOVE);
-        assert_eq!(render(&rescue(&["10.78.100.1"], &["fd78::12"])), REMOVE);
-        assert!(!rescue(&["10.78.100.1"], &["fd78::12"]).any());
+        assert!(!rescue(&[], &["10.78.0.12"]).any());
+    }
+
+    #[test]
+    fn vips_without_members_keep_a_table_that_only_drops_copies() {
+        // the table's ct rules keep conntrack tracking the node's connections meanwhile
+        let only_drops = "table ip portico_ecmp\ndelete table ip portico_ecmp\n\
+             table ip portico_ecmp {\n  counter copied {}\n  counter dropped {}\n  chain prerouting {\n    \
+             type filter hook prerouting priority -150; policy accept;\n    \
+             ip daddr { 10.78.100.1 } ip ttl 255 tcp flags & syn == 0 ct state new counter name \"dropped\" drop\n    \
+             ip daddr { 10.78.100.1 } ip ttl 255 tcp flags & (fin | rst) != 0 ct state invalid counter name \"dropped\" drop\n  }\n}\n\
+             table ip6 portico_ecmp\ndelete table ip6 portico_ecmp\n";
+        assert_eq!(render(&rescue(&["10.78.100.1"], &[])), only_drops);
+        // a member of the other family copies nothing of this one
+        assert_eq!(render(&rescue(&["10.78.100.1"], &["fd78::12"])), only_drops);
+        let r = rescue(&["10.78.100.1"], &["fd78::12"]);
+        assert!(r.any() && !r.copying());
     }
 
     #[test]

@@ -9,16 +9,33 @@
 //! A member counted down gets no copies: a node whose portico stopped but which forwards IP
 //! (the kernel path needs that) would send them back through the router to the others, which
 //! would copy them again; the lab measured 99,000 copies/s when stopped nodes kept getting
-//! copies. The table
-//! stays until the drain of a graceful stop has ended, then it is removed.
+//! copies. A node with no other live member keeps a table that copies nothing (see
+//! [`kernel::ecmp::Rescue::active`]: its `ct` rules keep conntrack tracking the node's
+//! connections). The table stays until the drain of a graceful stop has ended, then it is
+//! removed.
+//!
+//! Stale conntrack entries: a node's conntrack entries outlive its process. After a restart
+//! the node's netns still holds, for a few seconds (`CLOSE`, 10 s, after the drain's resets) to
+//! days (`ESTABLISHED`, after a crash), entries for connections its proxy held before. When the
+//! client reuses such a source port for a new connection that the router sends to another
+//! node, and the restarted node joins the ECMP set so the flow moves back to it, conntrack
+//! calls the moved segment `established` (measured: a data segment of a foreign connection on
+//! a `CLOSE` entry's 4-tuple counts as established, and the stack answers with a reset), so
+//! the rescue does not copy it and the connection on the other node is reset. The lab saw it
+//! as 2 held connections of 1,280 reset in 64 joins with FRR as the router (both on a node that
+//! stayed, 132 and 178 ms after the joining node started; `tests/ecmp_stale.rs` reproduces it
+//! deterministically with a reused source port). So before the first
+//! route is announced, the driver deletes this node's conntrack entries of proxy-terminated
+//! flows (original destination and reply source both a BGP VIP's TCP `VIP:port`): a starting
+//! process holds no such socket. Flows of the kernel path (reply source: a backend) are left.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use kernel::ecmp::Rescue;
-use model::{Config, Desired, EcmpRescueStatus, MemberStatus};
+use model::{Config, Desired, EcmpRescueStatus, MemberStatus, Protocol};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -146,7 +163,7 @@ pub fn rescue_of(cfg: &Config, members: &[MemberStatus]) -> (Rescue, Reason) {
         .map(|(_, ip)| ip)
         .collect();
     let r = Rescue { vips, peers };
-    let reason = if r.any() {
+    let reason = if r.copying() {
         Reason::On
     } else {
         Reason::NoOtherMember
@@ -196,12 +213,12 @@ pub async fn run(
                         last = (0, 0);
                         metrics.off.set(0);
                         refused = None;
-                        metrics.members.set(if want.any() {
+                        metrics.members.set(if want.copying() {
                             want.peers.len() as i64
                         } else {
                             0
                         });
-                        if reason != Some(why) || want.any() {
+                        if reason != Some(why) || want.copying() {
                             let peers: Vec<String> =
                                 want.peers.iter().map(ToString::to_string).collect();
                             info!(
@@ -214,7 +231,7 @@ pub async fn run(
                         reason = Some(why);
                         status.send_replace(Some(EcmpRescueStatus {
                             reason: why.as_str().to_string(),
-                            members: if want.any() {
+                            members: if want.copying() {
                                 want.peers.iter().copied().collect()
                             } else {
                                 Vec::new()
@@ -244,6 +261,9 @@ pub async fn run(
                 }
             }
         }
+        if !*ready.borrow() {
+            forget_stale_flows(&cfg).await;
+        }
         ready.send_if_modified(|r| !std::mem::replace(r, true));
         tokio::select! {
             () = stop.cancelled() => break,
@@ -258,6 +278,58 @@ pub async fn run(
             Err(e) => warn!(%e, "cannot remove the ecmp rescue tables"),
         }
         metrics.members.set(0);
+    }
+}
+
+/// The `VIP:port`s whose conntrack entries with reply source = original destination are
+/// connections this node's proxy terminated: every TCP port of every BGP VIP (pure).
+pub fn proxied_flows(cfg: &Config) -> Vec<SocketAddr> {
+    if cfg.bgp.is_none() {
+        return Vec::new();
+    }
+    cfg.services
+        .iter()
+        .filter(|s| s.announce.bgp())
+        .flat_map(|s| {
+            s.vips.iter().flat_map(|vip| {
+                s.ports
+                    .iter()
+                    .filter(|p| p.protocol == Protocol::Tcp)
+                    .map(|p| SocketAddr::new(*vip, p.port))
+            })
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Deletes a predecessor's conntrack entries of [`proxied_flows`] (see the module docs).
+async fn forget_stale_flows(cfg: &Config) {
+    let flows = proxied_flows(cfg);
+    if flows.is_empty() {
+        return;
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        let mut deleted = 0u64;
+        for f in flows {
+            match sys::conntrack::delete_flows(6, f, f) {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    debug!(%e, "cannot read conntrack: stale entries stay");
+                    break;
+                }
+            }
+        }
+        deleted
+    })
+    .await;
+    if let Ok(n) = done
+        && n > 0
+    {
+        info!(
+            entries = n,
+            "conntrack entries of connections a previous process held deleted"
+        );
     }
 }
 
@@ -342,7 +414,11 @@ mod tests {
                 member("n3", "10.78.0.13:7946", "down"),
             ],
         );
-        assert_eq!((r.any(), why), (false, Reason::NoOtherMember));
+        assert_eq!(
+            (r.any(), r.copying(), why),
+            (true, false, Reason::NoOtherMember),
+            "alone: a table that copies nothing, so conntrack keeps tracking"
+        );
     }
 
     #[test]
