@@ -283,9 +283,9 @@ pub async fn run(
 
 /// The `VIP:port`s whose conntrack entries with reply source = original destination are
 /// connections this node's proxy terminated: every TCP port of every BGP VIP (pure).
-pub fn proxied_flows(cfg: &Config) -> Vec<SocketAddr> {
+pub fn proxied_flows(cfg: &Config) -> BTreeSet<SocketAddr> {
     if cfg.bgp.is_none() {
-        return Vec::new();
+        return BTreeSet::new();
     }
     cfg.services
         .iter()
@@ -298,8 +298,6 @@ pub fn proxied_flows(cfg: &Config) -> Vec<SocketAddr> {
                     .map(|p| SocketAddr::new(*vip, p.port))
             })
         })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
         .collect()
 }
 
@@ -311,8 +309,15 @@ async fn forget_stale_flows(cfg: &Config) {
     }
     let done = tokio::task::spawn_blocking(move || {
         let mut deleted = 0u64;
-        for f in flows {
-            match sys::conntrack::delete_flows(6, f, f) {
+        // one read of the table per family, not one per `VIP:port`
+        for v4 in [true, false] {
+            if !flows.iter().any(|f| f.is_ipv4() == v4) {
+                continue;
+            }
+            let stale = |e: &sys::conntrack::Entry| {
+                e.proto == 6 && e.orig_dst == e.reply_src && flows.contains(&e.orig_dst)
+            };
+            match sys::conntrack::delete_where(v4, stale) {
                 Ok(n) => deleted += n,
                 Err(e) => {
                     debug!(%e, "cannot read conntrack: stale entries stay");

@@ -220,7 +220,16 @@ pub fn delete_flows(
     vip: SocketAddr,
     backend: SocketAddr,
 ) -> Result<u64, ConntrackError> {
-    let family = if vip.is_ipv4() {
+    delete_where(vip.is_ipv4(), |e| {
+        e.proto == proto && e.orig_dst == vip && e.reply_src == backend
+    })
+}
+
+/// Deletes every conntrack entry of one family (IPv4 when `v4`) for which `matches` holds, in
+/// the calling thread's network namespace, reading the table once; returns how many were
+/// deleted. Blocking (run it off the async threads).
+pub fn delete_where(v4: bool, matches: impl Fn(&Entry) -> bool) -> Result<u64, ConntrackError> {
+    let family = if v4 {
         libc::AF_INET as u8
     } else {
         libc::AF_INET6 as u8
@@ -240,11 +249,7 @@ pub fn delete_flows(
     loop {
         let n = io::Read::read(&mut &sock, &mut buf).map_err(io_err("dump read"))?;
         let (entries, done) = parse_dump(&buf[..n]).map_err(io_err("dump"))?;
-        matching.extend(
-            entries
-                .into_iter()
-                .filter(|e| e.proto == proto && e.orig_dst == vip && e.reply_src == backend),
-        );
+        matching.extend(entries.into_iter().filter(&matches));
         if done || n == 0 || matching.len() >= MAX_DELETES {
             break;
         }
