@@ -11,6 +11,15 @@
 //! reached) means down with the server's code and message. Reference: MariaDB "Connection"
 //! protocol docs, "Initial handshake packet" and "mysql_native_password".
 //!
+//! TCP and HTTP probes close with a reset (`SO_LINGER` 0), as HAProxy's checks do: neither the
+//! node nor the backend keeps a `TIME_WAIT` socket for a probe, and the node's conntrack entry
+//! for it lasts 10 s (`CLOSE`) instead of 120 s (`TIME_WAIT`). On the kernel path that matters:
+//! the SNAT of client flows keeps a client's source port unless a conntrack entry of the node's
+//! own holds it, and a flow moved to another port can land on a backend `TIME_WAIT` socket left
+//! by a different sender, whose TCP timestamps PAWS refuses (a SYN retransmitted a second later).
+//! MySQL probes end politely (`COM_QUIT` or a plain close): a reset there is logged by the server
+//! as an aborted connection.
+//!
 //! The scheduler runs one task per backend: the first check after a random delay within one
 //! interval, then every `interval` ± 10 % (jitter so checks of many backends never align), each
 //! bounded by `timeout`, results fed to the pure [`crate::health::RiseFall`].
@@ -111,6 +120,10 @@ pub async fn probe(
 
 async fn probe_inner(kind: &CheckKind, addr: SocketAddr) -> Result<(), ProbeError> {
     let mut s = TcpStream::connect(addr).await?;
+    if !matches!(kind, CheckKind::Mysql { .. }) {
+        // close with a reset: no TIME_WAIT on either side (see the module docs)
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    }
     match kind {
         CheckKind::Tcp => Ok(()),
         CheckKind::Http {
