@@ -1,8 +1,8 @@
 //! Conntrack deletes over `NETLINK_NETFILTER` (ctnetlink): dump the table, pick the entries
 //! whose original destination is a `VIP:port` and whose reply source is a backend, and send an
 //! `IPCTNL_MSG_CT_DELETE` for each with its original tuple. The kernel path uses it to cut a
-//! drained backend's flows. No `unsafe`: plain netlink through socket2. [`events`] subscribes to
-//! conntrack's event groups.
+//! drained backend's flows. No `unsafe`: plain netlink through socket2 (the shared plumbing is
+//! `crate::netlink`). [`events`] subscribes to conntrack's event groups.
 //!
 //! Message layout (host byte order except where noted):
 //! ```text
@@ -15,20 +15,18 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use crate::netlink::{
+    self, NETLINK_NETFILTER, NFNL_HEADER_LEN, NFNL_SUBSYS_CTNETLINK, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, find, find_attr, io_err,
+};
 
 pub mod events;
+#[cfg(test)]
+mod test_util;
 
-const NETLINK_NETFILTER: i32 = 12;
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
@@ -62,6 +60,12 @@ pub enum ConntrackError {
     },
 }
 
+impl From<netlink::Error> for ConntrackError {
+    fn from(netlink::Error { what, source }: netlink::Error) -> Self {
+        Self::Io { what, source }
+    }
+}
+
 /// One connection's tuples, as far as the deletes need them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -73,33 +77,6 @@ pub struct Entry {
     pub reply_src: SocketAddr,
     /// The raw `CTA_TUPLE_ORIG` attribute, sent back to delete the entry.
     pub orig_attr: Vec<u8>,
-}
-
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]))
-}
-
-fn u32_at(b: &[u8], i: usize) -> Option<u32> {
-    b.get(i..i + 4)
-        .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
-}
-
-/// Iterates `(type, payload, whole attribute)` over netlink attributes; stops at malformed ones.
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_at(b, 0)?);
-        let kind = u16_at(b, 2)? & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let whole = &b[..len];
-        b = &b[len.next_multiple_of(4).min(b.len())..];
-        Some((kind, &whole[4..], whole))
-    })
-}
-
-fn find(b: &[u8], kind: u16) -> Option<&[u8]> {
-    attrs(b).find(|(k, _, _)| *k == kind).map(|(_, p, _)| p)
 }
 
 /// `(src, dst, proto, sport, dport)` of a `CTA_TUPLE_*` payload.
@@ -134,30 +111,19 @@ fn tuple(b: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
 
 /// Parses one read of a conntrack dump: the entries in it and whether `NLMSG_DONE` ended it.
 /// Malformed messages end the parse; nothing here panics on kernel input.
-pub fn parse_dump(mut buf: &[u8]) -> Result<(Vec<Entry>, bool), io::Error> {
+pub fn parse_dump(buf: &[u8]) -> Result<(Vec<Entry>, bool), io::Error> {
     let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32_at(buf, 0).unwrap_or(0) as usize;
-        let kind = u16_at(buf, 4).unwrap_or(0);
-        if len < 16 || len > buf.len() {
-            break;
-        }
-        let msg = &buf[..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    for (kind, _, msg) in netlink::messages(buf) {
         match kind {
             NLMSG_DONE => return Ok((out, true)),
-            NLMSG_ERROR => {
-                let code = u32_at(msg, 16).unwrap_or(0) as i32;
-                if code != 0 {
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-            }
+            NLMSG_ERROR => netlink::check(netlink::error_code(msg).unwrap_or(0))?,
             _ => {
-                // nlmsghdr (16) + nfgenmsg (4)
-                let Some(body) = msg.get(20..) else { continue };
-                let orig = attrs(body).find(|(k, _, _)| *k == CTA_TUPLE_ORIG);
+                let Some(body) = msg.get(NFNL_HEADER_LEN..) else {
+                    continue;
+                };
+                let orig = find_attr(body, CTA_TUPLE_ORIG);
                 let reply = find(body, CTA_TUPLE_REPLY).and_then(tuple);
-                if let (Some((_, payload, whole)), Some((rsrc, _, _, rsport, _))) = (orig, reply)
+                if let (Some((payload, whole)), Some((rsrc, _, _, rsport, _))) = (orig, reply)
                     && let Some((_, odst, proto, _, odport)) = tuple(payload)
                 {
                     out.push(Entry {
@@ -173,22 +139,21 @@ pub fn parse_dump(mut buf: &[u8]) -> Result<(Vec<Entry>, bool), io::Error> {
     Ok((out, false))
 }
 
-fn header(msg: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(20 + attrs.len());
-    let len = (20 + attrs.len()) as u32;
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg).to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[family, 0, 0, 0]);
-    m.extend_from_slice(attrs);
-    m
+/// A ctnetlink message of type `msg` for `family` (`res_id` 0) carrying `attrs`.
+fn ct_message(msg: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
+    netlink::message(
+        (NFNL_SUBSYS_CTNETLINK << 8) | msg,
+        flags,
+        seq,
+        family,
+        0,
+        attrs,
+    )
 }
 
 /// The dump request for one address family.
 pub fn dump_message(family: u8, seq: u32) -> Vec<u8> {
-    header(
+    ct_message(
         IPCTNL_MSG_CT_GET,
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
@@ -199,17 +164,13 @@ pub fn dump_message(family: u8, seq: u32) -> Vec<u8> {
 
 /// The delete request for one entry (its original tuple).
 pub fn delete_message(family: u8, seq: u32, e: &Entry) -> Vec<u8> {
-    header(
+    ct_message(
         IPCTNL_MSG_CT_DELETE,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         family,
         &e.orig_attr,
     )
-}
-
-fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ConntrackError {
-    move |source| ConntrackError::Io { what, source }
 }
 
 /// Deletes every conntrack entry of protocol `proto` (6 TCP, 17 UDP) whose original
@@ -234,14 +195,7 @@ pub fn delete_where(v4: bool, matches: impl Fn(&Entry) -> bool) -> Result<u64, C
     } else {
         libc::AF_INET6 as u8
     };
-    let sock = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(NETLINK_NETFILTER)),
-    )
-    .map_err(io_err("socket"))?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .map_err(io_err("timeout"))?;
+    let sock = netlink::open(NETLINK_NETFILTER)?;
     sock.send(&dump_message(family, 1))
         .map_err(io_err("dump request"))?;
     let mut buf = vec![0u8; 65536];
@@ -263,14 +217,7 @@ pub fn delete_where(v4: bool, matches: impl Fn(&Entry) -> bool) -> Result<u64, C
 }
 
 fn delete_each(family: u8, entries: &[Entry]) -> Result<u64, ConntrackError> {
-    let sock = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(NETLINK_NETFILTER)),
-    )
-    .map_err(io_err("socket"))?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .map_err(io_err("timeout"))?;
+    let sock = netlink::open(NETLINK_NETFILTER)?;
     let mut deleted = 0;
     let mut buf = [0u8; 4096];
     for (i, e) in entries.iter().enumerate() {
@@ -294,45 +241,17 @@ fn delete_each(family: u8, entries: &[Entry]) -> Result<u64, ConntrackError> {
 
 #[cfg(test)]
 mod tests {
+    use super::test_util::tuple_attr;
     use super::*;
-
-    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(payload);
-        a.resize(a.len().next_multiple_of(4), 0);
-        a
-    }
-
-    fn tuple_attr(kind: u16, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
-        let ip = [nla(CTA_IP_V4_SRC, &src), nla(CTA_IP_V4_DST, &dst)].concat();
-        let proto = [
-            nla(CTA_PROTO_NUM, &[6]),
-            nla(CTA_PROTO_SRC_PORT, &sport.to_be_bytes()),
-            nla(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
-        ]
-        .concat();
-        nla(
-            kind | 0x8000,
-            &[
-                nla(CTA_TUPLE_IP | 0x8000, &ip),
-                nla(CTA_TUPLE_PROTO | 0x8000, &proto),
-            ]
-            .concat(),
-        )
-    }
 
     #[test]
     fn a_dumped_entry_is_read_and_deleted_by_its_original_tuple() {
         // client 10.0.0.2:40000 → VIP 10.9.0.1:80, DNATed to 10.0.1.1:8080 and masqueraded
         let orig = tuple_attr(CTA_TUPLE_ORIG, [10, 0, 0, 2], [10, 9, 0, 1], 40000, 80);
         let reply = tuple_attr(CTA_TUPLE_REPLY, [10, 0, 1, 1], [10, 0, 1, 254], 8080, 40000);
-        let msg = header(0, 0, 1, 2, &[orig.clone(), reply].concat());
-        let done = header(NLMSG_DONE & 0xff, 0, 1, 2, &[]);
-        // NLMSG_DONE has no subsystem: write its type by hand
-        let mut done = done;
-        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        let msg = ct_message(0, 0, 1, 2, &[orig.clone(), reply].concat());
+        // NLMSG_DONE has no subsystem
+        let done = netlink::message(NLMSG_DONE, 0, 1, 2, 0, &[]);
         let (entries, finished) = parse_dump(&[msg, done].concat()).unwrap();
         assert!(finished);
         assert_eq!(
@@ -346,7 +265,7 @@ mod tests {
         );
         let del = delete_message(2, 7, &entries[0]);
         assert_eq!(&del[20..], &orig[..]);
-        assert_eq!(u16_at(&del, 4), Some((1 << 8) | 2));
+        assert_eq!(netlink::u16_at(&del, 4), Some((1 << 8) | 2));
     }
 
     #[test]
@@ -355,7 +274,7 @@ mod tests {
             let junk: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
             let _ = parse_dump(&junk);
         }
-        let mut short = header(0, 0, 1, 2, &[0xff, 0xff, 0x01, 0x00]);
+        let mut short = ct_message(0, 0, 1, 2, &[0xff, 0xff, 0x01, 0x00]);
         short.truncate(22);
         let _ = parse_dump(&short);
     }

@@ -2,7 +2,8 @@
 //!
 //! * [`PacketSocket`]: an `AF_PACKET` raw socket bound to one interface and one EtherType,
 //!   driven by tokio (`AsyncFd`), with an optional classic-BPF filter. The only `unsafe` is
-//!   building the `sockaddr_ll` to bind it and `setns(2)` for the lab.
+//!   building the `sockaddr_ll` to bind it, its registration with tokio (in `netlink`) and
+//!   `setns(2)` for the lab.
 //! * [`addr_add`] / [`addr_del`] / [`addrs_with_proto`]: `RTM_NEWADDR` / `RTM_DELADDR` /
 //!   `RTM_GETADDR` dumps over `NETLINK_ROUTE`, built and parsed by hand (no `unsafe`: the kernel
 //!   is the default destination of an unconnected socket). Added addresses carry portico's
@@ -19,10 +20,14 @@
 //!   (the kernel path's health changes).
 //! * [`nftables`]: libnftables loaded with `dlopen` (no link-time dependency), one context
 //!   running nft batches in-process for the kernel path.
+//! * `netlink` (crate-private): the netlink plumbing of [`conntrack`], [`nft_set`] and the
+//!   address requests (headers, attributes, acknowledgements, sockets), and the tokio
+//!   registration and receive loop of [`PacketSocket`] and the conntrack event socket.
 
 pub mod conn_table;
 pub mod conntrack;
 pub mod limits;
+mod netlink;
 pub mod nft_set;
 pub mod nftables;
 pub mod tcp_md5;
@@ -34,6 +39,10 @@ use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
 use tokio::io::unix::AsyncFd;
+
+use netlink::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+};
 
 /// Errors of the system helpers.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +74,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+impl From<netlink::Error> for Error {
+    fn from(netlink::Error { what, source }: netlink::Error) -> Self {
+        Self::Io { what, source }
+    }
 }
 
 /// Signals the lab sends.
@@ -351,27 +366,14 @@ impl PacketSocket {
         }
         .map_err(io("sockaddr_ll"))?;
         sock.bind(&addr).map_err(io("bind AF_PACKET socket"))?;
-        sock.set_nonblocking(true).map_err(io("set non-blocking"))?;
-        #[allow(unsafe_code)]
-        // SAFETY: `sock` is an open socket owned by the `AsyncFd` from here on; `Socket`'s
-        // `as_raw_fd` always returns that same descriptor until it is dropped with the `AsyncFd`.
-        let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| Error::Io {
-            what: "register with tokio",
-            source: io::Error::from(e),
-        })?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd: netlink::register(sock)?,
+        })
     }
 
     /// Receives one frame (Ethernet header included).
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            // socket2's recv wants MaybeUninit; a `&mut [u8]` read through std's Read is the same.
-            match guard.try_io(|s| io::Read::read(&mut s.get_ref(), buf)) {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
+        netlink::recv(&self.fd, buf).await
     }
 
     /// Sends one whole frame out of the bound interface.
@@ -388,19 +390,12 @@ impl PacketSocket {
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_F_NODAD: u8 = 0x02;
 const RT_SCOPE_HOST: u8 = 254;
 const IFA_PROTO: u16 = 11;
 const RTM_GETADDR: u16 = 22;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_DONE: u16 = 3;
 
 /// The `IFA_PROTO` value (Linux 6.3 and newer record it) that marks addresses portico added, so
 /// that a restart removes exactly the addresses a crashed agent left and never the host's own.
@@ -423,11 +418,8 @@ pub fn addr_message(add: bool, ifindex: u32, ip: IpAddr, prefix: u8, seq: u32) -
     };
     let mut m = Vec::with_capacity(64);
     let flags = NLM_F_REQUEST | NLM_F_ACK | if add { NLM_F_CREATE | NLM_F_EXCL } else { 0 };
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&(if add { RTM_NEWADDR } else { RTM_DELADDR }).to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    let kind = if add { RTM_NEWADDR } else { RTM_DELADDR };
+    let at = netlink::begin(&mut m, kind, flags, seq);
     m.extend_from_slice(&[
         family,
         prefix,
@@ -436,30 +428,17 @@ pub fn addr_message(add: bool, ifindex: u32, ip: IpAddr, prefix: u8, seq: u32) -
     ]);
     m.extend_from_slice(&ifindex.to_ne_bytes());
     for kind in [IFA_LOCAL, IFA_ADDRESS] {
-        let len = 4 + octets.len();
-        m.extend_from_slice(&(len as u16).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&octets);
-        m.resize(m.len().next_multiple_of(4), 0);
+        netlink::attr(&mut m, kind, &octets);
     }
     if add {
-        m.extend_from_slice(&5u16.to_ne_bytes());
-        m.extend_from_slice(&IFA_PROTO.to_ne_bytes());
-        m.push(ADDR_PROTO);
-        m.resize(m.len().next_multiple_of(4), 0);
+        netlink::attr(&mut m, IFA_PROTO, &[ADDR_PROTO]);
     }
-    let len = m.len() as u32;
-    m[..4].copy_from_slice(&len.to_ne_bytes());
+    netlink::finish(&mut m, at);
     m
 }
 
 fn netlink_request(msg: &[u8]) -> io::Result<()> {
-    let sock = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(libc::NETLINK_ROUTE)),
-    )?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let sock = netlink::open(libc::NETLINK_ROUTE).map_err(|e| e.source)?;
     sock.send(msg)?;
     let mut buf = [0u8; 4096];
     for _ in 0..8 {
@@ -470,14 +449,9 @@ fn netlink_request(msg: &[u8]) -> io::Result<()> {
                 "short netlink reply",
             ));
         }
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if kind == NLMSG_ERROR {
-            let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-            return if code == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(-code))
-            };
+        let msg = &buf[..n];
+        if netlink::u16_at(msg, 4) == Some(NLMSG_ERROR) {
+            return netlink::check(netlink::error_code(msg).unwrap_or(0));
         }
     }
     Err(io::Error::new(
@@ -535,41 +509,18 @@ pub struct DumpedAddr {
 /// Parses one read of an `RTM_GETADDR` dump: the addresses in it, and whether `NLMSG_DONE`
 /// ended it. Truncated or malformed messages end the parse (they come from the kernel, but
 /// nothing here may panic on them).
-pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Error> {
-    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]));
-    let u32_at = |b: &[u8], i: usize| {
-        b.get(i..i + 4)
-            .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
-    };
+pub fn parse_addr_dump(buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Error> {
     let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32_at(buf, 0).unwrap_or(0) as usize;
-        let kind = u16_at(buf, 4).unwrap_or(0);
-        if len < 16 || len > buf.len() {
-            break;
-        }
-        let msg = &buf[..len];
+    for (kind, _, msg) in netlink::messages(buf) {
         match kind {
             NLMSG_DONE => return Ok((out, true)),
-            NLMSG_ERROR => {
-                let code = u32_at(msg, 16).map(|c| c as i32).unwrap_or(0);
-                if code != 0 {
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-            }
+            NLMSG_ERROR => netlink::check(netlink::error_code(msg).unwrap_or(0))?,
             RTM_NEWADDR if msg.len() >= 24 => {
                 let family = msg[16];
                 let prefix = msg[17];
-                let ifindex = u32_at(msg, 20).unwrap_or(0);
+                let ifindex = netlink::u32_at(msg, 20).unwrap_or(0);
                 let (mut local, mut address, mut proto) = (None, None, None);
-                let mut attrs = &msg[24..];
-                while attrs.len() >= 4 {
-                    let alen = u16_at(attrs, 0).unwrap_or(0) as usize;
-                    let atype = u16_at(attrs, 2).unwrap_or(0);
-                    if alen < 4 || alen > attrs.len() {
-                        break;
-                    }
-                    let data = &attrs[4..alen];
+                for (atype, data, _) in netlink::attrs(&msg[24..]) {
                     let ip = match (family as i32, data.len()) {
                         (libc::AF_INET, 4) => {
                             Some(IpAddr::from(<[u8; 4]>::try_from(data).unwrap_or_default()))
@@ -585,7 +536,6 @@ pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Er
                         IFA_PROTO => proto = data.first().copied(),
                         _ => {}
                     }
-                    attrs = &attrs[alen.next_multiple_of(4).min(attrs.len())..];
                 }
                 if let Some(ip) = local.or(address) {
                     out.push(DumpedAddr {
@@ -598,7 +548,6 @@ pub fn parse_addr_dump(mut buf: &[u8]) -> Result<(Vec<DumpedAddr>, bool), io::Er
             }
             _ => {}
         }
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
     }
     Ok((out, false))
 }
@@ -654,22 +603,12 @@ fn dump_addrs() -> Result<Vec<DumpedAddr>, Error> {
         what: "netlink RTM_GETADDR",
         source,
     };
-    let sock = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(libc::NETLINK_ROUTE)),
-    )
-    .map_err(err)?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .map_err(err)?;
+    let sock = netlink::open(libc::NETLINK_ROUTE).map_err(|e| err(e.source))?;
     let mut req = Vec::with_capacity(24);
-    req.extend_from_slice(&24u32.to_ne_bytes());
-    req.extend_from_slice(&RTM_GETADDR.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req.extend_from_slice(&3u32.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
+    let at = netlink::begin(&mut req, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 3);
     req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
     req.extend_from_slice(&0u32.to_ne_bytes());
+    netlink::finish(&mut req, at);
     sock.send(&req).map_err(err)?;
     let mut buf = vec![0u8; 65536];
     let mut found = Vec::new();

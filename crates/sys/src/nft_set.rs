@@ -7,8 +7,8 @@
 //!
 //! Keys and data go as the kernel stores them (the caller encodes them: nft's types, e.g. an
 //! integer key in host byte order, `ipv4_addr . inet_service` data as 4 + 4 bytes). No
-//! `unsafe`: plain netlink through socket2, the socket opened in the calling thread's network
-//! namespace.
+//! `unsafe`: plain netlink through socket2 (the shared plumbing is `crate::netlink`), the socket
+//! opened in the calling thread's network namespace.
 //!
 //! Message layout (host byte order except the nfgenmsg `res_id`):
 //! ```text
@@ -21,19 +21,15 @@
 
 use std::io;
 
-use socket2::{Domain, Protocol, Type};
+use crate::netlink::{
+    self, NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+    NLMSG_ERROR, attr, end_nest, io_err, nest, push_message,
+};
 
-const NETLINK_NETFILTER: i32 = 12;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -70,6 +66,12 @@ pub enum NftSetError {
     },
 }
 
+impl From<netlink::Error> for NftSetError {
+    fn from(netlink::Error { what, source }: netlink::Error) -> Self {
+        Self::Io { what, source }
+    }
+}
+
 /// The changes of one set, its elements laid end to end (no allocation per element: the
 /// kernel path's debug build spent milliseconds on that): keys deleted, and elements added
 /// (key then data; no data for a plain set). Deletes go first, so a key may be in both (its
@@ -104,51 +106,10 @@ fn template(key_len: usize, data_len: usize) -> (Vec<u8>, usize, usize) {
     (t, key_at, data_at)
 }
 
-fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
-/// Starts a nested attribute; [`end_nest`] writes its length.
-fn nest(out: &mut Vec<u8>, kind: u16) -> usize {
-    let at = out.len();
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    at
-}
-
-fn end_nest(out: &mut [u8], at: usize) {
-    let len = (out.len() - at) as u16;
-    out[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-}
-
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
-}
-
-/// Appends one netlink message (header, nfgenmsg, `body`).
-fn message(
-    out: &mut Vec<u8>,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: u16,
-    body: &[u8],
-) {
-    let len = (20 + body.len()) as u32;
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&[family, 0]);
-    out.extend_from_slice(&res_id.to_be_bytes());
-    out.extend_from_slice(body);
 }
 
 fn value(out: &mut Vec<u8>, kind: u16, bytes: &[u8]) {
@@ -169,7 +130,7 @@ pub fn batch(
     let mut out = Vec::new();
     let mut sent = Vec::new();
     let mut seq = seq;
-    message(
+    push_message(
         &mut out,
         NFNL_MSG_BATCH_BEGIN,
         NLM_F_REQUEST,
@@ -197,7 +158,7 @@ pub fn batch(
                 }
                 end_nest(&mut b, list);
                 seq += 1;
-                message(
+                push_message(
                     &mut out,
                     (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM,
                     NLM_F_REQUEST | NLM_F_ACK,
@@ -225,7 +186,7 @@ pub fn batch(
                 }
                 end_nest(&mut b, list);
                 seq += 1;
-                message(
+                push_message(
                     &mut out,
                     (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
                     NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK,
@@ -239,7 +200,7 @@ pub fn batch(
         }
     }
     seq += 1;
-    message(
+    push_message(
         &mut out,
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
@@ -253,27 +214,11 @@ pub fn batch(
 
 /// The acknowledgements in one read: `(seq, errno)` of each `NLMSG_ERROR` (0: success).
 /// Malformed input ends the parse; nothing here panics on kernel input.
-pub fn parse_acks(mut buf: &[u8]) -> Vec<(u32, i32)> {
-    let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len < 16 || len > buf.len() {
-            break;
-        }
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if kind == NLMSG_ERROR && len >= 36 {
-            let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-            // the request's header follows the code: its sequence number at 20 + 8
-            let seq = u32::from_ne_bytes([buf[28], buf[29], buf[30], buf[31]]);
-            out.push((seq, -code));
-        }
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-    }
-    out
-}
-
-fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> NftSetError {
-    move |source| NftSetError::Io { what, source }
+pub fn parse_acks(buf: &[u8]) -> Vec<(u32, i32)> {
+    netlink::messages(buf)
+        .filter(|(kind, _, _)| *kind == NLMSG_ERROR)
+        .filter_map(|(_, _, msg)| netlink::ack(msg))
+        .collect()
 }
 
 /// A `NETLINK_NETFILTER` socket for element batches, in the network namespace of the thread
@@ -290,14 +235,7 @@ pub struct Socket {
 impl Socket {
     /// Opens the socket in the calling thread's network namespace.
     pub fn open() -> Result<Self, NftSetError> {
-        let sock = socket2::Socket::new(
-            Domain::from(libc::AF_NETLINK),
-            Type::RAW,
-            Some(Protocol::from(NETLINK_NETFILTER)),
-        )
-        .map_err(io_err("socket"))?;
-        sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .map_err(io_err("timeout"))?;
+        let sock = netlink::open(NETLINK_NETFILTER)?;
         // an error echoes its message: room for a few of them
         let _ = sock.set_recv_buffer_size(1 << 20);
         let _ = sock.set_send_buffer_size(1 << 20);
@@ -417,12 +355,12 @@ mod tests {
     #[test]
     fn acks_are_read_and_malformed_input_never_panics() {
         let mut ack = Vec::new();
-        message(&mut ack, NLMSG_ERROR, 0, 9, 0, 0, &[]);
+        push_message(&mut ack, NLMSG_ERROR, 0, 9, 0, 0, &[]);
         // code, then the request's header (16 bytes)
         ack.truncate(16);
         ack.extend_from_slice(&(-17i32).to_ne_bytes());
         let mut req = Vec::new();
-        message(&mut req, 0, 0, 7, 0, 0, &[]);
+        push_message(&mut req, 0, 0, 7, 0, 0, &[]);
         ack.extend_from_slice(&req[..16]);
         let len = ack.len() as u32;
         ack[..4].copy_from_slice(&len.to_ne_bytes());

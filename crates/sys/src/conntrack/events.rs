@@ -1,8 +1,9 @@
 //! Conntrack events over `NETLINK_NETFILTER` (ctnetlink multicast groups
 //! `NFNLGRP_CONNTRACK_NEW`, `_UPDATE` and `_DESTROY`): a pure decoder of event messages
 //! ([`parse_events`], untrusted bytes, never panics) and the subscribed socket
-//! ([`EventSocket`], driven by tokio; its one `unsafe` is the registration with tokio). The kernel path reads them to see the outcome of each
-//! flow it DNATs (passive outlier detection); see `kernel::passive`.
+//! ([`EventSocket`], driven by tokio; opened, registered and read through `crate::netlink`).
+//! The kernel path reads them to see the outcome of each flow it DNATs (passive outlier
+//! detection); see `kernel::passive`.
 //!
 //! An event is an `IPCTNL_MSG_CT_NEW` message (flags `NLM_F_CREATE | NLM_F_EXCL` for a new
 //! entry, none for an update) or an `IPCTNL_MSG_CT_DELETE` (the entry was destroyed), with the
@@ -17,17 +18,17 @@
 use std::io;
 use std::net::SocketAddr;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, ConntrackError, NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK,
-    NLMSG_ERROR, find, io_err, tuple, u16_at, u32_at,
+    CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, ConntrackError, IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_NEW, tuple,
+};
+use crate::netlink::{
+    self, NETLINK_NETFILTER, NFNL_HEADER_LEN, NFNL_SUBSYS_CTNETLINK, NLM_F_CREATE, NLMSG_ERROR,
+    find,
 };
 
-const IPCTNL_MSG_CT_NEW: u16 = 0;
-const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_CREATE: u16 = 0x400;
 const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_ID: u16 = 12;
@@ -136,19 +137,10 @@ pub struct Event {
 /// Decodes every event message in one read of the event socket into `out`; returns how many
 /// messages were malformed (skipped). Untrusted bytes: nothing here panics, and a message
 /// whose length is wrong ends the read.
-pub fn parse_events(mut buf: &[u8], out: &mut Vec<Event>) -> usize {
+pub fn parse_events(buf: &[u8], out: &mut Vec<Event>) -> usize {
     let mut malformed = 0;
-    while !buf.is_empty() {
-        let (Some(len), Some(kind), Some(flags)) = (u32_at(buf, 0), u16_at(buf, 4), u16_at(buf, 6))
-        else {
-            return malformed + 1;
-        };
-        let len = len as usize;
-        if len < 16 || len > buf.len() {
-            return malformed + 1;
-        }
-        let msg = &buf[..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    let mut messages = netlink::messages(buf);
+    for (kind, flags, msg) in messages.by_ref() {
         if kind == NLMSG_ERROR || kind >> 8 != NFNL_SUBSYS_CTNETLINK {
             continue;
         }
@@ -158,12 +150,13 @@ pub fn parse_events(mut buf: &[u8], out: &mut Vec<Event>) -> usize {
             IPCTNL_MSG_CT_DELETE => EventKind::Destroy,
             _ => continue,
         };
-        match decode(ev, msg.get(20..).unwrap_or_default()) {
+        match decode(ev, msg.get(NFNL_HEADER_LEN..).unwrap_or_default()) {
             Some(e) => out.push(e),
             None => malformed += 1,
         }
     }
-    malformed
+    // a message whose length is wrong (or a piece shorter than a header) ended the read
+    malformed + usize::from(!messages.rest().is_empty())
 }
 
 /// One message's attributes (after `nlmsghdr` and `nfgenmsg`).
@@ -203,33 +196,7 @@ impl EventSocket {
     /// receive buffer of `rcvbuf` bytes (forced past `rmem_max` when allowed). Needs
     /// `CAP_NET_ADMIN` and a tokio runtime.
     pub fn subscribe(rcvbuf: usize) -> Result<Self, ConntrackError> {
-        let sock = Socket::new(
-            Domain::from(libc::AF_NETLINK),
-            Type::RAW,
-            Some(Protocol::from(NETLINK_NETFILTER)),
-        )
-        .map_err(io_err("socket"))?;
-        if rustix::net::sockopt::set_socket_recv_buffer_size_force(&sock, rcvbuf).is_err() {
-            sock.set_recv_buffer_size(rcvbuf)
-                .map_err(io_err("receive buffer"))?;
-        }
-        rustix::net::bind(
-            &sock,
-            &rustix::net::netlink::SocketAddrNetlink::new(0, GROUPS),
-        )
-        .map_err(|e| ConntrackError::Io {
-            what: "subscribe to events",
-            source: e.into(),
-        })?;
-        sock.set_nonblocking(true)
-            .map_err(io_err("set non-blocking"))?;
-        #[allow(unsafe_code)]
-        // SAFETY: `sock` is an open socket owned by the `AsyncFd` from here on; `Socket`'s
-        // `as_raw_fd` always returns that same descriptor until it is dropped with the `AsyncFd`.
-        let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| ConntrackError::Io {
-            what: "register with tokio",
-            source: io::Error::from(e),
-        })?;
+        let fd = netlink::subscribe(NETLINK_NETFILTER, GROUPS, rcvbuf)?;
         Ok(Self { fd })
     }
 
@@ -258,13 +225,7 @@ impl EventSocket {
     /// Receives one read of events (one or more messages). An overrun comes back as an error
     /// with `raw_os_error() == Some(libc::ENOBUFS)`; the socket stays usable.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|s| io::Read::read(&mut s.get_ref(), buf)) {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
-            }
-        }
+        netlink::recv(&self.fd, buf).await
     }
 }
 

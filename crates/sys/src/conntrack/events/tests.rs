@@ -1,40 +1,12 @@
 //! Decoder tests: hand-built messages and hex fixtures.
 
 use super::*;
+use crate::conntrack::ct_message;
+use crate::conntrack::test_util::{nla, tuple_attr};
 
-fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut a = Vec::new();
-    a.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    a.extend_from_slice(&kind.to_ne_bytes());
-    a.extend_from_slice(payload);
-    a.resize(a.len().next_multiple_of(4), 0);
-    a
-}
-
-fn tuple_attr(kind: u16, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
-    let ip = [nla(1, &src), nla(2, &dst)].concat();
-    let proto = [
-        nla(1, &[6]),
-        nla(2, &sport.to_be_bytes()),
-        nla(3, &dport.to_be_bytes()),
-    ]
-    .concat();
-    nla(
-        kind | 0x8000,
-        &[nla(1 | 0x8000, &ip), nla(2 | 0x8000, &proto)].concat(),
-    )
-}
-
+/// A ctnetlink message (seq 0, family `AF_INET`) of type `msg` carrying `body`.
 fn message(msg: u16, flags: u16, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&((20 + body.len()) as u32).to_ne_bytes());
-    m.extend_from_slice(&((1u16 << 8) | msg).to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[2, 0, 0, 0]);
-    m.extend_from_slice(body);
-    m
+    ct_message(msg, flags, 0, 2, body)
 }
 
 /// client 10.0.0.2:40000 → VIP 10.9.0.1:80, DNATed to 10.0.1.1:8080, in `state`.
