@@ -201,9 +201,10 @@ impl<'a> Iterator for Messages<'a> {
 }
 
 /// The errno of an `NLMSG_ERROR` message (0: an acknowledgement); `None` when it is too short
-/// to hold its code.
+/// to hold its code. The kernel sends `-errno`; a code whose negation does not fit (`i32::MIN`,
+/// only from a broken sender) saturates instead of overflowing.
 pub(crate) fn error_code(msg: &[u8]) -> Option<i32> {
-    u32_at(msg, HEADER_LEN).map(|code| -(code as i32))
+    u32_at(msg, HEADER_LEN).map(|code| (code as i32).saturating_neg())
 }
 
 /// `(seq, errno)` of an acknowledgement: an `NLMSG_ERROR` message echoes the request's header
@@ -327,6 +328,10 @@ mod tests {
         assert_eq!(ack(&m), Some((7, 17)));
         assert_eq!(ack(&m[..35]), None);
         assert_eq!(error_code(&m), Some(17));
+        // a code no kernel sends must not overflow the negation (debug builds would panic)
+        let mut odd = m.clone();
+        odd[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&i32::MIN.to_ne_bytes());
+        assert_eq!(error_code(&odd), Some(i32::MAX));
         assert_eq!(check(17).unwrap_err().raw_os_error(), Some(17));
         assert!(check(0).is_ok());
     }
