@@ -144,10 +144,12 @@ pub fn render(r: &Rescue) -> String {
             ));
         }
         // a segment of a connection not held here: to every other member, marked
-        for m in [new, invalid].into_iter().filter(|_| r.copies(v4)) {
-            s.push_str(&format!(
-                "{head} {m} counter name \"{COPIED}\" {ttl} set 0{dups} drop\n"
-            ));
+        if r.copies(v4) {
+            for m in [new, invalid] {
+                s.push_str(&format!(
+                    "{head} {m} counter name \"{COPIED}\" {ttl} set 0{dups} drop\n"
+                ));
+            }
         }
         s.push_str("  }\n}\n");
     }

@@ -13,16 +13,17 @@ use tokio::net::TcpListener;
 
 const PROBES: usize = 20;
 
-/// `TIME_WAIT` sockets (state 06) in this namespace with `port` at either end.
-fn time_wait_with(port: u16) -> usize {
-    let mut n = 0;
+/// Sockets in this namespace with `port` at either end, by state: `(TIME_WAIT, still closing)`
+/// — "still closing" being any state but `LISTEN` (0A), `TIME_WAIT` (06) and `CLOSE` (07).
+fn sockets_with(port: u16) -> (usize, usize) {
+    let (mut time_wait, mut closing) = (0, 0);
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 || f[3] != "06" {
+            if f.len() < 4 {
                 continue;
             }
             let port_of = |a: &str| {
@@ -30,12 +31,17 @@ fn time_wait_with(port: u16) -> usize {
                     .next()
                     .and_then(|p| u16::from_str_radix(p, 16).ok())
             };
-            if port_of(f[1]) == Some(port) || port_of(f[2]) == Some(port) {
-                n += 1;
+            if port_of(f[1]) != Some(port) && port_of(f[2]) != Some(port) {
+                continue;
+            }
+            match f[3] {
+                "06" => time_wait += 1,
+                "0A" | "07" => {}
+                _ => closing += 1,
             }
         }
     }
-    n
+    (time_wait, closing)
 }
 
 /// A server like nginx: reads a request (if any), answers `200` and closes first.
@@ -65,14 +71,17 @@ async fn http_server() -> SocketAddr {
     addr
 }
 
-/// Waits until the kernel has settled the last probes' closes (bounded), then counts.
+/// `TIME_WAIT` sockets with `port` once no connection with it is still closing (waits for that
+/// state, at most 5 s: the server's side of the last probes may still be shutting down).
 async fn settled_time_wait(port: u16) -> usize {
-    let mut n = time_wait_with(port);
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        n = time_wait_with(port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (time_wait, closing) = sockets_with(port);
+        if closing == 0 || tokio::time::Instant::now() >= deadline {
+            return time_wait;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    n
 }
 
 #[tokio::test]
