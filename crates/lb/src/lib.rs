@@ -46,7 +46,7 @@ pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -162,6 +162,21 @@ struct Inner {
     vip_gone: Mutex<HashMap<IpAddr, CancellationToken>>,
     /// The proxy's worker threads (none: the caller's runtime).
     workers: Workers,
+    /// The generation [`LoadBalancer::apply`] last finished (0: none yet).
+    applied_generation: AtomicU64,
+}
+
+/// Debug builds only, for the end-to-end tests of `/status` during a reload: waits
+/// `PORTICO_TEST_APPLY_DELAY_MS` before applying a new generation, which widens the moment a
+/// published generation is not yet applied (a few microseconds, more on a loaded machine).
+async fn apply_delay() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("PORTICO_TEST_APPLY_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
 }
 
 /// The balancer: follows desired state, runs health checks, relays connections.
@@ -205,8 +220,16 @@ impl LoadBalancer {
                 shutdown_drain: Mutex::new(model::Shutdown::default().drain_timeout),
                 vip_gone: Mutex::new(HashMap::new()),
                 workers,
+                applied_generation: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The generation whose services, backends and listeners this balancer runs (0 before the
+    /// first): what [`Self::service_status`] reports is of this generation. It trails the
+    /// published [`Desired`] generation for the moment an apply takes.
+    pub fn applied_generation(&self) -> u64 {
+        self.inner.applied_generation.load(Ordering::Acquire)
     }
 
     /// Connections each proxy worker accepted so far (one entry without workers): the kernel
@@ -243,6 +266,7 @@ impl LoadBalancer {
                 r = desired.changed(), if source_open => match r {
                     Ok(()) => {
                         let d = desired.borrow_and_update().clone();
+                        apply_delay().await;
                         self.apply(&d);
                         self.publish_health(&health);
                     }
@@ -379,6 +403,9 @@ impl LoadBalancer {
         }
         inner.services.store(Arc::new(next.clone()));
         self.reconcile_listeners(&next, true);
+        inner
+            .applied_generation
+            .store(desired.generation, Ordering::Release);
         tracing::info!(
             generation = desired.generation,
             services = next.len(),

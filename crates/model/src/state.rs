@@ -95,7 +95,8 @@ pub struct StatusReport {
     pub node: NodeId,
     /// portico version.
     pub version: String,
-    /// Generation of the applied config (0 = none yet).
+    /// Generation of the config the balancer has applied (0 = none yet); the service rows are
+    /// of this generation (a reload is published first, then applied).
     pub generation: u64,
     /// Error of the last rejected reload, if the last reload failed.
     pub last_reload_error: Option<String>,

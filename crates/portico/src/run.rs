@@ -628,6 +628,9 @@ fn status_provider(
     ready: watch::Receiver<bool>,
 ) -> admin::StatusProvider {
     Arc::new(move || {
+        // the balancer's generation, not the published one: the rows below come from the
+        // balancer, and the two differ while it applies a new generation
+        let generation = lb.applied_generation();
         let d = desired.borrow().clone();
         let health = health.borrow().clone();
         let own = ownership.borrow().clone();
@@ -713,9 +716,9 @@ fn status_provider(
         StatusReport {
             node: d.config.node.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            generation: d.generation,
-            // read after the generation (`d`): the source clears the error before it
-            // publishes a new generation, so the two never disagree
+            generation,
+            // read after the generation: the source clears the error before it publishes a
+            // new generation (which the balancer applies after), so the two never disagree
             last_reload_error: reload_error.borrow().clone(),
             ready: *ready.borrow(),
             members: agent.members(),

@@ -475,7 +475,15 @@ fn a_panic_while_reading_a_reload_is_reported_and_later_reloads_still_apply() {
     let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
     let good = |weight| config("0", vip_port.into(), backend, weight);
     std::fs::write(&cfg, good(1)).unwrap();
-    let running = Running::start_with(&cfg, &[("PORTICO_TEST_RELOAD_PANIC", "# panic here")]);
+    // the balancer applies each new generation 300 ms after it is published: /status must
+    // not report a generation whose rows it does not show yet (it did, rarely, under load)
+    let running = Running::start_with(
+        &cfg,
+        &[
+            ("PORTICO_TEST_RELOAD_PANIC", "# panic here"),
+            ("PORTICO_TEST_APPLY_DELAY_MS", "300"),
+        ],
+    );
     running.wait_for("ready", |s| s["ready"] == true);
     let failures = "portico_config_reload_failures_total";
     running.wait_metric(failures, 0.0);
