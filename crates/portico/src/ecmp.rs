@@ -319,10 +319,8 @@ async fn forget_stale_flows(cfg: &Config) {
             };
             match sys::conntrack::delete_where(v4, stale) {
                 Ok(n) => deleted += n,
-                Err(e) => {
-                    debug!(%e, "cannot read conntrack: stale entries stay");
-                    break;
-                }
+                // each family on its own: a failed IPv4 read does not skip the IPv6 one
+                Err(e) => debug!(%e, ipv4 = v4, "cannot read conntrack: stale entries stay"),
             }
         }
         deleted

@@ -507,17 +507,13 @@ pub async fn serve(
         tasks.spawn(readiness(applied, healthy, synced, ready_tx, stop));
     }
     info!(node = %cfg.node.name, services = cfg.services.len(), "admin listening on {admin_addr}");
-    // Ready once the data path runs every service of the first generation.
+    // Ready once the data path runs every service of the first generation: the balancer has
+    // applied it (the generation `/status` reports, so a ready node never shows generation 0).
     {
-        let (lb, d, stop) = (lb.clone(), desired.clone(), rest_stop.clone());
+        let (lb, stop) = (lb.clone(), rest_stop.clone());
         tasks.spawn(async move {
             loop {
-                let cfg = d.borrow().config.clone();
-                if cfg
-                    .services
-                    .iter()
-                    .all(|s| lb.service_status(&s.name).is_some())
-                {
+                if lb.applied_generation() > 0 {
                     info!("first configuration applied");
                     first_applied_tx.send_replace(true);
                     return;
