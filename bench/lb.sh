@@ -297,6 +297,8 @@ ct_stats() {
 ns_counter() { inns "$1" nstat -asz "$2" 2>/dev/null | awk -v k="$2" '$1 == k {print $2; f = 1} END {if (!f) print 0}'; }
 DIAGS=$WORK/diag.tsv
 : >"$DIAGS"
+# worker_accepts ADMIN_PORT -> each proxy worker's accepted connections so far, space-separated
+worker_accepts() { inns $NODE curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '/^portico_lb_worker_accepted_connections_total/ {printf "%s ", $2}'; }
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
@@ -305,13 +307,14 @@ wrk_run() {
   local sys=$1 mode=$2
   shift 2
   local u=URL_$sys p=PID_$sys
-  local pt0 mt0 pt1 mt1 ct0 ct1 syn0 syn1 seg0 seg1 rtx0 rtx1
+  local pt0 mt0 pt1 mt1 ct0 ct1 syn0 syn1 seg0 seg1 rtx0 rtx1 wa0=""
   if ((DIAG)); then
     ct0=$(ct_stats)
     syn0=$(ns_counter $CL TcpExtTCPSynRetrans)
     seg0=$(ns_counter $NODE TcpOutSegs)
     rtx0=$(ns_counter $NODE TcpRetransSegs)
     paws0=$(($(ns_counter $BE1 TcpExtPAWSTimewait) + $(ns_counter $BE2 TcpExtPAWSTimewait)))
+    [[ $sys == proxy2 ]] && wa0=$(worker_accepts 19442)
   fi
   pt0=$(proc_ticks "${!p}")
   mt0=$(machine_ticks)
@@ -334,6 +337,12 @@ wrk_run() {
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$mode" "$((a1 - a0))" "$((b1 - b0))" "$((c1 - c0))" \
       "$count" "$max" "$((syn1 - syn0))" "$tw" \
       "$(awk -v s=$((seg1 - seg0)) -v n="${n:-0}" 'BEGIN {printf (n ? "%.2f" : "-"), (n ? s / n : 0)}')" "$((rtx1 - rtx0))" "$((paws1 - paws0))" >>"$DIAGS"
+    if [[ $sys == proxy2 ]]; then
+      # how evenly SO_REUSEPORT spread this row's connections over the two workers
+      local wa1
+      wa1=$(worker_accepts 19442)
+      python3 -c 'import sys; a, b = (list(map(int, x.split())) for x in sys.argv[1:3]); d = [y - x for x, y in zip(a, b)]; print("  proxy2    %-6s connections accepted per worker %s (%s)" % (sys.argv[3], " / ".join(map(str, d)), " / ".join("%.0f%%" % (100 * x / max(1, sum(d))) for x in d)))' "$wa0" "$wa1" "$mode" >&2 || true
+    fi
     tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s; node segments sent per request %s, retransmitted %s; backends PAWS-refused SYNs %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12}' >&2
   fi
   python3 - "$sys" "$mode" "$((pt1 - pt0))" "$((mt1 - mt0))" "$(load1)" "$(getconf CLK_TCK)" "$WORK/wrk.out" "$ROUND" <<'PY' >>"$RESULTS"

@@ -203,7 +203,7 @@ impl LoadBalancer {
             udp_sessions = opts.budget.udp_sessions,
             "connection budget"
         );
-        let workers = Workers::start(opts.workers);
+        let workers = Workers::start(opts.workers, &metrics);
         Self {
             inner: Arc::new(Inner {
                 metrics,

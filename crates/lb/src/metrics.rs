@@ -99,6 +99,13 @@ pub struct ProtocolLabels {
     pub protocol: String,
 }
 
+/// `{worker}`: a proxy worker thread's index (`0` also without worker threads).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker's index.
+    pub worker: String,
+}
+
 fn check_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
@@ -140,6 +147,8 @@ pub struct Metrics {
     pub budget: Family<ProtocolLabels, Gauge>,
     /// The part of the budget in use, by protocol.
     pub budget_in_use: Family<ProtocolLabels, Gauge>,
+    /// TCP connections each proxy worker accepted (how evenly `SO_REUSEPORT` spreads them).
+    pub worker_accepted: Family<WorkerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -162,6 +171,7 @@ impl Default for Metrics {
             local_resource_errors: Family::default(),
             budget: Family::default(),
             budget_in_use: Family::default(),
+            worker_accepted: Family::default(),
         }
     }
 }
@@ -243,6 +253,11 @@ impl Metrics {
             "connection_budget_in_use",
             "Relayed TCP connections and UDP sessions open now",
             m.budget_in_use.clone(),
+        );
+        r.register(
+            "worker_accepted_connections",
+            "TCP connections each proxy worker thread accepted",
+            m.worker_accepted.clone(),
         );
         m
     }

@@ -8,9 +8,9 @@
 //! runtime that created the balancer, as before.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -31,15 +31,16 @@ pub enum Error {
 /// The running worker threads; they stop when this is dropped.
 pub(crate) struct Workers {
     handles: Vec<Handle>,
-    /// Connections each worker accepted.
-    accepted: Vec<AtomicU64>,
+    /// Connections each worker accepted (`portico_lb_worker_accepted_connections`).
+    accepted: Vec<Counter>,
     stop: CancellationToken,
 }
 
 impl Workers {
     /// Starts `n` workers. A worker that cannot start is logged and left out (the others, or
     /// with none the caller's runtime, carry the load): a balancer is never refused for it.
-    pub(crate) fn start(n: usize) -> Self {
+    /// Each worker's accepts are counted in `metrics.worker_accepted`.
+    pub(crate) fn start(n: usize, metrics: &crate::metrics::Metrics) -> Self {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n);
         for index in 0..n {
@@ -51,7 +52,14 @@ impl Workers {
             }
         }
         let accepted = (0..handles.len().max(1))
-            .map(|_| AtomicU64::new(0))
+            .map(|i| {
+                metrics
+                    .worker_accepted
+                    .get_or_create(&crate::metrics::WorkerLabels {
+                        worker: i.to_string(),
+                    })
+                    .clone()
+            })
             .collect();
         Self {
             handles,
@@ -83,16 +91,13 @@ impl Workers {
     /// Counts a connection worker `index` accepted.
     pub(crate) fn count_accept(&self, index: usize) {
         if let Some(c) = self.accepted.get(index) {
-            c.fetch_add(1, Ordering::Relaxed);
+            c.inc();
         }
     }
 
     /// Connections each worker accepted so far.
     pub(crate) fn accepted(&self) -> Vec<u64> {
-        self.accepted
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect()
+        self.accepted.iter().map(Counter::get).collect()
     }
 }
 

@@ -30,6 +30,15 @@ async fn connections_land_on_every_worker() {
     // The kernel hashes each connection's addresses and ports onto one listener: with 64
     // connections both get some (all on one would happen with probability 2^-63).
     assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+    // … and each worker's share is exported
+    let text = h.metrics_text();
+    for (i, n) in per_worker.iter().enumerate() {
+        let line = format!("portico_lb_worker_accepted_connections_total{{worker=\"{i}\"}} {n}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing in:\n{text}"
+        );
+    }
     h.stop().await;
 }
 
