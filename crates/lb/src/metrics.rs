@@ -256,7 +256,7 @@ impl Metrics {
         );
         r.register(
             "worker_accepted_connections",
-            "TCP connections each proxy worker thread accepted",
+            "TCP connections each proxy worker thread accepted, by worker (the kernel spreads them over the workers' SO_REUSEPORT listeners by a hash of the flow)",
             m.worker_accepted.clone(),
         );
         m
