@@ -298,7 +298,8 @@ ns_counter() { inns "$1" nstat -asz "$2" 2>/dev/null | awk -v k="$2" '$1 == k {p
 DIAGS=$WORK/diag.tsv
 : >"$DIAGS"
 # worker_accepts ADMIN_PORT -> each proxy worker's accepted connections so far, space-separated
-worker_accepts() { inns $NODE curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '/^portico_lb_worker_accepted_connections_total/ {printf "%s ", $2}'; }
+# (and last, the connections handed to the less busy worker)
+worker_accepts() { inns $NODE curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '/^portico_lb_worker_accepted_connections_total/ {printf "%s ", $2} /^portico_lb_worker_handoffs_total/ {h = $2} END {printf "%s", h + 0}'; }
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
@@ -341,7 +342,7 @@ wrk_run() {
       # how evenly SO_REUSEPORT spread this row's connections over the two workers
       local wa1
       wa1=$(worker_accepts 19442)
-      python3 -c 'import sys; a, b = (list(map(int, x.split())) for x in sys.argv[1:3]); d = [y - x for x, y in zip(a, b)]; print("  proxy2    %-6s connections accepted per worker %s (%s)" % (sys.argv[3], " / ".join(map(str, d)), " / ".join("%.0f%%" % (100 * x / max(1, sum(d))) for x in d)))' "$wa0" "$wa1" "$mode" >&2 || true
+      python3 -c 'import sys; a, b = (list(map(int, x.split())) for x in sys.argv[1:3]); d = [y - x for x, y in zip(a, b)]; h = d.pop(); print("  proxy2    %-6s connections accepted per worker %s (%s), handed to the less busy worker %d (%.1f%%)" % (sys.argv[3], " / ".join(map(str, d)), " / ".join("%.0f%%" % (100 * x / max(1, sum(d))) for x in d), h, 100 * h / max(1, sum(d))))' "$wa0" "$wa1" "$mode" >&2 || true
     fi
     tail -1 "$DIAGS" | awk -F'\t' '{printf "  %-9s %-6s conntrack: insert_failed %s drop %s early_drop %s, entries %s of %s; client SYN retransmits %s; be1 TIME_WAIT %s; node segments sent per request %s, retransmitted %s; backends PAWS-refused SYNs %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12}' >&2
   fi

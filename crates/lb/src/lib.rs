@@ -166,6 +166,21 @@ struct Inner {
     applied_generation: AtomicU64,
 }
 
+/// Serves one accepted TCP connection until it ends, or until its VIP leaves this node during
+/// the shutdown drain (dropping the relay closes both sockets).
+async fn serve_accepted(
+    rt: Arc<ServiceRt>,
+    client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    gone: CancellationToken,
+) {
+    tokio::select! {
+        () = rt.serve_tcp(client, peer, vip) => {}
+        () = gone.cancelled() => {}
+    }
+}
+
 /// Debug builds only, for the end-to-end tests of `/status` during a reload: waits
 /// `PORTICO_TEST_APPLY_DELAY_MS` before applying a new generation, which widens the moment a
 /// published generation is not yet applied (a few microseconds, more on a loaded machine).
@@ -236,6 +251,11 @@ impl LoadBalancer {
     /// spreads them over the workers' `SO_REUSEPORT` listeners.
     pub fn worker_accepts(&self) -> Vec<u64> {
         self.inner.workers.accepted()
+    }
+
+    /// TCP connections each proxy worker serves now (one entry without workers).
+    pub fn worker_loads(&self) -> Vec<u64> {
+        self.inner.workers.loads()
     }
 
     /// The VIPs with a listener that could not be opened on this node (retried with back-off
@@ -592,7 +612,8 @@ impl LoadBalancer {
         });
     }
 
-    /// Accepts on one worker's listener; runs on that worker, and so do its connections.
+    /// Accepts on one worker's listener; runs on that worker, and so do its connections, unless
+    /// this worker serves clearly more than another ([`worker::place`]): that one serves it.
     async fn accept_loop(
         self,
         worker: usize,
@@ -632,15 +653,33 @@ impl LoadBalancer {
                     let unit = TcpUnit(node.clone());
                     let rt = rt.clone();
                     let gone = gone_vip.clone();
-                    self.inner.tracker.spawn(async move {
-                        tokio::select! {
-                            () = rt.serve_tcp(client, peer, vip) => {}
-                            // the VIP left this node during the shutdown drain: dropping the
-                            // relay closes both sockets
-                            () = gone.cancelled() => {}
+                    let (to, load) = self.inner.workers.place(worker);
+                    if to == worker {
+                        self.inner.tracker.spawn(async move {
+                            serve_accepted(rt, client, peer, vip, gone).await;
+                            drop((unit, load));
+                        });
+                        continue;
+                    }
+                    // a less busy worker serves it: off this worker's poller, onto that one's
+                    let client = match client.into_std() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            node.local_error(Operation::accept, &e);
+                            continue;
                         }
-                        drop(unit);
+                    };
+                    let node = node.clone();
+                    let fut = self.inner.tracker.track_future(async move {
+                        match tokio::net::TcpStream::from_std(client) {
+                            Ok(client) => serve_accepted(rt, client, peer, vip, gone).await,
+                            Err(e) => {
+                                node.local_error(Operation::accept, &e);
+                            }
+                        }
+                        drop((unit, load));
                     });
+                    self.inner.workers.spawn(to, fut);
                 }
                 Err(e) => {
                     // EMFILE and friends: back off (doubling up to a second) instead of

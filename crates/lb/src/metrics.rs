@@ -149,6 +149,8 @@ pub struct Metrics {
     pub budget_in_use: Family<ProtocolLabels, Gauge>,
     /// TCP connections each proxy worker accepted (how evenly `SO_REUSEPORT` spreads them).
     pub worker_accepted: Family<WorkerLabels, Counter>,
+    /// Accepted TCP connections handed to a less busy worker to serve.
+    pub worker_handoffs: Counter,
 }
 
 impl Default for Metrics {
@@ -172,6 +174,7 @@ impl Default for Metrics {
             budget: Family::default(),
             budget_in_use: Family::default(),
             worker_accepted: Family::default(),
+            worker_handoffs: Counter::default(),
         }
     }
 }
@@ -258,6 +261,11 @@ impl Metrics {
             "worker_accepted_connections",
             "TCP connections each proxy worker thread accepted, by worker (the kernel spreads them over the workers' SO_REUSEPORT listeners by a hash of the flow)",
             m.worker_accepted.clone(),
+        );
+        r.register(
+            "worker_handoffs",
+            "Accepted TCP connections a proxy worker handed to a less busy worker to serve (the accepting one served over a quarter more connections than it, plus one)",
+            m.worker_handoffs.clone(),
         );
         m
     }

@@ -6,8 +6,18 @@
 //!
 //! With no workers ([`crate::Options::workers`] = 0) the accept loops and connections run on the
 //! runtime that created the balancer, as before.
+//!
+//! The kernel picks a worker's listener by a hash of the connection's addresses and ports: even
+//! on average, uneven for few connections (a pool of 8 long-lived database connections split 1 /
+//! 7 puts nearly all the work on one thread; a 50-connection keep-alive run here split 19 / 32).
+//! So a worker that accepts a connection while it serves clearly more than the least busy
+//! worker hands it over to that one ([`place`]; HAProxy's threads balance their accepts by load
+//! the same way): one deregistration and one wake-up of the other thread, only when the loads
+//! are uneven.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +43,10 @@ pub(crate) struct Workers {
     handles: Vec<Handle>,
     /// Connections each worker accepted (`portico_lb_worker_accepted_connections`).
     accepted: Vec<Counter>,
+    /// TCP connections each worker serves now.
+    active: Vec<Arc<AtomicU64>>,
+    /// Connections handed to a less busy worker (`portico_lb_worker_handoffs`).
+    handoffs: Counter,
     stop: CancellationToken,
 }
 
@@ -61,11 +75,35 @@ impl Workers {
                     .clone()
             })
             .collect();
+        let active = (0..handles.len().max(1))
+            .map(|_| Arc::new(AtomicU64::new(0)))
+            .collect();
         Self {
             handles,
             accepted,
+            active,
+            handoffs: metrics.worker_handoffs.clone(),
             stop,
         }
+    }
+
+    /// The worker that serves a connection worker `own` accepted ([`place`] over the workers'
+    /// loads now), and the load unit that counts it there until dropped.
+    pub(crate) fn place(&self, own: usize) -> (usize, Load) {
+        let loads: Vec<u64> = self
+            .active
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let to = place(own, &loads);
+        if to != own {
+            self.handoffs.inc();
+        }
+        let unit = self.active.get(to).or(self.active.first()).map(|a| {
+            a.fetch_add(1, Ordering::Relaxed);
+            a.clone()
+        });
+        (to, Load(unit))
     }
 
     /// How many listeners each TCP `VIP:port` needs: one per worker (at least one).
@@ -95,10 +133,44 @@ impl Workers {
         }
     }
 
+    /// TCP connections each worker serves now.
+    pub(crate) fn loads(&self) -> Vec<u64> {
+        self.active
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Connections each worker accepted so far.
     pub(crate) fn accepted(&self) -> Vec<u64> {
         self.accepted.iter().map(Counter::get).collect()
     }
+}
+
+/// One connection in a worker's load; taken off when dropped.
+pub(crate) struct Load(Option<Arc<AtomicU64>>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Which worker serves a connection that worker `own` accepted, given each worker's open
+/// connections: `own`, unless it serves more than a quarter more than the least busy worker
+/// plus one connection — then that worker (the lowest index among equals). The slack keeps
+/// hand-overs rare when many short connections make the loads flicker around an even split;
+/// few long ones still end up within one or two of even. Pure.
+pub fn place(own: usize, loads: &[u64]) -> usize {
+    let Some(&mine) = loads.get(own) else {
+        return own;
+    };
+    let Some((least, &min)) = loads.iter().enumerate().min_by_key(|&(i, l)| (*l, i)) else {
+        return own;
+    };
+    if mine > min + 1 + min / 4 { least } else { own }
 }
 
 impl Drop for Workers {
@@ -147,5 +219,47 @@ const TIMER_KEEPER_PERIOD: Duration = Duration::from_millis(250);
 async fn keep_timer_armed() {
     loop {
         tokio::time::sleep(TIMER_KEEPER_PERIOD).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::place;
+
+    #[test]
+    fn a_busier_worker_hands_over_to_the_least_busy_one() {
+        assert_eq!(place(0, &[0, 0]), 0);
+        assert_eq!(place(0, &[1, 0]), 0, "one more is within the slack");
+        assert_eq!(place(0, &[2, 0]), 1);
+        assert_eq!(place(1, &[3, 7, 5]), 0);
+        assert_eq!(place(1, &[40, 51]), 1, "within a quarter more, plus one");
+        assert_eq!(place(1, &[40, 52]), 0);
+    }
+
+    #[test]
+    fn few_long_connections_end_up_nearly_even_whatever_the_kernel_picks() {
+        // every connection lands on worker 0 (the worst hash) and stays open
+        for n in 1..=64u64 {
+            let mut loads = [0u64; 2];
+            for _ in 0..n {
+                let to = place(0, &loads);
+                loads[to] += 1;
+            }
+            let (hi, lo) = (loads[0].max(loads[1]), loads[0].min(loads[1]));
+            assert!(hi <= lo + 1 + lo / 4 + 1, "{n}: {loads:?}");
+        }
+        // 8 pooled connections: 4 / 4 or 5 / 3, never 1 / 7
+        let mut loads = [0u64; 2];
+        for _ in 0..8 {
+            let to = place(0, &loads);
+            loads[to] += 1;
+        }
+        assert!(loads[1] >= 3, "{loads:?}");
+    }
+
+    #[test]
+    fn out_of_range_and_empty_inputs_keep_the_accepting_worker() {
+        assert_eq!(place(3, &[0, 9]), 3);
+        assert_eq!(place(0, &[]), 0);
     }
 }
