@@ -46,7 +46,7 @@ pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -163,7 +163,7 @@ struct Inner {
     /// The proxy's worker threads (none: the caller's runtime).
     workers: Workers,
     /// The generation [`LoadBalancer::apply`] last finished (0: none yet).
-    applied_generation: AtomicU64,
+    applied_generation: watch::Sender<u64>,
 }
 
 /// Serves one accepted TCP connection until it ends, or until its VIP leaves this node during
@@ -235,7 +235,7 @@ impl LoadBalancer {
                 shutdown_drain: Mutex::new(model::Shutdown::default().drain_timeout),
                 vip_gone: Mutex::new(HashMap::new()),
                 workers,
-                applied_generation: AtomicU64::new(0),
+                applied_generation: watch::channel(0).0,
             }),
         }
     }
@@ -244,7 +244,13 @@ impl LoadBalancer {
     /// first): what [`Self::service_status`] reports is of this generation. It trails the
     /// published [`Desired`] generation for the moment an apply takes.
     pub fn applied_generation(&self) -> u64 {
-        self.inner.applied_generation.load(Ordering::Acquire)
+        *self.inner.applied_generation.borrow()
+    }
+
+    /// Follows [`Self::applied_generation`]: the metric `portico_config_generation` and
+    /// readiness (the first applied generation) wait on it.
+    pub fn watch_applied_generation(&self) -> watch::Receiver<u64> {
+        self.inner.applied_generation.subscribe()
     }
 
     /// Connections each proxy worker accepted so far (one entry without workers): the kernel
@@ -423,9 +429,7 @@ impl LoadBalancer {
         }
         inner.services.store(Arc::new(next.clone()));
         self.reconcile_listeners(&next, true);
-        inner
-            .applied_generation
-            .store(desired.generation, Ordering::Release);
+        inner.applied_generation.send_replace(desired.generation);
         tracing::info!(
             generation = desired.generation,
             services = next.len(),
@@ -663,7 +667,10 @@ impl LoadBalancer {
                     }
                     // a less busy worker serves it: off this worker's poller, onto that one's
                     let client = match client.into_std() {
-                        Ok(c) => c,
+                        Ok(c) => {
+                            self.inner.workers.count_handoff();
+                            c
+                        }
                         Err(e) => {
                             node.local_error(Operation::accept, &e);
                             continue;

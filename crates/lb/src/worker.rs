@@ -90,20 +90,17 @@ impl Workers {
     /// The worker that serves a connection worker `own` accepted ([`place`] over the workers'
     /// loads now), and the load unit that counts it there until dropped.
     pub(crate) fn place(&self, own: usize) -> (usize, Load) {
-        let loads: Vec<u64> = self
-            .active
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect();
-        let to = place(own, &loads);
-        if to != own {
-            self.handoffs.inc();
-        }
+        let to = place(own, self.active.iter().map(|a| a.load(Ordering::Relaxed)));
         let unit = self.active.get(to).or(self.active.first()).map(|a| {
             a.fetch_add(1, Ordering::Relaxed);
             a.clone()
         });
         (to, Load(unit))
+    }
+
+    /// Counts a connection taken off the accepting worker's poller for another worker.
+    pub(crate) fn count_handoff(&self) {
+        self.handoffs.inc();
     }
 
     /// How many listeners each TCP `VIP:port` needs: one per worker (at least one).
@@ -163,14 +160,21 @@ impl Drop for Load {
 /// plus one connection — then that worker (the lowest index among equals). The slack keeps
 /// hand-overs rare when many short connections make the loads flicker around an even split;
 /// few long ones still end up within one or two of even. Pure.
-pub fn place(own: usize, loads: &[u64]) -> usize {
-    let Some(&mine) = loads.get(own) else {
-        return own;
-    };
-    let Some((least, &min)) = loads.iter().enumerate().min_by_key(|&(i, l)| (*l, i)) else {
-        return own;
-    };
-    if mine > min + 1 + min / 4 { least } else { own }
+pub fn place(own: usize, loads: impl IntoIterator<Item = u64>) -> usize {
+    let mut mine = None;
+    let mut least: Option<(usize, u64)> = None;
+    for (i, load) in loads.into_iter().enumerate() {
+        if i == own {
+            mine = Some(load);
+        }
+        if least.is_none_or(|(_, min)| load < min) {
+            least = Some((i, load));
+        }
+    }
+    match (mine, least) {
+        (Some(mine), Some((least, min))) if mine > min + 1 + min / 4 => least,
+        _ => own,
+    }
 }
 
 impl Drop for Workers {
@@ -228,12 +232,12 @@ mod tests {
 
     #[test]
     fn a_busier_worker_hands_over_to_the_least_busy_one() {
-        assert_eq!(place(0, &[0, 0]), 0);
-        assert_eq!(place(0, &[1, 0]), 0, "one more is within the slack");
-        assert_eq!(place(0, &[2, 0]), 1);
-        assert_eq!(place(1, &[3, 7, 5]), 0);
-        assert_eq!(place(1, &[40, 51]), 1, "within a quarter more, plus one");
-        assert_eq!(place(1, &[40, 52]), 0);
+        assert_eq!(place(0, [0, 0]), 0);
+        assert_eq!(place(0, [1, 0]), 0, "one more is within the slack");
+        assert_eq!(place(0, [2, 0]), 1);
+        assert_eq!(place(1, [3, 7, 5]), 0);
+        assert_eq!(place(1, [40, 51]), 1, "within a quarter more, plus one");
+        assert_eq!(place(1, [40, 52]), 0);
     }
 
     #[test]
@@ -242,7 +246,7 @@ mod tests {
         for n in 1..=64u64 {
             let mut loads = [0u64; 2];
             for _ in 0..n {
-                let to = place(0, &loads);
+                let to = place(0, loads.iter().copied());
                 loads[to] += 1;
             }
             let (hi, lo) = (loads[0].max(loads[1]), loads[0].min(loads[1]));
@@ -251,7 +255,7 @@ mod tests {
         // 8 pooled connections: 4 / 4 or 5 / 3, never 1 / 7
         let mut loads = [0u64; 2];
         for _ in 0..8 {
-            let to = place(0, &loads);
+            let to = place(0, loads.iter().copied());
             loads[to] += 1;
         }
         assert!(loads[1] >= 3, "{loads:?}");
@@ -259,7 +263,7 @@ mod tests {
 
     #[test]
     fn out_of_range_and_empty_inputs_keep_the_accepting_worker() {
-        assert_eq!(place(3, &[0, 9]), 3);
-        assert_eq!(place(0, &[]), 0);
+        assert_eq!(place(3, [0, 9]), 3);
+        assert_eq!(place(0, []), 0);
     }
 }

@@ -46,22 +46,29 @@ impl ConfigMetrics {
         m
     }
 
-    /// Follows the spine: generation from `desired`, failures from `reload_error`.
+    /// Follows the spine: reloads from `desired` (published generations), the generation from
+    /// `applied` (the one the balancer runs, which `/status` reports too), failures from
+    /// `reload_error`.
     pub async fn follow(
         self,
         mut desired: watch::Receiver<Arc<Desired>>,
+        mut applied: watch::Receiver<u64>,
         mut reload_error: watch::Receiver<Option<String>>,
         shutdown: CancellationToken,
     ) {
-        self.generation
-            .set(desired.borrow_and_update().generation as i64);
+        desired.borrow_and_update();
+        self.generation.set(gauge(*applied.borrow_and_update()));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = desired.changed() => {
                     if r.is_err() { return; }
-                    self.generation.set(desired.borrow_and_update().generation as i64);
+                    desired.borrow_and_update();
                     self.reloads.inc();
+                }
+                r = applied.changed() => {
+                    if r.is_err() { return; }
+                    self.generation.set(gauge(*applied.borrow_and_update()));
                 }
                 r = reload_error.changed() => {
                     if r.is_err() { return; }
@@ -74,6 +81,11 @@ impl ConfigMetrics {
             }
         }
     }
+}
+
+/// A generation as a gauge value (saturating; generations count reloads from 1).
+fn gauge(generation: u64) -> i64 {
+    i64::try_from(generation).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

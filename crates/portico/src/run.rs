@@ -167,7 +167,12 @@ pub async fn serve(
     let supervised = Supervised::new();
     let mut tasks = tokio::task::JoinSet::new();
 
-    tasks.spawn(config_metrics.follow(desired.clone(), reload_error.clone(), rest_stop.clone()));
+    tasks.spawn(config_metrics.follow(
+        desired.clone(),
+        lb.watch_applied_generation(),
+        reload_error.clone(),
+        rest_stop.clone(),
+    ));
     tasks.spawn(crate::bgp::follow_l2(
         desired.clone(),
         l2_tx,
@@ -510,17 +515,13 @@ pub async fn serve(
     // Ready once the data path runs every service of the first generation: the balancer has
     // applied it (the generation `/status` reports, so a ready node never shows generation 0).
     {
-        let (lb, stop) = (lb.clone(), rest_stop.clone());
+        let (mut applied, stop) = (lb.watch_applied_generation(), rest_stop.clone());
         tasks.spawn(async move {
-            loop {
-                if lb.applied_generation() > 0 {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = applied.wait_for(|g| *g > 0) => if r.is_ok() {
                     info!("first configuration applied");
                     first_applied_tx.send_replace(true);
-                    return;
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
         });

@@ -413,13 +413,23 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
     assert_eq!(ask(&mut connect(vip_port), "new"), "echo new");
     drop(conn);
 
-    // Metrics carry the generation.
-    let out = Command::new("curl")
-        .args(["-s", &format!("http://{}/metrics", running.admin)])
-        .output();
-    if let Ok(out) = out {
+    // Metrics carry the applied generation (set by a task that follows the balancer, so it
+    // may trail `/status` by a wake-up).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new("curl")
+            .args(["-s", &format!("http://{}/metrics", running.admin)])
+            .output()
+            .expect("curl runs");
         let m = String::from_utf8_lossy(&out.stdout);
-        assert!(m.contains("portico_config_generation 3"), "{m}");
+        if m.contains("portico_config_generation 3") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no portico_config_generation 3 within 5 s: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     // SIGTERM: graceful, exit 0.
