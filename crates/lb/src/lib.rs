@@ -42,6 +42,7 @@ pub mod proxy_protocol;
 pub mod relay;
 mod service;
 mod udp;
+pub mod uring;
 pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -102,6 +103,10 @@ pub struct Options {
     /// TCP `VIP:port` (`proxy.workers`); 0 (the default): accept and relay on the runtime that
     /// runs the balancer.
     pub workers: usize,
+    /// Relay on each proxy worker's io_uring (`proxy.io: uring`, see [`uring`]) instead of
+    /// tokio's `read`/`write`/`splice` (default: off). Needs workers (a thread that is not a
+    /// proxy worker relays with tokio).
+    pub uring: bool,
 }
 
 impl Default for Options {
@@ -112,6 +117,7 @@ impl Default for Options {
             budget: Budget::from_process(),
             kernel_path: model::KernelSupport::default(),
             workers: 0,
+            uring: false,
         }
     }
 }
@@ -396,7 +402,10 @@ impl LoadBalancer {
                         spec,
                         &inner.metrics,
                         &inner.conns_root,
-                        inner.opts.splice,
+                        crate::service::Relaying {
+                            splice: inner.opts.splice,
+                            uring: inner.opts.uring,
+                        },
                         inner.node.clone(),
                     )),
                     true,

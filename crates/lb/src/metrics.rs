@@ -151,6 +151,8 @@ pub struct Metrics {
     pub worker_accepted: Family<WorkerLabels, Counter>,
     /// Accepted TCP connections handed to a less busy worker to serve.
     pub worker_handoffs: Counter,
+    /// The io_uring relay's counters (`proxy.io: uring`).
+    pub uring: crate::uring::Metrics,
 }
 
 impl Default for Metrics {
@@ -175,6 +177,7 @@ impl Default for Metrics {
             budget_in_use: Family::default(),
             worker_accepted: Family::default(),
             worker_handoffs: Counter::default(),
+            uring: crate::uring::Metrics::default(),
         }
     }
 }
@@ -266,6 +269,21 @@ impl Metrics {
             "worker_handoffs",
             "Accepted TCP connections a proxy worker handed to a less busy worker to serve (the accepting one served over a quarter more connections than it, plus one)",
             m.worker_handoffs.clone(),
+        );
+        r.register(
+            "uring_relays",
+            "TCP connections relayed on a proxy worker's io_uring (proxy.io: uring)",
+            m.uring.relays.clone(),
+        );
+        r.register(
+            "uring_fallbacks",
+            "TCP connections that proxy.io: uring could not put on an io_uring (not on a proxy worker, or io_uring unavailable) and tokio relayed",
+            m.uring.fallbacks.clone(),
+        );
+        r.register(
+            "uring_buffer_waits",
+            "Times a relay direction found every buffer of its worker's io_uring pool in use and waited for one",
+            m.uring.buffer_waits.clone(),
         );
         m
     }

@@ -157,6 +157,15 @@ pub(crate) struct BackendSet {
 }
 
 /// One service at run time.
+/// How a service's TCP connections are relayed once their first bytes passed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Relaying {
+    /// `splice(2)` for bulk transfers (tokio relay).
+    pub(crate) splice: bool,
+    /// The worker's io_uring ([`crate::uring`]).
+    pub(crate) uring: bool,
+}
+
 pub(crate) struct ServiceRt {
     pub(crate) name: String,
     pub(crate) spec: ArcSwap<Service>,
@@ -173,6 +182,8 @@ pub(crate) struct ServiceRt {
     pub(crate) panic_gauge: prometheus_client::metrics::gauge::Gauge,
     root: CancellationToken,
     pub(crate) use_splice: bool,
+    /// Relay on the worker's io_uring ([`crate::uring`]).
+    use_uring: bool,
     /// The node's budget and shortage accounting, shared by every service.
     pub(crate) node: Arc<NodeRt>,
     /// Open UDP sessions of this service.
@@ -260,7 +271,7 @@ impl ServiceRt {
         spec: &Service,
         metrics: &Metrics,
         root: &CancellationToken,
-        use_splice: bool,
+        relaying: Relaying,
         node: Arc<NodeRt>,
     ) -> Self {
         let l = ServiceLabels {
@@ -280,7 +291,8 @@ impl ServiceRt {
             pending_gauge: metrics.pending.get_or_create(&l).clone(),
             panic_gauge: metrics.panic.get_or_create(&l).clone(),
             root: root.clone(),
-            use_splice,
+            use_splice: relaying.splice,
+            use_uring: relaying.uring,
             node,
             udp_sessions: metrics.udp_sessions.get_or_create(&l).clone(),
         }
@@ -596,29 +608,60 @@ impl ServiceRt {
         if moved.to_client > 0 {
             be.metrics.bytes_to_client.inc_by(moved.to_client);
         }
+        let counters = relay::Counters {
+            to_backend: &be.metrics.bytes_to_backend,
+            to_client: &be.metrics.bytes_to_client,
+        };
+        let (client, backend) = if self.use_uring {
+            match crate::uring::relay(
+                client,
+                backend,
+                conn.idle_timeout,
+                &be.drain,
+                counters,
+                &self.metrics.uring,
+            )
+            .await
+            {
+                // the ring closed both sockets (the client with a reset after a backend error)
+                Ok((end, _)) => {
+                    self.backend_ended(&be, &end);
+                    return drop(slot);
+                }
+                Err(back) => back,
+            }
+        } else {
+            (client, backend)
+        };
         let (end, _) = relay::relay(
             &client,
             &backend,
             conn.idle_timeout,
             &be.drain,
-            relay::Counters {
-                to_backend: &be.metrics.bytes_to_backend,
-                to_client: &be.metrics.bytes_to_client,
-            },
+            counters,
             self.use_splice,
         )
         .await;
-        if let End::Error(Side::Backend, e) = &end {
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ) {
-                self.record_failure(&be);
-            }
+        if self.backend_ended(&be, &end) {
             // Pass the reset on rather than a clean close.
             let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
         }
         drop(slot);
+    }
+
+    /// Records a backend that reset or broke the relay as a failure; `true` when the backend
+    /// side failed (the client is then reset rather than closed cleanly).
+    fn backend_ended(&self, be: &BackendRt, end: &End) -> bool {
+        let End::Error(Side::Backend, e) = end else {
+            return false;
+        };
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ) {
+            self.record_failure(be);
+        }
+        true
     }
 
     /// Chooses a backend for a UDP session (no queue, no retries).

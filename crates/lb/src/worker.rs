@@ -194,6 +194,7 @@ fn start_one(index: usize, stop: CancellationToken) -> Result<Handle, Error> {
     std::thread::Builder::new()
         .name(format!("proxy-{index}"))
         .spawn(move || {
+            crate::uring::mark_worker_thread();
             rt.block_on(async {
                 tokio::select! {
                     () = stop.cancelled() => {}

@@ -43,7 +43,9 @@ async fn large_transfer(splice: bool) {
         .unwrap();
     assert_eq!(writer.await.unwrap(), back.len());
     assert_eq!(checksum(&back), sent, "echo differs");
-    if splice {
+    if uring() {
+        assert!(h.metric("portico_lb_uring_relays_total") >= 1, "the ring relayed nothing");
+    } else if splice {
         assert!(
             lb::relay::spliced_bytes() >= 16 << 20,
             "splice path did not run: {} bytes spliced",

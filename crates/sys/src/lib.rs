@@ -20,6 +20,9 @@
 //!   (the kernel path's health changes).
 //! * [`nftables`]: libnftables loaded with `dlopen` (no link-time dependency), one context
 //!   running nft batches in-process for the kernel path.
+//! * [`uring`]: an io_uring with a ring of provided buffers for the proxy's relay; it closes
+//!   a socket only when no operation on it is in flight and recycles a buffer only when no
+//!   send reads it.
 //! * `netlink` (crate-private): the netlink plumbing of [`conntrack`], [`nft_set`] and the
 //!   address requests (headers, attributes, acknowledgements, sockets), and the tokio
 //!   registration and receive loop of [`PacketSocket`] and the conntrack event socket.
@@ -32,6 +35,7 @@ pub mod nft_set;
 pub mod nftables;
 pub mod tcp_md5;
 pub mod ttl;
+pub mod uring;
 
 use std::io;
 use std::net::IpAddr;

@@ -20,6 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// `PORTICO_TEST_PROXY_IO=uring` runs every harness's relays on the workers' io_uring
+/// (`scripts/test-all` runs the `lb` suite once each way).
+pub fn uring() -> bool {
+    std::env::var("PORTICO_TEST_PROXY_IO").as_deref() == Ok("uring")
+}
+
 pub fn config(services_yaml: &str) -> Arc<model::Config> {
     let src =
         format!("node:\n  name: test\nadmin:\n  listen: 127.0.0.1:1\nservices:\n{services_yaml}");
@@ -71,6 +77,7 @@ impl Harness {
                 kernel_path: false.into(),
                 // every loopback test runs through two proxy workers (SO_REUSEPORT listeners)
                 workers: 2,
+                uring: uring(),
             },
         );
         let (dtx, drx) = watch::channel(Arc::new(Desired {

@@ -1,0 +1,534 @@
+//! The relay on an io_uring (`proxy.io: uring`): once a connection's first bytes have passed,
+//! both sockets leave tokio for the ring of the proxy worker thread that serves them, and every
+//! receive and send after that is an entry in that ring. One `io_uring_enter` per turn of the
+//! worker's loop carries all the sends and receives the turn queued, instead of one `recvfrom`
+//! and one `sendto` per message.
+//!
+//! * One ring per proxy worker thread ([`crate::worker`]), made on its first relay, driven by a
+//!   task of that worker's runtime that waits for the ring's fd to be readable (completions
+//!   posted), handles every completion, and submits what they queued. A thread that is not a
+//!   proxy worker, or whose ring cannot be made (io_uring disabled by `kernel.io_uring_disabled`
+//!   or a seccomp profile), relays with [`crate::relay`] instead (logged once per thread,
+//!   counted in `portico_lb_uring_fallbacks`).
+//! * Receives land in 16 KiB buffers the kernel picks from the ring's pool (an idle connection
+//!   holds none); a direction whose peer is slow stops receiving while it holds
+//!   [`QUEUE_MAX`] buffers (back-pressure), and one that finds the pool empty waits for a
+//!   buffer to come back (`portico_lb_uring_buffer_waits`).
+//! * The same contract as [`crate::relay::relay`]: EOF shuts the other socket's write side
+//!   down (half-close both ways), the relay ends when both directions ended, on an error (the
+//!   client gets a reset when the backend failed), after `idle` without a byte, or on cancel;
+//!   bytes feed the backend's counters; keepalive on the backend socket once the relay has
+//!   lived [`crate::relay::KEEPALIVE_AFTER`]. No `splice`: bulk transfers are copied.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+
+use prometheus_client::metrics::counter::Counter;
+use sys::uring::{BufId, Completion, Done, Ring, Sock};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::{Counters, End, KEEPALIVE_AFTER, Side, Stats};
+
+/// Buffers in one worker's pool.
+const BUFFERS: u16 = 1024;
+/// Bytes per buffer (HAProxy's default `tune.bufsize`).
+const BUFFER_SIZE: u32 = 16 << 10;
+/// Buffers one direction holds before it stops receiving (64 KiB in flight per direction).
+pub const QUEUE_MAX: usize = 4;
+/// Bytes a direction moves before it adds them to the shared counters.
+const TALLY_FLUSH: u64 = 256 << 10;
+
+thread_local! {
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+    static ENGINE: RefCell<Local> = const { RefCell::new(Local::Unmade) };
+}
+
+/// Marks the current thread as a proxy worker (its runtime is single-threaded, so a ring in a
+/// thread-local is only ever touched from it).
+pub(crate) fn mark_worker_thread() {
+    WORKER.with(|w| w.set(true));
+}
+
+/// The io_uring relay's counters.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Connections relayed on a ring.
+    pub relays: Counter,
+    /// Connections that asked for the ring and were relayed by tokio instead.
+    pub fallbacks: Counter,
+    /// Times a direction found every buffer of its worker's pool in use and waited.
+    pub buffer_waits: Counter,
+}
+
+enum Local {
+    Unmade,
+    Unavailable,
+    Ready(Box<Engine>),
+}
+
+#[derive(Default)]
+struct Way {
+    queue: VecDeque<(BufId, usize, usize)>,
+    sending: bool,
+    receiving: bool,
+    waiting_buffer: bool,
+    eof: bool,
+    /// EOF passed on (or not needed): this direction is over.
+    done: bool,
+    moved: u64,
+    untallied: u64,
+}
+
+struct Pair {
+    generation: u32,
+    client: Sock,
+    backend: Sock,
+    /// 0: client → backend, 1: backend → client.
+    ways: [Way; 2],
+    counters: [Counter; 2],
+    result: Option<oneshot::Sender<(End, Stats)>>,
+}
+
+impl Pair {
+    fn src(&self, way: usize) -> Sock {
+        if way == 0 { self.client } else { self.backend }
+    }
+    fn dst(&self, way: usize) -> Sock {
+        if way == 0 { self.backend } else { self.client }
+    }
+    fn stats(&self) -> Stats {
+        Stats {
+            to_backend: self.ways[0].moved,
+            to_client: self.ways[1].moved,
+        }
+    }
+}
+
+/// A relay's place in its worker's engine.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct PairId {
+    index: u32,
+    generation: u32,
+}
+
+struct Engine {
+    ring: Ring,
+    pairs: Vec<Option<Pair>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    /// Directions waiting for a buffer to come back.
+    waiting: Vec<(PairId, usize)>,
+    completions: Vec<Completion>,
+    metrics: Metrics,
+}
+
+fn token(id: PairId, way: usize) -> u64 {
+    (u64::from(id.generation) << 32) | (u64::from(id.index) << 1) | way as u64
+}
+
+fn untoken(t: u64) -> (PairId, usize) {
+    (
+        PairId {
+            index: ((t & 0xffff_ffff) >> 1) as u32,
+            generation: (t >> 32) as u32,
+        },
+        (t & 1) as usize,
+    )
+}
+
+impl Engine {
+    fn pair(&mut self, id: PairId) -> Option<&mut Pair> {
+        self.pairs
+            .get_mut(id.index as usize)
+            .and_then(Option::as_mut)
+            .filter(|p| p.generation == id.generation)
+    }
+
+    fn add(
+        &mut self,
+        client: OwnedFd,
+        backend: OwnedFd,
+        counters: [Counter; 2],
+    ) -> (PairId, oneshot::Receiver<(End, Stats)>) {
+        let (tx, rx) = oneshot::channel();
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.pairs.push(None);
+            self.generations.push(0);
+            (self.pairs.len() - 1) as u32
+        });
+        let generation = self.generations[index as usize].wrapping_add(1);
+        self.generations[index as usize] = generation;
+        let pair = Pair {
+            generation,
+            client: self.ring.adopt(client),
+            backend: self.ring.adopt(backend),
+            ways: [Way::default(), Way::default()],
+            counters,
+            result: Some(tx),
+        };
+        self.pairs[index as usize] = Some(pair);
+        let id = PairId { index, generation };
+        self.receive(id, 0);
+        self.receive(id, 1);
+        (id, rx)
+    }
+
+    /// Arms a receive for `way` unless it is receiving, ended, or holds [`QUEUE_MAX`] buffers.
+    fn receive(&mut self, id: PairId, way: usize) {
+        let Some(p) = self.pair(id) else { return };
+        let w = &p.ways[way];
+        if w.receiving || w.eof || w.waiting_buffer || w.queue.len() >= QUEUE_MAX {
+            return;
+        }
+        let src = p.src(way);
+        p.ways[way].receiving = true;
+        if !self.ring.recv(src, token(id, way)) {
+            self.finish(id, End::Cancelled);
+        }
+    }
+
+    /// Sends the head of `way`'s queue unless a send is in flight; passes EOF on when drained.
+    fn send(&mut self, id: PairId, way: usize) {
+        let Some(p) = self.pair(id) else { return };
+        let dst = p.dst(way);
+        let w = &mut p.ways[way];
+        if w.sending {
+            return;
+        }
+        if let Some(&(buf, from, to)) = w.queue.front() {
+            w.sending = true;
+            if !self.ring.send(dst, buf, from, to, token(id, way)) {
+                self.finish(id, End::Cancelled);
+            }
+            return;
+        }
+        if w.eof && !w.done {
+            w.done = true;
+            let other_done = p.ways[1 - way].done;
+            if other_done {
+                // both directions over: closing sends the FIN (no shutdown needed)
+                self.finish(id, End::Closed);
+            } else if let Err(e) = self.ring.shutdown_write(dst) {
+                let side = if way == 0 { Side::Backend } else { Side::Client };
+                self.finish(id, End::Error(side, e));
+            }
+        }
+    }
+
+    fn handle(&mut self, c: Completion) {
+        let (id, way) = untoken(c.token);
+        let Some(p) = self.pair(id) else {
+            if let Done::Received { buf, .. } = c.done {
+                self.ring.give_back(buf);
+            }
+            return;
+        };
+        let (src_side, dst_side) = if way == 0 {
+            (Side::Client, Side::Backend)
+        } else {
+            (Side::Backend, Side::Client)
+        };
+        match c.done {
+            Done::Received { buf, len } => {
+                let w = &mut p.ways[way];
+                w.receiving = false;
+                w.queue.push_back((buf, 0, len));
+                w.moved += len as u64;
+                w.untallied += len as u64;
+                if w.untallied >= TALLY_FLUSH {
+                    p.counters[way].inc_by(std::mem::take(&mut w.untallied));
+                }
+                self.send(id, way);
+                self.receive(id, way);
+            }
+            Done::Eof => {
+                let w = &mut p.ways[way];
+                w.receiving = false;
+                w.eof = true;
+                self.send(id, way);
+            }
+            Done::NoBuffers => {
+                p.ways[way].receiving = false;
+                p.ways[way].waiting_buffer = true;
+                self.metrics.buffer_waits.inc();
+                self.waiting.push((id, way));
+            }
+            Done::RecvFailed(e) => self.finish(id, End::Error(src_side, e)),
+            Done::Sent(n) => {
+                let w = &mut p.ways[way];
+                w.sending = false;
+                let mut freed = None;
+                if let Some(head) = w.queue.front_mut() {
+                    head.1 += n;
+                    if head.1 >= head.2 {
+                        freed = Some(head.0);
+                        w.queue.pop_front();
+                    }
+                }
+                if let Some(buf) = freed {
+                    self.ring.give_back(buf);
+                    self.wake_waiting();
+                }
+                self.send(id, way);
+                self.receive(id, way);
+            }
+            Done::SendFailed(e) => self.finish(id, End::Error(dst_side, e)),
+        }
+    }
+
+    /// A buffer came back: the directions that waited for one receive again.
+    fn wake_waiting(&mut self) {
+        for (id, way) in std::mem::take(&mut self.waiting) {
+            if let Some(p) = self.pair(id) {
+                p.ways[way].waiting_buffer = false;
+                self.receive(id, way);
+            }
+        }
+    }
+
+    /// Ends a relay: its sockets are closed once nothing is in flight on them (the client with
+    /// a reset when the backend failed), its buffers come back, its caller learns how it ended.
+    fn finish(&mut self, id: PairId, end: End) {
+        let Some(mut p) = self.pairs.get_mut(id.index as usize).and_then(|slot| {
+            slot.take_if(|p| p.generation == id.generation)
+        }) else {
+            return;
+        };
+        self.free.push(id.index);
+        let reset_client = matches!(end, End::Error(Side::Backend, _));
+        self.ring.release(p.client, reset_client);
+        self.ring.release(p.backend, false);
+        for (way, w) in p.ways.iter_mut().enumerate() {
+            for (buf, _, _) in w.queue.drain(..) {
+                self.ring.give_back(buf);
+            }
+            if w.untallied > 0 {
+                p.counters[way].inc_by(w.untallied);
+            }
+        }
+        self.wake_waiting();
+        let stats = p.stats();
+        if let Some(tx) = p.result.take() {
+            let _ = tx.send((end, stats));
+        }
+    }
+
+    /// Handles every posted completion (and those the handling makes ready), then submits.
+    fn turn(&mut self) {
+        loop {
+            let mut batch = std::mem::take(&mut self.completions);
+            self.ring.complete(&mut batch);
+            if batch.is_empty() {
+                self.completions = batch;
+                break;
+            }
+            for c in batch.drain(..) {
+                self.handle(c);
+            }
+            self.completions = batch;
+        }
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!(error = %e, "io_uring submit failed; retried on the next turn");
+        }
+    }
+}
+
+/// Drives this worker's ring: each time completions are posted, handles them all and submits.
+async fn drive(completions: sys::uring::Completions) {
+    while completions.posted().await.is_ok() {
+        ENGINE.with_borrow_mut(|l| {
+            if let Local::Ready(e) = l {
+                e.turn();
+            }
+        });
+    }
+}
+
+/// Makes this thread's engine on first use. `false`: relay with tokio.
+fn ensure_engine(metrics: &Metrics) -> bool {
+    if !WORKER.with(Cell::get) {
+        return false;
+    }
+    ENGINE.with_borrow_mut(|l| match l {
+        Local::Ready(_) => true,
+        Local::Unavailable => false,
+        Local::Unmade => match Ring::new(BUFFERS, BUFFER_SIZE) {
+            Ok(ring) => {
+                let completions = match sys::uring::Completions::new(&ring) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, reason = "uringUnavailable", "cannot poll this worker's io_uring; it relays with tokio");
+                        *l = Local::Unavailable;
+                        return false;
+                    }
+                };
+                *l = Local::Ready(Box::new(Engine {
+                    ring,
+                    pairs: Vec::new(),
+                    generations: Vec::new(),
+                    free: Vec::new(),
+                    waiting: Vec::new(),
+                    completions: Vec::new(),
+                    metrics: metrics.clone(),
+                }));
+                tokio::spawn(drive(completions));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reason = "uringUnavailable", "proxy.io is uring but this worker cannot make an io_uring; it relays with tokio");
+                *l = Local::Unavailable;
+                false
+            }
+        },
+    })
+}
+
+/// Ends the relay if its future is dropped first (the caller was cancelled from outside).
+struct Abandon(Option<PairId>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        let Some(id) = self.0 else { return };
+        let _ = ENGINE.try_with(|l| {
+            if let Ok(mut l) = l.try_borrow_mut()
+                && let Local::Ready(e) = &mut *l
+            {
+                e.finish(id, End::Cancelled);
+                let _ = e.ring.submit();
+            }
+        });
+    }
+}
+
+/// Relays on this worker's ring until both sides closed, an error, `idle` without a byte, or
+/// `cancel`. `Err` hands the sockets back untouched when this thread cannot use a ring (the
+/// caller relays with [`crate::relay::relay`]).
+pub(crate) async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    idle: Duration,
+    cancel: &CancellationToken,
+    counters: Counters<'_>,
+    metrics: &Metrics,
+) -> Result<(End, Stats), (TcpStream, TcpStream)> {
+    if !ensure_engine(metrics) {
+        metrics.fallbacks.inc();
+        return Err((client, backend));
+    }
+    let (client, backend) = match (client.into_std(), backend.into_std()) {
+        (Ok(c), Ok(b)) => (OwnedFd::from(c), OwnedFd::from(b)),
+        (c, b) => {
+            // leaving tokio's poller failed (it never does for a registered socket): close both
+            drop((c, b));
+            return Ok((
+                End::Error(Side::Client, std::io::Error::other("socket left tokio")),
+                Stats::default(),
+            ));
+        }
+    };
+    let added = ENGINE.with_borrow_mut(|l| match l {
+        Local::Ready(e) => {
+            let (id, rx) = e.add(
+                client,
+                backend,
+                [counters.to_backend.clone(), counters.to_client.clone()],
+            );
+            e.turn();
+            Some((id, rx))
+        }
+        _ => None,
+    });
+    let Some((id, mut rx)) = added else {
+        return Ok((End::Cancelled, Stats::default()));
+    };
+    metrics.relays.inc();
+    let mut abandon = Abandon(Some(id));
+    let end = tokio::select! {
+        r = &mut rx => r.ok(),
+        () = watch(id, idle) => None,
+        () = cancel.cancelled() => None,
+    };
+    let done = match end {
+        Some(done) => done,
+        None => {
+            let why = if cancel.is_cancelled() {
+                End::Cancelled
+            } else {
+                End::Idle
+            };
+            ENGINE.with_borrow_mut(|l| {
+                if let Local::Ready(e) = l {
+                    e.finish(id, why);
+                    let _ = e.ring.submit();
+                }
+            });
+            rx.try_recv().unwrap_or((End::Cancelled, Stats::default()))
+        }
+    };
+    abandon.0 = None;
+    Ok(done)
+}
+
+/// Bytes the relay moved so far (`None`: it ended).
+fn moved(id: PairId) -> Option<u64> {
+    ENGINE.with_borrow_mut(|l| match l {
+        Local::Ready(e) => e.pair(id).map(|p| p.ways[0].moved + p.ways[1].moved),
+        _ => None,
+    })
+}
+
+/// Ends when no byte moved for `idle` (never with `idle` zero); turns keepalive on for the
+/// backend socket once the relay has lived [`KEEPALIVE_AFTER`] (see [`crate::relay`]).
+async fn watch(id: PairId, idle: Duration) {
+    let start = Instant::now();
+    let mut keepalive_at =
+        (idle.is_zero() || idle > KEEPALIVE_AFTER).then_some(start + KEEPALIVE_AFTER);
+    let tick = (!idle.is_zero()).then(|| (idle / 4).max(Duration::from_millis(10)));
+    let mut next_tick = tick.map(|t| start + t);
+    let mut seen = 0;
+    let mut last_change = start;
+    loop {
+        let wake = match (keepalive_at, next_tick) {
+            (Some(k), Some(t)) => k.min(t),
+            (Some(k), None) => k,
+            (None, Some(t)) => t,
+            (None, None) => return std::future::pending().await,
+        };
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        if keepalive_at.is_some_and(|k| now >= k) {
+            keepalive_at = None;
+            ENGINE.with_borrow_mut(|l| {
+                if let Local::Ready(e) = l
+                    && let Some(p) = e.pair(id)
+                {
+                    let backend = p.backend;
+                    e.ring.with_fd(backend, |fd| {
+                        let _ = socket2::SockRef::from(&fd)
+                            .set_tcp_keepalive(&crate::listen::keepalive());
+                    });
+                }
+            });
+        }
+        let (Some(t), Some(due)) = (tick, next_tick) else {
+            continue;
+        };
+        if now < due {
+            continue;
+        }
+        next_tick = Some(now + t);
+        let Some(now_seen) = moved(id) else {
+            return std::future::pending().await;
+        };
+        if now_seen != seen {
+            seen = now_seen;
+            last_change = now;
+        } else if now.duration_since(last_change) >= idle {
+            return;
+        }
+    }
+}

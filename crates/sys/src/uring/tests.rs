@@ -1,0 +1,133 @@
+//! The ring against real loopback TCP sockets.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+
+use super::{BufId, Completion, Done, Ring};
+
+/// A connected pair: (the end the ring adopts, the end the test drives).
+fn pair() -> (OwnedFd, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let outer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (inner, _) = l.accept().unwrap();
+    outer
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    (inner.into(), outer)
+}
+
+fn ring(count: u16) -> Option<Ring> {
+    match Ring::new(count, 4096) {
+        Ok(r) => Some(r),
+        Err(e) if std::env::var_os("PORTICO_CI").is_none() => {
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Waits for the next completion.
+fn next(r: &mut Ring) -> Completion {
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        r.submit_and_wait().unwrap();
+        r.complete(&mut out);
+        if !out.is_empty() {
+            assert_eq!(out.len(), 1, "one at a time here: {out:?}");
+            return out.pop().unwrap();
+        }
+    }
+    panic!("no completion");
+}
+
+#[test]
+fn bytes_received_in_a_provided_buffer_are_sent_from_it() {
+    let Some(mut r) = ring(8) else { return };
+    let (a, mut a_peer) = pair();
+    let (b, mut b_peer) = pair();
+    let (a, b) = (r.adopt(a), r.adopt(b));
+    assert!(r.recv(a, 1));
+    a_peer.write_all(b"hello").unwrap();
+    let c = next(&mut r);
+    assert_eq!(c.token, 1);
+    let Done::Received { buf, len } = c.done else {
+        panic!("{c:?}")
+    };
+    assert_eq!(len, 5);
+    assert!(r.send(b, buf, 0, len, 2));
+    // a give-back while the send reads the buffer waits for the send
+    r.give_back(buf);
+    let c = next(&mut r);
+    assert!(matches!(c.done, Done::Sent(5)), "{c:?}");
+    let mut got = [0u8; 5];
+    b_peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    // and the buffer is the kernel's again: sending from it is refused
+    assert!(!r.send(b, buf, 0, 1, 3));
+}
+
+#[test]
+fn eof_and_release_close_the_socket() {
+    let Some(mut r) = ring(8) else { return };
+    let (a, mut a_peer) = pair();
+    let a = r.adopt(a);
+    assert!(r.recv(a, 7));
+    a_peer.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(next(&mut r).done, Done::Eof));
+    r.release(a, false);
+    let mut rest = Vec::new();
+    a_peer.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // a released socket takes no operation
+    assert!(!r.recv(a, 8));
+}
+
+#[test]
+fn a_release_with_a_receive_in_flight_ends_it_before_closing() {
+    let Some(mut r) = ring(8) else { return };
+    let (a, mut a_peer) = pair();
+    let a = r.adopt(a);
+    assert!(r.recv(a, 1));
+    r.submit().unwrap();
+    r.release(a, true);
+    // the receive completes (the shutdown ended it), then the fd is closed with a reset
+    let c = next(&mut r);
+    assert_eq!(c.token, 1);
+    let mut buf = [0u8; 1];
+    let e = a_peer.read(&mut buf);
+    assert!(
+        matches!(&e, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset) || matches!(e, Ok(0)),
+        "{e:?}"
+    );
+    assert_eq!(r.busy(), 0);
+}
+
+#[test]
+fn no_free_buffer_is_reported_and_a_given_back_one_is_used_again() {
+    let Some(mut r) = ring(1) else { return };
+    let (a, mut a_peer) = pair();
+    let a = r.adopt(a);
+    a_peer.write_all(b"one").unwrap();
+    assert!(r.recv(a, 1));
+    let Done::Received { buf, .. } = next(&mut r).done else {
+        panic!()
+    };
+    a_peer.write_all(b"two").unwrap();
+    assert!(r.recv(a, 2));
+    assert!(matches!(next(&mut r).done, Done::NoBuffers));
+    r.give_back(buf);
+    assert!(r.recv(a, 3));
+    let c = next(&mut r);
+    assert!(
+        matches!(c.done, Done::Received { buf: BufId(0), len: 3 }),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn a_bad_shape_is_refused_with_the_rule() {
+    let e = Ring::new(3, 4096).err().unwrap().to_string();
+    assert!(e.contains("power of two"), "{e}");
+}
