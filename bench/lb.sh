@@ -19,6 +19,7 @@
 #   sudo ONLY="direct kernel" MODES="close" bench/lb.sh   # a row filter: systems and modes
 #   sudo SHARED_PORT=1 bench/lb.sh           # the kernel path uses backend port 80 as the proxies do
 #   sudo CT_TIME_WAIT=10 bench/lb.sh         # conntrack's TCP time-wait timeout in the node
+#   sudo ONLY="proxy1 uring1 haproxy1" bench/lb.sh  # uring1/uring2: the proxy with proxy.io: uring
 #   sudo DIAG=1 bench/lb.sh                   # per row: conntrack -S deltas, conntrack -C and
 #                                             # nf_conntrack_max (node), SYN retransmits (client),
 #                                             # TIME_WAIT sockets (be1), TCP segments the node
@@ -207,7 +208,7 @@ portico_config() { # NAME WORKERS HTTP_PORT IPERF_PORT ADMIN_PORT [FORWARDING]
   cat >"$WORK/portico-$1.yaml" <<PT
 node: {name: bench}
 admin: {listen: 127.0.0.1:$5}
-proxy: {workers: $2}
+proxy: {workers: $2${IO:+, io: $IO}}
 services:
   - name: web
     vips: [$VIP]
@@ -235,8 +236,13 @@ start_portico() { # NAME
 }
 portico_config w1 1 8001 9001 19441 proxy
 portico_config w2 2 8002 9002 19442 proxy
+# the same with proxy.io: uring (each worker relays on its io_uring)
+IO=uring portico_config u1 1 8003 9003 19444 proxy
+IO=uring portico_config u2 2 8004 9004 19445 proxy
 start_portico w1
 start_portico w2
+start_portico u1
+start_portico u2
 KERNEL=0
 portico_config kernel 1 8030 9030 19443 kernel
 if out=$("$PORTICO_BIN" check --config "$WORK/portico-kernel.yaml" 2>&1); then
@@ -256,17 +262,20 @@ wait_http() { # URL
 }
 URL_direct=http://$BE1_IP/
 URL_proxy1=http://$VIP:8001/ URL_proxy2=http://$VIP:8002/
+URL_uring1=http://$VIP:8003/ URL_uring2=http://$VIP:8004/
 URL_haproxy1=http://$VIP:8011/ URL_haproxy2=http://$VIP:8012/
 URL_ipvs=http://$VIP:8020/ URL_kernel=http://$VIP:8030/
 IPERF_direct=$BE1_IP:5201
 IPERF_proxy1=$VIP:9001 IPERF_proxy2=$VIP:9002
+IPERF_uring1=$VIP:9003 IPERF_uring2=$VIP:9004
 IPERF_haproxy1=$VIP:9011 IPERF_haproxy2=$VIP:9012
 IPERF_ipvs=$VIP:9020 IPERF_kernel=$VIP:9030
 PID_direct="" PID_ipvs=""
 PID_proxy1=$PT_w1_PID PID_proxy2=$PT_w2_PID
+PID_uring1=$PT_u1_PID PID_uring2=$PT_u2_PID
 PID_haproxy1=$HA1_PID PID_haproxy2=$HA2_PID
 PID_kernel=${PT_kernel_PID:-}
-SYSTEMS=(direct proxy1 haproxy1 proxy2 haproxy2)
+SYSTEMS=(direct proxy1 uring1 haproxy1 proxy2 uring2 haproxy2)
 ((IPVS)) && SYSTEMS+=(ipvs)
 ((KERNEL)) && SYSTEMS+=(kernel)
 if [[ -n $ONLY ]]; then
@@ -444,9 +453,10 @@ for line in open(path):
     per_round[(s, mode, f[10])] = float(f[6])
 med = lambda s, m, k: statistics.median(rows[(s, m)][k]) if rows[(s, m)][k] else float("nan")
 names = {"direct": "direct", "proxy1": "portico-proxy w1", "proxy2": "portico-proxy w2",
+         "uring1": "portico-uring w1", "uring2": "portico-uring w2",
          "haproxy1": "haproxy nbthread 1", "haproxy2": "haproxy nbthread 2", "ipvs": "ipvs (rr, masq)",
          "kernel": "portico-kernel"}
-ref = {"proxy1": "haproxy1", "proxy2": "haproxy2", "kernel": "haproxy2", "ipvs": "haproxy2"}
+ref = {"proxy1": "haproxy1", "proxy2": "haproxy2", "uring1": "haproxy1", "uring2": "haproxy2", "kernel": "haproxy2", "ipvs": "haproxy2"}
 systems = [s for s in names if any(k[0] == s for k in rows)]
 print(f"\nmedians of {rounds} rounds; wrk -d{dur}s --latency: keepalive -t1 -c{conns}, close -t1 -c{conns} "
       f"(Connection: close), c{many} -t2 -c{many}; iperf3 -t {dur} single stream")

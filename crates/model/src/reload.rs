@@ -19,7 +19,8 @@ use crate::service::Config;
 ///   identity in the membership protocol, once it gossips. `running` must be the
 ///   configuration the gossip started with: while it has no peers nothing uses these three,
 ///   so they may change (a node that gets its first peers by a reload starts gossip then);
-/// - `proxy.workers`: the balancer's worker threads start with the process.
+/// - `proxy.workers`, `proxy.io`: the balancer's worker threads and how they relay are set
+///   when the process starts.
 ///
 /// `cluster.peers` is not on the list: peers are applied live. Nor is anything under `bgp`
 /// (adding or removing the section included): the speaker always runs and a changed peer,
@@ -46,6 +47,7 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         // the balancer's worker threads are started once, with the process
         ("proxy.workers", a.proxy.workers != b.proxy.workers),
+        ("proxy.io", a.proxy.io != b.proxy.io),
     ];
     checks
         .into_iter()

@@ -45,6 +45,21 @@ pub struct Proxy {
     /// `VIP:port` (the kernel spreads new connections over them); `None`: one per CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<u32>,
+    /// How the workers move a connection's bytes once its first bytes passed.
+    #[serde(default)]
+    pub io: ProxyIo,
+}
+
+/// The proxy workers' relay (`proxy.io`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyIo {
+    /// tokio's `read` / `write`, `splice(2)` for bulk transfers.
+    #[default]
+    Epoll,
+    /// Each worker's io_uring: receives and sends batched into one system call per turn of
+    /// the worker's loop; bulk transfers are copied (no `splice`).
+    Uring,
 }
 
 impl Proxy {

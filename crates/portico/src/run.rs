@@ -100,12 +100,14 @@ pub async fn serve(
         || std::thread::available_parallelism().map_or(1, usize::from),
         |n| n as usize,
     );
-    info!(workers, "proxy workers");
+    let uring = cfg.proxy.io == model::ProxyIo::Uring;
+    info!(workers, io = ?cfg.proxy.io, "proxy workers");
     let lb = lb::LoadBalancer::with_options(
         &mut registry,
         lb::Options {
             kernel_path,
             workers,
+            uring,
             ..lb::Options::default()
         },
     );

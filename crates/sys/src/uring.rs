@@ -177,6 +177,7 @@ impl Ring {
         }
         let ring = IoUring::builder()
             .setup_single_issuer()
+            .setup_coop_taskrun()
             .setup_clamp()
             .setup_cqsize(u32::from(count).max(1024) * 4)
             .build(1024)

@@ -121,8 +121,15 @@ fn decode_proxy(cx: &mut Cx, n: &Node, p: &str) -> Option<Proxy> {
             v => u32::try_from(v).ok(),
         }
     });
+    let io = m
+        .opt(
+            cx,
+            "io",
+            one_of(&[("epoll", ProxyIo::Epoll), ("uring", ProxyIo::Uring)]),
+        )
+        .unwrap_or_default();
     m.finish(cx);
-    Some(Proxy { workers })
+    Some(Proxy { workers, io })
 }
 
 // `Node` the YAML tree type and `Node` the config type share a name; alias the latter here.
