@@ -107,6 +107,9 @@ pub struct Options {
     /// tokio's `read`/`write`/`splice` (default: off). Needs workers (a thread that is not a
     /// proxy worker relays with tokio).
     pub uring: bool,
+    /// Buffers in each worker's io_uring pool (16 KiB each; a power of two, default
+    /// [`uring::BUFFERS`]). Tests make it small to run the pool dry.
+    pub uring_buffers: u16,
 }
 
 impl Default for Options {
@@ -118,6 +121,7 @@ impl Default for Options {
             kernel_path: model::KernelSupport::default(),
             workers: 0,
             uring: false,
+            uring_buffers: uring::BUFFERS,
         }
     }
 }
@@ -404,7 +408,7 @@ impl LoadBalancer {
                         &inner.conns_root,
                         crate::service::Relaying {
                             splice: inner.opts.splice,
-                            uring: inner.opts.uring,
+                            uring: inner.opts.uring.then_some(inner.opts.uring_buffers),
                         },
                         inner.node.clone(),
                     )),

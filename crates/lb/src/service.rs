@@ -162,8 +162,8 @@ pub(crate) struct BackendSet {
 pub(crate) struct Relaying {
     /// `splice(2)` for bulk transfers (tokio relay).
     pub(crate) splice: bool,
-    /// The worker's io_uring ([`crate::uring`]).
-    pub(crate) uring: bool,
+    /// The worker's io_uring ([`crate::uring`]), with this many buffers in its pool.
+    pub(crate) uring: Option<u16>,
 }
 
 pub(crate) struct ServiceRt {
@@ -182,8 +182,8 @@ pub(crate) struct ServiceRt {
     pub(crate) panic_gauge: prometheus_client::metrics::gauge::Gauge,
     root: CancellationToken,
     pub(crate) use_splice: bool,
-    /// Relay on the worker's io_uring ([`crate::uring`]).
-    use_uring: bool,
+    /// Relay on the worker's io_uring ([`crate::uring`]) with this many buffers.
+    use_uring: Option<u16>,
     /// The node's budget and shortage accounting, shared by every service.
     pub(crate) node: Arc<NodeRt>,
     /// Open UDP sessions of this service.
@@ -612,7 +612,7 @@ impl ServiceRt {
             to_backend: &be.metrics.bytes_to_backend,
             to_client: &be.metrics.bytes_to_client,
         };
-        let (client, backend) = if self.use_uring {
+        let (client, backend) = if let Some(buffers) = self.use_uring {
             match crate::uring::relay(
                 client,
                 backend,
@@ -620,6 +620,7 @@ impl ServiceRt {
                 &be.drain,
                 counters,
                 &self.metrics.uring,
+                buffers,
             )
             .await
             {

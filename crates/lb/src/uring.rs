@@ -12,8 +12,9 @@
 //!   counted in `portico_lb_uring_fallbacks`).
 //! * Receives land in 16 KiB buffers the kernel picks from the ring's pool (an idle connection
 //!   holds none); a direction whose peer is slow stops receiving while it holds
-//!   [`QUEUE_MAX`] buffers (back-pressure), and one that finds the pool empty waits for a
-//!   buffer to come back (`portico_lb_uring_buffer_waits`).
+//!   [`QUEUE_MAX`] buffers (back-pressure). One that finds the pool empty
+//!   (`portico_lb_uring_buffer_waits`) receives into a spare buffer of the ring's instead, so
+//!   slow peers that hold the pool never stall the other relays.
 //! * The same contract as [`crate::relay::relay`]: EOF shuts the other socket's write side
 //!   down (half-close both ways), the relay ends when both directions ended, on an error (the
 //!   client gets a reset when the backend failed), after `idle` without a byte, or on cancel;
@@ -33,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::relay::{Counters, End, KEEPALIVE_AFTER, Side, Stats};
 
-/// Buffers in one worker's pool.
-const BUFFERS: u16 = 1024;
+/// Buffers in one worker's pool by default (16 MiB).
+pub const BUFFERS: u16 = 1024;
 /// Bytes per buffer (HAProxy's default `tune.bufsize`).
 const BUFFER_SIZE: u32 = 16 << 10;
 /// Buffers one direction holds before it stops receiving (64 KiB in flight per direction).
@@ -179,9 +180,24 @@ impl Engine {
 
     /// Arms a receive for `way` unless it is receiving, ended, or holds [`QUEUE_MAX`] buffers.
     fn receive(&mut self, id: PairId, way: usize) {
-        let Some(p) = self.pair(id) else { return };
+        let ring = &self.ring;
+        let Some(p) = self
+            .pairs
+            .get_mut(id.index as usize)
+            .and_then(Option::as_mut)
+            .filter(|p| p.generation == id.generation)
+        else {
+            return;
+        };
         let w = &p.ways[way];
-        if w.receiving || w.eof || w.waiting_buffer || w.queue.len() >= QUEUE_MAX {
+        // a direction that holds a spare receives again only once it sent it: one spare per
+        // direction at most (its own buffer, as in a copy relay)
+        let limit = if w.queue.iter().any(|&(b, _, _)| ring.is_spare(b)) {
+            1
+        } else {
+            QUEUE_MAX
+        };
+        if w.receiving || w.eof || w.waiting_buffer || w.queue.len() >= limit {
             return;
         }
         let src = p.src(way);
@@ -213,7 +229,11 @@ impl Engine {
                 // both directions over: closing sends the FIN (no shutdown needed)
                 self.finish(id, End::Closed);
             } else if let Err(e) = self.ring.shutdown_write(dst) {
-                let side = if way == 0 { Side::Backend } else { Side::Client };
+                let side = if way == 0 {
+                    Side::Backend
+                } else {
+                    Side::Client
+                };
                 self.finish(id, End::Error(side, e));
             }
         }
@@ -252,10 +272,17 @@ impl Engine {
                 self.send(id, way);
             }
             Done::NoBuffers => {
-                p.ways[way].receiving = false;
-                p.ways[way].waiting_buffer = true;
+                // the pool is dry: receive into a spare (the ring has as many as the pool);
+                // only when those are all in use too, wait for a buffer to come back
+                let src = p.src(way);
                 self.metrics.buffer_waits.inc();
-                self.waiting.push((id, way));
+                if !self.ring.recv_spare(src, c.token) {
+                    if let Some(p) = self.pair(id) {
+                        p.ways[way].receiving = false;
+                        p.ways[way].waiting_buffer = true;
+                    }
+                    self.waiting.push((id, way));
+                }
             }
             Done::RecvFailed(e) => self.finish(id, End::Error(src_side, e)),
             Done::Sent(n) => {
@@ -293,9 +320,11 @@ impl Engine {
     /// Ends a relay: its sockets are closed once nothing is in flight on them (the client with
     /// a reset when the backend failed), its buffers come back, its caller learns how it ended.
     fn finish(&mut self, id: PairId, end: End) {
-        let Some(mut p) = self.pairs.get_mut(id.index as usize).and_then(|slot| {
-            slot.take_if(|p| p.generation == id.generation)
-        }) else {
+        let Some(mut p) = self
+            .pairs
+            .get_mut(id.index as usize)
+            .and_then(|slot| slot.take_if(|p| p.generation == id.generation))
+        else {
             return;
         };
         self.free.push(id.index);
@@ -348,15 +377,16 @@ async fn drive(completions: sys::uring::Completions) {
     }
 }
 
-/// Makes this thread's engine on first use. `false`: relay with tokio.
-fn ensure_engine(metrics: &Metrics) -> bool {
+/// Makes this thread's engine on first use (with `buffers` in its pool; the first relay's
+/// count holds for the thread's life). `false`: relay with tokio.
+fn ensure_engine(metrics: &Metrics, buffers: u16) -> bool {
     if !WORKER.with(Cell::get) {
         return false;
     }
     ENGINE.with_borrow_mut(|l| match l {
         Local::Ready(_) => true,
         Local::Unavailable => false,
-        Local::Unmade => match Ring::new(BUFFERS, BUFFER_SIZE) {
+        Local::Unmade => match Ring::new(buffers, BUFFER_SIZE) {
             Ok(ring) => {
                 let completions = match sys::uring::Completions::new(&ring) {
                     Ok(c) => c,
@@ -414,8 +444,9 @@ pub(crate) async fn relay(
     cancel: &CancellationToken,
     counters: Counters<'_>,
     metrics: &Metrics,
+    buffers: u16,
 ) -> Result<(End, Stats), (TcpStream, TcpStream)> {
-    if !ensure_engine(metrics) {
+    if !ensure_engine(metrics, buffers) {
         metrics.fallbacks.inc();
         return Err((client, backend));
     }

@@ -44,7 +44,10 @@ async fn large_transfer(splice: bool) {
     assert_eq!(writer.await.unwrap(), back.len());
     assert_eq!(checksum(&back), sent, "echo differs");
     if uring() {
-        assert!(h.metric("portico_lb_uring_relays_total") >= 1, "the ring relayed nothing");
+        assert!(
+            h.metric("portico_lb_uring_relays_total") >= 1,
+            "the ring relayed nothing"
+        );
     } else if splice {
         assert!(
             lb::relay::spliced_bytes() >= 16 << 20,

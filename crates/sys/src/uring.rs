@@ -14,8 +14,11 @@
 //!   rather than freed under the kernel.
 //!
 //! Receives are single-shot with `IOSQE_BUFFER_SELECT`, so the caller controls back-pressure by
-//! not re-arming a direction whose peer is slow. `-ENOBUFS` (every buffer in use) is reported as
-//! [`Done::NoBuffers`]; the caller re-arms after giving buffers back.
+//! not re-arming a direction whose peer is slow. `-ENOBUFS` (every pool buffer in use) is
+//! reported as [`Done::NoBuffers`]; the caller then receives into a spare buffer
+//! ([`Ring::recv_spare`]: one the ring allocates outside the kernel's pool and keeps for
+//! reuse), so a pool that stuck peers hold never stops a relay (each direction can always
+//! receive into one buffer, as a copy relay with its own buffer would).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -36,7 +39,9 @@ pub enum Error {
     #[error("cannot register io_uring provided buffers (needs Linux 5.19 or later): {0}")]
     Buffers(#[source] io::Error),
     /// Buffer count not a power of two in 1..=32768, or a size of 0.
-    #[error("io_uring buffers: {count} of {size} bytes; the count must be a power of two up to 32768 and the size above 0")]
+    #[error(
+        "io_uring buffers: {count} of {size} bytes; the count must be a power of two up to 32768 and the size above 0"
+    )]
     Shape {
         /// Buffers asked for.
         count: u16,
@@ -95,6 +100,10 @@ enum BufState {
     Lent,
     /// A send reads it; `back`: give it back when the send completes.
     Sending { back: bool },
+    /// A spare: free (not the kernel's: the ring hands it out itself).
+    Spare,
+    /// A spare a receive writes into.
+    Receiving,
 }
 
 struct Slot {
@@ -108,6 +117,7 @@ struct Slot {
 #[derive(Clone, Copy)]
 enum Kind {
     Recv,
+    RecvSpare(u16),
     Send(u16),
 }
 
@@ -159,7 +169,11 @@ pub struct Ring {
     /// Local copy of the buffer ring's tail, published with [`Ring::publish`].
     tail: u16,
     dirty: bool,
+    /// Per buffer id: the pool's `count` first, then the spares.
     state: Vec<BufState>,
+    /// Spare buffers (ids `count..`), allocated on first need, kept for reuse.
+    spares: Vec<Box<[u8]>>,
+    free_spares: Vec<u16>,
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     ops: Vec<Option<Op>>,
@@ -201,6 +215,8 @@ impl Ring {
             tail: 0,
             dirty: false,
             state: vec![BufState::Lent; usize::from(count)],
+            spares: Vec::new(),
+            free_spares: Vec::new(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             ops: Vec::new(),
@@ -262,7 +278,9 @@ impl Ring {
 
     /// The socket's fd, for socket options.
     pub fn with_fd<R>(&self, sock: Sock, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
-        self.live(sock).and_then(|s| s.fd.as_ref()).map(|fd| f(fd.as_fd()))
+        self.live(sock)
+            .and_then(|s| s.fd.as_ref())
+            .map(|fd| f(fd.as_fd()))
     }
 
     fn push_op(&mut self, sock: Sock, token: u64, kind: Kind) -> Option<u64> {
@@ -312,6 +330,9 @@ impl Ring {
         if self.state.get(b) != Some(&BufState::Lent) || from >= to || to > self.size as usize {
             return false;
         }
+        if self.address(b, 0).is_null() {
+            return false;
+        }
         let Some(user_data) = self.push_op(sock, token, Kind::Send(buf.0)) else {
             return false;
         };
@@ -321,10 +342,7 @@ impl Ring {
             .as_ref()
             .map(AsRawFd::as_raw_fd)
             .unwrap_or(-1);
-        // SAFETY: inside the buffer region (checked above); the buffer stays untouched until
-        // this send completes (state `Sending`).
-        #[allow(unsafe_code)]
-        let ptr = unsafe { self.buffers.ptr.add(b * self.size as usize + from) };
+        let ptr = self.address(b, from);
         let e = opcode::Send::new(types::Fd(fd), ptr, (to - from) as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
@@ -333,10 +351,68 @@ impl Ring {
         true
     }
 
-    /// Gives a lent buffer back to the kernel (after its send, if one reads it).
+    /// Whether `buf` is a spare (not one of the kernel's pool).
+    pub fn is_spare(&self, buf: BufId) -> bool {
+        buf.0 >= self.count
+    }
+
+    /// Where byte `from` of buffer `b` is (null for an id that names no buffer).
+    fn address(&mut self, b: usize, from: usize) -> *mut u8 {
+        let count = usize::from(self.count);
+        if b < count {
+            // SAFETY: buffer `b` of `count` in the buffer region, `from` < `size`.
+            #[allow(unsafe_code)]
+            unsafe {
+                self.buffers.ptr.add(b * self.size as usize + from)
+            }
+        } else {
+            self.spares
+                .get_mut(b - count)
+                .map_or(std::ptr::null_mut(), |s| s[from..].as_mut_ptr())
+        }
+    }
+
+    /// Queues a receive into a spare buffer (after [`Done::NoBuffers`]). `false`: the socket
+    /// is not live, or the ring's buffer ids ran out (65,535 buffers in all). The caller bounds
+    /// how many spares it holds (the relay: one per direction).
+    pub fn recv_spare(&mut self, sock: Sock, token: u64) -> bool {
+        let id = match self.free_spares.pop() {
+            Some(id) => id,
+            None if usize::from(self.count) + self.spares.len() < usize::from(u16::MAX) => {
+                self.spares
+                    .push(vec![0u8; self.size as usize].into_boxed_slice());
+                self.state.push(BufState::Spare);
+                (usize::from(self.count) + self.spares.len() - 1) as u16
+            }
+            None => return false,
+        };
+        let Some(user_data) = self.push_op(sock, token, Kind::RecvSpare(id)) else {
+            self.free_spares.push(id);
+            return false;
+        };
+        self.state[usize::from(id)] = BufState::Receiving;
+        let fd = self.slots[sock.index as usize]
+            .fd
+            .as_ref()
+            .map(AsRawFd::as_raw_fd)
+            .unwrap_or(-1);
+        let ptr = self.address(usize::from(id), 0);
+        let e = opcode::Recv::new(types::Fd(fd), ptr, self.size)
+            .build()
+            .user_data(user_data);
+        self.queued.push(e);
+        true
+    }
+
+    /// Gives a lent buffer back to the kernel's pool, or a spare back to the ring (after its
+    /// send, if one reads it).
     pub fn give_back(&mut self, buf: BufId) {
         let b = usize::from(buf.0);
         match self.state.get(b).copied() {
+            Some(BufState::Lent) if b >= usize::from(self.count) => {
+                self.state[b] = BufState::Spare;
+                self.free_spares.push(buf.0);
+            }
             Some(BufState::Lent) => {
                 let mask = self.count - 1;
                 // SAFETY: `tail & mask` < `count` entries in the page-aligned entry region.
@@ -353,7 +429,7 @@ impl Ring {
                 self.dirty = true;
             }
             Some(BufState::Sending { .. }) => self.state[b] = BufState::Sending { back: true },
-            Some(BufState::Kernel) | None => {}
+            Some(BufState::Kernel | BufState::Spare | BufState::Receiving) | None => {}
         }
     }
 
@@ -494,6 +570,22 @@ impl Ring {
                         (n, None) => Done::RecvFailed(errno(n)),
                     }
                 }
+                Kind::RecvSpare(id) => {
+                    self.state[usize::from(id)] = BufState::Lent;
+                    let buf = BufId(id);
+                    if res > 0 && !released {
+                        Done::Received {
+                            buf,
+                            len: res as usize,
+                        }
+                    } else {
+                        self.give_back(buf);
+                        match res {
+                            0.. => Done::Eof,
+                            n => Done::RecvFailed(errno(n)),
+                        }
+                    }
+                }
                 Kind::Send(b) => {
                     let b = usize::from(b);
                     let back = matches!(self.state[b], BufState::Sending { back: true });
@@ -566,6 +658,7 @@ impl Drop for Ring {
             }
         }
         // Operations the kernel still holds may write into the buffers: leak them.
+        std::mem::forget(std::mem::take(&mut self.spares));
         std::mem::forget(std::mem::replace(&mut self.buffers, Region::new(0)));
         std::mem::forget(std::mem::replace(&mut self.entries, Region::new(0)));
     }

@@ -66,20 +66,30 @@ impl Harness {
     }
 
     async fn start_opts(services_yaml: &str, splice: bool, budget: lb::budget::Budget) -> Self {
+        Self::start_tuned(services_yaml, |o| {
+            o.splice = splice;
+            o.budget = budget;
+        })
+        .await
+    }
+
+    /// With the harness's options changed by `tune` (the binder stays the loopback one).
+    pub async fn start_tuned(services_yaml: &str, tune: impl FnOnce(&mut Options)) -> Self {
         let binder = Arc::new(LoopbackBinder::default());
         let mut registry = Registry::default();
-        let lb = LoadBalancer::with_options(
-            &mut registry,
-            Options {
-                binder: binder.clone(),
-                splice,
-                budget,
-                kernel_path: false.into(),
-                // every loopback test runs through two proxy workers (SO_REUSEPORT listeners)
-                workers: 2,
-                uring: uring(),
-            },
-        );
+        let mut opts = Options {
+            binder: binder.clone(),
+            splice: true,
+            budget: lb::budget::Budget::from_nofile(1 << 16),
+            kernel_path: false.into(),
+            // every loopback test runs through two proxy workers (SO_REUSEPORT listeners)
+            workers: 2,
+            uring: uring(),
+            uring_buffers: lb::uring::BUFFERS,
+        };
+        tune(&mut opts);
+        opts.binder = binder.clone();
+        let lb = LoadBalancer::with_options(&mut registry, opts);
         let (dtx, drx) = watch::channel(Arc::new(Desired {
             generation: 1,
             config: config(services_yaml),

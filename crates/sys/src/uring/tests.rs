@@ -98,7 +98,8 @@ fn a_release_with_a_receive_in_flight_ends_it_before_closing() {
     let mut buf = [0u8; 1];
     let e = a_peer.read(&mut buf);
     assert!(
-        matches!(&e, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset) || matches!(e, Ok(0)),
+        matches!(&e, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+            || matches!(e, Ok(0)),
         "{e:?}"
     );
     assert_eq!(r.busy(), 0);
@@ -121,7 +122,13 @@ fn no_free_buffer_is_reported_and_a_given_back_one_is_used_again() {
     assert!(r.recv(a, 3));
     let c = next(&mut r);
     assert!(
-        matches!(c.done, Done::Received { buf: BufId(0), len: 3 }),
+        matches!(
+            c.done,
+            Done::Received {
+                buf: BufId(0),
+                len: 3
+            }
+        ),
         "{c:?}"
     );
 }
@@ -130,4 +137,40 @@ fn no_free_buffer_is_reported_and_a_given_back_one_is_used_again() {
 fn a_bad_shape_is_refused_with_the_rule() {
     let e = Ring::new(3, 4096).err().unwrap().to_string();
     assert!(e.contains("power of two"), "{e}");
+}
+
+#[test]
+fn a_dry_pool_hands_out_spares_that_come_back_for_reuse() {
+    let Some(mut r) = ring(1) else { return };
+    let (a, mut a_peer) = pair();
+    let a = r.adopt(a);
+    a_peer.write_all(b"pool").unwrap();
+    assert!(r.recv(a, 1));
+    let Done::Received { buf: pooled, .. } = next(&mut r).done else {
+        panic!()
+    };
+    a_peer.write_all(b"spare").unwrap();
+    assert!(r.recv_spare(a, 2));
+    let c = next(&mut r);
+    let Done::Received { buf: spare, len: 5 } = c.done else {
+        panic!("{c:?}")
+    };
+    assert_ne!(spare, pooled);
+    assert!(r.is_spare(spare) && !r.is_spare(pooled));
+    // a spare given back is handed out again, and sends work from spares
+    let (b, mut b_peer) = pair();
+    let b = r.adopt(b);
+    assert!(r.send(b, spare, 0, 5, 4));
+    assert!(matches!(next(&mut r).done, Done::Sent(5)));
+    let mut got = [0u8; 5];
+    b_peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"spare");
+    r.give_back(spare);
+    assert!(r.recv_spare(a, 5));
+    a_peer.write_all(b"again").unwrap();
+    let c = next(&mut r);
+    assert!(
+        matches!(c.done, Done::Received { buf, len: 5 } if buf == spare),
+        "{c:?}"
+    );
 }
