@@ -525,6 +525,22 @@ mod mysql_login_and_shutdown {
         let got = errors("proxy: {threads: 2}\n");
         assert_eq!(got.len(), 1, "{got:?}");
     }
+
+    #[test]
+    fn proxy_io_defaults_to_epoll_and_a_typo_names_the_field_and_the_choices() {
+        let cfg = parse("", &Environment::default()).unwrap();
+        assert_eq!(cfg.proxy.io, crate::ProxyIo::Epoll);
+        let cfg = parse("proxy: {io: uring}\n", &Environment::default()).unwrap();
+        assert_eq!(cfg.proxy.io, crate::ProxyIo::Uring);
+        let got = parse("proxy: {io: io_uring}\n", &Environment::default())
+            .unwrap_err()
+            .0;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            got[0].to_string(),
+            "proxy.io: `io_uring` is not valid; use one of epoll, uring (line 1, column 13)"
+        );
+    }
 }
 
 mod forwarding {
