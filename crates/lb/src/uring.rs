@@ -346,25 +346,38 @@ impl Engine {
         }
     }
 
-    /// Handles every posted completion (and those the handling makes ready), then submits.
+    /// Handles every posted completion, submits what that queued, and goes on while the
+    /// submission itself completed more (sends to a socket with room complete inside
+    /// `io_uring_enter`): one wake-up of the worker serves them all, at most [`TURN_ROUNDS`]
+    /// rounds so the worker's other tasks (accepts) still run.
     fn turn(&mut self) {
-        loop {
+        for _ in 0..TURN_ROUNDS {
             let mut batch = std::mem::take(&mut self.completions);
             self.ring.complete(&mut batch);
-            if batch.is_empty() {
-                self.completions = batch;
-                break;
-            }
+            let handled = batch.len();
             for c in batch.drain(..) {
                 self.handle(c);
             }
             self.completions = batch;
+            if self.ring.queued() == 0 {
+                if handled == 0 {
+                    return;
+                }
+                continue;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "io_uring submit failed; retried on the next turn");
+                return;
+            }
         }
-        if let Err(e) = self.ring.submit() {
-            tracing::warn!(error = %e, "io_uring submit failed; retried on the next turn");
+        if self.ring.queued() > 0 {
+            let _ = self.ring.submit();
         }
     }
 }
+
+/// Rounds of complete-and-submit one wake-up of the worker's ring task runs at most.
+const TURN_ROUNDS: usize = 8;
 
 /// Drives this worker's ring: each time completions are posted, handles them all and submits.
 async fn drive(completions: sys::uring::Completions) {

@@ -240,6 +240,11 @@ impl Ring {
         }
     }
 
+    /// Operations queued and not yet submitted.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
     /// Operations in flight or queued.
     pub fn busy(&self) -> usize {
         self.in_flight + self.queued.len()
