@@ -415,22 +415,7 @@ fn a_running_instance_serves_admin_status_reloads_and_stops_on_sigterm() {
 
     // Metrics carry the applied generation (set by a task that follows the balancer, so it
     // may trail `/status` by a wake-up).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let out = Command::new("curl")
-            .args(["-s", &format!("http://{}/metrics", running.admin)])
-            .output()
-            .expect("curl runs");
-        let m = String::from_utf8_lossy(&out.stdout);
-        if m.contains("portico_config_generation 3") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no portico_config_generation 3 within 5 s: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    running.wait_metric("portico_config_generation", 3.0);
 
     // SIGTERM: graceful, exit 0.
     let mut running = running;
@@ -471,6 +456,27 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+#[test]
+fn proxy_io_uring_relays_on_the_workers_io_uring() {
+    let dir = TempDir::new("uring");
+    let cfg = dir.0.join("portico.yaml");
+    let (vip_port, backend) = (free_port("127.0.0.77"), echo_backend());
+    let yaml = format!(
+        "{}proxy: {{workers: 1, io: uring}}\n",
+        config("0", vip_port.into(), backend, 1)
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let running = Running::start(&cfg);
+    running.wait_for("ready", |s| s["ready"] == true);
+    let mut conn = connect(vip_port);
+    // the first line passes before the relay starts, the rest through the ring
+    for line in ["hello", "through the ring", "and back"] {
+        assert_eq!(ask(&mut conn, line), format!("echo {line}"));
+    }
+    running.wait_metric("portico_lb_uring_relays_total", 1.0);
+    assert_eq!(running.metric("portico_lb_uring_fallbacks_total"), Some(0.0));
 }
 
 #[test]
