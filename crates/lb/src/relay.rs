@@ -146,6 +146,9 @@ pub enum Side {
 pub enum End {
     /// Both directions reached EOF.
     Closed,
+    /// Handed over: the connection proved long-lived (`promote_after` messages relayed) while
+    /// no byte was held here; the caller moves both sockets to the io_uring relay.
+    Handover,
     /// No byte moved for the idle timeout.
     Idle,
     /// Cancelled (drain deadline or shutdown).
@@ -159,6 +162,7 @@ impl End {
     pub fn as_str(&self) -> &'static str {
         match self {
             End::Closed => "closed",
+            End::Handover => "handover",
             End::Idle => "idleTimeout",
             End::Cancelled => "cancelled",
             End::Error(Side::Client, _) => "clientError",
@@ -185,7 +189,9 @@ pub struct Counters<'a> {
     pub to_client: &'a Counter,
 }
 
-/// Relays until both sides closed, an error, `idle` without traffic, or `cancel`.
+/// Relays until both sides closed, an error, `idle` without traffic, or `cancel` — or, with
+/// `promote_after`, until that many messages (reads passed on, both ways) have been relayed and
+/// neither direction holds a byte nor splices: then [`End::Handover`].
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
@@ -193,8 +199,12 @@ pub async fn relay(
     cancel: &CancellationToken,
     counters: Counters<'_>,
     use_splice: bool,
+    promote_after: Option<u32>,
 ) -> (End, Stats) {
-    let progress = Progress::default();
+    let progress = Progress {
+        promote_after: promote_after.unwrap_or(u32::MAX),
+        ..Progress::default()
+    };
     let up = one_way(
         client,
         backend,
@@ -219,6 +229,7 @@ pub async fn relay(
         },
         () = idle_watch(&progress, idle, backend) => End::Idle,
         () = cancel.cancelled() => End::Cancelled,
+        () = promotable(&progress), if promote_after.is_some() => End::Handover,
     };
     (end, Stats::default())
 }
@@ -279,6 +290,38 @@ struct Progress {
     bytes: AtomicU64,
     /// One direction has reached EOF.
     one_done: std::sync::atomic::AtomicBool,
+    /// Messages passed on (a read written out), both ways.
+    messages: std::sync::atomic::AtomicU32,
+    /// Directions in the middle of writing out what they read.
+    writing: std::sync::atomic::AtomicU32,
+    /// A direction switched to splice (its pipe may hold bytes).
+    spliced: std::sync::atomic::AtomicBool,
+    /// Messages after which the relay may hand over ([`End::Handover`]); `u32::MAX`: never.
+    promote_after: u32,
+    /// Told after each message once `promote_after` is reached.
+    promote: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// Whether both sockets can move now without losing a byte: enough messages, no direction
+    /// writing or splicing, neither at EOF. Exact when checked from the relay's own task (both
+    /// directions are then suspended at an await).
+    fn handover_ready(&self) -> bool {
+        self.messages.load(Ordering::Relaxed) >= self.promote_after
+            && self.writing.load(Ordering::Relaxed) == 0
+            && !self.spliced.load(Ordering::Relaxed)
+            && !self.one_done.load(Ordering::Relaxed)
+    }
+}
+
+/// Ends once the relay may hand over (checked after each message, from the relay's task).
+async fn promotable(progress: &Progress) {
+    loop {
+        if progress.handover_ready() {
+            return;
+        }
+        progress.promote.notified().await;
+    }
 }
 
 /// Passes an EOF on: shuts down `dst`'s write side — unless the other direction already ended,
@@ -466,6 +509,7 @@ async fn copy_way(
             half_close(dst, progress);
             return Copied::Done(Ok(total));
         }
+        progress.writing.fetch_add(1, Ordering::Relaxed);
         let mut off = 0;
         while off < n {
             match dst.try_write(&buf[off..n]) {
@@ -484,7 +528,12 @@ async fn copy_way(
                 Err(e) => return Copied::Done(Err((other(src_side), e))),
             }
         }
+        progress.writing.fetch_sub(1, Ordering::Relaxed);
+        if progress.messages.fetch_add(1, Ordering::Relaxed) + 1 >= progress.promote_after {
+            progress.promote.notify_one();
+        }
         if switch_on_full && n == buf.len() {
+            progress.spliced.store(true, Ordering::Relaxed);
             return Copied::Bulk(total);
         }
     }

@@ -612,42 +612,54 @@ impl ServiceRt {
             to_backend: &be.metrics.bytes_to_backend,
             to_client: &be.metrics.bytes_to_client,
         };
-        let (client, backend) = if let Some(buffers) = self.use_uring {
-            match crate::uring::relay(
-                client,
-                backend,
+        // With `proxy.io: uring` the tokio relay runs first and hands a connection that proves
+        // long-lived (PROMOTE_AFTER messages) over to the worker's ring: one-request
+        // connections never pay for the move, bulk ones keep splice.
+        let mut promote = self.use_uring.map(|_| crate::uring::PROMOTE_AFTER);
+        let (mut client, mut backend) = (client, backend);
+        loop {
+            let (end, _) = relay::relay(
+                &client,
+                &backend,
                 conn.idle_timeout,
                 &be.drain,
                 counters,
-                &self.metrics.uring,
-                buffers,
+                self.use_splice,
+                promote,
             )
-            .await
-            {
-                // the ring closed both sockets (the client with a reset after a backend error)
-                Ok((end, _)) => {
-                    self.backend_ended(&be, &end);
-                    return drop(slot);
+            .await;
+            if let (End::Handover, Some(buffers)) = (&end, self.use_uring) {
+                match crate::uring::relay(
+                    client,
+                    backend,
+                    conn.idle_timeout,
+                    &be.drain,
+                    counters,
+                    &self.metrics.uring,
+                    buffers,
+                )
+                .await
+                {
+                    // the ring closed both sockets (the client with a reset after a backend
+                    // error)
+                    Ok((end, _)) => {
+                        self.backend_ended(&be, &end);
+                        return drop(slot);
+                    }
+                    // this thread has no ring: the tokio relay carries on, for good
+                    Err((c, b)) => {
+                        (client, backend) = (c, b);
+                        promote = None;
+                        continue;
+                    }
                 }
-                Err(back) => back,
             }
-        } else {
-            (client, backend)
-        };
-        let (end, _) = relay::relay(
-            &client,
-            &backend,
-            conn.idle_timeout,
-            &be.drain,
-            counters,
-            self.use_splice,
-        )
-        .await;
-        if self.backend_ended(&be, &end) {
-            // Pass the reset on rather than a clean close.
-            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            if self.backend_ended(&be, &end) {
+                // Pass the reset on rather than a clean close.
+                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            }
+            return drop(slot);
         }
-        drop(slot);
     }
 
     /// Records a backend that reset or broke the relay as a failure; `true` when the backend

@@ -1,5 +1,6 @@
 //! The io_uring relay (`proxy.io: uring`) beyond what the whole suite checks when it runs with
-//! `PORTICO_TEST_PROXY_IO=uring`: a pool that slow readers drain, and the fall-back to tokio.
+//! `PORTICO_TEST_PROXY_IO=uring`: the hand-over of long-lived connections only, a pool that
+//! slow readers drain, and the fall-back to tokio.
 
 mod common;
 
@@ -46,6 +47,47 @@ async fn echo(addr: std::net::SocketAddr, len: usize, seed: u32, slow: bool) {
     assert!(back == want, "connection {seed}: echo differs");
 }
 
+/// `rounds` request / answer round trips on one connection through the echo backend.
+async fn conversation(addr: std::net::SocketAddr, rounds: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_line(&mut s).await.unwrap(), "a");
+    for i in 0..rounds {
+        let msg = format!("request {i}\n");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_connections_that_prove_long_lived_move_to_the_ring() {
+    let a = Backend::start("a").await;
+    let h = Harness::start_tuned(&service(&be("a", a.addr)), |o| o.uring = true).await;
+    let addr = h.addr("127.0.0.10:8080");
+    // one request, one answer, closed: stays on tokio
+    assert_eq!(roundtrip(addr, b"one request").await.unwrap(), "a");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.metric("portico_lb_uring_relays_total"), 0);
+    // a keep-alive conversation: handed over after its 4th round trip (8 messages, the
+    // greeting counted), every answer intact before and after
+    let mut s = conversation(addr, 20).await;
+    assert_eq!(h.metric("portico_lb_uring_relays_total"), 1);
+    // and the ring passes the half-close on: the backend sees EOF and closes
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_that_slow_readers_drain_stalls_no_relay() {
     let a = Backend::start("a").await;
@@ -53,6 +95,9 @@ async fn a_pool_that_slow_readers_drain_stalls_no_relay() {
     let h = Harness::start_tuned(&service(&be("a", a.addr)), |o| {
         o.uring = true;
         o.uring_buffers = 2;
+        // copy mode: a read that fills its buffer would otherwise switch to splice and keep
+        // the connection on tokio (bulk transfers are not handed to the ring)
+        o.splice = false;
     })
     .await;
     let addr = h.addr("127.0.0.10:8080");
@@ -79,6 +124,9 @@ async fn clients_that_stop_reading_hold_buffers_but_stall_no_other_relay() {
     let h = Harness::start_tuned(&service(&be("a", a.addr)), |o| {
         o.uring = true;
         o.uring_buffers = 2;
+        // copy mode: a read that fills its buffer would otherwise switch to splice and keep
+        // the connection on tokio (bulk transfers are not handed to the ring)
+        o.splice = false;
     })
     .await;
     let addr = h.addr("127.0.0.10:8080");
@@ -120,9 +168,11 @@ async fn without_proxy_workers_the_relay_falls_back_to_tokio() {
     let h = Harness::start_tuned(&service(&be("a", a.addr)), |o| {
         o.uring = true;
         o.workers = 0;
+        o.splice = false;
     })
     .await;
-    echo(h.addr("127.0.0.10:8080"), 100_000, 1, false).await;
+    let s = conversation(h.addr("127.0.0.10:8080"), 20).await;
+    drop(s);
     assert_eq!(h.metric("portico_lb_uring_relays_total"), 0);
     assert!(h.metric("portico_lb_uring_fallbacks_total") >= 1);
     h.stop().await;

@@ -476,7 +476,10 @@ fn proxy_io_uring_relays_on_the_workers_io_uring() {
         assert_eq!(ask(&mut conn, line), format!("echo {line}"));
     }
     running.wait_metric("portico_lb_uring_relays_total", 1.0);
-    assert_eq!(running.metric("portico_lb_uring_fallbacks_total"), Some(0.0));
+    assert_eq!(
+        running.metric("portico_lb_uring_fallbacks_total"),
+        Some(0.0)
+    );
 }
 
 #[test]
