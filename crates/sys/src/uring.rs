@@ -181,6 +181,8 @@ pub struct Ring {
     queued: Vec<squeue::Entry>,
     /// Operations in flight in the kernel.
     in_flight: usize,
+    /// Completions being handled (kept to reuse its allocation).
+    cqes: Vec<(u64, i32, u32)>,
 }
 
 impl Ring {
@@ -223,6 +225,7 @@ impl Ring {
             free_ops: Vec::new(),
             queued: Vec::new(),
             in_flight: 0,
+            cqes: Vec::new(),
         };
         for b in 0..count {
             ring.give_back(BufId(b));
@@ -532,12 +535,13 @@ impl Ring {
 
     /// Takes every completion the kernel posted, in order, into `out`.
     pub fn complete(&mut self, out: &mut Vec<Completion>) {
-        let cqes: Vec<(u64, i32, u32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect();
-        for (user_data, res, flags) in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for (user_data, res, flags) in cqes.drain(..) {
             self.in_flight = self.in_flight.saturating_sub(1);
             let Some(op) = self.ops.get_mut(user_data as usize).and_then(Option::take) else {
                 continue;
@@ -610,6 +614,7 @@ impl Ring {
                 done,
             });
         }
+        self.cqes = cqes;
         self.publish();
     }
 }
