@@ -16,11 +16,11 @@ fn service(backends: &str) -> String {
     )
 }
 
-/// Sends `len` bytes through the echo backend and checks every byte comes back; `slow` reads
-/// the echo in small sips with pauses (a client that lets the pool fill up).
+/// After a short conversation (which hands the connection to the ring), sends `len` bytes
+/// through the echo backend and checks every byte comes back; `slow` reads the echo in small
+/// sips with pauses (a client that lets the pool fill up).
 async fn echo(addr: std::net::SocketAddr, len: usize, seed: u32, slow: bool) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    assert_eq!(read_line(&mut s).await.unwrap(), "a");
+    let s = conversation(addr, 5).await;
     let data: Vec<u8> = (0..len as u32)
         .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -130,12 +130,12 @@ async fn clients_that_stop_reading_hold_buffers_but_stall_no_other_relay() {
     })
     .await;
     let addr = h.addr("127.0.0.10:8080");
-    // 6 clients send 4 MiB and never read the echo: the backend's echo fills their sockets,
+    // 6 clients (on the ring after a short conversation) send 4 MiB and never read the echo:
+    // the backend's echo fills their sockets,
     // then the relay's sends to them wait for ever, holding the buffers they send from
     let mut stuck = Vec::new();
     for i in 0..6u8 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(read_line(&mut s).await.unwrap(), "a");
+        let mut s = conversation(addr, 5).await;
         stuck.push(tokio::spawn(async move {
             let _ = s.write_all(&vec![i; 4 << 20]).await;
             std::future::pending::<()>().await;
