@@ -405,7 +405,7 @@ FAILS=$WORK/failure.tsv
 : >"$FAILS"
 if ((FAILURE)); then
   echo "failure: be2's nginx killed under load (wrk -t1 -c$CONNS -d${DURATION}s, kill at 3 s)" >&2
-  fail_systems=(proxy2 haproxy2)
+  fail_systems=(proxy2 uring2 haproxy2)
   ((IPVS)) && fail_systems+=(ipvs)
   ((KERNEL)) && fail_systems+=(kernel)
   for s in "${fail_systems[@]}"; do

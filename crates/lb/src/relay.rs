@@ -246,12 +246,31 @@ pub(crate) const KEEPALIVE_AFTER: Duration = Duration::from_secs(60);
 /// `backend` once the relay has lived [`KEEPALIVE_AFTER`], unless `idle` would end an idle
 /// connection before a probe could go out.
 async fn idle_watch(progress: &Progress, idle: Duration, backend: &TcpStream) {
+    watch_idle(
+        idle,
+        || Some(progress.bytes.load(Ordering::Relaxed)),
+        || {
+            let _ = socket2::SockRef::from(backend).set_tcp_keepalive(&crate::listen::keepalive());
+        },
+    )
+    .await;
+}
+
+/// The idle watch of both relays: ends when `moved` (bytes so far; `None`: the relay is gone,
+/// then it never ends) did not change for `idle` (never with `idle` zero), checked every
+/// quarter of it; calls `keepalive` once, [`KEEPALIVE_AFTER`] in, unless `idle` would end an
+/// idle connection before a probe could go out.
+pub(crate) async fn watch_idle(
+    idle: Duration,
+    mut moved: impl FnMut() -> Option<u64>,
+    mut keepalive: impl FnMut(),
+) {
     let start = Instant::now();
     let mut keepalive_at =
         (idle.is_zero() || idle > KEEPALIVE_AFTER).then_some(start + KEEPALIVE_AFTER);
     let tick = (!idle.is_zero()).then(|| (idle / 4).max(Duration::from_millis(10)));
     let mut next_tick = tick.map(|t| start + t);
-    let mut seen = progress.bytes.load(Ordering::Relaxed);
+    let mut seen = moved();
     let mut last_change = start;
     loop {
         let wake = match (keepalive_at, next_tick) {
@@ -264,7 +283,7 @@ async fn idle_watch(progress: &Progress, idle: Duration, backend: &TcpStream) {
         let now = Instant::now();
         if keepalive_at.is_some_and(|k| now >= k) {
             keepalive_at = None;
-            let _ = socket2::SockRef::from(backend).set_tcp_keepalive(&crate::listen::keepalive());
+            keepalive();
         }
         let (Some(t), Some(due)) = (tick, next_tick) else {
             continue;
@@ -273,7 +292,10 @@ async fn idle_watch(progress: &Progress, idle: Duration, backend: &TcpStream) {
             continue;
         }
         next_tick = Some(now + t);
-        let now_seen = progress.bytes.load(Ordering::Relaxed);
+        let now_seen = moved();
+        if now_seen.is_none() {
+            return std::future::pending().await;
+        }
         if now_seen != seen {
             seen = now_seen;
             last_change = now;

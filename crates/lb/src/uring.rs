@@ -33,10 +33,10 @@ use prometheus_client::metrics::counter::Counter;
 use sys::uring::{BufId, Completion, Done, Ring, Sock};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::time::{Duration, Instant};
+use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::relay::{Counters, End, KEEPALIVE_AFTER, Side, Stats};
+use crate::relay::{Counters, End, Side, Stats};
 
 /// Messages (reads passed on, both ways) the tokio relay moves before it hands a connection
 /// to the ring: a request and its response per round trip, so the fourth round trip of a
@@ -534,26 +534,13 @@ fn moved(id: PairId) -> Option<u64> {
 }
 
 /// Ends when no byte moved for `idle` (never with `idle` zero); turns keepalive on for the
-/// backend socket once the relay has lived [`KEEPALIVE_AFTER`] (see [`crate::relay`]).
+/// backend socket once the relay has lived [`crate::relay::KEEPALIVE_AFTER`] (see
+/// [`crate::relay`]).
 async fn watch(id: PairId, idle: Duration) {
-    let start = Instant::now();
-    let mut keepalive_at =
-        (idle.is_zero() || idle > KEEPALIVE_AFTER).then_some(start + KEEPALIVE_AFTER);
-    let tick = (!idle.is_zero()).then(|| (idle / 4).max(Duration::from_millis(10)));
-    let mut next_tick = tick.map(|t| start + t);
-    let mut seen = 0;
-    let mut last_change = start;
-    loop {
-        let wake = match (keepalive_at, next_tick) {
-            (Some(k), Some(t)) => k.min(t),
-            (Some(k), None) => k,
-            (None, Some(t)) => t,
-            (None, None) => return std::future::pending().await,
-        };
-        tokio::time::sleep_until(wake).await;
-        let now = Instant::now();
-        if keepalive_at.is_some_and(|k| now >= k) {
-            keepalive_at = None;
+    crate::relay::watch_idle(
+        idle,
+        || moved(id),
+        || {
             ENGINE.with_borrow_mut(|l| {
                 if let Local::Ready(e) = l
                     && let Some(p) = e.pair(id)
@@ -565,22 +552,7 @@ async fn watch(id: PairId, idle: Duration) {
                     });
                 }
             });
-        }
-        let (Some(t), Some(due)) = (tick, next_tick) else {
-            continue;
-        };
-        if now < due {
-            continue;
-        }
-        next_tick = Some(now + t);
-        let Some(now_seen) = moved(id) else {
-            return std::future::pending().await;
-        };
-        if now_seen != seen {
-            seen = now_seen;
-            last_change = now;
-        } else if now.duration_since(last_change) >= idle {
-            return;
-        }
-    }
+        },
+    )
+    .await;
 }

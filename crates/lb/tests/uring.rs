@@ -47,6 +47,18 @@ async fn echo(addr: std::net::SocketAddr, len: usize, seed: u32, slow: bool) {
     assert!(back == want, "connection {seed}: echo differs");
 }
 
+/// A balancer whose workers' pools hold 2 buffers, copying (a read that fills its buffer
+/// would otherwise switch to splice and keep the connection on tokio: bulk transfers are not
+/// handed to the ring).
+async fn dry_pool_harness(backend: std::net::SocketAddr) -> Harness {
+    Harness::start_tuned(&service(&be("a", backend)), |o| {
+        o.uring = true;
+        o.uring_buffers = 2;
+        o.splice = false;
+    })
+    .await
+}
+
 /// `rounds` request / answer round trips on one connection through the echo backend.
 async fn conversation(addr: std::net::SocketAddr, rounds: usize) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -92,14 +104,7 @@ async fn only_connections_that_prove_long_lived_move_to_the_ring() {
 async fn a_pool_that_slow_readers_drain_stalls_no_relay() {
     let a = Backend::start("a").await;
     // two pool buffers per worker for 8 connections that each move 1 MiB both ways
-    let h = Harness::start_tuned(&service(&be("a", a.addr)), |o| {
-        o.uring = true;
-        o.uring_buffers = 2;
-        // copy mode: a read that fills its buffer would otherwise switch to splice and keep
-        // the connection on tokio (bulk transfers are not handed to the ring)
-        o.splice = false;
-    })
-    .await;
+    let h = dry_pool_harness(a.addr).await;
     let addr = h.addr("127.0.0.10:8080");
     let runs: Vec<_> = (0..8u32)
         .map(|i| tokio::spawn(echo(addr, 1 << 20, i, i % 2 == 0)))
@@ -121,14 +126,7 @@ async fn a_pool_that_slow_readers_drain_stalls_no_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_hold_buffers_but_stall_no_other_relay() {
     let a = Backend::start("a").await;
-    let h = Harness::start_tuned(&service(&be("a", a.addr)), |o| {
-        o.uring = true;
-        o.uring_buffers = 2;
-        // copy mode: a read that fills its buffer would otherwise switch to splice and keep
-        // the connection on tokio (bulk transfers are not handed to the ring)
-        o.splice = false;
-    })
-    .await;
+    let h = dry_pool_harness(a.addr).await;
     let addr = h.addr("127.0.0.10:8080");
     // 6 clients (on the ring after a short conversation) send 4 MiB and never read the echo:
     // the backend's echo fills their sockets,
