@@ -156,7 +156,6 @@ pub(crate) struct BackendSet {
     picker: Mutex<Picker>,
 }
 
-/// One service at run time.
 /// How a service's TCP connections are relayed once their first bytes passed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Relaying {
@@ -166,6 +165,7 @@ pub(crate) struct Relaying {
     pub(crate) uring: Option<u16>,
 }
 
+/// One service at run time.
 pub(crate) struct ServiceRt {
     pub(crate) name: String,
     pub(crate) spec: ArcSwap<Service>,

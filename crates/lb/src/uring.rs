@@ -4,9 +4,9 @@
 //! that serves them, and every receive and send after that is an entry in that ring. Moving
 //! costs two `epoll_ctl` removals and a submit: a one-request connection would not earn them
 //! back (measured: 1.05-1.20× HAProxy's CPU per request when every connection moved at once),
-//! and a bulk one keeps `splice`. One `io_uring_enter` per turn of the
-//! worker's loop carries all the sends and receives the turn queued, instead of one `recvfrom`
-//! and one `sendto` per message.
+//! and a bulk one keeps `splice`. One `io_uring_enter` per turn of the worker's loop carries
+//! all the sends and receives the turn queued, instead of one `recvfrom` and one `sendto` per
+//! message.
 //!
 //! * One ring per proxy worker thread ([`crate::worker`]), made on its first relay, driven by a
 //!   task of that worker's runtime that waits for the ring's fd to be readable (completions
@@ -23,7 +23,9 @@
 //!   down (half-close both ways), the relay ends when both directions ended, on an error (the
 //!   client gets a reset when the backend failed), after `idle` without a byte, or on cancel;
 //!   bytes feed the backend's counters; keepalive on the backend socket once the relay has
-//!   lived [`crate::relay::KEEPALIVE_AFTER`]. No `splice`: bulk transfers are copied.
+//!   lived [`crate::relay::KEEPALIVE_AFTER`]. On the ring bytes are copied through the
+//!   buffers (no `splice`); a transfer that fills its buffer before the hand-over splices on
+//!   tokio instead and never moves.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -93,7 +95,6 @@ struct Way {
 }
 
 struct Pair {
-    generation: u32,
     client: Sock,
     backend: Sock,
     /// 0: client → backend, 1: backend → client.
@@ -127,6 +128,8 @@ struct PairId {
 struct Engine {
     ring: Ring,
     pairs: Vec<Option<Pair>>,
+    /// Per slot of `pairs`: the generation of its latest relay (a [`PairId`] of an earlier
+    /// one names no relay).
     generations: Vec<u32>,
     free: Vec<u32>,
     /// Directions waiting for a buffer to come back.
@@ -149,12 +152,27 @@ fn untoken(t: u64) -> (PairId, usize) {
     )
 }
 
+/// The slot of relay `id` in `pairs`, if `id` is its latest relay (`generations` per slot).
+fn slot<'a>(
+    pairs: &'a mut [Option<Pair>],
+    generations: &[u32],
+    id: PairId,
+) -> Option<&'a mut Option<Pair>> {
+    let index = id.index as usize;
+    if generations.get(index) == Some(&id.generation) {
+        pairs.get_mut(index)
+    } else {
+        None
+    }
+}
+
 impl Engine {
+    fn slot(&mut self, id: PairId) -> Option<&mut Option<Pair>> {
+        slot(&mut self.pairs, &self.generations, id)
+    }
+
     fn pair(&mut self, id: PairId) -> Option<&mut Pair> {
-        self.pairs
-            .get_mut(id.index as usize)
-            .and_then(Option::as_mut)
-            .filter(|p| p.generation == id.generation)
+        self.slot(id).and_then(Option::as_mut)
     }
 
     fn add(
@@ -172,7 +190,6 @@ impl Engine {
         let generation = self.generations[index as usize].wrapping_add(1);
         self.generations[index as usize] = generation;
         let pair = Pair {
-            generation,
             client: self.ring.adopt(client),
             backend: self.ring.adopt(backend),
             ways: [Way::default(), Way::default()],
@@ -189,12 +206,7 @@ impl Engine {
     /// Arms a receive for `way` unless it is receiving, ended, or holds [`QUEUE_MAX`] buffers.
     fn receive(&mut self, id: PairId, way: usize) {
         let ring = &self.ring;
-        let Some(p) = self
-            .pairs
-            .get_mut(id.index as usize)
-            .and_then(Option::as_mut)
-            .filter(|p| p.generation == id.generation)
-        else {
+        let Some(p) = slot(&mut self.pairs, &self.generations, id).and_then(Option::as_mut) else {
             return;
         };
         let w = &p.ways[way];
@@ -280,8 +292,8 @@ impl Engine {
                 self.send(id, way);
             }
             Done::NoBuffers => {
-                // the pool is dry: receive into a spare (the ring has as many as the pool);
-                // only when those are all in use too, wait for a buffer to come back
+                // the pool is dry: receive into a spare; only when the ring cannot make one
+                // (its buffer ids ran out), wait for a buffer to come back
                 let src = p.src(way);
                 self.metrics.buffer_waits.inc();
                 if !self.ring.recv_spare(src, c.token) {
@@ -328,11 +340,7 @@ impl Engine {
     /// Ends a relay: its sockets are closed once nothing is in flight on them (the client with
     /// a reset when the backend failed), its buffers come back, its caller learns how it ended.
     fn finish(&mut self, id: PairId, end: End) {
-        let Some(mut p) = self
-            .pairs
-            .get_mut(id.index as usize)
-            .and_then(|slot| slot.take_if(|p| p.generation == id.generation))
-        else {
+        let Some(mut p) = self.slot(id).and_then(Option::take) else {
             return;
         };
         self.free.push(id.index);
@@ -438,20 +446,27 @@ fn ensure_engine(metrics: &Metrics, buffers: u16) -> bool {
     })
 }
 
+/// Ends relay `id` from outside the ring (idle, cancel, its future dropped) and submits what
+/// that queued (the shutdowns that end its operations in flight).
+fn end_relay(id: PairId, why: End) {
+    let _ = ENGINE.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut()
+            && let Local::Ready(e) = &mut *l
+        {
+            e.finish(id, why);
+            let _ = e.ring.submit();
+        }
+    });
+}
+
 /// Ends the relay if its future is dropped first (the caller was cancelled from outside).
 struct Abandon(Option<PairId>);
 
 impl Drop for Abandon {
     fn drop(&mut self) {
-        let Some(id) = self.0 else { return };
-        let _ = ENGINE.try_with(|l| {
-            if let Ok(mut l) = l.try_borrow_mut()
-                && let Local::Ready(e) = &mut *l
-            {
-                e.finish(id, End::Cancelled);
-                let _ = e.ring.submit();
-            }
-        });
+        if let Some(id) = self.0 {
+            end_relay(id, End::Cancelled);
+        }
     }
 }
 
@@ -512,12 +527,7 @@ pub(crate) async fn relay(
             } else {
                 End::Idle
             };
-            ENGINE.with_borrow_mut(|l| {
-                if let Local::Ready(e) = l {
-                    e.finish(id, why);
-                    let _ = e.ring.submit();
-                }
-            });
+            end_relay(id, why);
             rx.try_recv().unwrap_or((End::Cancelled, Stats::default()))
         }
     };

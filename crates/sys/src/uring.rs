@@ -21,7 +21,7 @@
 //! receive into one buffer, as a copy relay with its own buffer would).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -291,8 +291,9 @@ impl Ring {
             .map(|fd| f(fd.as_fd()))
     }
 
-    fn push_op(&mut self, sock: Sock, token: u64, kind: Kind) -> Option<u64> {
-        self.live(sock)?;
+    /// Records an operation on a live socket: its `user_data` and the socket's fd.
+    fn push_op(&mut self, sock: Sock, token: u64, kind: Kind) -> Option<(u64, RawFd)> {
+        let fd = self.live(sock)?.fd.as_ref()?.as_raw_fd();
         let op = Op {
             sock: sock.index,
             token,
@@ -309,19 +310,14 @@ impl Ring {
             }
         };
         self.slots[sock.index as usize].in_flight += 1;
-        Some(u64::from(index))
+        Some((u64::from(index), fd))
     }
 
     /// Queues a receive into a buffer the kernel picks. `false`: the socket is not live.
     pub fn recv(&mut self, sock: Sock, token: u64) -> bool {
-        let Some(user_data) = self.push_op(sock, token, Kind::Recv) else {
+        let Some((user_data, fd)) = self.push_op(sock, token, Kind::Recv) else {
             return false;
         };
-        let fd = self.slots[sock.index as usize]
-            .fd
-            .as_ref()
-            .map(AsRawFd::as_raw_fd)
-            .unwrap_or(-1);
         let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), self.size)
             .buf_group(GROUP)
             .build()
@@ -341,15 +337,10 @@ impl Ring {
         if self.address(b, 0).is_null() {
             return false;
         }
-        let Some(user_data) = self.push_op(sock, token, Kind::Send(buf.0)) else {
+        let Some((user_data, fd)) = self.push_op(sock, token, Kind::Send(buf.0)) else {
             return false;
         };
         self.state[b] = BufState::Sending { back: false };
-        let fd = self.slots[sock.index as usize]
-            .fd
-            .as_ref()
-            .map(AsRawFd::as_raw_fd)
-            .unwrap_or(-1);
         let ptr = self.address(b, from);
         let e = opcode::Send::new(types::Fd(fd), ptr, (to - from) as u32)
             .flags(libc::MSG_NOSIGNAL)
@@ -394,16 +385,11 @@ impl Ring {
             }
             None => return false,
         };
-        let Some(user_data) = self.push_op(sock, token, Kind::RecvSpare(id)) else {
+        let Some((user_data, fd)) = self.push_op(sock, token, Kind::RecvSpare(id)) else {
             self.free_spares.push(id);
             return false;
         };
         self.state[usize::from(id)] = BufState::Receiving;
-        let fd = self.slots[sock.index as usize]
-            .fd
-            .as_ref()
-            .map(AsRawFd::as_raw_fd)
-            .unwrap_or(-1);
         let ptr = self.address(usize::from(id), 0);
         let e = opcode::Recv::new(types::Fd(fd), ptr, self.size)
             .build()
