@@ -26,6 +26,10 @@
 #                                             # sent per request and retransmitted, SYNs PAWS
 #                                             # refused on a TIME_WAIT socket (be1 + be2,
 #                                             # TcpExtPAWSTimewait)
+#   sudo SYSCALLS=1 bench/lb.sh               # per row, after the measured run: a second short
+#                                             # run (3 s) under `strace -c -f` on the balancer,
+#                                             # printing its system calls per request by name
+#                                             # (strace slows it down: counts only, no timings)
 #
 # Addresses exist only inside the namespaces this script creates (pp-*-PID); every namespace
 # and process is removed on exit (trap), whatever happened.
@@ -42,6 +46,7 @@ FAILURE=${FAILURE:-1}
 ONLY=${ONLY:-}
 MODES=${MODES:-keepalive close c$MANY iperf3}
 DIAG=${DIAG:-0}
+SYSCALLS=${SYSCALLS:-0}
 
 if [[ $(id -u) != 0 ]]; then
   echo "skipped: needs root (network namespaces)" >&2
@@ -377,6 +382,33 @@ PY
   tail -1 "$RESULTS" | awk -F'\t' '{printf "  %-9s %-6s %8s req/s p50 %7s ms p99 %7s ms  cpu/1k: proc %6s ms, machine %6s ms  errors %s  load %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' >&2
 }
 
+# syscall_profile SYSTEM MODE [wrk args...]: system calls per request of the balancer process
+# (all threads), counted by `strace -c -f` during a 3 s wrk run of the same mode
+syscall_profile() {
+  local sys=$1 mode=$2
+  shift 2
+  local u=URL_$sys p=PID_$sys st n
+  [[ -n ${!p} ]] || return 0
+  command -v strace >/dev/null || { echo "  syscalls: strace not installed" >&2; return 0; }
+  strace -c -f -q -o "$WORK/strace.out" -p "${!p}" &
+  st=$!
+  sleep 0.5
+  timeout 30 ip netns exec $CL wrk -d3s "$@" "${!u}" >"$WORK/wrk-strace.out" 2>&1 || true
+  kill -INT "$st" 2>/dev/null || true
+  wait "$st" 2>/dev/null || true
+  n=$(grep -o '[0-9]* requests in' "$WORK/wrk-strace.out" | cut -d' ' -f1)
+  [[ -s $WORK/strace.out ]] || { echo "  syscalls $sys $mode: strace counted nothing (attach refused?)" >&2; return 0; }
+  awk -v n="${n:-0}" -v s="$sys" -v m="$mode" '
+    $1 ~ /^[0-9.]+$/ && NF >= 5 {c = $4; name = $NF; if (name != "total") {calls[name] = c; tot += c}}
+    END {
+      if (!n) {print "  syscalls " s " " m ": no requests"; exit}
+      line = sprintf("  syscalls %-9s %-6s %.2f per request:", s, m, tot / n)
+      PROCINFO["sorted_in"] = "@val_num_desc"
+      for (k in calls) if (calls[k] / n >= 0.01) line = line sprintf(" %s %.2f", k, calls[k] / n)
+      print line
+    }' "$WORK/strace.out" >&2
+}
+
 iperf_run() { # SYSTEM
   local s=$1 i=IPERF_$1 g
   g=$(timeout $((DURATION + 30)) ip netns exec $CL iperf3 -c "${!i%:*}" -p "${!i##*:}" -t "$DURATION" -f g 2>&1 |
@@ -397,6 +429,11 @@ for r in $(seq "$ROUNDS"); do
     if has_mode keepalive; then wrk_run "$s" keepalive -t1 -c"$CONNS"; fi
     if has_mode close; then wrk_run "$s" close -t1 -c"$CONNS" -H 'Connection: close'; fi
     if has_mode "c$MANY"; then wrk_run "$s" c$MANY -t2 -c"$MANY"; fi
+    if ((SYSCALLS)); then
+      if has_mode keepalive; then syscall_profile "$s" keepalive -t1 -c"$CONNS"; fi
+      if has_mode close; then syscall_profile "$s" close -t1 -c"$CONNS" -H 'Connection: close'; fi
+      if has_mode "c$MANY"; then syscall_profile "$s" c$MANY -t2 -c"$MANY"; fi
+    fi
     if has_mode iperf3; then iperf_run "$s"; fi
   done
 done
