@@ -495,6 +495,33 @@ pub(crate) fn read_draining(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> 
     }
 }
 
+/// Whether `s`'s peer has shut down its side with no error, as the poller last saw it: after a
+/// read that drained the queue, the next read would return EOF. Reads tokio's readiness only
+/// (no system call); an error (a reset) is left for the next read to report.
+fn eof_pending(s: &TcpStream) -> bool {
+    let ready = s.ready(Interest::READABLE | Interest::ERROR);
+    let mut ready = std::pin::pin!(ready);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        ready.as_mut().poll(&mut cx),
+        std::task::Poll::Ready(Ok(r)) if r.is_read_closed() && !r.is_error()
+    )
+}
+
+/// One non-blocking send; with `more`, the bytes wait (`MSG_MORE`) for what follows at once.
+fn write_some(dst: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    if !more {
+        return dst.try_write(buf);
+    }
+    dst.try_io(Interest::WRITABLE, || {
+        Ok(rustix::net::send(
+            dst,
+            buf,
+            rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+        )?)
+    })
+}
+
 /// How a copy loop ended.
 enum Copied {
     /// EOF or error.
@@ -531,10 +558,16 @@ async fn copy_way(
             half_close(dst, progress);
             return Copied::Done(Ok(total));
         }
+        // The peer's FIN came with these bytes (a short read drained the queue and the poller
+        // saw it shut down): pass the bytes and the EOF on together, with no read to learn of
+        // the EOF. While the other direction goes on, the bytes are held (`MSG_MORE`) for the
+        // FIN that `half_close` sends at once, so both leave in one segment.
+        let eof = n < buf.len() && eof_pending(src);
+        let more = eof && !progress.one_done.load(Ordering::Relaxed);
         progress.writing.fetch_add(1, Ordering::Relaxed);
         let mut off = 0;
         while off < n {
-            match dst.try_write(&buf[off..n]) {
+            match write_some(dst, &buf[off..n], more) {
                 Ok(m) => {
                     off += m;
                     total += m as u64;
@@ -551,6 +584,10 @@ async fn copy_way(
             }
         }
         progress.writing.fetch_sub(1, Ordering::Relaxed);
+        if eof {
+            half_close(dst, progress);
+            return Copied::Done(Ok(total));
+        }
         if progress.messages.fetch_add(1, Ordering::Relaxed) + 1 >= progress.promote_after {
             progress.promote.notify_one();
         }

@@ -292,3 +292,133 @@ async fn a_backend_that_speaks_first_greets_without_waiting_for_a_delayed_ack() 
     );
     h.stop().await;
 }
+
+/// A request/response backend: reads until `\r\n\r\n`, answers with `parts` (one send each;
+/// with `together` the last part and the FIN leave in one segment: `MSG_MORE` then shutdown),
+/// then reads to EOF and closes. Counts the connections it accepted (no health checks here).
+async fn http_backend(
+    parts: &'static [&'static [u8]],
+    together: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n @ 1..) => req.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                for (i, part) in parts.iter().enumerate() {
+                    if together && i + 1 == parts.len() {
+                        s.writable().await.unwrap();
+                        let sent = s.try_io(tokio::io::Interest::WRITABLE, || {
+                            Ok(rustix::net::send(&s, part, rustix::net::SendFlags::MORE)?)
+                        });
+                        assert_eq!(sent.unwrap(), part.len());
+                    } else {
+                        s.write_all(part).await.unwrap();
+                    }
+                }
+                let _ = s.shutdown().await;
+                let _ = s.read_to_end(&mut Vec::new()).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A client connected through the balancer once the backend has taken its connection (the
+/// balancer has accepted it and set it up by then).
+async fn connected(
+    addr: std::net::SocketAddr,
+    accepted: &std::sync::atomic::AtomicUsize,
+) -> TcpStream {
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let s = TcpStream::connect(addr).await.unwrap();
+    wait_until("the backend took the connection", || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) > before
+    })
+    .await;
+    s
+}
+
+/// When the backend's last bytes and its FIN arrive together, the balancer passes them on in
+/// one segment (the bytes wait with `MSG_MORE` for the FIN sent right after), without a read
+/// to learn of the EOF. The client then receives three segments: the SYN-ACK, the ACK of its
+/// request, the answer with the FIN (read from `TCP_INFO`). Passed on apart, they are four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_last_bytes_and_its_fin_reach_the_client_in_one_segment() {
+    let (baddr, accepted) = http_backend(&[b"HTTP/1.0 200 OK\r\n\r\nhello\n"], true).await;
+    let h = Harness::start(&service(
+        &be("a", baddr),
+        "    health_check: {type: none}\n",
+    ))
+    .await;
+    let addr = h.addr("127.0.0.10:8080");
+    for _ in 0..5 {
+        let mut s = connected(addr, &accepted).await;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"HTTP/1.0 200 OK\r\n\r\nhello\n");
+        let seg = sys::tcp_info::segments(&s).unwrap();
+        assert!(
+            seg.received <= 3,
+            "the client received {} segments (SYN-ACK, ACK, answer + FIN expected): the answer and the FIN came apart",
+            seg.received
+        );
+    }
+    h.stop().await;
+}
+
+/// Clients and backends that leave Nagle on and send a message in two writes (write, write,
+/// read) wait for the ACK of the first before the second leaves. The balancer must not delay
+/// that ACK: a client socket taken out of the kernel's quick-ACK start (`TCP_QUICKACK` off, one
+/// segment saved per connection) made every such request wait for the 40 ms delayed-ACK timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nagle_peers_that_write_twice_do_not_wait_for_a_delayed_ack() {
+    let (baddr, accepted) = http_backend(&[b"HTTP/1.0 200 OK\r\n", b"\r\nhello\n"], false).await;
+    let h = Harness::start(&service(
+        &be("a", baddr),
+        "    health_check: {type: none}\n",
+    ))
+    .await;
+    let addr = h.addr("127.0.0.10:8080");
+    let mut took = Vec::new();
+    for _ in 0..10 {
+        let mut s = connected(addr, &accepted).await;
+        assert!(!s.nodelay().unwrap(), "Nagle is on");
+        let started = tokio::time::Instant::now();
+        s.write_all(b"GET / HTTP/1.0").await.unwrap();
+        s.write_all(b"\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        took.push(started.elapsed());
+        assert_eq!(got, b"HTTP/1.0 200 OK\r\n\r\nhello\n");
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(
+        median < Duration::from_millis(20),
+        "median request took {median:?} (all: {took:?}): a delayed ACK held a Nagle write back"
+    );
+    h.stop().await;
+}

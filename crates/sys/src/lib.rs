@@ -33,6 +33,7 @@ pub mod limits;
 mod netlink;
 pub mod nft_set;
 pub mod nftables;
+pub mod tcp_info;
 pub mod tcp_md5;
 pub mod ttl;
 pub mod uring;
