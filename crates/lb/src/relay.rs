@@ -6,7 +6,10 @@
 //! spliced direction owns a pipe; data moves socket → pipe → socket inside the kernel, driven by
 //! tokio readiness (`try_io` clears readiness on `EAGAIN`, so no busy loop). A direction that
 //! reads EOF shuts down the write side of the other socket and ends; the other direction keeps
-//! going (half-close in both directions). The relay ends when both directions ended, on an error
+//! going (half-close in both directions). When the peer's last bytes and its FIN arrived
+//! together (a short read, and the poller already saw the shutdown), the bytes and the FIN go on
+//! in one segment and no read is spent on the EOF: on a one-request connection that is a
+//! segment and a `recv` fewer. The relay ends when both directions ended, on an error
 //! (the client gets a reset if the backend reset), when no byte moved for `idle_timeout`, or when
 //! cancelled (drain deadline, shutdown). If the kernel refuses `splice` (`EINVAL`, `ENOSYS`) the
 //! direction falls back to a buffered copy. Pipes are pooled: a pipe is reused only when empty.
