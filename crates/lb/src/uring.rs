@@ -8,6 +8,8 @@
 //! all the sends and receives the turn queued, instead of one `recvfrom` and one `sendto` per
 //! message.
 //!
+//! * The relays themselves are a state machine without I/O ([`engine`]: completions in,
+//!   ring operations out, replayed in its tests); this file drives it on the worker's ring.
 //! * One ring per proxy worker thread ([`crate::worker`]), made on its first relay, driven by a
 //!   task of that worker's runtime that waits for the ring's fd to be readable (completions
 //!   posted), handles every completion, and submits what they queued. A thread that is not a
@@ -28,17 +30,20 @@
 //!   tokio instead and never moves.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 
 use prometheus_client::metrics::counter::Counter;
 use sys::uring::{BufId, Completion, Done, Ring, Sock};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::{Counters, End, Side, Stats};
+
+mod engine;
+
+pub use engine::QUEUE_MAX;
+use engine::{Engine, Event, Ops, PairId};
 
 /// Messages (reads passed on, both ways) the tokio relay moves before it hands a connection
 /// to the ring: a request and its response per round trip, so the fourth round trip of a
@@ -48,10 +53,6 @@ pub const PROMOTE_AFTER: u32 = 8;
 pub const BUFFERS: u16 = 1024;
 /// Bytes per buffer (HAProxy's default `tune.bufsize`).
 const BUFFER_SIZE: u32 = 16 << 10;
-/// Buffers one direction holds before it stops receiving (64 KiB in flight per direction).
-pub const QUEUE_MAX: usize = 4;
-/// Bytes a direction moves before it adds them to the shared counters.
-const TALLY_FLUSH: u64 = 256 << 10;
 
 thread_local! {
     static WORKER: Cell<bool> = const { Cell::new(false) };
@@ -78,290 +79,55 @@ pub struct Metrics {
 enum Local {
     Unmade,
     Unavailable,
-    Ready(Box<Engine>),
+    Ready(Box<Worker>),
 }
 
-#[derive(Default)]
-struct Way {
-    queue: VecDeque<(BufId, usize, usize)>,
-    sending: bool,
-    receiving: bool,
-    waiting_buffer: bool,
-    eof: bool,
-    /// EOF passed on (or not needed): this direction is over.
-    done: bool,
-    moved: u64,
-    untallied: u64,
-}
-
-struct Pair {
-    client: Sock,
-    backend: Sock,
-    /// 0: client → backend, 1: backend → client.
-    ways: [Way; 2],
-    counters: [Counter; 2],
-    result: Option<oneshot::Sender<(End, Stats)>>,
-}
-
-impl Pair {
-    fn src(&self, way: usize) -> Sock {
-        if way == 0 { self.client } else { self.backend }
-    }
-    fn dst(&self, way: usize) -> Sock {
-        if way == 0 { self.backend } else { self.client }
-    }
-    fn stats(&self) -> Stats {
-        Stats {
-            to_backend: self.ways[0].moved,
-            to_client: self.ways[1].moved,
-        }
-    }
-}
-
-/// A relay's place in its worker's engine.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct PairId {
-    index: u32,
-    generation: u32,
-}
-
-struct Engine {
-    ring: Ring,
-    pairs: Vec<Option<Pair>>,
-    /// Per slot of `pairs`: the generation of its latest relay (a [`PairId`] of an earlier
-    /// one names no relay).
-    generations: Vec<u32>,
-    free: Vec<u32>,
-    /// Directions waiting for a buffer to come back.
-    waiting: Vec<(PairId, usize)>,
+/// One worker thread's engine, on its ring, and the completions it reads each turn.
+struct Worker {
+    engine: Engine<Ring>,
     completions: Vec<Completion>,
-    metrics: Metrics,
 }
 
-fn token(id: PairId, way: usize) -> u64 {
-    (u64::from(id.generation) << 32) | (u64::from(id.index) << 1) | way as u64
-}
-
-fn untoken(t: u64) -> (PairId, usize) {
-    (
-        PairId {
-            index: ((t & 0xffff_ffff) >> 1) as u32,
-            generation: (t >> 32) as u32,
-        },
-        (t & 1) as usize,
-    )
-}
-
-/// The slot of relay `id` in `pairs`, if `id` is its latest relay (`generations` per slot).
-fn slot<'a>(
-    pairs: &'a mut [Option<Pair>],
-    generations: &[u32],
-    id: PairId,
-) -> Option<&'a mut Option<Pair>> {
-    let index = id.index as usize;
-    if generations.get(index) == Some(&id.generation) {
-        pairs.get_mut(index)
-    } else {
-        None
+/// The engine's operations are the ring's own.
+impl Ops for Ring {
+    type Sock = Sock;
+    type Buf = BufId;
+    fn recv(&mut self, sock: Sock, token: u64) -> bool {
+        Ring::recv(self, sock, token)
+    }
+    fn recv_spare(&mut self, sock: Sock, token: u64) -> bool {
+        Ring::recv_spare(self, sock, token)
+    }
+    fn send(&mut self, sock: Sock, buf: BufId, from: usize, to: usize, token: u64) -> bool {
+        Ring::send(self, sock, buf, from, to, token)
+    }
+    fn is_spare(&self, buf: BufId) -> bool {
+        Ring::is_spare(self, buf)
+    }
+    fn give_back(&mut self, buf: BufId) {
+        Ring::give_back(self, buf);
+    }
+    fn shutdown_write(&mut self, sock: Sock) -> std::io::Result<()> {
+        Ring::shutdown_write(self, sock)
+    }
+    fn release(&mut self, sock: Sock, reset: bool) {
+        Ring::release(self, sock, reset);
     }
 }
 
-impl Engine {
-    fn slot(&mut self, id: PairId) -> Option<&mut Option<Pair>> {
-        slot(&mut self.pairs, &self.generations, id)
+/// A ring completion as the engine's event.
+fn event(done: Done) -> Event<BufId> {
+    match done {
+        Done::Received { buf, len } => Event::Received { buf, len },
+        Done::Eof => Event::Eof,
+        Done::NoBuffers => Event::NoBuffers,
+        Done::RecvFailed(e) => Event::RecvFailed(e),
+        Done::Sent(n) => Event::Sent(n),
+        Done::SendFailed(e) => Event::SendFailed(e),
     }
+}
 
-    fn pair(&mut self, id: PairId) -> Option<&mut Pair> {
-        self.slot(id).and_then(Option::as_mut)
-    }
-
-    fn add(
-        &mut self,
-        client: OwnedFd,
-        backend: OwnedFd,
-        counters: [Counter; 2],
-    ) -> (PairId, oneshot::Receiver<(End, Stats)>) {
-        let (tx, rx) = oneshot::channel();
-        let index = self.free.pop().unwrap_or_else(|| {
-            self.pairs.push(None);
-            self.generations.push(0);
-            (self.pairs.len() - 1) as u32
-        });
-        let generation = self.generations[index as usize].wrapping_add(1);
-        self.generations[index as usize] = generation;
-        let pair = Pair {
-            client: self.ring.adopt(client),
-            backend: self.ring.adopt(backend),
-            ways: [Way::default(), Way::default()],
-            counters,
-            result: Some(tx),
-        };
-        self.pairs[index as usize] = Some(pair);
-        let id = PairId { index, generation };
-        self.receive(id, 0);
-        self.receive(id, 1);
-        (id, rx)
-    }
-
-    /// Arms a receive for `way` unless it is receiving, ended, or holds [`QUEUE_MAX`] buffers.
-    fn receive(&mut self, id: PairId, way: usize) {
-        let ring = &self.ring;
-        let Some(p) = slot(&mut self.pairs, &self.generations, id).and_then(Option::as_mut) else {
-            return;
-        };
-        let w = &p.ways[way];
-        // a direction that holds a spare receives again only once it sent it: one spare per
-        // direction at most (its own buffer, as in a copy relay)
-        let limit = if w.queue.iter().any(|&(b, _, _)| ring.is_spare(b)) {
-            1
-        } else {
-            QUEUE_MAX
-        };
-        if w.receiving || w.eof || w.waiting_buffer || w.queue.len() >= limit {
-            return;
-        }
-        let src = p.src(way);
-        p.ways[way].receiving = true;
-        if !self.ring.recv(src, token(id, way)) {
-            self.finish(id, End::Cancelled);
-        }
-    }
-
-    /// Sends the head of `way`'s queue unless a send is in flight; passes EOF on when drained.
-    fn send(&mut self, id: PairId, way: usize) {
-        let Some(p) = self.pair(id) else { return };
-        let dst = p.dst(way);
-        let w = &mut p.ways[way];
-        if w.sending {
-            return;
-        }
-        if let Some(&(buf, from, to)) = w.queue.front() {
-            w.sending = true;
-            if !self.ring.send(dst, buf, from, to, token(id, way)) {
-                self.finish(id, End::Cancelled);
-            }
-            return;
-        }
-        if w.eof && !w.done {
-            w.done = true;
-            let other_done = p.ways[1 - way].done;
-            if other_done {
-                // both directions over: closing sends the FIN (no shutdown needed)
-                self.finish(id, End::Closed);
-            } else if let Err(e) = self.ring.shutdown_write(dst) {
-                let side = if way == 0 {
-                    Side::Backend
-                } else {
-                    Side::Client
-                };
-                self.finish(id, End::Error(side, e));
-            }
-        }
-    }
-
-    fn handle(&mut self, c: Completion) {
-        let (id, way) = untoken(c.token);
-        let Some(p) = self.pair(id) else {
-            if let Done::Received { buf, .. } = c.done {
-                self.ring.give_back(buf);
-            }
-            return;
-        };
-        let (src_side, dst_side) = if way == 0 {
-            (Side::Client, Side::Backend)
-        } else {
-            (Side::Backend, Side::Client)
-        };
-        match c.done {
-            Done::Received { buf, len } => {
-                let w = &mut p.ways[way];
-                w.receiving = false;
-                w.queue.push_back((buf, 0, len));
-                w.moved += len as u64;
-                w.untallied += len as u64;
-                if w.untallied >= TALLY_FLUSH {
-                    p.counters[way].inc_by(std::mem::take(&mut w.untallied));
-                }
-                self.send(id, way);
-                self.receive(id, way);
-            }
-            Done::Eof => {
-                let w = &mut p.ways[way];
-                w.receiving = false;
-                w.eof = true;
-                self.send(id, way);
-            }
-            Done::NoBuffers => {
-                // the pool is dry: receive into a spare; only when the ring cannot make one
-                // (its buffer ids ran out), wait for a buffer to come back
-                let src = p.src(way);
-                self.metrics.buffer_waits.inc();
-                if !self.ring.recv_spare(src, c.token) {
-                    if let Some(p) = self.pair(id) {
-                        p.ways[way].receiving = false;
-                        p.ways[way].waiting_buffer = true;
-                    }
-                    self.waiting.push((id, way));
-                }
-            }
-            Done::RecvFailed(e) => self.finish(id, End::Error(src_side, e)),
-            Done::Sent(n) => {
-                let w = &mut p.ways[way];
-                w.sending = false;
-                let mut freed = None;
-                if let Some(head) = w.queue.front_mut() {
-                    head.1 += n;
-                    if head.1 >= head.2 {
-                        freed = Some(head.0);
-                        w.queue.pop_front();
-                    }
-                }
-                if let Some(buf) = freed {
-                    self.ring.give_back(buf);
-                    self.wake_waiting();
-                }
-                self.send(id, way);
-                self.receive(id, way);
-            }
-            Done::SendFailed(e) => self.finish(id, End::Error(dst_side, e)),
-        }
-    }
-
-    /// A buffer came back: the directions that waited for one receive again.
-    fn wake_waiting(&mut self) {
-        for (id, way) in std::mem::take(&mut self.waiting) {
-            if let Some(p) = self.pair(id) {
-                p.ways[way].waiting_buffer = false;
-                self.receive(id, way);
-            }
-        }
-    }
-
-    /// Ends a relay: its sockets are closed once nothing is in flight on them (the client with
-    /// a reset when the backend failed), its buffers come back, its caller learns how it ended.
-    fn finish(&mut self, id: PairId, end: End) {
-        let Some(mut p) = self.slot(id).and_then(Option::take) else {
-            return;
-        };
-        self.free.push(id.index);
-        let reset_client = matches!(end, End::Error(Side::Backend, _));
-        self.ring.release(p.client, reset_client);
-        self.ring.release(p.backend, false);
-        for (way, w) in p.ways.iter_mut().enumerate() {
-            for (buf, _, _) in w.queue.drain(..) {
-                self.ring.give_back(buf);
-            }
-            if w.untallied > 0 {
-                p.counters[way].inc_by(w.untallied);
-            }
-        }
-        self.wake_waiting();
-        let stats = p.stats();
-        if let Some(tx) = p.result.take() {
-            let _ = tx.send((end, stats));
-        }
-    }
-
+impl Worker {
     /// Handles every posted completion, submits what that queued, and goes on while the
     /// submission itself completed more (sends to a socket with room complete inside
     /// `io_uring_enter`): one wake-up of the worker serves them all, at most [`TURN_ROUNDS`]
@@ -369,25 +135,25 @@ impl Engine {
     fn turn(&mut self) {
         for _ in 0..TURN_ROUNDS {
             let mut batch = std::mem::take(&mut self.completions);
-            self.ring.complete(&mut batch);
+            self.engine.ops.complete(&mut batch);
             let handled = batch.len();
             for c in batch.drain(..) {
-                self.handle(c);
+                self.engine.handle(c.token, event(c.done));
             }
             self.completions = batch;
-            if self.ring.queued() == 0 {
+            if self.engine.ops.queued() == 0 {
                 if handled == 0 {
                     return;
                 }
                 continue;
             }
-            if let Err(e) = self.ring.submit() {
+            if let Err(e) = self.engine.ops.submit() {
                 tracing::warn!(error = %e, "io_uring submit failed; retried on the next turn");
                 return;
             }
         }
-        if self.ring.queued() > 0 {
-            let _ = self.ring.submit();
+        if self.engine.ops.queued() > 0 {
+            let _ = self.engine.ops.submit();
         }
     }
 }
@@ -399,8 +165,8 @@ const TURN_ROUNDS: usize = 8;
 async fn drive(completions: sys::uring::Completions) {
     while completions.posted().await.is_ok() {
         ENGINE.with_borrow_mut(|l| {
-            if let Local::Ready(e) = l {
-                e.turn();
+            if let Local::Ready(w) = l {
+                w.turn();
             }
         });
     }
@@ -425,14 +191,9 @@ fn ensure_engine(metrics: &Metrics, buffers: u16) -> bool {
                         return false;
                     }
                 };
-                *l = Local::Ready(Box::new(Engine {
-                    ring,
-                    pairs: Vec::new(),
-                    generations: Vec::new(),
-                    free: Vec::new(),
-                    waiting: Vec::new(),
+                *l = Local::Ready(Box::new(Worker {
+                    engine: Engine::new(ring, metrics.clone()),
                     completions: Vec::new(),
-                    metrics: metrics.clone(),
                 }));
                 tokio::spawn(drive(completions));
                 true
@@ -451,10 +212,10 @@ fn ensure_engine(metrics: &Metrics, buffers: u16) -> bool {
 fn end_relay(id: PairId, why: End) {
     let _ = ENGINE.try_with(|l| {
         if let Ok(mut l) = l.try_borrow_mut()
-            && let Local::Ready(e) = &mut *l
+            && let Local::Ready(w) = &mut *l
         {
-            e.finish(id, why);
-            let _ = e.ring.submit();
+            w.engine.finish(id, why);
+            let _ = w.engine.ops.submit();
         }
     });
 }
@@ -498,13 +259,14 @@ pub(crate) async fn relay(
         }
     };
     let added = ENGINE.with_borrow_mut(|l| match l {
-        Local::Ready(e) => {
-            let (id, rx) = e.add(
+        Local::Ready(w) => {
+            let (client, backend) = (w.engine.ops.adopt(client), w.engine.ops.adopt(backend));
+            let (id, rx) = w.engine.add(
                 client,
                 backend,
                 [counters.to_backend.clone(), counters.to_client.clone()],
             );
-            e.turn();
+            w.turn();
             Some((id, rx))
         }
         _ => None,
@@ -538,7 +300,7 @@ pub(crate) async fn relay(
 /// Bytes the relay moved so far (`None`: it ended).
 fn moved(id: PairId) -> Option<u64> {
     ENGINE.with_borrow_mut(|l| match l {
-        Local::Ready(e) => e.pair(id).map(|p| p.ways[0].moved + p.ways[1].moved),
+        Local::Ready(w) => w.engine.pair(id).map(|p| p.moved()),
         _ => None,
     })
 }
@@ -552,11 +314,11 @@ async fn watch(id: PairId, idle: Duration) {
         || moved(id),
         || {
             ENGINE.with_borrow_mut(|l| {
-                if let Local::Ready(e) = l
-                    && let Some(p) = e.pair(id)
+                if let Local::Ready(w) = l
+                    && let Some(p) = w.engine.pair(id)
                 {
                     let backend = p.backend;
-                    e.ring.with_fd(backend, |fd| {
+                    w.engine.ops.with_fd(backend, |fd| {
                         let _ = socket2::SockRef::from(&fd)
                             .set_tcp_keepalive(&crate::listen::keepalive());
                     });
