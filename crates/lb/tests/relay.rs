@@ -354,6 +354,19 @@ async fn connected(
     s
 }
 
+/// Sends a request in `writes` (one write each) and reads the answer to EOF: [`http_backend`]'s.
+async fn ask(s: &mut TcpStream, writes: &[&[u8]]) {
+    for w in writes {
+        s.write_all(w).await.unwrap();
+    }
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"HTTP/1.0 200 OK\r\n\r\nhello\n");
+}
+
 /// When the backend's last bytes and its FIN arrive together, the balancer passes them on in
 /// one segment (the bytes wait with `MSG_MORE` for the FIN sent right after), without a read
 /// to learn of the EOF. The client then receives three segments: the SYN-ACK, the ACK of its
@@ -369,13 +382,7 @@ async fn a_backends_last_bytes_and_its_fin_reach_the_client_in_one_segment() {
     let addr = h.addr("127.0.0.10:8080");
     for _ in 0..5 {
         let mut s = connected(addr, &accepted).await;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(WAIT, s.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, b"HTTP/1.0 200 OK\r\n\r\nhello\n");
+        ask(&mut s, &[b"GET / HTTP/1.0\r\n\r\n"]).await;
         let seg = sys::tcp_info::segments(&s).unwrap();
         assert!(
             seg.received <= 3,
@@ -404,15 +411,8 @@ async fn nagle_peers_that_write_twice_do_not_wait_for_a_delayed_ack() {
         let mut s = connected(addr, &accepted).await;
         assert!(!s.nodelay().unwrap(), "Nagle is on");
         let started = tokio::time::Instant::now();
-        s.write_all(b"GET / HTTP/1.0").await.unwrap();
-        s.write_all(b"\r\n\r\n").await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(WAIT, s.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        ask(&mut s, &[b"GET / HTTP/1.0", b"\r\n\r\n"]).await;
         took.push(started.elapsed());
-        assert_eq!(got, b"HTTP/1.0 200 OK\r\n\r\nhello\n");
     }
     took.sort();
     let median = took[took.len() / 2];
