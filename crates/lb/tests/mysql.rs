@@ -122,6 +122,13 @@ impl MariaDb {
         std::fs::read_to_string(self.dir.join("err.log")).unwrap_or_default()
     }
 
+    /// The last 20 lines of the error log (for a failure's message).
+    fn log_tail(&self) -> String {
+        let log = self.error_log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
     /// A client holding one connection (user portico over TCP) for a minute.
     fn hold_connection(&self) -> Option<Child> {
         let client = which("mariadb")?;
@@ -164,11 +171,34 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+/// Polls `f` until it holds; on a timeout the panic carries the end of MariaDB's error log.
+async fn until<F: std::future::Future<Output = bool>>(
+    db: &MariaDb,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; mariadbd's log ends:\n{}",
+            db.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// [`Harness::wait_health`] whose panic carries the end of MariaDB's error log.
+async fn health(h: &Harness, db: &MariaDb, service: &str, want: Health) {
+    let deadline = Instant::now() + WAIT;
+    while h.lb.backend_health(service, "m") != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{service}/m never became {want:?} (it is {:?}); mariadbd's log ends:\n{}",
+            h.lb.backend_health(service, "m"),
+            db.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -193,7 +223,7 @@ async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
     };
     let addr = db.addr;
     let t = Duration::from_secs(2);
-    until("mariadbd to serve", || async {
+    until(&db, "mariadbd to serve", || async {
         probe(&CheckKind::MYSQL, addr, t).await.is_ok()
     })
     .await;
@@ -211,7 +241,7 @@ async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
     );
     // The log does show a failed login (so the assertion above can fail): a wrong login.
     assert!(probe(&mysql_login("nobody", "x"), addr, t).await.is_err());
-    until("Access denied in the error log", || async {
+    until(&db, "Access denied in the error log", || async {
         db.error_log().contains("Access denied")
     })
     .await;
@@ -280,40 +310,40 @@ async fn mysql_check_sees_serving_refusing_and_stopped_mariadb() {
         svc("wrong", "127.0.0.17", &bad)
     );
     let h = Harness::start(&yaml).await;
-    h.wait_health("db", "m", Health::Up).await;
-    h.wait_health("wrong", "m", Health::Down).await;
+    health(&h, &db, "db", Health::Up).await;
+    health(&h, &db, "wrong", Health::Down).await;
 
     // Up but refusing: MariaDB answers the login with 1040 once max_connections (10, MariaDB's
     // minimum) is held by other clients.
     let holders: Vec<Child> = (0..10).filter_map(|_| db.hold_connection()).collect();
     assert_eq!(holders.len(), 10);
-    until("error 1040 too many connections", || async {
+    until(&db, "error 1040 too many connections", || async {
         matches!(
             probe(&mysql_login("portico", PASSWORD), addr, t).await,
             Err(ProbeError::MysqlError { code: 1040, .. })
         )
     })
     .await;
-    h.wait_health("db", "m", Health::Down).await;
+    health(&h, &db, "db", Health::Down).await;
     drop(holders);
-    until("connections released", || async {
+    until(&db, "connections released", || async {
         probe(&mysql_login("portico", PASSWORD), addr, t)
             .await
             .is_ok()
     })
     .await;
-    h.wait_health("db", "m", Health::Up).await;
+    health(&h, &db, "db", Health::Up).await;
 
     // Stopped: connect refused.
     db.stop().await;
-    until("mariadbd to stop", || async {
+    until(&db, "mariadbd to stop", || async {
         matches!(
             probe(&CheckKind::MYSQL, addr, t).await,
             Err(ProbeError::Io(_))
         )
     })
     .await;
-    h.wait_health("db", "m", Health::Down).await;
+    health(&h, &db, "db", Health::Down).await;
     h.stop().await;
 }
 
