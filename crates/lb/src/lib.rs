@@ -639,7 +639,7 @@ impl LoadBalancer {
         vip: SocketAddr,
         cancel: CancellationToken,
     ) {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
+        let listener = match sys::accept::Acceptor::new(listener) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(service = %rt.name, %vip, worker, error = %e, reason = "listenerNotOpen", "cannot register the listener with its worker");
@@ -671,26 +671,9 @@ impl LoadBalancer {
                     let rt = rt.clone();
                     let gone = gone_vip.clone();
                     let (to, load) = self.inner.workers.place(worker);
-                    if to == worker {
-                        self.inner.tracker.spawn(async move {
-                            serve_accepted(rt, client, peer, vip, gone).await;
-                            drop((unit, load));
-                        });
-                        continue;
-                    }
-                    // a less busy worker serves it: off this worker's poller, onto that one's
-                    let client = match client.into_std() {
-                        Ok(c) => {
-                            self.inner.workers.count_handoff();
-                            c
-                        }
-                        Err(e) => {
-                            node.local_error(Operation::accept, &e);
-                            continue;
-                        }
-                    };
                     let node = node.clone();
-                    let fut = self.inner.tracker.track_future(async move {
+                    // registered with the poller of the worker that serves it, and only there
+                    let serve = async move {
                         match tokio::net::TcpStream::from_std(client) {
                             Ok(client) => serve_accepted(rt, client, peer, vip, gone).await,
                             Err(e) => {
@@ -698,8 +681,16 @@ impl LoadBalancer {
                             }
                         }
                         drop((unit, load));
-                    });
-                    self.inner.workers.spawn(to, fut);
+                    };
+                    if to == worker {
+                        self.inner.tracker.spawn(serve);
+                    } else {
+                        // a less busy worker serves it
+                        self.inner.workers.count_handoff();
+                        self.inner
+                            .workers
+                            .spawn(to, self.inner.tracker.track_future(serve));
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off (doubling up to a second) instead of

@@ -12,8 +12,9 @@
 //! 7 puts nearly all the work on one thread; a 50-connection keep-alive run here split 19 / 32).
 //! So a worker that accepts a connection while it serves clearly more than the least busy
 //! worker hands it over to that one ([`place`]; HAProxy's threads balance their accepts by load
-//! the same way): one deregistration and one wake-up of the other thread, only when the loads
-//! are uneven.
+//! the same way): one wake-up of the other thread, only when the loads are uneven. Accepted
+//! sockets reach no poller until the worker that serves them registers them
+//! ([`sys::accept::Acceptor`]), so a hand-over costs no `epoll_ctl` on the accepting worker.
 
 use std::future::Future;
 use std::sync::Arc;

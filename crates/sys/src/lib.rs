@@ -23,10 +23,13 @@
 //! * [`uring`]: an io_uring with a ring of provided buffers for the proxy's relay; it closes
 //!   a socket only when no operation on it is in flight and recycles a buffer only when no
 //!   send reads it.
+//! * [`accept`]: a TCP listener on tokio's poller whose accepted sockets are registered only
+//!   by the worker that serves them.
 //! * `netlink` (crate-private): the netlink plumbing of [`conntrack`], [`nft_set`] and the
 //!   address requests (headers, attributes, acknowledgements, sockets), and the tokio
 //!   registration and receive loop of [`PacketSocket`] and the conntrack event socket.
 
+pub mod accept;
 pub mod conn_table;
 pub mod conntrack;
 pub mod limits;
