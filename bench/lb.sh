@@ -417,6 +417,14 @@ iperf_run() { # SYSTEM
   echo "  $s iperf3: ${g:-?} Gbit/s  load $(load1)" >&2
 }
 
+# each_wrk_mode FUNCTION SYSTEM: FUNCTION SYSTEM MODE WRK_ARGS... for every selected wrk mode
+each_wrk_mode() {
+  local f=$1 s=$2
+  if has_mode keepalive; then "$f" "$s" keepalive -t1 -c"$CONNS"; fi
+  if has_mode close; then "$f" "$s" close -t1 -c"$CONNS" -H 'Connection: close'; fi
+  if has_mode "c$MANY"; then "$f" "$s" c$MANY -t2 -c"$MANY"; fi
+}
+
 for r in $(seq "$ROUNDS"); do
   ROUND=$r
   echo "round $r/$ROUNDS (load $(load1))" >&2
@@ -426,14 +434,8 @@ for r in $(seq "$ROUNDS"); do
     for ((k = ${#SYSTEMS[@]} - 1, j = 0; k >= 0; k--, j++)); do order[j]=${SYSTEMS[k]}; done
   fi
   for s in "${order[@]}"; do
-    if has_mode keepalive; then wrk_run "$s" keepalive -t1 -c"$CONNS"; fi
-    if has_mode close; then wrk_run "$s" close -t1 -c"$CONNS" -H 'Connection: close'; fi
-    if has_mode "c$MANY"; then wrk_run "$s" c$MANY -t2 -c"$MANY"; fi
-    if ((SYSCALLS)); then
-      if has_mode keepalive; then syscall_profile "$s" keepalive -t1 -c"$CONNS"; fi
-      if has_mode close; then syscall_profile "$s" close -t1 -c"$CONNS" -H 'Connection: close'; fi
-      if has_mode "c$MANY"; then syscall_profile "$s" c$MANY -t2 -c"$MANY"; fi
-    fi
+    each_wrk_mode wrk_run "$s"
+    if ((SYSCALLS)); then each_wrk_mode syscall_profile "$s"; fi
     if has_mode iperf3; then iperf_run "$s"; fi
   done
 done

@@ -99,7 +99,7 @@ impl Workers {
         (to, Load(unit))
     }
 
-    /// Counts a connection taken off the accepting worker's poller for another worker.
+    /// Counts a connection the accepting worker handed to another worker to serve.
     pub(crate) fn count_handoff(&self) {
         self.handoffs.inc();
     }
