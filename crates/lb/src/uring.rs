@@ -10,7 +10,7 @@
 //!   refused or timed out, closed or reset before a byte) is detached and the next one gets
 //!   the client's bytes, as with the tokio start (`connect`).
 //! * A service that sends a PROXY header keeps the tokio start and moves a connection to the
-//!   ring once it proved long-lived ([`PROMOTE_AFTER`] messages, see [`relay`]): the move
+//!   ring once it proved long-lived ([`PROMOTE_AFTER`] messages, see `relay`): the move
 //!   costs two `epoll_ctl` removals and a submit.
 //! * The relays themselves are a state machine without I/O ([`engine`]: completions in,
 //!   ring operations out, replayed in its tests); this file drives it on the worker's ring.
