@@ -164,7 +164,7 @@ async fn consecutive_connect_failures_eject_a_backend_without_active_checks() {
     let a = Backend::start("a").await;
     let mut b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let extra = "    outlier: {consecutive_failures: 2, base_ejection_time: 1s, max_ejection_percent: 50}\n    \
+    let extra = "    outlier: {consecutive_failures: 2, base_ejection_time: 3s, max_ejection_percent: 50}\n    \
                  connection: {retries: 2}\n";
     let h = Harness::start(&three(&a, &b, &c, extra)).await;
     let addr = h.addr("127.0.0.10:8080");
