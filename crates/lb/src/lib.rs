@@ -180,7 +180,7 @@ struct Inner {
 /// the shutdown drain (dropping the relay closes both sockets).
 async fn serve_accepted(
     rt: Arc<ServiceRt>,
-    client: std::net::TcpStream,
+    client: tokio::net::TcpStream,
     peer: SocketAddr,
     vip: SocketAddr,
     gone: CancellationToken,
@@ -671,9 +671,15 @@ impl LoadBalancer {
                     let rt = rt.clone();
                     let gone = gone_vip.clone();
                     let (to, load) = self.inner.workers.place(worker);
+                    let node = node.clone();
                     // registered with the poller of the worker that serves it, and only there
                     let serve = async move {
-                        serve_accepted(rt, client, peer, vip, gone).await;
+                        match tokio::net::TcpStream::from_std(client) {
+                            Ok(client) => serve_accepted(rt, client, peer, vip, gone).await,
+                            Err(e) => {
+                                node.local_error(Operation::accept, &e);
+                            }
+                        }
                         drop((unit, load));
                     };
                     if to == worker {

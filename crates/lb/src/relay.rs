@@ -192,13 +192,6 @@ pub struct Counters<'a> {
     pub to_client: &'a Counter,
 }
 
-impl Counters<'_> {
-    /// Both, by direction (0: client → backend), as the ring relay holds them.
-    pub(crate) fn both(&self) -> [Counter; 2] {
-        [self.to_backend.clone(), self.to_client.clone()]
-    }
-}
-
 /// Relays until both sides closed, an error, `idle` without traffic, or `cancel` — or, with
 /// `promote_after`, until that many messages (reads passed on, both ways) have been relayed and
 /// neither direction holds a byte nor splices: then [`End::Handover`].

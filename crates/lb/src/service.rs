@@ -538,14 +538,8 @@ impl ServiceRt {
             .inc();
     }
 
-    /// Serves one accepted client connection to the end. It reaches tokio's poller only here,
-    /// on the worker that serves it, and not at all when it is served on the worker's ring.
-    pub(crate) async fn serve_tcp(
-        &self,
-        client: std::net::TcpStream,
-        peer: SocketAddr,
-        vip: SocketAddr,
-    ) {
+    /// Serves one accepted client connection to the end.
+    pub(crate) async fn serve_tcp(&self, client: TcpStream, peer: SocketAddr, vip: SocketAddr) {
         let spec = self.spec.load_full();
         let Some(port) = spec
             .ports
@@ -559,27 +553,6 @@ impl ServiceRt {
         let header = spec
             .proxy_protocol
             .map(|pp| crate::proxy_protocol::encode(pp, Protocol::Tcp, peer, vip));
-        // `proxy.io: uring`: the whole connection on the worker's ring, unless a PROXY header
-        // goes first (that service keeps the tokio start and moves when long-lived, below)
-        let client = match (&header, self.use_uring) {
-            (None, Some(buffers)) => {
-                match crate::uring::Conn::start(client, &self.metrics.uring, buffers) {
-                    Ok(Some(ring)) => {
-                        return self.serve_on_ring(ring, peer, port, conn, hash).await;
-                    }
-                    Ok(None) => return self.refuse(Reason::LocalResources, peer),
-                    Err(client) => client,
-                }
-            }
-            _ => client,
-        };
-        let client = match TcpStream::from_std(client) {
-            Ok(c) => c,
-            Err(e) => {
-                self.node.local_error(Operation::accept, &e);
-                return;
-            }
-        };
         let mut tried: Vec<Arc<BackendRt>> = Vec::new();
         // The client's first bytes, read once and kept until a backend has taken them.
         let mut early = Early::new();
@@ -611,9 +584,18 @@ impl ServiceRt {
                 }
                 Err(e) => e,
             };
-            if let Err(r) = self.attempt_failed(slot, &failure, &mut tried, conn.retries) {
-                return self.refuse(r, peer);
+            if self.node.local_error(Operation::connect, &failure) {
+                // Our shortage, not the backend's: no failure recorded, no retry.
+                return self.refuse(Reason::LocalResources, peer);
             }
+            tracing::debug!(service = %self.name, backend = %slot.be.name, error = %failure, "connect failed");
+            self.record_failure(&slot.be);
+            tried.push(slot.be.clone());
+            drop(slot);
+            if tried.len() as u64 > u64::from(conn.retries) {
+                return self.refuse(Reason::ConnectFailed, peer);
+            }
+            self.retries.inc();
         };
         drop(early);
         let be = slot.be.clone();
@@ -678,84 +660,6 @@ impl ServiceRt {
             }
             return drop(slot);
         }
-    }
-
-    /// Serves a client on the worker's ring ([`crate::uring::Conn`]) with the same choice,
-    /// retries and accounting as the tokio start of [`Self::serve_tcp`]: a backend gone
-    /// before the first byte either way is another connect failure, and the next one gets the
-    /// client's bytes.
-    async fn serve_on_ring(
-        &self,
-        mut ring: crate::uring::Conn,
-        peer: SocketAddr,
-        port: &Port,
-        conn: &model::Connection,
-        hash: u64,
-    ) {
-        let mut tried: Vec<Arc<BackendRt>> = Vec::new();
-        let slot = loop {
-            let slot = match self.admit_or_wait(hash, &tried).await {
-                Ok(s) => s,
-                Err(Reason::NoHealthyBackend) if !tried.is_empty() => {
-                    return self.refuse(Reason::ConnectFailed, peer);
-                }
-                Err(r) => return self.refuse(r, peer),
-            };
-            let counters = relay::Counters {
-                to_backend: &slot.be.metrics.bytes_to_backend,
-                to_client: &slot.be.metrics.bytes_to_client,
-            };
-            let target = slot.be.target(port);
-            let failure = match ring
-                .connect(
-                    target,
-                    conn.connect_timeout,
-                    counters,
-                    conn.idle_timeout,
-                    &slot.be.drain,
-                )
-                .await
-            {
-                crate::uring::Connect::Going => break slot,
-                crate::uring::Connect::Ended => return,
-                crate::uring::Connect::Gone(e) => e,
-            };
-            if let Err(r) = self.attempt_failed(slot, &failure, &mut tried, conn.retries) {
-                return self.refuse(r, peer);
-            }
-        };
-        let be = slot.be.clone();
-        self.record_success(&be);
-        be.total.fetch_add(1, Ordering::Relaxed);
-        be.metrics.connections.inc();
-        // the ring closes both sockets (the client with a reset after a backend error)
-        let (end, _) = ring.finish(conn.idle_timeout, &be.drain).await;
-        self.backend_ended(&be, &end);
-        drop(slot);
-    }
-
-    /// After an attempt on `slot`'s backend failed with `failure`: `Ok` when another backend
-    /// may be tried; `Err` names why the client is refused (a local shortage, which is not the
-    /// backend's failure and is not retried, or the retries are spent).
-    fn attempt_failed(
-        &self,
-        slot: Slot<'_>,
-        failure: &std::io::Error,
-        tried: &mut Vec<Arc<BackendRt>>,
-        retries: u32,
-    ) -> Result<(), Reason> {
-        if self.node.local_error(Operation::connect, failure) {
-            return Err(Reason::LocalResources);
-        }
-        tracing::debug!(service = %self.name, backend = %slot.be.name, error = %failure, "connect failed");
-        self.record_failure(&slot.be);
-        tried.push(slot.be.clone());
-        drop(slot);
-        if tried.len() as u64 > u64::from(retries) {
-            return Err(Reason::ConnectFailed);
-        }
-        self.retries.inc();
-        Ok(())
     }
 
     /// Records a backend that reset or broke the relay as a failure; `true` when the backend

@@ -1,17 +1,13 @@
-//! The relay on an io_uring (`proxy.io: uring`): a connection is served on the ring of the
-//! proxy worker thread that serves it from its accept (`Conn`). The accepted socket never
-//! reaches tokio's poller; the backend's connect (with a linked timeout), the first bytes,
-//! every receive and send, and the close are ring operations, and one `io_uring_enter` per
-//! turn of the worker's loop carries all that the turn queued, instead of a system call for
-//! each and a poller registration (`epoll_ctl` add and remove) per socket.
+//! The relay on an io_uring (`proxy.io: uring`): once a connection has proved long-lived (the
+//! tokio relay passed [`PROMOTE_AFTER`] messages on, holds no byte and does not splice, see
+//! [`crate::relay::relay`]), both sockets leave tokio for the ring of the proxy worker thread
+//! that serves them, and every receive and send after that is an entry in that ring. Moving
+//! costs two `epoll_ctl` removals and a submit: a one-request connection would not earn them
+//! back (measured: 1.05-1.20× HAProxy's CPU per request when every connection moved at once),
+//! and a bulk one keeps `splice`. One `io_uring_enter` per turn of the worker's loop carries
+//! all the sends and receives the turn queued, instead of one `recvfrom` and one `sendto` per
+//! message.
 //!
-//! * The choice of backend, the connect retries, the breaker and outlier accounting stay in
-//!   `service`: a backend that fails before the first byte either way (connect
-//!   refused or timed out, closed or reset before a byte) is detached and the next one gets
-//!   the client's bytes, as with the tokio start (`connect`).
-//! * A service that sends a PROXY header keeps the tokio start and moves a connection to the
-//!   ring once it proved long-lived ([`PROMOTE_AFTER`] messages, see `relay`): the move
-//!   costs two `epoll_ctl` removals and a submit.
 //! * The relays themselves are a state machine without I/O ([`engine`]: completions in,
 //!   ring operations out, replayed in its tests); this file drives it on the worker's ring.
 //! * One ring per proxy worker thread ([`crate::worker`]), made on its first relay, driven by a
@@ -29,18 +25,16 @@
 //!   down (half-close both ways), the relay ends when both directions ended, on an error (the
 //!   client gets a reset when the backend failed), after `idle` without a byte, or on cancel;
 //!   bytes feed the backend's counters; keepalive on the backend socket once the relay has
-//!   lived [`crate::relay::KEEPALIVE_AFTER`]; the last bytes before a peer's FIN leave with
-//!   the FIN passed on, in one segment (`MSG_MORE` when the receive says the socket holds
-//!   more). On the ring bytes are copied through the buffers (no `splice`).
+//!   lived [`crate::relay::KEEPALIVE_AFTER`]. On the ring bytes are copied through the
+//!   buffers (no `splice`); a transfer that fills its buffer before the hand-over splices on
+//!   tokio instead and never moves.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use prometheus_client::metrics::counter::Counter;
 use sys::uring::{BufId, Completion, Done, Ring, Sock};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +43,7 @@ use crate::relay::{Counters, End, Side, Stats};
 mod engine;
 
 pub use engine::QUEUE_MAX;
-use engine::{Attempt, Engine, Event, Ops, PairId};
+use engine::{Engine, Event, Ops, PairId};
 
 /// Messages (reads passed on, both ways) the tokio relay moves before it hands a connection
 /// to the ring: a request and its response per round trip, so the fourth round trip of a
@@ -104,16 +98,8 @@ impl Ops for Ring {
     fn recv_spare(&mut self, sock: Sock, token: u64) -> bool {
         Ring::recv_spare(self, sock, token)
     }
-    fn send(
-        &mut self,
-        sock: Sock,
-        buf: BufId,
-        from: usize,
-        to: usize,
-        more: bool,
-        token: u64,
-    ) -> bool {
-        Ring::send(self, sock, buf, (from, to), more, token)
+    fn send(&mut self, sock: Sock, buf: BufId, from: usize, to: usize, token: u64) -> bool {
+        Ring::send(self, sock, buf, from, to, token)
     }
     fn is_spare(&self, buf: BufId) -> bool {
         Ring::is_spare(self, buf)
@@ -127,27 +113,17 @@ impl Ops for Ring {
     fn release(&mut self, sock: Sock, reset: bool) {
         Ring::release(self, sock, reset);
     }
-    fn connect(&mut self, sock: Sock, target: SocketAddr, timeout: Duration, token: u64) -> bool {
-        Ring::connect(self, sock, target, timeout, token)
-    }
-    fn quickack(&mut self, sock: Sock) {
-        self.with_fd(sock, |fd| {
-            let _ = rustix::net::sockopt::set_tcp_quickack(fd, true);
-        });
-    }
 }
 
 /// A ring completion as the engine's event.
 fn event(done: Done) -> Event<BufId> {
     match done {
-        Done::Received { buf, len, more } => Event::Received { buf, len, more },
+        Done::Received { buf, len } => Event::Received { buf, len },
         Done::Eof => Event::Eof,
         Done::NoBuffers => Event::NoBuffers,
         Done::RecvFailed(e) => Event::RecvFailed(e),
         Done::Sent(n) => Event::Sent(n),
         Done::SendFailed(e) => Event::SendFailed(e),
-        Done::Connected => Event::Connected,
-        Done::ConnectFailed(e) => Event::ConnectFailed(e),
     }
 }
 
@@ -285,13 +261,13 @@ pub(crate) async fn relay(
     let added = ENGINE.with_borrow_mut(|l| match l {
         Local::Ready(w) => {
             let (client, backend) = (w.engine.ops.adopt(client), w.engine.ops.adopt(backend));
-            let added = w.engine.add(client, backend, counters.both());
-            if added.is_none() {
-                w.engine.ops.release(client, false);
-                w.engine.ops.release(backend, false);
-            }
+            let (id, rx) = w.engine.add(
+                client,
+                backend,
+                [counters.to_backend.clone(), counters.to_client.clone()],
+            );
             w.turn();
-            added
+            Some((id, rx))
         }
         _ => None,
     });
@@ -300,24 +276,12 @@ pub(crate) async fn relay(
     };
     metrics.relays.inc();
     let mut abandon = Abandon(Some(id));
-    let done = wait(id, &mut rx, idle, cancel).await;
-    abandon.0 = None;
-    Ok(done)
-}
-
-/// Waits for relay `id` to end: by itself, after `idle` without a byte, or on `cancel`.
-async fn wait(
-    id: PairId,
-    rx: &mut oneshot::Receiver<(End, Stats)>,
-    idle: Duration,
-    cancel: &CancellationToken,
-) -> (End, Stats) {
     let end = tokio::select! {
-        r = &mut *rx => r.ok(),
+        r = &mut rx => r.ok(),
         () = watch(id, idle) => None,
         () = cancel.cancelled() => None,
     };
-    match end {
+    let done = match end {
         Some(done) => done,
         None => {
             let why = if cancel.is_cancelled() {
@@ -328,135 +292,9 @@ async fn wait(
             end_relay(id, why);
             rx.try_recv().unwrap_or((End::Cancelled, Stats::default()))
         }
-    }
-}
-
-/// A client connection served on this worker's ring from its accept: the backend's connect,
-/// the first bytes, the relay and the close are all ring operations (no socket of it is ever
-/// registered with tokio's poller).
-pub(crate) struct Conn {
-    id: PairId,
-    ended: oneshot::Receiver<(End, Stats)>,
-    abandon: Abandon,
-}
-
-/// What [`Conn::connect`] came to.
-pub(crate) enum Connect {
-    /// The backend took or sent the first byte: the relay runs ([`Conn::finish`]).
-    Going,
-    /// The backend failed before that (or its socket could not be made): the client and its
-    /// first bytes wait for another one.
-    Gone(std::io::Error),
-    /// The relay ended meanwhile (the client left or failed, `idle` passed, cancelled): the
-    /// sockets are closed.
-    Ended,
-}
-
-impl Conn {
-    /// Takes `client` onto this worker's ring and receives its first bytes at once. `Err`: this
-    /// thread has no ring, `client` is handed back. `Ok(None)`: the engine holds
-    /// [`engine::PAIRS_MAX`] relays (the client is closed).
-    pub(crate) fn start(
-        client: std::net::TcpStream,
-        metrics: &Metrics,
-        buffers: u16,
-    ) -> Result<Option<Self>, std::net::TcpStream> {
-        if !ensure_engine(metrics, buffers) {
-            metrics.fallbacks.inc();
-            return Err(client);
-        }
-        let started = ENGINE.with_borrow_mut(|l| match l {
-            Local::Ready(w) => {
-                let sock = w.engine.ops.adopt(OwnedFd::from(client));
-                let started = w.engine.start(sock);
-                if started.is_none() {
-                    w.engine.ops.release(sock, false);
-                }
-                w.turn();
-                started
-            }
-            // made by `ensure_engine` just now
-            _ => None,
-        });
-        Ok(started.map(|(id, ended)| {
-            metrics.relays.inc();
-            Self {
-                id,
-                ended,
-                abandon: Abandon(Some(id)),
-            }
-        }))
-    }
-
-    /// Connects a backend at `target` on the ring (failing after `timeout`) and waits until it
-    /// took or sent the first byte, failed, or the relay ended (`idle` without a byte,
-    /// `cancel`). Its bytes count on `counters`.
-    pub(crate) async fn connect(
-        &mut self,
-        target: SocketAddr,
-        timeout: Duration,
-        counters: Counters<'_>,
-        idle: Duration,
-        cancel: &CancellationToken,
-    ) -> Connect {
-        let sock = match backend_socket(target) {
-            Ok(s) => s,
-            Err(e) => return Connect::Gone(e),
-        };
-        let id = self.id;
-        let attempt = ENGINE.with_borrow_mut(|l| match l {
-            Local::Ready(w) => {
-                let b = w.engine.ops.adopt(sock);
-                let rx = w.engine.attach(id, b, target, timeout, counters.both());
-                w.turn();
-                rx
-            }
-            _ => None,
-        });
-        let Some(attempt) = attempt else {
-            return Connect::Ended;
-        };
-        tokio::select! {
-            r = attempt => match r {
-                Ok(Attempt::Going) => Connect::Going,
-                Ok(Attempt::Gone(e)) => Connect::Gone(e),
-                Err(_) => Connect::Ended,
-            },
-            () = watch(id, idle) => {
-                end_relay(id, End::Idle);
-                Connect::Ended
-            }
-            () = cancel.cancelled() => {
-                end_relay(id, End::Cancelled);
-                Connect::Ended
-            }
-        }
-    }
-
-    /// Waits until the relay ends (as [`relay`] does).
-    pub(crate) async fn finish(
-        mut self,
-        idle: Duration,
-        cancel: &CancellationToken,
-    ) -> (End, Stats) {
-        let done = wait(self.id, &mut self.ended, idle, cancel).await;
-        self.abandon.0 = None;
-        done
-    }
-}
-
-/// A backend socket for the ring: blocking (the ring never blocks on it), `TCP_NODELAY`, and
-/// `TCP_QUICKACK` off so the ACK of the SYN-ACK rides on the client's first bytes (as
-/// [`crate::connect::connect`] does).
-fn backend_socket(target: SocketAddr) -> std::io::Result<OwnedFd> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM.cloexec(),
-        Some(socket2::Protocol::TCP),
-    )?;
-    sock.set_tcp_nodelay(true)?;
-    sock.set_tcp_quickack(false)?;
-    Ok(sock.into())
+    };
+    abandon.0 = None;
+    Ok(done)
 }
 
 /// Bytes the relay moved so far (`None`: it ended).
@@ -478,8 +316,8 @@ async fn watch(id: PairId, idle: Duration) {
             ENGINE.with_borrow_mut(|l| {
                 if let Local::Ready(w) = l
                     && let Some(p) = w.engine.pair(id)
-                    && let Some(backend) = p.backend
                 {
+                    let backend = p.backend;
                     w.engine.ops.with_fd(backend, |fd| {
                         let _ = socket2::SockRef::from(&fd)
                             .set_tcp_keepalive(&crate::listen::keepalive());

@@ -43,14 +43,15 @@ async fn large_transfer(splice: bool) {
         .unwrap();
     assert_eq!(writer.await.unwrap(), back.len());
     assert_eq!(checksum(&back), sent, "echo differs");
-    if uring() {
-        // on the ring from the accept, which copies through its buffers (no splice)
+    if uring() && !splice {
+        // copying, the echo passes 8 messages within its first 128 KiB: handed to the ring
         assert!(
             h.metric("portico_lb_uring_relays_total") >= 1,
             "the ring relayed nothing"
         );
-    } else if splice {
-        // a bulk transfer splices
+    }
+    if splice {
+        // a bulk transfer keeps splice, also with proxy.io: uring
         assert!(
             lb::relay::spliced_bytes() >= 16 << 20,
             "splice path did not run: {} bytes spliced",

@@ -70,10 +70,6 @@ pub enum Done {
         buf: BufId,
         /// Bytes in it.
         len: usize,
-        /// The socket holds more already: bytes, or the peer's EOF (the kernel's
-        /// `IORING_CQE_F_SOCK_NONEMPTY`, which `tcp_inq_hint` sets after a FIN). The next
-        /// receive completes at once.
-        more: bool,
     },
     /// The peer closed its sending side.
     Eof,
@@ -85,10 +81,6 @@ pub enum Done {
     Sent(usize),
     /// The send failed.
     SendFailed(io::Error),
-    /// A connect finished: the socket is connected.
-    Connected,
-    /// A connect failed, or did not finish within its timeout (`TimedOut`).
-    ConnectFailed(io::Error),
 }
 
 /// A finished operation and the caller's token for it.
@@ -122,18 +114,14 @@ struct Slot {
     release: Option<bool>,
 }
 
+#[derive(Clone, Copy)]
 enum Kind {
     Recv,
     RecvSpare(u16),
     Send(u16),
-    /// The address and the timeout the kernel reads when it takes the entries (kept until
-    /// the completion all the same).
-    Connect(#[allow(dead_code)] Box<(socket2::SockAddr, types::Timespec)>),
 }
 
-/// `user_data` of a connect's linked timeout (its completion carries nothing to report).
-const LINK_TIMEOUT: u64 = u64::MAX;
-
+#[derive(Clone, Copy)]
 struct Op {
     sock: u32,
     token: u64,
@@ -191,8 +179,6 @@ pub struct Ring {
     ops: Vec<Option<Op>>,
     free_ops: Vec<u32>,
     queued: Vec<squeue::Entry>,
-    /// Indices in `queued` of entries linked to the next one (a connect and its timeout).
-    link_heads: Vec<usize>,
     /// Operations in flight in the kernel.
     in_flight: usize,
     /// Completions being handled (kept to reuse its allocation).
@@ -238,7 +224,6 @@ impl Ring {
             ops: Vec::new(),
             free_ops: Vec::new(),
             queued: Vec::new(),
-            link_heads: Vec::new(),
             in_flight: 0,
             cqes: Vec::new(),
         };
@@ -342,18 +327,9 @@ impl Ring {
         true
     }
 
-    /// Queues a send of `buf[from..to]`; `more`: with `MSG_MORE`, the caller sends more (or
-    /// shuts the write side down) right after, and they leave together. `false`: the socket is
-    /// not live, the buffer is not lent to the caller or the range is outside it (nothing
-    /// queued).
-    pub fn send(
-        &mut self,
-        sock: Sock,
-        buf: BufId,
-        (from, to): (usize, usize),
-        more: bool,
-        token: u64,
-    ) -> bool {
+    /// Queues a send of `buf[from..to]`. `false`: the socket is not live, the buffer is not
+    /// lent to the caller or the range is outside it (nothing queued).
+    pub fn send(&mut self, sock: Sock, buf: BufId, from: usize, to: usize, token: u64) -> bool {
         let b = usize::from(buf.0);
         if self.state.get(b) != Some(&BufState::Lent) || from >= to || to > self.size as usize {
             return false;
@@ -366,45 +342,11 @@ impl Ring {
         };
         self.state[b] = BufState::Sending { back: false };
         let ptr = self.address(b, from);
-        let flags = if more {
-            libc::MSG_NOSIGNAL | libc::MSG_MORE
-        } else {
-            libc::MSG_NOSIGNAL
-        };
         let e = opcode::Send::new(types::Fd(fd), ptr, (to - from) as u32)
-            .flags(flags)
+            .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(user_data);
         self.queued.push(e);
-        true
-    }
-
-    /// Queues a connect of `sock` to `target`, ended by the kernel after `timeout` (a linked
-    /// timeout: the connect then fails with `TimedOut`). `false`: the socket is not live.
-    pub fn connect(
-        &mut self,
-        sock: Sock,
-        target: std::net::SocketAddr,
-        timeout: std::time::Duration,
-        token: u64,
-    ) -> bool {
-        let what = Box::new((
-            socket2::SockAddr::from(target),
-            types::Timespec::from(timeout),
-        ));
-        let (addr, len) = (what.0.as_ptr().cast::<libc::sockaddr>(), what.0.len());
-        let ts: *const types::Timespec = &what.1;
-        let Some((user_data, fd)) = self.push_op(sock, token, Kind::Connect(what)) else {
-            return false;
-        };
-        let connect = opcode::Connect::new(types::Fd(fd), addr, len)
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(user_data);
-        let timeout = opcode::LinkTimeout::new(ts).build().user_data(LINK_TIMEOUT);
-        self.link_heads.push(self.queued.len());
-        self.queued.push(connect);
-        self.queued.push(timeout);
         true
     }
 
@@ -557,12 +499,7 @@ impl Ring {
             let pushed = {
                 let mut sq = self.ring.submission();
                 let room = sq.capacity() - sq.len();
-                let rest = self.queued.len() - i;
-                let mut n = room.min(rest);
-                // a connect and its linked timeout go to the kernel in one submission
-                if n < rest && n > 0 && self.link_heads.contains(&(i + n - 1)) {
-                    n -= 1;
-                }
+                let n = room.min(self.queued.len() - i);
                 // SAFETY: every queued entry points at memory this ring owns (buffers) or at
                 // nothing, and at fds closed only once their operations completed.
                 #[allow(unsafe_code)]
@@ -579,7 +516,6 @@ impl Ring {
             }
         }
         self.queued.clear();
-        self.link_heads.clear();
         Ok(())
     }
 
@@ -593,9 +529,6 @@ impl Ring {
         );
         for (user_data, res, flags) in cqes.drain(..) {
             self.in_flight = self.in_flight.saturating_sub(1);
-            if user_data == LINK_TIMEOUT {
-                continue;
-            }
             let Some(op) = self.ops.get_mut(user_data as usize).and_then(Option::take) else {
                 continue;
             };
@@ -617,7 +550,6 @@ impl Ring {
                         (n, Some(buf)) if n > 0 && !released => Done::Received {
                             buf,
                             len: n as usize,
-                            more: cqueue::sock_nonempty(flags),
                         },
                         (n, Some(buf)) => {
                             // released meanwhile: the bytes have nowhere to go
@@ -640,7 +572,6 @@ impl Ring {
                         Done::Received {
                             buf,
                             len: res as usize,
-                            more: cqueue::sock_nonempty(flags),
                         }
                     } else {
                         self.give_back(buf);
@@ -663,15 +594,6 @@ impl Ring {
                         Done::SendFailed(errno(res))
                     }
                 }
-                Kind::Connect(_) => match res {
-                    0.. if !released => Done::Connected,
-                    0.. => Done::ConnectFailed(io::Error::other("released while connecting")),
-                    n if n == -libc::ECANCELED => Done::ConnectFailed(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    )),
-                    n => Done::ConnectFailed(errno(n)),
-                },
             };
             out.push(Completion {
                 token: op.token,

@@ -15,13 +15,9 @@ enum Op {
     Recv(u32, u64),
     RecvSpare(u32, u64),
     Send(u32, u16, usize, usize, u64),
-    /// A send with `MSG_MORE`.
-    SendMore(u32, u16, usize, usize, u64),
     GiveBack(u16),
     Shutdown(u32),
     Release(u32, bool),
-    Connect(u32, u64),
-    QuickAck(u32),
 }
 
 #[derive(Default)]
@@ -47,20 +43,8 @@ impl Ops for Recorder {
         self.log.push(Op::RecvSpare(sock, token));
         true
     }
-    fn send(
-        &mut self,
-        sock: u32,
-        buf: u16,
-        from: usize,
-        to: usize,
-        more: bool,
-        token: u64,
-    ) -> bool {
-        self.log.push(if more {
-            Op::SendMore(sock, buf, from, to, token)
-        } else {
-            Op::Send(sock, buf, from, to, token)
-        });
+    fn send(&mut self, sock: u32, buf: u16, from: usize, to: usize, token: u64) -> bool {
+        self.log.push(Op::Send(sock, buf, from, to, token));
         true
     }
     fn is_spare(&self, buf: u16) -> bool {
@@ -79,13 +63,6 @@ impl Ops for Recorder {
     }
     fn release(&mut self, sock: u32, reset: bool) {
         self.log.push(Op::Release(sock, reset));
-    }
-    fn connect(&mut self, sock: u32, _: SocketAddr, _: Duration, token: u64) -> bool {
-        self.log.push(Op::Connect(sock, token));
-        true
-    }
-    fn quickack(&mut self, sock: u32) {
-        self.log.push(Op::QuickAck(sock));
     }
 }
 
@@ -108,33 +85,10 @@ impl Replay {
     fn add(&mut self, client: u32, backend: u32) -> (PairId, Ended) {
         self.e
             .add(client, backend, [self.up.clone(), self.down.clone()])
-            .expect("room")
-    }
-    /// A relay from `client` alone.
-    fn start(&mut self, client: u32) -> (PairId, Ended) {
-        self.e.start(client).expect("room")
-    }
-    /// Attaches `backend` to `id` (the target and timeout only go to `Ops::connect`).
-    fn attach(&mut self, id: PairId, backend: u32) -> oneshot::Receiver<Attempt> {
-        let target = SocketAddr::from(([127, 0, 0, 1], 9));
-        self.e
-            .attach(
-                id,
-                backend,
-                target,
-                Duration::from_secs(1),
-                [self.up.clone(), self.down.clone()],
-            )
-            .expect("a detached relay")
-    }
-    /// Feeds a completion of an operation on the backend of `epoch`.
-    fn event_at(&mut self, id: PairId, way: usize, epoch: u8, ev: Event<u16>) -> Vec<Op> {
-        self.e.handle(token_of(id, way, epoch), ev);
-        self.take()
     }
     /// Feeds one completion of direction `way` of `id`; returns the operations it asked for.
     fn event(&mut self, id: PairId, way: usize, ev: Event<u16>) -> Vec<Op> {
-        self.e.handle(token_of(id, way, 0), ev);
+        self.e.handle(token(id, way), ev);
         self.take()
     }
     fn take(&mut self) -> Vec<Op> {
@@ -153,19 +107,11 @@ const DOWN: usize = 1;
 fn bytes_received_are_sent_on_resumed_after_a_short_send_and_given_back() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
-    let (t_up, t_down) = (token_of(id, UP, 0), token_of(id, DOWN, 0));
+    let (t_up, t_down) = (token(id, UP), token(id, DOWN));
     assert_eq!(r.take(), [Op::Recv(1, t_up), Op::Recv(2, t_down)]);
     // the client's bytes go to the backend; the next receive is armed at once
     assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 7,
-                len: 100,
-                more: false
-            }
-        ),
+        r.event(id, UP, Event::Received { buf: 7, len: 100 }),
         [Op::Send(2, 7, 0, 100, t_up), Op::Recv(1, t_up)]
     );
     // a short send is resumed where it stopped
@@ -184,15 +130,7 @@ fn an_eof_half_closes_and_the_second_one_closes_both_without_a_shutdown() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(
-        id,
-        DOWN,
-        Event::Received {
-            buf: 3,
-            len: 10,
-            more: false,
-        },
-    );
+    r.event(id, DOWN, Event::Received { buf: 3, len: 10 });
     // EOF while a send is in flight: passed on only once the queue is sent
     assert_eq!(r.event(id, DOWN, Event::Eof), []);
     assert_eq!(
@@ -225,18 +163,10 @@ fn an_eof_half_closes_and_the_second_one_closes_both_without_a_shutdown() {
 fn a_direction_holding_queue_max_buffers_stops_receiving_until_one_is_sent() {
     let mut r = Replay::new();
     let (id, _rx) = r.add(1, 2);
-    let t = token_of(id, UP, 0);
+    let t = token(id, UP);
     r.take();
     for b in 0..QUEUE_MAX as u16 {
-        let ops = r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: b,
-                len: 16,
-                more: false,
-            },
-        );
+        let ops = r.event(id, UP, Event::Received { buf: b, len: 16 });
         let recv_again = ops.contains(&Op::Recv(1, t));
         assert_eq!(
             recv_again,
@@ -255,21 +185,13 @@ fn a_direction_holding_queue_max_buffers_stops_receiving_until_one_is_sent() {
 fn a_dry_pool_receives_into_one_spare_per_direction() {
     let mut r = Replay::new();
     let (id, _rx) = r.add(1, 2);
-    let t = token_of(id, UP, 0);
+    let t = token(id, UP);
     r.take();
     assert_eq!(r.event(id, UP, Event::NoBuffers), [Op::RecvSpare(1, t)]);
     assert_eq!(r.e.metrics.buffer_waits.get(), 1);
     // while the spare waits to be sent, no other receive: one spare at most
     assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 100,
-                len: 5,
-                more: false
-            }
-        ),
+        r.event(id, UP, Event::Received { buf: 100, len: 5 }),
         [Op::Send(2, 100, 0, 5, t)]
     );
     assert_eq!(
@@ -286,20 +208,12 @@ fn without_spares_a_direction_waits_for_a_buffer_of_any_relay() {
     let (b, _rb) = r.add(3, 4);
     r.take();
     // b's client direction holds a buffer in a send; a's finds the pool dry and waits
-    r.event(
-        b,
-        UP,
-        Event::Received {
-            buf: 9,
-            len: 4,
-            more: false,
-        },
-    );
+    r.event(b, UP, Event::Received { buf: 9, len: 4 });
     assert_eq!(r.event(a, UP, Event::NoBuffers), []);
     // b's buffer comes back: a receives again
     assert_eq!(
         r.event(b, UP, Event::Sent(4)),
-        [Op::GiveBack(9), Op::Recv(1, token_of(a, UP, 0))]
+        [Op::GiveBack(9), Op::Recv(1, token(a, UP))]
     );
 }
 
@@ -308,24 +222,8 @@ fn a_backend_failure_resets_the_client_and_gives_every_buffer_back() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 4,
-            len: 8,
-            more: false,
-        },
-    );
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 5,
-            len: 8,
-            more: false,
-        },
-    );
+    r.event(id, UP, Event::Received { buf: 4, len: 8 });
+    r.event(id, UP, Event::Received { buf: 5, len: 8 });
     assert_eq!(
         r.event(
             id,
@@ -344,15 +242,7 @@ fn a_backend_failure_resets_the_client_and_gives_every_buffer_back() {
     // a send to the backend that fails is the backend's failure too
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 6,
-            len: 1,
-            more: false,
-        },
-    );
+    r.event(id, UP, Event::Received { buf: 6, len: 1 });
     assert_eq!(
         r.event(id, UP, Event::SendFailed(io::ErrorKind::BrokenPipe.into())),
         [Op::Release(1, true), Op::Release(2, false), Op::GiveBack(6)]
@@ -398,332 +288,18 @@ fn a_late_completion_of_an_ended_relay_only_gives_its_buffer_back() {
     assert_eq!(r.take(), [Op::Release(1, false), Op::Release(2, false)]);
     // the slot is reused by a new relay; the old relay's completions name no relay
     let (new, _rx) = r.add(5, 6);
-    assert_ne!(
-        token_of(old, UP, 0),
-        token_of(new, UP, 0),
-        "a new generation"
-    );
+    assert_ne!(token(old, UP), token(new, UP), "a new generation");
     r.take();
     assert_eq!(
-        r.event(
-            old,
-            UP,
-            Event::Received {
-                buf: 11,
-                len: 3,
-                more: false
-            }
-        ),
+        r.event(old, UP, Event::Received { buf: 11, len: 3 }),
         [Op::GiveBack(11)]
     );
     assert_eq!(r.event(old, DOWN, Event::Eof), []);
     assert_eq!(
-        r.event(
-            new,
-            UP,
-            Event::Received {
-                buf: 12,
-                len: 3,
-                more: false
-            }
-        ),
+        r.event(new, UP, Event::Received { buf: 12, len: 3 }),
         [
-            Op::Send(6, 12, 0, 3, token_of(new, UP, 0)),
-            Op::Recv(5, token_of(new, UP, 0))
+            Op::Send(6, 12, 0, 3, token(new, UP)),
+            Op::Recv(5, token(new, UP))
         ]
-    );
-}
-
-fn attempt(rx: &mut oneshot::Receiver<Attempt>) -> Option<Attempt> {
-    rx.try_recv().ok()
-}
-
-#[test]
-fn a_client_alone_holds_its_bytes_until_the_backend_connects_and_takes_them() {
-    let mut r = Replay::new();
-    let (id, mut rx) = r.start(1);
-    let (up, down) = (token_of(id, UP, 0), token_of(id, DOWN, 0));
-    assert_eq!(r.take(), [Op::Recv(1, up)]);
-    // the client speaks before any backend: its bytes wait, it receives on
-    assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 7,
-                len: 10,
-                more: false
-            }
-        ),
-        [Op::Recv(1, up)]
-    );
-    let mut a = r.attach(id, 2);
-    assert_eq!(r.take(), [Op::Connect(2, down)]);
-    // connected: the held bytes go (carrying the ACK: no quick ACK), the backend receives
-    assert_eq!(
-        r.event(id, DOWN, Event::Connected),
-        [Op::Send(2, 7, 0, 10, up), Op::Recv(2, down)]
-    );
-    assert!(
-        attempt(&mut a).is_none(),
-        "fresh until the backend took a byte"
-    );
-    assert_eq!(r.event(id, UP, Event::Sent(10)), [Op::GiveBack(7)]);
-    assert!(matches!(attempt(&mut a), Some(Attempt::Going)));
-    assert!(ended(&mut rx).is_none());
-}
-
-#[test]
-fn a_client_with_nothing_to_say_gets_the_ack_sent_at_once() {
-    let mut r = Replay::new();
-    let (id, _rx) = r.start(1);
-    let mut a = r.attach(id, 2);
-    r.take();
-    let down = token_of(id, DOWN, 0);
-    assert_eq!(
-        r.event(id, DOWN, Event::Connected),
-        [Op::QuickAck(2), Op::Recv(2, down)]
-    );
-    // a backend that speaks first (a MySQL greeting) makes the relay go
-    assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::Received {
-                buf: 3,
-                len: 5,
-                more: false
-            }
-        ),
-        [Op::Send(1, 3, 0, 5, down), Op::Recv(2, down)]
-    );
-    assert!(matches!(attempt(&mut a), Some(Attempt::Going)));
-}
-
-#[test]
-fn a_backend_gone_before_its_first_byte_is_detached_and_the_next_gets_the_same_bytes() {
-    let mut r = Replay::new();
-    let (id, mut rx) = r.start(1);
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 7,
-            len: 10,
-            more: false,
-        },
-    );
-    // a refused connect: detached, the bytes kept
-    let mut a = r.attach(id, 2);
-    assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::ConnectFailed(io::ErrorKind::ConnectionRefused.into())
-        ),
-        [Op::Connect(2, token_of(id, DOWN, 0)), Op::Release(2, false)]
-    );
-    match attempt(&mut a) {
-        Some(Attempt::Gone(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
-        other => panic!("{other:?}"),
-    }
-    // the next closes while the bytes are on their way, then refuses them
-    let mut a = r.attach(id, 3);
-    let (up1, down1) = (token_of(id, UP, 1), token_of(id, DOWN, 1));
-    assert_eq!(r.take(), [Op::Connect(3, down1)]);
-    assert_eq!(
-        r.event_at(id, DOWN, 1, Event::Connected),
-        [Op::Send(3, 7, 0, 10, up1), Op::Recv(3, down1)]
-    );
-    assert_eq!(r.event_at(id, DOWN, 1, Event::Eof), [], "the send decides");
-    assert_eq!(
-        r.event_at(
-            id,
-            UP,
-            1,
-            Event::SendFailed(io::ErrorKind::BrokenPipe.into())
-        ),
-        [Op::Release(3, false)]
-    );
-    assert!(matches!(attempt(&mut a), Some(Attempt::Gone(_))));
-    // a late completion of the detached backend's receive is void
-    assert_eq!(
-        r.event_at(
-            id,
-            DOWN,
-            1,
-            Event::Received {
-                buf: 9,
-                len: 1,
-                more: false
-            }
-        ),
-        [Op::GiveBack(9)]
-    );
-    // the third takes the same bytes, and the relay runs
-    let mut a = r.attach(id, 4);
-    let (up2, down2) = (token_of(id, UP, 2), token_of(id, DOWN, 2));
-    r.take();
-    assert_eq!(
-        r.event_at(id, DOWN, 2, Event::Connected),
-        [Op::Send(4, 7, 0, 10, up2), Op::Recv(4, down2)]
-    );
-    assert_eq!(r.event_at(id, UP, 2, Event::Sent(10)), [Op::GiveBack(7)]);
-    assert!(matches!(attempt(&mut a), Some(Attempt::Going)));
-    assert!(ended(&mut rx).is_none());
-    assert_eq!(r.e.pair(id).map(|p| p.moved()), Some(10));
-}
-
-#[test]
-fn a_backend_that_took_the_bytes_and_then_failed_ends_the_relay_as_usual() {
-    let mut r = Replay::new();
-    let (id, mut rx) = r.start(1);
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 7,
-            len: 10,
-            more: false,
-        },
-    );
-    let mut a = r.attach(id, 2);
-    r.event(id, DOWN, Event::Connected);
-    // the reset arrives before the send's completion, which says the bytes were taken
-    assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::RecvFailed(io::ErrorKind::ConnectionReset.into())
-        ),
-        []
-    );
-    assert_eq!(
-        r.event(id, UP, Event::Sent(10)),
-        [Op::GiveBack(7), Op::Release(1, true), Op::Release(2, false)]
-    );
-    assert!(matches!(attempt(&mut a), Some(Attempt::Going)));
-    let (end, stats) = ended(&mut rx).expect("ended");
-    assert!(matches!(end, End::Error(Side::Backend, _)), "{end:?}");
-    assert_eq!(stats.to_backend, 10);
-}
-
-#[test]
-fn a_client_that_closes_before_a_byte_passes_the_eof_on_once_connected() {
-    let mut r = Replay::new();
-    let (id, mut rx) = r.start(1);
-    r.take();
-    assert_eq!(r.event(id, UP, Event::Eof), []);
-    let mut a = r.attach(id, 2);
-    r.take();
-    let down = token_of(id, DOWN, 0);
-    // no quick ACK (the FIN carries it), the EOF passed on, the relay goes
-    assert_eq!(
-        r.event(id, DOWN, Event::Connected),
-        [Op::Shutdown(2), Op::Recv(2, down)]
-    );
-    assert!(matches!(attempt(&mut a), Some(Attempt::Going)));
-    // the backend closes too: done, and not a failure
-    assert_eq!(
-        r.event(id, DOWN, Event::Eof),
-        [Op::Release(1, false), Op::Release(2, false)]
-    );
-    assert!(matches!(ended(&mut rx), Some((End::Closed, _))));
-}
-
-#[test]
-fn a_relay_that_ends_while_detached_closes_the_client_and_answers_no_attempt() {
-    let mut r = Replay::new();
-    let (id, mut rx) = r.start(1);
-    let mut a = r.attach(id, 2);
-    r.take();
-    r.e.finish(id, End::Idle);
-    assert_eq!(r.take(), [Op::Release(1, false), Op::Release(2, false)]);
-    assert!(matches!(
-        a.try_recv(),
-        Err(oneshot::error::TryRecvError::Closed)
-    ));
-    assert!(matches!(ended(&mut rx), Some((End::Idle, _))));
-    // attaching to it now closes the new socket
-    let target = SocketAddr::from(([127, 0, 0, 1], 9));
-    assert!(
-        r.e.attach(
-            id,
-            3,
-            target,
-            Duration::from_secs(1),
-            [Counter::default(), Counter::default()]
-        )
-        .is_none()
-    );
-    assert_eq!(r.take(), [Op::Release(3, false)]);
-}
-
-#[test]
-fn the_last_bytes_before_an_eof_wait_for_it_and_leave_with_the_shutdown() {
-    let mut r = Replay::new();
-    let (id, mut rx) = r.add(1, 2);
-    r.take();
-    let down = token_of(id, DOWN, 0);
-    // bytes with nothing behind them go at once
-    assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::Received {
-                buf: 3,
-                len: 10,
-                more: false
-            }
-        ),
-        [Op::Send(1, 3, 0, 10, down), Op::Recv(2, down)]
-    );
-    r.event(id, DOWN, Event::Sent(10));
-    // bytes the backend's FIN follows: MSG_MORE, and the EOF read at once becomes the
-    // shutdown that sends them with the FIN
-    assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::Received {
-                buf: 4,
-                len: 5,
-                more: true
-            }
-        ),
-        [Op::SendMore(1, 4, 0, 5, down), Op::Recv(2, down)]
-    );
-    assert_eq!(r.event(id, DOWN, Event::Eof), []);
-    assert_eq!(
-        r.event(id, DOWN, Event::Sent(5)),
-        [Op::GiveBack(4), Op::Shutdown(1)]
-    );
-    assert!(ended(&mut rx).is_none());
-    // with more queued behind it, a buffer goes without MSG_MORE (the next send follows)
-    let up = token_of(id, UP, 0);
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 5,
-            len: 4,
-            more: true,
-        },
-    );
-    assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 6,
-                len: 4,
-                more: true
-            }
-        ),
-        [Op::Recv(1, up)]
-    );
-    assert_eq!(
-        r.event(id, UP, Event::Sent(4)),
-        [Op::GiveBack(5), Op::SendMore(2, 6, 0, 4, up)]
     );
 }
