@@ -25,9 +25,10 @@
 //!   down (half-close both ways), the relay ends when both directions ended, on an error (the
 //!   client gets a reset when the backend failed), after `idle` without a byte, or on cancel;
 //!   bytes feed the backend's counters; keepalive on the backend socket once the relay has
-//!   lived [`crate::relay::KEEPALIVE_AFTER`]. On the ring bytes are copied through the
-//!   buffers (no `splice`); a transfer that fills its buffer before the hand-over splices on
-//!   tokio instead and never moves.
+//!   lived [`crate::relay::KEEPALIVE_AFTER`]; the last bytes before a peer's FIN leave with
+//!   the FIN passed on, in one segment (`MSG_MORE` when the receive says the socket holds
+//!   more). On the ring bytes are copied through the buffers (no `splice`); a transfer that
+//!   fills its buffer before the hand-over splices on tokio instead and never moves.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::OwnedFd;
@@ -98,8 +99,16 @@ impl Ops for Ring {
     fn recv_spare(&mut self, sock: Sock, token: u64) -> bool {
         Ring::recv_spare(self, sock, token)
     }
-    fn send(&mut self, sock: Sock, buf: BufId, from: usize, to: usize, token: u64) -> bool {
-        Ring::send(self, sock, buf, from, to, token)
+    fn send(
+        &mut self,
+        sock: Sock,
+        buf: BufId,
+        from: usize,
+        to: usize,
+        more: bool,
+        token: u64,
+    ) -> bool {
+        Ring::send(self, sock, buf, (from, to), more, token)
     }
     fn is_spare(&self, buf: BufId) -> bool {
         Ring::is_spare(self, buf)
@@ -118,7 +127,7 @@ impl Ops for Ring {
 /// A ring completion as the engine's event.
 fn event(done: Done) -> Event<BufId> {
     match done {
-        Done::Received { buf, len } => Event::Received { buf, len },
+        Done::Received { buf, len, more } => Event::Received { buf, len, more },
         Done::Eof => Event::Eof,
         Done::NoBuffers => Event::NoBuffers,
         Done::RecvFailed(e) => Event::RecvFailed(e),

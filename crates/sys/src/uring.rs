@@ -70,6 +70,10 @@ pub enum Done {
         buf: BufId,
         /// Bytes in it.
         len: usize,
+        /// The socket holds more already: bytes, or the peer's EOF (the kernel's
+        /// `IORING_CQE_F_SOCK_NONEMPTY`, which `tcp_inq_hint` sets after a FIN). The next
+        /// receive completes at once.
+        more: bool,
     },
     /// The peer closed its sending side.
     Eof,
@@ -327,9 +331,18 @@ impl Ring {
         true
     }
 
-    /// Queues a send of `buf[from..to]`. `false`: the socket is not live, the buffer is not
-    /// lent to the caller or the range is outside it (nothing queued).
-    pub fn send(&mut self, sock: Sock, buf: BufId, from: usize, to: usize, token: u64) -> bool {
+    /// Queues a send of `buf[from..to]`; `more`: with `MSG_MORE`, the caller sends more (or
+    /// shuts the write side down) right after, and they leave together. `false`: the socket is
+    /// not live, the buffer is not lent to the caller or the range is outside it (nothing
+    /// queued).
+    pub fn send(
+        &mut self,
+        sock: Sock,
+        buf: BufId,
+        (from, to): (usize, usize),
+        more: bool,
+        token: u64,
+    ) -> bool {
         let b = usize::from(buf.0);
         if self.state.get(b) != Some(&BufState::Lent) || from >= to || to > self.size as usize {
             return false;
@@ -342,8 +355,13 @@ impl Ring {
         };
         self.state[b] = BufState::Sending { back: false };
         let ptr = self.address(b, from);
+        let flags = if more {
+            libc::MSG_NOSIGNAL | libc::MSG_MORE
+        } else {
+            libc::MSG_NOSIGNAL
+        };
         let e = opcode::Send::new(types::Fd(fd), ptr, (to - from) as u32)
-            .flags(libc::MSG_NOSIGNAL)
+            .flags(flags)
             .build()
             .user_data(user_data);
         self.queued.push(e);
@@ -550,6 +568,7 @@ impl Ring {
                         (n, Some(buf)) if n > 0 && !released => Done::Received {
                             buf,
                             len: n as usize,
+                            more: cqueue::sock_nonempty(flags),
                         },
                         (n, Some(buf)) => {
                             // released meanwhile: the bytes have nowhere to go
@@ -572,6 +591,7 @@ impl Ring {
                         Done::Received {
                             buf,
                             len: res as usize,
+                            more: cqueue::sock_nonempty(flags),
                         }
                     } else {
                         self.give_back(buf);

@@ -35,13 +35,14 @@ pub(crate) trait Ops {
     fn recv(&mut self, sock: Self::Sock, token: u64) -> bool;
     /// Arms a receive on `sock` into a spare buffer (outside the pool).
     fn recv_spare(&mut self, sock: Self::Sock, token: u64) -> bool;
-    /// Sends `buf[from..to]` on `sock`.
+    /// Sends `buf[from..to]` on `sock` (`more`: with `MSG_MORE`).
     fn send(
         &mut self,
         sock: Self::Sock,
         buf: Self::Buf,
         from: usize,
         to: usize,
+        more: bool,
         token: u64,
     ) -> bool;
     /// Whether `buf` is a spare.
@@ -58,7 +59,12 @@ pub(crate) trait Ops {
 #[derive(Debug)]
 pub(crate) enum Event<B> {
     /// `len` bytes arrived in `buf`.
-    Received { buf: B, len: usize },
+    Received {
+        buf: B,
+        len: usize,
+        /// The socket holds more already (bytes or the peer's EOF).
+        more: bool,
+    },
     /// The peer closed its sending side.
     Eof,
     /// The pool was dry; nothing was received.
@@ -72,7 +78,9 @@ pub(crate) enum Event<B> {
 }
 
 struct Way<B> {
-    queue: VecDeque<(B, usize, usize)>,
+    /// Buffers to send: the buffer, the bytes of it left to send, and whether the socket they
+    /// came from held more (see [`Engine::send`]).
+    queue: VecDeque<(B, usize, usize, bool)>,
     sending: bool,
     receiving: bool,
     waiting_buffer: bool,
@@ -234,7 +242,7 @@ impl<O: Ops> Engine<O> {
         let w = &p.ways[way];
         // a direction that holds a spare receives again only once it sent it: one spare per
         // direction at most (its own buffer, as in a copy relay)
-        let limit = if w.queue.iter().any(|&(b, _, _)| ops.is_spare(b)) {
+        let limit = if w.queue.iter().any(|&(b, ..)| ops.is_spare(b)) {
             1
         } else {
             QUEUE_MAX
@@ -257,9 +265,13 @@ impl<O: Ops> Engine<O> {
         if w.sending {
             return;
         }
-        if let Some(&(buf, from, to)) = w.queue.front() {
+        if let Some(&(buf, from, to, more)) = w.queue.front() {
             w.sending = true;
-            if !self.ops.send(dst, buf, from, to, token(id, way)) {
+            // The last bytes of a socket that holds more (often just its FIN) wait with
+            // MSG_MORE: the receive armed next completes at once, and what it brings (bytes,
+            // or the EOF passed on as a shutdown) leaves in the same segment.
+            let more = more && w.queue.len() == 1;
+            if !self.ops.send(dst, buf, from, to, more, token(id, way)) {
                 self.finish(id, End::Cancelled);
             }
             return;
@@ -297,10 +309,10 @@ impl<O: Ops> Engine<O> {
             (Side::Backend, Side::Client)
         };
         match event {
-            Event::Received { buf, len } => {
+            Event::Received { buf, len, more } => {
                 let w = &mut p.ways[way];
                 w.receiving = false;
-                w.queue.push_back((buf, 0, len));
+                w.queue.push_back((buf, 0, len, more));
                 w.moved += len as u64;
                 w.untallied += len as u64;
                 if w.untallied >= TALLY_FLUSH {
@@ -372,7 +384,7 @@ impl<O: Ops> Engine<O> {
         self.ops.release(p.client, reset_client);
         self.ops.release(p.backend, false);
         for (way, w) in p.ways.iter_mut().enumerate() {
-            for (buf, _, _) in w.queue.drain(..) {
+            for (buf, ..) in w.queue.drain(..) {
                 self.ops.give_back(buf);
             }
             if w.untallied > 0 {

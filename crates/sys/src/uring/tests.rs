@@ -52,11 +52,11 @@ fn bytes_received_in_a_provided_buffer_are_sent_from_it() {
     a_peer.write_all(b"hello").unwrap();
     let c = next(&mut r);
     assert_eq!(c.token, 1);
-    let Done::Received { buf, len } = c.done else {
+    let Done::Received { buf, len, .. } = c.done else {
         panic!("{c:?}")
     };
     assert_eq!(len, 5);
-    assert!(r.send(b, buf, 0, len, 2));
+    assert!(r.send(b, buf, (0, len), false, 2));
     // a give-back while the send reads the buffer waits for the send
     r.give_back(buf);
     let c = next(&mut r);
@@ -65,7 +65,7 @@ fn bytes_received_in_a_provided_buffer_are_sent_from_it() {
     b_peer.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hello");
     // and the buffer is the kernel's again: sending from it is refused
-    assert!(!r.send(b, buf, 0, 1, 3));
+    assert!(!r.send(b, buf, (0, 1), false, 3));
 }
 
 #[test]
@@ -126,7 +126,8 @@ fn no_free_buffer_is_reported_and_a_given_back_one_is_used_again() {
             c.done,
             Done::Received {
                 buf: BufId(0),
-                len: 3
+                len: 3,
+                ..
             }
         ),
         "{c:?}"
@@ -152,7 +153,10 @@ fn a_dry_pool_hands_out_spares_that_come_back_for_reuse() {
     a_peer.write_all(b"spare").unwrap();
     assert!(r.recv_spare(a, 2));
     let c = next(&mut r);
-    let Done::Received { buf: spare, len: 5 } = c.done else {
+    let Done::Received {
+        buf: spare, len: 5, ..
+    } = c.done
+    else {
         panic!("{c:?}")
     };
     assert_ne!(spare, pooled);
@@ -160,7 +164,7 @@ fn a_dry_pool_hands_out_spares_that_come_back_for_reuse() {
     // a spare given back is handed out again, and sends work from spares
     let (b, mut b_peer) = pair();
     let b = r.adopt(b);
-    assert!(r.send(b, spare, 0, 5, 4));
+    assert!(r.send(b, spare, (0, 5), false, 4));
     assert!(matches!(next(&mut r).done, Done::Sent(5)));
     let mut got = [0u8; 5];
     b_peer.read_exact(&mut got).unwrap();
@@ -170,7 +174,40 @@ fn a_dry_pool_hands_out_spares_that_come_back_for_reuse() {
     a_peer.write_all(b"again").unwrap();
     let c = next(&mut r);
     assert!(
-        matches!(c.done, Done::Received { buf, len: 5 } if buf == spare),
+        matches!(c.done, Done::Received { buf, len: 5, .. } if buf == spare),
         "{c:?}"
     );
+}
+
+#[test]
+fn a_receive_says_when_the_socket_holds_more_or_its_eof() {
+    let Some(mut r) = ring(8) else { return };
+    let (a, mut a_peer) = pair();
+    let a = r.adopt(a);
+    // bytes alone: nothing more
+    a_peer.write_all(b"one").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(r.recv(a, 1));
+    match next(&mut r).done {
+        Done::Received { buf, len: 3, more } => {
+            assert!(!more, "nothing follows the bytes yet");
+            r.give_back(buf);
+        }
+        other => panic!("{other:?}"),
+    }
+    // bytes and the FIN: the receive of the bytes says more follows
+    a_peer.write_all(b"two").unwrap();
+    a_peer.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(r.recv(a, 2));
+    match next(&mut r).done {
+        Done::Received { buf, len: 3, more } => {
+            assert!(more, "the EOF follows the bytes");
+            r.give_back(buf);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.recv(a, 3));
+    assert!(matches!(next(&mut r).done, Done::Eof));
+    r.release(a, false);
 }

@@ -15,6 +15,8 @@ enum Op {
     Recv(u32, u64),
     RecvSpare(u32, u64),
     Send(u32, u16, usize, usize, u64),
+    /// A send with `MSG_MORE`.
+    SendMore(u32, u16, usize, usize, u64),
     GiveBack(u16),
     Shutdown(u32),
     Release(u32, bool),
@@ -43,8 +45,20 @@ impl Ops for Recorder {
         self.log.push(Op::RecvSpare(sock, token));
         true
     }
-    fn send(&mut self, sock: u32, buf: u16, from: usize, to: usize, token: u64) -> bool {
-        self.log.push(Op::Send(sock, buf, from, to, token));
+    fn send(
+        &mut self,
+        sock: u32,
+        buf: u16,
+        from: usize,
+        to: usize,
+        more: bool,
+        token: u64,
+    ) -> bool {
+        self.log.push(if more {
+            Op::SendMore(sock, buf, from, to, token)
+        } else {
+            Op::Send(sock, buf, from, to, token)
+        });
         true
     }
     fn is_spare(&self, buf: u16) -> bool {
@@ -111,7 +125,15 @@ fn bytes_received_are_sent_on_resumed_after_a_short_send_and_given_back() {
     assert_eq!(r.take(), [Op::Recv(1, t_up), Op::Recv(2, t_down)]);
     // the client's bytes go to the backend; the next receive is armed at once
     assert_eq!(
-        r.event(id, UP, Event::Received { buf: 7, len: 100 }),
+        r.event(
+            id,
+            UP,
+            Event::Received {
+                buf: 7,
+                len: 100,
+                more: false
+            }
+        ),
         [Op::Send(2, 7, 0, 100, t_up), Op::Recv(1, t_up)]
     );
     // a short send is resumed where it stopped
@@ -130,7 +152,15 @@ fn an_eof_half_closes_and_the_second_one_closes_both_without_a_shutdown() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(id, DOWN, Event::Received { buf: 3, len: 10 });
+    r.event(
+        id,
+        DOWN,
+        Event::Received {
+            buf: 3,
+            len: 10,
+            more: false,
+        },
+    );
     // EOF while a send is in flight: passed on only once the queue is sent
     assert_eq!(r.event(id, DOWN, Event::Eof), []);
     assert_eq!(
@@ -166,7 +196,15 @@ fn a_direction_holding_queue_max_buffers_stops_receiving_until_one_is_sent() {
     let t = token(id, UP);
     r.take();
     for b in 0..QUEUE_MAX as u16 {
-        let ops = r.event(id, UP, Event::Received { buf: b, len: 16 });
+        let ops = r.event(
+            id,
+            UP,
+            Event::Received {
+                buf: b,
+                len: 16,
+                more: false,
+            },
+        );
         let recv_again = ops.contains(&Op::Recv(1, t));
         assert_eq!(
             recv_again,
@@ -191,7 +229,15 @@ fn a_dry_pool_receives_into_one_spare_per_direction() {
     assert_eq!(r.e.metrics.buffer_waits.get(), 1);
     // while the spare waits to be sent, no other receive: one spare at most
     assert_eq!(
-        r.event(id, UP, Event::Received { buf: 100, len: 5 }),
+        r.event(
+            id,
+            UP,
+            Event::Received {
+                buf: 100,
+                len: 5,
+                more: false
+            }
+        ),
         [Op::Send(2, 100, 0, 5, t)]
     );
     assert_eq!(
@@ -208,7 +254,15 @@ fn without_spares_a_direction_waits_for_a_buffer_of_any_relay() {
     let (b, _rb) = r.add(3, 4);
     r.take();
     // b's client direction holds a buffer in a send; a's finds the pool dry and waits
-    r.event(b, UP, Event::Received { buf: 9, len: 4 });
+    r.event(
+        b,
+        UP,
+        Event::Received {
+            buf: 9,
+            len: 4,
+            more: false,
+        },
+    );
     assert_eq!(r.event(a, UP, Event::NoBuffers), []);
     // b's buffer comes back: a receives again
     assert_eq!(
@@ -222,8 +276,24 @@ fn a_backend_failure_resets_the_client_and_gives_every_buffer_back() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(id, UP, Event::Received { buf: 4, len: 8 });
-    r.event(id, UP, Event::Received { buf: 5, len: 8 });
+    r.event(
+        id,
+        UP,
+        Event::Received {
+            buf: 4,
+            len: 8,
+            more: false,
+        },
+    );
+    r.event(
+        id,
+        UP,
+        Event::Received {
+            buf: 5,
+            len: 8,
+            more: false,
+        },
+    );
     assert_eq!(
         r.event(
             id,
@@ -242,7 +312,15 @@ fn a_backend_failure_resets_the_client_and_gives_every_buffer_back() {
     // a send to the backend that fails is the backend's failure too
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(id, UP, Event::Received { buf: 6, len: 1 });
+    r.event(
+        id,
+        UP,
+        Event::Received {
+            buf: 6,
+            len: 1,
+            more: false,
+        },
+    );
     assert_eq!(
         r.event(id, UP, Event::SendFailed(io::ErrorKind::BrokenPipe.into())),
         [Op::Release(1, true), Op::Release(2, false), Op::GiveBack(6)]
@@ -291,15 +369,100 @@ fn a_late_completion_of_an_ended_relay_only_gives_its_buffer_back() {
     assert_ne!(token(old, UP), token(new, UP), "a new generation");
     r.take();
     assert_eq!(
-        r.event(old, UP, Event::Received { buf: 11, len: 3 }),
+        r.event(
+            old,
+            UP,
+            Event::Received {
+                buf: 11,
+                len: 3,
+                more: false
+            }
+        ),
         [Op::GiveBack(11)]
     );
     assert_eq!(r.event(old, DOWN, Event::Eof), []);
     assert_eq!(
-        r.event(new, UP, Event::Received { buf: 12, len: 3 }),
+        r.event(
+            new,
+            UP,
+            Event::Received {
+                buf: 12,
+                len: 3,
+                more: false
+            }
+        ),
         [
             Op::Send(6, 12, 0, 3, token(new, UP)),
             Op::Recv(5, token(new, UP))
         ]
+    );
+}
+
+#[test]
+fn the_last_bytes_before_an_eof_wait_for_it_and_leave_with_the_shutdown() {
+    let mut r = Replay::new();
+    let (id, mut rx) = r.add(1, 2);
+    r.take();
+    let down = token(id, DOWN);
+    // bytes with nothing behind them go at once
+    assert_eq!(
+        r.event(
+            id,
+            DOWN,
+            Event::Received {
+                buf: 3,
+                len: 10,
+                more: false
+            }
+        ),
+        [Op::Send(1, 3, 0, 10, down), Op::Recv(2, down)]
+    );
+    r.event(id, DOWN, Event::Sent(10));
+    // bytes the backend's FIN follows: MSG_MORE, and the EOF read at once becomes the
+    // shutdown that sends them with the FIN
+    assert_eq!(
+        r.event(
+            id,
+            DOWN,
+            Event::Received {
+                buf: 4,
+                len: 5,
+                more: true
+            }
+        ),
+        [Op::SendMore(1, 4, 0, 5, down), Op::Recv(2, down)]
+    );
+    assert_eq!(r.event(id, DOWN, Event::Eof), []);
+    assert_eq!(
+        r.event(id, DOWN, Event::Sent(5)),
+        [Op::GiveBack(4), Op::Shutdown(1)]
+    );
+    assert!(ended(&mut rx).is_none());
+    // with more queued behind it, a buffer goes without MSG_MORE (the next send follows)
+    let up = token(id, UP);
+    r.event(
+        id,
+        UP,
+        Event::Received {
+            buf: 5,
+            len: 4,
+            more: true,
+        },
+    );
+    assert_eq!(
+        r.event(
+            id,
+            UP,
+            Event::Received {
+                buf: 6,
+                len: 4,
+                more: true
+            }
+        ),
+        [Op::Recv(1, up)]
+    );
+    assert_eq!(
+        r.event(id, UP, Event::Sent(4)),
+        [Op::GiveBack(5), Op::SendMore(2, 6, 0, 4, up)]
     );
 }
