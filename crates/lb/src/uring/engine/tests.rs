@@ -114,6 +114,24 @@ fn ended(rx: &mut Ended) -> Option<(End, Stats)> {
     rx.try_recv().ok()
 }
 
+/// `len` bytes in `buf`, nothing more behind them yet.
+fn received(buf: u16, len: usize) -> Event<u16> {
+    Event::Received {
+        buf,
+        len,
+        more: false,
+    }
+}
+
+/// `len` bytes in `buf`, and the socket holds more (bytes or its EOF).
+fn received_more(buf: u16, len: usize) -> Event<u16> {
+    Event::Received {
+        buf,
+        len,
+        more: true,
+    }
+}
+
 const UP: usize = 0;
 const DOWN: usize = 1;
 
@@ -125,15 +143,7 @@ fn bytes_received_are_sent_on_resumed_after_a_short_send_and_given_back() {
     assert_eq!(r.take(), [Op::Recv(1, t_up), Op::Recv(2, t_down)]);
     // the client's bytes go to the backend; the next receive is armed at once
     assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 7,
-                len: 100,
-                more: false
-            }
-        ),
+        r.event(id, UP, received(7, 100)),
         [Op::Send(2, 7, 0, 100, t_up), Op::Recv(1, t_up)]
     );
     // a short send is resumed where it stopped
@@ -152,15 +162,7 @@ fn an_eof_half_closes_and_the_second_one_closes_both_without_a_shutdown() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(
-        id,
-        DOWN,
-        Event::Received {
-            buf: 3,
-            len: 10,
-            more: false,
-        },
-    );
+    r.event(id, DOWN, received(3, 10));
     // EOF while a send is in flight: passed on only once the queue is sent
     assert_eq!(r.event(id, DOWN, Event::Eof), []);
     assert_eq!(
@@ -196,15 +198,7 @@ fn a_direction_holding_queue_max_buffers_stops_receiving_until_one_is_sent() {
     let t = token(id, UP);
     r.take();
     for b in 0..QUEUE_MAX as u16 {
-        let ops = r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: b,
-                len: 16,
-                more: false,
-            },
-        );
+        let ops = r.event(id, UP, received(b, 16));
         let recv_again = ops.contains(&Op::Recv(1, t));
         assert_eq!(
             recv_again,
@@ -229,15 +223,7 @@ fn a_dry_pool_receives_into_one_spare_per_direction() {
     assert_eq!(r.e.metrics.buffer_waits.get(), 1);
     // while the spare waits to be sent, no other receive: one spare at most
     assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 100,
-                len: 5,
-                more: false
-            }
-        ),
+        r.event(id, UP, received(100, 5)),
         [Op::Send(2, 100, 0, 5, t)]
     );
     assert_eq!(
@@ -254,15 +240,7 @@ fn without_spares_a_direction_waits_for_a_buffer_of_any_relay() {
     let (b, _rb) = r.add(3, 4);
     r.take();
     // b's client direction holds a buffer in a send; a's finds the pool dry and waits
-    r.event(
-        b,
-        UP,
-        Event::Received {
-            buf: 9,
-            len: 4,
-            more: false,
-        },
-    );
+    r.event(b, UP, received(9, 4));
     assert_eq!(r.event(a, UP, Event::NoBuffers), []);
     // b's buffer comes back: a receives again
     assert_eq!(
@@ -276,24 +254,8 @@ fn a_backend_failure_resets_the_client_and_gives_every_buffer_back() {
     let mut r = Replay::new();
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 4,
-            len: 8,
-            more: false,
-        },
-    );
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 5,
-            len: 8,
-            more: false,
-        },
-    );
+    r.event(id, UP, received(4, 8));
+    r.event(id, UP, received(5, 8));
     assert_eq!(
         r.event(
             id,
@@ -312,15 +274,7 @@ fn a_backend_failure_resets_the_client_and_gives_every_buffer_back() {
     // a send to the backend that fails is the backend's failure too
     let (id, mut rx) = r.add(1, 2);
     r.take();
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 6,
-            len: 1,
-            more: false,
-        },
-    );
+    r.event(id, UP, received(6, 1));
     assert_eq!(
         r.event(id, UP, Event::SendFailed(io::ErrorKind::BrokenPipe.into())),
         [Op::Release(1, true), Op::Release(2, false), Op::GiveBack(6)]
@@ -368,29 +322,10 @@ fn a_late_completion_of_an_ended_relay_only_gives_its_buffer_back() {
     let (new, _rx) = r.add(5, 6);
     assert_ne!(token(old, UP), token(new, UP), "a new generation");
     r.take();
-    assert_eq!(
-        r.event(
-            old,
-            UP,
-            Event::Received {
-                buf: 11,
-                len: 3,
-                more: false
-            }
-        ),
-        [Op::GiveBack(11)]
-    );
+    assert_eq!(r.event(old, UP, received(11, 3)), [Op::GiveBack(11)]);
     assert_eq!(r.event(old, DOWN, Event::Eof), []);
     assert_eq!(
-        r.event(
-            new,
-            UP,
-            Event::Received {
-                buf: 12,
-                len: 3,
-                more: false
-            }
-        ),
+        r.event(new, UP, received(12, 3)),
         [
             Op::Send(6, 12, 0, 3, token(new, UP)),
             Op::Recv(5, token(new, UP))
@@ -406,30 +341,14 @@ fn the_last_bytes_before_an_eof_wait_for_it_and_leave_with_the_shutdown() {
     let down = token(id, DOWN);
     // bytes with nothing behind them go at once
     assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::Received {
-                buf: 3,
-                len: 10,
-                more: false
-            }
-        ),
+        r.event(id, DOWN, received(3, 10)),
         [Op::Send(1, 3, 0, 10, down), Op::Recv(2, down)]
     );
     r.event(id, DOWN, Event::Sent(10));
     // bytes the backend's FIN follows: MSG_MORE, and the EOF read at once becomes the
     // shutdown that sends them with the FIN
     assert_eq!(
-        r.event(
-            id,
-            DOWN,
-            Event::Received {
-                buf: 4,
-                len: 5,
-                more: true
-            }
-        ),
+        r.event(id, DOWN, received_more(4, 5)),
         [Op::SendMore(1, 4, 0, 5, down), Op::Recv(2, down)]
     );
     assert_eq!(r.event(id, DOWN, Event::Eof), []);
@@ -440,27 +359,8 @@ fn the_last_bytes_before_an_eof_wait_for_it_and_leave_with_the_shutdown() {
     assert!(ended(&mut rx).is_none());
     // with more queued behind it, a buffer goes without MSG_MORE (the next send follows)
     let up = token(id, UP);
-    r.event(
-        id,
-        UP,
-        Event::Received {
-            buf: 5,
-            len: 4,
-            more: true,
-        },
-    );
-    assert_eq!(
-        r.event(
-            id,
-            UP,
-            Event::Received {
-                buf: 6,
-                len: 4,
-                more: true
-            }
-        ),
-        [Op::Recv(1, up)]
-    );
+    r.event(id, UP, received_more(5, 4));
+    assert_eq!(r.event(id, UP, received_more(6, 4)), [Op::Recv(1, up)]);
     assert_eq!(
         r.event(id, UP, Event::Sent(4)),
         [Op::GiveBack(5), Op::SendMore(2, 6, 0, 4, up)]
