@@ -257,12 +257,27 @@ else
   echo "portico-kernel: not available in this build ($(grep -m1 -o 'forwarding[^(]*' <<<"$out" || echo refused))" >&2
 fi
 
-wait_http() { # URL
+wait_http() { # SYSTEM URL
   for _ in $(seq 100); do
-    if inns $CL wrk -t1 -c1 -d1s "$1" 2>/dev/null | grep -q '^Requests/sec'; then return 0; fi
+    if inns $CL wrk -t1 -c1 -d1s "$2" 2>/dev/null | grep -q '^Requests/sec'; then return 0; fi
     sleep 0.2
   done
-  echo "nothing answers at $1" >&2
+  # say why: whether the balancer is still running, and the end of its log
+  echo "nothing answers at $2 ($1)" >&2
+  local pid=PID_$1 log=
+  case $1 in
+    proxy1) log=portico-w1 ;; proxy2) log=portico-w2 ;;
+    uring1) log=portico-u1 ;; uring2) log=portico-u2 ;;
+    kernel) log=portico-kernel ;;
+    haproxy1) log=haproxy-1 ;; haproxy2) log=haproxy-2 ;;
+  esac
+  if [[ -n ${!pid:-} ]] && ! kill -0 "${!pid}" 2>/dev/null; then
+    echo "$1: its process (pid ${!pid}) has exited" >&2
+  fi
+  if [[ -n $log && -s $WORK/$log.log ]]; then
+    echo "the last lines of its log ($log.log):" >&2
+    tail -n 20 "$WORK/$log.log" >&2
+  fi
   exit 1
 }
 URL_direct=http://$BE1_IP/
@@ -291,7 +306,7 @@ fi
 has_mode() { [[ " $MODES " == *" $1 "* ]]; }
 for s in "${SYSTEMS[@]}"; do
   u=URL_$s
-  wait_http "${!u}"
+  wait_http "$s" "${!u}"
 done
 sleep 1
 
