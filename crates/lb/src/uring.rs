@@ -108,7 +108,7 @@ impl Ops for Ring {
         more: bool,
         token: u64,
     ) -> bool {
-        Ring::send(self, sock, buf, (from, to), more, token)
+        Ring::send(self, sock, buf, from, to, more, token)
     }
     fn is_spare(&self, buf: BufId) -> bool {
         Ring::is_spare(self, buf)

@@ -339,7 +339,8 @@ impl Ring {
         &mut self,
         sock: Sock,
         buf: BufId,
-        (from, to): (usize, usize),
+        from: usize,
+        to: usize,
         more: bool,
         token: u64,
     ) -> bool {

@@ -56,7 +56,7 @@ fn bytes_received_in_a_provided_buffer_are_sent_from_it() {
         panic!("{c:?}")
     };
     assert_eq!(len, 5);
-    assert!(r.send(b, buf, (0, len), false, 2));
+    assert!(r.send(b, buf, 0, len, false, 2));
     // a give-back while the send reads the buffer waits for the send
     r.give_back(buf);
     let c = next(&mut r);
@@ -65,7 +65,7 @@ fn bytes_received_in_a_provided_buffer_are_sent_from_it() {
     b_peer.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hello");
     // and the buffer is the kernel's again: sending from it is refused
-    assert!(!r.send(b, buf, (0, 1), false, 3));
+    assert!(!r.send(b, buf, 0, 1, false, 3));
 }
 
 #[test]
@@ -164,7 +164,7 @@ fn a_dry_pool_hands_out_spares_that_come_back_for_reuse() {
     // a spare given back is handed out again, and sends work from spares
     let (b, mut b_peer) = pair();
     let b = r.adopt(b);
-    assert!(r.send(b, spare, (0, 5), false, 4));
+    assert!(r.send(b, spare, 0, 5, false, 4));
     assert!(matches!(next(&mut r).done, Done::Sent(5)));
     let mut got = [0u8; 5];
     b_peer.read_exact(&mut got).unwrap();
@@ -186,7 +186,6 @@ fn a_receive_says_when_the_socket_holds_more_or_its_eof() {
     let a = r.adopt(a);
     // bytes alone: nothing more
     a_peer.write_all(b"one").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
     assert!(r.recv(a, 1));
     match next(&mut r).done {
         Done::Received { buf, len: 3, more } => {
@@ -198,7 +197,7 @@ fn a_receive_says_when_the_socket_holds_more_or_its_eof() {
     // bytes and the FIN: the receive of the bytes says more follows
     a_peer.write_all(b"two").unwrap();
     a_peer.shutdown(std::net::Shutdown::Write).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    r.with_fd(a, wait_for_fin).expect("a live socket");
     assert!(r.recv(a, 2));
     match next(&mut r).done {
         Done::Received { buf, len: 3, more } => {
@@ -210,4 +209,19 @@ fn a_receive_says_when_the_socket_holds_more_or_its_eof() {
     assert!(r.recv(a, 3));
     assert!(matches!(next(&mut r).done, Done::Eof));
     r.release(a, false);
+}
+
+/// Waits (bounded) until the peer's FIN has reached `fd` (`POLLRDHUP`).
+fn wait_for_fin(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one live `pollfd` for a descriptor the ring keeps open during the call.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::poll(&mut p, 1, 5_000) };
+    assert_eq!(n, 1, "the FIN did not arrive within 5 s");
+    assert!(p.revents & libc::POLLRDHUP != 0, "{:#x}", p.revents);
 }
