@@ -2,7 +2,7 @@
 # L4 data-path benchmark in a network-namespace lab (root): client -> node (holds the VIP) ->
 # two backend namespaces running nginx (a small static page) and, in be1, an iperf3 server.
 # Systems, interleaved per round: direct (client -> be1, routed by the node), portico's proxy
-# with proxy.workers 1 and 2, HAProxy 2.6 (mode tcp) with nbthread 1 and 2, IPVS (ipvsadm, rr,
+# with proxy.workers 1 and 2 (proxy1/proxy2: proxy.io epoll; uring1/uring2: the default uring), HAProxy 2.6 (mode tcp) with nbthread 1 and 2, IPVS (ipvsadm, rr,
 # masquerading) and portico's kernel path (`forwarding: kernel`; skipped with a message when the
 # portico binary refuses that field). wrk modes: keep-alive (-c50), "Connection: close" (-c50),
 # 400 connections (keep-alive); iperf3 single stream through each. Per row: requests/s,
@@ -19,7 +19,7 @@
 #   sudo ONLY="direct kernel" MODES="close" bench/lb.sh   # a row filter: systems and modes
 #   sudo SHARED_PORT=1 bench/lb.sh           # the kernel path uses backend port 80 as the proxies do
 #   sudo CT_TIME_WAIT=10 bench/lb.sh         # conntrack's TCP time-wait timeout in the node
-#   sudo ONLY="proxy1 uring1 haproxy1" bench/lb.sh  # uring1/uring2: the proxy with proxy.io: uring
+#   sudo ONLY="proxy1 uring1 haproxy1" bench/lb.sh  # one worker: epoll, uring (the default), HAProxy
 #   sudo DIAG=1 bench/lb.sh                   # per row: conntrack -S deltas, conntrack -C and
 #                                             # nf_conntrack_max (node), SYN retransmits (client),
 #                                             # TIME_WAIT sockets (be1), TCP segments the node
@@ -239,9 +239,10 @@ start_portico() { # NAME
   PIDS+=($!)
   eval "PT_$1_PID=$!"
 }
-portico_config w1 1 8001 9001 19441 proxy
-portico_config w2 2 8002 9002 19442 proxy
-# the same with proxy.io: uring (each worker relays on its io_uring)
+# proxy.io: epoll (every relay on tokio)
+IO=epoll portico_config w1 1 8001 9001 19441 proxy
+IO=epoll portico_config w2 2 8002 9002 19442 proxy
+# the same with proxy.io: uring, the default (long-lived connections move onto each worker's ring)
 IO=uring portico_config u1 1 8003 9003 19444 proxy
 IO=uring portico_config u2 2 8004 9004 19445 proxy
 start_portico w1
@@ -506,7 +507,7 @@ for line in open(path):
     loads.append(float(f[8]))
     per_round[(s, mode, f[10])] = float(f[6])
 med = lambda s, m, k: statistics.median(rows[(s, m)][k]) if rows[(s, m)][k] else float("nan")
-names = {"direct": "direct", "proxy1": "portico-proxy w1", "proxy2": "portico-proxy w2",
+names = {"direct": "direct", "proxy1": "portico-epoll w1", "proxy2": "portico-epoll w2",
          "uring1": "portico-uring w1", "uring2": "portico-uring w2",
          "haproxy1": "haproxy nbthread 1", "haproxy2": "haproxy nbthread 2", "ipvs": "ipvs (rr, masq)",
          "kernel": "portico-kernel"}

@@ -50,10 +50,32 @@ use engine::{Engine, Event, Ops, PairId};
 /// to the ring: a request and its response per round trip, so the fourth round trip of a
 /// keep-alive connection moves it; a one-request connection never does.
 pub const PROMOTE_AFTER: u32 = 8;
-/// Buffers in one worker's pool by default (16 MiB).
+/// Most buffers in one worker's pool (16 MiB).
 pub const BUFFERS: u16 = 1024;
+/// Fewest buffers in one worker's pool (1 MiB), whatever the memory.
+pub const MIN_BUFFERS: u16 = 64;
+/// Share of the memory the process may use that all the workers' pools together stay within
+/// (when that leaves each worker at least [`MIN_BUFFERS`]).
+pub const MEMORY_SHARE: u64 = 128;
 /// Bytes per buffer (HAProxy's default `tune.bufsize`).
-const BUFFER_SIZE: u32 = 16 << 10;
+pub const BUFFER_SIZE: u32 = 16 << 10;
+
+/// Buffers in each worker's pool for `workers` workers when the process may use `memory` bytes
+/// ([`sys::limits::memory_limit`]: the machine's, or its container's limit): the largest power
+/// of two that keeps all the pools within 1/[`MEMORY_SHARE`] of it, from [`MIN_BUFFERS`] to
+/// [`BUFFERS`]. The kernel picks the pool's buffers in turn, so under load a pool's memory is
+/// all touched: this is what the rings hold at most. Unknown memory: [`BUFFERS`].
+pub fn pool_buffers(workers: usize, memory: Option<u64>) -> u16 {
+    let Some(memory) = memory else {
+        return BUFFERS;
+    };
+    let per_worker = memory / MEMORY_SHARE / (workers.max(1) as u64) / u64::from(BUFFER_SIZE);
+    let fit = match per_worker {
+        0 => 0,
+        n => 1u64 << n.ilog2(),
+    };
+    fit.clamp(u64::from(MIN_BUFFERS), u64::from(BUFFERS)) as u16
+}
 
 thread_local! {
     static WORKER: Cell<bool> = const { Cell::new(false) };
@@ -336,4 +358,35 @@ async fn watch(id: PairId, idle: Duration) {
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_pools_take_at_most_a_128th_of_the_memory_within_their_bounds() {
+        // this machine's shape: 24 GiB, 2 workers -> the most
+        assert_eq!(pool_buffers(2, Some(24 * GIB)), BUFFERS);
+        // 64 workers on 64 GiB: 512 MiB over 64 = 8 MiB each
+        assert_eq!(pool_buffers(64, Some(64 * GIB)), 512);
+        // rounded down to a power of two: 1 GiB / 128 / 3 = 2.67 MiB -> 128 buffers (2 MiB)
+        assert_eq!(pool_buffers(3, Some(GIB)), 128);
+        // a container limited to 256 MiB: 2 MiB over 4 workers is below the floor
+        assert_eq!(pool_buffers(4, Some(256 << 20)), MIN_BUFFERS);
+        assert_eq!(pool_buffers(1, Some(0)), MIN_BUFFERS);
+        // nothing known, or no worker said: the most, and no division by zero
+        assert_eq!(pool_buffers(8, None), BUFFERS);
+        assert_eq!(pool_buffers(0, Some(GIB)), 512);
+        for workers in 1..300 {
+            for memory in [GIB / 4, GIB, 7 * GIB, 100 * GIB, u64::MAX] {
+                let n = pool_buffers(workers, Some(memory));
+                assert!(n.is_power_of_two() && (MIN_BUFFERS..=BUFFERS).contains(&n));
+                let total = n as u64 * u64::from(BUFFER_SIZE) * workers as u64;
+                assert!(n == MIN_BUFFERS || total <= memory / MEMORY_SHARE);
+            }
+        }
+    }
 }

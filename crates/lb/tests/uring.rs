@@ -1,5 +1,5 @@
-//! The io_uring relay (`proxy.io: uring`) beyond what the whole suite checks when it runs with
-//! `PORTICO_TEST_PROXY_IO=uring`: the hand-over of long-lived connections only, a pool that
+//! The io_uring relay (`proxy.io: uring`, the default) beyond what the whole suite checks
+//! with it: the hand-over of long-lived connections only, a pool that
 //! slow readers drain, and the fall-back to tokio.
 
 mod common;

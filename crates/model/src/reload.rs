@@ -122,9 +122,9 @@ mod tests {
         assert_eq!(needs_restart(&one, &two), ["proxy.workers"]);
         assert_eq!(needs_restart(&cfg(""), &one), ["proxy.workers"]);
         assert!(needs_restart(&two, &cfg("proxy: {workers: 2}\n")).is_empty());
-        let uring = cfg("proxy: {workers: 2, io: uring}\n");
-        assert_eq!(needs_restart(&two, &uring), ["proxy.io"]);
-        assert!(needs_restart(&two, &cfg("proxy: {workers: 2, io: epoll}\n")).is_empty());
+        let epoll = cfg("proxy: {workers: 2, io: epoll}\n");
+        assert_eq!(needs_restart(&two, &epoll), ["proxy.io"]);
+        assert!(needs_restart(&two, &cfg("proxy: {workers: 2, io: uring}\n")).is_empty());
     }
 
     #[test]

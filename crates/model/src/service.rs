@@ -55,10 +55,11 @@ pub struct Proxy {
 #[serde(rename_all = "lowercase")]
 pub enum ProxyIo {
     /// tokio's `read` / `write`, `splice(2)` for bulk transfers.
-    #[default]
     Epoll,
-    /// Each worker's io_uring: receives and sends batched into one system call per turn of
-    /// the worker's loop; bulk transfers are copied (no `splice`).
+    /// As `Epoll` until a connection proves long-lived; then each worker's io_uring: receives
+    /// and sends batched into one system call per turn of the worker's loop. A worker that
+    /// cannot make a ring relays as `Epoll`.
+    #[default]
     Uring,
 }
 

@@ -101,13 +101,21 @@ pub async fn serve(
         |n| n as usize,
     );
     let uring = cfg.proxy.io == model::ProxyIo::Uring;
-    info!(workers, io = ?cfg.proxy.io, "proxy workers");
+    // Each worker's io_uring pool, sized from the memory the process may use (read at start).
+    let uring_buffers = lb::uring::pool_buffers(workers, sys::limits::memory_limit());
+    info!(
+        workers,
+        io = ?cfg.proxy.io,
+        uring_pool_mib = (u32::from(uring_buffers) * lb::uring::BUFFER_SIZE) >> 20,
+        "proxy workers"
+    );
     let lb = lb::LoadBalancer::with_options(
         &mut registry,
         lb::Options {
             kernel_path,
             workers,
             uring,
+            uring_buffers,
             ..lb::Options::default()
         },
     );

@@ -8,6 +8,9 @@
 //!   says nothing about the backend.
 //! * [`LogEvery`] lets a repeating condition be logged once per interval with the count of what
 //!   was suppressed in between.
+//! * [`memory_limit`] reads the memory this process may use: the machine's (`MemTotal`), or its
+//!   cgroup's limit (`memory.max`, cgroup v2) when that is lower, as in a container. Pools that
+//!   grow with the machine (the io_uring relay's buffers) are sized from it.
 
 use std::io;
 use std::sync::Mutex;
@@ -113,9 +116,61 @@ impl LogEvery {
     }
 }
 
+/// The memory this process may use, in bytes: the lower of the machine's (`MemTotal` in
+/// `/proc/meminfo`) and its cgroup's limit (`memory.max` of the cgroup v2 named in
+/// `/proc/self/cgroup`, when it is set); `None` when neither can be read.
+pub fn memory_limit() -> Option<u64> {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| mem_total(&s));
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| cgroup_v2_path(&s).map(str::to_owned))
+        .and_then(|p| std::fs::read_to_string(format!("/sys/fs/cgroup{p}/memory.max")).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib = line["MemTotal:".len()..].trim().strip_suffix("kB")?.trim();
+    kib.parse::<u64>().ok()?.checked_mul(1024)
+}
+
+/// The cgroup v2 path (`0::/path`) of a `/proc/self/cgroup` text.
+fn cgroup_v2_path(cgroup: &str) -> Option<&str> {
+    cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .filter(|p| p.starts_with('/') && !p.contains(".."))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_read_from_meminfo_and_the_cgroup_v2_path() {
+        let meminfo = "MemTotal:       24591212 kB\nMemFree:         1000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(24_591_212 * 1024));
+        assert_eq!(mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total("MemTotal: lots kB\n"), None);
+        assert_eq!(
+            cgroup_v2_path("0::/system.slice/portico.service\n"),
+            Some("/system.slice/portico.service")
+        );
+        assert_eq!(cgroup_v2_path("12:memory:/x\n0::/\n"), Some("/"));
+        assert_eq!(cgroup_v2_path("12:memory:/x\n"), None);
+        assert_eq!(cgroup_v2_path("0::/../etc\n"), None);
+        // This machine: something is read, and never more than the machine has.
+        let machine = mem_total(&std::fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
+        let limit = memory_limit().unwrap();
+        assert!(limit > 0 && limit <= machine, "{limit} of {machine}");
+    }
 
     #[test]
     fn local_resource_errors_are_told_from_peer_failures() {

@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// `PORTICO_TEST_PROXY_IO=uring` runs every harness's relays on the workers' io_uring
+/// Every harness relays as `proxy.io`'s default does (long-lived connections move onto the
+/// workers' io_uring); `PORTICO_TEST_PROXY_IO=epoll` keeps every relay on tokio
 /// (`scripts/test-all` runs the `lb` suite once each way).
 pub fn uring() -> bool {
-    std::env::var("PORTICO_TEST_PROXY_IO").as_deref() == Ok("uring")
+    std::env::var("PORTICO_TEST_PROXY_IO").as_deref() != Ok("epoll")
 }
 
 pub fn config(services_yaml: &str) -> Arc<model::Config> {

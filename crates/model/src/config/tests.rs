@@ -527,11 +527,11 @@ mod mysql_login_and_shutdown {
     }
 
     #[test]
-    fn proxy_io_defaults_to_epoll_and_a_typo_names_the_field_and_the_choices() {
+    fn proxy_io_defaults_to_uring_and_a_typo_names_the_field_and_the_choices() {
         let cfg = parse("", &Environment::default()).unwrap();
-        assert_eq!(cfg.proxy.io, crate::ProxyIo::Epoll);
-        let cfg = parse("proxy: {io: uring}\n", &Environment::default()).unwrap();
         assert_eq!(cfg.proxy.io, crate::ProxyIo::Uring);
+        let cfg = parse("proxy: {io: epoll}\n", &Environment::default()).unwrap();
+        assert_eq!(cfg.proxy.io, crate::ProxyIo::Epoll);
         let got = parse("proxy: {io: io_uring}\n", &Environment::default())
             .unwrap_err()
             .0;
