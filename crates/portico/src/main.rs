@@ -26,6 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::source::ConfigPath;
 
+/// mimalloc instead of glibc's malloc. A connection allocates its task (3.5 KiB with the relay's
+/// state, aligned to a cache line) and frees it on another path than glibc's per-thread cache
+/// covers: in a profile of `Connection: close` traffic, glibc's `_int_malloc`, `_int_free`,
+/// `unlink_chunk` and `_int_memalign` took 2 % of a proxy worker's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// portico gives Kubernetes externalIPs and bare-metal hosts what they lack: IP management,
 /// VIP failover in well under a second, L4 load balancing with health checks and circuit
 /// breakers, and health-aware round-robin DNS — in one binary.
