@@ -109,8 +109,26 @@ struct Driver {
 }
 
 impl Driver {
-    /// Connects and runs until the session is Established (10 s).
+    /// Connects and runs until the session is Established, connecting again (as a speaker's
+    /// ConnectRetry would) while the peer resets or closes a connection before that: a daemon
+    /// just started may accept on its port before its BGP protocol takes connections (BIRD
+    /// did so once in CI, with a reset and nothing in its log). 30 s in all.
     fn establish(port: u16) -> (Driver, Vec<Message>) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Self::attempt(port) {
+                Ok(done) => return done,
+                Err(e) if Instant::now() < until => {
+                    eprintln!("not Established, connecting again: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("not Established within 30 s: {e}"),
+            }
+        }
+    }
+
+    /// One connection, run until Established (10 s), or why not.
+    fn attempt(port: u16) -> Result<(Driver, Vec<Message>), String> {
         let mut s = Session::new(Config {
             local_as: OURS,
             peer_as: THEIRS,
@@ -134,9 +152,31 @@ impl Driver {
         };
         let first = d.s.connected(Instant::now());
         let sent = d.apply(first);
-        d.pump(Duration::from_secs(10), &|d| d.up || d.down.is_some());
-        assert!(d.up, "not Established: {:?}", d.down);
-        (d, sent)
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut chunk = [0u8; 4096];
+        while !d.up && Instant::now() < until {
+            let acts = match d.stream.read(&mut chunk) {
+                Ok(0) => return Err("the peer closed the connection".into()),
+                Ok(n) => d.s.received(&chunk[..n], Instant::now()),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    Vec::new()
+                }
+                Err(e) => return Err(format!("read: {e}")),
+            };
+            d.apply(acts);
+            let acts = d.s.tick(Instant::now());
+            d.apply(acts);
+            if let Some(reason) = d.down {
+                return Err(format!("the session went down: {reason}"));
+            }
+        }
+        if !d.up {
+            return Err("no Established within 10 s".into());
+        }
+        Ok((d, sent))
     }
 
     fn apply(&mut self, actions: Vec<Action>) -> Vec<Message> {
